@@ -1,0 +1,3 @@
+from vlmcli.cli import main
+
+main()

@@ -1,0 +1,61 @@
+"""The Typer app and what every command shares: stderr console, progress, JSON output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Any, Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+app = typer.Typer(
+    name="vlm",
+    help="Local vision-language inference: SmolVLM2 on llama.cpp, CLIP on ggml.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Everything for humans goes to stderr; stdout carries only results.
+stderr = Console(stderr=True, highlight=False)
+
+
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def print_json(record: dict[str, Any]) -> None:
+    """One JSON object per line on stdout, flushed so pipes see it at once."""
+    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def info(message: str) -> None:
+    """A notice for the user on stderr (kept out of stdout so results stay parseable)."""
+    stderr.print(message, markup=False)
+
+
+@contextlib.contextmanager
+def progress(total: int | None, description: str, quiet: bool = False) -> Iterator[Progress | None]:
+    """A rich progress bar on stderr when it is a terminal; None (no output) when piped or quiet."""
+    if quiet or not stderr_is_terminal():
+        yield None
+        return
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=False,
+    )
+    with bar:
+        bar.add_task(description, total=total, rate="")
+        yield bar

@@ -1,0 +1,479 @@
+"""SmolVLM2 on llama.cpp: the language model and its vision projector through llama-cpp-python.
+
+The engine owns every llama.cpp and mtmd object. mtmd preprocesses the image (resize, tiling) and
+expands it into the model's image tokens; the engine walks mtmd's chunks itself so that it can
+time image encoding separately from prefill, keep an encoded image in the KV cache for several
+questions, and offer lower detail levels (see `detail.py`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from vlmcli.engines import detail as detail_policy
+from vlmcli.engines.gguf_check import GgufInfo, require_kind
+from vlmcli.engines.llama_native import llama, mtmd, quiet_native_logs
+from vlmcli.engines.prompt import ChatPrompt, render_user_turn
+from vlmcli.errors import ModelError, VlmError
+
+# Called with each piece of generated text; returning False stops generation.
+TokenCallback = Callable[[str], "bool | None"]
+
+
+@dataclass
+class EngineOptions:
+    n_threads: int | None = None  # default: all cores
+    n_gpu_layers: int = 0  # -1 = all layers on the GPU (when the build has one)
+    n_ctx: int = 4096
+    n_batch: int = 512
+    detail: str = "auto"  # low | high | auto
+    max_tiles: int | None = None  # exact cap on tiles; overrides `detail`
+    verbose: bool = False  # let llama.cpp print its own logs
+
+
+@dataclass
+class GenerationOptions:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+
+
+@dataclass
+class Timings:
+    load_ms: float = 0.0
+    image_encode_ms: float = 0.0
+    prefill_ms: float = 0.0
+    prefill_tokens: int = 0
+    decode_ms: float = 0.0
+    decode_tokens: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / (self.prefill_ms / 1000) if self.prefill_ms > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / (self.decode_ms / 1000) if self.decode_ms > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "load_ms": round(self.load_ms, 2),
+            "image_encode_ms": round(self.image_encode_ms, 2),
+            "prefill_ms": round(self.prefill_ms, 2),
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
+            "decode_ms": round(self.decode_ms, 2),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+        }
+
+
+@dataclass
+class ImageEncoding:
+    """How an image went into the model."""
+
+    width: int
+    height: int
+    detail: str  # the level used: low | high | tiles
+    tiles: int  # slices the encoder saw besides the overview (0 for low)
+    image_tokens: int
+    encoder_passes: int
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    stop_reason: str  # eos | length | stopped
+    image: ImageEncoding
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass
+class _Chunk:
+    """One piece of mtmd's tokenized prompt: text token ids, or an image of n_tokens."""
+
+    kind: str  # text | image
+    tokens: list[int]
+    ptr: object = None  # the mtmd chunk, for images
+    n_tokens: int = 0
+
+
+class VlmEngine:
+    """A loaded SmolVLM2: language model + vision projector. Not thread-safe; one call at a time."""
+
+    def __init__(self, model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str], options: EngineOptions | None = None):
+        self.options = options or EngineOptions()
+        self.model_path = Path(model_path)
+        self.mmproj_path = Path(mmproj_path)
+        # Check both files before llama.cpp sees them: it aborts the process on some bad files.
+        self.model_info: GgufInfo = require_kind(self.model_path, "llm")
+        self.mmproj_info: GgufInfo = require_kind(self.mmproj_path, "mmproj")
+        self.vision = detail_policy.VisionGeometry.from_mmproj(self.mmproj_info.metadata)
+        self.n_threads = self.options.n_threads or os.cpu_count() or 1
+        self._model = None
+        self._ctx = None
+        self._mtmd: dict[int, object] = {}  # image_max_tokens (-1 = model default) -> mtmd context
+        self._batch = None
+        self._cached_prefix: tuple[object, int, int, ImageEncoding, float] | None = None
+        t0 = time.perf_counter()
+        if not self.options.verbose:
+            quiet_native_logs()
+        self._load()
+        self.load_ms = (time.perf_counter() - t0) * 1000
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        mparams = llama.llama_model_default_params()
+        mparams.n_gpu_layers = self.options.n_gpu_layers if self.options.n_gpu_layers >= 0 else 999
+        model = llama.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not model:
+            raise ModelError("llama.cpp could not load this model file", self.model_path)
+        self._model = model
+        self._vocab = llama.llama_model_get_vocab(model)
+        self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx = self.options.n_ctx
+        cparams.n_batch = self.options.n_batch
+        cparams.n_ubatch = self.options.n_batch
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        ctx = llama.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise ModelError(f"llama.cpp could not create a context of {self.options.n_ctx} tokens", self.model_path)
+        self._ctx = ctx
+        self.n_ctx = llama.llama_n_ctx(ctx)
+        self._batch = llama.llama_batch_init(self.options.n_batch, 0, 1)
+        self.chat_template = _model_meta(model, "tokenizer.chat_template")
+        self.eos_ids = self._special_ids()
+        # Open the default projector now, so a bad mmproj fails at load, not at the first image.
+        self._mtmd_context(-1)
+
+    def _mtmd_context(self, image_max_tokens: int) -> object:
+        """mtmd contexts are created per token cap: the cap is a context parameter in llama.cpp."""
+        if image_max_tokens in self._mtmd:
+            return self._mtmd[image_max_tokens]
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = self.options.n_gpu_layers != 0
+        params.n_threads = self.n_threads
+        params.print_timings = False
+        params.warmup = False
+        params.image_max_tokens = image_max_tokens
+        ctx = mtmd.mtmd_init_from_file(str(self.mmproj_path).encode(), self._model, params)
+        if not ctx:
+            raise ModelError("llama.cpp could not load this vision projector (does it match the model?)", self.mmproj_path)
+        if not mtmd.mtmd_support_vision(ctx):
+            mtmd.mtmd_free(ctx)
+            raise ModelError("this projector has no vision encoder", self.mmproj_path)
+        self._mtmd[image_max_tokens] = ctx
+        return ctx
+
+    def _special_ids(self) -> set[int]:
+        # llama.cpp's end-of-generation set comes from the GGUF; <end_of_utterance> is SmolVLM2's
+        # turn end, so stop there even if a converted file forgot to mark it.
+        end = self._token_id("<end_of_utterance>")
+        return {end} if end is not None else set()
+
+    def _token_id(self, text: str) -> int | None:
+        toks = self.tokenize(text, special=True)
+        return toks[0] if len(toks) == 1 else None
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.options.n_gpu_layers != 0 and bool(llama.llama_supports_gpu_offload())
+
+    def close(self) -> None:
+        self._cached_prefix = None
+        for ctx in self._mtmd.values():
+            mtmd.mtmd_free(ctx)
+        self._mtmd.clear()
+        if self._batch is not None:
+            llama.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> VlmEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        buf = (llama.llama_token * (len(data) + 8))()
+        n = llama.llama_tokenize(self._vocab, data, len(data), buf, len(buf), False, special)
+        if n < 0:
+            raise VlmError(f"prompt could not be tokenized ({-n} tokens)")
+        toks = list(buf[:n])
+        self._check_ids(toks)
+        return toks
+
+    def _check_ids(self, toks: list[int]) -> None:
+        # An id outside the vocabulary (llama.cpp gives -1 for text it cannot encode) aborts the
+        # process inside llama.cpp: refuse it here instead.
+        bad = [t for t in toks if t < 0 or t >= self.n_vocab]
+        if bad:
+            raise ModelError(f"the model's vocabulary cannot encode this prompt (token id {bad[0]})", self.model_path)
+
+    def _piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    # -- prompt evaluation ---------------------------------------------------------------------
+
+    def _decode_tokens(self, tokens: list[int], n_past: int, logits_last: bool) -> int:
+        b = self._batch
+        step = self.options.n_batch
+        for start in range(0, len(tokens), step):
+            part = tokens[start : start + step]
+            b.n_tokens = len(part)
+            for i, tok in enumerate(part):
+                b.token[i] = tok
+                b.pos[i] = n_past + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = False
+            if logits_last and start + len(part) == len(tokens):
+                b.logits[len(part) - 1] = True
+            rc = llama.llama_decode(self._ctx, b)
+            if rc != 0:
+                raise VlmError(f"llama.cpp failed to decode the prompt (code {rc}; is the context of {self.n_ctx} tokens too small?)")
+        return n_past + len(tokens)
+
+    def _tokenize_with_image(self, image: Image.Image, prompt_text: str, max_tokens: int) -> tuple[object, list[_Chunk]]:
+        ctx = self._mtmd_context(max_tokens)
+        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        h, w = rgb.shape[:2]
+        bitmap = mtmd.mtmd_bitmap_init(w, h, rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
+        chunks_ptr = mtmd.mtmd_input_chunks_init()
+        data = prompt_text.encode("utf-8")
+        text = mtmd.mtmd_input_text(text=data, text_len=len(data), add_special=False, parse_special=True)
+        bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        rc = mtmd.mtmd_tokenize(ctx, chunks_ptr, ctypes.byref(text), bitmaps, 1)
+        mtmd.mtmd_bitmap_free(bitmap)
+        if rc != 0:
+            mtmd.mtmd_input_chunks_free(chunks_ptr)
+            raise VlmError(f"mtmd could not tokenize the image prompt (code {rc})")
+        chunks: list[_Chunk] = []
+        for i in range(mtmd.mtmd_input_chunks_size(chunks_ptr)):
+            c = mtmd.mtmd_input_chunks_get(chunks_ptr, i)
+            kind = mtmd.mtmd_input_chunk_get_type(c)
+            if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                arr = mtmd.mtmd_input_chunk_get_tokens_text(c, ctypes.byref(n))
+                toks = [arr[j] for j in range(n.value)]
+                self._check_ids(toks)
+                chunks.append(_Chunk("text", toks))
+            elif kind == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                chunks.append(_Chunk("image", [], c, mtmd.mtmd_input_chunk_get_n_tokens(c)))
+            else:
+                raise VlmError("unexpected non-image media chunk")
+        return chunks_ptr, chunks
+
+    def _eval_image_prefix(self, image: Image.Image, prefix_text: str, timings: Timings) -> tuple[int, ImageEncoding]:
+        """Evaluate the prompt up to (and including) the image; returns n_past and how the image went in."""
+        level, max_tiles = detail_policy.choose(
+            image.width, image.height, self.vision, self.options.detail, self.options.max_tiles, self.uses_gpu
+        )
+        cap = -1 if max_tiles is None else max(1, max_tiles) * self.vision.tokens_per_tile
+        marker = mtmd.mtmd_default_marker().decode()
+        chunks_ptr, chunks = self._tokenize_with_image(image, prefix_text + marker, cap)
+        try:
+            images = [c for c in chunks if c.kind == "image"]
+            if level == "low":
+                # The overview only, laid out as the model's unsplit image (as transformers writes
+                # an image that is not split): <fake><global-img> 64 x <image> <fake>.
+                overview = images[-1]
+                before = prefix_text
+                seq: list[_Chunk] = [
+                    _Chunk("text", self.tokenize(before + "<fake_token_around_image><global-img>")),
+                    overview,
+                    _Chunk("text", self.tokenize("<fake_token_around_image>")),
+                ]
+                tiles = 0
+            else:
+                seq = chunks
+                tiles = len(images) - 1
+            used = [c for c in seq if c.kind == "image"]
+            n_image_tokens = sum(c.n_tokens for c in used)
+            n_total = sum(len(c.tokens) if c.kind == "text" else c.n_tokens for c in seq)
+            if n_total + 8 > self.n_ctx:
+                raise VlmError(
+                    f"the prompt needs {n_total} tokens ({n_image_tokens} for the image), more than the context "
+                    f"of {self.n_ctx} (raise --ctx or lower --detail)"
+                )
+            n_past = 0
+            for c in seq:
+                if c.kind == "text":
+                    t0 = time.perf_counter()
+                    n_past = self._decode_tokens(c.tokens, n_past, logits_last=False)
+                    timings.prefill_ms += (time.perf_counter() - t0) * 1000
+                    timings.prefill_tokens += len(c.tokens)
+                else:
+                    n_past = self._eval_image_chunk(c, n_past, timings, cap)
+            enc = ImageEncoding(
+                width=image.width,
+                height=image.height,
+                detail=level,
+                tiles=tiles,
+                image_tokens=n_image_tokens,
+                encoder_passes=len(used),
+            )
+            return n_past, enc
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks_ptr)
+
+    def _eval_image_chunk(self, chunk: _Chunk, n_past: int, timings: Timings, cap: int) -> int:
+        ctx = self._mtmd[cap]
+        t0 = time.perf_counter()
+        rc = mtmd.mtmd_encode_chunk(ctx, chunk.ptr)
+        if rc != 0:
+            raise VlmError(f"the vision encoder failed (code {rc})")
+        embd = mtmd.mtmd_get_output_embd(ctx)
+        t1 = time.perf_counter()
+        new_n_past = llama.llama_pos(n_past)
+        rc = mtmd.mtmd_helper_decode_image_chunk(
+            ctx, self._ctx, chunk.ptr, embd, n_past, 0, self.options.n_batch, ctypes.byref(new_n_past), None, None
+        )
+        if rc != 0:
+            raise VlmError(f"llama.cpp failed to decode the image tokens (code {rc})")
+        t2 = time.perf_counter()
+        timings.image_encode_ms += (t1 - t0) * 1000
+        timings.prefill_ms += (t2 - t1) * 1000
+        timings.prefill_tokens += chunk.n_tokens
+        return int(new_n_past.value)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def ask(
+        self,
+        image: Image.Image,
+        prompts: list[str],
+        options: GenerationOptions | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> Iterator[Generation]:
+        """Answer each prompt about one image. The image is encoded once; its KV cache is reused."""
+        options = options or GenerationOptions()
+        chat = ChatPrompt.from_template(self.chat_template)
+        first = Timings(load_ms=self.load_ms)
+        memory = llama.llama_get_memory(self._ctx)
+        llama.llama_memory_clear(memory, True)
+        n_prefix, enc = self._eval_image_prefix(image, chat.before_image, first)
+        for i, prompt in enumerate(prompts):
+            timings = first if i == 0 else Timings()
+            llama.llama_memory_seq_rm(memory, 0, n_prefix, -1)
+            suffix = self.tokenize(chat.after_image(prompt))
+            if n_prefix + len(suffix) + 1 > self.n_ctx:
+                raise VlmError(
+                    f"the prompt needs {n_prefix + len(suffix)} tokens, more than the context of {self.n_ctx} (raise --ctx)"
+                )
+            t0 = time.perf_counter()
+            n_past = self._decode_tokens(suffix, n_prefix, logits_last=True)
+            timings.prefill_ms += (time.perf_counter() - t0) * 1000
+            timings.prefill_tokens += len(suffix)
+            yield self._generate(chat.full(prompt), n_past, enc, options, timings, on_token)
+
+    def _generate(
+        self,
+        prompt: str,
+        n_past: int,
+        enc: ImageEncoding,
+        options: GenerationOptions,
+        timings: Timings,
+        on_token: TokenCallback | None,
+    ) -> Generation:
+        sampler = _make_sampler(options)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces: list[str] = []
+        n_prompt = n_past
+        stop = "length"
+        generated = 0
+        t0 = time.perf_counter()
+        try:
+            budget = min(options.max_tokens, self.n_ctx - n_past)
+            for _ in range(max(0, budget)):
+                tok = llama.llama_sampler_sample(sampler, self._ctx, -1)
+                if not options.ignore_eos and (tok in self.eos_ids or llama.llama_vocab_is_eog(self._vocab, tok)):
+                    stop = "eos"
+                    break
+                generated += 1
+                text = decoder.decode(self._piece(tok))
+                if text:
+                    pieces.append(text)
+                    if on_token is not None and on_token(text) is False:
+                        stop = "stopped"
+                        break
+                if generated >= budget:
+                    break
+                n_past = self._decode_tokens([tok], n_past, logits_last=True)
+        finally:
+            llama.llama_sampler_free(sampler)
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            pieces.append(tail)
+            if on_token is not None:
+                on_token(tail)
+        timings.decode_ms = (time.perf_counter() - t0) * 1000
+        timings.decode_tokens = generated
+        return Generation(
+            prompt=prompt,
+            text="".join(pieces),
+            prompt_tokens=n_prompt,
+            generated_tokens=generated,
+            stop_reason=stop,
+            image=enc,
+            timings=timings,
+        )
+
+
+def _make_sampler(options: GenerationOptions) -> object:
+    params = llama.llama_sampler_chain_default_params()
+    chain = llama.llama_sampler_chain_init(params)
+    if options.temperature <= 0:
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
+    else:
+        if options.top_p < 1.0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(options.top_p, 1))
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(options.temperature))
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(options.seed & 0xFFFFFFFF))
+    return chain
+
+
+def _model_meta(model: object, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = llama.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    if n < 0:
+        return None
+    if n >= len(buf):
+        buf = ctypes.create_string_buffer(n + 1)
+        llama.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace")

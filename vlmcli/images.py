@@ -1,0 +1,111 @@
+"""Loading input images: every common format, EXIF orientation, RGB, a pixel cap."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlmcli.errors import ImageError
+
+# Larger images are refused unless the user raises the cap (--max-pixels): a
+# small PNG can decompress to gigabytes ("decompression bomb").
+DEFAULT_MAX_PIXELS = 64_000_000
+
+SUPPORTED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+
+# Leading bytes of the formats above, for picking images out of folders by content.
+_MAGIC = (
+    b"\xff\xd8\xff",  # JPEG / MPO
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",  # TIFF little-endian
+    b"MM\x00*",  # TIFF big-endian
+)
+
+
+def looks_like_image(path: str | os.PathLike[str]) -> bool:
+    """True if the file starts like a supported image format (content sniffing, not the extension)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    return head.startswith(_MAGIC)
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Open an image file as an upright RGB image, or raise ImageError naming the file and the cause.
+
+    `draft` lets JPEG decoding downscale by a power of two while keeping at least that size
+    (much faster for CLIP's 224 px input; callers choose a size that keeps results unchanged).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageError("no such file", p)
+    if p.is_dir():
+        raise ImageError("is a directory, not an image", p)
+    try:
+        with warnings.catch_warnings():
+            # We enforce our own cap below; Pillow's own bomb check would only warn or use its limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                im = Image.open(p)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+            if im.format not in SUPPORTED_FORMATS:
+                raise ImageError(f"unsupported image format {im.format}", p)
+            w, h = im.size
+            if max_pixels and w * h > max_pixels:
+                raise ImageError(
+                    f"image is {w}x{h} = {w * h:,} pixels, over the {max_pixels:,} pixel limit "
+                    "(raise it with --max-pixels)",
+                    p,
+                )
+            if draft and im.format == "JPEG":
+                im.draft("RGB", draft)
+            im.seek(0)  # GIF / multi-page TIFF: the first frame
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not a supported image (unrecognised format)", p) from None
+    except PermissionError:
+        raise ImageError("permission denied", p) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"cannot decode image ({e})", p) from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Grayscale, palette, CMYK, 16-bit and alpha images to 8-bit RGB (alpha composited on white)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits rather than clip.
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
