@@ -362,7 +362,7 @@ class VlmEngine:
         t1 = time.perf_counter()
         new_n_past = llama.llama_pos(n_past)
         rc = mtmd.mtmd_helper_decode_image_chunk(
-            ctx, self._ctx, chunk.ptr, embd, n_past, 0, self.options.n_batch, ctypes.byref(new_n_past), None, None
+            ctx, self._ctx, chunk.ptr, embd, n_past, 0, self.options.n_batch, ctypes.byref(new_n_past), _NO_CALLBACK, None
         )
         if rc != 0:
             raise VlmError(f"llama.cpp failed to decode the image tokens (code {rc})")
@@ -453,6 +453,9 @@ class VlmEngine:
             image=enc,
             timings=timings,
         )
+
+
+_NO_CALLBACK = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
 
 
 def _make_sampler(options: GenerationOptions) -> object:
