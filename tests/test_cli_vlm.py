@@ -1,0 +1,126 @@
+"""`vlm ask` / `vlm caption` through the real CLI process, including every bad-input case."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SAMPLE = Path(__file__).resolve().parents[1] / "vlmcli" / "data" / "chelsea.jpg"
+
+
+def vlm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vlmcli", *args], capture_output=True, text=True, input=stdin, timeout=600)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("vlm: error: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def model_dir(smolvlm2_gguf, tmp_path_factory) -> Path:
+    """A folder holding the model and its mmproj, as `--model DIR` takes it."""
+    d = tmp_path_factory.mktemp("model-dir")
+    shutil.copy(smolvlm2_gguf.model, d)
+    shutil.copy(smolvlm2_gguf.mmproj, d)
+    return d
+
+
+def test_ask_streams_an_answer(model_dir: Path) -> None:
+    r = vlm("ask", str(SAMPLE), "What is this?", "--model", str(model_dir), "-n", "6")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    assert r.stderr.strip() == ""  # llama.cpp's load logs stay out of the way
+
+
+def test_ask_json_schema_and_determinism(smolvlm2_gguf) -> None:
+    args = ["ask", str(SAMPLE), "What is this?", "--model", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "-n", "5", "--json"]
+    r1, r2 = vlm(*args), vlm(*args)
+    assert r1.returncode == 0, r1.stderr
+    rec = json.loads(r1.stdout)
+    assert rec["answer"] == json.loads(r2.stdout)["answer"]
+    assert rec["prompt"] == "<|im_start|>User:<image>What is this?<end_of_utterance>\nAssistant:"
+    assert rec["model"].endswith("Q8_0.gguf") and Path(rec["mmproj"]).name.startswith("mmproj-")
+    assert rec["tokens"]["generated"] == 5 and rec["tokens"]["image"] > 0 and rec["tokens"]["prompt"] > rec["tokens"]["image"]
+    assert set(rec["timings"]) == {"load_ms", "image_encode_ms", "prefill_ms", "prefill_tokens_per_s", "decode_ms", "decode_tokens_per_s"}
+    assert rec["detail"] in ("low", "high", "tiles")
+
+
+def test_ask_several_prompts_gives_one_record_each(model_dir: Path) -> None:
+    r = vlm("ask", str(SAMPLE), "What is this?", "Is it a cat?", "--model", str(model_dir), "-n", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["prompt"].split("<image>")[1].split("<end")[0] for x in recs] == ["What is this?", "Is it a cat?"]
+
+
+def test_caption_several_images(model_dir: Path, tmp_path: Path) -> None:
+    second = tmp_path / "second.png"
+    from PIL import Image
+
+    Image.open(SAMPLE).rotate(90, expand=True).save(second)
+    r = vlm("caption", str(SAMPLE), str(second), "--model", str(model_dir), "-n", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["path"] for x in recs] == [str(SAMPLE), str(second)]
+    assert all(x["caption"] for x in recs)
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "truncated", "text", "unsupported", "bomb"])
+def test_bad_images(model_dir: Path, tmp_path: Path, case: str) -> None:
+    from PIL import Image
+
+    path = tmp_path / f"{case}.jpg"
+    extra: list[str] = []
+    if case == "directory":
+        # A folder is a batch of images (batch mode); one with no images in it is an error.
+        path = tmp_path / "empty"
+        path.mkdir()
+    elif case == "truncated":
+        path.write_bytes(SAMPLE.read_bytes()[:2000])
+    elif case == "text":
+        path.write_text("not an image")
+    elif case == "unsupported":
+        path = tmp_path / "icon.ico"
+        Image.new("RGB", (16, 16)).save(path, "ICO")
+    elif case == "bomb":
+        Image.new("RGB", (400, 400)).save(path)
+        extra = ["--max-pixels", "1000"]
+    r = vlm("ask", str(path), "q", "--model", str(model_dir), *extra)
+    assert_one_line_error(r, str(path))
+
+
+def test_bad_models(smolvlm2_gguf, tmp_path: Path) -> None:
+    model, mmproj = str(smolvlm2_gguf.model), str(smolvlm2_gguf.mmproj)
+    # Missing model file.
+    assert_one_line_error(vlm("ask", str(SAMPLE), "q", "--model", str(tmp_path / "none.gguf"), "--mmproj", mmproj, "--offline"), "none.gguf")
+    # Not a GGUF at all.
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"\x00" * 1000)
+    assert_one_line_error(vlm("ask", str(SAMPLE), "q", "--model", str(junk), "--mmproj", mmproj), "junk.gguf", "not a GGUF")
+    # A truncated (corrupt) GGUF.
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(Path(model).read_bytes()[: Path(model).stat().st_size // 2])
+    assert_one_line_error(vlm("ask", str(SAMPLE), "q", "--model", str(cut), "--mmproj", mmproj), "cut.gguf")
+    # Wrong kinds: the projector given as the model, and the model given as the projector.
+    assert_one_line_error(vlm("ask", str(SAMPLE), "q", "--model", mmproj, "--mmproj", mmproj), mmproj, "vision projector")
+    assert_one_line_error(vlm("ask", str(SAMPLE), "q", "--model", model, "--mmproj", model), model, "language model")
+
+
+def test_prompt_longer_than_context(model_dir: Path) -> None:
+    r = vlm("ask", str(SAMPLE), "word " * 600, "--model", str(model_dir), "--ctx", "256", "--detail", "low")
+    assert_one_line_error(r, "context")
+
+
+def test_debug_shows_the_traceback(model_dir: Path, tmp_path: Path) -> None:
+    r = vlm("ask", str(tmp_path / "missing.jpg"), "q", "--model", str(model_dir), "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr

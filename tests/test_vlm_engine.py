@@ -1,0 +1,150 @@
+"""The SmolVLM2 engine on the real llama.cpp + mtmd, with the tiny converted fixture."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vlmcli.engines.gguf_check import inspect_gguf
+from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
+from vlmcli.engines.prompt import ChatPrompt, render_user_turn
+from vlmcli.errors import VlmError
+from vlmcli.images import load_image
+
+SAMPLE = Path(__file__).resolve().parents[1] / "vlmcli" / "data" / "chelsea.jpg"
+
+
+@pytest.fixture(scope="module")
+def engines(smolvlm2_gguf):
+    """One engine per detail level, loaded once for the module."""
+    made: dict[str, VlmEngine] = {}
+
+    def get(detail: str = "high", max_tiles: int | None = None) -> VlmEngine:
+        key = f"{detail}/{max_tiles}"
+        if key not in made:
+            made[key] = VlmEngine(smolvlm2_gguf.model, smolvlm2_gguf.mmproj, EngineOptions(detail=detail, max_tiles=max_tiles, n_ctx=2048))
+        return made[key]
+
+    yield get
+    for e in made.values():
+        e.close()
+
+
+def _geometry(mmproj: Path) -> tuple[int, int, int]:
+    """(tile size, longest edge, image tokens per tile) read straight from the mmproj keys."""
+    meta = inspect_gguf(mmproj).metadata
+    tile = meta["clip.vision.image_size"]
+    per_tile = (tile // meta["clip.vision.patch_size"]) ** 2 // meta["clip.vision.projector.scale_factor"] ** 2
+    return tile, meta["clip.vision.preproc_image_size"], per_tile
+
+
+def _expected_full_tiles(w: int, h: int, tile: int, longest: int) -> int:
+    # SmolVLM2's rule: scale so the longest edge is `longest`, then cut into tile-size squares.
+    if w >= h:
+        rw, rh = longest, int(longest / (w / h))
+        rh += rh % 2
+    else:
+        rw, rh = int(longest * (w / h)), longest
+        rw += rw % 2
+    return math.ceil(rw / tile) * math.ceil(rh / tile)
+
+
+def _image(w: int, h: int) -> Image.Image:
+    return load_image(SAMPLE).resize((w, h))
+
+
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (100, 100), (1000, 200)])
+def test_full_detail_image_tokens_follow_slicing_rule(engines, smolvlm2_gguf, size) -> None:
+    tile, longest, per_tile = _geometry(smolvlm2_gguf.mmproj)
+    tiles = _expected_full_tiles(*size, tile, longest)
+    g = next(engines("high").ask(_image(*size), ["hi"], GenerationOptions(max_tokens=1)))
+    assert g.image.tiles == tiles
+    assert g.image.image_tokens == (tiles + 1) * per_tile  # the tiles + the overview
+    assert g.image.encoder_passes == tiles + 1
+
+
+@pytest.mark.parametrize("size", [(451, 300), (1000, 200)])
+def test_low_detail_is_one_overview(engines, smolvlm2_gguf, size) -> None:
+    _, _, per_tile = _geometry(smolvlm2_gguf.mmproj)
+    g = next(engines("low").ask(_image(*size), ["hi"], GenerationOptions(max_tokens=1)))
+    assert (g.image.detail, g.image.tiles, g.image.encoder_passes) == ("low", 0, 1)
+    assert g.image.image_tokens == per_tile
+    full = next(engines("high").ask(_image(*size), ["hi"], GenerationOptions(max_tokens=1)))
+    assert g.prompt_tokens < full.prompt_tokens
+
+
+@pytest.mark.parametrize("cap", [1, 2, 4])
+def test_max_tiles_caps_the_tiling(engines, smolvlm2_gguf, cap) -> None:
+    _, _, per_tile = _geometry(smolvlm2_gguf.mmproj)
+    g = next(engines("auto", cap).ask(_image(1000, 700), ["hi"], GenerationOptions(max_tokens=1)))
+    assert 1 <= g.image.tiles <= cap
+    assert g.image.image_tokens == (g.image.tiles + 1) * per_tile
+
+
+def test_auto_uses_low_for_small_images_and_caps_large_ones(engines, smolvlm2_gguf) -> None:
+    tile, longest, _ = _geometry(smolvlm2_gguf.mmproj)
+    small = next(engines("auto").ask(_image(tile, tile // 2), ["hi"], GenerationOptions(max_tokens=1)))
+    assert small.image.detail == "low"
+    big = next(engines("auto").ask(_image(tile * 6, tile * 4), ["hi"], GenerationOptions(max_tokens=1)))
+    assert big.image.detail == "tiles" and 2 <= big.image.tiles <= 4
+    assert big.image.tiles < _expected_full_tiles(tile * 6, tile * 4, tile, longest)
+
+
+def test_greedy_is_deterministic_and_generates(engines) -> None:
+    image = load_image(SAMPLE)
+    a = next(engines().ask(image, ["What is this?"], GenerationOptions(max_tokens=8)))
+    b = next(engines().ask(image, ["What is this?"], GenerationOptions(max_tokens=8)))
+    assert a.generated_tokens == 8 and a.text
+    assert a.text == b.text
+
+
+def test_several_prompts_reuse_the_image_and_match_single_runs(engines) -> None:
+    image = load_image(SAMPLE)
+    opts = GenerationOptions(max_tokens=6)
+    both = list(engines().ask(image, ["What is this?", "Is it a cat?"], opts))
+    alone = next(engines().ask(image, ["Is it a cat?"], opts))
+    assert both[1].text == alone.text
+    assert both[1].prompt_tokens == alone.prompt_tokens
+    # The image was encoded once: the second answer spent no time in the vision encoder.
+    assert both[0].timings.image_encode_ms > 0 and both[1].timings.image_encode_ms == 0
+
+
+def test_sampling_with_seed_is_reproducible(engines) -> None:
+    image = load_image(SAMPLE)
+    opts = GenerationOptions(max_tokens=8, temperature=1.5, top_p=0.95, seed=7)
+    a = next(engines().ask(image, ["Describe it."], opts))
+    b = next(engines().ask(image, ["Describe it."], opts))
+    assert a.text == b.text
+
+
+def test_streaming_callback_sees_the_answer_and_can_stop(engines) -> None:
+    image = load_image(SAMPLE)
+    pieces: list[str] = []
+    g = next(engines().ask(image, ["Describe it."], GenerationOptions(max_tokens=8), on_token=pieces.append))
+    assert "".join(pieces) == g.text
+    stopped = next(engines().ask(image, ["Describe it."], GenerationOptions(max_tokens=8), on_token=lambda s: False))
+    assert stopped.stop_reason == "stopped" and stopped.generated_tokens == 1
+
+
+def test_generation_stops_at_end_of_utterance(engines) -> None:
+    e = engines()
+    assert e.tokenize("<end_of_utterance>") == [49279]
+    assert 49279 in e.eos_ids
+
+
+def test_prompt_is_the_smolvlm2_chat_template(engines) -> None:
+    e = engines()
+    assert render_user_turn(e.chat_template, "What is this?") == "<|im_start|>User:<image>What is this?<end_of_utterance>\nAssistant:"
+    chat = ChatPrompt.from_template(e.chat_template)
+    assert chat.before_image == "<|im_start|>User:"
+    g = next(e.ask(load_image(SAMPLE), ["What is this?"], GenerationOptions(max_tokens=1)))
+    assert g.prompt == "<|im_start|>User:<image>What is this?<end_of_utterance>\nAssistant:"
+
+
+def test_prompt_longer_than_context_is_refused(smolvlm2_gguf) -> None:
+    with VlmEngine(smolvlm2_gguf.model, smolvlm2_gguf.mmproj, EngineOptions(n_ctx=256, detail="low")) as e:
+        with pytest.raises(VlmError, match="context"):
+            next(e.ask(load_image(SAMPLE), ["word " * 400], GenerationOptions(max_tokens=4)))
