@@ -1,20 +1,25 @@
 """Validate a GGUF file and tell what kind of model it holds, before a native library sees it.
 
 llama.cpp and ggml abort the whole process on some malformed files, so every model path goes
-through `inspect_gguf` first: the checks here are cheap (a memory-mapped header read) and turn a
-crash into a one-line error that names the file.
+through `inspect_gguf` first. It parses the header itself (the format is small: key/values, then
+tensor infos) rather than with gguf-py's GGUFReader, which builds a numpy view for every one of the
+~100k vocabulary strings and takes seconds; here string arrays are skipped unless asked for.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from vlmcli.errors import ModelError
 
 GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
 
 ModelKind = Literal["llm", "mmproj", "clip"]
 KIND_NAMES = {
@@ -23,6 +28,19 @@ KIND_NAMES = {
     "clip": "a two-tower CLIP GGUF",
 }
 
+# GGUF value types -> struct format (scalars); 8 = string, 9 = array.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # GGUF order (fastest-varying first)
+    type: str  # GGML type name, e.g. "F16", "Q8_0"
+    offset: int  # absolute file offset of the data
+    n_bytes: int
+
 
 @dataclass
 class GgufInfo:
@@ -30,18 +48,104 @@ class GgufInfo:
     arch: str
     kind: ModelKind
     n_tensors: int
-    file_type: str | None = None  # e.g. "Q8_0", from the tensor types
+    file_type: str | None = None  # e.g. "Q8_0", from the matrix tensor types
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+    tensors: list[TensorInfo] = field(default_factory=list, repr=False)
 
 
-def _field_value(reader: Any, key: str) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    return f.contents()
+class _Corrupt(Exception):
+    pass
 
 
-def inspect_gguf(path: str | os.PathLike[str]) -> GgufInfo:
+class _Reader:
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.size = f, size
+
+    def read(self, n: int) -> bytes:
+        if n < 0 or self.f.tell() + n > self.size:
+            raise _Corrupt("runs past the end of the file")
+        return self.f.read(n)
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self.read(self.unpack("<Q")).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, keep_strings: bool) -> Any:
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype, count = self.unpack("<I"), self.unpack("<Q")
+            if count > self.size:
+                raise _Corrupt("array length larger than the file")
+            if itype in _SCALARS:
+                fmt = _SCALARS[itype]
+                data = self.read(struct.calcsize(fmt) * count)
+                return list(struct.unpack(f"<{count}{fmt[1]}", data))
+            if itype == _STRING:
+                if keep_strings:
+                    return [self.string() for _ in range(count)]
+                for _ in range(count):  # skip: only the lengths are read
+                    self.f.seek(self.unpack("<Q"), os.SEEK_CUR)
+                if self.f.tell() > self.size:
+                    raise _Corrupt("runs past the end of the file")
+                return count
+            raise _Corrupt(f"unsupported array item type {itype}")
+        raise _Corrupt(f"unknown value type {vtype}")
+
+
+def read_gguf(path: str | os.PathLike[str], keep_string_arrays: bool = False) -> tuple[dict[str, Any], list[TensorInfo]]:
+    """Metadata and tensor infos. String arrays (the vocabulary) come back as their length unless kept."""
+    p = Path(path)
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        r = _Reader(f, size)
+        if r.read(4) != GGUF_MAGIC:
+            raise _Corrupt("bad magic")
+        version = r.unpack("<I")
+        if version not in (2, 3):
+            raise _Corrupt(f"unsupported GGUF version {version}")
+        n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+        if n_tensors > 1_000_000 or n_kv > 1_000_000:
+            raise _Corrupt("implausible tensor or key count")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = r.string()
+            meta[key] = r.value(r.unpack("<I"), keep_string_arrays)
+        raw = []
+        for _ in range(n_tensors):
+            name = r.string()
+            n_dims = r.unpack("<I")
+            if n_dims > 8:
+                raise _Corrupt(f"tensor {name} has {n_dims} dimensions")
+            shape = tuple(r.unpack("<Q") for _ in range(n_dims))
+            raw.append((name, shape, r.unpack("<I"), r.unpack("<Q")))
+        align = int(meta.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT
+        data_start = (f.tell() + align - 1) // align * align
+    tensors = []
+    for name, shape, tcode, rel in raw:
+        try:
+            qtype = GGMLQuantizationType(tcode)
+        except ValueError:
+            raise _Corrupt(f"tensor {name} has unknown type {tcode}") from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        n = 1
+        for d in shape:
+            n *= d
+        if shape and shape[0] % block:
+            raise _Corrupt(f"tensor {name} rows are not a whole number of {qtype.name} blocks")
+        n_bytes = n // block * type_size
+        offset = data_start + rel
+        if offset + n_bytes > size:
+            raise _Corrupt(f"tensor {name} runs past the end of the file (truncated?)")
+        tensors.append(TensorInfo(name, shape, qtype.name, offset, n_bytes))
+    return meta, tensors
+
+
+def inspect_gguf(path: str | os.PathLike[str], keep_string_arrays: bool = False) -> GgufInfo:
     """Read a GGUF header and classify it, or raise ModelError naming the file."""
     p = Path(path)
     if not p.exists():
@@ -55,35 +159,28 @@ def inspect_gguf(path: str | os.PathLike[str]) -> GgufInfo:
         raise ModelError(f"cannot read model file ({e.strerror})", p) from None
     if magic != GGUF_MAGIC:
         raise ModelError("not a GGUF file (bad magic)", p)
-
-    from gguf import GGUFReader  # imported late: it is only needed here
-
     try:
-        reader = GGUFReader(p, "r")
-    except Exception as e:  # truncated or corrupt: gguf-py raises many kinds
-        raise ModelError(f"corrupt or truncated GGUF file ({type(e).__name__}: {e})", p) from None
+        meta, tensors = read_gguf(p, keep_string_arrays)
+    except _Corrupt as e:
+        raise ModelError(f"corrupt or truncated GGUF file ({e})", p) from None
+    except (OSError, struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        raise ModelError(f"corrupt or truncated GGUF file ({type(e).__name__})", p) from None
 
-    size = p.stat().st_size
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ModelError(f"corrupt or truncated GGUF file (tensor {t.name} runs past the end)", p)
-
-    arch = _field_value(reader, "general.architecture")
+    arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelError("GGUF file has no general.architecture", p)
     if arch == "clip":
-        has_text = bool(_field_value(reader, "clip.has_text_encoder"))
-        has_vision = bool(_field_value(reader, "clip.has_vision_encoder"))
-        kind: ModelKind = "clip" if has_text and has_vision else "mmproj"
+        both = bool(meta.get("clip.has_text_encoder")) and bool(meta.get("clip.has_vision_encoder"))
+        kind: ModelKind = "clip" if both else "mmproj"
     else:
         kind = "llm"
+    if not tensors:
+        raise ModelError("GGUF file holds no tensors", p)
 
-    types = {t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2}
-    quantized = sorted(types - {"F32"})
-    file_type = quantized[0] if len(quantized) == 1 else ("+".join(quantized) or ("F32" if types else None))
-    metadata = {k: _field_value(reader, k) for k in reader.fields if not k.startswith("tokenizer.ggml.")}
-    return GgufInfo(path=p, arch=arch, kind=kind, n_tensors=len(reader.tensors), file_type=file_type, metadata=metadata)
+    matrix_types = {t.type for t in tensors if len(t.shape) >= 2}
+    quantized = sorted(matrix_types - {"F32"})
+    file_type = quantized[0] if len(quantized) == 1 else ("+".join(quantized) or "F32")
+    return GgufInfo(path=p, arch=arch, kind=kind, n_tensors=len(tensors), file_type=file_type, metadata=meta, tensors=tensors)
 
 
 def require_kind(path: str | os.PathLike[str], kind: ModelKind) -> GgufInfo:
