@@ -36,7 +36,7 @@ def print_json(record: dict[str, Any]) -> None:
 
 def info(message: str) -> None:
     """A notice for the user on stderr (kept out of stdout so results stay parseable)."""
-    stderr.print(message, markup=False)
+    stderr.print(message, markup=False, soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,38 @@
+"""Shared pytest fixtures. Session-scoped ones build tiny random-weight checkpoints and their GGUFs
+once per test run; tests of the engines and the CLI reuse them.
+
+Fixture modules live beside this file (tests/ is put on sys.path so `fixtures.*` and the
+`*_fixtures` modules import the same way under every pytest import mode).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+from fixtures.smolvlm2 import build_smolvlm2_checkpoint  # noqa: E402
+
+from clip_fixtures import *  # noqa: E402,F401,F403  clip_checkpoint, clip_gguf, ...
+
+# The folder name becomes the model name inside and on the converted files, as with the real repo.
+SMOLVLM2_NAME = "SmolVLM2-256M-Video-Instruct"
+
+
+@pytest.fixture(scope="session")
+def smolvlm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SmolVLM2 checkpoint folder in the real HF layout (bf16 weights, real tokenizer ids)."""
+    return build_smolvlm2_checkpoint(tmp_path_factory.mktemp("smolvlm2-hf") / SMOLVLM2_NAME, seed=0)
+
+
+@pytest.fixture(scope="session")
+def smolvlm2_gguf(smolvlm2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny checkpoint converted like ggml-org's files: Q8_0 model + F16 mmproj (.model, .mmproj)."""
+    from vlmcli.convert.smolvlm2 import convert_smolvlm2
+
+    return convert_smolvlm2(smolvlm2_checkpoint, tmp_path_factory.mktemp("smolvlm2-gguf"), quant="Q8_0", mmproj_quant="F16")
