@@ -7,6 +7,7 @@ import sys
 import traceback
 
 import click
+import typer
 
 from vlmcli.cli.app import app, stderr
 from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, VlmError
@@ -19,6 +20,15 @@ from vlmcli.cli import convert as _convert  # noqa: E402,F401  convert, quantize
 from vlmcli.cli import lib as _lib  # noqa: E402,F401  lib build
 
 __all__ = ["app", "main"]
+
+# Newer Typer releases carry their own copy of Click: catch the exceptions of both.
+try:
+    from typer._click import exceptions as _typer_click
+except ImportError:  # older Typer: plain Click
+    _typer_click = click.exceptions
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort, KeyboardInterrupt)
+_USAGE = (click.ClickException, _typer_click.ClickException)
 
 
 def _fail(message: str, code: int) -> None:
@@ -34,12 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = app(args=args, prog_name="vlm", standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except _USAGE as e:
         e.show()
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except _ABORT:
         if debug:
             traceback.print_exc()
         _fail("interrupted", EXIT_INTERRUPTED)
