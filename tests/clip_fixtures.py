@@ -1,0 +1,50 @@
+"""Session-scoped pytest fixtures for CLIP: tiny checkpoints in the real HF layout and their GGUFs.
+
+tests/conftest.py does `from clip_fixtures import *`; modules may also import these names directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fixtures.clip import build_clip_checkpoint
+
+__all__ = ["clip_checkpoint", "clip_checkpoint_gelu", "clip_gguf", "clip_gguf_q8", "clip_gguf_gelu"]
+
+
+@pytest.fixture(scope="session")
+def clip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny openai-style CLIP (quick_gelu), real vocabulary, image 224 / patch 32."""
+    return build_clip_checkpoint(tmp_path_factory.mktemp("clip") / "clip-tiny", activation="quick_gelu", seed=0)
+
+
+@pytest.fixture(scope="session")
+def clip_checkpoint_gelu(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny laion-style CLIP (erf gelu)."""
+    return build_clip_checkpoint(tmp_path_factory.mktemp("clip") / "clip-tiny-gelu", activation="gelu", seed=1)
+
+
+def _convert(checkpoint: Path, quant: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vlmcli.convert.clip import convert_clip
+
+    return convert_clip(checkpoint, tmp_path_factory.mktemp("clip-gguf"), quant)
+
+
+@pytest.fixture(scope="session")
+def clip_gguf(clip_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny quick_gelu CLIP converted to F16."""
+    return _convert(clip_checkpoint, "F16", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def clip_gguf_q8(clip_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny quick_gelu CLIP converted to Q8_0."""
+    return _convert(clip_checkpoint, "Q8_0", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def clip_gguf_gelu(clip_checkpoint_gelu: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny gelu CLIP converted to F16."""
+    return _convert(clip_checkpoint_gelu, "F16", tmp_path_factory)

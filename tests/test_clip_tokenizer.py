@@ -1,0 +1,129 @@
+"""CLIP tokenizer: the real token ids of tokenizer_cases.json, cleaning, pre-tokenisation, truncation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlmcli.engines.clip_tokenizer import (
+    BOS_ID,
+    DEFAULT_MERGES_FILE,
+    EOS_ID,
+    ClipTokenizer,
+    clean_text,
+    default_tokenizer,
+    pre_tokenize,
+    read_merges_file,
+    vocabulary_from_merges,
+)
+from vlmcli.errors import ModelError
+
+CASES_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip" / "tokenizer_cases.json"
+CASES = json.loads(CASES_FILE.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def tok() -> ClipTokenizer:
+    return default_tokenizer()
+
+
+def test_cases_file_has_cases() -> None:
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", CASES, ids=[repr(c["text"])[:40] for c in CASES])
+def test_real_token_ids(tok: ClipTokenizer, case: dict) -> None:
+    rows, truncated = tok.tokenize([case["text"]])
+    ids = case["ids"]
+    assert rows.shape == (1, 77) and rows.dtype == np.int32
+    assert rows[0, : len(ids)].tolist() == ids
+    assert not rows[0, len(ids):].any()  # zero padded
+    assert truncated == [len(tok.encode(case["text"])) + 2 > 77]
+
+
+def test_packaged_merges_match_the_shared_file() -> None:
+    shared = CASES_FILE.parent / "bpe_simple_vocab_16e6.txt.gz"
+    assert read_merges_file(DEFAULT_MERGES_FILE) == read_merges_file(shared)
+
+
+def test_vocabulary_layout(tok: ClipTokenizer) -> None:
+    assert tok.vocab_size == 49408
+    assert tok.tokens[0] == "!" and tok.tokens[256] == "!</w>"
+    assert tok.tokens[BOS_ID] == "<|startoftext|>" and tok.tokens[EOS_ID] == "<|endoftext|>"
+    assert tok.tokens[512] == "in"  # the first merge, "i n"
+
+
+def test_truncation_keeps_eos_last(tok: ClipTokenizer) -> None:
+    long_text = " ".join(["cat"] * 200)
+    rows, truncated = tok.tokenize([long_text, "a dog"])
+    assert truncated == [True, False]
+    assert rows[0, 0] == BOS_ID and rows[0, -1] == EOS_ID
+    assert (rows[0, 1:-1] == tok.encode("cat")[0]).all()
+    assert rows[1, :4].tolist() == [BOS_ID, *tok.encode("a dog"), EOS_ID]
+
+
+def test_exactly_77_is_not_truncated(tok: ClipTokenizer) -> None:
+    rows, truncated = tok.tokenize([" ".join(["cat"] * 75), " ".join(["cat"] * 76)])
+    assert truncated == [False, True]
+    assert rows[0, -1] == EOS_ID and rows[1, -1] == EOS_ID
+
+
+def test_other_context_length(tok: ClipTokenizer) -> None:
+    rows, truncated = tok.tokenize("a photo of a cat", context_length=4)
+    assert rows.shape == (1, 4) and truncated == [True]
+    assert rows[0].tolist() == [BOS_ID, 320, 1125, EOS_ID]
+
+
+def test_cleaning() -> None:
+    assert clean_text("  Hello\t\n  WORLD  ") == "hello world"
+    assert clean_text("fish &amp;amp; chips") == "fish & chips"  # unescaped twice
+    assert clean_text("don\u2019t") == "don't"  # curly quote straightened (ftfy's uncurl_quotes)
+    assert clean_text("\ufb01sh") == "fish"  # ligature
+    assert clean_text("\uff21\uff22\uff23") == "abc"  # fullwidth
+    assert clean_text("cafe\u0301") == "caf\u00e9"  # NFC
+    assert clean_text("a\x00b\u200bc") == "ab\u200bc"  # control char removed, ZWSP kept (not whitespace)
+
+
+def test_pre_tokenize_classes() -> None:
+    assert pre_tokenize("it's 3.14!!!'s x²") == ["it", "'s", "3", ".", "1", "4", "!!!'", "s", "x", "²"]
+    assert pre_tokenize("<|endoftext|>ok") == ["<|endoftext|>", "ok"]
+    # a letter run stops at a combining mark (category M is neither \p{L} nor \p{N})
+    assert pre_tokenize("e\u0301x") == ["e", "\u0301", "x"]
+    # U+001C is whitespace for str.isspace() but not for CLIP's regex
+    assert pre_tokenize("a\x1cb") == ["a", "\x1c", "b"]
+
+
+def test_typed_special_token_is_kept_whole(tok: ClipTokenizer) -> None:
+    assert tok.encode("a <|endoftext|>") == [320, EOS_ID]
+
+
+def test_curly_quotes_tokenize_like_straight(tok: ClipTokenizer) -> None:
+    assert tok.encode("don\u2019t") == tok.encode("don't")
+
+
+def test_tokens_given_explicitly(tok: ClipTokenizer) -> None:
+    merges = read_merges_file(DEFAULT_MERGES_FILE)
+    explicit = ClipTokenizer(merges, vocabulary_from_merges(merges))
+    assert explicit.encode("a photo of a traffic light.") == tok.encode("a photo of a traffic light.")
+
+
+def test_vocabulary_missing_a_merge_result_is_an_error() -> None:
+    merges = read_merges_file(DEFAULT_MERGES_FILE)
+    tokens = vocabulary_from_merges(merges)
+    tokens[tokens.index("cat</w>")] = "something else"
+    with pytest.raises(ModelError, match="cat</w>"):
+        ClipTokenizer(merges, tokens).encode("cat")
+
+
+def test_bad_merges_file(tmp_path: Path) -> None:
+    bad = tmp_path / "merges.txt"
+    bad.write_text("#version: 0.2\nthis line has three\n")
+    with pytest.raises(ModelError, match="merges"):
+        read_merges_file(bad)
+
+
+def test_decode_roundtrip(tok: ClipTokenizer) -> None:
+    assert tok.decode(tok.encode("a photo of a cat")) == "a photo of a cat"
