@@ -90,6 +90,7 @@ class ModelEntry:
     size_mb: float | None = None
     gguf: GgufSource | None = None
     convert: ConvertSource | None = None
+    detail: str | None = None  # vlm: the default image detail (low | high | auto) for this model
     origin: str = ""  # the models.toml file the entry came from
 
     def quants(self, source: str | None = None) -> list[str]:
@@ -319,6 +320,9 @@ def _entry_from_table(name: str, t: dict[str, Any], path: Path) -> ModelEntry:
     if default_quant not in entry_quants:
         raise ModelError(f"{where}: default_quant {default_quant} is not offered by any source", path)
     size = _want(t, "size_mb", (int, float), where, path, default=None)
+    detail = _want(t, "detail", str, where, path, default=None)
+    if detail is not None and (kind != "vlm" or detail not in ("low", "high", "auto")):
+        raise ModelError(f"{where}: detail is for vlm models and is one of low, high, auto", path)
     return ModelEntry(
         name=name,
         kind=kind,
@@ -330,6 +334,7 @@ def _entry_from_table(name: str, t: dict[str, Any], path: Path) -> ModelEntry:
         size_mb=float(size) if size is not None else None,
         gguf=gguf,
         convert=convert,
+        detail=detail,
         origin=str(path),
     )
 

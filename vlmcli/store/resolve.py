@@ -25,6 +25,7 @@ class ResolvedModel:
     mmproj: Path | None  # vlm: the vision projector GGUF; clip: None
     quant: str | None  # e.g. "Q8_0" (from the store manifest, or read from the GGUF tensors)
     source: str  # "store" (an installed model), "file" (a GGUF path) or "folder"
+    detail: str | None = None  # the registry's default image detail for this model, if it sets one
 
 
 _ENGINE_KIND = {"vlm": "llm", "clip": "clip"}  # gguf_check's name for the main file of each kind
@@ -163,7 +164,9 @@ def _from_installed(m: InstalledModel, kind: str, mmproj: str | None) -> Resolve
             if proj is None:
                 raise ModelError(f"installed model has no vision projector (mmproj); run: vlm pull {m.name} --force", m.path)
             _check_installed_file(m, proj, "mmproj")
-    return ResolvedModel(kind=kind, name=m.name, model=m.model_path, mmproj=proj, quant=m.quant, source="store")
+    entry = load_registry().get(m.name)
+    detail = entry.detail if entry is not None else None
+    return ResolvedModel(kind=kind, name=m.name, model=m.model_path, mmproj=proj, quant=m.quant, source="store", detail=detail)
 
 
 # ---------------------------------------------------------------------------------------------
