@@ -1,0 +1,455 @@
+"""CLIP's two towers (ViT image encoder, causal text encoder) as ggml graphs.
+
+The GGUF layout is clip.cpp's legacy two-tower one (see /work/CLIP_CONTRACT.md and MODELS.md): note
+that HF `mlp.fc1` is stored as `ffn_down` and `fc2` as `ffn_up`. Weights are read with gguf's
+memory-mapped reader, copied once into a ggml backend buffer, and every call builds a small graph
+for a batch of images or texts; the graph allocator's buffer is reused across calls.
+
+Shapes in comments are ggml order (innermost first): x [D, T, N] is N sequences of T tokens of width D.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from vlmcli.engines import ggml
+from vlmcli.engines.ggml import Backend, Graph, Tensor
+from vlmcli.engines.gguf_check import require_kind
+from vlmcli.errors import ModelError, VlmError
+
+def open_gguf(path: Path) -> Any:
+    """gguf.GGUFReader over a plain-ndarray view of its memory map.
+
+    GGUFReader slices its np.memmap once or twice per string; with the ~98k strings of a CLIP
+    vocabulary and merges, numpy's memmap subclass bookkeeping makes that 3-5x slower than the same
+    slicing on a plain ndarray view of the same mapping (still memory-mapped, nothing is copied).
+    """
+    from gguf import GGUFReader
+
+    class _PlainViewReader(GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:  # GGUFReader.__init__ assigns its np.memmap here
+            self._plain = value.view(np.ndarray)
+
+    return _PlainViewReader(path, "r")
+
+
+# Types a 2-D matmul weight may have (ggml's CPU mul_mat handles all of them).
+MATMUL_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+EMBEDDING_TYPES = ("F32", "F16")  # token and patch embeddings: read by get_rows / used in mul_mat
+SMALL_GRAPH_FLOPS = 50e6  # below this a batch runs on one thread (see ClipModel._use_threads_for)
+
+
+@dataclass
+class ClipConfig:
+    name: str
+    image_size: int
+    patch_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    context_length: int
+    vocab_size: int
+    projection_dim: int
+    logit_scale: float  # already exp()-ed
+    use_gelu: bool  # True: exact (erf) gelu; False: quick_gelu
+    text_width: int
+    text_layers: int
+    text_heads: int
+    text_ffn: int
+    text_eps: float
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    vision_ffn: int
+    vision_eps: float
+    tokens: list[str] = field(repr=False)
+    merges: list[str] = field(repr=False)
+    bos_id: int = 49406
+    eos_id: int = 49407
+    file_type: str | None = None
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_gguf(cls, reader: Any, path: Path, file_type: str | None = None) -> ClipConfig:
+        def get(key: str, kind: type, default: Any = None) -> Any:
+            f = reader.fields.get(key)
+            if f is None:
+                if default is not None:
+                    return default
+                raise ModelError(f"CLIP GGUF lacks {key}", path)
+            value = f.contents()
+            try:
+                if kind is tuple:
+                    value = tuple(float(v) for v in value)
+                    if len(value) != 3:
+                        raise ValueError
+                    return value
+                if kind is list:
+                    return list(value)
+                return kind(value)
+            except (TypeError, ValueError):
+                raise ModelError(f"CLIP GGUF has a bad {key}: {value!r}", path) from None
+
+        tokens = get("tokenizer.ggml.tokens", list, [])
+        cfg = cls(
+            name=get("general.name", str, "clip"),
+            image_size=get("clip.vision.image_size", int),
+            patch_size=get("clip.vision.patch_size", int),
+            image_mean=get("clip.vision.image_mean", tuple),
+            image_std=get("clip.vision.image_std", tuple),
+            context_length=get("clip.text.context_length", int),
+            vocab_size=len(tokens),  # checked against the token embedding below
+            projection_dim=get("clip.vision.projection_dim", int),
+            logit_scale=_exp_logit_scale(get("clip.logit_scale", float), path),
+            use_gelu=get("clip.use_gelu", bool, False),
+            text_width=get("clip.text.embedding_length", int),
+            text_layers=get("clip.text.block_count", int),
+            text_heads=get("clip.text.attention.head_count", int),
+            text_ffn=get("clip.text.feed_forward_length", int),
+            text_eps=get("clip.text.attention.layer_norm_epsilon", float),
+            vision_width=get("clip.vision.embedding_length", int),
+            vision_layers=get("clip.vision.block_count", int),
+            vision_heads=get("clip.vision.attention.head_count", int),
+            vision_ffn=get("clip.vision.feed_forward_length", int),
+            vision_eps=get("clip.vision.attention.layer_norm_epsilon", float),
+            tokens=tokens,
+            merges=get("tokenizer.ggml.merges", list, []),
+            bos_id=get("tokenizer.ggml.bos_token_id", int, 49406),
+            eos_id=get("tokenizer.ggml.eos_token_id", int, 49407),
+            file_type=file_type,
+        )
+        text_proj = get("clip.text.projection_dim", int, cfg.projection_dim)
+        cfg._validate(path, text_proj)
+        return cfg
+
+    def _validate(self, path: Path, text_projection_dim: int) -> None:
+        def need(cond: bool, what: str) -> None:
+            if not cond:
+                raise ModelError(f"inconsistent CLIP GGUF: {what}", path)
+
+        positive = ("image_size", "patch_size", "context_length", "projection_dim", "text_width", "text_layers",
+                    "text_heads", "text_ffn", "vision_width", "vision_layers", "vision_heads", "vision_ffn")
+        for key in positive:
+            need(getattr(self, key) > 0, f"{key} = {getattr(self, key)}")
+        need(self.image_size % self.patch_size == 0, "image_size is not a multiple of patch_size")
+        need(self.text_width % self.text_heads == 0, "text width is not a multiple of the head count")
+        need(self.vision_width % self.vision_heads == 0, "vision width is not a multiple of the head count")
+        need(text_projection_dim == self.projection_dim, "text and vision projection sizes differ")
+        need(self.text_eps > 0 and self.vision_eps > 0, "layer norm epsilon must be positive")
+        need(all(s > 0 for s in self.image_std), "image_std must be positive")
+
+
+def _exp_logit_scale(log_scale: float, path: Path) -> float:
+    # trained CLIPs store ln(100) ~ 4.6; refuse values whose exp() is meaningless or overflows
+    if not math.isfinite(log_scale) or abs(log_scale) > 20:
+        raise ModelError(f"CLIP GGUF has a bad clip.logit_scale: {log_scale!r}", path)
+    return math.exp(log_scale)
+
+
+@dataclass
+class _Block:
+    ln1_w: Tensor
+    ln1_b: Tensor
+    q_w: Tensor
+    q_b: Tensor
+    k_w: Tensor
+    k_b: Tensor
+    v_w: Tensor
+    v_b: Tensor
+    out_w: Tensor
+    out_b: Tensor
+    ln2_w: Tensor
+    ln2_b: Tensor
+    fc1_w: Tensor  # stored as ffn_down
+    fc1_b: Tensor
+    fc2_w: Tensor  # stored as ffn_up
+    fc2_b: Tensor
+
+
+def _tensor_specs(cfg: ClipConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Every tensor the model needs: name -> (ggml shape, allowed types)."""
+    f32 = ("F32",)
+    specs: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+    for prefix, d, ffn, layers in (("t", cfg.text_width, cfg.text_ffn, cfg.text_layers),
+                                   ("v", cfg.vision_width, cfg.vision_ffn, cfg.vision_layers)):
+        for i in range(layers):
+            b = f"{prefix}.blk.{i}"
+            for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):
+                specs[f"{b}.{proj}.weight"] = ((d, d), MATMUL_TYPES)
+                specs[f"{b}.{proj}.bias"] = ((d,), f32)
+            for ln in ("ln1", "ln2"):
+                specs[f"{b}.{ln}.weight"] = ((d,), f32)
+                specs[f"{b}.{ln}.bias"] = ((d,), f32)
+            specs[f"{b}.ffn_down.weight"] = ((d, ffn), MATMUL_TYPES)  # HF fc1: d -> ffn
+            specs[f"{b}.ffn_down.bias"] = ((ffn,), f32)
+            specs[f"{b}.ffn_up.weight"] = ((ffn, d), MATMUL_TYPES)  # HF fc2: ffn -> d
+            specs[f"{b}.ffn_up.bias"] = ((d,), f32)
+    dt, dv, p = cfg.text_width, cfg.vision_width, cfg.patch_size
+    specs.update({
+        "t.token_embd.weight": ((dt, cfg.vocab_size), EMBEDDING_TYPES),
+        "t.position_embd.weight": ((dt, cfg.context_length), f32),
+        "t.post_ln.weight": ((dt,), f32),
+        "t.post_ln.bias": ((dt,), f32),
+        "v.class_embd": ((dv,), f32),
+        "v.patch_embd.weight": ((p, p, 3, dv), EMBEDDING_TYPES),
+        "v.position_embd.weight": ((dv, cfg.n_patches + 1), f32),
+        "v.pre_ln.weight": ((dv,), f32),
+        "v.pre_ln.bias": ((dv,), f32),
+        "v.post_ln.weight": ((dv,), f32),
+        "v.post_ln.bias": ((dv,), f32),
+        "text_projection.weight": ((dt, cfg.projection_dim), MATMUL_TYPES),
+        "visual_projection.weight": ((dv, cfg.projection_dim), MATMUL_TYPES),
+    })
+    return specs
+
+
+# --- the graphs (nanoGPT-like: a layer norm, a linear, one block shared by both towers) ------------
+
+def layer_norm(g: Graph, x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    return g.add(g.mul(g.norm(x, eps), w), b)
+
+
+def linear(g: Graph, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    y = g.mul_mat(w, x)  # w is [in, out] in ggml order, i.e. HF's [out, in]
+    return g.add(y, b) if b is not None else y
+
+
+def block(g: Graph, x: Tensor, p: _Block, n_heads: int, eps: float, act: Callable[[Tensor], Tensor],
+          mask: Tensor | None) -> Tensor:
+    """A pre-LN transformer block on x [D, T, N]; mask [T, T] (causal) or None."""
+    d, t, n = x.ne[0], x.ne[1], x.ne[2]
+    hd = d // n_heads
+
+    h = layer_norm(g, x, p.ln1_w, p.ln1_b, eps)
+    q = g.permute(g.reshape(linear(g, h, p.q_w, p.q_b), hd, n_heads, t, n), 0, 2, 1, 3)  # [hd, T, H, N]
+    k = g.permute(g.reshape(linear(g, h, p.k_w, p.k_b), hd, n_heads, t, n), 0, 2, 1, 3)  # [hd, T, H, N]
+    v = g.cont(g.permute(g.reshape(linear(g, h, p.v_w, p.v_b), hd, n_heads, t, n), 1, 2, 0, 3))  # [T, hd, H, N]
+    att = g.soft_max_ext(g.mul_mat(k, q), mask, 1.0 / math.sqrt(hd))  # [T_k, T_q, H, N]
+    y = g.mul_mat(v, att)  # [hd, T_q, H, N]
+    y = g.reshape(g.cont(g.permute(y, 0, 2, 1, 3)), d, t, n)  # heads back side by side: [D, T, N]
+    x = g.add(x, linear(g, y, p.out_w, p.out_b))
+
+    h = layer_norm(g, x, p.ln2_w, p.ln2_b, eps)
+    h = act(linear(g, h, p.fc1_w, p.fc1_b))
+    return g.add(x, linear(g, h, p.fc2_w, p.fc2_b))
+
+
+class ClipModel:
+    """A loaded two-tower CLIP GGUF. Use `ClipModel.load(path)`; close() (or `with`) frees it."""
+
+    def __init__(self, path: Path, config: ClipConfig, backend: Backend, weights: Graph,
+                 tensors: dict[str, Tensor], batch_size: int):
+        self.path = path
+        self.config = config
+        self.backend = backend
+        self._weights = weights
+        self._t = tensors
+        self.batch_size = batch_size
+        self.weights_bytes = 0
+        self._blocks = {prefix: [self._block_tensors(f"{prefix}.blk.{i}") for i in range(n)]
+                        for prefix, n in (("t", config.text_layers), ("v", config.vision_layers))}
+
+    def _block_tensors(self, b: str) -> _Block:
+        t = self._t
+        return _Block(
+            ln1_w=t[f"{b}.ln1.weight"], ln1_b=t[f"{b}.ln1.bias"],
+            q_w=t[f"{b}.attn_q.weight"], q_b=t[f"{b}.attn_q.bias"],
+            k_w=t[f"{b}.attn_k.weight"], k_b=t[f"{b}.attn_k.bias"],
+            v_w=t[f"{b}.attn_v.weight"], v_b=t[f"{b}.attn_v.bias"],
+            out_w=t[f"{b}.attn_out.weight"], out_b=t[f"{b}.attn_out.bias"],
+            ln2_w=t[f"{b}.ln2.weight"], ln2_b=t[f"{b}.ln2.bias"],
+            fc1_w=t[f"{b}.ffn_down.weight"], fc1_b=t[f"{b}.ffn_down.bias"],
+            fc2_w=t[f"{b}.ffn_up.weight"], fc2_b=t[f"{b}.ffn_up.bias"],
+        )
+
+    # --- loading
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, n_threads: int | None = None, n_gpu_layers: int = 0,
+             device: str | None = None, batch_size: int = 32) -> ClipModel:
+        """Load a two-tower CLIP GGUF. n_gpu_layers > 0 puts the whole model on the first GPU device
+        (CLIP is small: all or nothing); device names a ggml device ("CPU", "CUDA0", "Vulkan0", ...)."""
+        p = Path(path)
+        info = require_kind(p, "clip")  # cheap header checks; refuses LM / mmproj files
+        if batch_size < 1:
+            raise VlmError(f"batch_size must be at least 1, got {batch_size}")
+
+        try:
+            reader = open_gguf(p)
+        except Exception as e:  # already checked by require_kind; keep a one-line error anyway
+            raise ModelError(f"corrupt GGUF file ({type(e).__name__}: {e})", p) from None
+        config = ClipConfig.from_gguf(reader, p, info.file_type)
+        stored = {t.name: t for t in reader.tensors}
+        if not config.tokens and "t.token_embd.weight" in stored:  # a file without a vocabulary
+            config.vocab_size = int(stored["t.token_embd.weight"].shape[1])
+        specs = _tensor_specs(config)
+        for name, (ne, types) in specs.items():
+            st = stored.get(name)
+            if st is None:
+                raise ModelError(f"CLIP GGUF lacks tensor {name}", p)
+            got = tuple(int(n) for n in st.shape)
+            if got + (1,) * (len(ne) - len(got)) != ne:
+                raise ModelError(f"tensor {name} has shape {got}, expected {ne}", p)
+            tname = st.tensor_type.name
+            if tname not in types:
+                raise ModelError(f"tensor {name} has type {tname}, expected one of {', '.join(types)}", p)
+            if ne[0] % ggml.block_size(tname):
+                raise ModelError(f"tensor {name}: rows of {ne[0]} do not fit {tname} blocks", p)
+
+        backend = Backend(device=device, gpu=n_gpu_layers > 0, n_threads=n_threads)
+        weights = Graph(max_tensors=len(specs) + 8)
+        try:
+            tensors = {name: weights.new_tensor(stored[name].tensor_type.name, ne, name)
+                       for name, (ne, _) in specs.items()}
+            size = backend.alloc_tensors(weights)
+            for name, t in tensors.items():
+                backend.set(t, stored[name].data)  # copies from the memory-mapped file
+        except BaseException:
+            weights.close()
+            backend.close()
+            raise
+        del reader, stored  # drop the memory map: the weights live in the backend buffer now
+        model = cls(p, config, backend, weights, tensors, batch_size)
+        model.weights_bytes = size
+        return model
+
+    def close(self) -> None:
+        if getattr(self, "backend", None) is not None:
+            self.backend.close()
+            self._weights.close()
+            self.backend = None  # type: ignore[assignment]
+
+    def __enter__(self) -> ClipModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def _check_open(self) -> None:
+        if self.backend is None:
+            raise VlmError("the CLIP model is closed", self.path)
+
+    def _act(self, g: Graph) -> Callable[[Tensor], Tensor]:
+        return g.gelu_erf if self.config.use_gelu else g.gelu_quick
+
+    def _use_threads_for(self, n_tokens: int, width: int, ffn: int, n_layers: int) -> None:
+        """One thread for tiny graphs: ggml's threads meet at a spinning barrier after every op, which
+        costs more than it saves below a few tens of MFLOP and stalls badly on a busy machine."""
+        flops = 2 * n_tokens * n_layers * (4 * width * width + 2 * width * ffn)
+        self.backend.set_threads(1 if flops < SMALL_GRAPH_FLOPS else self.backend.n_threads)
+
+    def _new_graph(self, n_layers: int) -> Graph:
+        return Graph(max_tensors=48 * n_layers + 64, graph_size=64 * n_layers + 128)
+
+    # --- vision
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 3, S, S) normalised float32 pixels -> (N, projection_dim) image embeddings (not L2-normalised)."""
+        self._check_open()
+        cfg = self.config
+        s = cfg.image_size
+        if not isinstance(pixels, np.ndarray) or pixels.ndim != 4 or pixels.shape[1:] != (3, s, s):
+            shape = getattr(pixels, "shape", type(pixels).__name__)
+            raise VlmError(f"pixels must have shape (N, 3, {s}, {s}), got {shape}")
+        if not np.issubdtype(pixels.dtype, np.floating):
+            raise VlmError(f"pixels must be floating point, got {pixels.dtype}")
+        pixels = np.asarray(pixels, dtype=np.float32)
+        if not np.isfinite(pixels).all():
+            raise VlmError("pixels contain NaN or infinity")
+        chunks = [self._encode_image_batch(pixels[i:i + self.batch_size])
+                  for i in range(0, len(pixels), self.batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, cfg.projection_dim), np.float32)
+
+    def _encode_image_batch(self, pixels: np.ndarray) -> np.ndarray:
+        cfg, w = self.config, self._t
+        n, p, grid = len(pixels), cfg.patch_size, cfg.image_size // cfg.patch_size
+        d, t = cfg.vision_width, cfg.n_patches + 1
+        # The patch-embedding convolution has stride = kernel, so it is a reshape plus a matmul; the
+        # values of a patch go in the conv weight's (channel, y, x) order.
+        patches = (pixels.reshape(n, 3, grid, p, grid, p).transpose(0, 2, 4, 1, 3, 5)
+                   .reshape(n, grid * grid, 3 * p * p))
+        with self._new_graph(cfg.vision_layers) as g:
+            patches_in = g.input("F32", (3 * p * p, grid * grid, n), "patches")
+            class_rows = g.input("I32", (n,), "class_rows")
+
+            x = g.mul_mat(g.reshape(w["v.patch_embd.weight"], 3 * p * p, d), patches_in)  # [D, P, N]
+            x = g.concat(g.repeat(w["v.class_embd"], d, 1, n), x, 1)  # class token first: [D, T, N]
+            x = g.add(x, w["v.position_embd.weight"])
+            x = layer_norm(g, x, w["v.pre_ln.weight"], w["v.pre_ln.bias"], cfg.vision_eps)
+            for blk in self._blocks["v"]:
+                x = block(g, x, blk, cfg.vision_heads, cfg.vision_eps, self._act(g), None)
+            pooled = g.get_rows(g.reshape(x, d, t * n), class_rows)  # the class token of each image: [D, N]
+            pooled = layer_norm(g, pooled, w["v.post_ln.weight"], w["v.post_ln.bias"], cfg.vision_eps)
+            out = g.output(linear(g, pooled, w["visual_projection.weight"]))
+
+            self.backend.allocate(g)
+            self._use_threads_for(n * t, d, cfg.vision_ffn, cfg.vision_layers)
+            self.backend.set(patches_in, patches)
+            self.backend.set(class_rows, np.arange(n, dtype=np.int32) * t)
+            self.backend.compute(g)
+            return self.backend.get(out, 2)  # (N, projection_dim)
+
+    # --- text
+    def encode_texts(self, tokens: np.ndarray) -> np.ndarray:
+        """(N, context_length) int token ids -> (N, projection_dim) text embeddings (not L2-normalised),
+        pooled at each row's highest token id (the end-of-text token)."""
+        self._check_open()
+        cfg = self.config
+        if not isinstance(tokens, np.ndarray) or tokens.ndim != 2 or not 1 <= tokens.shape[1] <= cfg.context_length:
+            shape = getattr(tokens, "shape", type(tokens).__name__)
+            raise VlmError(f"tokens must have shape (N, {cfg.context_length}), got {shape}")
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise VlmError(f"tokens must be integers, got {tokens.dtype}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+            raise VlmError(f"token ids must be in [0, {cfg.vocab_size}), got {tokens.min()}..{tokens.max()}")
+        tokens = tokens.astype(np.int32)
+        chunks = [self._encode_text_batch(tokens[i:i + self.batch_size])
+                  for i in range(0, len(tokens), self.batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, cfg.projection_dim), np.float32)
+
+    def _encode_text_batch(self, tokens: np.ndarray) -> np.ndarray:
+        cfg, w = self.config, self._t
+        n, d = len(tokens), cfg.text_width
+        eot = tokens.argmax(axis=1)
+        # Attention is causal, so nothing after the last EOT of the batch can change the pooled
+        # states: run only that many positions (usually far fewer than 77).
+        t = int(eot.max()) + 1
+        causal = np.triu(np.full((t, t), -np.inf, dtype=np.float32), k=1)  # row = query, column = key
+        with self._new_graph(cfg.text_layers) as g:
+            ids = g.input("I32", (t * n,), "token_ids")
+            mask = g.input("F32", (t, t), "causal_mask")
+            eot_rows = g.input("I32", (n,), "eot_rows")
+
+            x = g.reshape(g.get_rows(w["t.token_embd.weight"], ids), d, t, n)  # [D, T, N]
+            x = g.add(x, g.view_rows(w["t.position_embd.weight"], t))
+            for blk in self._blocks["t"]:
+                x = block(g, x, blk, cfg.text_heads, cfg.text_eps, self._act(g), mask)
+            pooled = g.get_rows(g.reshape(x, d, t * n), eot_rows)  # [D, N]
+            # final_layer_norm works per token, so pooling first gives the same result
+            pooled = layer_norm(g, pooled, w["t.post_ln.weight"], w["t.post_ln.bias"], cfg.text_eps)
+            out = g.output(linear(g, pooled, w["text_projection.weight"]))
+
+            self.backend.allocate(g)
+            self._use_threads_for(n * t, d, cfg.text_ffn, cfg.text_layers)
+            self.backend.set(ids, np.ascontiguousarray(tokens[:, :t]))
+            self.backend.set(mask, causal)
+            self.backend.set(eot_rows, (np.arange(n) * t + eot).astype(np.int32))
+            self.backend.compute(g)
+            return self.backend.get(out, 2)  # (N, projection_dim)
