@@ -23,27 +23,6 @@ from vlmcli.engines.ggml import Backend, Graph, Tensor
 from vlmcli.engines.gguf_check import require_kind
 from vlmcli.errors import ModelError, VlmError
 
-def open_gguf(path: Path) -> Any:
-    """gguf.GGUFReader over a plain-ndarray view of its memory map.
-
-    GGUFReader slices its np.memmap once or twice per string; with the ~98k strings of a CLIP
-    vocabulary and merges, numpy's memmap subclass bookkeeping makes that 3-5x slower than the same
-    slicing on a plain ndarray view of the same mapping (still memory-mapped, nothing is copied).
-    """
-    from gguf import GGUFReader
-
-    class _PlainViewReader(GGUFReader):
-        @property
-        def data(self) -> np.ndarray:
-            return self._plain
-
-        @data.setter
-        def data(self, value: np.ndarray) -> None:  # GGUFReader.__init__ assigns its np.memmap here
-            self._plain = value.view(np.ndarray)
-
-    return _PlainViewReader(path, "r")
-
-
 # Types a 2-D matmul weight may have (ggml's CPU mul_mat handles all of them).
 MATMUL_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 EMBEDDING_TYPES = ("F32", "F16")  # token and patch embeddings: read by get_rows / used in mul_mat
@@ -83,14 +62,13 @@ class ClipConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def from_gguf(cls, reader: Any, path: Path, file_type: str | None = None) -> ClipConfig:
+    def from_gguf(cls, metadata: dict[str, Any], path: Path, file_type: str | None = None) -> ClipConfig:
         def get(key: str, kind: type, default: Any = None) -> Any:
-            f = reader.fields.get(key)
-            if f is None:
+            value = metadata.get(key)
+            if value is None:
                 if default is not None:
                     return default
                 raise ModelError(f"CLIP GGUF lacks {key}", path)
-            value = f.contents()
             try:
                 if kind is tuple:
                     value = tuple(float(v) for v in value)
@@ -282,16 +260,12 @@ class ClipModel:
         """Load a two-tower CLIP GGUF. n_gpu_layers > 0 puts the whole model on the first GPU device
         (CLIP is small: all or nothing); device names a ggml device ("CPU", "CUDA0", "Vulkan0", ...)."""
         p = Path(path)
-        info = require_kind(p, "clip")  # cheap header checks; refuses LM / mmproj files
+        # Header checks (refuses LM / mmproj files), with the vocabulary and merges for the tokenizer.
+        info = require_kind(p, "clip", keep_string_arrays=True)
         if batch_size < 1:
             raise VlmError(f"batch_size must be at least 1, got {batch_size}")
-
-        try:
-            reader = open_gguf(p)
-        except Exception as e:  # already checked by require_kind; keep a one-line error anyway
-            raise ModelError(f"corrupt GGUF file ({type(e).__name__}: {e})", p) from None
-        config = ClipConfig.from_gguf(reader, p, info.file_type)
-        stored = {t.name: t for t in reader.tensors}
+        config = ClipConfig.from_gguf(info.metadata, p, info.file_type)
+        stored = {t.name: t for t in info.tensors}
         if not config.tokens and "t.token_embd.weight" in stored:  # a file without a vocabulary
             config.vocab_size = int(stored["t.token_embd.weight"].shape[1])
         specs = _tensor_specs(config)
@@ -302,7 +276,7 @@ class ClipModel:
             got = tuple(int(n) for n in st.shape)
             if got + (1,) * (len(ne) - len(got)) != ne:
                 raise ModelError(f"tensor {name} has shape {got}, expected {ne}", p)
-            tname = st.tensor_type.name
+            tname = st.type
             if tname not in types:
                 raise ModelError(f"tensor {name} has type {tname}, expected one of {', '.join(types)}", p)
             if ne[0] % ggml.block_size(tname):
@@ -311,16 +285,17 @@ class ClipModel:
         backend = Backend(device=device, gpu=n_gpu_layers > 0, n_threads=n_threads)
         weights = Graph(max_tensors=len(specs) + 8)
         try:
-            tensors = {name: weights.new_tensor(stored[name].tensor_type.name, ne, name)
-                       for name, (ne, _) in specs.items()}
+            tensors = {name: weights.new_tensor(stored[name].type, ne, name) for name, (ne, _) in specs.items()}
             size = backend.alloc_tensors(weights)
+            data = np.memmap(p, dtype=np.uint8, mode="r")
             for name, t in tensors.items():
-                backend.set(t, stored[name].data)  # copies from the memory-mapped file
+                st = stored[name]
+                backend.set(t, data[st.offset : st.offset + st.n_bytes])  # copies from the mapped file
+            del data
         except BaseException:
             weights.close()
             backend.close()
             raise
-        del reader, stored  # drop the memory map: the weights live in the backend buffer now
         model = cls(p, config, backend, weights, tensors, batch_size)
         model.weights_bytes = size
         return model

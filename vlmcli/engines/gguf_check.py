@@ -183,9 +183,9 @@ def inspect_gguf(path: str | os.PathLike[str], keep_string_arrays: bool = False)
     return GgufInfo(path=p, arch=arch, kind=kind, n_tensors=len(tensors), file_type=file_type, metadata=meta, tensors=tensors)
 
 
-def require_kind(path: str | os.PathLike[str], kind: ModelKind) -> GgufInfo:
+def require_kind(path: str | os.PathLike[str], kind: ModelKind, keep_string_arrays: bool = False) -> GgufInfo:
     """inspect_gguf, and refuse a file of the wrong kind (a text model passed as mmproj and the reverse)."""
-    info = inspect_gguf(path)
+    info = inspect_gguf(path, keep_string_arrays)
     if info.kind != kind:
         raise ModelError(f"this is {KIND_NAMES[info.kind]}, expected {KIND_NAMES[kind]}", path)
     return info
