@@ -2,7 +2,7 @@
 
     python scripts/convert/clip.py CHECKPOINT_DIR --out DIR [--quant F16|F32|Q8_0|Q5_1|Q4_1]
 
-Layout (see /work/shared/MODELS.md and docs): arch "clip" with both encoders, hyper-parameters under
+Layout (clip.cpp's legacy two-tower one; see the README): arch "clip" with both encoders, hyper-parameters under
 clip.text.* / clip.vision.*, clip.logit_scale (the stored log value), the full CLIP BPE vocabulary and
 merges under tokenizer.ggml.*, tensors t.* (text), v.* (vision), text_projection / visual_projection.
 The legacy naming quirk is kept for compatibility with clip.cpp readers: HF `mlp.fc1` (the first,

@@ -1,8 +1,8 @@
 """CLIP's two towers (ViT image encoder, causal text encoder) as ggml graphs.
 
-The GGUF layout is clip.cpp's legacy two-tower one (see /work/CLIP_CONTRACT.md and MODELS.md): note
-that HF `mlp.fc1` is stored as `ffn_down` and `fc2` as `ffn_up`. Weights are read with gguf's
-memory-mapped reader, copied once into a ggml backend buffer, and every call builds a small graph
+The GGUF layout is clip.cpp's legacy two-tower one (written by scripts/convert/clip.py): note
+that HF `mlp.fc1` is stored as `ffn_down` and `fc2` as `ffn_up`. Weights are located by
+gguf_check's header parser, copied once from a memory map into a ggml backend buffer, and every call builds a small graph
 for a batch of images or texts; the graph allocator's buffer is reused across calls.
 
 Shapes in comments are ggml order (innermost first): x [D, T, N] is N sequences of T tokens of width D.
