@@ -1,0 +1,343 @@
+"""The Python side of the C API in plain Python types: handles, options and the calls.
+
+`exports.py` converts C arguments into these types and results back; everything here runs the
+same tasks and engines as the CLI (vlmcli.tasks.*, vlmcli.engines.*), so the C API gives the
+CLI's answers. Errors are CapiError(status, message), status being a vlm_status of vlm.h.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from vlmcli.errors import ImageError, ModelError, VlmError
+from vlmcli.images import DEFAULT_MAX_PIXELS
+
+# vlm_status (vlm.h)
+OK = 0
+E_INVALID_ARGUMENT = -1
+E_INVALID_HANDLE = -2
+E_BUFFER_TOO_SMALL = -3
+E_ABI_MISMATCH = -4
+E_MODEL = -5
+E_IMAGE = -6
+E_WRONG_KIND = -7
+E_BUSY = -8
+E_FAILED = -9
+E_RUNTIME = -10
+
+ABI_VERSION = 1  # VLM_ABI_VERSION in vlm.h (a test checks they agree)
+KIND_VLM = 1
+KIND_CLIP = 2
+DETAILS = {0: "auto", 1: "low", 2: "high"}
+
+
+
+class CapiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def status_of(exc: BaseException) -> tuple[int, str]:
+    """The vlm_status and message for an exception raised while serving a call."""
+    if isinstance(exc, CapiError):
+        return exc.status, exc.message
+    if isinstance(exc, ImageError):
+        return E_IMAGE, str(exc)
+    if isinstance(exc, ModelError):
+        return E_MODEL, str(exc)
+    if isinstance(exc, VlmError):
+        return E_FAILED, str(exc)
+    if isinstance(exc, MemoryError):
+        return E_FAILED, "out of memory"
+    return E_RUNTIME, f"internal error: {type(exc).__name__}: {exc}"
+
+
+@dataclass
+class OpenOptions:
+    """vlm_options, validated; None / defaults are the CLI's defaults."""
+
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    n_ctx: int = 4096
+    seed: int = 0
+    max_tokens: int | None = None  # None: 256 for ask, 96 for caption (as the CLI)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    detail: str = "auto"
+
+    @classmethod
+    def from_c(
+        cls, abi_version: int, n_threads: int, n_gpu_layers: int, n_ctx: int, seed: int,
+        max_tokens: int, temperature: float, top_p: float, detail: int,
+    ) -> OpenOptions:
+        if abi_version != ABI_VERSION:
+            raise CapiError(
+                E_ABI_MISMATCH,
+                f"vlm_options.abi_version is {abi_version}, this library implements ABI {ABI_VERSION} "
+                "(set it to VLM_ABI_VERSION and compile against this library's vlm.h)",
+            )
+
+        def bad(what: str) -> CapiError:
+            return CapiError(E_INVALID_ARGUMENT, f"vlm_options.{what}")
+
+        if n_threads < 0:
+            raise bad(f"n_threads is {n_threads}; use 0 for all cores or a positive count")
+        if n_gpu_layers < -1:
+            raise bad(f"n_gpu_layers is {n_gpu_layers}; use -1 (all), 0 (none) or a positive count")
+        if n_ctx != 0 and n_ctx < 256:
+            raise bad(f"n_ctx is {n_ctx}; use 0 (4096) or at least 256")
+        if max_tokens < 0:
+            raise bad(f"max_tokens is {max_tokens}; use 0 (the default) or a positive count")
+        if not temperature >= 0.0:  # also refuses NaN
+            raise bad(f"temperature is {temperature}; use 0 (greedy) or more")
+        if not 0.0 <= top_p <= 1.0:
+            raise bad(f"top_p is {top_p}; use 0 (off) or a value in (0, 1]")
+        if detail not in DETAILS:
+            raise bad(f"detail is {detail}; use VLM_DETAIL_AUTO, VLM_DETAIL_LOW or VLM_DETAIL_HIGH")
+        return cls(
+            n_threads=n_threads or None,
+            n_gpu_layers=n_gpu_layers,
+            n_ctx=n_ctx or 4096,
+            seed=seed,
+            max_tokens=max_tokens or None,
+            temperature=float(temperature),
+            top_p=float(top_p) if top_p > 0 else 1.0,
+            detail=DETAILS[detail],
+        )
+
+
+@dataclass
+class Handle:
+    id: int
+    kind: str  # "vlm" | "clip"
+    engine: object  # VlmEngine | ClipModel
+    options: OpenOptions
+    name: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    owner: int | None = None  # the thread running a call on this handle
+    closed: bool = False
+    cache: dict[str, object] = field(default_factory=dict)  # per-model results worth keeping (label embeddings)
+
+    @property
+    def kind_code(self) -> int:
+        return KIND_VLM if self.kind == "vlm" else KIND_CLIP
+
+
+class HandleTable:
+    """Open models by integer id. Ids are never reused, so a closed handle stays detectably closed."""
+
+    def __init__(self) -> None:
+        self._handles: dict[int, Handle] = {}
+        self._lock = threading.Lock()
+        self._next_id = 1
+
+    def open(self, spec: str, options: OpenOptions) -> int:
+        kind, engine, name = open_model(spec, options)
+        with self._lock:
+            h = Handle(id=self._next_id, kind=kind, engine=engine, options=options, name=name)
+            self._next_id += 1
+            self._handles[h.id] = h
+        return h.id
+
+    def _get(self, hid: int) -> Handle:
+        h = self._handles.get(hid)
+        if h is None:
+            raise CapiError(E_INVALID_HANDLE, f"handle {hid} is not open (never opened, or closed)")
+        return h
+
+    def close(self, hid: int) -> None:
+        with self._lock:
+            h = self._get(hid)
+            if h.owner == threading.get_ident():
+                raise CapiError(E_BUSY, f"handle {hid} cannot be closed from inside one of its own calls")
+            del self._handles[hid]
+        with h.lock:  # waits for a call running in another thread
+            h.closed = True
+            h.engine.close()  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def use(self, hid: int, kind: str | None = None) -> Iterator[Handle]:
+        """Hold the handle for one call: calls on one handle run one at a time."""
+        with self._lock:
+            h = self._get(hid)
+        if h.owner == threading.get_ident():
+            raise CapiError(E_BUSY, f"handle {hid} is busy: called again from inside its own token callback")
+        if kind is not None and h.kind != kind:
+            what = {"vlm": "a SmolVLM2 (vision-language)", "clip": "a CLIP"}
+            raise CapiError(E_WRONG_KIND, f"handle {hid} holds {what[h.kind]} model; this call needs {what[kind]} model")
+        with h.lock:
+            if h.closed:
+                raise CapiError(E_INVALID_HANDLE, f"handle {hid} was closed")
+            h.owner = threading.get_ident()
+            try:
+                yield h
+            finally:
+                h.owner = None
+
+    def close_all(self) -> None:
+        for hid in list(self._handles):
+            with contextlib.suppress(CapiError):
+                self.close(hid)
+
+
+# ---- opening models --------------------------------------------------------------------------
+
+
+def detect_kind(spec: str) -> str | None:
+    """'vlm' or 'clip' for a GGUF file, a folder or a registered store name; None if unknown."""
+    from vlmcli.engines.gguf_check import inspect_gguf
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        kind = inspect_gguf(path).kind
+        if kind == "mmproj":
+            raise ModelError(
+                "this is a vision projector (mmproj); open the language model GGUF (with its mmproj "
+                "beside it) or the folder holding both",
+                path,
+            )
+        return "clip" if kind == "clip" else "vlm"
+    if path.is_dir():
+        ggufs = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
+        kinds = set()
+        for p in ggufs:
+            with contextlib.suppress(VlmError):
+                kinds.add(inspect_gguf(p).kind)
+        if "clip" in kinds and "llm" not in kinds:
+            return "clip"
+        if "llm" in kinds:
+            return "vlm"
+        return None
+    from vlmcli.store.registry import load_registry
+
+    entry = load_registry().get(spec.partition(":")[0].lower())
+    return entry.kind if entry is not None else None
+
+
+def open_model(spec: str, options: OpenOptions) -> tuple[str, object, str]:
+    """Resolve `spec` as `--model` does (store name, GGUF file or folder) and load it."""
+    from vlmcli.store.resolve import resolve_model
+
+    if not spec.strip():
+        raise CapiError(E_INVALID_ARGUMENT, "model is an empty string")
+    detected = detect_kind(spec)
+    kinds = [detected] if detected else ["vlm", "clip"]
+    first_error: VlmError | None = None
+    for kind in kinds:
+        try:
+            resolved = resolve_model(spec, kind)  # type: ignore[arg-type]
+            break
+        except ModelError as e:
+            first_error = first_error or e
+    else:
+        assert first_error is not None
+        raise first_error
+    if resolved.kind == "vlm":
+        from vlmcli.engines.llama import EngineOptions, VlmEngine
+
+        assert resolved.mmproj is not None
+        engine_options = EngineOptions(
+            n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers, n_ctx=options.n_ctx, detail=options.detail
+        )
+        return "vlm", VlmEngine(resolved.model, resolved.mmproj, engine_options), resolved.name
+    from vlmcli.engines.clip import ClipModel
+
+    model = ClipModel.load(resolved.model, n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers)
+    return "clip", model, resolved.name
+
+
+# ---- images ----------------------------------------------------------------------------------
+
+
+def image_from_rgb(data: bytes, width: int, height: int) -> Image.Image:
+    """Packed RGB8 pixels from a C caller, as the image the engines take."""
+    if width <= 0 or height <= 0:
+        raise CapiError(E_INVALID_ARGUMENT, f"image size {width}x{height}: width and height must be positive")
+    if width * height > DEFAULT_MAX_PIXELS:
+        raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, over the {DEFAULT_MAX_PIXELS:,} pixel limit")
+    if len(data) != width * height * 3:
+        raise CapiError(E_INVALID_ARGUMENT, f"{len(data)} bytes of pixels for a {width}x{height} RGB image")
+    return Image.frombytes("RGB", (width, height), data)
+
+
+# ---- SmolVLM2 --------------------------------------------------------------------------------
+
+
+def ask(handle: Handle, image: str | Image.Image, prompt: str | None, on_token: Callable[[str], bool | None] | None) -> str:
+    """`vlm ask IMAGE PROMPT` (or `vlm caption IMAGE` when prompt is None): the answer / caption text."""
+    from vlmcli.engines.llama import GenerationOptions
+    from vlmcli.tasks.ask import ask as ask_task
+    from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT
+
+    opts = handle.options
+    default_tokens = 256 if prompt is not None else DEFAULT_CAPTION_MAX_TOKENS
+    gen = GenerationOptions(
+        max_tokens=opts.max_tokens or default_tokens, temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed
+    )
+    text_prompt = prompt if prompt is not None else DEFAULT_CAPTION_PROMPT
+    engine = handle.engine
+    if isinstance(image, str):
+        text = ask_task(engine, image, [text_prompt], gen, on_token=on_token)[0].generation.text  # type: ignore[arg-type]
+    else:
+        text = next(iter(engine.ask(image, [text_prompt], gen, on_token))).text  # type: ignore[attr-defined]
+    # `vlm ask` gives the text as generated; `vlm caption` records it stripped.
+    return text if prompt is not None else text.strip()
+
+
+# ---- CLIP ------------------------------------------------------------------------------------
+
+
+def embedding_size(handle: Handle) -> int:
+    return int(handle.engine.config.projection_dim)  # type: ignore[attr-defined]
+
+
+def _pixels(handle: Handle, images: list[str | Image.Image]) -> np.ndarray:
+    """Preprocess images as `vlm embed` does: files through prepare_image, pixels through preprocess."""
+    from vlmcli.engines.clip_preprocess import preprocess
+    from vlmcli.tasks.embed import prepare_image
+
+    cfg = handle.engine.config  # type: ignore[attr-defined]
+    arrays = [
+        prepare_image(im, cfg) if isinstance(im, str) else preprocess(im, cfg.image_size, cfg.image_mean, cfg.image_std)
+        for im in images
+    ]
+    return np.stack(arrays)
+
+
+def embed_images(handle: Handle, images: list[str | Image.Image]) -> np.ndarray:
+    """(N, D) L2-normalised image embeddings, in the CLI's batches."""
+    from vlmcli.tasks.embed import DEFAULT_IMAGE_BATCH, embed_pixels
+
+    step = DEFAULT_IMAGE_BATCH
+    parts = [embed_pixels(handle.engine, _pixels(handle, images[i : i + step])) for i in range(0, len(images), step)]  # type: ignore[arg-type]
+    return np.concatenate(parts)
+
+
+def embed_texts(handle: Handle, texts: list[str]) -> np.ndarray:
+    """(N, D) L2-normalised text embeddings (texts over 77 tokens are truncated, as in the CLI)."""
+    from vlmcli.tasks.embed import embed_texts as embed_texts_task
+
+    return embed_texts_task(handle.engine, texts).vectors  # type: ignore[arg-type]
+
+
+def classify(handle: Handle, image: str | Image.Image, labels: list[str]) -> np.ndarray:
+    """Probabilities of each label (in the order given), as `vlm classify` computes them."""
+    from vlmcli.tasks.classify import encode_labels, label_probabilities
+    from vlmcli.tasks.embed import embed_pixels
+
+    key = tuple(labels)
+    cached = handle.cache.get("labels")
+    if cached is None or cached[0] != key:  # the same labels call after call: encode them once
+        cached = (key, encode_labels(handle.engine, labels))  # type: ignore[arg-type]
+        handle.cache["labels"] = cached
+    vectors = embed_pixels(handle.engine, _pixels(handle, [image]))  # type: ignore[arg-type]
+    return label_probabilities(vectors, cached[1])[0]
