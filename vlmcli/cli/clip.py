@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from vlmcli.cli.app import app, info, print_json, progress, stderr
-from vlmcli.errors import EXIT_ERROR, EXIT_PARTIAL, EXIT_USAGE, VlmError
+from vlmcli.cli import batch as batch_cli
+from vlmcli.cli.app import app, info
+from vlmcli.errors import EXIT_USAGE, VlmError
 from vlmcli.images import DEFAULT_MAX_PIXELS
+from vlmcli.tasks.batch import BatchSummary, ClipImageTask, ClipTextTask, classify_csv_row
 from vlmcli.tasks.classify import (
     Classification,
-    classify_images,
     encode_labels,
     parse_labels,
     read_labels_file,
     unique_labels,
 )
-from vlmcli.tasks.embed import DEFAULT_IMAGE_BATCH, Embedding, ImageFailure, embed_images, embed_texts
+from vlmcli.tasks.embed import DEFAULT_IMAGE_BATCH
+from vlmcli.tasks.records import JsonlSink, NpySink, Sink
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Store name (see `vlm models`), a CLIP .gguf file, or a folder holding one.")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores).")
@@ -70,15 +70,6 @@ def resolve_clip(spec: Optional[str], offline: bool) -> tuple[Path, str]:
     return Path(resolved.model), resolved.name
 
 
-def report_failure(failure: ImageFailure) -> None:
-    stderr.print(f"vlm: error: {failure.error}", markup=False, highlight=False, soft_wrap=True)
-
-
-def exit_for_failures(failed: int, total: int) -> None:
-    if failed:
-        raise typer.Exit(EXIT_PARTIAL if failed < total else EXIT_ERROR)
-
-
 def _stdout_console() -> Console:
     return Console(file=sys.stdout, highlight=False, soft_wrap=False)
 
@@ -95,16 +86,26 @@ def _print_table(console: Console, result: Classification) -> None:
     console.print(table)
 
 
+def _table_printer() -> Any:
+    console = _stdout_console()
+
+    def emit(record: dict[str, Any]) -> None:
+        labels = [(x["label"], float(x["score"])) for x in record.get("labels", [])]
+        _print_table(console, Classification(record["path"], labels))
+
+    return emit
+
+
 @app.command()
 def classify(
-    images: List[Path] = typer.Argument(..., help="Image files (JPEG, PNG, WebP, GIF, BMP, TIFF)."),
+    images: Optional[List[str]] = typer.Argument(None, help="Image files, folders (recursive), globs (quoted), or - for paths on stdin."),
     labels: Optional[str] = typer.Option(None, "--labels", "-l", help='Comma-separated labels, e.g. "cat,dog,car".'),
     labels_file: Optional[Path] = typer.Option(None, "--labels-file", help="File with one label per line (# comments)."),
     templates: Optional[List[str]] = typer.Option(
         None, "--template", "-t",
         help='Prompt with {} for the label (default "a photo of a {}."); repeat to ensemble several.'),
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Labels shown per image."),
-    json_out: bool = typer.Option(False, "--json", help="JSON lines: {path, model, labels: [{label, score}]}."),
+    json_out: bool = typer.Option(False, "--json", help="JSON lines: {path, model, label, score, labels: [{label, score}], ...}."),
     model: Optional[str] = ModelOpt,
     threads: Optional[int] = ThreadsOpt,
     batch_size: int = BatchOpt,
@@ -113,8 +114,17 @@ def classify(
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     verbose: bool = VerboseOpt,
+    out: Optional[str] = batch_cli.OutOpt,
+    format: Optional[str] = batch_cli.FormatOpt,
+    files_from: Optional[List[str]] = batch_cli.FilesFromOpt,
+    null: bool = batch_cli.NullOpt,
+    exclude: Optional[List[str]] = batch_cli.ExcludeOpt,
+    include_hidden: bool = batch_cli.HiddenOpt,
+    redo: bool = batch_cli.RedoOpt,
+    use_hash: bool = batch_cli.HashOpt,
+    quiet: bool = batch_cli.QuietOpt,
 ) -> None:
-    """Zero-shot classification: score each image against your labels (no training)."""
+    """Zero-shot classification: score each image against your labels (no training). Tables for named files, JSONL for folders, globs and lists."""
     if labels is None and labels_file is None:
         raise VlmError('give the labels: --labels "cat,dog,car" or --labels-file FILE', exit_code=EXIT_USAGE)
     wanted = parse_labels(labels) if labels is not None else []
@@ -123,6 +133,19 @@ def classify(
     wanted = unique_labels(wanted)
     if not wanted:
         raise VlmError("the label list is empty", labels_file, exit_code=EXIT_USAGE)
+    if not images and not files_from:
+        raise VlmError("give image files, folders, globs, - or --files-from", exit_code=EXIT_USAGE)
+    args = batch_cli.batch_args(
+        list(images or []), out, format, files_from, null, exclude, include_hidden, redo, use_hash, quiet, json=json_out
+    )
+    expansion = batch_cli.expand(args)
+    single = batch_cli.is_single(args, expansion)
+    sink = batch_cli.make_sink(
+        args, expansion, ("table", "jsonl", "csv"),
+        csv_columns=["label", "score", "top"], csv_row=classify_csv_row, table=_table_printer(),
+    )
+    if single:
+        batch_cli.check_single_image(expansion.paths[0], max_pixels)
 
     clip = LoadedClip(model, offline, threads, n_gpu_layers, device, verbose)
     label_set = encode_labels(clip.model, wanted, templates)
@@ -130,25 +153,12 @@ def classify(
         info(f"vlm: {len(wanted)} labels x {len(label_set.templates)} template(s)")
         for prompt in label_set.truncated_prompts:
             info(f"vlm: note: prompt truncated to {clip.model.config.context_length} tokens: {prompt}")
-
-    console = None if json_out else _stdout_console()
-    failed = 0
-    with progress(len(images), "classify") as bar:
-        for result in classify_images(clip.model, [str(p) for p in images], label_set, top_k, batch_size, max_pixels):
-            if isinstance(result, ImageFailure):
-                failed += 1
-                report_failure(result)
-                if json_out:
-                    print_json({"path": result.path, "model": clip.name, "error": result.message})
-            elif json_out:
-                print_json({"path": result.path, "model": clip.name,
-                            "labels": [{"label": lab, "score": s} for lab, s in result.labels]})
-            else:
-                _print_table(console, result)
-            if bar is not None:
-                bar.advance(bar.task_ids[0])
-    clip.model.close()
-    exit_for_failures(failed, len(images))
+    task = ClipImageTask(clip.model, "classify", batch_size, max_pixels, label_set, top_k, model_name=clip.name)
+    try:
+        summary = batch_cli.execute(task, args, expansion.paths, sink, single=single)
+    finally:
+        clip.model.close()
+    batch_cli.conclude("classify", summary, args, single)
 
 
 def _read_text_file(path: Path) -> list[str]:
@@ -161,21 +171,16 @@ def _read_text_file(path: Path) -> list[str]:
         raise VlmError(f"cannot read text file ({e})", path) from None
 
 
-def _write_npy(out: Path, vectors: np.ndarray) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "wb") as f:  # np.save(path) would add ".npy" to other names
-        np.save(f, np.ascontiguousarray(vectors, dtype=np.float32))
-
-
 @app.command()
 def embed(
-    images: Optional[List[Path]] = typer.Argument(None, help="Image files."),
+    images: Optional[List[str]] = typer.Argument(None, help="Image files, folders (recursive), globs (quoted), or - for paths on stdin."),
     texts: Optional[List[str]] = typer.Option(None, "--text", help="A text to embed (repeatable)."),
     text_file: Optional[Path] = typer.Option(None, "--text-file", help="File with one text per line."),
-    out: Optional[Path] = typer.Option(
+    out: Optional[str] = typer.Option(
         None, "--out", "-o",
-        help="Write an N x D float32 .npy here, plus OUT.jsonl lines {row, input, kind, model}; "
-             "without it, JSON lines with the vectors go to stdout."),
+        help="Write an N x D float32 .npy here, plus OUT.jsonl records {row, input, kind, path, model, ...} "
+             "(row null for a failed image); rerunning with it appends only what is missing. "
+             "Without it, JSON lines with the vectors go to stdout."),
     model: Optional[str] = ModelOpt,
     threads: Optional[int] = ThreadsOpt,
     batch_size: int = BatchOpt,
@@ -184,50 +189,55 @@ def embed(
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     verbose: bool = VerboseOpt,
+    files_from: Optional[List[str]] = batch_cli.FilesFromOpt,
+    null: bool = batch_cli.NullOpt,
+    exclude: Optional[List[str]] = batch_cli.ExcludeOpt,
+    include_hidden: bool = batch_cli.HiddenOpt,
+    redo: bool = batch_cli.RedoOpt,
+    use_hash: bool = batch_cli.HashOpt,
+    quiet: bool = batch_cli.QuietOpt,
 ) -> None:
     """CLIP embeddings (L2-normalised) of images and texts; rows: images first, then texts."""
-    image_paths = [str(p) for p in images or []]
     all_texts = list(texts or [])
     if text_file is not None:
         all_texts += _read_text_file(text_file)
-    if not image_paths and not all_texts:
+    if not images and not files_from and not all_texts:
         raise VlmError("nothing to embed: give image files, --text or --text-file", exit_code=EXIT_USAGE)
-    if out is not None and out.suffix.lower() == ".jsonl":
+    if out is not None and Path(out).suffix.lower() == ".jsonl":
         raise VlmError("--out is the .npy file (its .jsonl sidecar is written beside it)", out, exit_code=EXIT_USAGE)
+    args = batch_cli.batch_args(
+        list(images or []), out, "npy" if out and out != "-" else None, files_from, null, exclude, include_hidden,
+        redo, use_hash, quiet,
+    )
+    paths: list[str] = []
+    single = not images and not files_from  # texts only: no batch summary
+    if images or files_from:
+        expansion = batch_cli.expand(args)
+        paths = expansion.paths
+        single = not all_texts and batch_cli.is_single(args, expansion)
+        if single:
+            batch_cli.check_single_image(paths[0], max_pixels)
 
+    def sink() -> Sink:  # one per run_batch: a file sink reopens (and re-checks) the files
+        return NpySink(Path(out)) if out and out != "-" else stdout_sink
+
+    stdout_sink = JsonlSink(None, number_rows=True)
     clip = LoadedClip(model, offline, threads, n_gpu_layers, device, verbose)
-    rows: list[Embedding] = []
-    failed = 0
-
-    def emit(e: Embedding) -> None:
-        row = len(rows)
-        rows.append(e)
-        if out is None:
-            print_json({"row": row, "input": e.input, "kind": e.kind, "model": clip.name,
-                        "embedding": [float(x) for x in e.vector]})
-
-    with progress(len(image_paths), "embed") as bar:
-        for result in embed_images(clip.model, image_paths, batch_size, max_pixels):
-            if isinstance(result, ImageFailure):
-                failed += 1
-                report_failure(result)
-            else:
-                emit(result)
-            if bar is not None:
-                bar.advance(bar.task_ids[0])
-    if all_texts:
-        text_result = embed_texts(clip.model, all_texts)
-        for e in text_result.as_embeddings():
-            if e.truncated and verbose:
-                info(f"vlm: note: text truncated to {clip.model.config.context_length} tokens: {e.input}")
-            emit(e)
-    clip.model.close()
-
-    if out is not None and rows:
-        _write_npy(out, np.stack([e.vector for e in rows]))
-        sidecar = out.with_suffix(".jsonl")
-        lines = [json.dumps({"row": i, "input": e.input, "kind": e.kind, "model": clip.name}, ensure_ascii=False)
-                 for i, e in enumerate(rows)]
-        sidecar.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        info(f"vlm: wrote {len(rows)} x {rows[0].vector.shape[0]} embeddings to {out} (rows described in {sidecar})")
-    exit_for_failures(failed, len(image_paths) + len(all_texts))
+    image_task = ClipImageTask(clip.model, "embed", batch_size, max_pixels, model_name=clip.name)
+    summary = BatchSummary()
+    try:
+        if paths:
+            summary = batch_cli.execute(image_task, args, paths, sink(), single=single)
+        if all_texts and not summary.interrupted:
+            text_task = ClipTextTask(image_task)
+            text_args = batch_cli.BatchArgs(**{**args.__dict__, "redo": args.redo and not paths})
+            texts_summary = batch_cli.execute(text_task, text_args, all_texts, sink(), single=single)
+            summary = batch_cli.merge_summaries(summary, texts_summary)
+            if verbose:
+                for t in text_task.truncated:
+                    info(f"vlm: note: text truncated to {clip.model.config.context_length} tokens: {t}")
+    finally:
+        clip.model.close()
+    if out and out != "-" and not quiet and summary.done:
+        info(f"vlm: embeddings in {out} (rows described in {Path(out).with_suffix('.jsonl')})")
+    batch_cli.conclude("embed", summary, args, single)

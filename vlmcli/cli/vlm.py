@@ -8,13 +8,15 @@ from typing import List, Optional
 
 import typer
 
+from vlmcli.cli import batch as batch_cli
 from vlmcli.cli.app import app, info, print_json, stderr
 from vlmcli.engines.detail import validate as validate_detail
 from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
-from vlmcli.errors import EXIT_ERROR, EXIT_PARTIAL, VlmError
+from vlmcli.errors import VlmError
 from vlmcli.images import DEFAULT_MAX_PIXELS
 from vlmcli.tasks.ask import ask as ask_task
-from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT, caption as caption_task
+from vlmcli.tasks.batch import VlmTask, answers_text, caption_text
+from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT
 
 # Options shared by ask and caption (Typer has no option groups; these keep the two in step).
 ModelOpt = typer.Option(None, "--model", "-m", help="Store name (see `vlm models`), a GGUF file, or a folder holding the model and its mmproj.")
@@ -58,8 +60,8 @@ def open_vlm(
 
 @app.command()
 def ask(
-    image: Path = typer.Argument(..., help="Image file (JPEG, PNG, WebP, GIF, BMP, TIFF)."),
-    prompts: List[str] = typer.Argument(..., help="One or more questions; the image is encoded once for all."),
+    image: str = typer.Argument(..., help="Image file; or a folder, a glob, or - (paths on stdin) for batch mode."),
+    prompts: Optional[List[str]] = typer.Argument(None, help="One or more questions; the image is encoded once for all. With --files-from every argument is a question."),
     model: Optional[str] = ModelOpt,
     mmproj: Optional[str] = MmprojOpt,
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens to generate per answer."),
@@ -75,10 +77,48 @@ def ask(
     offline: bool = OfflineOpt,
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
+    out: Optional[str] = batch_cli.OutOpt,
+    format: Optional[str] = batch_cli.FormatOpt,
+    files_from: Optional[List[str]] = batch_cli.FilesFromOpt,
+    null: bool = batch_cli.NullOpt,
+    exclude: Optional[List[str]] = batch_cli.ExcludeOpt,
+    include_hidden: bool = batch_cli.HiddenOpt,
+    redo: bool = batch_cli.RedoOpt,
+    use_hash: bool = batch_cli.HashOpt,
+    quiet: bool = batch_cli.QuietOpt,
+    sidecar: bool = batch_cli.SidecarOpt,
+    overwrite: bool = batch_cli.OverwriteOpt,
 ) -> None:
-    """Ask SmolVLM2 about an image; the answer streams to stdout."""
+    """Ask SmolVLM2 about an image; the answer streams to stdout. Folders, globs and - give one JSONL record per image."""
+    questions = list(prompts or [])
+    inputs = [image]
+    if files_from:
+        questions.insert(0, image)
+        inputs = []
+    if not questions:
+        raise VlmError("give at least one question after the image", exit_code=2)
+    args = batch_cli.batch_args(
+        inputs, out, format, files_from, null, exclude, include_hidden, redo, use_hash, quiet, sidecar, overwrite, json_out
+    )
+    expansion = batch_cli.expand(args)
+    if sidecar and len(questions) != 1:
+        raise VlmError("--sidecar takes one question per image", exit_code=2)
+    sink = None
+    if not batch_cli.is_single(args, expansion):
+        sink = batch_cli.make_sink(args, expansion, ("jsonl", "text"), text=answers_text)
+    else:
+        batch_cli.check_single_image(expansion.paths[0], max_pixels)
     engine = open_vlm(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, verbose)
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if sink is None:
+        _ask_streaming(engine, Path(expansion.paths[0]), questions, gen, json_out, max_pixels)
+        return
+    task = VlmTask(engine, "ask", questions, gen, max_pixels)
+    batch_cli.run(task, args, expansion, sink, sidecar_text=answers_text)
+
+
+def _ask_streaming(engine: VlmEngine, image: Path, prompts: list[str], gen: GenerationOptions, json_out: bool, max_pixels: int) -> None:
+    """One image: answers stream to stdout as they are generated."""
     several = len(prompts) > 1
 
     def stream(piece: str) -> None:
@@ -104,7 +144,7 @@ def ask(
 
 @app.command()
 def caption(
-    images: List[Path] = typer.Argument(..., help="Image files."),
+    images: Optional[List[str]] = typer.Argument(None, help="Image files, folders (recursive), globs (quoted: \"photos/**/*.jpg\"), or - for paths on stdin."),
     prompt: str = typer.Option(DEFAULT_CAPTION_PROMPT, "--prompt", "-p", help="The instruction given with each image."),
     model: Optional[str] = ModelOpt,
     mmproj: Optional[str] = MmprojOpt,
@@ -121,23 +161,34 @@ def caption(
     offline: bool = OfflineOpt,
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
+    out: Optional[str] = batch_cli.OutOpt,
+    format: Optional[str] = batch_cli.FormatOpt,
+    files_from: Optional[List[str]] = batch_cli.FilesFromOpt,
+    null: bool = batch_cli.NullOpt,
+    exclude: Optional[List[str]] = batch_cli.ExcludeOpt,
+    include_hidden: bool = batch_cli.HiddenOpt,
+    redo: bool = batch_cli.RedoOpt,
+    use_hash: bool = batch_cli.HashOpt,
+    quiet: bool = batch_cli.QuietOpt,
+    sidecar: bool = batch_cli.SidecarOpt,
+    overwrite: bool = batch_cli.OverwriteOpt,
 ) -> None:
-    """Caption images: one line per image (`PATH<TAB>caption` when there are several), or JSONL."""
+    """Caption images: the caption of one image, `PATH<TAB>caption` for several named files, JSONL for folders, globs and lists."""
+    if not images and not files_from:
+        raise VlmError("give image files, folders, globs, - or --files-from", exit_code=2)
+    args = batch_cli.batch_args(
+        list(images or []), out, format, files_from, null, exclude, include_hidden, redo, use_hash, quiet, sidecar,
+        overwrite, json_out,
+    )
+    expansion = batch_cli.expand(args)
+    single = batch_cli.is_single(args, expansion)
+    sink = batch_cli.make_sink(
+        args, expansion, ("jsonl", "csv", "text"),
+        text=caption_text, csv_columns=["caption"], csv_row=lambda r: {"caption": caption_text(r) if not r.get("error") else ""},
+    )
+    if single:
+        batch_cli.check_single_image(expansion.paths[0], max_pixels)
     engine = open_vlm(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, verbose)
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    failed = 0
-    for path, result in caption_task(engine, images, prompt, gen, max_pixels=max_pixels):
-        if isinstance(result, VlmError):
-            failed += 1
-            stderr.print(f"vlm: error: {result}", markup=False, highlight=False, soft_wrap=True)
-            if json_out:
-                print_json({"path": path, "error": result.message})
-            continue
-        if json_out:
-            print_json(result.to_record())
-        else:
-            text = " ".join(result.generation.text.split())
-            sys.stdout.write(f"{path}\t{text}\n" if len(images) > 1 else f"{text}\n")
-            sys.stdout.flush()
-    if failed:
-        raise typer.Exit(EXIT_PARTIAL if failed < len(images) else EXIT_ERROR)
+    task = VlmTask(engine, "caption", [prompt], gen, max_pixels)
+    batch_cli.run(task, args, expansion, sink, sidecar_text=caption_text, single=single)

@@ -1,0 +1,108 @@
+"""The batch machinery with the real CLIP engine (tiny fixture): embed rows and classify records
+equal the CLIP tasks' own results, rows stay aligned with the metadata, texts resume too."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmcli.tasks.batch import BatchOptions, ClipImageTask, ClipTextTask, run_batch
+from vlmcli.tasks.records import JsonlSink, NpySink, read_jsonl
+
+
+@pytest.fixture(scope="module")
+def model(clip_gguf: Path):
+    from vlmcli.engines.clip import ClipModel
+
+    m = ClipModel.load(clip_gguf, n_threads=1)
+    yield m
+    m.close()
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> list[str]:
+    paths = []
+    for i in range(7):
+        p = tmp_path / "imgs" / f"{i}.jpg"
+        p.parent.mkdir(exist_ok=True)
+        rng = np.random.default_rng(i)
+        Image.fromarray((rng.random((90 + 10 * i, 120, 3)) * 255).astype(np.uint8)).save(p)
+        paths.append(str(p))
+    bad = tmp_path / "imgs" / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    paths.insert(3, str(bad))
+    return paths
+
+
+def opts(**kw) -> BatchOptions:
+    return BatchOptions(quiet=True, handle_sigint=False, **kw)
+
+
+def test_embed_rows_match_the_embed_task_and_stay_aligned(model, images, tmp_path: Path) -> None:
+    from vlmcli.tasks.embed import Embedding, embed_images
+
+    npy = tmp_path / "emb.npy"
+    s = run_batch(ClipImageTask(model, "embed", batch_size=3), images[:5], NpySink(npy), opts())
+    assert (s.done, s.failed) == (4, 1)
+    s = run_batch(ClipImageTask(model, "embed", batch_size=3), images, NpySink(npy), opts())
+    assert (s.done, s.skipped, s.failed) == (3, 4, 1)
+    arr = np.load(npy)
+    meta = read_jsonl(tmp_path / "emb.jsonl")
+    expected = {e.input: e.vector for e in embed_images(model, images, batch_size=2) if isinstance(e, Embedding)}
+    assert arr.shape == (7, model.config.projection_dim)
+    rows = [m for m in meta if m["row"] is not None]
+    assert sorted(m["path"] for m in rows) == sorted(expected)
+    assert [m for m in meta if m["row"] is None] == [m for m in meta if "error" in m]
+    assert len([m for m in meta if "error" in m]) == 1  # the retried failure replaced its old record
+    for m in rows:
+        assert m["kind"] == "image" and m["input"] == m["path"] and m["quant"] == model.config.file_type
+        np.testing.assert_allclose(arr[m["row"]], expected[m["path"]], atol=1e-5)
+
+
+def test_texts_append_to_the_same_matrix_and_resume(model, images, tmp_path: Path) -> None:
+    from vlmcli.tasks.embed import embed_texts
+
+    npy = tmp_path / "emb.npy"
+    image_task = ClipImageTask(model, "embed", batch_size=4)
+    texts = ["a photo of a cat", "a dog", "x " * 100]
+    run_batch(image_task, images[:2], NpySink(npy), opts())
+    s = run_batch(ClipTextTask(image_task), texts, NpySink(npy), opts())
+    assert s.done == 3
+    s = run_batch(ClipTextTask(image_task), texts + ["new"], NpySink(npy), opts())
+    assert (s.done, s.skipped) == (1, 3)
+    arr, meta = np.load(npy), read_jsonl(tmp_path / "emb.jsonl")
+    assert [m["kind"] for m in meta] == ["image", "image", "text", "text", "text", "text"]
+    assert [m["row"] for m in meta] == list(range(6))
+    want = embed_texts(model, texts + ["new"]).vectors
+    np.testing.assert_allclose(arr[2:], want, atol=1e-5)
+    assert meta[4]["truncated"] is True
+
+
+def test_classify_records_match_the_classify_task(model, images, tmp_path: Path) -> None:
+    from vlmcli.tasks.classify import Classification, classify_images, encode_labels
+
+    labels = encode_labels(model, ["cat", "dog", "car", "tree"])
+    out = tmp_path / "c.jsonl"
+    s = run_batch(ClipImageTask(model, "classify", batch_size=3, labels=labels, top_k=2), images, JsonlSink(out), opts())
+    assert (s.done, s.failed) == (7, 1)
+    recs = read_jsonl(out)
+    expected = list(classify_images(model, images, labels, k=2, batch_size=2))
+    assert [r["path"] for r in recs] == images
+    for rec, exp in zip(recs, expected):
+        if isinstance(exp, Classification):
+            assert [x["label"] for x in rec["labels"]] == [lab for lab, _ in exp.labels]
+            np.testing.assert_allclose([x["score"] for x in rec["labels"]], [p for _, p in exp.labels], atol=1e-5)
+            assert rec["label"] == exp.labels[0][0] and rec["candidates"] == ["cat", "dog", "car", "tree"]
+        else:
+            assert "error" in rec and "labels" not in rec
+    # Other labels are other task inputs: nothing is skipped.
+    other = encode_labels(model, ["cat", "dog"])
+    s = run_batch(ClipImageTask(model, "classify", labels=other), images, JsonlSink(out), opts())
+    assert s.skipped == 0 and s.done == 7
+    s = run_batch(ClipImageTask(model, "classify", labels=other), images, JsonlSink(out), opts())
+    assert s.skipped == 7 and s.done == 0
+    assert os.path.getsize(out) > 0

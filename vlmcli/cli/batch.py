@@ -1,0 +1,208 @@
+"""Batch options and output wiring shared by caption, ask, classify and embed.
+
+A command declares the options below in its signature (Typer has no shared option groups), builds
+`BatchArgs` from them, expands the inputs with `expand`, loads its model once, and calls `run` with
+its BatchTask (vlmcli.tasks.batch) and how its records look as text / CSV.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from vlmcli.cli.app import info
+from vlmcli.errors import EXIT_OK, ImageError, VlmError
+from vlmcli.tasks.batch import BatchOptions, BatchSummary, BatchTask, exit_code, report_summary, run_batch
+from vlmcli.tasks.inputs import Expansion, InputSpec, expand_inputs
+from vlmcli.tasks.records import CallbackSink, CsvSink, JsonlSink, NpySink, NullSink, Record, Sidecars, Sink, TextSink
+
+OutOpt = typer.Option(None, "--out", "-o", help="Write records to this file (JSONL, .csv, or .npy for embed); rerunning with it skips images already done.")
+FormatOpt = typer.Option(None, "--format", "-f", help="Output format: jsonl, csv (caption, classify), text, npy (embed). Default: from --out's extension, else jsonl for folders/globs/lists and text for named files.")
+FilesFromOpt = typer.Option(None, "--files-from", help="Read image paths from this file, one per line ('-' = stdin).")
+NullOpt = typer.Option(False, "-0", "--null", help="Paths on stdin / in --files-from are NUL-separated (find -print0).")
+ExcludeOpt = typer.Option(None, "--exclude", help="Skip files and folders matching this glob (repeatable).")
+HiddenOpt = typer.Option(False, "--include-hidden", help="Also take hidden files and folders from folders and globs.")
+RedoOpt = typer.Option(False, "--redo", help="Process every image again, even if --out already has it.")
+HashOpt = typer.Option(False, "--hash", help="Recognise images already done by content (SHA-256) instead of path, size and mtime.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress and no summary on stderr (failures are still reported).")
+SidecarOpt = typer.Option(False, "--sidecar", help="Write IMAGE.txt next to each image (photo.jpg -> photo.txt); images that have one are skipped.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="With --sidecar: replace existing .txt files.")
+
+
+@dataclass
+class BatchArgs:
+    inputs: list[str]
+    out: Optional[str] = None
+    format: Optional[str] = None
+    files_from: list[str] = field(default_factory=list)
+    null: bool = False
+    exclude: list[str] = field(default_factory=list)
+    include_hidden: bool = False
+    redo: bool = False
+    use_hash: bool = False
+    quiet: bool = False
+    sidecar: bool = False
+    overwrite: bool = False
+    json: bool = False  # the older --json flag: JSONL on stdout
+
+
+def expand(args: BatchArgs) -> Expansion:
+    """The image paths to process; warnings go to stderr, no images at all is an error."""
+    spec = InputSpec(list(args.inputs), list(args.files_from or []), args.null, list(args.exclude or []), args.include_hidden)
+    expansion = expand_inputs(spec, stdin=sys.stdin.buffer if sys.stdin is not None else None)
+    for w in expansion.warnings:
+        info(f"vlm: warning: {w}")
+    if not expansion.paths:
+        sources = [*args.inputs, *(args.files_from or [])]
+        where = sources[0] if len(sources) == 1 else None
+        raise VlmError("no images found (check the paths, patterns and --exclude)", where)
+    return expansion
+
+
+def check_single_image(path: str, max_pixels: int | None) -> None:
+    """A single named image is decoded before the model loads, so a bad file fails at once."""
+    from vlmcli.images import load_image
+
+    load_image(path, max_pixels=max_pixels)
+
+
+def is_single(args: BatchArgs, expansion: Expansion) -> bool:
+    """One named image and no batch output: the command's plain single-image behaviour."""
+    return (
+        not expansion.batch_like
+        and len(expansion.paths) == 1
+        and not args.out
+        and not args.sidecar
+        and (args.format in (None, "text", "table"))
+    )
+
+
+def output_format(args: BatchArgs, expansion: Expansion, allowed: tuple[str, ...]) -> str:
+    """--format, else from --out's extension, else JSONL for batch inputs and the command's own
+    display (the first of text / table in `allowed`) for named files."""
+    fmt = (args.format or "").lower() or None
+    if fmt is None:
+        display = next((f for f in allowed if f in ("text", "table")), "jsonl")
+        if args.json:
+            fmt = "jsonl"
+        elif args.out and args.out != "-":
+            suffix = Path(args.out).suffix.lower()
+            fmt = {".csv": "csv", ".npy": "npy", ".txt": "text"}.get(suffix, "jsonl")
+        else:
+            fmt = "jsonl" if expansion.batch_like else display
+    if fmt not in allowed:
+        raise VlmError(f"--format {fmt} is not available here (choose from {', '.join(allowed)})", exit_code=2)
+    if fmt in ("text", "table") and args.out and args.out != "-":
+        raise VlmError(f"--format {fmt} goes to stdout only; use jsonl or csv with --out", exit_code=2)
+    if fmt == "npy" and (not args.out or args.out == "-"):
+        raise VlmError("--format npy needs --out FILE.npy", exit_code=2)
+    return fmt
+
+
+def make_sink(
+    args: BatchArgs,
+    expansion: Expansion,
+    allowed: tuple[str, ...],
+    text: Callable[[Record], str] | None = None,
+    csv_columns: list[str] | None = None,
+    csv_row: Callable[[Record], dict[str, Any]] | None = None,
+    table: Callable[[Record], None] | None = None,
+    number_rows: bool = False,
+) -> Sink:
+    """The sink for the chosen format: JSONL / CSV / .npy files (resumable) or stdout."""
+    out = Path(args.out) if args.out and args.out != "-" else None
+    if args.sidecar and out is None and args.format is None and not args.json:
+        return NullSink()  # the sidecars are the output
+    fmt = output_format(args, expansion, allowed)
+    if fmt == "jsonl":
+        return JsonlSink(out, number_rows=number_rows and out is None)
+    if fmt == "csv":
+        assert csv_columns is not None and csv_row is not None
+        return CsvSink(out, csv_columns, csv_row)
+    if fmt == "npy":
+        assert out is not None
+        return NpySink(out)
+    if fmt == "table":
+        assert table is not None
+        return CallbackSink(table)
+    assert text is not None
+    return TextSink(text, with_path=not is_single(args, expansion))
+
+
+def execute(
+    task: BatchTask,
+    args: BatchArgs,
+    paths: list[str],
+    sink: Sink,
+    sidecar_text: Callable[[Record], str] | None = None,
+    single: bool = False,
+) -> BatchSummary:
+    """Run one batch (no summary, no exit): for commands that run several, e.g. embed's images then texts."""
+    sidecars = Sidecars(overwrite=args.overwrite) if args.sidecar else None
+    if sidecars is not None and sidecar_text is None:
+        raise VlmError(f"--sidecar is not available for {task.name}", exit_code=2)
+    options = BatchOptions(
+        redo=args.redo,
+        use_hash=args.use_hash,
+        sidecars=sidecars,
+        sidecar_text=sidecar_text,
+        quiet=args.quiet,
+        single=single,
+    )
+    return run_batch(task, paths, sink, options)
+
+
+def conclude(name: str, summary: BatchSummary, args: BatchArgs, single: bool = False) -> None:
+    """The summary line, then exit with the batch's status (a single image's failure is a plain error)."""
+    if single and summary.errors:
+        path, message = summary.errors[0]
+        raise ImageError(message, path)
+    report_summary(name, summary, BatchOptions(quiet=args.quiet, single=single))
+    code = exit_code(summary)
+    if code != EXIT_OK:
+        raise typer.Exit(code)
+
+
+def run(
+    task: BatchTask,
+    args: BatchArgs,
+    expansion: Expansion,
+    sink: Sink,
+    sidecar_text: Callable[[Record], str] | None = None,
+    single: bool = False,
+) -> None:
+    """Run the batch, print the summary, and exit with the batch's status."""
+    summary = execute(task, args, expansion.paths, sink, sidecar_text, single)
+    conclude(task.name, summary, args, single)
+
+
+def merge_summaries(a: BatchSummary, b: BatchSummary) -> BatchSummary:
+    return BatchSummary(
+        total=a.total + b.total, done=a.done + b.done, skipped=a.skipped + b.skipped, failed=a.failed + b.failed,
+        elapsed_s=a.elapsed_s + b.elapsed_s, interrupted=a.interrupted or b.interrupted, errors=a.errors + b.errors,
+    )
+
+
+def batch_args(
+    inputs: List[str],
+    out: Optional[str] = None,
+    format: Optional[str] = None,
+    files_from: Optional[List[str]] = None,
+    null: bool = False,
+    exclude: Optional[List[str]] = None,
+    include_hidden: bool = False,
+    redo: bool = False,
+    use_hash: bool = False,
+    quiet: bool = False,
+    sidecar: bool = False,
+    overwrite: bool = False,
+    json: bool = False,
+) -> BatchArgs:
+    return BatchArgs(
+        list(inputs), out, format, list(files_from or []), null, list(exclude or []), include_hidden, redo, use_hash,
+        quiet, sidecar, overwrite, json,
+    )
