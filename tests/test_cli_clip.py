@@ -220,12 +220,14 @@ def test_embed_npy_and_sidecar(clip_gguf: Path, images, tmp_path: Path) -> None:
     assert vectors.shape == (4, 32) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     meta = _json_lines(out.with_suffix(".jsonl").read_text(encoding="utf-8"))
-    assert meta == [
+    assert [{k: m[k] for k in ("row", "input", "kind", "model")} for m in meta if m["row"] is not None] == [
         {"row": 0, "input": str(images["cat"]), "kind": "image", "model": clip_gguf.stem},
         {"row": 1, "input": str(images["gradient"]), "kind": "image", "model": clip_gguf.stem},
         {"row": 2, "input": "a photo of a cat", "kind": "text", "model": clip_gguf.stem},
         {"row": 3, "input": LONG_TEXT, "kind": "text", "model": clip_gguf.stem},
     ]
+    failed = [m for m in meta if m["row"] is None]
+    assert len(failed) == 1 and failed[0]["input"] == str(images["bad"]) and failed[0]["error"]
     assert r.stdout == ""
     # the rows are what separate runs produce: image and text embedded on their own (JSONL on stdout)
     texts = tmp_path / "texts.txt"

@@ -14,6 +14,11 @@ from vlmcli.errors import ImageError
 # small PNG can decompress to gigabytes ("decompression bomb").
 DEFAULT_MAX_PIXELS = 64_000_000
 
+# load_image enforces the cap above per call, before decoding; Pillow's own process-wide limit
+# would refuse images the user allowed with --max-pixels (and changing it per call races between
+# decode threads), so it is switched off once here.
+Image.MAX_IMAGE_PIXELS = None
+
 SUPPORTED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
 
 # Leading bytes of the formats above, for picking images out of folders by content.
@@ -57,14 +62,8 @@ def load_image(
         raise ImageError("is a directory, not an image", p)
     try:
         with warnings.catch_warnings():
-            # We enforce our own cap below; Pillow's own bomb check would only warn or use its limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            saved = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
-            try:
-                im = Image.open(p)
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
+            im = Image.open(p)
             if im.format not in SUPPORTED_FORMATS:
                 raise ImageError(f"unsupported image format {im.format}", p)
             w, h = im.size

@@ -245,8 +245,10 @@ def open_model(spec: str, options: OpenOptions) -> tuple[str, object, str]:
         from vlmcli.engines.llama import EngineOptions, VlmEngine
 
         assert resolved.mmproj is not None
+        # VLM_DETAIL_AUTO (the default) defers to the registry's default for a store model, as the CLI does.
+        detail = options.detail if options.detail != "auto" else (resolved.detail or "auto")
         engine_options = EngineOptions(
-            n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers, n_ctx=options.n_ctx, detail=options.detail
+            n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers, n_ctx=options.n_ctx, detail=detail
         )
         return "vlm", VlmEngine(resolved.model, resolved.mmproj, engine_options), resolved.name
     from vlmcli.engines.clip import ClipModel

@@ -27,7 +27,7 @@ SeedOpt = typer.Option(0, "--seed", help="Random seed for sampling.")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores).")
 GpuOpt = typer.Option(0, "--n-gpu-layers", "-ngl", help="Layers to offload to the GPU (-1 = all).")
 CtxOpt = typer.Option(4096, "--ctx", min=256, help="Context size in tokens.")
-DetailOpt = typer.Option("auto", "--detail", help="Image detail: low (one 512 px view), high (full tiling), auto.")
+DetailOpt = typer.Option(None, "--detail", help="Image detail: low (one 512 px view), high (full tiling), auto (default, or the model's registry default).")
 MaxTilesOpt = typer.Option(None, "--max-tiles", min=0, help="Cap on image tiles (0 = overview only); overrides --detail.")
 MaxPixelsOpt = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard).")
 OfflineOpt = typer.Option(False, "--offline", help="Use only models already in the store (also HF_HUB_OFFLINE=1).")
@@ -42,16 +42,17 @@ def open_vlm(
     threads: Optional[int],
     n_gpu_layers: int,
     ctx: int,
-    detail: str,
+    detail: Optional[str],
     max_tiles: Optional[int],
     verbose: bool,
 ) -> VlmEngine:
     """Resolve --model (pulling a store model on first use) and load it."""
     from vlmcli.store.resolve import resolve_model
 
-    validate_detail(detail, max_tiles)
+    validate_detail(detail or "auto", max_tiles)
     resolved = resolve_model(model, "vlm", mmproj=mmproj, offline=offline or None, notify=info)
     assert resolved.mmproj is not None
+    detail = detail or resolved.detail or "auto"  # the option, else the registry's default for this model
     opts = EngineOptions(
         n_threads=threads, n_gpu_layers=n_gpu_layers, n_ctx=ctx, detail=detail, max_tiles=max_tiles, verbose=verbose
     )
@@ -71,7 +72,7 @@ def ask(
     threads: Optional[int] = ThreadsOpt,
     n_gpu_layers: int = GpuOpt,
     ctx: int = CtxOpt,
-    detail: str = DetailOpt,
+    detail: Optional[str] = DetailOpt,
     max_tiles: Optional[int] = MaxTilesOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
@@ -155,7 +156,7 @@ def caption(
     threads: Optional[int] = ThreadsOpt,
     n_gpu_layers: int = GpuOpt,
     ctx: int = CtxOpt,
-    detail: str = DetailOpt,
+    detail: Optional[str] = DetailOpt,
     max_tiles: Optional[int] = MaxTilesOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
