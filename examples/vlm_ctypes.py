@@ -34,6 +34,7 @@ class VlmOptions(ctypes.Structure):
         ("temperature", ctypes.c_float),
         ("top_p", ctypes.c_float),
         ("detail", ctypes.c_int32),
+        ("max_tiles", ctypes.c_int32),
     ]
 
 

@@ -7,7 +7,7 @@ use std::ptr;
 
 #[repr(C)]
 struct VlmOptions { abi_version: u32, n_threads: i32, n_gpu_layers: i32, n_ctx: i32, seed: u32,
-                    max_tokens: i32, temperature: f32, top_p: f32, detail: i32 }
+                    max_tokens: i32, temperature: f32, top_p: f32, detail: i32, max_tiles: i32 }
 #[repr(C)]
 struct VlmImage { path: *const c_char, rgb: *const u8, width: i32, height: i32 }
 
@@ -28,7 +28,7 @@ fn main() {
     let (model, image, prompt) = (CString::new(args[1].as_str()).unwrap(),
         CString::new(args[2].as_str()).unwrap(), CString::new(args[3].as_str()).unwrap());
     let opts = VlmOptions { abi_version: VLM_ABI_VERSION, n_threads: 0, n_gpu_layers: 0, n_ctx: 0, seed: 0,
-                            max_tokens: 32, temperature: 0.0, top_p: 0.0, detail: 0 };
+                            max_tokens: 32, temperature: 0.0, top_p: 0.0, detail: 0, max_tiles: 0 };
     unsafe {
         let h = vlm_open(model.as_ptr(), &opts);
         if h < 0 {

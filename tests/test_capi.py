@@ -218,6 +218,7 @@ def test_error_paths_and_buffers(c_harness: Path, vlm_model: Path, smolvlm2_gguf
     assert r["open_empty"][0] == E.E_INVALID_ARGUMENT
     assert r["open_abi"][0] == E.E_ABI_MISMATCH and "999" in r["open_abi"][1]
     assert r["open_bad_ctx"][0] == E.E_INVALID_ARGUMENT and "n_ctx" in r["open_bad_ctx"][1]
+    assert r["open_bad_tiles"][0] == E.E_INVALID_ARGUMENT and "max_tiles" in r["open_bad_tiles"][1]
     assert r["open_mmproj"][0] == E.E_MODEL and "projector" in r["open_mmproj"][1]
     assert r["kind_vlm"] == (E.OK, str(E.KIND_VLM))
     assert r["kind_clip"] == (E.OK, str(E.KIND_CLIP))
@@ -540,6 +541,8 @@ static int errors(char **a)
     h = vlm_open(vlm_model, &bad); put_err("open_abi", (int)h, 0);
     bad = o; bad.n_ctx = 5;
     h = vlm_open(vlm_model, &bad); put_err("open_bad_ctx", (int)h, 0);
+    bad = o; bad.max_tiles = -2;
+    h = vlm_open(vlm_model, &bad); put_err("open_bad_tiles", (int)h, 0);
     h = vlm_open(mmproj, &o); put_err("open_mmproj", (int)h, 0);
     /* the open failures above must not have replaced the first message in another thread's view */
     vlm_open("/nonexistent/model.gguf", &o);

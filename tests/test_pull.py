@@ -12,13 +12,11 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from fixtures.hub_server import (
-    CLIP_REPO,
     SMOLVLM2_GGUF_REPO,
     SMOLVLM2_REPO,
     FakeHub,

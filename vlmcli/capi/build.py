@@ -29,25 +29,6 @@ from vlmcli.errors import VlmError
 MODULE_NAME = "_vlm_capi"  # the Python module the library registers itself as
 HEADER_NAME = "vlm.h"
 
-# The Python side of each vlm_* function (vlm.h), called from glue.c. Exported by cffi as well,
-# under these internal names; the public API is only what vlm.h declares.
-PYTHON_FUNCTIONS = """
-int32_t _vlm_py_open(const char *model, const vlm_options *opts, vlm_handle *out, char *err);
-int32_t _vlm_py_close(vlm_handle h, char *err);
-int32_t _vlm_py_kind(vlm_handle h, int32_t *kind, char *err);
-int32_t _vlm_py_ask(vlm_handle h, const vlm_image *image, const char *prompt, int32_t caption,
-                    char *out, size_t out_size, size_t *needed,
-                    vlm_token_callback on_token, void *user_data, char *err);
-int32_t _vlm_py_embedding_size(vlm_handle h, size_t *dim, char *err);
-int32_t _vlm_py_embed_images(vlm_handle h, const vlm_image *images, size_t n, float *out,
-                             size_t out_len, size_t *needed, char *err);
-int32_t _vlm_py_embed_texts(vlm_handle h, const char *const *texts, size_t n, float *out,
-                            size_t out_len, size_t *needed, char *err);
-int32_t _vlm_py_classify(vlm_handle h, const vlm_image *image, const char *const *labels,
-                         size_t n_labels, float *scores, size_t scores_len, size_t *needed,
-                         char *err);
-"""
-
 # Run once, inside the embedded interpreter, on the first call into the library.
 INIT_CODE = """
 import sys
@@ -73,6 +54,15 @@ def library_filename() -> str:
 
 def capi_file(name: str) -> str:
     return resources.files("vlmcli.capi").joinpath(name).read_text(encoding="utf-8")
+
+
+def python_functions(glue: str) -> str:
+    """The prototypes of the Python side of each vlm_* function, declared once in glue.c (between
+    its python-functions markers); cffi exports them under these internal names."""
+    m = re.search(r"/\* python-functions-begin \*/(.*)/\* python-functions-end \*/", glue, re.S)
+    if not m:
+        raise VlmError("glue.c has no python-functions-begin / -end markers")
+    return m.group(1)
 
 
 def header_cdef(header: str) -> str:
@@ -137,8 +127,9 @@ def generate_source(c_file: Path) -> None:
     header = capi_file(HEADER_NAME)
     ffi = cffi.FFI()
     ffi.cdef(header_cdef(header))
-    ffi.embedding_api(PYTHON_FUNCTIONS)
-    ffi.set_source(MODULE_NAME, capi_file("glue.c"))
+    glue = capi_file("glue.c")
+    ffi.embedding_api(python_functions(glue))
+    ffi.set_source(MODULE_NAME, glue)
     ffi.embedding_init_code(INIT_CODE.format(paths=_python_paths(), module=MODULE_NAME))
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # cffi prints "generating ..."
         ffi.emit_c_code(str(c_file))

@@ -81,7 +81,7 @@ class _Exports:
             return runtime.OpenOptions()
         return runtime.OpenOptions.from_c(
             ptr.abi_version, ptr.n_threads, ptr.n_gpu_layers, ptr.n_ctx, ptr.seed,
-            ptr.max_tokens, ptr.temperature, ptr.top_p, ptr.detail,
+            ptr.max_tokens, ptr.temperature, ptr.top_p, ptr.detail, ptr.max_tiles,
         )
 
     # -- results -------------------------------------------------------------------------------

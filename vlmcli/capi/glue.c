@@ -26,6 +26,7 @@
 
 /* The Python functions (extern "Python", defined by cffi further down this file). Each returns a
  * status and writes its message into err[VLM_ERROR_MAX] on failure. */
+/* python-functions-begin */
 int32_t _vlm_py_open(const char *model, const vlm_options *opts, vlm_handle *out, char *err);
 int32_t _vlm_py_close(vlm_handle h, char *err);
 int32_t _vlm_py_kind(vlm_handle h, int32_t *kind, char *err);
@@ -40,6 +41,7 @@ int32_t _vlm_py_embed_texts(vlm_handle h, const char *const *texts, size_t n, fl
 int32_t _vlm_py_classify(vlm_handle h, const vlm_image *image, const char *const *labels,
                          size_t n_labels, float *scores, size_t scores_len, size_t *needed,
                          char *err);
+/* python-functions-end */
 
 /* ---- starting the embedded interpreter ---------------------------------------------------- */
 

@@ -73,11 +73,12 @@ class OpenOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     detail: str = "auto"
+    max_tiles: int | None = None
 
     @classmethod
     def from_c(
         cls, abi_version: int, n_threads: int, n_gpu_layers: int, n_ctx: int, seed: int,
-        max_tokens: int, temperature: float, top_p: float, detail: int,
+        max_tokens: int, temperature: float, top_p: float, detail: int, max_tiles: int = 0,
     ) -> OpenOptions:
         if abi_version != ABI_VERSION:
             raise CapiError(
@@ -103,6 +104,8 @@ class OpenOptions:
             raise bad(f"top_p is {top_p}; use 0 (off) or a value in (0, 1]")
         if detail not in DETAILS:
             raise bad(f"detail is {detail}; use VLM_DETAIL_AUTO, VLM_DETAIL_LOW or VLM_DETAIL_HIGH")
+        if max_tiles < 0:
+            raise bad(f"max_tiles is {max_tiles}; use 0 (no cap) or a positive count")
         return cls(
             n_threads=n_threads or None,
             n_gpu_layers=n_gpu_layers,
@@ -112,6 +115,7 @@ class OpenOptions:
             temperature=float(temperature),
             top_p=float(top_p) if top_p > 0 else 1.0,
             detail=DETAILS[detail],
+            max_tiles=max_tiles or None,
         )
 
 
@@ -248,7 +252,8 @@ def open_model(spec: str, options: OpenOptions) -> tuple[str, object, str]:
         # VLM_DETAIL_AUTO (the default) defers to the registry's default for a store model, as the CLI does.
         detail = options.detail if options.detail != "auto" else (resolved.detail or "auto")
         engine_options = EngineOptions(
-            n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers, n_ctx=options.n_ctx, detail=detail
+            n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers, n_ctx=options.n_ctx, detail=detail,
+            max_tiles=options.max_tiles,
         )
         return "vlm", VlmEngine(resolved.model, resolved.mmproj, engine_options), resolved.name
     from vlmcli.engines.clip import ClipModel

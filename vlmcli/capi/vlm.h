@@ -87,6 +87,7 @@ typedef struct vlm_options {
     float temperature;    /* 0 = greedy (deterministic) */
     float top_p;          /* nucleus sampling; 0 = 1.0 (off) */
     int32_t detail;       /* a vlm_detail */
+    int32_t max_tiles;    /* cap on image tiles, as `--max-tiles N` (overrides detail); 0 = no cap */
 } vlm_options;
 
 /* An input image: a file (any format `vlm` reads), or packed RGB8 pixels when path is NULL:
@@ -105,7 +106,7 @@ typedef int (*vlm_token_callback)(const char *piece, size_t len, void *user_data
 /* cdef-end */
 
 /* All defaults: vlm_options opts = VLM_OPTIONS_INIT; then change what you need. */
-#define VLM_OPTIONS_INIT {VLM_ABI_VERSION, 0, 0, 0, 0u, 0, 0.0f, 0.0f, VLM_DETAIL_AUTO}
+#define VLM_OPTIONS_INIT {VLM_ABI_VERSION, 0, 0, 0, 0u, 0, 0.0f, 0.0f, VLM_DETAIL_AUTO, 0}
 
 /* ---- version and errors -------------------------------------------------------------------- */
 

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from vlmcli.images import DEFAULT_MAX_PIXELS
+
 app = typer.Typer(
     name="vlm",
     help="Local vision-language inference: SmolVLM2 on llama.cpp, CLIP on ggml.",
@@ -19,6 +21,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+# Options every model command takes (command-specific ones live beside their commands).
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores).")
+MaxPixelsOpt = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard).")
+OfflineOpt = typer.Option(False, "--offline", help="Use only models already in the store (also HF_HUB_OFFLINE=1).")
 
 # Everything for humans goes to stderr; stdout carries only results.
 stderr = Console(stderr=True, highlight=False)

@@ -11,9 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vlmcli.cli import batch as batch_cli
-from vlmcli.cli.app import app, info
+from vlmcli.cli.app import MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info
 from vlmcli.errors import EXIT_USAGE, VlmError
-from vlmcli.images import DEFAULT_MAX_PIXELS
 from vlmcli.tasks.batch import BatchSummary, ClipImageTask, ClipTextTask, classify_csv_row
 from vlmcli.tasks.classify import (
     Classification,
@@ -26,12 +25,9 @@ from vlmcli.tasks.embed import DEFAULT_IMAGE_BATCH
 from vlmcli.tasks.records import JsonlSink, NpySink, Sink
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Store name (see `vlm models`), a CLIP .gguf file, or a folder holding one.")
-ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores).")
 BatchOpt = typer.Option(DEFAULT_IMAGE_BATCH, "--batch-size", "-b", min=1, help="Images encoded together.")
 GpuOpt = typer.Option(0, "--n-gpu-layers", "-ngl", help="Any value other than 0 puts the whole CLIP model on the GPU.")
 DeviceOpt = typer.Option(None, "--device", help="ggml device name (CPU, CUDA0, Vulkan0, ...).")
-MaxPixelsOpt = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard).")
-OfflineOpt = typer.Option(False, "--offline", help="Use only models already in the store (also HF_HUB_OFFLINE=1).")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Say more on stderr (model, truncated texts).")
 
 

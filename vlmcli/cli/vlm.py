@@ -9,11 +9,10 @@ from typing import List, Optional
 import typer
 
 from vlmcli.cli import batch as batch_cli
-from vlmcli.cli.app import app, info, print_json, stderr
+from vlmcli.cli.app import MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info, print_json, stderr
 from vlmcli.engines.detail import validate as validate_detail
 from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
 from vlmcli.errors import VlmError
-from vlmcli.images import DEFAULT_MAX_PIXELS
 from vlmcli.tasks.ask import ask as ask_task
 from vlmcli.tasks.batch import VlmTask, answers_text, caption_text
 from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT
@@ -24,13 +23,10 @@ MmprojOpt = typer.Option(None, "--mmproj", help="Vision projector GGUF (when --m
 TemperatureOpt = typer.Option(0.0, "--temperature", "-t", min=0.0, help="Sampling temperature; 0 = greedy (deterministic).")
 TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")
 SeedOpt = typer.Option(0, "--seed", help="Random seed for sampling.")
-ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores).")
 GpuOpt = typer.Option(0, "--n-gpu-layers", "-ngl", help="Layers to offload to the GPU (-1 = all).")
 CtxOpt = typer.Option(4096, "--ctx", min=256, help="Context size in tokens.")
 DetailOpt = typer.Option(None, "--detail", help="Image detail: low (one 512 px view), high (full tiling), auto (default, or the model's registry default).")
 MaxTilesOpt = typer.Option(None, "--max-tiles", min=0, help="Cap on image tiles (0 = overview only); overrides --detail.")
-MaxPixelsOpt = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard).")
-OfflineOpt = typer.Option(False, "--offline", help="Use only models already in the store (also HF_HUB_OFFLINE=1).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON records instead of text.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's own logs.")
 

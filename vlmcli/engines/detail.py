@@ -12,7 +12,6 @@ which dominates the cost on a CPU. Lower levels use what llama.cpp offers:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,12 +45,6 @@ class VisionGeometry:
             longest_edge=int(meta.get("clip.vision.preproc_image_size") or size),
         )
 
-    def full_tiles(self, width: int, height: int) -> int:
-        """Tiles mtmd cuts at full detail (the image scaled so its longest edge is longest_edge)."""
-        scale = self.longest_edge / max(width, height)
-        w, h = width * scale, height * scale
-        return math.ceil(round(w) / self.tile_size) * math.ceil(round(h) / self.tile_size)
-
 
 def validate(detail: str, max_tiles: int | None) -> None:
     if detail not in DETAIL_LEVELS:
@@ -76,5 +69,6 @@ def choose(
         return "low", 1
     if on_gpu:
         return "high", None
-    native = math.ceil(width / geo.tile_size) * math.ceil(height / geo.tile_size)
-    return "tiles", max(2, min(AUTO_CPU_MAX_TILES, native))
+    # One cap for every larger image: mtmd's cap shrinks the tiled area to fit it, so a photo only
+    # a little larger than a tile gets 2 tiles, and one engine needs a single mtmd context.
+    return "tiles", AUTO_CPU_MAX_TILES

@@ -22,7 +22,7 @@ from PIL import Image
 from vlmcli.engines import detail as detail_policy
 from vlmcli.engines.gguf_check import GgufInfo, require_kind
 from vlmcli.engines.llama_native import llama, mtmd, quiet_native_logs
-from vlmcli.engines.prompt import ChatPrompt, render_user_turn
+from vlmcli.engines.prompt import ChatPrompt
 from vlmcli.errors import ModelError, VlmError
 
 # Called with each piece of generated text; returning False stops generation.
@@ -158,8 +158,23 @@ class VlmEngine:
         self._batch = llama.llama_batch_init(self.options.n_batch, 0, 1)
         self.chat_template = _model_meta(model, "tokenizer.chat_template")
         self.eos_ids = self._special_ids()
-        # Open the default projector now, so a bad mmproj fails at load, not at the first image.
-        self._mtmd_context(-1)
+        # Open the projector now, so a bad mmproj fails at load, not at the first image; with the
+        # token cap this engine's detail setting uses most (each cap costs a copy of its weights).
+        self._mtmd_context(self._token_cap(self._usual_max_tiles()))
+
+    def _usual_max_tiles(self) -> int | None:
+        """The tile cap most images get under the configured detail (None = the model's full tiling)."""
+        o = self.options
+        if o.max_tiles is not None:
+            return max(1, o.max_tiles)
+        if o.detail == "low":
+            return 1
+        if o.detail == "high" or self.uses_gpu:
+            return None
+        return detail_policy.AUTO_CPU_MAX_TILES
+
+    def _token_cap(self, max_tiles: int | None) -> int:
+        return -1 if max_tiles is None else max_tiles * self.vision.tokens_per_tile
 
     def _mtmd_context(self, image_max_tokens: int) -> object:
         """mtmd contexts are created per token cap: the cap is a context parameter in llama.cpp."""
@@ -304,7 +319,10 @@ class VlmEngine:
         level, max_tiles = detail_policy.choose(
             image.width, image.height, self.vision, self.options.detail, self.options.max_tiles, self.uses_gpu
         )
-        cap = -1 if max_tiles is None else max(1, max_tiles) * self.vision.tokens_per_tile
+        cap = self._token_cap(max_tiles)
+        if level == "low" and cap not in self._mtmd:
+            # Only the overview is used, and every context makes the same one: reuse an open context.
+            cap = next(iter(self._mtmd))
         marker = mtmd.mtmd_default_marker().decode()
         chunks_ptr, chunks = self._tokenize_with_image(image, prefix_text + marker, cap)
         try:
