@@ -259,3 +259,10 @@ def test_wrong_model_file(images, tmp_path: Path) -> None:
     not_gguf.write_bytes(b"not a gguf at all")
     r = vlm("embed", "--text", "x", "--model", str(not_gguf), cwd=tmp_path)
     assert r.returncode == 1 and f"vlm: error: {not_gguf}:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_labels_are_printed_verbatim_not_as_markup(clip_gguf: Path, images) -> None:
+    # Rich would read "[/cat]" as a closing tag (and crash) and "[red]" as a style.
+    r = vlm("classify", str(images["cat"]), "--labels", "[/cat],[red]car,dog", "--model", str(clip_gguf))
+    assert r.returncode == 0, r.stderr
+    assert "[/cat]" in r.stdout and "[red]car" in r.stdout

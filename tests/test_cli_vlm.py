@@ -124,3 +124,9 @@ def test_prompt_longer_than_context(model_dir: Path) -> None:
 def test_debug_shows_the_traceback(model_dir: Path, tmp_path: Path) -> None:
     r = vlm("ask", str(tmp_path / "missing.jpg"), "q", "--model", str(model_dir), "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_questions_with_brackets_are_not_markup(model_dir: Path) -> None:
+    r = vlm("ask", str(SAMPLE), "what is [/x]?", "and [bold]?", "--model", str(model_dir), "-n", "2")
+    assert r.returncode == 0, r.stderr
+    assert "> what is [/x]?" in r.stderr and "> and [bold]?" in r.stderr

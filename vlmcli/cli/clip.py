@@ -9,6 +9,7 @@ from typing import Any, List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from vlmcli.cli import batch as batch_cli
 from vlmcli.cli.app import MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info
@@ -78,7 +79,7 @@ def _print_table(console: Console, result: Classification) -> None:
     table.add_column("label")
     table.add_column("score", justify="right")
     for rank, (label, score) in enumerate(result.labels, 1):
-        table.add_row(str(rank), label, f"{score:.4f}")
+        table.add_row(str(rank), Text(label), f"{score:.4f}")  # Text: labels are not rich markup
     console.print(table)
 
 

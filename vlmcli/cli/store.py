@@ -84,6 +84,7 @@ def models(
     json_out: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
 ) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from vlmcli.store.registry import load_registry
     from vlmcli.store.store import Store
@@ -130,7 +131,7 @@ def models(
                 _human_size(e.size_mb * 1e6 if e.size_mb else None),
                 e.license,
                 ", ".join(installed.get(e.name, [])),
-                e.description,
+                Text(e.description),
             )
         _stdout_console().print(table)
         info("* default quantization. Add your own models in " + " or ".join(str(p) for p in _user_registries()))
@@ -144,14 +145,14 @@ def models(
     if not found:
         info(f"no models installed in {store.root}; see `vlm models --available`, then `vlm pull NAME`")
         return
-    table = Table(title=f"Installed models ({store.root})", title_justify="left")
+    table = Table(title=Text(f"Installed models ({store.root})"), title_justify="left")
     for col in ("name", "kind", "quant", "size", "path", "revision"):
         table.add_column(col, overflow="fold" if col == "path" else "ellipsis")
     for m in found:
         commit = str(m.manifest.get("commit") or "")
         rev = str(m.manifest.get("revision") or "")
         shown = rev if not commit or rev == commit else f"{rev} ({commit[:12]})"
-        table.add_row(m.name, m.kind, m.quant, _human_size(m.size_bytes), str(m.path), shown)
+        table.add_row(m.name, m.kind, m.quant, _human_size(m.size_bytes), Text(str(m.path)), shown)
     _stdout_console().print(table)
 
 

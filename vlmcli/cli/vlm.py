@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.text import Text
 
 from vlmcli.cli import batch as batch_cli
 from vlmcli.cli.app import MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info, print_json, stderr
@@ -126,7 +127,7 @@ def _ask_streaming(engine: VlmEngine, image: Path, prompts: list[str], gen: Gene
         if several and not json_out:
             if i:
                 sys.stdout.write("\n")
-            stderr.print(f"[bold]> {prompts[i]}[/bold]")
+            stderr.print(Text(f"> {prompts[i]}", style="bold"))
 
     answers = ask_task(
         engine, image, prompts, gen, on_token=None if json_out else stream, on_answer_start=start, max_pixels=max_pixels
