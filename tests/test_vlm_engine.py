@@ -148,3 +148,17 @@ def test_prompt_longer_than_context_is_refused(smolvlm2_gguf) -> None:
     with VlmEngine(smolvlm2_gguf.model, smolvlm2_gguf.mmproj, EngineOptions(n_ctx=256, detail="low")) as e:
         with pytest.raises(VlmError, match="context"):
             next(e.ask(load_image(SAMPLE), ["word " * 400], GenerationOptions(max_tokens=4)))
+
+
+def test_projector_of_another_model_is_refused(smolvlm2_gguf, tmp_path: Path) -> None:
+    from fixtures.smolvlm2 import build_smolvlm2_checkpoint, make_config
+
+    from vlmcli.convert.smolvlm2 import convert_smolvlm2
+    from vlmcli.errors import ModelError
+
+    config = make_config(size="tiny")
+    config["text_config"]["hidden_size"] = 128  # a wider text model: its projector makes 128-wide rows
+    wider = convert_smolvlm2(build_smolvlm2_checkpoint(tmp_path / "SmolVLM2-wide", config, size="real"), tmp_path / "out", quant="F16")
+    with pytest.raises(ModelError, match="not a pair") as e:
+        VlmEngine(smolvlm2_gguf.model, wider.mmproj)
+    assert str(wider.mmproj) in str(e.value)

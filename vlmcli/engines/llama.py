@@ -120,13 +120,13 @@ class VlmEngine:
         # Check both files before llama.cpp sees them: it aborts the process on some bad files.
         self.model_info: GgufInfo = require_kind(self.model_path, "llm")
         self.mmproj_info: GgufInfo = require_kind(self.mmproj_path, "mmproj")
+        self._check_pair()
         self.vision = detail_policy.VisionGeometry.from_mmproj(self.mmproj_info.metadata)
         self.n_threads = self.options.n_threads or os.cpu_count() or 1
         self._model = None
         self._ctx = None
         self._mtmd: dict[int, object] = {}  # image_max_tokens (-1 = model default) -> mtmd context
         self._batch = None
-        self._cached_prefix: tuple[object, int, int, ImageEncoding, float] | None = None
         t0 = time.perf_counter()
         if not self.options.verbose:
             quiet_native_logs()
@@ -134,6 +134,17 @@ class VlmEngine:
         self.load_ms = (time.perf_counter() - t0) * 1000
 
     # -- loading -------------------------------------------------------------------------------
+
+    def _check_pair(self) -> None:
+        """The projector must feed embeddings as wide as the model's (mtmd only says "failed")."""
+        width = self.model_info.metadata.get(f"{self.model_info.arch}.embedding_length")
+        proj = self.mmproj_info.metadata.get("clip.vision.projection_dim")
+        if width and proj and width != proj:
+            raise ModelError(
+                f"this projector makes {proj}-wide embeddings but {self.model_path.name} takes {width}: "
+                "they are not a pair (use the mmproj released with the model)",
+                self.mmproj_path,
+            )
 
     def _load(self) -> None:
         mparams = llama.llama_model_default_params()
@@ -210,7 +221,6 @@ class VlmEngine:
         return self.options.n_gpu_layers != 0 and bool(llama.llama_supports_gpu_offload())
 
     def close(self) -> None:
-        self._cached_prefix = None
         for ctx in self._mtmd.values():
             mtmd.mtmd_free(ctx)
         self._mtmd.clear()
