@@ -250,6 +250,25 @@ class Sink:
         pass
 
 
+class LineSink(Sink):
+    """A sink of text lines: appended to its file (resumable) or written to a stream (stdout)."""
+
+    _file: LineFile | None
+    stream: IO[str] | None
+
+    def _emit(self, data: bytes) -> None:
+        if self._file is not None:
+            self._file.append(data)
+        else:
+            stream = self.stream or sys.stdout
+            stream.write(data.decode("utf-8", "surrogateescape"))
+            stream.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 def to_json_line(record: Record) -> bytes:
     return (json.dumps(_jsonable(record), ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape")
 
@@ -279,7 +298,7 @@ def read_jsonl(path: Path) -> list[Record]:
     return out
 
 
-class JsonlSink(Sink):
+class JsonlSink(LineSink):
     """JSON lines to a file (resumable) or to stdout."""
 
     def __init__(self, path: Path | None, stream: IO[str] | None = None, number_rows: bool = False):
@@ -313,17 +332,7 @@ class JsonlSink(Sink):
                 if not r.get("error"):
                     r["row"] = self._row
                     self._row += 1
-        data = b"".join(to_json_line(r) for r in records)
-        if self._file is not None:
-            self._file.append(data)
-        else:
-            stream = self.stream or sys.stdout
-            stream.write(data.decode("utf-8", "surrogateescape"))
-            stream.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        self._emit(b"".join(to_json_line(r) for r in records))
 
 
 # CSV keeps the columns a person wants first, then what resume needs.
@@ -331,7 +340,7 @@ CSV_TRAILER = ["error", "model", "quant", "settings", "size", "mtime_ns", "sha25
 CSV_TERMINATOR = "\r\n"
 
 
-class CsvSink(Sink):
+class CsvSink(LineSink):
     """CSV rows (caption, classify). Fields never hold "\\r\\n", so a row ends at the first "\\r\\n"."""
 
     def __init__(
@@ -423,17 +432,7 @@ class CsvSink(Sink):
     def write_batch(self, records: list[Record]) -> None:
         if not records:
             return
-        data = self._encode_rows(records)
-        if self._file is not None:
-            self._file.append(data)
-        else:
-            stream = self.stream or sys.stdout
-            stream.write(data.decode("utf-8", "surrogateescape"))
-            stream.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        self._emit(self._encode_rows(records))
 
 
 def _csv_cell(v: Any) -> Any:
