@@ -100,22 +100,24 @@ class _Excluder:
         return any(fnmatch.fnmatchcase(norm, p) or fnmatch.fnmatchcase(path, p) for p in self.path_patterns)
 
 
+def _entries_once(folder: str, seen_dirs: set[tuple[int, int]]) -> list[os.DirEntry[str]]:
+    """A folder's entries in name order; none if it cannot be read or was entered before (through
+    another path or a symlink loop: folders are known by device and inode)."""
+    try:
+        st = os.stat(folder)
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs:
+            return []
+        seen_dirs.add(key)
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError:
+        return []
+
+
 def walk_folder(root: str, include_hidden: bool, excluded: _Excluder, seen_dirs: set[tuple[int, int]]) -> Iterator[str]:
     """Image files under root, depth first in sorted order, each folder once (symlink-loop safe)."""
-    try:
-        st = os.stat(root)
-    except OSError:
-        return
-    key = (st.st_dev, st.st_ino)
-    if key in seen_dirs:
-        return
-    seen_dirs.add(key)
-    try:
-        with os.scandir(root) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError:
-        return
-    for entry in entries:
+    for entry in _entries_once(root, seen_dirs):
         if not include_hidden and is_hidden(entry.name):
             continue
         path = os.path.join(root, entry.name)
@@ -176,20 +178,7 @@ def expand_glob(pattern: str, include_hidden: bool, excluded: _Excluder, seen_di
         root = os.sep
 
     def walk(folder: str, rel: list[str]) -> Iterator[str]:
-        try:
-            st = os.stat(folder or ".")
-        except OSError:
-            return
-        key = (st.st_dev, st.st_ino)
-        if key in seen_dirs:
-            return
-        seen_dirs.add(key)
-        try:
-            with os.scandir(folder or ".") as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            return
-        for entry in entries:
+        for entry in _entries_once(folder or ".", seen_dirs):
             if not include_hidden and is_hidden(entry.name):
                 continue
             path = os.path.join(folder, entry.name) if folder else entry.name
