@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
 
-import click
 import typer
 
 from vlmcli.cli.app import app, stderr
@@ -21,14 +21,25 @@ from vlmcli.cli import lib as _lib  # noqa: E402,F401  lib build
 
 __all__ = ["app", "main"]
 
-# Newer Typer releases carry their own copy of Click: catch the exceptions of both.
-try:
-    from typer._click import exceptions as _typer_click
-except ImportError:  # older Typer: plain Click
-    _typer_click = click.exceptions
-_EXIT = (click.exceptions.Exit, typer.Exit)
-_ABORT = (click.exceptions.Abort, typer.Abort, KeyboardInterrupt)
-_USAGE = (click.ClickException, _typer_click.ClickException)
+
+def _cli_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(exit, abort, usage-error) exception types. Newer Typer releases carry their own copy of
+    Click (and no longer depend on Click itself); older ones raise Click's: catch whichever exist."""
+    exits: list[type] = [typer.Exit]
+    aborts: list[type] = [typer.Abort, KeyboardInterrupt]
+    usage: list[type] = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(mod.ClickException)
+        exits += [mod.Exit] if hasattr(mod, "Exit") else []
+        aborts += [mod.Abort] if hasattr(mod, "Abort") else []
+    return tuple(exits), tuple(aborts), tuple(usage)
+
+
+_EXIT, _ABORT, _USAGE = _cli_exceptions()
 
 
 def _fail(message: str, code: int) -> None:
