@@ -27,6 +27,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script from a source tree (sys.path[0] is this folder)
+    import _script
+
+    _script.make_vlmcli_convert_importable()
+
 from vlmcli.errors import ModelError, VlmError
 
 QUANT_TYPES = ("F32", "F16", "Q8_0", "Q5_1", "Q4_1")

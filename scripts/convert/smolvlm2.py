@@ -25,16 +25,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script from a source tree: make vlmcli.convert importable
-    import importlib.util
+if __package__ in (None, ""):  # run as a script from a source tree (sys.path[0] is this folder)
+    import _script
 
-    _here = Path(__file__).resolve().parent
-    sys.path.insert(0, str(_here.parents[1]))
-    if importlib.util.find_spec("vlmcli.convert") is None:  # not installed: map it to this folder
-        _spec = importlib.util.spec_from_file_location("vlmcli.convert", _here / "__init__.py", submodule_search_locations=[str(_here)])
-        assert _spec is not None and _spec.loader is not None
-        sys.modules["vlmcli.convert"] = importlib.util.module_from_spec(_spec)
-        _spec.loader.exec_module(sys.modules["vlmcli.convert"])
+    _script.make_vlmcli_convert_importable()
 
 import gguf
 
