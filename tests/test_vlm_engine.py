@@ -162,3 +162,10 @@ def test_projector_of_another_model_is_refused(smolvlm2_gguf, tmp_path: Path) ->
     with pytest.raises(ModelError, match="not a pair") as e:
         VlmEngine(smolvlm2_gguf.model, wider.mmproj)
     assert str(wider.mmproj) in str(e.value)
+
+
+def test_encode_progress_counts_every_encoder_pass(engines) -> None:
+    seen: list[tuple[int, int]] = []
+    g = next(engines("high").ask(load_image(SAMPLE), ["hi"], GenerationOptions(max_tokens=1), on_progress=lambda d, t: seen.append((d, t))))
+    total = g.image.encoder_passes
+    assert seen == [(i, total) for i in range(total + 1)]

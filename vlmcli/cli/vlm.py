@@ -10,7 +10,7 @@ import typer
 from rich.text import Text
 
 from vlmcli.cli import batch as batch_cli
-from vlmcli.cli.app import MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info, print_json, stderr
+from vlmcli.cli.app import MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info, print_json, stderr, stderr_is_terminal
 from vlmcli.engines.detail import validate as validate_detail
 from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
 from vlmcli.errors import VlmError
@@ -129,9 +129,26 @@ def _ask_streaming(engine: VlmEngine, image: Path, prompts: list[str], gen: Gene
                 sys.stdout.write("\n")
             stderr.print(Text(f"> {prompts[i]}", style="bold"))
 
-    answers = ask_task(
-        engine, image, prompts, gen, on_token=None if json_out else stream, on_answer_start=start, max_pixels=max_pixels
-    )
+    # The vision encoder can take many seconds before the first token: show it on a terminal.
+    status = stderr.status("encoding the image") if stderr_is_terminal() and not json_out else None
+
+    def encoding(done: int, total: int) -> None:
+        if status is None:
+            return
+        if done == 0:
+            status.start()
+        status.update(f"encoding the image: {done}/{total} views")
+        if done == total:
+            status.stop()
+
+    try:
+        answers = ask_task(
+            engine, image, prompts, gen, on_token=None if json_out else stream, on_answer_start=start,
+            max_pixels=max_pixels, on_progress=encoding,
+        )
+    finally:
+        if status is not None:
+            status.stop()
     for a in answers:
         if json_out:
             print_json(a.to_record())

@@ -27,6 +27,8 @@ from vlmcli.errors import ModelError, VlmError
 
 # Called with each piece of generated text; returning False stops generation.
 TokenCallback = Callable[[str], "bool | None"]
+# Called as the vision encoder works through an image: (passes done, passes in all).
+EncodeProgress = Callable[[int, int], None]
 
 
 @dataclass
@@ -324,7 +326,9 @@ class VlmEngine:
                 raise VlmError("unexpected non-image media chunk")
         return chunks_ptr, chunks
 
-    def _eval_image_prefix(self, image: Image.Image, prefix_text: str, timings: Timings) -> tuple[int, ImageEncoding]:
+    def _eval_image_prefix(
+        self, image: Image.Image, prefix_text: str, timings: Timings, on_progress: EncodeProgress | None = None
+    ) -> tuple[int, ImageEncoding]:
         """Evaluate the prompt up to (and including) the image; returns n_past and how the image went in."""
         level, max_tiles = detail_policy.choose(
             image.width, image.height, self.vision, self.options.detail, self.options.max_tiles, self.uses_gpu
@@ -360,6 +364,9 @@ class VlmEngine:
                     f"of {self.n_ctx} (raise --ctx or lower --detail)"
                 )
             n_past = 0
+            done = 0
+            if on_progress is not None:
+                on_progress(0, len(used))
             for c in seq:
                 if c.kind == "text":
                     t0 = time.perf_counter()
@@ -368,6 +375,9 @@ class VlmEngine:
                     timings.prefill_tokens += len(c.tokens)
                 else:
                     n_past = self._eval_image_chunk(c, n_past, timings, cap)
+                    done += 1
+                    if on_progress is not None:
+                        on_progress(done, len(used))
             enc = ImageEncoding(
                 width=image.width,
                 height=image.height,
@@ -408,6 +418,7 @@ class VlmEngine:
         prompts: list[str],
         options: GenerationOptions | None = None,
         on_token: TokenCallback | None = None,
+        on_progress: EncodeProgress | None = None,
     ) -> Iterator[Generation]:
         """Answer each prompt about one image. The image is encoded once; its KV cache is reused."""
         options = options or GenerationOptions()
@@ -415,7 +426,7 @@ class VlmEngine:
         first = Timings(load_ms=self.load_ms)
         memory = llama.llama_get_memory(self._ctx)
         llama.llama_memory_clear(memory, True)
-        n_prefix, enc = self._eval_image_prefix(image, chat.before_image, first)
+        n_prefix, enc = self._eval_image_prefix(image, chat.before_image, first, on_progress)
         for i, prompt in enumerate(prompts):
             timings = first if i == 0 else Timings()
             llama.llama_memory_seq_rm(memory, 0, n_prefix, -1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from vlmcli.engines.llama import Generation, GenerationOptions, TokenCallback, VlmEngine
+from vlmcli.engines.llama import EncodeProgress, Generation, GenerationOptions, TokenCallback, VlmEngine
 from vlmcli.images import DEFAULT_MAX_PIXELS, load_image
 
 
@@ -43,13 +43,14 @@ def ask(
     prompts: list[str],
     options: GenerationOptions | None = None,
     on_token: TokenCallback | None = None,
-    on_answer_start: "callable[[int], None] | None" = None,
+    on_answer_start: Callable[[int], None] | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    on_progress: EncodeProgress | None = None,
 ) -> list[Answer]:
     """Answer every prompt about one image; the image is decoded and encoded once."""
     image = load_image(image_path, max_pixels=max_pixels)
     answers = []
-    gens = engine.ask(image, prompts, options, on_token)
+    gens = engine.ask(image, prompts, options, on_token, on_progress)
     for i in range(len(prompts)):
         if on_answer_start is not None:
             on_answer_start(i)
