@@ -1,14 +1,17 @@
 """Batch options and output wiring shared by caption, ask, classify and embed.
 
-A command declares the options below in its signature (Typer has no shared option groups), builds
-`BatchArgs` from them, expands the inputs with `expand`, loads its model once, and calls `run` with
-its BatchTask (vlmcli.tasks.batch) and how its records look as text / CSV.
+A command takes the options below through `@with_batch_options()` (Typer has no shared option
+groups: the decorator adds them to the command's signature and hands them over as one `BatchArgs`),
+expands the inputs with `expand`, loads its model once, and calls `run` with its BatchTask
+(vlmcli.tasks.batch) and how its records look as text / CSV.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -33,6 +36,46 @@ SidecarOpt = typer.Option(False, "--sidecar", help="Write IMAGE.txt next to each
 OverwriteOpt = typer.Option(False, "--overwrite", help="With --sidecar: replace existing .txt files.")
 
 
+# Parameter name -> (type, option), in the order --help lists them.
+BATCH_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "out": (Optional[str], OutOpt),
+    "format": (Optional[str], FormatOpt),
+    "files_from": (Optional[List[str]], FilesFromOpt),
+    "null": (bool, NullOpt),
+    "exclude": (Optional[List[str]], ExcludeOpt),
+    "include_hidden": (bool, HiddenOpt),
+    "redo": (bool, RedoOpt),
+    "use_hash": (bool, HashOpt),
+    "quiet": (bool, QuietOpt),
+    "sidecar": (bool, SidecarOpt),
+    "overwrite": (bool, OverwriteOpt),
+}
+
+
+def with_batch_options(without: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the batch options (all but `without`); it receives them as `batch: BatchArgs`
+    (with no inputs yet: the command adds its own arguments with `batch.for_inputs(...)`)."""
+    names = [n for n in BATCH_OPTIONS if n not in without]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(command)
+        own = [p for p in signature.parameters.values() if p.name != "batch"]
+        added = [
+            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=BATCH_OPTIONS[n][1], annotation=BATCH_OPTIONS[n][0])
+            for n in names
+        ]
+
+        @functools.wraps(command)
+        def with_batch(**kwargs: Any) -> Any:
+            batch = batch_args([], **{n: kwargs.pop(n) for n in names})
+            return command(batch=batch, **kwargs)
+
+        with_batch.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
+        return with_batch
+
+    return decorate
+
+
 @dataclass
 class BatchArgs:
     inputs: list[str]
@@ -48,6 +91,9 @@ class BatchArgs:
     sidecar: bool = False
     overwrite: bool = False
     json: bool = False  # the older --json flag: JSONL on stdout
+
+    def for_inputs(self, inputs: List[str], **changes: Any) -> BatchArgs:
+        return replace(self, inputs=list(inputs), **changes)
 
 
 def expand(args: BatchArgs) -> Expansion:

@@ -94,6 +94,7 @@ def _table_printer() -> Any:
 
 
 @app.command()
+@batch_cli.with_batch_options(without=("sidecar", "overwrite"))
 def classify(
     images: Optional[List[str]] = typer.Argument(None, help="Image files, folders (recursive), globs (quoted), or - for paths on stdin."),
     labels: Optional[str] = typer.Option(None, "--labels", "-l", help='Comma-separated labels, e.g. "cat,dog,car".'),
@@ -111,15 +112,7 @@ def classify(
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     verbose: bool = VerboseOpt,
-    out: Optional[str] = batch_cli.OutOpt,
-    format: Optional[str] = batch_cli.FormatOpt,
-    files_from: Optional[List[str]] = batch_cli.FilesFromOpt,
-    null: bool = batch_cli.NullOpt,
-    exclude: Optional[List[str]] = batch_cli.ExcludeOpt,
-    include_hidden: bool = batch_cli.HiddenOpt,
-    redo: bool = batch_cli.RedoOpt,
-    use_hash: bool = batch_cli.HashOpt,
-    quiet: bool = batch_cli.QuietOpt,
+    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
 ) -> None:
     """Zero-shot classification: score each image against your labels (no training). Tables for named files, JSONL for folders, globs and lists."""
     if labels is None and labels_file is None:
@@ -130,11 +123,9 @@ def classify(
     wanted = unique_labels(wanted)
     if not wanted:
         raise VlmError("the label list is empty", labels_file, exit_code=EXIT_USAGE)
-    if not images and not files_from:
+    if not images and not batch.files_from:
         raise VlmError("give image files, folders, globs, - or --files-from", exit_code=EXIT_USAGE)
-    args = batch_cli.batch_args(
-        list(images or []), out, format, files_from, null, exclude, include_hidden, redo, use_hash, quiet, json=json_out
-    )
+    args = batch.for_inputs(list(images or []), json=json_out)
     expansion = batch_cli.expand(args)
     single = batch_cli.is_single(args, expansion)
     sink = batch_cli.make_sink(
@@ -169,6 +160,7 @@ def _read_text_file(path: Path) -> list[str]:
 
 
 @app.command()
+@batch_cli.with_batch_options(without=("out", "format", "sidecar", "overwrite"))  # --out is embed's own
 def embed(
     images: Optional[List[str]] = typer.Argument(None, help="Image files, folders (recursive), globs (quoted), or - for paths on stdin."),
     texts: Optional[List[str]] = typer.Option(None, "--text", help="A text to embed (repeatable)."),
@@ -186,29 +178,20 @@ def embed(
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     verbose: bool = VerboseOpt,
-    files_from: Optional[List[str]] = batch_cli.FilesFromOpt,
-    null: bool = batch_cli.NullOpt,
-    exclude: Optional[List[str]] = batch_cli.ExcludeOpt,
-    include_hidden: bool = batch_cli.HiddenOpt,
-    redo: bool = batch_cli.RedoOpt,
-    use_hash: bool = batch_cli.HashOpt,
-    quiet: bool = batch_cli.QuietOpt,
+    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
 ) -> None:
     """CLIP embeddings (L2-normalised) of images and texts; rows: images first, then texts."""
     all_texts = list(texts or [])
     if text_file is not None:
         all_texts += _read_text_file(text_file)
-    if not images and not files_from and not all_texts:
+    if not images and not batch.files_from and not all_texts:
         raise VlmError("nothing to embed: give image files, --text or --text-file", exit_code=EXIT_USAGE)
     if out is not None and Path(out).suffix.lower() == ".jsonl":
         raise VlmError("--out is the .npy file (its .jsonl sidecar is written beside it)", out, exit_code=EXIT_USAGE)
-    args = batch_cli.batch_args(
-        list(images or []), out, "npy" if out and out != "-" else None, files_from, null, exclude, include_hidden,
-        redo, use_hash, quiet,
-    )
+    args = batch.for_inputs(list(images or []), out=out, format="npy" if out and out != "-" else None)
     paths: list[str] = []
-    single = not images and not files_from  # texts only: no batch summary
-    if images or files_from:
+    single = not images and not args.files_from  # texts only: no batch summary
+    if images or args.files_from:
         expansion = batch_cli.expand(args)
         paths = expansion.paths
         single = not all_texts and batch_cli.is_single(args, expansion)
@@ -235,6 +218,6 @@ def embed(
                     info(f"vlm: note: text truncated to {clip.model.config.context_length} tokens: {t}")
     finally:
         clip.model.close()
-    if out and out != "-" and not quiet and summary.done:
+    if out and out != "-" and not args.quiet and summary.done:
         info(f"vlm: embeddings in {out} (rows described in {Path(out).with_suffix('.jsonl')})")
     batch_cli.conclude("embed", summary, args, single)

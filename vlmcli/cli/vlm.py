@@ -57,6 +57,7 @@ def open_vlm(
 
 
 @app.command()
+@batch_cli.with_batch_options()
 def ask(
     image: str = typer.Argument(..., help="Image file; or a folder, a glob, or - (paths on stdin) for batch mode."),
     prompts: Optional[List[str]] = typer.Argument(None, help="One or more questions; the image is encoded once for all. With --files-from every argument is a question."),
@@ -75,31 +76,19 @@ def ask(
     offline: bool = OfflineOpt,
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
-    out: Optional[str] = batch_cli.OutOpt,
-    format: Optional[str] = batch_cli.FormatOpt,
-    files_from: Optional[List[str]] = batch_cli.FilesFromOpt,
-    null: bool = batch_cli.NullOpt,
-    exclude: Optional[List[str]] = batch_cli.ExcludeOpt,
-    include_hidden: bool = batch_cli.HiddenOpt,
-    redo: bool = batch_cli.RedoOpt,
-    use_hash: bool = batch_cli.HashOpt,
-    quiet: bool = batch_cli.QuietOpt,
-    sidecar: bool = batch_cli.SidecarOpt,
-    overwrite: bool = batch_cli.OverwriteOpt,
+    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
 ) -> None:
     """Ask SmolVLM2 about an image; the answer streams to stdout. Folders, globs and - give one JSONL record per image."""
     questions = list(prompts or [])
     inputs = [image]
-    if files_from:
+    if batch.files_from:
         questions.insert(0, image)
         inputs = []
     if not questions:
         raise VlmError("give at least one question after the image", exit_code=2)
-    args = batch_cli.batch_args(
-        inputs, out, format, files_from, null, exclude, include_hidden, redo, use_hash, quiet, sidecar, overwrite, json_out
-    )
+    args = batch.for_inputs(inputs, json=json_out)
     expansion = batch_cli.expand(args)
-    if sidecar and len(questions) != 1:
+    if args.sidecar and len(questions) != 1:
         raise VlmError("--sidecar takes one question per image", exit_code=2)
     sink = None
     if not batch_cli.is_single(args, expansion):
@@ -158,6 +147,7 @@ def _ask_streaming(engine: VlmEngine, image: Path, prompts: list[str], gen: Gene
 
 
 @app.command()
+@batch_cli.with_batch_options()
 def caption(
     images: Optional[List[str]] = typer.Argument(None, help="Image files, folders (recursive), globs (quoted: \"photos/**/*.jpg\"), or - for paths on stdin."),
     prompt: str = typer.Option(DEFAULT_CAPTION_PROMPT, "--prompt", "-p", help="The instruction given with each image."),
@@ -176,25 +166,12 @@ def caption(
     offline: bool = OfflineOpt,
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
-    out: Optional[str] = batch_cli.OutOpt,
-    format: Optional[str] = batch_cli.FormatOpt,
-    files_from: Optional[List[str]] = batch_cli.FilesFromOpt,
-    null: bool = batch_cli.NullOpt,
-    exclude: Optional[List[str]] = batch_cli.ExcludeOpt,
-    include_hidden: bool = batch_cli.HiddenOpt,
-    redo: bool = batch_cli.RedoOpt,
-    use_hash: bool = batch_cli.HashOpt,
-    quiet: bool = batch_cli.QuietOpt,
-    sidecar: bool = batch_cli.SidecarOpt,
-    overwrite: bool = batch_cli.OverwriteOpt,
+    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
 ) -> None:
     """Caption images: the caption of one image, `PATH<TAB>caption` for several named files, JSONL for folders, globs and lists."""
-    if not images and not files_from:
+    if not images and not batch.files_from:
         raise VlmError("give image files, folders, globs, - or --files-from", exit_code=2)
-    args = batch_cli.batch_args(
-        list(images or []), out, format, files_from, null, exclude, include_hidden, redo, use_hash, quiet, sidecar,
-        overwrite, json_out,
-    )
+    args = batch.for_inputs(list(images or []), json=json_out)
     expansion = batch_cli.expand(args)
     single = batch_cli.is_single(args, expansion)
     sink = batch_cli.make_sink(
