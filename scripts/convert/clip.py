@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script from a source tree (sys.path[0]
 
     _script.make_vlmcli_convert_importable()
 
+from vlmcli.convert.gguf_out import PlannedTensor, QType, declare_tensors, encode, write_gguf
 from vlmcli.errors import ModelError, VlmError
 
 QUANT_TYPES = ("F32", "F16", "Q8_0", "Q5_1", "Q4_1")
@@ -331,22 +332,14 @@ def _target_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> str:
     return quant
 
 
-def _encode(values: np.ndarray, qtype: str) -> np.ndarray:
-    if qtype == "F32":
-        return np.ascontiguousarray(values, dtype=np.float32)
-    if qtype == "F16":
-        return np.ascontiguousarray(values, dtype=np.float16)
-    from vlmcli.engines.ggml import quantize  # ggml's own quantizer (the engine's bindings)
+def _encode(values: np.ndarray, qtype: QType) -> np.ndarray:
+    """F32/F16 as numpy arrays; quantized types with ggml's own quantizer (the engine's bindings)."""
+    if qtype in (QType.F32, QType.F16):
+        return encode(values, qtype)
+    from vlmcli.engines.ggml import quantize
 
-    data = quantize(np.ascontiguousarray(values, dtype=np.float32), qtype)
+    data = quantize(np.ascontiguousarray(values, dtype=np.float32), qtype.name)
     return np.ascontiguousarray(data, dtype=np.uint8).reshape(values.shape[0], -1)
-
-
-def _byte_shape(shape: tuple[int, ...], qtype: str) -> tuple[int, ...]:
-    import gguf
-
-    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
-    return (*shape[:-1], shape[-1] // block * type_size)
 
 
 def convert_clip(
@@ -403,9 +396,7 @@ def convert_clip(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     out_path = out / f"{model_name}-{quant}.gguf"
-    partial = out_path.with_name(out_path.name + ".partial")
-
-    writer = gguf.GGUFWriter(partial, arch="clip")
+    writer = gguf.GGUFWriter(None, arch="clip")
     writer.add_name(model_name)
     writer.add_file_type(int(getattr(gguf.LlamaFileType, "ALL_F32" if quant == "F32" else f"MOSTLY_{quant}")))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -432,37 +423,22 @@ def convert_clip(
     writer.add_uint32("tokenizer.ggml.bos_token_id", bos_id)
     writer.add_uint32("tokenizer.ggml.eos_token_id", eos_id)
 
-    # Declare every tensor first (name, shape, type, size), then stream the data in the same order.
-    order: list[tuple[str, str, str]] = []  # (hf name, gguf name, target type)
-    for hf_name, (gguf_name, shape) in plan.items():
-        qtype = _target_type(gguf_name, shape, quant)
-        if qtype == "F32":
-            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
-        elif qtype == "F16":
-            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float16), int(np.prod(shape)) * 2)
-        else:
-            byte_shape = _byte_shape(shape, qtype)
-            writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
-                                   raw_dtype=gguf.GGMLQuantizationType[qtype])
-        order.append((hf_name, gguf_name, qtype))
-    try:
-        writer.write_header_to_file(partial)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for index, (hf_name, gguf_name, qtype) in enumerate(order):
+    def loader(hf_name: str) -> Callable[[], np.ndarray]:
+        def load() -> np.ndarray:
             values = weights[hf_name].load().astype(np.float32, copy=False)
             if not np.isfinite(values).all():
                 raise ModelError(f"tensor {hf_name} holds NaN or infinite values", weights[hf_name].path)
-            writer.write_tensor_data(_encode(values, qtype))
-            if on_tensor:
-                on_tensor(gguf_name, index + 1, len(order))
-        writer.close()
-        os.replace(partial, out_path)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    return out_path
+            return values
+
+        return load
+
+    tensors = [
+        PlannedTensor(gguf_name, shape, QType[_target_type(gguf_name, shape, quant)], loader(hf_name))
+        for hf_name, (gguf_name, shape) in plan.items()
+    ]
+    declare_tensors(writer, tensors)
+    progress = (lambda i, n, name: on_tensor(name, i, n)) if on_tensor else None
+    return write_gguf(writer, out_path, tensors, progress, encoder=_encode)
 
 
 def main(argv: list[str] | None = None) -> int:

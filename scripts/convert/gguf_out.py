@@ -91,8 +91,10 @@ def write_gguf(
     path: Path,
     tensors: list[PlannedTensor],
     on_tensor: Callable[[int, int, str], None] | None = None,
+    encoder: Callable[[np.ndarray, QType], np.ndarray] = encode,
 ) -> Path:
-    """Write header, metadata, then each tensor in declaration order; atomically (rename at the end)."""
+    """Write header, metadata, then each tensor in declaration order; atomically (rename at the end).
+    `encoder` turns float data into the stored bytes (gguf-py's quantizer by default)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     try:
@@ -103,7 +105,7 @@ def write_gguf(
             data = t.load()
             if tuple(data.shape) != t.shape:
                 raise ValueError(f"tensor {t.name}: got shape {data.shape}, declared {t.shape}")
-            writer.write_tensor_data(encode(data, t.qtype))
+            writer.write_tensor_data(encoder(data, t.qtype))
             if on_tensor is not None:
                 on_tensor(i + 1, len(tensors), t.name)
         writer.close()
