@@ -21,6 +21,7 @@ import numpy as np
 from vlmcli.engines import ggml
 from vlmcli.engines.ggml import Backend, Graph, Tensor
 from vlmcli.engines.gguf_check import require_kind
+from vlmcli.engines.native import NativeResource
 from vlmcli.errors import ModelError, VlmError
 
 # Types a 2-D matmul weight may have (ggml's CPU mul_mat handles all of them).
@@ -225,7 +226,7 @@ def block(g: Graph, x: Tensor, p: _Block, n_heads: int, eps: float, act: Callabl
     return g.add(x, linear(g, h, p.fc2_w, p.fc2_b))
 
 
-class ClipModel:
+class ClipModel(NativeResource):
     """A loaded two-tower CLIP GGUF. Use `ClipModel.load(path)`; close() (or `with`) frees it."""
 
     def __init__(self, path: Path, config: ClipConfig, backend: Backend, weights: Graph,
@@ -305,18 +306,6 @@ class ClipModel:
             self.backend.close()
             self._weights.close()
             self.backend = None  # type: ignore[assignment]
-
-    def __enter__(self) -> ClipModel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
     def _check_open(self) -> None:
         if self.backend is None:

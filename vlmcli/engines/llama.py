@@ -22,6 +22,7 @@ from PIL import Image
 from vlmcli.engines import detail as detail_policy
 from vlmcli.engines.gguf_check import GgufInfo, require_kind
 from vlmcli.engines.llama_native import llama, mtmd, quiet_native_logs
+from vlmcli.engines.native import NativeResource
 from vlmcli.engines.prompt import ChatPrompt
 from vlmcli.errors import ModelError, VlmError
 
@@ -112,7 +113,7 @@ class _Chunk:
     n_tokens: int = 0
 
 
-class VlmEngine:
+class VlmEngine(NativeResource):
     """A loaded SmolVLM2: language model + vision projector. Not thread-safe; one call at a time."""
 
     def __init__(self, model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str], options: EngineOptions | None = None):
@@ -170,6 +171,7 @@ class VlmEngine:
         self.n_ctx = llama.llama_n_ctx(ctx)
         self._batch = llama.llama_batch_init(self.options.n_batch, 0, 1)
         self.chat_template = _model_meta(model, "tokenizer.chat_template")
+        self.chat = ChatPrompt.from_template(self.chat_template)  # rendered once, used for every image
         self.eos_ids = self._special_ids()
         # Open the projector now, so a bad mmproj fails at load, not at the first image; with the
         # token cap this engine's detail setting uses most (each cap costs a copy of its weights).
@@ -235,18 +237,6 @@ class VlmEngine:
         if self._model:
             llama.llama_model_free(self._model)
             self._model = None
-
-    def __enter__(self) -> VlmEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # -- tokens --------------------------------------------------------------------------------
 
@@ -422,7 +412,7 @@ class VlmEngine:
     ) -> Iterator[Generation]:
         """Answer each prompt about one image. The image is encoded once; its KV cache is reused."""
         options = options or GenerationOptions()
-        chat = ChatPrompt.from_template(self.chat_template)
+        chat = self.chat
         first = Timings(load_ms=self.load_ms)
         memory = llama.llama_get_memory(self._ctx)
         llama.llama_memory_clear(memory, True)
