@@ -1,4 +1,4 @@
-"""Batch mode speed: images/s through vlmcli.tasks.batch.run_batch, and its overhead against a plain loop.
+"""Batch mode speed: images/s through vlmcli.tasks.runner.run_batch, and its overhead against a plain loop.
 
 A generated folder of real-looking JPEGs of mixed sizes (smooth noise + gradients + shapes, not flat
 colours) goes through:
@@ -155,15 +155,15 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def batch_run(task: Any, paths: list[str], work: Path) -> tuple[float, Any]:
-    from vlmcli.tasks.batch import BatchOptions, run_batch
-    from vlmcli.tasks.records import JsonlSink
+    from vlmcli.tasks.runner import BatchOptions, run_batch
+    from vlmcli.tasks.sinks import JsonlSink
 
     out = work / f"{task.name}-{time.monotonic_ns()}.jsonl"
     summary = None
 
     def go() -> None:
         nonlocal summary
-        summary = run_batch(task, paths, JsonlSink(out), BatchOptions(quiet=True, handle_sigint=False))
+        summary = run_batch(task, paths, JsonlSink(out), BatchOptions(handle_sigint=False))
 
     s = timed(go)
     assert summary is not None and summary.failed == 0, summary
@@ -183,7 +183,7 @@ def alternate(plain: Callable[[], Any], batch: Callable[[], Any], rounds: int) -
 def vlm_case(label: str, model: Path, mmproj: Path, paths: list[str], threads: int, max_tokens: int, work: Path, rounds: int) -> dict[str, Any]:
     from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
     from vlmcli.images import load_image
-    from vlmcli.tasks.batch import VlmTask
+    from vlmcli.tasks.caption import CaptionTask
 
     engine = VlmEngine(model, mmproj, EngineOptions(n_threads=threads, detail="low"))
     gen = GenerationOptions(max_tokens=max_tokens, ignore_eos=True)
@@ -200,7 +200,7 @@ def vlm_case(label: str, model: Path, mmproj: Path, paths: list[str], threads: i
             for k in ("image_encode_ms", "prefill_ms", "decode_ms"):
                 phases[k].append(getattr(g.timings, k))
 
-    plain_s, batch_s = alternate(plain, lambda: batch_run(VlmTask(engine, "caption", [prompt], gen, None), paths, work), rounds)
+    plain_s, batch_s = alternate(plain, lambda: batch_run(CaptionTask(engine, gen, prompt, None), paths, work), rounds)
     engine.close()
     n = len(paths)
     return {
@@ -212,14 +212,12 @@ def vlm_case(label: str, model: Path, mmproj: Path, paths: list[str], threads: i
 
 def clip_case(kind: str, model_path: Path, paths: list[str], threads: int, batch_size: int, work: Path, rounds: int) -> dict[str, Any]:
     from vlmcli.engines.clip import ClipModel
-    from vlmcli.tasks.batch import ClipImageTask
-    from vlmcli.tasks.embed import embed_pixels, prepare_image
+    from vlmcli.tasks.classify import ClassifyTask, encode_labels, label_probabilities, top_k
+    from vlmcli.tasks.embed import EmbedImagesTask, embed_pixels, prepare_image
 
     model = ClipModel.load(model_path, n_threads=threads)
     labels = None
     if kind == "classify":
-        from vlmcli.tasks.classify import classify_pixels, encode_labels
-
         labels = encode_labels(model, LABELS)
     embed_pixels(model, np.stack([prepare_image(paths[0], model.config)]))  # warm-up
 
@@ -227,11 +225,11 @@ def clip_case(kind: str, model_path: Path, paths: list[str], threads: int, batch
         for i in range(0, len(paths), batch_size):
             pixels = np.stack([prepare_image(p, model.config) for p in paths[i : i + batch_size]])
             if labels is not None:
-                classify_pixels(model, pixels, labels, 5)
+                top_k(label_probabilities(embed_pixels(model, pixels), labels), labels.labels, 5)
             else:
                 embed_pixels(model, pixels)
 
-    task = ClipImageTask(model, kind, batch_size=batch_size, labels=labels)
+    task = ClassifyTask(model, labels, batch_size=batch_size) if labels is not None else EmbedImagesTask(model, batch_size)
     plain_s, batch_s = alternate(plain, lambda: batch_run(task, paths, work), rounds)
     # The parts of the plain loop, for the report: decoding + preprocessing alone, the model alone.
     prep_s = timed(lambda: [prepare_image(p, model.config) for p in paths[: min(len(paths), 64)]]) / min(len(paths), 64)

@@ -36,3 +36,24 @@ def smolvlm2_gguf(smolvlm2_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
     from vlmcli.convert.smolvlm2 import convert_smolvlm2
 
     return convert_smolvlm2(smolvlm2_checkpoint, tmp_path_factory.mktemp("smolvlm2-gguf"), quant="Q8_0", mmproj_quant="F16")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _llama_class_follows_the_engine_on_extra_buffers():
+    """Tests that load converter output through llama-cpp-python's own `Llama` class get the rule the
+    engine applies to llama.cpp's extra CPU buffer types (engines/llama_native.extra_buffers_allowed:
+    AMX kernels fault with SIGILL in some VMs that advertise AMX)."""
+    from llama_cpp import llama as llama_class_module
+
+    from vlmcli.engines.llama_native import extra_buffers_allowed
+
+    default_params = llama_class_module.llama_cpp.llama_model_default_params
+
+    def params():  # type: ignore[no-untyped-def]
+        p = default_params()
+        p.use_extra_bufts = extra_buffers_allowed()
+        return p
+
+    llama_class_module.llama_cpp.llama_model_default_params = params
+    yield
+    llama_class_module.llama_cpp.llama_model_default_params = default_params

@@ -17,9 +17,11 @@ from PIL import Image
 
 from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, VlmError
 from vlmcli.images import load_image
-from vlmcli.tasks.batch import BatchOptions, exit_code, run_batch
 from vlmcli.tasks.inputs import InputSpec, expand_inputs
-from vlmcli.tasks.records import CsvSink, JsonlSink, NpySink, Sidecars, TextSink, read_jsonl, read_npy_header
+from vlmcli.tasks.npy import NpySink, read_npy_header
+from vlmcli.tasks.runner import BatchOptions, exit_code, run_batch
+from vlmcli.tasks.sidecars import Sidecars
+from vlmcli.tasks.sinks import CsvSink, JsonlSink, TextSink, read_jsonl
 
 
 class MeanColour:
@@ -75,7 +77,7 @@ def _paths(root: Path) -> list[str]:
 
 def _run(paths: list[str], sink: Any, task: MeanColour | None = None, **kw: Any):
     task = task or MeanColour()
-    opts = BatchOptions(quiet=True, handle_sigint=kw.pop("handle_sigint", False), **kw)
+    opts = BatchOptions(handle_sigint=kw.pop("handle_sigint", False), **kw)
     return task, run_batch(task, paths, sink, opts)
 
 
@@ -262,7 +264,7 @@ def test_npy_compaction_rolls_forward_after_a_crash_between_renames(folder: Path
     meta = read_jsonl(meta_path)
     keep = [m for m in meta if not m["path"].endswith("good0.png")]
     rows = [m["row"] for m in keep]
-    from vlmcli.tasks.records import to_json_line
+    from vlmcli.tasks.sinks import to_json_line
 
     (tmp_path / "emb.jsonl.compact").write_bytes(b"".join(to_json_line({**m, "row": i}) for i, m in enumerate(keep)))
     np.save(npy, arr[rows])
@@ -321,18 +323,18 @@ def test_ctrl_c_stops_after_the_current_batch_and_rerun_finishes(folder: Path, t
 
 
 def test_plain_progress_lines_and_summary_when_stderr_is_not_a_terminal(folder: Path, tmp_path: Path, capsys) -> None:
-    from vlmcli.tasks.batch import report_summary
+    from vlmcli.cli.progress import BatchProgress
 
     paths = _paths(folder)
-    opts = BatchOptions(progress_interval=0.0, handle_sigint=False)
-    s = run_batch(MeanColour(), paths, JsonlSink(tmp_path / "o.jsonl"), opts)
-    report_summary("meancolour", s, opts)
+    opts = BatchOptions(handle_sigint=False)
+    s = run_batch(MeanColour(), paths, JsonlSink(tmp_path / "o.jsonl"), opts, BatchProgress(interval=0.0))
+    BatchProgress.summary_line("meancolour", s)
     out, err = capsys.readouterr()
     assert out == ""  # stdout stays for results
     lines = err.splitlines()
     assert any(line.startswith("meancolour: ") and f"/{len(paths)} images" in line and "images/s" in line for line in lines)
     assert lines[-1].startswith("meancolour: 8 done, 0 skipped, 5 failed,") and "elapsed" in lines[-1]
     # --quiet: failures only.
-    run_batch(MeanColour(), paths, JsonlSink(tmp_path / "q.jsonl"), BatchOptions(quiet=True, handle_sigint=False))
+    run_batch(MeanColour(), paths, JsonlSink(tmp_path / "q.jsonl"), BatchOptions(handle_sigint=False), BatchProgress(quiet=True))
     err = capsys.readouterr().err
     assert all(line.startswith("vlm: error: ") for line in err.splitlines()) and err.count("\n") == 5

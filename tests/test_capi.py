@@ -143,8 +143,9 @@ def test_c_example_ask_equals_cli(c_example: Path, vlm_model: Path, tmp_path: Pa
     c = run([str(c_example), "ask", "-n", MAX_TOKENS, str(vlm_model), str(CAT), prompt], tmp_path)
     assert c.returncode == 0, c.stderr
     expected = json.loads(cli("ask", str(CAT), prompt, "-m", str(vlm_model), "-n", MAX_TOKENS, "--json", cwd=tmp_path).stdout)
-    assert expected["answer"].strip()
-    assert c.stdout == expected["answer"] + "\n"
+    answer = expected["answers"][0]["answer"]
+    assert answer
+    assert c.stdout == answer + "\n"
 
     # Sampling with a seed: the same seed gives the CLI's text; the streaming call gives it too.
     sampled = ["-n", MAX_TOKENS, "-t", "0.9", "-s", "7"]
@@ -152,7 +153,7 @@ def test_c_example_ask_equals_cli(c_example: Path, vlm_model: Path, tmp_path: Pa
     assert c_sampled.returncode == 0, c_sampled.stderr
     cli_sampled = json.loads(cli("ask", str(CAT), prompt, "-m", str(vlm_model), "-n", MAX_TOKENS, "--temperature", "0.9",
                                  "--seed", "7", "--json", cwd=tmp_path).stdout)
-    assert c_sampled.stdout == cli_sampled["answer"] + "\n"
+    assert c_sampled.stdout == cli_sampled["answers"][0]["answer"] + "\n"
 
 
 def _parse_vectors(text: str) -> dict[str, np.ndarray]:

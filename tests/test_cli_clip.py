@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from vlmcli.engines.clip_tokenizer import default_tokenizer
-from vlmcli.errors import ImageError
+from vlmcli.tasks.sinks import Sink
 
 SAMPLE = Path(__file__).resolve().parents[1] / "vlmcli" / "data" / "chelsea.jpg"
 LONG_TEXT = " ".join(["a very long caption"] * 40)  # well over 77 tokens
@@ -60,14 +60,33 @@ def _error_lines(stderr: str) -> list[str]:
 
 # --- tasks (in-process, real engine) ----------------------------------------------------------------------
 
-def test_classify_pixels_is_softmax_of_scaled_cosines(model, images) -> None:
-    from vlmcli.tasks.classify import classify_pixels, encode_labels
+class ListSink(Sink):
+    """Every record, in order, in a list (the runner's real output path, without a file)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def write_batch(self, records: list[dict]) -> None:
+        self.records += records
+
+
+def _classify(model, paths, labels, k: int, batch_size: int = 8) -> list[dict]:
+    from vlmcli.tasks.classify import ClassifyTask
+    from vlmcli.tasks.runner import BatchOptions, run_batch
+
+    sink = ListSink()
+    run_batch(ClassifyTask(model, labels, k, batch_size=batch_size), [str(p) for p in paths], sink, BatchOptions(handle_sigint=False))
+    return sink.records
+
+
+def test_classify_is_softmax_of_scaled_cosines(model, images) -> None:
+    from vlmcli.tasks.classify import encode_labels
     from vlmcli.tasks.embed import prepare_image
 
     labels = encode_labels(model, ["cat", "dog", "car", "tree"])
-    pixels = np.stack([prepare_image(images["cat"], model.config), prepare_image(images["gradient"], model.config)])
-    result = classify_pixels(model, pixels, labels, k=4)
+    records = _classify(model, [images["cat"], images["gradient"]], labels, k=4)
 
+    pixels = np.stack([prepare_image(images["cat"], model.config), prepare_image(images["gradient"], model.config)])
     img = model.encode_images(pixels)
     img /= np.linalg.norm(img, axis=1, keepdims=True)
     txt = model.encode_texts(default_tokenizer().tokenize([f"a photo of a {x}." for x in ["cat", "dog", "car", "tree"]])[0])
@@ -76,10 +95,11 @@ def test_classify_pixels_is_softmax_of_scaled_cosines(model, images) -> None:
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     assert labels.logit_scale == pytest.approx(100.0, rel=1e-5)
-    for row, ranked in zip(probs, result):
-        assert [lab for lab, _ in ranked] == [["cat", "dog", "car", "tree"][j] for j in np.argsort(-row)]
-        np.testing.assert_allclose([s for _, s in ranked], np.sort(row)[::-1], rtol=1e-4, atol=1e-6)
-        assert sum(s for _, s in ranked) == pytest.approx(1.0, abs=1e-6)
+    for row, rec in zip(probs, records):
+        assert [x["label"] for x in rec["labels"]] == [["cat", "dog", "car", "tree"][j] for j in np.argsort(-row)]
+        np.testing.assert_allclose([x["score"] for x in rec["labels"]], np.sort(row)[::-1], rtol=1e-4, atol=1e-6)
+        assert sum(x["score"] for x in rec["labels"]) == pytest.approx(1.0, abs=1e-6)
+        assert (rec["label"], rec["score"]) == (rec["labels"][0]["label"], rec["labels"][0]["score"])
 
 
 def test_template_ensemble_is_mean_of_normalised_prompts(model) -> None:
@@ -88,7 +108,7 @@ def test_template_ensemble_is_mean_of_normalised_prompts(model) -> None:
 
     templates = ["a photo of a {}.", "a drawing of a {}.", "{}"]
     ens = encode_labels(model, ["cat", "dog"], templates)
-    single = embed_texts(model, [t.replace("{}", "dog") for t in templates]).vectors
+    single, _ = embed_texts(model, [t.replace("{}", "dog") for t in templates])
     expected = single.mean(0) / np.linalg.norm(single.mean(0))
     np.testing.assert_allclose(ens.vectors[1], expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(ens.vectors, axis=1), 1.0, rtol=1e-6)
@@ -105,38 +125,39 @@ def test_templates_need_a_placeholder(model) -> None:
 
 
 def test_bad_image_keeps_its_place(model, images) -> None:
-    from vlmcli.tasks.classify import Classification, classify_images, encode_labels
-    from vlmcli.tasks.embed import ImageFailure
+    from vlmcli.tasks.classify import encode_labels
 
     labels = encode_labels(model, ["cat", "dog"])
     paths = [images["cat"], images["bad"], images["gradient"], images["missing"], images["cat"]]
-    results = list(classify_images(model, paths, labels, k=1, batch_size=2))
-    kinds = [type(r) for r in results]
-    assert kinds == [Classification, ImageFailure, Classification, ImageFailure, Classification]
-    assert [r.path for r in results] == [str(p) for p in paths]
-    assert isinstance(results[1].error, ImageError) and "no such file" in results[3].message
+    records = _classify(model, paths, labels, k=1, batch_size=2)
+    assert [r["path"] for r in records] == [str(p) for p in paths]
+    assert ["error" in r for r in records] == [False, True, False, True, False]
+    assert "not a supported image" in records[1]["error"] and "no such file" in records[3]["error"]
     # the same image in another batch gives the same answer
-    assert results[0].labels[0][0] == results[4].labels[0][0]
-    assert results[0].labels[0][1] == pytest.approx(results[4].labels[0][1], abs=1e-4)
+    assert records[0]["label"] == records[4]["label"]
+    assert records[0]["score"] == pytest.approx(records[4]["score"], abs=1e-4)
 
 
 def test_embed_texts_flags_truncation(model) -> None:
     from vlmcli.tasks.embed import embed_texts
 
-    out = embed_texts(model, ["a cat", LONG_TEXT], batch_size=1)
-    assert out.truncated == [False, True]
-    assert out.vectors.shape == (2, 32) and out.vectors.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(out.vectors, axis=1), 1.0, rtol=1e-6)
+    vectors, truncated = embed_texts(model, ["a cat", LONG_TEXT], batch_size=1)
+    assert truncated == [False, True]
+    assert vectors.shape == (2, 32) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-6)
 
 
 def test_batch_size_does_not_change_embeddings(model, images) -> None:
-    from vlmcli.tasks.embed import Embedding, embed_images
+    from vlmcli.tasks.embed import EmbedImagesTask
+    from vlmcli.tasks.runner import BatchOptions, run_batch
 
-    paths = [images["cat"], images["gradient"], images["cat"]]
-    one = [e.vector for e in embed_images(model, paths, batch_size=1)]
-    three = [e.vector for e in embed_images(model, paths, batch_size=3)]
-    np.testing.assert_allclose(np.stack(one), np.stack(three), atol=1e-5)
-    assert all(isinstance(e, Embedding) for e in embed_images(model, paths[:1]))
+    paths = [str(images["cat"]), str(images["gradient"]), str(images["cat"])]
+    runs = []
+    for batch_size in (1, 3):
+        sink = ListSink()
+        run_batch(EmbedImagesTask(model, batch_size), paths, sink, BatchOptions(handle_sigint=False))
+        runs.append(np.stack([r["embedding"] for r in sink.records]))
+    np.testing.assert_allclose(runs[0], runs[1], atol=1e-5)
 
 
 # --- vlm classify -----------------------------------------------------------------------------------------
@@ -167,15 +188,15 @@ def test_classify_json_labels_file_templates_top_k(clip_gguf: Path, images, mode
     records = _json_lines(r.stdout)
     assert [rec["path"] for rec in records] == [str(images["cat"]), str(images["gradient"])]
 
-    from vlmcli.tasks.classify import classify_images, encode_labels
+    from vlmcli.tasks.classify import encode_labels
 
-    expected = list(classify_images(model, [images["cat"], images["gradient"]],
-                                    encode_labels(model, ["cat", "dog", "car", "traffic light"], templates), k=2))
+    expected = _classify(model, [images["cat"], images["gradient"]],
+                         encode_labels(model, ["cat", "dog", "car", "traffic light"], templates), k=2)
     for rec, exp in zip(records, expected):
         assert rec["model"] == clip_gguf.stem
         assert len(rec["labels"]) == 2
-        assert [x["label"] for x in rec["labels"]] == [lab for lab, _ in exp.labels]
-        np.testing.assert_allclose([x["score"] for x in rec["labels"]], [s for _, s in exp.labels], rtol=1e-3, atol=1e-6)
+        assert [x["label"] for x in rec["labels"]] == [x["label"] for x in exp["labels"]]
+        np.testing.assert_allclose([x["score"] for x in rec["labels"]], [x["score"] for x in exp["labels"]], rtol=1e-3, atol=1e-6)
         assert rec["labels"][0]["score"] >= rec["labels"][1]["score"]
 
 

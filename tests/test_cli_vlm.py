@@ -48,19 +48,39 @@ def test_ask_json_schema_and_determinism(smolvlm2_gguf) -> None:
     r1, r2 = vlm(*args), vlm(*args)
     assert r1.returncode == 0, r1.stderr
     rec = json.loads(r1.stdout)
-    assert rec["answer"] == json.loads(r2.stdout)["answer"]
-    assert rec["prompt"] == "<|im_start|>User:<image>What is this?<end_of_utterance>\nAssistant:"
-    assert rec["model"].endswith("Q8_0.gguf") and Path(rec["mmproj"]).name.startswith("mmproj-")
+    assert rec["answers"] == json.loads(r2.stdout)["answers"]
+    assert rec["task"] == "ask" and rec["path"] == str(SAMPLE) and rec["prompts"] == ["What is this?"]
+    assert rec["model"].endswith("Q8_0.gguf") and rec["mmproj"].startswith("mmproj-") and rec["quant"]
+    (answer,) = rec["answers"]
+    assert answer["prompt"] == "What is this?" and answer["generated_tokens"] == 5 and answer["stop_reason"] == "length"
     assert rec["tokens"]["generated"] == 5 and rec["tokens"]["image"] > 0 and rec["tokens"]["prompt"] > rec["tokens"]["image"]
-    assert set(rec["timings"]) == {"load_ms", "image_encode_ms", "prefill_ms", "prefill_tokens_per_s", "decode_ms", "decode_tokens_per_s"}
-    assert rec["detail"] in ("low", "high", "tiles")
+    assert set(rec["timings"]) == {"load_ms", "image_encode_ms", "prefill_ms", "decode_ms", "prepare_ms"}
+    assert rec["detail"] in ("low", "high", "tiles") and rec["file"]["size"] == SAMPLE.stat().st_size
 
 
-def test_ask_several_prompts_gives_one_record_each(model_dir: Path) -> None:
+def test_one_record_schema_for_one_image_and_a_batch(model_dir: Path, tmp_path: Path) -> None:
+    """`vlm ask IMAGE --json` prints the record batch mode writes for that image."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / SAMPLE.name).write_bytes(SAMPLE.read_bytes())
+    image = folder / SAMPLE.name
+    single = json.loads(vlm("ask", str(image), "What is this?", "--model", str(model_dir), "-n", "3", "--json").stdout)
+    out = tmp_path / "answers.jsonl"
+    r = vlm("ask", str(folder), "What is this?", "--model", str(model_dir), "-n", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    (batch,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert set(single) == set(batch)
+    for key in single:
+        if key != "timings":
+            assert single[key] == batch[key], key
+
+
+def test_ask_several_prompts_in_one_record(model_dir: Path) -> None:
     r = vlm("ask", str(SAMPLE), "What is this?", "Is it a cat?", "--model", str(model_dir), "-n", "3", "--json")
     assert r.returncode == 0, r.stderr
-    recs = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [x["prompt"].split("<image>")[1].split("<end")[0] for x in recs] == ["What is this?", "Is it a cat?"]
+    (rec,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [a["prompt"] for a in rec["answers"]] == ["What is this?", "Is it a cat?"]
+    assert rec["tokens"]["generated"] == sum(a["generated_tokens"] for a in rec["answers"])
 
 
 def test_caption_several_images(model_dir: Path, tmp_path: Path) -> None:

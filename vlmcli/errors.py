@@ -1,4 +1,9 @@
-"""User-facing errors: one line on stderr, a non-zero exit code, no traceback."""
+"""Errors meant for users, structured so each front end can word them for its own users.
+
+Engines and tasks raise these with neutral messages and fields (an option's name, token counts);
+the CLI turns them into `vlm: error: PATH: cause` lines with flag names, the C API into a status and
+vlm_options field names. Anything else is a bug.
+"""
 
 from __future__ import annotations
 
@@ -31,3 +36,23 @@ class ImageError(VlmError):
 
 class ModelError(VlmError):
     """A model file or model name cannot be used."""
+
+
+class InvalidOption(VlmError):
+    """A setting is out of range. `option` is its neutral name ("max_tiles", "n_ctx"): the CLI
+    shows its flag, the C API its vlm_options field."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message, exit_code=EXIT_USAGE)
+        self.option = option
+
+
+class ContextOverflow(VlmError):
+    """The prompt, image tokens included, does not fit the context the model was opened with."""
+
+    def __init__(self, needed: int, available: int, image_tokens: int | None = None):
+        for_image = f" ({image_tokens} for the image)" if image_tokens else ""
+        super().__init__(f"the prompt needs {needed} tokens{for_image}, more than the context of {available}")
+        self.needed = needed
+        self.available = available
+        self.image_tokens = image_tokens

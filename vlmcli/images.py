@@ -9,10 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmcli.errors import ImageError
-
-# Larger images are refused unless the user raises the cap (--max-pixels): a
-# small PNG can decompress to gigabytes ("decompression bomb").
-DEFAULT_MAX_PIXELS = 64_000_000
+from vlmcli.defaults import DEFAULT_MAX_PIXELS
 
 # load_image enforces the cap above per call, before decoding; Pillow's own process-wide limit
 # would refuse images the user allowed with --max-pixels (and changing it per call races between

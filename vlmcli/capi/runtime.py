@@ -11,13 +11,17 @@ import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
-from vlmcli.errors import ImageError, ModelError, VlmError
-from vlmcli.images import DEFAULT_MAX_PIXELS
+from vlmcli.defaults import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from vlmcli.tasks.ask import AskTask
+    from vlmcli.tasks.models import OpenedModel
+from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
 
 # vlm_status (vlm.h)
 OK = 0
@@ -35,8 +39,12 @@ E_RUNTIME = -10
 ABI_VERSION = 1  # VLM_ABI_VERSION in vlm.h (a test checks they agree)
 KIND_VLM = 1
 KIND_CLIP = 2
-DETAILS = {0: "auto", 1: "low", 2: "high"}
+DETAILS = {0: None, 1: "low", 2: "high"}  # VLM_DETAIL_AUTO: the model's registry default, else auto
 
+# Neutral option names (errors.InvalidOption.option) -> the field a C caller sets.
+FIELDS = {"n_ctx": "vlm_options.n_ctx", "detail": "vlm_options.detail", "max_tiles": "vlm_options.max_tiles",
+          "n_threads": "vlm_options.n_threads", "n_gpu_layers": "vlm_options.n_gpu_layers",
+          "max_tokens": "vlm_options.max_tokens", "model": "model", "labels": "labels"}
 
 
 class CapiError(Exception):
@@ -50,6 +58,10 @@ def status_of(exc: BaseException) -> tuple[int, str]:
     """The vlm_status and message for an exception raised while serving a call."""
     if isinstance(exc, CapiError):
         return exc.status, exc.message
+    if isinstance(exc, InvalidOption):
+        return E_INVALID_ARGUMENT, f"{FIELDS.get(exc.option, exc.option)}: {exc.message}"
+    if isinstance(exc, ContextOverflow):
+        return E_FAILED, f"{exc} (raise vlm_options.n_ctx{' or lower vlm_options.detail' if exc.image_tokens else ''})"
     if isinstance(exc, ImageError):
         return E_IMAGE, str(exc)
     if isinstance(exc, ModelError):
@@ -72,7 +84,7 @@ class OpenOptions:
     max_tokens: int | None = None  # None: 256 for ask, 96 for caption (as the CLI)
     temperature: float = 0.0
     top_p: float = 1.0
-    detail: str = "auto"
+    detail: str | None = None  # None: the model's registry default, else auto
     max_tiles: int | None = None
 
     @classmethod
@@ -145,9 +157,9 @@ class HandleTable:
         self._next_id = 1
 
     def open(self, spec: str, options: OpenOptions) -> int:
-        kind, engine, name = open_model(spec, options)
+        opened = open_model(spec, options)
         with self._lock:
-            h = Handle(id=self._next_id, kind=kind, engine=engine, options=options, name=name)
+            h = Handle(id=self._next_id, kind=opened.kind, engine=opened.engine, options=options, name=opened.name)
             self._next_id += 1
             self._handles[h.id] = h
         return h.id
@@ -196,70 +208,13 @@ class HandleTable:
 # ---- opening models --------------------------------------------------------------------------
 
 
-def detect_kind(spec: str) -> str | None:
-    """'vlm' or 'clip' for a GGUF file, a folder or a registered store name; None if unknown."""
-    from vlmcli.engines.gguf_check import inspect_gguf
+def open_model(spec: str, options: OpenOptions) -> OpenedModel:
+    """Open `spec` as `--model` does (store name, GGUF file or folder; SmolVLM2 or CLIP)."""
+    from vlmcli.tasks.models import ModelSpec, open_model as open_task_model
 
-    path = Path(spec).expanduser()
-    if path.is_file():
-        kind = inspect_gguf(path).kind
-        if kind == "mmproj":
-            raise ModelError(
-                "this is a vision projector (mmproj); open the language model GGUF (with its mmproj "
-                "beside it) or the folder holding both",
-                path,
-            )
-        return "clip" if kind == "clip" else "vlm"
-    if path.is_dir():
-        ggufs = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
-        kinds = set()
-        for p in ggufs:
-            with contextlib.suppress(VlmError):
-                kinds.add(inspect_gguf(p).kind)
-        if "clip" in kinds and "llm" not in kinds:
-            return "clip"
-        if "llm" in kinds:
-            return "vlm"
-        return None
-    from vlmcli.store.registry import load_registry
-
-    entry = load_registry().get(spec.partition(":")[0].lower())
-    return entry.kind if entry is not None else None
-
-
-def open_model(spec: str, options: OpenOptions) -> tuple[str, object, str]:
-    """Resolve `spec` as `--model` does (store name, GGUF file or folder) and load it."""
-    from vlmcli.store.resolve import resolve_model
-
-    if not spec.strip():
-        raise CapiError(E_INVALID_ARGUMENT, "model is an empty string")
-    detected = detect_kind(spec)
-    kinds = [detected] if detected else ["vlm", "clip"]
-    first_error: VlmError | None = None
-    for kind in kinds:
-        try:
-            resolved = resolve_model(spec, kind)  # type: ignore[arg-type]
-            break
-        except ModelError as e:
-            first_error = first_error or e
-    else:
-        assert first_error is not None
-        raise first_error
-    if resolved.kind == "vlm":
-        from vlmcli.engines.llama import EngineOptions, VlmEngine
-
-        assert resolved.mmproj is not None
-        # VLM_DETAIL_AUTO (the default) defers to the registry's default for a store model, as the CLI does.
-        detail = options.detail if options.detail != "auto" else (resolved.detail or "auto")
-        engine_options = EngineOptions(
-            n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers, n_ctx=options.n_ctx, detail=detail,
-            max_tiles=options.max_tiles,
-        )
-        return "vlm", VlmEngine(resolved.model, resolved.mmproj, engine_options), resolved.name
-    from vlmcli.engines.clip import ClipModel
-
-    model = ClipModel.load(resolved.model, n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers)
-    return "clip", model, resolved.name
+    o = options
+    return open_task_model(ModelSpec(spec, n_threads=o.n_threads, n_gpu_layers=o.n_gpu_layers, n_ctx=o.n_ctx,
+                                     detail=o.detail, max_tiles=o.max_tiles))
 
 
 # ---- images ----------------------------------------------------------------------------------
@@ -279,25 +234,36 @@ def image_from_rgb(data: bytes, width: int, height: int) -> Image.Image:
 # ---- SmolVLM2 --------------------------------------------------------------------------------
 
 
-def ask(handle: Handle, image: str | Image.Image, prompt: str | None, on_token: Callable[[str], bool | None] | None) -> str:
-    """`vlm ask IMAGE PROMPT` (or `vlm caption IMAGE` when prompt is None): the answer / caption text."""
+def _vlm_task(handle: Handle, prompt: str | None) -> AskTask:
+    """`vlm ask` with one question, or `vlm caption` when prompt is None, with the handle's options."""
     from vlmcli.engines.llama import GenerationOptions
-    from vlmcli.tasks.ask import ask as ask_task
-    from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT
+    from vlmcli.tasks.ask import DEFAULT_ASK_MAX_TOKENS, AskTask
+    from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, CaptionTask
 
-    opts = handle.options
-    default_tokens = 256 if prompt is not None else DEFAULT_CAPTION_MAX_TOKENS
-    gen = GenerationOptions(
-        max_tokens=opts.max_tokens or default_tokens, temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed
-    )
-    text_prompt = prompt if prompt is not None else DEFAULT_CAPTION_PROMPT
+    o = handle.options
+    default_tokens = DEFAULT_ASK_MAX_TOKENS if prompt is not None else DEFAULT_CAPTION_MAX_TOKENS
+    gen = GenerationOptions(max_tokens=o.max_tokens or default_tokens, temperature=o.temperature, top_p=o.top_p, seed=o.seed)
     engine = handle.engine
-    if isinstance(image, str):
-        text = ask_task(engine, image, [text_prompt], gen, on_token=on_token)[0].generation.text  # type: ignore[arg-type]
-    else:
-        text = next(iter(engine.ask(image, [text_prompt], gen, on_token))).text  # type: ignore[attr-defined]
-    # `vlm ask` gives the text as generated; `vlm caption` records it stripped.
-    return text if prompt is not None else text.strip()
+    return AskTask(engine, [prompt], gen) if prompt is not None else CaptionTask(engine, gen)  # type: ignore[arg-type]
+
+
+def _run_one(task: Any, image: str | Image.Image, prepare_decoded: Callable[[Image.Image], Any] | None = None) -> dict[str, Any]:
+    """One image through the task's own batch step: the record the CLI would write."""
+    prepared = task.prepare(image) if isinstance(image, str) else (prepare_decoded(image) if prepare_decoded else image)
+    result = task.run([prepared])[0]
+    if isinstance(result, VlmError):
+        if isinstance(image, str) and result.path is None:
+            result.path = image
+        raise result
+    return result
+
+
+def ask(handle: Handle, image: str | Image.Image, prompt: str | None, on_token: Callable[[str], bool | None] | None) -> str:
+    """The answer (`vlm ask IMAGE PROMPT`) or caption (`vlm caption IMAGE` when prompt is None)."""
+    task = _vlm_task(handle, prompt)
+    task.on_token = on_token
+    record = _run_one(task, image)
+    return record["answers"][0]["answer"] if prompt is not None else record["caption"]
 
 
 # ---- CLIP ------------------------------------------------------------------------------------
@@ -307,44 +273,41 @@ def embedding_size(handle: Handle) -> int:
     return int(handle.engine.config.projection_dim)  # type: ignore[attr-defined]
 
 
-def _pixels(handle: Handle, images: list[str | Image.Image]) -> np.ndarray:
-    """Preprocess images as `vlm embed` does: files through prepare_image, pixels through preprocess."""
-    from vlmcli.engines.clip_preprocess import preprocess
-    from vlmcli.tasks.embed import prepare_image
-
-    cfg = handle.engine.config  # type: ignore[attr-defined]
-    arrays = [
-        prepare_image(im, cfg) if isinstance(im, str) else preprocess(im, cfg.image_size, cfg.image_mean, cfg.image_std)
-        for im in images
-    ]
-    return np.stack(arrays)
-
-
 def embed_images(handle: Handle, images: list[str | Image.Image]) -> np.ndarray:
-    """(N, D) L2-normalised image embeddings, in the CLI's batches."""
-    from vlmcli.tasks.embed import DEFAULT_IMAGE_BATCH, embed_pixels
+    """(N, D) L2-normalised image embeddings, as `vlm embed` computes them, in its batches."""
+    from vlmcli.tasks.embed import EmbedImagesTask
 
-    step = DEFAULT_IMAGE_BATCH
-    parts = [embed_pixels(handle.engine, _pixels(handle, images[i : i + step])) for i in range(0, len(images), step)]  # type: ignore[arg-type]
-    return np.concatenate(parts)
+    task = EmbedImagesTask(handle.engine, model_name=handle.name)  # type: ignore[arg-type]
+    prepared = [task.prepare(im) if isinstance(im, str) else task.prepare_decoded(im) for im in images]
+    step = task.batch_size
+    rows = [_vector(r) for i in range(0, len(prepared), step) for r in task.run(prepared[i : i + step])]
+    return np.stack(rows)
+
+
+def _vector(result: Any) -> np.ndarray:
+    if isinstance(result, VlmError):
+        raise result
+    return result["embedding"]
 
 
 def embed_texts(handle: Handle, texts: list[str]) -> np.ndarray:
     """(N, D) L2-normalised text embeddings (texts over 77 tokens are truncated, as in the CLI)."""
-    from vlmcli.tasks.embed import embed_texts as embed_texts_task
+    from vlmcli.tasks.embed import EmbedImagesTask, EmbedTextsTask
 
-    return embed_texts_task(handle.engine, texts).vectors  # type: ignore[arg-type]
+    task = EmbedTextsTask(EmbedImagesTask(handle.engine, model_name=handle.name))  # type: ignore[arg-type]
+    return np.stack([_vector(r) for r in task.run(texts)])
 
 
 def classify(handle: Handle, image: str | Image.Image, labels: list[str]) -> np.ndarray:
     """Probabilities of each label (in the order given), as `vlm classify` computes them."""
-    from vlmcli.tasks.classify import encode_labels, label_probabilities
-    from vlmcli.tasks.embed import embed_pixels
+    from vlmcli.tasks.classify import ClassifyTask, encode_labels
 
     key = tuple(labels)
     cached = handle.cache.get("labels")
     if cached is None or cached[0] != key:  # the same labels call after call: encode them once
         cached = (key, encode_labels(handle.engine, labels))  # type: ignore[arg-type]
         handle.cache["labels"] = cached
-    vectors = embed_pixels(handle.engine, _pixels(handle, [image]))  # type: ignore[arg-type]
-    return label_probabilities(vectors, cached[1])[0]
+    task = ClassifyTask(handle.engine, cached[1], top_k=len(labels), model_name=handle.name)  # type: ignore[arg-type]
+    record = _run_one(task, image, task.prepare_decoded)
+    score = {x["label"]: x["score"] for x in record["labels"]}
+    return np.array([score[label] for label in labels], dtype=np.float64)

@@ -10,7 +10,8 @@ import traceback
 import typer
 
 from vlmcli.cli.app import app, stderr
-from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, VlmError
+from vlmcli.cli.messages import describe
+from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, VlmError
 
 # Importing the command modules registers their commands on `app`.
 from vlmcli.cli import vlm as _vlm  # noqa: E402,F401  ask, caption
@@ -47,11 +48,38 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+# Options whose values are text for a model (paths may be any bytes; these must be UTF-8).
+_TEXT_OPTIONS = ("--text", "--labels", "-l", "--template", "--prompt", "-p")
+
+
+def _check_text_arguments(args: list[str]) -> None:
+    """Python decodes argv with surrogateescape: a text argument that is not UTF-8 gets one line
+    naming it, instead of an encoding error deep inside a tokenizer. `ask`'s questions are its
+    positional arguments after the image."""
+    positional = 0
+    for i, a in enumerate(args):
+        previous = args[i - 1] if i else ""
+        is_option_value = previous.startswith("-") and "=" not in previous
+        if not a.startswith("-") and not is_option_value:
+            positional += 1
+        try:
+            a.encode("utf-8")
+            continue
+        except UnicodeEncodeError:
+            pass
+        name = a.split("=", 1)[0] if a.startswith("--") and "=" in a else previous if is_option_value else None
+        if name in _TEXT_OPTIONS:
+            _fail(f"{name}: the text is not valid UTF-8", EXIT_USAGE)
+        if args and args[0] == "ask" and positional >= 3:
+            _fail(f"question {positional - 2} is not valid UTF-8", EXIT_USAGE)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI. `--debug` (anywhere on the line, or VLM_DEBUG=1) shows tracebacks."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("VLM_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
+    _check_text_arguments(args)
     try:
         rc = app(args=args, prog_name="vlm", standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
@@ -71,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     except VlmError as e:
         if debug:
             traceback.print_exc()
-        _fail(str(e), e.exit_code)
+        _fail(describe(e), e.exit_code)
     except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback unless --debug
         if debug:
             traceback.print_exc()

@@ -1,17 +1,19 @@
-"""The Typer app and what every command shares: stderr console, progress, JSON output."""
+"""The Typer app and what every command shares: stderr console, JSON output, common options.
+
+Kept light: `vlm --help`, `vlm models` and `vlm rm` import this and never load llama.cpp or ggml;
+commands import the tasks and engines they need inside their bodies.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from typing import Any, Iterator
+from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from vlmcli.images import DEFAULT_MAX_PIXELS
+from vlmcli.defaults import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
     name="vlm",
@@ -22,8 +24,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Options every model command takes (command-specific ones live beside their commands).
-ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores).")
+# Options every model command takes (command-specific ones live beside their commands); short
+# flags follow llama.cpp's (-t threads, -ngl GPU layers, -m model).
+ThreadsOpt = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: all cores).")
 MaxPixelsOpt = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard).")
 OfflineOpt = typer.Option(False, "--offline", help="Use only models already in the store (also HF_HUB_OFFLINE=1).")
 
@@ -43,26 +46,4 @@ def print_json(record: dict[str, Any]) -> None:
 
 def info(message: str) -> None:
     """A notice for the user on stderr (kept out of stdout so results stay parseable)."""
-    stderr.print(message, markup=False, soft_wrap=True)
-
-
-@contextlib.contextmanager
-def progress(total: int | None, description: str, quiet: bool = False) -> Iterator[Progress | None]:
-    """A rich progress bar on stderr when it is a terminal; None (no output) when piped or quiet."""
-    if quiet or not stderr_is_terminal():
-        yield None
-        return
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=False,
-    )
-    with bar:
-        bar.add_task(description, total=total, rate="")
-        yield bar
+    stderr.print(message, markup=False, highlight=False, soft_wrap=True)

@@ -2,8 +2,9 @@
 
 A command takes the options below through `@with_batch_options()` (Typer has no shared option
 groups: the decorator adds them to the command's signature and hands them over as one `BatchArgs`),
-expands the inputs with `expand`, loads its model once, and calls `run` with its BatchTask
-(vlmcli.tasks.batch) and how its records look as text / CSV.
+expands the inputs with `expand`, loads its model once, and calls `run` with its task
+(vlmcli.tasks) and how its records look as text / CSV. One named image runs the same way, as a
+batch of one whose failure is a plain error.
 """
 
 from __future__ import annotations
@@ -13,15 +14,20 @@ import inspect
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 import typer
 
 from vlmcli.cli.app import info
-from vlmcli.errors import EXIT_OK, ImageError, VlmError
-from vlmcli.tasks.batch import BatchOptions, BatchSummary, BatchTask, exit_code, report_summary, run_batch
-from vlmcli.tasks.inputs import Expansion, InputSpec, expand_inputs
-from vlmcli.tasks.records import CallbackSink, CsvSink, JsonlSink, NpySink, NullSink, Record, Sidecars, Sink, TextSink
+from vlmcli.errors import EXIT_OK, EXIT_USAGE, VlmError
+
+# The commands' modules import this one to declare their options; what runs a batch is imported
+# when one runs, so `vlm --help` stays fast.
+if TYPE_CHECKING:
+    from vlmcli.tasks.inputs import Expansion
+    from vlmcli.tasks.resume import Record
+    from vlmcli.tasks.runner import BatchSummary, Task
+    from vlmcli.tasks.sinks import Sink
 
 OutOpt = typer.Option(None, "--out", "-o", help="Write records to this file (JSONL, .csv, or .npy for embed); rerunning with it skips images already done.")
 FormatOpt = typer.Option(None, "--format", "-f", help="Output format: jsonl, csv (caption, classify), text, npy (embed). Default: from --out's extension, else jsonl for folders/globs/lists and text for named files.")
@@ -98,6 +104,8 @@ class BatchArgs:
 
 def expand(args: BatchArgs) -> Expansion:
     """The image paths to process; warnings go to stderr, no images at all is an error."""
+    from vlmcli.tasks.inputs import InputSpec, expand_inputs
+
     spec = InputSpec(list(args.inputs), list(args.files_from or []), args.null, list(args.exclude or []), args.include_hidden)
     expansion = expand_inputs(spec, stdin=sys.stdin.buffer if sys.stdin is not None else None)
     for w in expansion.warnings:
@@ -141,11 +149,11 @@ def output_format(args: BatchArgs, expansion: Expansion, allowed: tuple[str, ...
         else:
             fmt = "jsonl" if expansion.batch_like else display
     if fmt not in allowed:
-        raise VlmError(f"--format {fmt} is not available here (choose from {', '.join(allowed)})", exit_code=2)
+        raise VlmError(f"--format {fmt} is not available here (choose from {', '.join(allowed)})", exit_code=EXIT_USAGE)
     if fmt in ("text", "table") and args.out and args.out != "-":
-        raise VlmError(f"--format {fmt} goes to stdout only; use jsonl or csv with --out", exit_code=2)
+        raise VlmError(f"--format {fmt} goes to stdout only; use jsonl or csv with --out", exit_code=EXIT_USAGE)
     if fmt == "npy" and (not args.out or args.out == "-"):
-        raise VlmError("--format npy needs --out FILE.npy", exit_code=2)
+        raise VlmError("--format npy needs --out FILE.npy", exit_code=EXIT_USAGE)
     return fmt
 
 
@@ -160,6 +168,9 @@ def make_sink(
     number_rows: bool = False,
 ) -> Sink:
     """The sink for the chosen format: JSONL / CSV / .npy files (resumable) or stdout."""
+    from vlmcli.tasks.npy import NpySink
+    from vlmcli.tasks.sinks import CallbackSink, CsvSink, JsonlSink, NullSink, TextSink
+
     out = Path(args.out) if args.out and args.out != "-" else None
     if args.sidecar and out is None and args.format is None and not args.json:
         return NullSink()  # the sidecars are the output
@@ -180,41 +191,46 @@ def make_sink(
 
 
 def execute(
-    task: BatchTask,
+    task: Task,
     args: BatchArgs,
-    paths: list[str],
+    inputs: list[str],
     sink: Sink,
     sidecar_text: Callable[[Record], str] | None = None,
     single: bool = False,
 ) -> BatchSummary:
     """Run one batch (no summary, no exit): for commands that run several, e.g. embed's images then texts."""
+    from vlmcli.cli.progress import BatchProgress
+    from vlmcli.tasks.runner import BatchOptions, Observer, run_batch
+    from vlmcli.tasks.sidecars import Sidecars
+
     sidecars = Sidecars(overwrite=args.overwrite) if args.sidecar else None
     if sidecars is not None and sidecar_text is None:
-        raise VlmError(f"--sidecar is not available for {task.name}", exit_code=2)
-    options = BatchOptions(
-        redo=args.redo,
-        use_hash=args.use_hash,
-        sidecars=sidecars,
-        sidecar_text=sidecar_text,
-        quiet=args.quiet,
-        single=single,
-    )
-    return run_batch(task, paths, sink, options)
+        raise VlmError(f"--sidecar is not available for {task.name}", exit_code=EXIT_USAGE)
+    options = BatchOptions(redo=args.redo, use_hash=args.use_hash, sidecars=sidecars, sidecar_text=sidecar_text)
+    # One named image: no progress; its failure becomes the command's error (see conclude).
+    observer = Observer() if single else BatchProgress(quiet=args.quiet)
+    return run_batch(task, inputs, sink, options, observer)
 
 
 def conclude(name: str, summary: BatchSummary, args: BatchArgs, single: bool = False) -> None:
     """The summary line, then exit with the batch's status (a single image's failure is a plain error)."""
+    from vlmcli.cli.progress import BatchProgress
+    from vlmcli.tasks.runner import exit_code
+
     if single and summary.errors:
-        path, message = summary.errors[0]
-        raise ImageError(message, path)
-    report_summary(name, summary, BatchOptions(quiet=args.quiet, single=single))
+        path, error = summary.errors[0]
+        if error.path is None:
+            error.path = path
+        raise error
+    if not args.quiet and not single:
+        BatchProgress.summary_line(name, summary)
     code = exit_code(summary)
     if code != EXIT_OK:
         raise typer.Exit(code)
 
 
 def run(
-    task: BatchTask,
+    task: Task,
     args: BatchArgs,
     expansion: Expansion,
     sink: Sink,
@@ -224,13 +240,6 @@ def run(
     """Run the batch, print the summary, and exit with the batch's status."""
     summary = execute(task, args, expansion.paths, sink, sidecar_text, single)
     conclude(task.name, summary, args, single)
-
-
-def merge_summaries(a: BatchSummary, b: BatchSummary) -> BatchSummary:
-    return BatchSummary(
-        total=a.total + b.total, done=a.done + b.done, skipped=a.skipped + b.skipped, failed=a.failed + b.failed,
-        elapsed_s=a.elapsed_s + b.elapsed_s, interrupted=a.interrupted or b.interrupted, errors=a.errors + b.errors,
-    )
 
 
 def batch_args(

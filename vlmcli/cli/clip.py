@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from vlmcli.cli import batch as batch_cli
 from vlmcli.cli.app import MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info
+from vlmcli.defaults import DEFAULT_IMAGE_BATCH
 from vlmcli.errors import EXIT_USAGE, VlmError
-from vlmcli.tasks.batch import BatchSummary, ClipImageTask, ClipTextTask, classify_csv_row
-from vlmcli.tasks.classify import (
-    Classification,
-    encode_labels,
-    parse_labels,
-    read_labels_file,
-    unique_labels,
-)
-from vlmcli.tasks.embed import DEFAULT_IMAGE_BATCH
-from vlmcli.tasks.records import JsonlSink, NpySink, Sink
+
+if TYPE_CHECKING:
+    from vlmcli.tasks.models import OpenedModel
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Store name (see `vlm models`), a CLIP .gguf file, or a folder holding one.")
 BatchOpt = typer.Option(DEFAULT_IMAGE_BATCH, "--batch-size", "-b", min=1, help="Images encoded together.")
@@ -32,65 +23,38 @@ DeviceOpt = typer.Option(None, "--device", help="ggml device name (CPU, CUDA0, V
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Say more on stderr (model, truncated texts).")
 
 
-class LoadedClip:
-    """A resolved and loaded CLIP model plus the name records carry."""
+def _open(model: Optional[str], offline: bool, threads: Optional[int], n_gpu_layers: int, device: Optional[str],
+          verbose: bool) -> OpenedModel:
+    from vlmcli.tasks.models import ModelSpec, open_model
 
-    def __init__(self, spec: Optional[str], offline: bool, threads: Optional[int], n_gpu_layers: int,
-                 device: Optional[str], verbose: bool) -> None:
-        from vlmcli.engines.clip import ClipModel
-
-        path, self.name = resolve_clip(spec, offline)
-        # CLIP goes to the GPU whole or not at all; -1 ("all layers", as for llama.cpp) means the GPU too.
-        gpu_layers = 0 if n_gpu_layers == 0 else max(1, n_gpu_layers)
-        self.model = ClipModel.load(path, n_threads=threads, n_gpu_layers=gpu_layers, device=device)
-        if verbose:
-            c = self.model.config
-            info(f"vlm: model {self.name}: {path} ({c.file_type}, {c.image_size} px, {c.projection_dim}-d)")
+    spec = ModelSpec(model, offline=offline or None, n_threads=threads, n_gpu_layers=n_gpu_layers, device=device)
+    opened = open_model(spec, "clip", notify=info)
+    if verbose:
+        c = opened.engine.config
+        info(f"vlm: model {opened.name}: {opened.path} ({c.file_type}, {c.image_size} px, {c.projection_dim}-d)")
+    return opened
 
 
-def resolve_clip(spec: Optional[str], offline: bool) -> tuple[Path, str]:
-    """--model -> (GGUF path, name for the records) through the model store.
+def _print_table(console: Any, record: dict[str, Any]) -> None:
+    from rich.table import Table
+    from rich.text import Text
 
-    A .gguf file path goes straight to ClipModel.load, which validates it (require_kind) itself:
-    going through resolve_model too would parse the large header twice.
-    """
-    if spec and spec.lower().endswith(".gguf") and Path(spec).expanduser().is_file():
-        path = Path(spec).expanduser()
-        return path, path.stem
-    try:
-        from vlmcli.store.resolve import resolve_model
-    except ImportError:  # the store is optional for a plain path
-        if not spec:
-            raise VlmError("no model given: pass --model FILE.gguf", exit_code=EXIT_USAGE) from None
-        return Path(spec), Path(spec).stem
-    resolved = resolve_model(spec, "clip", offline=offline or None, notify=info)
-    return Path(resolved.model), resolved.name
-
-
-def _stdout_console() -> Console:
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
-
-
-def _print_table(console: Console, result: Classification) -> None:
     # The path on its own line, never wrapped (a table title would wrap long paths at the table width).
-    console.print(result.path, markup=False, highlight=False, soft_wrap=True)
+    console.print(record["path"], markup=False, highlight=False, soft_wrap=True)
     table = Table(show_edge=True)
     table.add_column("#", justify="right")
     table.add_column("label")
     table.add_column("score", justify="right")
-    for rank, (label, score) in enumerate(result.labels, 1):
-        table.add_row(str(rank), Text(label), f"{score:.4f}")  # Text: labels are not rich markup
+    for rank, x in enumerate(record.get("labels", []), 1):
+        table.add_row(str(rank), Text(x["label"]), f"{float(x['score']):.4f}")  # Text: labels are not rich markup
     console.print(table)
 
 
 def _table_printer() -> Any:
-    console = _stdout_console()
+    from rich.console import Console
 
-    def emit(record: dict[str, Any]) -> None:
-        labels = [(x["label"], float(x["score"])) for x in record.get("labels", [])]
-        _print_table(console, Classification(record["path"], labels))
-
-    return emit
+    console = Console(file=sys.stdout, highlight=False, soft_wrap=False)
+    return lambda record: _print_table(console, record)
 
 
 @app.command()
@@ -100,7 +64,7 @@ def classify(
     labels: Optional[str] = typer.Option(None, "--labels", "-l", help='Comma-separated labels, e.g. "cat,dog,car".'),
     labels_file: Optional[Path] = typer.Option(None, "--labels-file", help="File with one label per line (# comments)."),
     templates: Optional[List[str]] = typer.Option(
-        None, "--template", "-t",
+        None, "--template",
         help='Prompt with {} for the label (default "a photo of a {}."); repeat to ensemble several.'),
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Labels shown per image."),
     json_out: bool = typer.Option(False, "--json", help="JSON lines: {path, model, label, score, labels: [{label, score}], ...}."),
@@ -115,6 +79,10 @@ def classify(
     batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
 ) -> None:
     """Zero-shot classification: score each image against your labels (no training). Tables for named files, JSONL for folders, globs and lists."""
+    from vlmcli.tasks.classify import (
+        ClassifyTask, check_templates, classify_csv_row, encode_labels, parse_labels, read_labels_file, unique_labels,
+    )
+
     if labels is None and labels_file is None:
         raise VlmError('give the labels: --labels "cat,dog,car" or --labels-file FILE', exit_code=EXIT_USAGE)
     wanted = parse_labels(labels) if labels is not None else []
@@ -123,6 +91,7 @@ def classify(
     wanted = unique_labels(wanted)
     if not wanted:
         raise VlmError("the label list is empty", labels_file, exit_code=EXIT_USAGE)
+    check_templates(templates)
     if not images and not batch.files_from:
         raise VlmError("give image files, folders, globs, - or --files-from", exit_code=EXIT_USAGE)
     args = batch.for_inputs(list(images or []), json=json_out)
@@ -134,18 +103,15 @@ def classify(
     )
     if single:
         batch_cli.check_single_image(expansion.paths[0], max_pixels)
-
-    clip = LoadedClip(model, offline, threads, n_gpu_layers, device, verbose)
-    label_set = encode_labels(clip.model, wanted, templates)
-    if verbose:
-        info(f"vlm: {len(wanted)} labels x {len(label_set.templates)} template(s)")
-        for prompt in label_set.truncated_prompts:
-            info(f"vlm: note: prompt truncated to {clip.model.config.context_length} tokens: {prompt}")
-    task = ClipImageTask(clip.model, "classify", batch_size, max_pixels, label_set, top_k, model_name=clip.name)
-    try:
+    with _open(model, offline, threads, n_gpu_layers, device, verbose) as opened:
+        clip = opened.engine
+        label_set = encode_labels(clip, wanted, templates)
+        if verbose:
+            info(f"vlm: {len(wanted)} labels x {len(label_set.templates)} template(s)")
+            for prompt in label_set.truncated_prompts:
+                info(f"vlm: note: prompt truncated to {clip.config.context_length} tokens: {prompt}")
+        task = ClassifyTask(clip, label_set, top_k, batch_size=batch_size, max_pixels=max_pixels, model_name=opened.name)
         summary = batch_cli.execute(task, args, expansion.paths, sink, single=single)
-    finally:
-        clip.model.close()
     batch_cli.conclude("classify", summary, args, single)
 
 
@@ -181,6 +147,11 @@ def embed(
     batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
 ) -> None:
     """CLIP embeddings (L2-normalised) of images and texts; rows: images first, then texts."""
+    from vlmcli.tasks.embed import EmbedImagesTask, EmbedTextsTask
+    from vlmcli.tasks.npy import NpySink
+    from vlmcli.tasks.runner import BatchSummary
+    from vlmcli.tasks.sinks import JsonlSink, Sink
+
     all_texts = list(texts or [])
     if text_file is not None:
         all_texts += _read_text_file(text_file)
@@ -198,26 +169,23 @@ def embed(
         if single:
             batch_cli.check_single_image(paths[0], max_pixels)
 
-    def sink() -> Sink:  # one per run_batch: a file sink reopens (and re-checks) the files
+    stdout_sink = JsonlSink(None, number_rows=True)
+
+    def sink() -> Sink:  # one per run: a file sink reopens (and re-checks) the files
         return NpySink(Path(out)) if out and out != "-" else stdout_sink
 
-    stdout_sink = JsonlSink(None, number_rows=True)
-    clip = LoadedClip(model, offline, threads, n_gpu_layers, device, verbose)
-    image_task = ClipImageTask(clip.model, "embed", batch_size, max_pixels, model_name=clip.name)
-    summary = BatchSummary()
-    try:
+    with _open(model, offline, threads, n_gpu_layers, device, verbose) as opened:
+        image_task = EmbedImagesTask(opened.engine, batch_size, max_pixels, model_name=opened.name)
+        summary = BatchSummary()
         if paths:
             summary = batch_cli.execute(image_task, args, paths, sink(), single=single)
         if all_texts and not summary.interrupted:
-            text_task = ClipTextTask(image_task)
-            text_args = batch_cli.BatchArgs(**{**args.__dict__, "redo": args.redo and not paths})
-            texts_summary = batch_cli.execute(text_task, text_args, all_texts, sink(), single=single)
-            summary = batch_cli.merge_summaries(summary, texts_summary)
+            text_task = EmbedTextsTask(image_task)
+            text_args = args.for_inputs(args.inputs, redo=args.redo and not paths)
+            summary = summary + batch_cli.execute(text_task, text_args, all_texts, sink(), single=single)
             if verbose:
                 for t in text_task.truncated:
-                    info(f"vlm: note: text truncated to {clip.model.config.context_length} tokens: {t}")
-    finally:
-        clip.model.close()
+                    info(f"vlm: note: text truncated to {opened.engine.config.context_length} tokens: {t}")
     if out and out != "-" and not args.quiet and summary.done:
         info(f"vlm: embeddings in {out} (rows described in {Path(out).with_suffix('.jsonl')})")
     batch_cli.conclude("embed", summary, args, single)

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from vlmcli.cli.app import app, info, progress
+from vlmcli.cli.app import app, info
+from vlmcli.cli.progress import progress
 
 _CONVERT_HELP = (
     "Convert a Hugging Face checkpoint folder to GGUF.\n\n"

@@ -258,7 +258,7 @@ class ClipModel(NativeResource):
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, n_threads: int | None = None, n_gpu_layers: int = 0,
              device: str | None = None, batch_size: int = 32) -> ClipModel:
-        """Load a two-tower CLIP GGUF. n_gpu_layers > 0 puts the whole model on the first GPU device
+        """Load a two-tower CLIP GGUF. n_gpu_layers != 0 (-1 = all, as for llama.cpp) puts the whole model on the first GPU device
         (CLIP is small: all or nothing); device names a ggml device ("CPU", "CUDA0", "Vulkan0", ...)."""
         p = Path(path)
         # Header checks (refuses LM / mmproj files), with the vocabulary and merges for the tokenizer.
@@ -283,7 +283,7 @@ class ClipModel(NativeResource):
             if ne[0] % ggml.block_size(tname):
                 raise ModelError(f"tensor {name}: rows of {ne[0]} do not fit {tname} blocks", p)
 
-        backend = Backend(device=device, gpu=n_gpu_layers > 0, n_threads=n_threads)
+        backend = Backend(device=device, gpu=n_gpu_layers != 0, n_threads=n_threads)
         weights = Graph(max_tensors=len(specs) + 8)
         try:
             tensors = {name: weights.new_tensor(stored[name].type, ne, name) for name, (ne, _) in specs.items()}

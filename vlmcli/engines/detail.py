@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vlmcli.errors import VlmError
+from vlmcli.errors import InvalidOption, VlmError
 
 DETAIL_LEVELS = ("low", "high", "auto")
 AUTO_CPU_MAX_TILES = 4
@@ -48,9 +48,9 @@ class VisionGeometry:
 
 def validate(detail: str, max_tiles: int | None) -> None:
     if detail not in DETAIL_LEVELS:
-        raise VlmError(f"unknown detail level {detail!r} (choose low, high or auto)")
+        raise InvalidOption("detail", f"unknown detail level {detail!r} (choose low, high or auto)")
     if max_tiles is not None and max_tiles < 0:
-        raise VlmError("--max-tiles must be 0 (overview only) or more")
+        raise InvalidOption("max_tiles", f"the tile cap is {max_tiles}; it must be 0 (overview only) or more")
 
 
 def choose(

@@ -21,10 +21,10 @@ from PIL import Image
 
 from vlmcli.engines import detail as detail_policy
 from vlmcli.engines.gguf_check import GgufInfo, require_kind
-from vlmcli.engines.llama_native import llama, mtmd, quiet_native_logs
+from vlmcli.engines.llama_native import extra_buffers_allowed, llama, mtmd, quiet_native_logs
 from vlmcli.engines.native import NativeResource
 from vlmcli.engines.prompt import ChatPrompt
-from vlmcli.errors import ModelError, VlmError
+from vlmcli.errors import ContextOverflow, ModelError, VlmError
 
 # Called with each piece of generated text; returning False stops generation.
 TokenCallback = Callable[[str], "bool | None"]
@@ -152,6 +152,7 @@ class VlmEngine(NativeResource):
     def _load(self) -> None:
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = self.options.n_gpu_layers if self.options.n_gpu_layers >= 0 else 999
+        mparams.use_extra_bufts = extra_buffers_allowed()
         model = llama.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not model:
             raise ModelError("llama.cpp could not load this model file", self.model_path)
@@ -283,7 +284,7 @@ class VlmEngine(NativeResource):
                 b.logits[len(part) - 1] = True
             rc = llama.llama_decode(self._ctx, b)
             if rc != 0:
-                raise VlmError(f"llama.cpp failed to decode the prompt (code {rc}; is the context of {self.n_ctx} tokens too small?)")
+                raise VlmError(f"llama.cpp failed to decode the prompt (code {rc}; the context holds {self.n_ctx} tokens)")
         return n_past + len(tokens)
 
     def _tokenize_with_image(self, image: Image.Image, prompt_text: str, max_tokens: int) -> tuple[object, list[_Chunk]]:
@@ -349,10 +350,7 @@ class VlmEngine(NativeResource):
             n_image_tokens = sum(c.n_tokens for c in used)
             n_total = sum(len(c.tokens) if c.kind == "text" else c.n_tokens for c in seq)
             if n_total + 8 > self.n_ctx:
-                raise VlmError(
-                    f"the prompt needs {n_total} tokens ({n_image_tokens} for the image), more than the context "
-                    f"of {self.n_ctx} (raise --ctx or lower --detail)"
-                )
+                raise ContextOverflow(n_total, self.n_ctx, n_image_tokens)
             n_past = 0
             done = 0
             if on_progress is not None:
@@ -422,9 +420,7 @@ class VlmEngine(NativeResource):
             llama.llama_memory_seq_rm(memory, 0, n_prefix, -1)
             suffix = self.tokenize(chat.after_image(prompt))
             if n_prefix + len(suffix) + 1 > self.n_ctx:
-                raise VlmError(
-                    f"the prompt needs {n_prefix + len(suffix)} tokens, more than the context of {self.n_ctx} (raise --ctx)"
-                )
+                raise ContextOverflow(n_prefix + len(suffix), self.n_ctx)
             t0 = time.perf_counter()
             n_past = self._decode_tokens(suffix, n_prefix, logits_last=True)
             timings.prefill_ms += (time.perf_counter() - t0) * 1000

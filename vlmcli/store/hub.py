@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vlmcli.errors import VlmError
+from vlmcli.files import sha256_file
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -192,14 +193,6 @@ def _tqdm_class(progress: bool) -> Any:
             super().__init__(*args, **kwargs)
 
     return _Silent
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def git_blob_oid(path: Path) -> str:

@@ -1,5 +1,34 @@
-"""`vlm caption`: SmolVLM2 describes each image. The work itself is `ask` with a fixed prompt,
-run over many images by the batch runner (tasks/batch.py VlmTask); here are its defaults."""
+"""`caption`: SmolVLM2 describes each image: `ask` with one fixed instruction; records carry "caption"."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vlmcli.defaults import DEFAULT_MAX_PIXELS
+from vlmcli.tasks.ask import AskTask
+from vlmcli.tasks.resume import Record
+
+if TYPE_CHECKING:
+    from vlmcli.engines.llama import Generation, GenerationOptions, VlmEngine
 
 DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
 DEFAULT_CAPTION_MAX_TOKENS = 96
+
+
+class CaptionTask(AskTask):
+    name = "caption"
+
+    def __init__(self, engine: VlmEngine, generation: GenerationOptions, prompt: str = DEFAULT_CAPTION_PROMPT,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        super().__init__(engine, [prompt], generation, max_pixels)
+
+    def _inputs(self) -> dict[str, Any]:
+        return {"prompt": self.prompts[0]}
+
+    def _results(self, gens: list[Generation]) -> Record:
+        return {"caption": gens[0].text.strip(), "stop_reason": gens[0].stop_reason}
+
+
+def caption_text(record: Record) -> str:
+    """A caption on one line (text output, CSV, sidecars)."""
+    return " ".join(str(record.get("caption", "")).split())

@@ -1,35 +1,24 @@
-"""Zero-shot classification with CLIP: images against the user's own labels, no training.
+"""`classify`: CLIP zero-shot classification, images against the user's own labels, no training.
 
 Each label becomes one or more prompts ("a photo of a {}." by default); with several templates the
 label's embedding is the mean of its L2-normalised prompt embeddings, renormalised (CLIP's prompt
-ensembling). Scores are softmax(logit_scale * cosine) over the labels.
-
-For streaming callers: `encode_labels` once per run, then `classify_pixels` per chunk of images that
-`vlmcli.tasks.embed.prepare_image` has decoded (possibly in another thread); `classify_images` is the
-convenience loop over paths.
+ensembling). Scores are softmax(logit_scale * cosine) over the labels. The labels are encoded once
+per run (`encode_labels`); records carry the top-k labels with their scores.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from vlmcli.engines.clip_tokenizer import ClipTokenizer
-from vlmcli.errors import EXIT_USAGE, VlmError
-from vlmcli.images import DEFAULT_MAX_PIXELS
-from vlmcli.tasks.embed import (
-    DEFAULT_IMAGE_BATCH,
-    DEFAULT_TEXT_BATCH,
-    ImageFailure,
-    embed_pixels,
-    embed_texts,
-    iter_image_batches,
-    l2_normalize,
-)
+from vlmcli.errors import InvalidOption, VlmError
+from vlmcli.tasks.embed import DEFAULT_TEXT_BATCH, ClipImagesTask, embed_pixels, embed_texts, l2_normalize
+from vlmcli.tasks.resume import Record
 
 if TYPE_CHECKING:
     from vlmcli.engines.clip import ClipModel
@@ -47,14 +36,6 @@ class LabelEmbeddings:
     vectors: np.ndarray  # (L, D) float32
     logit_scale: float  # exp()-ed (about 100 for trained CLIPs)
     truncated_prompts: list[str]  # prompts cut to the context length
-
-
-@dataclass
-class Classification:
-    """One image's result: the top-k (label, probability), best first."""
-
-    path: str
-    labels: list[tuple[str, float]]
 
 
 def parse_labels(text: str) -> list[str]:
@@ -85,7 +66,7 @@ def check_templates(templates: Sequence[str] | None) -> list[str]:
     templates = list(templates) if templates else [DEFAULT_TEMPLATE]
     for t in templates:
         if LABEL_PLACEHOLDER not in t:
-            raise VlmError(f"template {t!r} has no {LABEL_PLACEHOLDER} where the label goes", exit_code=EXIT_USAGE)
+            raise InvalidOption("templates", f"template {t!r} has no {LABEL_PLACEHOLDER} where the label goes")
     return templates
 
 
@@ -95,26 +76,22 @@ def fill_template(template: str, label: str) -> str:
 
 
 def encode_labels(
-    model: "ClipModel",
-    labels: Sequence[str],
-    templates: Sequence[str] | None = None,
-    batch_size: int = DEFAULT_TEXT_BATCH,
-    tokenizer: ClipTokenizer | None = None,
+    model: ClipModel, labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int = DEFAULT_TEXT_BATCH
 ) -> LabelEmbeddings:
     """Text embeddings of the labels (computed once per run), ensembled over the templates."""
     labels = list(labels)
     if not labels:
-        raise VlmError("no labels given (use --labels \"cat,dog\" or --labels-file FILE)", exit_code=EXIT_USAGE)
+        raise InvalidOption("labels", "no labels given")
     templates = check_templates(templates)
     prompts = [fill_template(t, label) for label in labels for t in templates]
-    text = embed_texts(model, prompts, batch_size, tokenizer)
-    per_label = text.vectors.reshape(len(labels), len(templates), -1).mean(axis=1)
+    vectors, truncated = embed_texts(model, prompts, batch_size)
+    per_label = vectors.reshape(len(labels), len(templates), -1).mean(axis=1)
     return LabelEmbeddings(
         labels=labels,
         templates=templates,
         vectors=l2_normalize(per_label),
         logit_scale=float(model.config.logit_scale),
-        truncated_prompts=[p for p, cut in zip(prompts, text.truncated) if cut],
+        truncated_prompts=[p for p, cut in zip(prompts, truncated) if cut],
     )
 
 
@@ -133,24 +110,38 @@ def top_k(probabilities: np.ndarray, labels: Sequence[str], k: int) -> list[list
     return [[(labels[j], float(row[j])) for j in idx] for row, idx in zip(probabilities, order)]
 
 
-def classify_pixels(
-    model: "ClipModel", pixels: np.ndarray, labels: LabelEmbeddings, k: int = 5
-) -> list[list[tuple[str, float]]]:
-    """A chunk of preprocessed images (N, 3, S, S) -> per image its top-k (label, probability)."""
-    if len(pixels) == 0:
-        return []
-    return top_k(label_probabilities(embed_pixels(model, pixels), labels), labels.labels, k)
+class ClassifyTask(ClipImagesTask):
+    """Records carry "label" and "score" (the best) and "labels": the top-k [{label, score}]."""
+
+    name = "classify"
+
+    def __init__(self, model: ClipModel, labels: LabelEmbeddings, top_k: int = 5, **kwargs: Any):
+        super().__init__(model, **kwargs)
+        self.labels = labels
+        self.top_k = top_k
+        self.identity["candidates"] = list(labels.labels)
+        self.identity["options"] = {"templates": list(labels.templates), "top_k": top_k}
+
+    def run(self, prepared: list[np.ndarray]) -> list[Record | VlmError]:
+        t0 = time.perf_counter()
+        probabilities = label_probabilities(embed_pixels(self.model, np.stack(prepared)), self.labels)
+        tops = top_k(probabilities, self.labels.labels, self.top_k)
+        per_image = round((time.perf_counter() - t0) * 1000 / len(prepared), 2)
+        return [
+            {
+                "label": top[0][0],
+                "score": top[0][1],
+                "labels": [{"label": lab, "score": p} for lab, p in top],
+                "timings": {"model_ms": per_image},
+            }
+            for top in tops
+        ]
 
 
-def classify_images(
-    model: "ClipModel",
-    paths: Iterable[str | os.PathLike[str]],
-    labels: LabelEmbeddings,
-    k: int = 5,
-    batch_size: int = DEFAULT_IMAGE_BATCH,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> Iterator[Classification | ImageFailure]:
-    """Classify images in input order; a bad file yields an ImageFailure in its place."""
-    for batch in iter_image_batches(paths, model.config, batch_size, max_pixels):
-        results = classify_pixels(model, batch.pixels, labels, k)
-        yield from batch.merge([Classification(p, r) for p, r in zip(batch.paths, results)])
+def classify_csv_row(record: Record) -> dict[str, Any]:
+    top = record.get("labels") or []
+    return {
+        "label": record.get("label", ""),
+        "score": record.get("score", ""),
+        "top": "; ".join(f"{t['label']}={float(t['score']):.4f}" for t in top),
+    }

@@ -1,0 +1,10 @@
+"""Defaults and limits shared by the engines, the tasks and the front ends (importable without
+numpy or Pillow, so the CLI can declare its options and still start fast)."""
+
+# Larger images are refused unless the user raises the cap (--max-pixels): a
+# small PNG can decompress to gigabytes ("decompression bomb").
+DEFAULT_MAX_PIXELS = 64_000_000
+
+# CLIP: images and texts encoded together in one graph.
+DEFAULT_IMAGE_BATCH = 8
+DEFAULT_TEXT_BATCH = 64
