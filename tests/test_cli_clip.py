@@ -275,6 +275,15 @@ def test_embed_usage_errors(clip_gguf: Path, tmp_path: Path, args: list[str], me
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
+def test_text_arguments_must_be_utf8(clip_gguf: Path, images, tmp_path: Path) -> None:
+    for option, args in (("--text", [b"embed", b"--text", b"\xffcat"]),
+                         ("--labels", [b"classify", str(images["cat"]).encode(), b"--labels", b"cat,d\xf6g"])):
+        r = subprocess.run([sys.executable.encode(), b"-m", b"vlmcli", *args, b"--model", str(clip_gguf).encode()],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr == f"vlm: error: {option}: the text is not valid UTF-8\n"
+
+
 def test_wrong_model_file(images, tmp_path: Path) -> None:
     not_gguf = tmp_path / "model.gguf"
     not_gguf.write_bytes(b"not a gguf at all")

@@ -138,7 +138,25 @@ def test_bad_models(smolvlm2_gguf, tmp_path: Path) -> None:
 
 def test_prompt_longer_than_context(model_dir: Path) -> None:
     r = vlm("ask", str(SAMPLE), "word " * 600, "--model", str(model_dir), "--ctx", "256", "--detail", "low")
-    assert_one_line_error(r, "context")
+    # The engine says how many tokens were needed; the CLI adds the flag to change.
+    assert_one_line_error(r, str(SAMPLE), "more than the context of 256", "(raise --ctx)")
+
+
+def test_streamed_text_is_the_records_answer(model_dir: Path) -> None:
+    text = vlm("ask", str(SAMPLE), "What is this?", "--model", str(model_dir), "-n", "6")
+    rec = json.loads(vlm("ask", str(SAMPLE), "What is this?", "--model", str(model_dir), "-n", "6", "--json").stdout)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout == rec["answers"][0]["answer"] + "\n"
+
+
+def test_text_arguments_must_be_utf8(model_dir: Path) -> None:
+    # argv bytes that are not UTF-8 (a Latin-1 shell, a script's bug): one line naming the argument.
+    for args, needle in (([b"ask", str(SAMPLE).encode(), b"caf\xe9?"], "question 1 is not valid UTF-8"),
+                         ([b"caption", str(SAMPLE).encode(), b"--prompt", b"\xff"], "--prompt: the text is not valid UTF-8")):
+        r = subprocess.run([sys.executable.encode(), b"-m", b"vlmcli", *args, b"--model", str(model_dir).encode()],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 2
+        assert_one_line_error(r, needle)
 
 
 def test_debug_shows_the_traceback(model_dir: Path, tmp_path: Path) -> None:

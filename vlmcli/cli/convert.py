@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from vlmcli.cli.app import app, info
-from vlmcli.cli.progress import progress
 
 _CONVERT_HELP = (
     "Convert a Hugging Face checkpoint folder to GGUF.\n\n"
@@ -16,7 +15,6 @@ _CONVERT_HELP = (
     "NAME-QUANT.gguf and mmproj-NAME-MMPROJ_QUANT.gguf. CLIP gives one two-tower file. "
     "The written paths are printed on stdout, one per line."
 )
-
 
 @app.command(help=_CONVERT_HELP)
 def convert(
@@ -32,6 +30,8 @@ def convert(
     arch = checkpoint_architecture(checkpoint_dir)  # fail fast (and name config.json) before any work
     if arch in SMOLVLM_ARCHITECTURES:
         from vlmcli.convert.smolvlm2 import convert_smolvlm2
+
+        from vlmcli.cli.progress import progress
 
         info(f"converting {checkpoint_dir} ({arch})")
         with progress(None, "writing tensors") as bar:
@@ -49,7 +49,6 @@ def convert(
         paths = convert_checkpoint(checkpoint_dir, out, quant, mmproj_quant=mmproj_quant)
     for p in paths:
         typer.echo(str(p))
-
 
 @app.command(help="Quantize a language-model GGUF with llama.cpp's quantizer (F16, Q8_0, Q4_K_M, Q5_K_M). Prints the output path.")
 def quantize(

@@ -545,13 +545,9 @@ class Backend:
                 names = ", ".join(n for n, _, _ in list_devices())
                 raise VlmError(f"no ggml device named {device!r} in this build (available: {names})")
             self.ptr = L.ggml_backend_dev_init(dev, None)
-        elif gpu and device is None:
-            L.ggml_backend_load_all()
-            dev = L.ggml_backend_dev_by_type(DEV_GPU) or L.ggml_backend_dev_by_type(DEV_IGPU)
-            if not dev:
-                raise VlmError("GPU offload requested but this llama-cpp-python build has no GPU backend")
-            self.ptr = L.ggml_backend_dev_init(dev, None)
-        else:
+        elif gpu and device is None and self._gpu_device():
+            self.ptr = L.ggml_backend_dev_init(self._gpu_device(), None)
+        else:  # as llama.cpp does with -ngl on a build without a GPU backend: the CPU
             self.ptr = L.ggml_backend_cpu_init()
         if not self.ptr:
             raise VlmError("could not initialise the ggml backend")
@@ -565,6 +561,12 @@ class Backend:
         self.buffer_type = L.ggml_backend_get_default_buffer_type(self.ptr)
         self.gallocr = L.ggml_gallocr_new(self.buffer_type)
         self.buffers: list[int] = []
+
+    @staticmethod
+    def _gpu_device() -> int | None:
+        L = lib()
+        L.ggml_backend_load_all()  # GPU backends may be separate modules in some builds
+        return L.ggml_backend_dev_by_type(DEV_GPU) or L.ggml_backend_dev_by_type(DEV_IGPU) or None
 
     def set_threads(self, n: int) -> None:
         """Threads for the next compute (CPU backend; at most the n_threads it was created with)."""

@@ -1,22 +1,26 @@
 """The model store: registry (models.toml), installed models, pulls from the Hugging Face Hub, and
-`resolve_model`, which turns a `--model` value into checked GGUF files."""
+`resolve_model`, which turns a `--model` value into checked GGUF files.
 
-from vlmcli.store.pull import PullResult, pull_model
-from vlmcli.store.registry import DEFAULT_MODELS, ModelEntry, Registry, load_registry
-from vlmcli.store.resolve import ResolvedModel, resolve_model
-from vlmcli.store.store import InstalledModel, Store, StoreError, store_root
+Names are imported from their modules on first use: `vlm models` reads the registry without
+loading the GGUF reader (and numpy) that resolving a model needs.
+"""
 
-__all__ = [
-    "DEFAULT_MODELS",
-    "InstalledModel",
-    "ModelEntry",
-    "PullResult",
-    "Registry",
-    "ResolvedModel",
-    "Store",
-    "StoreError",
-    "load_registry",
-    "pull_model",
-    "resolve_model",
-    "store_root",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "PullResult": "pull", "pull_model": "pull",
+    "DEFAULT_MODELS": "registry", "ModelEntry": "registry", "Registry": "registry", "load_registry": "registry",
+    "ResolvedModel": "resolve", "resolve_model": "resolve",
+    "InstalledModel": "store", "Store": "store", "StoreError": "store", "store_root": "store",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"vlmcli.store.{_WHERE[name]}"), name)
