@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import re
 import resource
 import shutil
 import statistics
@@ -36,6 +38,22 @@ LABELS = ["cat", "dog", "car", "tree", "house", "bird", "boat", "flower", "horse
           "mountain", "beach", "city at night", "bowl of soup", "red apple", "laptop", "teddy bear", "clock",
           "train", "airplane", "cup of coffee", "chair", "book", "sunset over the sea", "snowy forest", "robot",
           "violin", "pair of shoes", "hot air balloon", "lighthouse"]
+
+
+def cpu_info() -> dict:
+    """The CPU the figures come from, and what the ggml build uses of it: ggml picks kernels by both."""
+    import llama_cpp
+
+    fields = {}
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    flags = fields.get("flags", "").split()
+    build = llama_cpp.llama_print_system_info().decode()
+    return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
+            "cpu_avx2": "avx2" in flags, "cpu_avx512": "avx512f" in flags,
+            "ggml_features": re.findall(r"(\w+) = 1", build)}
 
 
 def peak_rss_mb() -> float:
@@ -94,8 +112,9 @@ def worker(kind: str, gguf_path: Path, runs: int, threads: int | None) -> dict:
         from clip_reference import ReferenceClip
 
         ref = ReferenceClip(gguf_path, dtype=np.float32)
-        # The same work as the engine: positions after the batch's last end token cannot change the
-        # pooled states (causal attention), and the engine skips them, so the baseline does too.
+        # About the engine's work: positions after the end token cannot change the pooled states
+        # (causal attention); the engine runs each text up to its own end token rounded up to
+        # clip.TEXT_LENGTH_STEP, the baseline up to the batch's last end token.
         n_ctx = int(tokens.argmax(1).max()) + 1
         images, texts = ref.encode_images, lambda t: ref.encode_texts(t[:, :n_ctx])
     load_s = time.perf_counter() - t0
@@ -133,6 +152,7 @@ def main() -> int:
         return 0
 
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    cpu = cpu_info()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-clip-"))
     try:
         models = build_models(work)
@@ -155,6 +175,8 @@ def main() -> int:
 
     header = f"{'engine':<30} {'load s':>7} {'img/s b1':>12} {'img/s b32':>13} {'texts/s b32':>14} {'peak RSS MB':>12}"
     print(f"CLIP ViT-B/32, real size, random weights; {os.cpu_count()} cores; medians of {args.runs} runs")
+    print(f"CPU: {cpu['cpu']} (AVX2 {'yes' if cpu['cpu_avx2'] else 'no'}, AVX-512 {'yes' if cpu['cpu_avx512'] else 'no'}); "
+          f"ggml build: {' '.join(cpu['ggml_features'])}")
     print(header)
     for r in rows:
         print(f"{r['name']:<30} {r['load_s']:>7.2f} "
@@ -165,8 +187,8 @@ def main() -> int:
           f"load average before: {load_before})")
     OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / f"bench_clip-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"model": "clip-vit-base-patch32 (random weights)", "cpu_count": os.cpu_count(), "load_average_before": load_before,
-                               "results": rows}, indent=2))
+    out.write_text(json.dumps({"model": "clip-vit-base-patch32 (random weights)", "cpu_count": os.cpu_count(), **cpu,
+                               "load_average_before": load_before, "results": rows}, indent=2))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -18,7 +18,7 @@ import ctypes
 import sys
 from pathlib import Path
 
-VLM_ABI_VERSION = 1
+VLM_ABI_VERSION = 2
 VLM_OK = 0
 VLM_E_BUFFER_TOO_SMALL = -3
 
@@ -35,6 +35,8 @@ class VlmOptions(ctypes.Structure):
         ("top_p", ctypes.c_float),
         ("detail", ctypes.c_int32),
         ("max_tiles", ctypes.c_int32),
+        ("best_of", ctypes.c_int32),
+        ("select", ctypes.c_int32),
     ]
 
 
@@ -96,7 +98,8 @@ def make_image(path: str, rgb: bool) -> tuple[VlmImage, object]:
 
 
 def ask(lib: ctypes.CDLL, args: argparse.Namespace) -> None:
-    opts = VlmOptions(abi_version=VLM_ABI_VERSION, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    opts = VlmOptions(abi_version=VLM_ABI_VERSION, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                      best_of=args.best_of, select={"logprob": 0, "vote": 1}[args.select])
     h = lib.vlm_open(args.model.encode(), ctypes.byref(opts))
     if h < 0:
         check(lib, h, h, "vlm_open")
@@ -167,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("-n", "--max-tokens", type=int, default=0)
     a.add_argument("-t", "--temperature", type=float, default=0.0)
     a.add_argument("-s", "--seed", type=int, default=0)
+    a.add_argument("--best-of", type=int, default=0)
+    a.add_argument("--select", choices=["logprob", "vote"], default="logprob")
     e = sub.add_parser("embed")
     e.add_argument("model")
     e.add_argument("image")

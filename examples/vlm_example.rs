@@ -7,7 +7,8 @@ use std::ptr;
 
 #[repr(C)]
 struct VlmOptions { abi_version: u32, n_threads: i32, n_gpu_layers: i32, n_ctx: i32, seed: u32,
-                    max_tokens: i32, temperature: f32, top_p: f32, detail: i32, max_tiles: i32 }
+                    max_tokens: i32, temperature: f32, top_p: f32, detail: i32, max_tiles: i32,
+                    best_of: i32, select: i32 }
 #[repr(C)]
 struct VlmImage { path: *const c_char, rgb: *const u8, width: i32, height: i32 }
 
@@ -20,7 +21,7 @@ extern "C" {
     fn vlm_close(h: i64) -> c_int;
 }
 
-const VLM_ABI_VERSION: u32 = 1;
+const VLM_ABI_VERSION: u32 = 2;
 const VLM_E_BUFFER_TOO_SMALL: c_int = -3;
 
 fn main() {
@@ -28,7 +29,8 @@ fn main() {
     let (model, image, prompt) = (CString::new(args[1].as_str()).unwrap(),
         CString::new(args[2].as_str()).unwrap(), CString::new(args[3].as_str()).unwrap());
     let opts = VlmOptions { abi_version: VLM_ABI_VERSION, n_threads: 0, n_gpu_layers: 0, n_ctx: 0, seed: 0,
-                            max_tokens: 32, temperature: 0.0, top_p: 0.0, detail: 0, max_tiles: 0 };
+                            max_tokens: 32, temperature: 0.0, top_p: 0.0, detail: 0, max_tiles: 0,
+                            best_of: 0, select: 0 };
     unsafe {
         let h = vlm_open(model.as_ptr(), &opts);
         if h < 0 {

@@ -142,7 +142,9 @@ def test_c_example_ask_equals_cli(c_example: Path, vlm_model: Path, tmp_path: Pa
     prompt = "What is in this image?"
     c = run([str(c_example), "ask", "-n", MAX_TOKENS, str(vlm_model), str(CAT), prompt], tmp_path)
     assert c.returncode == 0, c.stderr
-    expected = json.loads(cli("ask", str(CAT), prompt, "-m", str(vlm_model), "-n", MAX_TOKENS, "--json", cwd=tmp_path).stdout)
+    # -ngl 0: the C library's zeroed options run on the CPU, the CLI's default offloads when it can
+    expected = json.loads(cli("ask", str(CAT), prompt, "-m", str(vlm_model), "-n", MAX_TOKENS, "--json", "-ngl", "0",
+                              cwd=tmp_path).stdout)
     answer = expected["answers"][0]["answer"]
     assert answer
     assert c.stdout == answer + "\n"
@@ -152,7 +154,7 @@ def test_c_example_ask_equals_cli(c_example: Path, vlm_model: Path, tmp_path: Pa
     c_sampled = run([str(c_example), "stream", *sampled, str(vlm_model.parent), str(CAT), prompt], tmp_path)
     assert c_sampled.returncode == 0, c_sampled.stderr
     cli_sampled = json.loads(cli("ask", str(CAT), prompt, "-m", str(vlm_model), "-n", MAX_TOKENS, "--temperature", "0.9",
-                                 "--seed", "7", "--json", cwd=tmp_path).stdout)
+                                 "--seed", "7", "--json", "-ngl", "0", cwd=tmp_path).stdout)
     assert c_sampled.stdout == cli_sampled["answers"][0]["answer"] + "\n"
 
 
@@ -169,7 +171,7 @@ def test_c_example_embed_equals_cli(c_example: Path, clip_gguf: Path, small_png,
     assert c.returncode == 0, c.stderr
     got = _parse_vectors(c.stdout)
     records = [json.loads(line) for line in cli("embed", str(CAT), str(png), *sum((["--text", t] for t in texts), []),
-                                                 "-m", str(clip_gguf), cwd=tmp_path).stdout.splitlines()]
+                                                 "-m", str(clip_gguf), "-ngl", "0", cwd=tmp_path).stdout.splitlines()]
     assert len(records) == 4
     for r in records:
         vec = got[f"{r['kind']} {r['input']}"]
@@ -710,3 +712,20 @@ int main(int argc, char **argv)
     return 2;
 }
 """
+
+
+@needs_cc
+def test_best_of_through_the_c_options(capi_lib: Path, vlm_model: Path, small_png, tmp_path: Path) -> None:
+    """vlm_options.best_of / .select (ABI 2) give the CLI's chosen answer."""
+    png = small_png[0]
+    script = str(EXAMPLES / "vlm_ctypes.py")
+    for select in ("logprob", "vote"):
+        c = subprocess.run([sys.executable, script, str(capi_lib), "ask", str(vlm_model), str(png), "What is it?",
+                            "-n", MAX_TOKENS, "--best-of", "3", "--select", select, "-s", "4"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert c.returncode == 0, c.stderr
+        rec = json.loads(cli("ask", str(png), "What is it?", "-m", str(vlm_model), "-n", MAX_TOKENS, "--best-of", "3",
+                             "--select", select, "--seed", "4", "--json", cwd=tmp_path).stdout)
+        (answer,) = rec["answers"]
+        assert len(answer["candidates"]) == 3
+        assert c.stdout == answer["answer"] + "\n"

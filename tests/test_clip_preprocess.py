@@ -159,3 +159,36 @@ def test_small_jpeg_is_not_drafted(tmp_path: Path) -> None:
     p = tmp_path / "small.jpg"
     Image.open(SAMPLE).save(p, quality=95)  # 451 x 300: already under 2 x 224 on the short side
     assert load_image(p, draft=draft_size(224)).size == (451, 300)
+
+
+# --- bounded preprocessing of any shape: the crop is resampled without the full resized image ------------
+
+@pytest.mark.parametrize("w,h", [(300, 451), (2000, 37), (37, 2000), (1, 300), (300, 1), (5, 7), (2, 1000), (1000, 2),
+                                 (3000, 10), (60, 100)])
+def test_bounded_crop_resample_matches_resize_then_crop(w: int, h: int) -> None:
+    """The path taken above MAX_RESIZED_PIXELS gives the pixels of PIL's full resize + centre crop
+    (up to float rounding of filter positions); compared here on shapes the full resize can still make."""
+    a = np.random.default_rng(w * 7 + h).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    im = Image.fromarray(a)
+    rw, rh = cp.resized_size(w, h, 224)
+    full = np.asarray(im.resize((rw, rh), Image.Resampling.BICUBIC)).astype(int)
+    top, left = int(round((rh - 224) / 2.0)), int(round((rw - 224) / 2.0))
+    ours = np.asarray(cp._resample_crop(im, cp.crop_box(w, h, 224), 224)).astype(int)
+    diff = np.abs(full[top : top + 224, left : left + 224] - ours)
+    assert diff.max() <= 2 and (diff > 0).mean() < 5e-3
+
+
+@pytest.mark.parametrize("w,h", [(1, 20000), (20000, 1), (1, 10_000_000)])
+def test_extreme_shapes_preprocess_to_the_central_square(w: int, h: int) -> None:
+    """A 1 x 20000 image resized whole would be 224 x 4,480,000 (4 GB); a 1 x 10^7 one overflowed PIL.
+    Only the central square is kept, so a column striped by row keeps the stripes of its middle."""
+    a = np.zeros((h, w, 3), np.uint8)
+    if h > w:
+        a[h // 2 :, :, 0] = 255  # lower half red: the centre crop straddles the boundary
+    else:
+        a[:, w // 2 :, 0] = 255
+    x = preprocess(Image.fromarray(a))
+    assert x.shape == (3, 224, 224) and np.isfinite(x).all()
+    red = x[0] > 0  # normalised red channel above the mean: the red half
+    frac = red.mean()
+    assert 0.3 < frac < 0.7  # the boundary runs through the middle of the crop

@@ -127,3 +127,91 @@ def test_bad_merges_file(tmp_path: Path) -> None:
 
 def test_decode_roundtrip(tok: ClipTokenizer) -> None:
     assert tok.decode(tok.encode("a photo of a cat")) == "a photo of a cat"
+
+
+# --- bounded work: the heap BPE, the early stop and the input-length cap ------------------------------
+
+
+def reference_bpe(ranks: dict[tuple[str, str], int], word: str) -> list[str]:
+    """CLIP's own BPE loop (open_clip's SimpleTokenizer.bpe): quadratic, the definition of the result."""
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(symbols) > 1:
+        pairs = [p for p in zip(symbols, symbols[1:]) if p in ranks]
+        if not pairs:
+            break
+        first, second = min(pairs, key=lambda p: ranks[p])
+        merged, i = [], 0
+        while i < len(symbols):
+            if i < len(symbols) - 1 and symbols[i] == first and symbols[i + 1] == second:
+                merged.append(first + second)
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def test_heap_bpe_equals_clips_loop_on_random_words(tok: ClipTokenizer) -> None:
+    rng = np.random.default_rng(0)
+    for n in [1, 2, 3, 5, 8, 13, 40, 200]:
+        for alphabet in ["ab", "aeiou", "abcdefghijklmnopqrstuvwxyz", "ðŁĺĤ"]:
+            for _ in range(8):
+                word = "".join(rng.choice(list(alphabet), n))
+                tok._cache.clear()
+                assert tok.bpe(word) == reference_bpe(tok.ranks, word), word
+
+
+def test_heap_bpe_equals_clips_loop_when_merges_rank_against_their_order() -> None:
+    """A merge list can rank a pair made by a merge *below* that merge (not learned that way, but a file
+    can say it): CLIP still finishes each pass over one pair before the next; so must the heap."""
+    merges = ["b c", "a bc", "a a", "aa a", "aa aa", "a a</w>", "aa a</w>", "c</w> a", "bc a", "a b", "ab ab"]
+    tokens = vocabulary_from_merges(merges)
+    t = ClipTokenizer(merges, tokens, bos_id=len(tokens) - 2, eos_id=len(tokens) - 1)
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        word = "".join(rng.choice(list("abc"), rng.integers(1, 14)))
+        t._cache.clear()
+        assert t.bpe(word) == reference_bpe(t.ranks, word), word
+
+
+def test_a_100000_letter_word_tokenizes(tok: ClipTokenizer) -> None:
+    """Quadratic BPE took 100 s on this; the heap makes it n log n (no timing asserted here)."""
+    word = "".join(np.random.default_rng(2).choice(list("abcdefghij"), 100_000))
+    rows, truncated = tok.tokenize([word])
+    assert truncated == [True] and rows[0, 0] == BOS_ID and rows[0, -1] == EOS_ID
+    # the kept tokens are the first 75 of the word's whole BPE (the heap is checked against CLIP's loop above)
+    assert rows[0, 1:-1].tolist() == tok.encode(word)[:75]
+
+
+def test_tokenize_stops_at_the_context_and_equals_the_full_encoding(tok: ClipTokenizer) -> None:
+    texts = [" ".join(["a photo of a cat"] * n) for n in (10, 18, 19, 20, 60)]
+    rows, truncated = tok.tokenize(texts)
+    for text, row, cut in zip(texts, rows, truncated):
+        full = [BOS_ID, *tok.encode(text), EOS_ID]
+        assert cut == (len(full) > 77)
+        want = full if not cut else full[:76] + [EOS_ID]
+        assert row[: len(want)].tolist() == want
+
+
+def test_input_longer_than_the_cap_is_cut_and_reported(tok: ClipTokenizer) -> None:
+    from vlmcli.engines.clip_tokenizer import MAX_TEXT_CHARS
+
+    spaced = "cat" + " " * MAX_TEXT_CHARS + "dog"  # the dog lies beyond the cap
+    rows, truncated = tok.tokenize([spaced, "cat dog"])
+    assert truncated == [True, False]
+    assert rows[0, :3].tolist() == [BOS_ID, tok.encode("cat")[0], EOS_ID]
+
+
+def test_lone_surrogate_is_a_clean_error(tok: ClipTokenizer) -> None:
+    from vlmcli.errors import VlmError
+
+    with pytest.raises(VlmError, match="lone surrogate U\\+DCE9"):
+        tok.tokenize(["caf\udce9"])
+
+
+def test_special_ids_outside_the_vocabulary_name_the_file() -> None:
+    merges = read_merges_file(DEFAULT_MERGES_FILE)
+    with pytest.raises(ModelError, match="bos_token_id = 1000000000") as e:
+        ClipTokenizer(merges, bos_id=10**9, path="model.gguf")
+    assert e.value.path == "model.gguf"

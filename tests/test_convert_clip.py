@@ -60,7 +60,8 @@ def test_metadata(clip_gguf: Path) -> None:
     assert clip_gguf.name == "clip-tiny-F16.gguf"
     assert kv["general.architecture"] == "clip"
     assert kv["general.name"] == "clip-tiny"
-    assert kv["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)
+    assert kv["general.file_type"] == int(gguf.GGMLQuantizationType.F16)  # clip.cpp's numbering: ggml type ids
+    assert kv["general.description"] == "two-tower CLIP model"  # clip.cpp requires it
     assert kv["clip.has_text_encoder"] is True and kv["clip.has_vision_encoder"] is True
     assert kv["clip.has_llava_projector"] is False
     assert kv["clip.use_gelu"] is False  # quick_gelu
@@ -135,24 +136,26 @@ def test_types_f16(f16: Path) -> None:
     for name, tensor in _tensors(f16).items():
         matmul = name.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_out.weight",
                                 "ffn_up.weight", "ffn_down.weight")) or name.endswith("projection.weight")
-        expected = "F16" if matmul else "F32"
+        expected = "F16" if matmul or name == "v.patch_embd.weight" else "F32"  # clip.cpp's conv_2d: F16 kernel
         assert tensor.type_name == expected, name
 
 
-@pytest.mark.parametrize("quant", ["Q8_0", "Q5_1", "Q4_1", "F32"])
+@pytest.mark.parametrize("quant", ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F32"])
 def test_quant_types(clip_checkpoint: Path, tmp_path: Path, quant: str) -> None:
     path = convert_clip(clip_checkpoint, tmp_path, quant.lower())
     assert path.name == f"clip-tiny-{quant}.gguf"
     kv, t = read_gguf(path)
-    assert kv["general.file_type"] == int(getattr(gguf.LlamaFileType, "ALL_F32" if quant == "F32" else f"MOSTLY_{quant}"))
+    # clip.cpp (and llama.cpp's clip loader) read general.file_type as the ggml type id
+    assert kv["general.file_type"] == int(gguf.GGMLQuantizationType[quant])
     hf = _hf(clip_checkpoint)
     w = t["v.blk.1.ffn_down.weight"]
     assert w.type_name == quant
-    for keep in ("t.token_embd.weight", "v.patch_embd.weight", "v.class_embd", "t.blk.0.ln1.weight", "v.blk.0.attn_q.bias"):
+    for keep in ("t.token_embd.weight", "v.class_embd", "t.blk.0.ln1.weight", "v.blk.0.attn_q.bias"):
         assert t[keep].type_name == "F32", keep
+    assert t["v.patch_embd.weight"].type_name == "F16"  # in every type: clip.cpp's conv_2d has only an F16 kernel
     original = hf["vision_model.encoder.layers.1.mlp.fc1.weight"]
     restored = w.array()
-    step = {"F32": 0, "Q8_0": 1 / 127, "Q5_1": 1 / 31, "Q4_1": 1 / 15}[quant]
+    step = {"F32": 0, "Q8_0": 1 / 127, "Q5_1": 1 / 31, "Q5_0": 1 / 15, "Q4_1": 1 / 15, "Q4_0": 1 / 7}[quant]
     # each block's error is at most about one quantization step of its range
     assert np.abs(restored - original).max() <= step * np.abs(original).max() * 2 + 1e-7
 

@@ -72,12 +72,19 @@ def test_type_enum_matches_gguf_py():
     assert ggml.type_id(GGMLQuantizationType.Q4_1) == 3
 
 
+def float32_dot_bound(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """How far float32 dot products over a's and b's last axis may be from exact, in any summation
+    order (the kernel ggml picks depends on the CPU and the shape): gamma_(k+1) * sum |a||b|."""
+    k = a.shape[-1] + 1  # the terms, and the rounding of a wider accumulator to float32
+    return k * 2.0**-24 / (1 - k * 2.0**-24) * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64).T)
+
+
 def test_matmul(backend):
     rng = np.random.default_rng(1)
-    w = rng.standard_normal((5, 7))  # nn.Linear weight: 7 inputs -> 5 outputs
-    x = rng.standard_normal((3, 7))  # 3 rows
+    w = rng.standard_normal((5, 7)).astype(np.float32)  # nn.Linear weight: 7 inputs -> 5 outputs
+    x = rng.standard_normal((3, 7)).astype(np.float32)  # 3 rows
     got = run(backend, lambda g, t: g.mul_mat(t["w"], t["x"]), {"w": w, "x": x})
-    np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5)
+    assert np.all(np.abs(got - x.astype(np.float64) @ w.T.astype(np.float64)) <= float32_dot_bound(x, w))
 
 
 def test_norm_scale_add_mul(backend):
@@ -217,9 +224,13 @@ def test_quantized_bytes_feed_mul_mat(backend):
         backend.set(xt, x)
         backend.compute(g)
         got = backend.get(out, 2)
-    want = x @ dequantize(q, GGMLQuantizationType.Q8_0).reshape(8, 64).T
-    # ggml quantizes x to Q8_0 too for this product: close, not equal
-    np.testing.assert_allclose(got, want, rtol=0.02, atol=0.05)
+    wq = dequantize(q, GGMLQuantizationType.Q8_0).reshape(8, 64)
+    # ggml rounds x to Q8_0 too for this product: per block of 32, q = round(x / d), d = max |x| / 127
+    # stored as an F16, so each x_i is off by at most d / 2 + 127 d 2^-11, each output by that times
+    # the block's sum of |w|
+    x_err = np.abs(x.reshape(3, 2, 32)).max(-1) / 127 * (0.5 + 127 * 2.0**-11)
+    bound = x_err @ np.abs(wq).reshape(8, 2, 32).sum(-1).T + float32_dot_bound(x, wq)
+    assert np.all(np.abs(got - x.astype(np.float64) @ wq.T.astype(np.float64)) <= bound)
 
 
 def test_quantize_refuses_bad_input():

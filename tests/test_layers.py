@@ -61,7 +61,7 @@ def test_the_cli_declares_its_commands_without_native_code() -> None:
 def test_help_lists_every_command_and_llama_cpp_short_flags() -> None:
     r = subprocess.run([sys.executable, "-m", "vlmcli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
-    for command in ("ask", "caption", "classify", "embed", "pull", "models", "rm", "convert", "quantize", "lib"):
+    for command in ("ask", "caption", "classify", "embed", "pull", "models", "rm", "convert", "quantize", "lib", "doctor"):
         assert command in r.stdout
     ask = subprocess.run([sys.executable, "-m", "vlmcli", "ask", "--help"], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200"}).stdout

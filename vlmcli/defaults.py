@@ -8,3 +8,8 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # CLIP: images and texts encoded together in one graph.
 DEFAULT_IMAGE_BATCH = 8
 DEFAULT_TEXT_BATCH = 64
+
+# GPU offload, for SmolVLM2 and CLIP alike: -1 = every layer on the GPU when the build has a GPU backend
+# and none otherwise (llama.cpp and ggml then stay on the CPU), as llama.cpp and Ollama default; 0 forces
+# the CPU. The C ABI keeps its own default: a zeroed vlm_options.n_gpu_layers is 0, the CPU.
+DEFAULT_N_GPU_LAYERS = -1

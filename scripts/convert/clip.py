@@ -1,6 +1,6 @@
 """Hugging Face CLIPModel checkpoint -> one two-tower CLIP GGUF (clip.cpp's legacy layout).
 
-    python scripts/convert/clip.py CHECKPOINT_DIR --out DIR [--quant F16|F32|Q8_0|Q5_1|Q4_1]
+    python scripts/convert/clip.py CHECKPOINT_DIR --out DIR [--quant F16|F32|Q8_0|Q5_1|Q5_0|Q4_1|Q4_0]
 
 Layout (clip.cpp's legacy two-tower one; see the README): arch "clip" with both encoders, hyper-parameters under
 clip.text.* / clip.vision.*, clip.logit_scale (the stored log value), the full CLIP BPE vocabulary and
@@ -10,8 +10,16 @@ widening linear layer) is stored as `ffn_down` and `mlp.fc2` as `ffn_up`.
 
 Types: the 2-D matmul weights (attention q/k/v/out, the two MLP layers, the projections) take the
 requested type (F32, F16, or a ggml quantization whose block is 32 wide; a matrix whose rows are not a
-multiple of 32 falls back to F16); norms, biases and every embedding (token, position, class, patch)
-stay F32. Tensors are streamed one at a time, so memory stays around one tensor.
+multiple of 32 falls back to F16); the patch embedding (a 4-D convolution kernel) is always F16, as
+clip.cpp's converter writes it (its conv_2d has only an F16 kernel); norms, biases and the token,
+position and class embeddings stay F32. Tensors are streamed one at a time, so memory stays around
+one tensor.
+
+clip.cpp (monatis/clip.cpp) reads these files unchanged: they carry every key its loader requires
+(general.description, general.file_type in its numbering, i.e. the ggml type id of the matmul
+weights, general.name, clip.*, tokenizer.ggml.tokens), its tensor names, shapes and count, and only
+types its ops accept. What vlm needs beyond that (merges, logit scale, bos/eos ids) is in extra keys
+clip.cpp ignores.
 """
 
 from __future__ import annotations
@@ -35,12 +43,14 @@ if __package__ in (None, ""):  # run as a script from a source tree (sys.path[0]
 from vlmcli.convert.gguf_out import PlannedTensor, QType, declare_tensors, encode, write_gguf
 from vlmcli.errors import ModelError, VlmError
 
-QUANT_TYPES = ("F32", "F16", "Q8_0", "Q5_1", "Q4_1")
+QUANT_TYPES = ("F32", "F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")  # the types clip.cpp reads
 QUANT_BLOCK = 32
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
+# What clip.cpp's converter writes as general.description for a model with both towers.
+DESCRIPTION = "two-tower CLIP model"
 
 # transformers' CLIPTextConfig / CLIPVisionConfig / CLIPConfig defaults (used for keys a config omits).
 TEXT_DEFAULTS: dict[str, Any] = {
@@ -325,6 +335,8 @@ def output_name(checkpoint: Path) -> str:
 
 
 def _target_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> str:
+    if len(shape) == 4:
+        return "F16"  # the patch-embedding conv kernel: clip.cpp's conv_2d has only an F16 kernel
     if quant == "F32" or not gguf_name.endswith(MATMUL_SUFFIXES) or len(shape) != 2:
         return "F32"
     if quant == "F16" or shape[-1] % QUANT_BLOCK:
@@ -398,7 +410,10 @@ def convert_clip(
     out_path = out / f"{model_name}-{quant}.gguf"
     writer = gguf.GGUFWriter(None, arch="clip")
     writer.add_name(model_name)
-    writer.add_file_type(int(getattr(gguf.LlamaFileType, "ALL_F32" if quant == "F32" else f"MOSTLY_{quant}")))
+    writer.add_description(DESCRIPTION)  # clip.cpp refuses a file without it
+    # clip.cpp reads general.file_type as a ggml type id, not as llama.cpp's LlamaFileType (its
+    # get_ftype() knows F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8 and throws on others).
+    writer.add_file_type(int(QType[quant]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_bool("clip.has_text_encoder", True)
     writer.add_bool("clip.has_vision_encoder", True)

@@ -79,9 +79,11 @@ class _Exports:
     def options(self, ptr: Any) -> runtime.OpenOptions:
         if self.is_null(ptr):
             return runtime.OpenOptions()
+        # An ABI 1 caller's struct ends at max_tiles: the fields after it are not read.
+        since_2 = (ptr.best_of, ptr.select) if ptr.abi_version >= 2 else (0, 0)
         return runtime.OpenOptions.from_c(
             ptr.abi_version, ptr.n_threads, ptr.n_gpu_layers, ptr.n_ctx, ptr.seed,
-            ptr.max_tokens, ptr.temperature, ptr.top_p, ptr.detail, ptr.max_tiles,
+            ptr.max_tokens, ptr.temperature, ptr.top_p, ptr.detail, ptr.max_tiles, *since_2,
         )
 
     # -- results -------------------------------------------------------------------------------

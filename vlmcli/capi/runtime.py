@@ -36,10 +36,12 @@ E_BUSY = -8
 E_FAILED = -9
 E_RUNTIME = -10
 
-ABI_VERSION = 1  # VLM_ABI_VERSION in vlm.h (a test checks they agree)
+ABI_VERSION = 2  # VLM_ABI_VERSION in vlm.h (a test checks they agree)
+ABI_VERSIONS = (1, 2)  # the vlm_options layouts this library reads
 KIND_VLM = 1
 KIND_CLIP = 2
-DETAILS = {0: None, 1: "low", 2: "high"}  # VLM_DETAIL_AUTO: the model's registry default, else auto
+DETAILS = {0: None, 1: "low", 2: "high"}
+SELECTS = {0: "logprob", 1: "vote"}  # VLM_DETAIL_AUTO: the model's registry default, else auto
 
 # Neutral option names (errors.InvalidOption.option) -> the field a C caller sets.
 FIELDS = {"n_ctx": "vlm_options.n_ctx", "detail": "vlm_options.detail", "max_tiles": "vlm_options.max_tiles",
@@ -86,13 +88,16 @@ class OpenOptions:
     top_p: float = 1.0
     detail: str | None = None  # None: the model's registry default, else auto
     max_tiles: int | None = None
+    best_of: int = 1
+    select: str = "logprob"
 
     @classmethod
     def from_c(
         cls, abi_version: int, n_threads: int, n_gpu_layers: int, n_ctx: int, seed: int,
         max_tokens: int, temperature: float, top_p: float, detail: int, max_tiles: int = 0,
+        best_of: int = 0, select: int = 0,
     ) -> OpenOptions:
-        if abi_version != ABI_VERSION:
+        if abi_version not in ABI_VERSIONS:
             raise CapiError(
                 E_ABI_MISMATCH,
                 f"vlm_options.abi_version is {abi_version}, this library implements ABI {ABI_VERSION} "
@@ -118,6 +123,10 @@ class OpenOptions:
             raise bad(f"detail is {detail}; use VLM_DETAIL_AUTO, VLM_DETAIL_LOW or VLM_DETAIL_HIGH")
         if max_tiles < 0:
             raise bad(f"max_tiles is {max_tiles}; use 0 (no cap) or a positive count")
+        if best_of < 0:
+            raise bad(f"best_of is {best_of}; use 0 (one answer) or a candidate count")
+        if select not in SELECTS:
+            raise bad(f"select is {select}; use VLM_SELECT_LOGPROB or VLM_SELECT_VOTE")
         return cls(
             n_threads=n_threads or None,
             n_gpu_layers=n_gpu_layers,
@@ -128,6 +137,8 @@ class OpenOptions:
             top_p=float(top_p) if top_p > 0 else 1.0,
             detail=DETAILS[detail],
             max_tiles=max_tiles or None,
+            best_of=best_of or 1,
+            select=SELECTS[select],
         )
 
 
@@ -214,7 +225,7 @@ def open_model(spec: str, options: OpenOptions) -> OpenedModel:
 
     o = options
     return open_task_model(ModelSpec(spec, n_threads=o.n_threads, n_gpu_layers=o.n_gpu_layers, n_ctx=o.n_ctx,
-                                     detail=o.detail, max_tiles=o.max_tiles))
+                                     detail=o.detail, max_tiles=o.max_tiles, n_sequences=o.best_of))
 
 
 # ---- images ----------------------------------------------------------------------------------
@@ -238,13 +249,17 @@ def _vlm_task(handle: Handle, prompt: str | None) -> AskTask:
     """`vlm ask` with one question, or `vlm caption` when prompt is None, with the handle's options."""
     from vlmcli.engines.llama import GenerationOptions
     from vlmcli.tasks.ask import DEFAULT_ASK_MAX_TOKENS, AskTask
+    from vlmcli.tasks.best_of import temperature_for
     from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, CaptionTask
 
     o = handle.options
     default_tokens = DEFAULT_ASK_MAX_TOKENS if prompt is not None else DEFAULT_CAPTION_MAX_TOKENS
-    gen = GenerationOptions(max_tokens=o.max_tokens or default_tokens, temperature=o.temperature, top_p=o.top_p, seed=o.seed)
-    engine = handle.engine
-    return AskTask(engine, [prompt], gen) if prompt is not None else CaptionTask(engine, gen)  # type: ignore[arg-type]
+    temperature = temperature_for(o.best_of, o.temperature or None)  # 0 = the CLI's default, as for every field
+    gen = GenerationOptions(max_tokens=o.max_tokens or default_tokens, temperature=temperature, top_p=o.top_p, seed=o.seed)
+    engine, best = handle.engine, (o.best_of, o.select)
+    if prompt is not None:
+        return AskTask(engine, [prompt], gen, DEFAULT_MAX_PIXELS, *best)  # type: ignore[arg-type]
+    return CaptionTask(engine, gen, n_best=best[0], select=best[1])  # type: ignore[arg-type]
 
 
 def _run_one(task: Any, image: str | Image.Image, prepare_decoded: Callable[[Image.Image], Any] | None = None) -> dict[str, Any]:

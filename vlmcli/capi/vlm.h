@@ -42,7 +42,7 @@ extern "C" {
 /* cdef-begin (the declarations below are also read by the library build; keep them plain C) */
 
 /* The ABI described by this header. vlm_open refuses options whose abi_version differs. */
-#define VLM_ABI_VERSION 1
+#define VLM_ABI_VERSION 2 /* 2 added vlm_options.best_of and .select; ABI 1 programs keep working */
 
 /* The largest message vlm_last_error returns, in bytes, including the NUL. */
 #define VLM_ERROR_MAX 1024
@@ -74,13 +74,20 @@ typedef enum vlm_detail {
     VLM_DETAIL_HIGH = 2  /* full tiling */
 } vlm_detail;
 
-/* Options for vlm_open. Zero means "the CLI's default" for every field but abi_version, so
- * VLM_OPTIONS_INIT (or { VLM_ABI_VERSION } and zeros) is a complete, valid set of options.
+/* How vlm_options.best_of picks one of its candidates (`vlm ask --select`). */
+typedef enum vlm_select {
+    VLM_SELECT_LOGPROB = 0, /* the highest mean token log-probability */
+    VLM_SELECT_VOTE = 1     /* the most frequent short answer (VQA normalisation), ties by log-probability */
+} vlm_select;
+
+/* Options for vlm_open. Zero means "the CLI's default" for every field but abi_version and
+ * n_gpu_layers (0 = the CPU here; the CLI's default is -1), so VLM_OPTIONS_INIT (or
+ * { VLM_ABI_VERSION } and zeros) is a complete, valid set of options that runs on the CPU.
  * Passing NULL to vlm_open also means all defaults (and skips the ABI check). */
 typedef struct vlm_options {
     uint32_t abi_version; /* must be VLM_ABI_VERSION */
     int32_t n_threads;    /* CPU threads; 0 = all cores */
-    int32_t n_gpu_layers; /* layers offloaded to a GPU (when the build has one); -1 = all, 0 = none */
+    int32_t n_gpu_layers; /* layers offloaded to a GPU (when the build has one); -1 = all, 0 = none (CPU) */
     int32_t n_ctx;        /* context size in tokens (SmolVLM2); 0 = 4096 */
     uint32_t seed;        /* sampling seed (used when temperature > 0) */
     int32_t max_tokens;   /* most tokens per answer; 0 = 256 for ask, 96 for caption */
@@ -88,6 +95,10 @@ typedef struct vlm_options {
     float top_p;          /* nucleus sampling; 0 = 1.0 (off) */
     int32_t detail;       /* a vlm_detail */
     int32_t max_tiles;    /* cap on image tiles, as `--max-tiles N` (overrides detail); 0 = no cap */
+    /* ABI 2: */
+    int32_t best_of;      /* candidates sampled from one image encoding, the best kept (`--best-of`); 0 = 1;
+                             with more than 1, temperature 0 means 0.7 (greedy candidates would all be equal) */
+    int32_t select;       /* a vlm_select */
 } vlm_options;
 
 /* An input image: a file (any format `vlm` reads), or packed RGB8 pixels when path is NULL:
@@ -106,7 +117,7 @@ typedef int (*vlm_token_callback)(const char *piece, size_t len, void *user_data
 /* cdef-end */
 
 /* All defaults: vlm_options opts = VLM_OPTIONS_INIT; then change what you need. */
-#define VLM_OPTIONS_INIT {VLM_ABI_VERSION, 0, 0, 0, 0u, 0, 0.0f, 0.0f, VLM_DETAIL_AUTO, 0}
+#define VLM_OPTIONS_INIT {VLM_ABI_VERSION, 0, 0, 0, 0u, 0, 0.0f, 0.0f, VLM_DETAIL_AUTO, 0, 0, VLM_SELECT_LOGPROB}
 
 /* ---- version and errors -------------------------------------------------------------------- */
 

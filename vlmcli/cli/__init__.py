@@ -19,6 +19,8 @@ from vlmcli.cli import clip as _clip  # noqa: E402,F401  classify, embed
 from vlmcli.cli import store as _store  # noqa: E402,F401  pull, models, rm
 from vlmcli.cli import convert as _convert  # noqa: E402,F401  convert, quantize
 from vlmcli.cli import lib as _lib  # noqa: E402,F401  lib build
+from vlmcli.cli import eval as _eval  # noqa: E402,F401  eval vqa, caption, zeroshot, retrieval
+from vlmcli.cli import doctor as _doctor  # noqa: E402,F401  doctor
 
 __all__ = ["app", "main"]
 

@@ -10,7 +10,7 @@ import typer
 
 from vlmcli.cli import batch as batch_cli
 from vlmcli.cli.app import MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info
-from vlmcli.defaults import DEFAULT_IMAGE_BATCH
+from vlmcli.defaults import DEFAULT_IMAGE_BATCH, DEFAULT_N_GPU_LAYERS
 from vlmcli.errors import EXIT_USAGE, VlmError
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Store name (see `vlm models`), a CLIP .gguf file, or a folder holding one.")
 BatchOpt = typer.Option(DEFAULT_IMAGE_BATCH, "--batch-size", "-b", min=1, help="Images encoded together.")
-GpuOpt = typer.Option(0, "--n-gpu-layers", "-ngl", help="Any value other than 0 puts the whole CLIP model on the GPU.")
+GpuOpt = typer.Option(DEFAULT_N_GPU_LAYERS, "--n-gpu-layers", "-ngl", help="Any value but 0 puts the whole CLIP model on the GPU when the build has one; 0 = CPU only.")
 DeviceOpt = typer.Option(None, "--device", help="ggml device name (CPU, CUDA0, Vulkan0, ...).")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Say more on stderr (model, truncated texts).")
 
@@ -29,6 +29,8 @@ def _open(model: Optional[str], offline: bool, threads: Optional[int], n_gpu_lay
 
     spec = ModelSpec(model, offline=offline or None, n_threads=threads, n_gpu_layers=n_gpu_layers, device=device)
     opened = open_model(spec, "clip", notify=info)
+    for note in opened.engine.config.notes:  # e.g. a clip.cpp file without merges or logit scale
+        info(f"vlm: note: {opened.path}: {note}")
     if verbose:
         c = opened.engine.config
         info(f"vlm: model {opened.name}: {opened.path} ({c.file_type}, {c.image_size} px, {c.projection_dim}-d)")

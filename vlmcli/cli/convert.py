@@ -21,7 +21,7 @@ def convert(
     checkpoint_dir: Path = typer.Argument(..., metavar="CHECKPOINT_DIR", help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)."),
     out: Path = typer.Option(Path("."), "--out", "-o", help="Folder to write the GGUF file(s) to."),
     quant: Optional[str] = typer.Option(
-        None, "--quant", "-q", help="Model type. SmolVLM2: F16, Q8_0 (default), Q4_K_M, Q5_K_M. CLIP: F16 (default), F32, Q8_0, Q5_1, Q4_1."
+        None, "--quant", "-q", help="Model type. SmolVLM2: F16, Q8_0 (default), Q4_K_M, Q5_K_M. CLIP: F16 (default), F32, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0."
     ),
     mmproj_quant: Optional[str] = typer.Option(None, "--mmproj-quant", help="SmolVLM2 vision projector type: F16 (default) or Q8_0."),
 ) -> None:

@@ -16,6 +16,11 @@ FLAGS = {
     "max_tokens": "--max-tokens",
     "labels": "--labels",
     "templates": "--template",
+    "best_of": "--best-of",
+    "select": "--select",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "seed": "--seed",
 }
 
 

@@ -9,35 +9,79 @@ import typer
 
 from vlmcli.cli import batch as batch_cli
 from vlmcli.cli.app import MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info, stderr, stderr_is_terminal
+from vlmcli.defaults import DEFAULT_N_GPU_LAYERS
 from vlmcli.errors import EXIT_USAGE, VlmError
 from vlmcli.tasks.ask import DEFAULT_ASK_MAX_TOKENS
 from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT
 
 if TYPE_CHECKING:
     from vlmcli.tasks.ask import AskTask
+    from vlmcli.tasks.best_of import ClipJudge
     from vlmcli.tasks.models import OpenedModel
 
 # Options shared by ask and caption (Typer has no option groups; these keep the two in step).
 # Short flags as llama.cpp's: -m model, -n tokens, -c context, -s seed, -ngl GPU layers.
 ModelOpt = typer.Option(None, "--model", "-m", help="Store name (see `vlm models`), a GGUF file, or a folder holding the model and its mmproj.")
 MmprojOpt = typer.Option(None, "--mmproj", help="Vision projector GGUF (when --model is a GGUF file).")
-TemperatureOpt = typer.Option(0.0, "--temperature", "--temp", min=0.0, help="Sampling temperature; 0 = greedy (deterministic).")
+TemperatureOpt = typer.Option(None, "--temperature", "--temp", min=0.0, help="Sampling temperature; 0 = greedy (deterministic). Default 0, or 0.7 with --best-of.")
 TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")
 SeedOpt = typer.Option(0, "--seed", "-s", help="Random seed for sampling.")
-GpuOpt = typer.Option(0, "--n-gpu-layers", "-ngl", help="Layers to offload to the GPU (-1 = all).")
+GpuOpt = typer.Option(DEFAULT_N_GPU_LAYERS, "--n-gpu-layers", "-ngl", help="Layers to offload to the GPU: -1 = all when the build has a GPU backend (none otherwise); 0 = CPU only.")
 CtxOpt = typer.Option(4096, "--ctx", "-c", min=256, help="Context size in tokens.")
 DetailOpt = typer.Option(None, "--detail", help="Image detail: low (one 512 px view), high (full tiling), auto (default, or the model's registry default).")
 MaxTilesOpt = typer.Option(None, "--max-tiles", min=0, help="Cap on image tiles (0 = overview only); overrides --detail.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON records instead of text.")
-VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's own logs.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's own logs, and every --best-of candidate.")
+BestOfOpt = typer.Option(1, "--best-of", min=1, help="Sample N candidates (one image encoding, decoded together) and keep the best.")
+SelectOpt = typer.Option("logprob", "--select", help="How --best-of chooses: logprob (mean token log-probability), vote (most frequent short answer), clip (CLIP image-text similarity).")
+ClipModelOpt = typer.Option(None, "--clip-model", help="CLIP model judging --select clip (default: the store's default CLIP).")
 
 
 def _open(model: Optional[str], mmproj: Optional[str], offline: bool, threads: Optional[int], n_gpu_layers: int,
-          ctx: int, detail: Optional[str], max_tiles: Optional[int], verbose: bool) -> OpenedModel:
+          ctx: int, detail: Optional[str], max_tiles: Optional[int], verbose: bool, n_best: int = 1) -> OpenedModel:
     from vlmcli.tasks.models import ModelSpec, open_model
 
-    spec = ModelSpec(model, mmproj, offline or None, threads, n_gpu_layers, ctx, detail, max_tiles, verbose=verbose)
+    spec = ModelSpec(model, mmproj, offline or None, threads, n_gpu_layers, ctx, detail, max_tiles, verbose=verbose,
+                     n_sequences=n_best)
     return open_model(spec, "vlm", notify=info)
+
+
+def _best_of(n_best: int, select: str, clip_model: Optional[str], offline: bool, threads: Optional[int],
+             temperature: Optional[float], task_name: str) -> tuple[float, Optional[ClipJudge]]:
+    """Check the --best-of options; the temperature to sample with and, for --select clip, the CLIP judge."""
+    from vlmcli.tasks import best_of
+
+    best_of.check(n_best, select)
+    if n_best == 1:
+        return best_of.temperature_for(1, temperature), None
+    if temperature == 0:
+        info(f"vlm: warning: --best-of {n_best} with --temperature 0 samples the same greedy answer {n_best} times")
+    if select == "vote" and task_name == "caption":
+        info("vlm: warning: --select vote is meant for short answers; captions rarely agree word for word (try logprob or clip)")
+    judge = None
+    if select == "clip":
+        from vlmcli.tasks.models import ModelSpec, open_model
+
+        opened = open_model(ModelSpec(clip_model, offline=offline or None, n_threads=threads), "clip", notify=info)
+        judge = best_of.ClipJudge(opened.engine, opened.name)
+    return best_of.temperature_for(n_best, temperature), judge
+
+
+def _print_choices(task: AskTask, verbose: bool) -> Callable[[dict], None]:
+    """One image with --best-of: the chosen answers on stdout; every candidate on stderr with -v."""
+
+    def emit(record: dict) -> None:
+        answers = record.get("answers") or [{"prompt": task.prompts[0], "answer": record.get("caption", ""), **record}]
+        for a in answers:
+            if verbose and a.get("candidates"):
+                info(f"> {a['prompt']}  (--select {a['select']}: candidate {a['chosen'] + 1} of {len(a['candidates'])})")
+                for i, c in enumerate(a["candidates"]):
+                    mark = "*" if i == a["chosen"] else " "
+                    info(f"{mark} {i + 1}. score {c['score']:.4f}, mean log-prob {c['mean_logprob']:.4f}: {c['text']}")
+            sys.stdout.write(a["answer"] + "\n")
+        sys.stdout.flush()
+
+    return emit
 
 
 @app.command()
@@ -48,7 +92,7 @@ def ask(
     model: Optional[str] = ModelOpt,
     mmproj: Optional[str] = MmprojOpt,
     max_tokens: int = typer.Option(DEFAULT_ASK_MAX_TOKENS, "--max-tokens", "-n", min=1, help="Most tokens to generate per answer."),
-    temperature: float = TemperatureOpt,
+    temperature: Optional[float] = TemperatureOpt,
     top_p: float = TopPOpt,
     seed: int = SeedOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -60,6 +104,9 @@ def ask(
     offline: bool = OfflineOpt,
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
+    n_best: int = BestOfOpt,
+    select: str = SelectOpt,
+    clip_model: Optional[str] = ClipModelOpt,
     batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
 ) -> None:
     """Ask SmolVLM2 about an image; the answer streams to stdout. Folders, globs and - give one JSONL record per image."""
@@ -81,10 +128,15 @@ def ask(
     sink = batch_cli.make_sink(args, expansion, ("jsonl", "text"), text=answers_text)
     if single:
         batch_cli.check_single_image(expansion.paths[0], max_pixels)
-    opened = _open(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, verbose)
+    temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "ask")
+    opened = _open(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, verbose, n_best)
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    task = AskTask(opened.engine, questions, gen, max_pixels)
-    if single and not json_out:
+    task = AskTask(opened.engine, questions, gen, max_pixels, n_best, select, judge)
+    if single and not json_out and n_best > 1:
+        from vlmcli.tasks.sinks import CallbackSink
+
+        sink = CallbackSink(_print_choices(task, verbose))
+    elif single and not json_out:
         from vlmcli.tasks.sinks import NullSink
 
         sink = NullSink()  # the answers stream to stdout instead of a text record
@@ -143,7 +195,7 @@ def caption(
     model: Optional[str] = ModelOpt,
     mmproj: Optional[str] = MmprojOpt,
     max_tokens: int = typer.Option(DEFAULT_CAPTION_MAX_TOKENS, "--max-tokens", "-n", min=1),
-    temperature: float = TemperatureOpt,
+    temperature: Optional[float] = TemperatureOpt,
     top_p: float = TopPOpt,
     seed: int = SeedOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -155,6 +207,9 @@ def caption(
     offline: bool = OfflineOpt,
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
+    n_best: int = BestOfOpt,
+    select: str = SelectOpt,
+    clip_model: Optional[str] = ClipModelOpt,
     batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
 ) -> None:
     """Caption images: the caption of one image, `PATH<TAB>caption` for several named files, JSONL for folders, globs and lists."""
@@ -172,7 +227,12 @@ def caption(
     )
     if single:
         batch_cli.check_single_image(expansion.paths[0], max_pixels)
-    opened = _open(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, verbose)
+    temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "caption")
+    opened = _open(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, verbose, n_best)
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    task = CaptionTask(opened.engine, gen, prompt, max_pixels)
+    task = CaptionTask(opened.engine, gen, prompt, max_pixels, n_best, select, judge)
+    from vlmcli.tasks.sinks import CallbackSink, TextSink
+
+    if single and verbose and n_best > 1 and isinstance(sink, TextSink):
+        sink = CallbackSink(_print_choices(task, verbose))
     batch_cli.run(task, args, expansion, sink, sidecar_text=caption_text, single=single)

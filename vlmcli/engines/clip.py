@@ -5,11 +5,17 @@ that HF `mlp.fc1` is stored as `ffn_down` and `fc2` as `ffn_up`. Weights are loc
 gguf_check's header parser, copied once from a memory map into a ggml backend buffer, and every call builds a small graph
 for a batch of images or texts; the graph allocator's buffer is reused across calls.
 
+Files written by clip.cpp itself (its converter and quantizer) load too: their F16 or quantized
+position embeddings are widened to F32 when loaded, a missing logit scale falls back to trained CLIP's
+100 and missing BPE merges to the CLIP merges vlm ships (only for a vocabulary that is exactly CLIP's);
+each fallback is recorded in ClipConfig.notes for the front end to show.
+
 Shapes in comments are ggml order (innermost first): x [D, T, N] is N sequences of T tokens of width D.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,6 +25,13 @@ from typing import Any, Callable
 import numpy as np
 
 from vlmcli.engines import ggml
+from vlmcli.engines.clip_tokenizer import (
+    BOS_TOKEN,
+    DEFAULT_MERGES_FILE,
+    EOS_TOKEN,
+    read_merges_file,
+    vocabulary_from_merges,
+)
 from vlmcli.engines.ggml import Backend, Graph, Tensor
 from vlmcli.engines.gguf_check import require_kind
 from vlmcli.engines.native import NativeResource
@@ -26,8 +39,18 @@ from vlmcli.errors import ModelError, VlmError
 
 # Types a 2-D matmul weight may have (ggml's CPU mul_mat handles all of them).
 MATMUL_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-EMBEDDING_TYPES = ("F32", "F16")  # token and patch embeddings: read by get_rows / used in mul_mat
+EMBEDDING_TYPES = ("F32", "F16")  # the patch embedding (reshaped to a matrix for mul_mat): vlm and clip.cpp write F16
+# The token embedding is read by get_rows, which takes every type clip.cpp writes (its quantizer
+# quantizes every 2-D weight, the embeddings too).
+TOKEN_EMBEDDING_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+# The position embeddings are added in F32; clip.cpp's files store them F16 (or quantized), so any of
+# these types is accepted and converted to F32 when the model is loaded (they are small).
+POSITION_EMBEDDING_TYPES = TOKEN_EMBEDDING_TYPES
+LOADED_AS_F32 = ("t.position_embd.weight", "v.position_embd.weight")
+# CLIP's training clamps the logit scale at 100; files written by clip.cpp's converter do not store it.
+TRAINED_LOGIT_SCALE = 100.0
 SMALL_GRAPH_FLOPS = 50e6  # below this a batch runs on one thread (see ClipModel._use_threads_for)
+TEXT_LENGTH_STEP = 8  # a text runs at a multiple of this many positions (or context_length), see text_lengths
 
 
 @dataclass
@@ -57,6 +80,9 @@ class ClipConfig:
     bos_id: int = 49406
     eos_id: int = 49407
     file_type: str | None = None
+    # What the loader filled in for keys the file lacks (e.g. a file from clip.cpp's converter), one
+    # sentence each, for the front end to show; the engine itself prints nothing.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def n_patches(self) -> int:
@@ -82,9 +108,21 @@ class ClipConfig:
             except (TypeError, ValueError):
                 raise ModelError(f"CLIP GGUF has a bad {key}: {value!r}", path) from None
 
+        notes: list[str] = []
         tokens = get("tokenizer.ggml.tokens", list, [])
+        merges = get("tokenizer.ggml.merges", list, [])
+        if tokens and not merges:  # clip.cpp's converter stores the vocabulary only
+            merges = _shipped_merges_for(tokens, path)
+            notes.append("the file has no BPE merges (tokenizer.ggml.merges); its vocabulary is CLIP's, "
+                         "so the CLIP merges shipped with vlm are used")
+        if metadata.get("clip.logit_scale") is None:  # clip.cpp's converter leaves it out
+            log_scale = math.log(TRAINED_LOGIT_SCALE)
+            notes.append(f"the file has no logit scale (clip.logit_scale); using trained CLIP's "
+                         f"{TRAINED_LOGIT_SCALE:g} (classify scores depend on it, embeddings do not)")
+        else:
+            log_scale = get("clip.logit_scale", float)
         cfg = cls(
-            name=get("general.name", str, "clip"),
+            name=get("general.name", str, path.stem) or path.stem,
             image_size=get("clip.vision.image_size", int),
             patch_size=get("clip.vision.patch_size", int),
             image_mean=get("clip.vision.image_mean", tuple),
@@ -92,7 +130,7 @@ class ClipConfig:
             context_length=get("clip.text.context_length", int),
             vocab_size=len(tokens),  # checked against the token embedding below
             projection_dim=get("clip.vision.projection_dim", int),
-            logit_scale=_exp_logit_scale(get("clip.logit_scale", float), path),
+            logit_scale=_exp_logit_scale(log_scale, path),
             use_gelu=get("clip.use_gelu", bool, False),
             text_width=get("clip.text.embedding_length", int),
             text_layers=get("clip.text.block_count", int),
@@ -105,10 +143,11 @@ class ClipConfig:
             vision_ffn=get("clip.vision.feed_forward_length", int),
             vision_eps=get("clip.vision.attention.layer_norm_epsilon", float),
             tokens=tokens,
-            merges=get("tokenizer.ggml.merges", list, []),
-            bos_id=get("tokenizer.ggml.bos_token_id", int, 49406),
-            eos_id=get("tokenizer.ggml.eos_token_id", int, 49407),
+            merges=merges,
+            bos_id=get("tokenizer.ggml.bos_token_id", int, _token_id(tokens, BOS_TOKEN, 49406)),
+            eos_id=get("tokenizer.ggml.eos_token_id", int, _token_id(tokens, EOS_TOKEN, 49407)),
             file_type=file_type,
+            notes=notes,
         )
         text_proj = get("clip.text.projection_dim", int, cfg.projection_dim)
         cfg._validate(path, text_proj)
@@ -131,11 +170,50 @@ class ClipConfig:
         need(all(s > 0 for s in self.image_std), "image_std must be positive")
 
 
+@functools.lru_cache(maxsize=1)
+def _shipped_clip_tokenizer() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(merges, the vocabulary they generate) of the CLIP merges file vlm ships."""
+    merges = read_merges_file(DEFAULT_MERGES_FILE)
+    return tuple(merges), tuple(vocabulary_from_merges(merges))
+
+
+def _shipped_merges_for(tokens: list[str], path: Path) -> list[str]:
+    """The shipped CLIP merges, for a file whose vocabulary is exactly CLIP's (same tokens, same ids)."""
+    merges, vocab = _shipped_clip_tokenizer()
+    if tuple(tokens) != vocab:
+        if len(tokens) != len(vocab):
+            why = f"{len(tokens)} tokens, CLIP has {len(vocab)}"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(tokens, vocab)) if a != b)
+            why = f"token {i} is {tokens[i]!r}, CLIP's is {vocab[i]!r}"
+        raise ModelError("CLIP GGUF has no BPE merges (tokenizer.ggml.merges) and its vocabulary is not "
+                         f"CLIP's ({why}), so its texts cannot be tokenized", path)
+    return list(merges)
+
+
+def _token_id(tokens: list[str], token: str, default: int) -> int:
+    """The id of a special token in the vocabulary, for files without tokenizer.ggml.bos/eos_token_id."""
+    try:
+        return tokens.index(token)
+    except ValueError:
+        return default
+
+
 def _exp_logit_scale(log_scale: float, path: Path) -> float:
     # trained CLIPs store ln(100) ~ 4.6; refuse values whose exp() is meaningless or overflows
     if not math.isfinite(log_scale) or abs(log_scale) > 20:
         raise ModelError(f"CLIP GGUF has a bad clip.logit_scale: {log_scale!r}", path)
     return math.exp(log_scale)
+
+
+def _to_f32(raw: np.ndarray, type_name: str, ne: tuple[int, ...]) -> np.ndarray:
+    """Stored bytes of an F16 or quantized tensor (ggml shape ne) -> its float32 values."""
+    import gguf
+
+    if type_name == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    rows = raw.reshape(int(np.prod(ne[1:], dtype=np.int64)), -1)
+    return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[type_name]).astype(np.float32)
 
 
 @dataclass
@@ -178,13 +256,13 @@ def _tensor_specs(cfg: ClipConfig) -> dict[str, tuple[tuple[int, ...], tuple[str
             specs[f"{b}.ffn_up.bias"] = ((d,), f32)
     dt, dv, p = cfg.text_width, cfg.vision_width, cfg.patch_size
     specs.update({
-        "t.token_embd.weight": ((dt, cfg.vocab_size), EMBEDDING_TYPES),
-        "t.position_embd.weight": ((dt, cfg.context_length), f32),
+        "t.token_embd.weight": ((dt, cfg.vocab_size), TOKEN_EMBEDDING_TYPES),
+        "t.position_embd.weight": ((dt, cfg.context_length), POSITION_EMBEDDING_TYPES),
         "t.post_ln.weight": ((dt,), f32),
         "t.post_ln.bias": ((dt,), f32),
         "v.class_embd": ((dv,), f32),
         "v.patch_embd.weight": ((p, p, 3, dv), EMBEDDING_TYPES),
-        "v.position_embd.weight": ((dv, cfg.n_patches + 1), f32),
+        "v.position_embd.weight": ((dv, cfg.n_patches + 1), POSITION_EMBEDDING_TYPES),
         "v.pre_ln.weight": ((dv,), f32),
         "v.pre_ln.bias": ((dv,), f32),
         "v.post_ln.weight": ((dv,), f32),
@@ -224,6 +302,21 @@ def block(g: Graph, x: Tensor, p: _Block, n_heads: int, eps: float, act: Callabl
     h = layer_norm(g, x, p.ln2_w, p.ln2_b, eps)
     h = act(linear(g, h, p.fc1_w, p.fc1_b))
     return g.add(x, linear(g, h, p.fc2_w, p.fc2_b))
+
+
+# --- batch independence: ggml picks kernels by shape, so no shape may come from a batch-mate ------
+
+def text_lengths(n_tokens: np.ndarray, context_length: int) -> np.ndarray:
+    """The graph length each text runs at: its tokens up to EOT rounded up to TEXT_LENGTH_STEP (at
+    most context_length). It comes from the text alone: att @ v sums over T, with tinyBLAS when T is
+    a multiple of the SIMD width and vec_dot otherwise, so a batch-wide T changes a text's bits."""
+    return np.minimum(-(-n_tokens // TEXT_LENGTH_STEP) * TEXT_LENGTH_STEP, context_length)
+
+
+def at_least_two(rows: np.ndarray) -> np.ndarray:
+    """Pooled rows for the final projection, a lone one repeated: ggml's CPU mul_mat runs a one-column
+    product through vec_dot and wider ones through tinyBLAS, which sum in another order."""
+    return rows if len(rows) > 1 else np.repeat(rows, 2)
 
 
 class ClipModel(NativeResource):
@@ -282,16 +375,23 @@ class ClipModel(NativeResource):
                 raise ModelError(f"tensor {name} has type {tname}, expected one of {', '.join(types)}", p)
             if ne[0] % ggml.block_size(tname):
                 raise ModelError(f"tensor {name}: rows of {ne[0]} do not fit {tname} blocks", p)
+        # The label from the matmul weights alone (the patch embedding is F16 in every file clip.cpp reads).
+        matmul_types = sorted({stored[name].type for name, (_, types) in specs.items() if types is MATMUL_TYPES})
+        config.file_type = "+".join(matmul_types) or config.file_type
 
         backend = Backend(device=device, gpu=n_gpu_layers != 0, n_threads=n_threads)
         weights = Graph(max_tensors=len(specs) + 8)
         try:
-            tensors = {name: weights.new_tensor(stored[name].type, ne, name) for name, (ne, _) in specs.items()}
+            tensors = {name: weights.new_tensor("F32" if name in LOADED_AS_F32 else stored[name].type, ne, name)
+                       for name, (ne, _) in specs.items()}
             size = backend.alloc_tensors(weights)
             data = np.memmap(p, dtype=np.uint8, mode="r")
             for name, t in tensors.items():
                 st = stored[name]
-                backend.set(t, data[st.offset : st.offset + st.n_bytes])  # copies from the mapped file
+                raw = data[st.offset : st.offset + st.n_bytes]
+                if name in LOADED_AS_F32 and st.type != "F32":
+                    raw = _to_f32(raw, st.type, specs[name][0])
+                backend.set(t, raw)  # copies from the mapped file
             del data
         except BaseException:
             weights.close()
@@ -349,9 +449,10 @@ class ClipModel(NativeResource):
         # values of a patch go in the conv weight's (channel, y, x) order.
         patches = (pixels.reshape(n, 3, grid, p, grid, p).transpose(0, 2, 4, 1, 3, 5)
                    .reshape(n, grid * grid, 3 * p * p))
+        pool_at = at_least_two(np.arange(n, dtype=np.int32) * t)
         with self._new_graph(cfg.vision_layers) as g:
             patches_in = g.input("F32", (3 * p * p, grid * grid, n), "patches")
-            class_rows = g.input("I32", (n,), "class_rows")
+            class_rows = g.input("I32", (len(pool_at),), "class_rows")
 
             x = g.mul_mat(g.reshape(w["v.patch_embd.weight"], 3 * p * p, d), patches_in)  # [D, P, N]
             x = g.concat(g.repeat(w["v.class_embd"], d, 1, n), x, 1)  # class token first: [D, T, N]
@@ -366,9 +467,9 @@ class ClipModel(NativeResource):
             self.backend.allocate(g)
             self._use_threads_for(n * t, d, cfg.vision_ffn, cfg.vision_layers)
             self.backend.set(patches_in, patches)
-            self.backend.set(class_rows, np.arange(n, dtype=np.int32) * t)
+            self.backend.set(class_rows, pool_at)
             self.backend.compute(g)
-            return self.backend.get(out, 2)  # (N, projection_dim)
+            return self.backend.get(out, 2)[:n]  # (N, projection_dim)
 
     # --- text
     def encode_texts(self, tokens: np.ndarray) -> np.ndarray:
@@ -383,23 +484,27 @@ class ClipModel(NativeResource):
             raise VlmError(f"tokens must be integers, got {tokens.dtype}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
             raise VlmError(f"token ids must be in [0, {cfg.vocab_size}), got {tokens.min()}..{tokens.max()}")
-        tokens = tokens.astype(np.int32)
-        chunks = [self._encode_text_batch(tokens[i:i + self.batch_size])
-                  for i in range(0, len(tokens), self.batch_size)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, cfg.projection_dim), np.float32)
+        tokens = np.pad(tokens.astype(np.int32), ((0, 0), (0, cfg.context_length - tokens.shape[1])))
+        lengths = text_lengths(tokens.argmax(axis=1) + 1, cfg.context_length)
+        out = np.zeros((len(tokens), cfg.projection_dim), np.float32)
+        for t in np.unique(lengths):  # texts of one length are batched together, results put back in order
+            rows = np.flatnonzero(lengths == t)
+            for i in range(0, len(rows), self.batch_size):
+                chunk = rows[i:i + self.batch_size]
+                out[chunk] = self._encode_text_batch(tokens[chunk, :t])
+        return out
 
     def _encode_text_batch(self, tokens: np.ndarray) -> np.ndarray:
+        """(N, T) ids, every EOT within T: attention is causal, so the positions after a row's EOT
+        cannot change its pooled state (usually far fewer than 77 positions are run)."""
         cfg, w = self.config, self._t
-        n, d = len(tokens), cfg.text_width
-        eot = tokens.argmax(axis=1)
-        # Attention is causal, so nothing after the last EOT of the batch can change the pooled
-        # states: run only that many positions (usually far fewer than 77).
-        t = int(eot.max()) + 1
+        (n, t), d = tokens.shape, cfg.text_width
+        pool_at = at_least_two((np.arange(n) * t + tokens.argmax(axis=1)).astype(np.int32))
         causal = np.triu(np.full((t, t), -np.inf, dtype=np.float32), k=1)  # row = query, column = key
         with self._new_graph(cfg.text_layers) as g:
             ids = g.input("I32", (t * n,), "token_ids")
             mask = g.input("F32", (t, t), "causal_mask")
-            eot_rows = g.input("I32", (n,), "eot_rows")
+            eot_rows = g.input("I32", (len(pool_at),), "eot_rows")
 
             x = g.reshape(g.get_rows(w["t.token_embd.weight"], ids), d, t, n)  # [D, T, N]
             x = g.add(x, g.view_rows(w["t.position_embd.weight"], t))
@@ -412,8 +517,8 @@ class ClipModel(NativeResource):
 
             self.backend.allocate(g)
             self._use_threads_for(n * t, d, cfg.text_ffn, cfg.text_layers)
-            self.backend.set(ids, np.ascontiguousarray(tokens[:, :t]))
+            self.backend.set(ids, tokens)
             self.backend.set(mask, causal)
-            self.backend.set(eot_rows, (np.arange(n) * t + eot).astype(np.int32))
+            self.backend.set(eot_rows, pool_at)
             self.backend.compute(g)
-            return self.backend.get(out, 2)  # (N, projection_dim)
+            return self.backend.get(out, 2)[:n]  # (N, projection_dim)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
 import html
 import os
 import unicodedata
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmcli.errors import ModelError
+from vlmcli.errors import ModelError, VlmError
 
 BOS_ID = 49406
 EOS_ID = 49407
@@ -28,6 +29,13 @@ EOS_TOKEN = "<|endoftext|>"
 # CLIP uses the first 49152 - 256 - 2 merges of its merges file: 256 byte tokens + their `</w>` forms
 # + the merges + 2 special tokens = a 49408-token vocabulary.
 N_MERGES = 49152 - 256 - 2
+# Texts are cut to this many characters before tokenizing, so one huge text (a server request, a
+# label file with no newlines) costs bounded time. CLIP keeps 75 tokens besides bos/eos, and no
+# vocabulary token is longer than 32 byte-characters, so 16,384 characters of letters, digits or
+# punctuation always make more than 75 tokens: the cut changes the ids only of a text whose first
+# 16,384 characters are mostly whitespace runs (collapsed to one space), HTML entities or removed
+# control characters. A cut text is reported as truncated.
+MAX_TEXT_CHARS = 16_384
 
 DEFAULT_MERGES_FILE = Path(__file__).resolve().parent.parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -84,6 +92,18 @@ def read_merges_file(path: str | os.PathLike[str]) -> list[str]:
     if not merges or any(len(m.split(" ")) != 2 for m in merges):
         raise ModelError("not a BPE merges file (expected lines of two symbols)", p)
     return merges
+
+
+def check_text(text: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate: what invalid UTF-8 in a command-line
+    argument becomes in Python); it cannot be encoded to UTF-8 for the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise VlmError(
+            f"the text is not valid Unicode: character {e.start + 1} is a lone surrogate U+{ord(text[e.start]):04X} "
+            "(invalid UTF-8 in the input?)"
+        ) from None
 
 
 def fix_text(text: str) -> str:
@@ -207,9 +227,15 @@ class ClipTokenizer:
         tokens: list[str] | None = None,
         bos_id: int = BOS_ID,
         eos_id: int = EOS_ID,
+        path: str | os.PathLike[str] | None = None,
     ) -> None:
+        self.path = path  # the model file the vocabulary comes from, named in errors
         self.merges = list(merges)
-        self.tokens = list(tokens) if tokens is not None else vocabulary_from_merges(self.merges)
+        # no vocabulary (None, or a file without tokenizer.ggml.tokens): the one CLIP derives from its merges
+        self.tokens = list(tokens) if tokens else vocabulary_from_merges(self.merges)
+        for what, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id)):
+            if not 0 <= value < len(self.tokens):
+                raise ModelError(f"tokenizer.ggml.{what} = {value} is outside the vocabulary of {len(self.tokens)} tokens", path)
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.encoder = {t: i for i, t in enumerate(self.tokens)}
@@ -227,39 +253,67 @@ class ClipTokenizer:
         return len(self.tokens)
 
     def bpe(self, word: str) -> list[str]:
-        """BPE-merge one pre-token (already byte-encoded); the last symbol carries `</w>`."""
+        """BPE-merge one pre-token (already byte-encoded); the last symbol carries `</w>`.
+
+        CLIP's rule, step by step: take the adjacent pair of lowest merge rank, merge all its
+        non-overlapping occurrences left to right, repeat. Done here in O(n log n) rather than
+        CLIP's O(n^2) rescans: the symbols are a linked list and every adjacent pair sits in a heap
+        keyed by (rank, position). Each round pops every entry of the lowest rank (in position
+        order, as CLIP's scan meets them), skips entries made stale by earlier merges, merges the
+        rest and pushes the two pairs each merge creates. A merged pair can never be the pair being
+        merged (it is longer than either half), so one round is exactly one of CLIP's passes; pairs
+        of lower rank a round creates wait for the next round, as in CLIP.
+        """
         cached = self._cache.get(word)
         if cached is not None:
             return cached
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            # The adjacent pair with the lowest merge rank; merge all its non-overlapping occurrences.
-            best_rank, best = None, None
-            for pair in zip(symbols, symbols[1:]):
-                rank = self.ranks.get(pair)
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best_rank, best = rank, pair
-            if best is None:
-                break
-            first, second = best
-            merged: list[str] = []
-            i = 0
-            while i < len(symbols):
-                if i < len(symbols) - 1 and symbols[i] == first and symbols[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        if len(self._cache) < 100_000:  # labels repeat; bound the cache for huge text files
+        n = len(symbols)
+        ranks = self.ranks
+        if n > 1:
+            nxt = list(range(1, n + 1))  # n = end of list
+            prv = list(range(-1, n - 1))
+            alive = [True] * n
+            heap = [(r, i) for i in range(n - 1) if (r := ranks.get((symbols[i], symbols[i + 1]))) is not None]
+            heapq.heapify(heap)
+
+            def push(i: int) -> None:  # the pair starting at node i, if it is a merge
+                j = nxt[i]
+                if j < n:
+                    r = ranks.get((symbols[i], symbols[j]))
+                    if r is not None:
+                        heapq.heappush(heap, (r, i))
+
+            while heap:
+                rank = heap[0][0]
+                positions = []
+                while heap and heap[0][0] == rank:
+                    positions.append(heapq.heappop(heap)[1])
+                for i in positions:
+                    j = nxt[i] if alive[i] else n
+                    if j >= n or ranks.get((symbols[i], symbols[j])) != rank:
+                        continue  # stale: a neighbour was merged since this entry was pushed
+                    symbols[i] += symbols[j]
+                    alive[j] = False
+                    nxt[i] = nxt[j]
+                    if nxt[j] < n:
+                        prv[nxt[j]] = i
+                    if prv[i] >= 0:
+                        push(prv[i])
+                    push(i)
+            symbols = [s for s, a in zip(symbols, alive) if a]
+        if len(self._cache) < 100_000 and len(word) <= 1_000:  # labels repeat; bound the cache
             self._cache[word] = symbols
         return symbols
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without bos/eos."""
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """Token ids of `text`, without bos/eos; with `max_tokens`, stop once that many are made
+        (the ids are the first `max_tokens` of the full encoding: words are encoded in order)."""
+        check_text(text)
         ids: list[int] = []
         for word in pre_tokenize(clean_text(text)):
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
             if word in (BOS_TOKEN, EOS_TOKEN):
                 ids.append(self.encoder[word])
                 continue
@@ -267,25 +321,30 @@ class ClipTokenizer:
             for piece in self.bpe(encoded):
                 token_id = self.encoder.get(piece)
                 if token_id is None:  # only with a vocabulary that does not match its merges
-                    raise ModelError(f"CLIP vocabulary has no token {piece!r} (vocabulary and merges disagree)")
+                    raise ModelError(f"CLIP vocabulary has no token {piece!r} (vocabulary and merges disagree)", self.path)
                 ids.append(token_id)
-        return ids
+        return ids[:max_tokens] if max_tokens is not None else ids
 
     def tokenize(self, texts: list[str] | str, context_length: int = CONTEXT_LENGTH) -> tuple[np.ndarray, list[bool]]:
         """(N, context_length) int32 rows of bos + tokens + eos, zero padded, and which rows were truncated.
 
         Too-long texts are cut to `context_length` with eos kept as the last token (open_clip's behaviour).
+        Only the tokens that can be kept are made, and a text is first cut to MAX_TEXT_CHARS characters
+        (see there), so the work per text is bounded whatever its length; both cuts count as truncated.
         """
         if isinstance(texts, str):
             texts = [texts]
+        if context_length < 2:
+            raise ValueError(f"context_length must be at least 2, got {context_length}")
         out = np.zeros((len(texts), context_length), dtype=np.int32)
         truncated: list[bool] = []
+        keep = context_length - 2  # tokens besides bos and eos
         for row, text in enumerate(texts):
-            ids = [self.bos_id, *self.encode(text), self.eos_id]
-            cut = len(ids) > context_length
-            if cut:
-                ids = ids[:context_length]
-                ids[-1] = self.eos_id
+            capped = len(text) > MAX_TEXT_CHARS
+            # One token more than can be kept tells whether the text was cut.
+            body = self.encode(text[:MAX_TEXT_CHARS] if capped else text, max_tokens=keep + 1)
+            cut = capped or len(body) > keep
+            ids = [self.bos_id, *body[:keep], self.eos_id]
             out[row, : len(ids)] = ids
             truncated.append(cut)
         return out, truncated

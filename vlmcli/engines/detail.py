@@ -12,10 +12,11 @@ which dominates the cost on a CPU. Lower levels use what llama.cpp offers:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from vlmcli.errors import InvalidOption, VlmError
+from vlmcli.errors import ImageError, InvalidOption, ModelError
 
 DETAIL_LEVELS = ("low", "high", "auto")
 AUTO_CPU_MAX_TILES = 4
@@ -32,18 +33,64 @@ class VisionGeometry:
     def tokens_per_tile(self) -> int:
         return (self.tile_size // self.patch_size) ** 2 // (self.scale_factor**2)
 
+    preproc_longest_edge: int = 0  # clip.vision.preproc_image_size as mtmd reads it (0 = absent)
+
     @classmethod
-    def from_mmproj(cls, meta: dict[str, Any]) -> VisionGeometry:
-        size = int(meta.get("clip.vision.image_size") or 0)
-        patch = int(meta.get("clip.vision.patch_size") or 0)
-        if size <= 0 or patch <= 0:
-            raise VlmError("vision projector has no image_size/patch_size")
+    def from_mmproj(cls, meta: dict[str, Any], path: str | os.PathLike[str] | None = None) -> VisionGeometry:
+        """The geometry of a projector's metadata (gguf_rules has checked the values' ranges)."""
+        values = {}
+        for key in ("clip.vision.image_size", "clip.vision.patch_size"):
+            v = meta.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ModelError(f"{key} = {v}: the vision projector needs a positive {key.rsplit('.', 1)[1]}", path)
+            values[key] = v
+        size, patch = values["clip.vision.image_size"], values["clip.vision.patch_size"]
+        preproc = int(meta.get("clip.vision.preproc_image_size") or 0)
         return cls(
             tile_size=size,
             patch_size=patch,
             scale_factor=int(meta.get("clip.vision.projector.scale_factor") or 1),
-            longest_edge=int(meta.get("clip.vision.preproc_image_size") or size),
+            longest_edge=preproc or size,
+            preproc_longest_edge=preproc,
         )
+
+
+# mtmd-image.cpp refuses a resize target outside 1..65536 on either side.
+MTMD_MAX_RESIZE = 65536
+
+
+def check_image_shape(width: int, height: int, geo: VisionGeometry, image_max_tokens: int) -> None:
+    """Refuse an image mtmd cannot preprocess, before it is handed over (mtmd only says "code 2").
+
+    Follows mtmd_image_preprocessor_idefics3 (llama.cpp tools/mtmd/mtmd-image.cpp): with no token cap
+    and a preprocessor longest edge, the image is first resized to that longest edge with its aspect
+    ratio kept, the short side truncated to an integer; a very elongated image (more than
+    `longest_edge` times longer than wide) truncates to 0 pixels there. With a cap (image_max_tokens
+    > 0) or no longest edge, sizes are rounded up to whole tiles and never reach 0.
+    """
+    if width <= 0 or height <= 0:
+        raise ImageError(f"the image is {width}x{height} pixels; it has no pixels")
+    targets: list[tuple[int, int]] = []
+    longest = geo.preproc_longest_edge
+    if longest > 0 and image_max_tokens <= 0:
+        aspect = width / height  # double, as in mtmd
+        if width >= height:
+            rw, rh = longest, int(longest / aspect)
+            rh += rh % 2
+        else:
+            rw, rh = int(longest * aspect), longest
+            rw += rw % 2
+        targets.append((rw, rh))
+        tile = geo.tile_size
+        targets.append((-(-rw // tile) * tile, -(-rh // tile) * tile))
+    for tw, th in targets:
+        if not (0 < tw <= MTMD_MAX_RESIZE and 0 < th <= MTMD_MAX_RESIZE):
+            ratio = max(width, height) / min(width, height)
+            raise ImageError(
+                f"the image is {width}x{height} pixels, too elongated for this model at full detail: it would "
+                f"be resized to {tw}x{th} (its sides may differ at most {longest}:1, this one is {ratio:.0f}:1; "
+                "a capped or lower detail level can take it)"
+            )
 
 
 def validate(detail: str, max_tiles: int | None) -> None:

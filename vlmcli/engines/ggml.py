@@ -154,6 +154,14 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_dev_description": (ctypes.c_char_p, [_vp]),
     "ggml_backend_dev_type": (_i32, [_vp]),
     "ggml_backend_dev_init": (_vp, [_vp, ctypes.c_char_p]),
+    "ggml_backend_dev_memory": (None, [_vp, ctypes.POINTER(_sz), ctypes.POINTER(_sz)]),
+    "ggml_backend_dev_backend_reg": (_vp, [_vp]),
+    "ggml_backend_reg_count": (_sz, []),
+    "ggml_backend_reg_get": (_vp, [_sz]),
+    "ggml_backend_reg_name": (ctypes.c_char_p, [_vp]),
+    "ggml_backend_reg_dev_count": (_sz, [_vp]),
+    "ggml_version": (ctypes.c_char_p, []),
+    "ggml_commit": (ctypes.c_char_p, []),
     "ggml_backend_cpu_init": (_vp, []),
     "ggml_backend_is_cpu": (_bool, [_vp]),
     "ggml_backend_cpu_set_n_threads": (None, [_vp, _i32]),
@@ -520,17 +528,59 @@ class Graph:
 
 # --- backends ------------------------------------------------------------------------------------
 
-def list_devices(load_all: bool = False) -> list[tuple[str, str, int]]:
-    """(name, description, type) of every registered ggml device."""
+DEVICE_TYPES = {DEV_CPU: "cpu", DEV_GPU: "gpu", DEV_IGPU: "igpu", DEV_ACCEL: "accel"}
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str  # what --device takes: CPU, CUDA0, ROCm0, Vulkan0, MTL0, ...
+    description: str  # the hardware, e.g. "NVIDIA GeForce RTX 4090" or the CPU model
+    type: str  # cpu | gpu | igpu | accel
+    backend: str  # the registry it belongs to: CPU, CUDA, Vulkan, Metal, BLAS, ...
+    memory_total: int  # bytes (system memory for the CPU)
+    memory_free: int
+
+
+def devices(load_all: bool = True) -> list[DeviceInfo]:
+    """Every ggml device with its backend and memory. load_all, as Backend does before it picks a GPU,
+    so that builds whose GPU backends are separate modules show them too."""
     L = lib()
     if load_all:
         L.ggml_backend_load_all()
     out = []
     for i in range(L.ggml_backend_dev_count()):
         dev = L.ggml_backend_dev_get(i)
-        out.append((L.ggml_backend_dev_name(dev).decode(), L.ggml_backend_dev_description(dev).decode(),
-                    L.ggml_backend_dev_type(dev)))
+        free, total = _sz(0), _sz(0)
+        L.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        reg = L.ggml_backend_dev_backend_reg(dev)
+        kind = L.ggml_backend_dev_type(dev)
+        out.append(DeviceInfo(
+            name=(L.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
+            description=(L.ggml_backend_dev_description(dev) or b"").decode(errors="replace").strip(),
+            type=DEVICE_TYPES.get(kind, str(kind)),
+            backend=(L.ggml_backend_reg_name(reg) or b"").decode(errors="replace") if reg else "",
+            memory_total=int(total.value), memory_free=int(free.value),
+        ))
     return out
+
+
+def backends(load_all: bool = True) -> list[tuple[str, int]]:
+    """(name, device count) of every registered ggml backend: CPU, plus BLAS, CUDA, Metal... as built."""
+    L = lib()
+    if load_all:
+        L.ggml_backend_load_all()
+    out = []
+    for i in range(L.ggml_backend_reg_count()):
+        reg = L.ggml_backend_reg_get(i)
+        out.append(((L.ggml_backend_reg_name(reg) or b"").decode(errors="replace"), int(L.ggml_backend_reg_dev_count(reg))))
+    return out
+
+
+def version() -> tuple[str, str]:
+    """(ggml version, ggml_commit(): the short git commit its build recorded, "unknown" when built
+    outside a git checkout, "-dirty" when the tree had changes)."""
+    L = lib()
+    return (L.ggml_version() or b"").decode(), (L.ggml_commit() or b"").decode()
 
 
 class Backend:
@@ -542,7 +592,7 @@ class Backend:
             L.ggml_backend_load_all()  # GPU backends may be separate modules in some builds
             dev = L.ggml_backend_dev_by_name(device.encode())
             if not dev:
-                names = ", ".join(n for n, _, _ in list_devices())
+                names = ", ".join(d.name for d in devices())
                 raise VlmError(f"no ggml device named {device!r} in this build (available: {names})")
             self.ptr = L.ggml_backend_dev_init(dev, None)
         elif gpu and device is None and self._gpu_device():
@@ -628,5 +678,6 @@ class Backend:
             self.ptr = None
 
 
-__all__ = ["GGML_TYPES", "QUANTIZE_TYPES", "Backend", "Graph", "Tensor", "block_size", "lib", "list_devices",
+__all__ = ["GGML_TYPES", "QUANTIZE_TYPES", "Backend", "DeviceInfo", "Graph", "Tensor", "backends", "block_size",
+           "devices", "lib", "version",
            "llama_cpp_lib_dir", "quantize", "row_size", "type_id", "type_name", "type_size"]

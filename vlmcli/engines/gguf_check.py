@@ -8,14 +8,16 @@ tensor infos) rather than with gguf-py's GGUFReader, which builds a numpy view f
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from vlmcli.engines.gguf_rules import check_model
 from vlmcli.errors import ModelError
 
 GGUF_MAGIC = b"GGUF"
@@ -51,23 +53,44 @@ class GgufInfo:
     file_type: str | None = None  # e.g. "Q8_0", from the matrix tensor types
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
     tensors: list[TensorInfo] = field(default_factory=list, repr=False)
+    # key -> (GGUF value type, array item type or None): mtmd's typed getters abort on another type
+    types: dict[str, tuple[int, int | None]] = field(default_factory=dict, repr=False)
 
 
 class _Corrupt(Exception):
     pass
 
 
+def _p(name: str) -> str:
+    """A key or tensor name for a one-line message (control characters escaped)."""
+    return name if name.isprintable() else repr(name)
+
+
 class _Reader:
-    def __init__(self, f: BinaryIO, size: int):
-        self.f, self.size = f, size
+    """Reads a GGUF header from a memory map (vocabularies hold ~100k strings: no syscall per string)."""
+
+    def __init__(self, buf: Any, size: int):
+        self.buf, self.size = buf, size
+        self.pos = 0
+        self.item_type: int | None = None  # the item type of the last array read
+
+    def tell(self) -> int:
+        return self.pos
 
     def read(self, n: int) -> bytes:
-        if n < 0 or self.f.tell() + n > self.size:
+        if n < 0 or self.pos + n > self.size:
             raise _Corrupt("runs past the end of the file")
-        return self.f.read(n)
+        b = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return b
 
     def unpack(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+        n = struct.calcsize(fmt)
+        if self.pos + n > self.size:
+            raise _Corrupt("runs past the end of the file")
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return v
 
     def string(self) -> str:
         return self.read(self.unpack("<Q")).decode("utf-8", errors="replace")
@@ -79,6 +102,7 @@ class _Reader:
             return self.string()
         if vtype == _ARRAY:
             itype, count = self.unpack("<I"), self.unpack("<Q")
+            self.item_type = itype
             if count > self.size:
                 raise _Corrupt("array length larger than the file")
             if itype in _SCALARS:
@@ -86,23 +110,46 @@ class _Reader:
                 data = self.read(struct.calcsize(fmt) * count)
                 return list(struct.unpack(f"<{count}{fmt[1]}", data))
             if itype == _STRING:
+                buf, pos, size, unpack = self.buf, self.pos, self.size, struct.unpack_from
                 if keep_strings:
-                    return [self.string() for _ in range(count)]
+                    out = []
+                    for _ in range(count):
+                        if pos + 8 > size:
+                            raise _Corrupt("runs past the end of the file")
+                        n = unpack("<Q", buf, pos)[0]
+                        pos += 8
+                        if pos + n > size:
+                            raise _Corrupt("runs past the end of the file")
+                        out.append(buf[pos : pos + n].decode("utf-8", errors="replace"))
+                        pos += n
+                    self.pos = pos
+                    return out
                 for _ in range(count):  # skip: only the lengths are read
-                    self.f.seek(self.unpack("<Q"), os.SEEK_CUR)
-                if self.f.tell() > self.size:
+                    if pos + 8 > size:
+                        raise _Corrupt("runs past the end of the file")
+                    pos += 8 + unpack("<Q", buf, pos)[0]
+                if pos > size:
                     raise _Corrupt("runs past the end of the file")
+                self.pos = pos
                 return count
             raise _Corrupt(f"unsupported array item type {itype}")
         raise _Corrupt(f"unknown value type {vtype}")
 
 
-def read_gguf(path: str | os.PathLike[str], keep_string_arrays: bool = False) -> tuple[dict[str, Any], list[TensorInfo]]:
-    """Metadata and tensor infos. String arrays (the vocabulary) come back as their length unless kept."""
+def read_gguf(
+    path: str | os.PathLike[str],
+    keep_string_arrays: bool = False,
+    types: dict[str, tuple[int, int | None]] | None = None,
+    keep_keys: frozenset[str] = frozenset(),
+) -> tuple[dict[str, Any], list[TensorInfo]]:
+    """Metadata and tensor infos. String arrays (the vocabulary) come back as their length unless kept
+    (all of them, or those of `keep_keys`). `types`, if given, is filled with each key's GGUF type."""
     p = Path(path)
     size = p.stat().st_size
-    with open(p, "rb") as f:
-        r = _Reader(f, size)
+    if size < 24:
+        raise _Corrupt("too short for a GGUF header")
+    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        r = _Reader(mm, size)
         if r.read(4) != GGUF_MAGIC:
             raise _Corrupt("bad magic")
         version = r.unpack("<I")
@@ -114,38 +161,54 @@ def read_gguf(path: str | os.PathLike[str], keep_string_arrays: bool = False) ->
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
             key = r.string()
-            meta[key] = r.value(r.unpack("<I"), keep_string_arrays)
+            if key in meta:
+                raise _Corrupt(f"key {_p(key)} appears twice")
+            vtype = r.unpack("<I")
+            r.item_type = None
+            meta[key] = r.value(vtype, keep_string_arrays or key in keep_keys)
+            if types is not None:
+                types[key] = (vtype, r.item_type)
         raw = []
         for _ in range(n_tensors):
             name = r.string()
             n_dims = r.unpack("<I")
-            if n_dims > 8:
-                raise _Corrupt(f"tensor {name} has {n_dims} dimensions")
+            if n_dims > 4:  # GGML_MAX_DIMS
+                raise _Corrupt(f"tensor {_p(name)} has {n_dims} dimensions")
             shape = tuple(r.unpack("<Q") for _ in range(n_dims))
             raw.append((name, shape, r.unpack("<I"), r.unpack("<Q")))
         align = int(meta.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT
-        data_start = (f.tell() + align - 1) // align * align
+        data_start = (r.tell() + align - 1) // align * align
+    if len({name for name, *_ in raw}) != len(raw):
+        raise _Corrupt("a tensor name appears twice")
     tensors = []
+    expected = 0  # gguf.cpp: tensor data is laid out in info order, each padded to the alignment
     for name, shape, tcode, rel in raw:
         try:
             qtype = GGMLQuantizationType(tcode)
         except ValueError:
-            raise _Corrupt(f"tensor {name} has unknown type {tcode}") from None
+            raise _Corrupt(f"tensor {_p(name)} has unknown type {tcode}") from None
+        if qtype not in GGML_QUANT_SIZES:
+            raise _Corrupt(f"tensor {_p(name)} has unsupported type {qtype.name}")
         block, type_size = GGML_QUANT_SIZES[qtype]
         n = 1
         for d in shape:
             n *= d
         if shape and shape[0] % block:
-            raise _Corrupt(f"tensor {name} rows are not a whole number of {qtype.name} blocks")
+            raise _Corrupt(f"tensor {_p(name)} rows are not a whole number of {qtype.name} blocks")
         n_bytes = n // block * type_size
+        if rel != expected:
+            raise _Corrupt(f"tensor {_p(name)} is at data offset {rel}, but the tensors before it end at {expected}")
+        expected += (n_bytes + align - 1) // align * align
         offset = data_start + rel
         if offset + n_bytes > size:
-            raise _Corrupt(f"tensor {name} runs past the end of the file (truncated?)")
+            raise _Corrupt(f"tensor {_p(name)} runs past the end of the file (truncated?)")
         tensors.append(TensorInfo(name, shape, qtype.name, offset, n_bytes))
     return meta, tensors
 
 
-def inspect_gguf(path: str | os.PathLike[str], keep_string_arrays: bool = False) -> GgufInfo:
+def inspect_gguf(
+    path: str | os.PathLike[str], keep_string_arrays: bool = False, keep_keys: frozenset[str] = frozenset()
+) -> GgufInfo:
     """Read a GGUF header and classify it, or raise ModelError naming the file."""
     p = Path(path)
     if not p.exists():
@@ -159,8 +222,9 @@ def inspect_gguf(path: str | os.PathLike[str], keep_string_arrays: bool = False)
         raise ModelError(f"cannot read model file ({e.strerror})", p) from None
     if magic != GGUF_MAGIC:
         raise ModelError("not a GGUF file (bad magic)", p)
+    types: dict[str, tuple[int, int | None]] = {}
     try:
-        meta, tensors = read_gguf(p, keep_string_arrays)
+        meta, tensors = read_gguf(p, keep_string_arrays, types, keep_keys)
     except _Corrupt as e:
         raise ModelError(f"corrupt or truncated GGUF file ({e})", p) from None
     except (OSError, struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
@@ -180,12 +244,17 @@ def inspect_gguf(path: str | os.PathLike[str], keep_string_arrays: bool = False)
     matrix_types = {t.type for t in tensors if len(t.shape) >= 2}
     quantized = sorted(matrix_types - {"F32"})
     file_type = quantized[0] if len(quantized) == 1 else ("+".join(quantized) or "F32")
-    return GgufInfo(path=p, arch=arch, kind=kind, n_tensors=len(tensors), file_type=file_type, metadata=meta, tensors=tensors)
+    return GgufInfo(path=p, arch=arch, kind=kind, n_tensors=len(tensors), file_type=file_type, metadata=meta,
+                    tensors=tensors, types=types)
 
 
 def require_kind(path: str | os.PathLike[str], kind: ModelKind, keep_string_arrays: bool = False) -> GgufInfo:
-    """inspect_gguf, and refuse a file of the wrong kind (a text model passed as mmproj and the reverse)."""
-    info = inspect_gguf(path, keep_string_arrays)
+    """inspect_gguf, refuse a file of the wrong kind (a text model passed as mmproj and the reverse),
+    then apply the validation table of gguf_rules (values native code would assert on)."""
+    # The language model's vocabulary is read whole: llama.cpp aborts on a duplicate token.
+    keep = frozenset({"tokenizer.ggml.tokens"}) if kind == "llm" else frozenset()
+    info = inspect_gguf(path, keep_string_arrays, keep)
     if info.kind != kind:
         raise ModelError(f"this is {KIND_NAMES[info.kind]}, expected {KIND_NAMES[kind]}", path)
+    check_model(info)
     return info

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,11 +21,12 @@ import numpy as np
 from PIL import Image
 
 from vlmcli.engines import detail as detail_policy
+from vlmcli.engines.clip_tokenizer import check_text
 from vlmcli.engines.gguf_check import GgufInfo, require_kind
-from vlmcli.engines.llama_native import extra_buffers_allowed, llama, mtmd, quiet_native_logs
+from vlmcli.engines.llama_native import clear_native_errors, extra_buffers_allowed, llama, mtmd, native_error, quiet_native_logs
 from vlmcli.engines.native import NativeResource
-from vlmcli.engines.prompt import ChatPrompt
-from vlmcli.errors import ContextOverflow, ModelError, VlmError
+from vlmcli.engines.prompt import ChatPrompt, TemplateProblem
+from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
 
 # Called with each piece of generated text; returning False stops generation.
 TokenCallback = Callable[[str], "bool | None"]
@@ -32,15 +34,43 @@ TokenCallback = Callable[[str], "bool | None"]
 EncodeProgress = Callable[[int, int], None]
 
 
+# Bounds of the engine's settings, checked before anything is allocated (InvalidOption names the setting).
+MAX_THREADS = 512  # GGML_MAX_N_THREADS
+MAX_BATCH = 8192  # llama.cpp reserves compute buffers (logits included) for a whole batch
+MAX_TILES = 1024  # far beyond any model's tiling; keeps mtmd's int32 token cap from overflowing
+UINT32_MAX = 2**32 - 1  # llama_context_params.n_ctx is a uint32_t
+MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
+
+
 @dataclass
 class EngineOptions:
     n_threads: int | None = None  # default: all cores
     n_gpu_layers: int = 0  # -1 = all layers on the GPU (when the build has one)
-    n_ctx: int = 4096
+    n_ctx: int = 4096  # tokens; 0 = the context the model was trained for
     n_batch: int = 512
     detail: str = "auto"  # low | high | auto
     max_tiles: int | None = None  # exact cap on tiles; overrides `detail`
     verbose: bool = False  # let llama.cpp print its own logs
+    n_seq_max: int = 1  # sequences decoded together (best-of candidates share the prompt's KV cells)
+
+    def validate(self) -> None:
+        """Ranges that need no model file (see VlmEngine for the context against the model's)."""
+        _need_int("n_ctx", self.n_ctx, 0, UINT32_MAX, "a context size in tokens (0 = the model's trained context)")
+        if self.n_threads is not None:
+            _need_int("n_threads", self.n_threads, 1, MAX_THREADS, "a thread count")
+        _need_int("n_gpu_layers", self.n_gpu_layers, -1, 2**31 - 1, "a layer count (-1 = all)")
+        _need_int("n_batch", self.n_batch, 1, MAX_BATCH, "a batch size in tokens")
+        _need_int("n_seq_max", self.n_seq_max, 1, MAX_SEQUENCES, "a sequence count")
+        if self.max_tiles is not None:
+            _need_int("max_tiles", self.max_tiles, 0, MAX_TILES, "a tile count (0 = the overview only)")
+        detail_policy.validate(self.detail, self.max_tiles)
+
+
+def _need_int(option: str, value: object, lo: int, hi: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidOption(option, f"{value!r} is not {what}")
+    if not lo <= value <= hi:
+        raise InvalidOption(option, f"{value} is out of range: {what} from {lo} to {hi}")
 
 
 @dataclass
@@ -50,6 +80,17 @@ class GenerationOptions:
     top_p: float = 1.0
     seed: int = 0
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    n: int = 1  # candidates: n sequences from one prompt evaluation, decoded in one batch per step
+
+    def validate(self) -> None:
+        _need_int("max_tokens", self.max_tokens, 0, UINT32_MAX, "a token count")
+        _need_int("seed", self.seed, -(2**63), 2**64 - 1, "a seed")
+        for option, value, ok, what in (
+            ("temperature", self.temperature, lambda v: v >= 0, "0 (greedy) or more"),
+            ("top_p", self.top_p, lambda v: 0 < v <= 1, "more than 0 and at most 1"),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+                raise InvalidOption(option, f"{value!r} is out of range: it must be {what}")
 
 
 @dataclass
@@ -93,6 +134,20 @@ class ImageEncoding:
 
 
 @dataclass
+class Candidate:
+    """One of n sampled continuations, with the model's log-probability of each of its tokens."""
+
+    text: str
+    tokens: list[int]
+    logprobs: list[float]  # natural log, under the model's own distribution (temperature 1)
+    stop_reason: str  # eos | length
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+
+
+@dataclass
 class Generation:
     prompt: str
     text: str
@@ -101,6 +156,7 @@ class Generation:
     stop_reason: str  # eos | length | stopped
     image: ImageEncoding
     timings: Timings = field(default_factory=Timings)
+    candidates: list[Candidate] = field(default_factory=list)  # options.n > 1: all of them (text = the first's)
 
 
 @dataclass
@@ -121,10 +177,12 @@ class VlmEngine(NativeResource):
         self.model_path = Path(model_path)
         self.mmproj_path = Path(mmproj_path)
         # Check both files before llama.cpp sees them: it aborts the process on some bad files.
+        self.options.validate()
         self.model_info: GgufInfo = require_kind(self.model_path, "llm")
         self.mmproj_info: GgufInfo = require_kind(self.mmproj_path, "mmproj")
         self._check_pair()
-        self.vision = detail_policy.VisionGeometry.from_mmproj(self.mmproj_info.metadata)
+        self.n_ctx_requested = self._check_context()  # before llama.cpp allocates the KV cache
+        self.vision = detail_policy.VisionGeometry.from_mmproj(self.mmproj_info.metadata, self.mmproj_path)
         self.n_threads = self.options.n_threads or os.cpu_count() or 1
         self._model = None
         self._ctx = None
@@ -149,30 +207,65 @@ class VlmEngine(NativeResource):
                 self.mmproj_path,
             )
 
+    def _check_context(self) -> int:
+        """The context to create: the requested one, refused above the model's trained context or
+        when its KV cache alone would not fit in this machine's memory (llama.cpp would allocate it)."""
+        meta, arch = self.model_info.metadata, self.model_info.arch
+        trained = int(meta[f"{arch}.context_length"])  # present and in range: gguf_rules
+        n_ctx = self.options.n_ctx or trained
+        error = None
+        if n_ctx > trained:
+            error = InvalidOption(
+                "n_ctx", f"a context of {n_ctx} tokens is more than the {trained} this model was trained for"
+            )
+        else:
+            need = n_ctx * _kv_bytes_per_token(meta, arch)
+            have = _physical_memory()
+            if have and need > have:
+                error = InvalidOption(
+                    "n_ctx",
+                    f"a context of {n_ctx} tokens needs {need / 2**30:.1f} GiB for its KV cache, more than this "
+                    f"machine's {have / 2**30:.1f} GiB of memory",
+                )
+        if error is not None:
+            error.path = os.fspath(self.model_path)  # the limit is this model's
+            raise error
+        return n_ctx
+
     def _load(self) -> None:
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = self.options.n_gpu_layers if self.options.n_gpu_layers >= 0 else 999
         mparams.use_extra_bufts = extra_buffers_allowed()
+        clear_native_errors()
         model = llama.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not model:
-            raise ModelError("llama.cpp could not load this model file", self.model_path)
+            raise ModelError(_with_native_reason("llama.cpp could not load this model file"), self.model_path)
         self._model = model
         self._vocab = llama.llama_model_get_vocab(model)
         self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
         cparams = llama.llama_context_default_params()
-        cparams.n_ctx = self.options.n_ctx
+        cparams.n_ctx = self.n_ctx_requested
         cparams.n_batch = self.options.n_batch
         cparams.n_ubatch = self.options.n_batch
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
+        cparams.n_seq_max = self.options.n_seq_max
+        cparams.kv_unified = True  # candidates share the prompt's cells: one cache, not n_ctx / n_seq_max each
+        clear_native_errors()
         ctx = llama.llama_init_from_model(model, cparams)
         if not ctx:
-            raise ModelError(f"llama.cpp could not create a context of {self.options.n_ctx} tokens", self.model_path)
+            raise ModelError(
+                _with_native_reason(f"llama.cpp could not create a context of {self.n_ctx_requested} tokens"), self.model_path
+            )
         self._ctx = ctx
         self.n_ctx = llama.llama_n_ctx(ctx)
         self._batch = llama.llama_batch_init(self.options.n_batch, 0, 1)
         self.chat_template = _model_meta(model, "tokenizer.chat_template")
-        self.chat = ChatPrompt.from_template(self.chat_template)  # rendered once, used for every image
+        # Rendered once, used for every image; a template that cannot render is a fault of the file.
+        try:
+            self.chat = ChatPrompt.from_template(self.chat_template)
+        except TemplateProblem as e:
+            raise ModelError(f"tokenizer.chat_template cannot be used: {e}", self.model_path) from None
         self.eos_ids = self._special_ids()
         # Open the projector now, so a bad mmproj fails at load, not at the first image; with the
         # token cap this engine's detail setting uses most (each cap costs a copy of its weights).
@@ -202,9 +295,13 @@ class VlmEngine(NativeResource):
         params.print_timings = False
         params.warmup = False
         params.image_max_tokens = image_max_tokens
+        clear_native_errors()
         ctx = mtmd.mtmd_init_from_file(str(self.mmproj_path).encode(), self._model, params)
         if not ctx:
-            raise ModelError("llama.cpp could not load this vision projector (does it match the model?)", self.mmproj_path)
+            raise ModelError(
+                _with_native_reason("llama.cpp could not load this vision projector (does it match the model?)"),
+                self.mmproj_path,
+            )
         if not mtmd.mtmd_support_vision(ctx):
             mtmd.mtmd_free(ctx)
             raise ModelError("this projector has no vision encoder", self.mmproj_path)
@@ -242,6 +339,7 @@ class VlmEngine(NativeResource):
     # -- tokens --------------------------------------------------------------------------------
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
+        check_text(text)
         data = text.encode("utf-8")
         buf = (llama.llama_token * (len(data) + 8))()
         n = llama.llama_tokenize(self._vocab, data, len(data), buf, len(buf), False, special)
@@ -289,6 +387,7 @@ class VlmEngine(NativeResource):
 
     def _tokenize_with_image(self, image: Image.Image, prompt_text: str, max_tokens: int) -> tuple[object, list[_Chunk]]:
         ctx = self._mtmd_context(max_tokens)
+        detail_policy.check_image_shape(image.width, image.height, self.vision, max_tokens)
         rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
         h, w = rgb.shape[:2]
         bitmap = mtmd.mtmd_bitmap_init(w, h, rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
@@ -296,11 +395,14 @@ class VlmEngine(NativeResource):
         data = prompt_text.encode("utf-8")
         text = mtmd.mtmd_input_text(text=data, text_len=len(data), add_special=False, parse_special=True)
         bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        clear_native_errors()
         rc = mtmd.mtmd_tokenize(ctx, chunks_ptr, ctypes.byref(text), bitmaps, 1)
         mtmd.mtmd_bitmap_free(bitmap)
         if rc != 0:
             mtmd.mtmd_input_chunks_free(chunks_ptr)
-            raise VlmError(f"mtmd could not tokenize the image prompt (code {rc})")
+            if rc == 2:  # mtmd: preprocessing the image failed
+                raise ImageError(_with_native_reason(f"mtmd could not preprocess this {w}x{h} image"))
+            raise VlmError(_with_native_reason(f"mtmd could not tokenize the image prompt (code {rc})"))
         chunks: list[_Chunk] = []
         for i in range(mtmd.mtmd_input_chunks_size(chunks_ptr)):
             c = mtmd.mtmd_input_chunks_get(chunks_ptr, i)
@@ -410,6 +512,7 @@ class VlmEngine(NativeResource):
     ) -> Iterator[Generation]:
         """Answer each prompt about one image. The image is encoded once; its KV cache is reused."""
         options = options or GenerationOptions()
+        options.validate()
         chat = self.chat
         first = Timings(load_ms=self.load_ms)
         memory = llama.llama_get_memory(self._ctx)
@@ -425,7 +528,10 @@ class VlmEngine(NativeResource):
             n_past = self._decode_tokens(suffix, n_prefix, logits_last=True)
             timings.prefill_ms += (time.perf_counter() - t0) * 1000
             timings.prefill_tokens += len(suffix)
-            yield self._generate(chat.full(prompt), n_past, enc, options, timings, on_token)
+            if options.n == 1:
+                yield self._generate(chat.full(prompt), n_past, enc, options, timings, on_token)
+            else:
+                yield self._generate_candidates(chat.full(prompt), n_past, enc, options, timings)
 
     def _generate(
         self,
@@ -480,7 +586,126 @@ class VlmEngine(NativeResource):
         )
 
 
+    def _is_end(self, token: int, options: GenerationOptions) -> bool:
+        return not options.ignore_eos and (token in self.eos_ids or llama.llama_vocab_is_eog(self._vocab, token))
+
+    def _logprob(self, row: int, token: int) -> float:
+        """log softmax of logits row `row` (-1 = the last) at `token`."""
+        logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
+        top = float(logits.max())
+        return float(logits[token]) - top - math.log(float(np.exp(logits - top).sum()))
+
+    def _generate_candidates(
+        self, prompt: str, n_past: int, enc: ImageEncoding, options: GenerationOptions, timings: Timings
+    ) -> Generation:
+        """options.n continuations of one evaluated prompt. The prompt's KV cells are shared (each
+        sequence is a copy of sequence 0, not a re-evaluation); each step decodes the next token of
+        every unfinished sequence in one batch. Candidate i samples with seed + i."""
+        n = options.n
+        if n > self.options.n_seq_max:
+            raise InvalidOption("best_of", f"{n} candidates, but the model was opened for at most {self.options.n_seq_max} sequences")
+        memory = llama.llama_get_memory(self._ctx)
+        for seq in range(1, n):
+            llama.llama_memory_seq_cp(memory, 0, seq, -1, -1)
+        samplers = [_make_sampler(GenerationOptions(temperature=options.temperature, top_p=options.top_p, seed=options.seed + i))
+                    for i in range(n)]
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        stops = ["length"] * n
+        row = [-1] * n  # each sequence's logits row in the last batch (-1: the prompt's last token)
+        active = list(range(n))
+        budget = min(options.max_tokens, (self.n_ctx - n_past) // n)
+        b = self._batch
+        t0 = time.perf_counter()
+        try:
+            for step in range(max(0, budget)):
+                going = []
+                for seq in active:
+                    tok = llama.llama_sampler_sample(samplers[seq], self._ctx, row[seq])
+                    if self._is_end(tok, options):
+                        stops[seq] = "eos"
+                        continue
+                    tokens[seq].append(tok)
+                    logprobs[seq].append(self._logprob(row[seq], tok))
+                    going.append(seq)
+                active = going
+                if not active or step + 1 == budget:
+                    break
+                b.n_tokens = len(active)
+                for i, seq in enumerate(active):
+                    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tokens[seq][-1], n_past + step, 1, True
+                    b.seq_id[i][0] = seq
+                    row[seq] = i
+                rc = llama.llama_decode(self._ctx, b)
+                if rc != 0:
+                    raise VlmError(f"llama.cpp failed to decode {len(active)} candidates (code {rc})")
+        finally:
+            for sampler in samplers:
+                llama.llama_sampler_free(sampler)
+            for seq in range(1, n):
+                llama.llama_memory_seq_rm(memory, seq, -1, -1)
+        timings.decode_ms = (time.perf_counter() - t0) * 1000
+        timings.decode_tokens = sum(len(t) for t in tokens)
+        candidates = [Candidate(self.detokenize(t), t, lp, stop) for t, lp, stop in zip(tokens, logprobs, stops)]
+        first = candidates[0]
+        return Generation(prompt, first.text, n_past, timings.decode_tokens, first.stop_reason, enc, timings, candidates)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def score(self, image: Image.Image, prompt: str, tokens: list[int]) -> list[float]:
+        """Teacher forcing: the model's log-probability of each of `tokens` as the answer to `prompt`
+        about `image` (the prompt evaluated as `ask` does, the answer in one batch)."""
+        chat = self.chat
+        memory = llama.llama_get_memory(self._ctx)
+        llama.llama_memory_clear(memory, True)
+        n_prefix, _ = self._eval_image_prefix(image, chat.before_image, Timings())
+        n_past = self._decode_tokens(self.tokenize(chat.after_image(prompt)), n_prefix, logits_last=True)
+        out = [self._logprob(-1, tokens[0])] if tokens else []
+        b = self._batch
+        for start in range(0, len(tokens) - 1, self.options.n_batch):
+            part = tokens[start : min(start + self.options.n_batch, len(tokens) - 1)]
+            b.n_tokens = len(part)
+            for i, tok in enumerate(part):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, n_past + start + i, 1, True
+                b.seq_id[i][0] = 0
+            if llama.llama_decode(self._ctx, b) != 0:
+                raise VlmError("llama.cpp failed to decode the answer being scored")
+            out += [self._logprob(i, tokens[start + i + 1]) for i in range(len(part))]
+        return out
+
+
 _NO_CALLBACK = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
+
+
+def _with_native_reason(message: str) -> str:
+    """`message`, with the error line llama.cpp / mtmd logged for it, when there is one."""
+    reason = native_error()
+    return f"{message}: {reason}" if reason else message
+
+
+def _kv_bytes_per_token(meta: dict, arch: str) -> int:
+    """Bytes of F16 KV cache one token of context takes (llama.cpp's default cache type)."""
+    def per_layer(key: str, default: list[int]) -> list[int]:
+        v = meta.get(f"{arch}.{key}")
+        if v is None:
+            return default
+        return [int(x) for x in v] if isinstance(v, list) else [int(v)] * n_layer
+
+    n_layer = int(meta.get(f"{arch}.block_count") or 0)
+    n_embd = int(meta.get(f"{arch}.embedding_length") or 0)
+    heads = per_layer("attention.head_count", [1] * n_layer)
+    kv = per_layer("attention.head_count_kv", heads)
+    head_k = int(meta.get(f"{arch}.attention.key_length") or (n_embd // max(1, heads[0] if heads else 1)))
+    head_v = int(meta.get(f"{arch}.attention.value_length") or head_k)
+    return 2 * sum(h * (head_k + head_v) for h in kv[:n_layer])
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _make_sampler(options: GenerationOptions) -> object:

@@ -8,8 +8,13 @@ same for every question about one image (and its KV cache can be reused).
 
 from __future__ import annotations
 
+import functools
+import re
+import sys
 from dataclasses import dataclass
+from typing import Any
 
+import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # transformers' SmolVLM default, used when a GGUF carries no template.
@@ -25,12 +30,122 @@ _IMAGE = "\x00IMAGE\x00"
 _QUESTION = "\x00QUESTION\x00"
 
 
+class TemplateProblem(Exception):
+    """A chat template that cannot be rendered: a syntax error, an error while rendering, a result
+    without the image or question, or a render over the bounds below. The message is one line."""
+
+    def __init__(self, message: str):
+        line = " ".join(message.split())
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in line))
+
+
+# A chat template comes from the model file, so it is untrusted code. Jinja's sandbox stops it from
+# reaching Python's internals, not from taking time or memory; these bounds do. Real templates (a few
+# KB, loops over the messages) are far inside them.
+MAX_TEMPLATE_CHARS = 1 << 20  # the template source
+MAX_OUTPUT_CHARS = 1 << 20  # the rendered text
+MAX_RENDER_STEPS = 200_000  # lines of compiled template code executed (loops, macro calls)
+MAX_CALL_NUMBER = 1_000_000  # largest number passed to a function or filter (range(), center(), ...)
+MAX_SEQUENCE = 100_000  # longest string or list made by `*` or `+`
+_LONG_NUMBER = re.compile(r"\d{7,}")  # a literal of 7+ digits: widths, counts no real template needs
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(right, (int, float)) and abs(right) > 64:
+                raise TemplateProblem(f"the template raises a number to the power {right}")
+            result = left**right
+        elif operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_SEQUENCE:
+                    raise TemplateProblem(f"the template makes a sequence of {len(seq) * n} items")
+            result = left * right
+        else:
+            result = left + right
+        if isinstance(result, int) and result.bit_length() > 64:
+            raise TemplateProblem("the template computes a number beyond 64 bits")
+        if isinstance(result, (str, list, tuple)) and len(result) > MAX_SEQUENCE and operator != "+":
+            raise TemplateProblem(f"the template makes a sequence of {len(result)} items")
+        return result
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        _check_numbers(args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        # Compiled templates call filters directly, not through call(): wrap them (center, indent,
+        # truncate, batch... take sizes).
+        self.filters = {name: _bounded_filter(f) for name, f in self.filters.items()}
+
+
+def _bounded_filter(f: Any) -> Any:
+    @functools.wraps(f)  # keeps jinja's pass_context / pass_environment marks
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _check_numbers(args[1:], kwargs)
+        return f(*args, **kwargs)
+
+    return bounded
+
+
+def _check_numbers(args: Any, kwargs: Any) -> None:
+    for v in [*args, *kwargs.values()]:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > MAX_CALL_NUMBER:
+            raise TemplateProblem(f"the template passes {v} to a function (at most {MAX_CALL_NUMBER})")
+
+
+def _render_bounded(template: str, **context: Any) -> str:
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise TemplateProblem(f"the template has {len(template)} characters (at most {MAX_TEMPLATE_CHARS})")
+    if (m := _LONG_NUMBER.search(template)) is not None:
+        raise TemplateProblem(f"the template holds the number {m.group()[:20]} (at most 6 digits)")
+    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    steps = 0
+
+    def step(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal steps
+        steps += 1
+        if steps > MAX_RENDER_STEPS:
+            raise TemplateProblem(f"rendering the template takes more than {MAX_RENDER_STEPS} steps")
+        return step
+
+    def enter(frame: Any, event: str, arg: Any) -> Any:  # trace only the template's own code
+        return step(frame, event, arg) if frame.f_code.co_filename == "<template>" else None
+
+    try:
+        compiled = env.from_string(template)
+        pieces: list[str] = []
+        size = 0
+        previous = sys.gettrace()
+        sys.settrace(enter)
+        try:
+            for piece in compiled.generate(**context):
+                size += len(piece)
+                if size > MAX_OUTPUT_CHARS:
+                    raise TemplateProblem(f"the template renders more than {MAX_OUTPUT_CHARS} characters")
+                pieces.append(piece)
+        finally:
+            sys.settrace(previous)
+        return "".join(pieces)
+    except TemplateProblem:
+        raise
+    except jinja2.TemplateSyntaxError as e:
+        raise TemplateProblem(f"syntax error on line {e.lineno}: {e.message}") from None
+    except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError,
+            RecursionError, MemoryError) as e:
+        raise TemplateProblem(f"rendering failed ({type(e).__name__}: {e})") from None
+
+
 def render_user_turn(template: str | None, question: str, image_placeholder: str = "<image>") -> str:
-    """The full prompt for one user turn (image first, then the question) and the assistant cue."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    """The full prompt for one user turn (image first, then the question) and the assistant cue.
+
+    Raises TemplateProblem when the template cannot be rendered (within the bounds above)."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = env.from_string(template or DEFAULT_TEMPLATE).render(
-        messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
+    text = _render_bounded(
+        template or DEFAULT_TEMPLATE, messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
     )
     return text.replace("<image>", image_placeholder)
 
@@ -46,7 +161,7 @@ class ChatPrompt:
         rendered = render_user_turn(template, _QUESTION, _IMAGE)
         if rendered.count(_IMAGE) != 1 or rendered.count(_QUESTION) != 1 or rendered.index(_IMAGE) > rendered.index(_QUESTION):
             # A template that puts the question before the image cannot share the image prefix.
-            raise ValueError("chat template does not place the image before the question")
+            raise TemplateProblem("it does not place the image once, before the question, in a user turn")
         before, rest = rendered.split(_IMAGE)
         between, after = rest.split(_QUESTION)
         return cls(before, between, after)

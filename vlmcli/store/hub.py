@@ -59,6 +59,21 @@ def token() -> str | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
 
+def token_source() -> str | None:
+    """Where the token downloads would use comes from ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", or the
+    file `hf auth login` saved), None if there is none. Never the token itself."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(name):
+            return name
+    from huggingface_hub import constants  # reads HF_HOME / HF_TOKEN_PATH; no network, no token read
+
+    path = Path(constants.HF_TOKEN_PATH)
+    with contextlib.suppress(OSError):
+        if path.is_file() and path.stat().st_size > 0:
+            return str(path)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Error translation. Class names are matched along the MRO so this works with whichever HTTP
 # client the installed huggingface-hub uses (requests, httpx, httpx2).

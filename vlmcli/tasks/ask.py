@@ -7,10 +7,12 @@ same KV cache (engines/llama.py). A front end that streams sets `on_token` / `on
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
-from vlmcli.errors import VlmError
 from vlmcli.defaults import DEFAULT_MAX_PIXELS
+from vlmcli.errors import VlmError
+from vlmcli.tasks import best_of
 from vlmcli.tasks.resume import Record
 
 if TYPE_CHECKING:
@@ -19,6 +21,24 @@ if TYPE_CHECKING:
     from vlmcli.engines.llama import EncodeProgress, Generation, GenerationOptions, TokenCallback, VlmEngine
 
 DEFAULT_ASK_MAX_TOKENS = 256
+
+
+@dataclass
+class Answer:
+    """One prompt's result: the generation, and with best-of the judge's choice among its candidates."""
+
+    generation: Generation
+    choice: best_of.Choice | None = None
+
+    @property
+    def text(self) -> str:
+        g = self.generation
+        return (g.candidates[self.choice.index].text if self.choice else g.text).strip()
+
+    @property
+    def stop_reason(self) -> str:
+        g = self.generation
+        return g.candidates[self.choice.index].stop_reason if self.choice else g.stop_reason
 
 
 class AskTask:
@@ -31,13 +51,19 @@ class AskTask:
     workers = 1
     prefetch = 2
 
-    def __init__(self, engine: VlmEngine, prompts: list[str], generation: GenerationOptions, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(self, engine: VlmEngine, prompts: list[str], generation: GenerationOptions, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 n_best: int = 1, select: str = "logprob", judge: best_of.ClipJudge | None = None):
         if not prompts:
             raise VlmError("no question given")
+        best_of.check(n_best, select)
+        if select == "clip" and n_best > 1 and judge is None:
+            raise VlmError("selecting by CLIP needs a CLIP model")
         self.engine = engine
         self.prompts = list(prompts)
-        self.generation = generation
+        self.generation = replace(generation, n=n_best)  # the engine samples n_best candidates per prompt
         self.max_pixels = max_pixels
+        self.select = select
+        self.judge = judge if select == "clip" else None
         self.on_token: TokenCallback | None = None  # each generated piece (streaming)
         self.on_answer_start: Callable[[int], None] | None = None  # before answer i
         self.on_progress: EncodeProgress | None = None  # vision encoder passes done / in all
@@ -55,6 +81,9 @@ class AskTask:
                 "seed": g.seed,
                 "detail": opts.detail,
                 "max_tiles": opts.max_tiles,
+                # Only with best-of, so that records of plain runs stay reusable on resume.
+                **({"best_of": n_best, "select": select} if n_best > 1 else {}),
+                **({"judge": self.judge.name} if n_best > 1 and self.judge else {}),
             },
         }
 
@@ -75,8 +104,8 @@ class AskTask:
                 out.append(e)
         return out
 
-    def generate(self, image: Image.Image) -> list[Generation]:
-        """Every prompt answered about one decoded image."""
+    def generate(self, image: Image.Image) -> list[Answer]:
+        """Every prompt answered about one decoded image (with best-of: the chosen candidate)."""
         started = False  # per answer: the stream starts at its first non-blank piece, as the record's text does
 
         def stream(piece: str) -> bool | None:
@@ -89,24 +118,31 @@ class AskTask:
             assert self.on_token is not None
             return self.on_token(piece)
 
-        gens = self.engine.ask(image, self.prompts, self.generation, stream if self.on_token else None, self.on_progress)
+        gens = self.engine.ask(image, self.prompts, self.generation, stream if self.on_token and self.generation.n == 1 else None, self.on_progress)
         answers = []
         for i in range(len(self.prompts)):
             if self.on_answer_start is not None:
                 self.on_answer_start(i)
             started = False
-            answers.append(next(gens))
+            answers.append(self._choose(image, next(gens)))
         return answers
 
-    def _results(self, gens: list[Generation]) -> Record:
-        return {
-            "answers": [
-                {"prompt": p, "answer": g.text.strip(), "stop_reason": g.stop_reason, "generated_tokens": g.generated_tokens}
-                for p, g in zip(self.prompts, gens)
-            ]
-        }
+    def _choose(self, image: Image.Image, gen: Generation) -> Answer:
+        if not gen.candidates:
+            return Answer(gen)
+        if self.judge is not None:
+            return Answer(gen, self.judge.choose(image, gen.candidates))
+        return Answer(gen, best_of.by_vote(gen.candidates) if self.select == "vote" else best_of.by_logprob(gen.candidates))
 
-    def record(self, gens: list[Generation]) -> Record:
+    def _answer_fields(self, a: Answer) -> Record:
+        extra = best_of.candidates_record(self.select, a.choice, a.generation.candidates) if a.choice else {}
+        return {"answer": a.text, "stop_reason": a.stop_reason, "generated_tokens": a.generation.generated_tokens, **extra}
+
+    def _results(self, answers: list[Answer]) -> Record:
+        return {"answers": [{"prompt": p, **self._answer_fields(a)} for p, a in zip(self.prompts, answers)]}
+
+    def record(self, answers: list[Answer]) -> Record:
+        gens = [a.generation for a in answers]
         first = gens[0]
         enc = first.image
         timings: dict[str, float] = {}
@@ -116,7 +152,7 @@ class AskTask:
                     timings[k] = round(timings.get(k, 0.0) + v, 2)
         timings["load_ms"] = 0.0  # the model loads once per run, not per image
         return {
-            **self._results(gens),
+            **self._results(answers),
             "image_size": [enc.width, enc.height],
             "detail": enc.detail,
             "tiles": enc.tiles,

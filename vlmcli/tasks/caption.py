@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from vlmcli.defaults import DEFAULT_MAX_PIXELS
-from vlmcli.tasks.ask import AskTask
+from vlmcli.tasks.ask import Answer, AskTask
 from vlmcli.tasks.resume import Record
 
 if TYPE_CHECKING:
-    from vlmcli.engines.llama import Generation, GenerationOptions, VlmEngine
+    from vlmcli.engines.llama import GenerationOptions, VlmEngine
+    from vlmcli.tasks.best_of import ClipJudge
 
 DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
 DEFAULT_CAPTION_MAX_TOKENS = 96
@@ -19,14 +20,17 @@ class CaptionTask(AskTask):
     name = "caption"
 
     def __init__(self, engine: VlmEngine, generation: GenerationOptions, prompt: str = DEFAULT_CAPTION_PROMPT,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
-        super().__init__(engine, [prompt], generation, max_pixels)
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, n_best: int = 1, select: str = "logprob",
+                 judge: ClipJudge | None = None):
+        super().__init__(engine, [prompt], generation, max_pixels, n_best, select, judge)
 
     def _inputs(self) -> dict[str, Any]:
         return {"prompt": self.prompts[0]}
 
-    def _results(self, gens: list[Generation]) -> Record:
-        return {"caption": gens[0].text.strip(), "stop_reason": gens[0].stop_reason}
+    def _results(self, answers: list[Answer]) -> Record:
+        fields = self._answer_fields(answers[0])
+        del fields["generated_tokens"]  # in "tokens", as before best-of
+        return {"caption": fields.pop("answer"), **fields}
 
 
 def caption_text(record: Record) -> str:

@@ -2,8 +2,9 @@
 
 `open_model(ModelSpec(...), kind)` resolves the spec through the store (a store name, pulled on first
 use; a GGUF file; a folder), applies the registry's defaults, and loads the engine, so settings mean
-the same everywhere: `n_gpu_layers` -1 = all layers on the GPU, 0 = CPU; CLIP is small and goes to
-the GPU whole for any non-zero value; `detail` None = the model's registry default, else "auto".
+the same everywhere: `n_gpu_layers` -1 (the default) = all layers on the GPU when the build has one
+and none otherwise, 0 = CPU; CLIP is small and goes to the GPU whole for any non-zero value;
+`detail` None = the model's registry default, else "auto".
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from vlmcli.defaults import DEFAULT_N_GPU_LAYERS
 from vlmcli.errors import InvalidOption, ModelError, VlmError
 
 Kind = Literal["vlm", "clip"]
@@ -26,12 +28,13 @@ class ModelSpec:
     mmproj: str | None = None  # SmolVLM2: the vision projector, when `model` is a GGUF file
     offline: bool | None = None  # None: follow HF_HUB_OFFLINE
     n_threads: int | None = None  # None: all cores
-    n_gpu_layers: int = 0  # -1 = all
+    n_gpu_layers: int = DEFAULT_N_GPU_LAYERS  # -1 = all layers on the GPU when the build has one (else CPU); 0 = CPU
     n_ctx: int = 4096  # SmolVLM2 context in tokens
     detail: str | None = None  # SmolVLM2: low | high | auto; None = the registry's default for the model
     max_tiles: int | None = None
     device: str | None = None  # CLIP: a ggml device name (CPU, CUDA0, Vulkan0, ...)
     verbose: bool = False  # SmolVLM2: let llama.cpp print its logs
+    n_sequences: int = 1  # SmolVLM2: sequences decoded together (best-of candidates)
 
 
 @dataclass
@@ -115,6 +118,7 @@ def _open_vlm(spec: ModelSpec, notify: Callable[[str], None] | None) -> OpenedMo
     options = EngineOptions(
         n_threads=spec.n_threads, n_gpu_layers=spec.n_gpu_layers, n_ctx=spec.n_ctx,
         detail=spec.detail or resolved.detail or "auto", max_tiles=spec.max_tiles, verbose=spec.verbose,
+        n_seq_max=spec.n_sequences,
     )
     engine = VlmEngine(resolved.model, resolved.mmproj, options)
     return OpenedModel("vlm", resolved.name, resolved.model, engine)

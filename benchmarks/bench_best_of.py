@@ -1,0 +1,71 @@
+"""--best-of N cost: wall time of N = 1, 2, 4, 8 candidates (64 tokens each, EOS ignored) on one image.
+
+The image is encoded once and the prompt evaluated once; the N candidates share its KV cells and
+decode in one llama.cpp batch per step. Real-size random-weight SmolVLM2-256M (built and converted
+once by bench_vlm.build_model), low detail, the sample photo; medians of several runs in one
+process, N interleaved so that other load on the machine falls on every N alike.
+
+    python benchmarks/bench_best_of.py [--runs 5] [--tokens 64] [--ns 1,2,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_vlm import SAMPLE, build_model  # noqa: E402
+from machine import cpu_description  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--ns", default="1,2,4,8")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlmcli-bench"))
+    args = ap.parse_args()
+    ns = [int(n) for n in args.ns.split(",")]
+
+    from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
+    from vlmcli.images import load_image
+
+    model, mmproj = build_model("256m", "Q8_0", Path(args.cache))
+    engine = VlmEngine(model, mmproj, EngineOptions(n_threads=args.threads, detail="low", n_seq_max=max(ns)))
+    image = load_image(SAMPLE)
+    prompt = "Describe this image in one sentence."
+    wall: dict[int, list[float]] = {n: [] for n in ns}
+    decode_tps: dict[int, list[float]] = {n: [] for n in ns}
+    next(engine.ask(image, [prompt], GenerationOptions(max_tokens=4)))  # warm-up
+    for _ in range(args.runs):
+        for n in ns:
+            gen = GenerationOptions(max_tokens=args.tokens, temperature=0.7, seed=1, ignore_eos=True, n=n)
+            t0 = time.perf_counter()
+            g = next(engine.ask(image, [prompt], gen))
+            wall[n].append(time.perf_counter() - t0)
+            decode_tps[n].append(g.timings.decode_tokens / (g.timings.decode_ms / 1000))
+    engine.close()
+    base = statistics.median(wall[ns[0]])
+    print(f"--best-of N, SmolVLM2-256M Q8_0 (+F16 mmproj) real size, random weights, low detail, {args.tokens} tokens "
+          f"per candidate, medians of {args.runs}; {cpu_description()}, {args.threads} threads")
+    print("| N | wall time | vs N=1 | decode tokens/s (all candidates) | vs one sequence |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for n in ns:
+        w, tps = statistics.median(wall[n]), statistics.median(decode_tps[n])
+        rows.append({"n": n, "wall_s": w, "ratio": w / base, "decode_tokens_per_s": tps})
+        print(f"| {n} | {w:.2f} s | {w / base:.2f}x | {tps:.0f} | {tps / statistics.median(decode_tps[ns[0]]):.2f}x |")
+    out = Path(__file__).resolve().parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / "best_of.json").write_text(json.dumps({"cpu": cpu_description(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

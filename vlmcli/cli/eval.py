@@ -1,0 +1,394 @@
+"""Commands: eval vqa, eval caption, eval zeroshot, eval retrieval (quality and speed, side by side)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, List, Optional
+
+import typer
+
+from vlmcli.cli.app import MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info
+from vlmcli.defaults import DEFAULT_IMAGE_BATCH, DEFAULT_N_GPU_LAYERS
+from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, VlmError
+
+if TYPE_CHECKING:
+    from vlmcli.tasks.evaluate import EvalSettings
+    from vlmcli.tasks.models import ModelSpec
+
+eval_app = typer.Typer(
+    help="Measure quality and speed on standard benchmarks: VQAv2 accuracy, COCO caption CIDEr-D/BLEU/ROUGE-L, "
+         "CLIP zero-shot top-1/top-5 and retrieval Recall@K.",
+    no_args_is_help=True,
+)
+app.add_typer(eval_app, name="eval")
+
+VlmModelsOpt = typer.Option(None, "--model", "-m", help="Store name (NAME[:QUANT]), GGUF file or folder; repeat to compare models side by side.")
+ClipModelsOpt = typer.Option(None, "--model", "-m", help="Store name, CLIP .gguf file or folder; repeat to compare models side by side.")
+MmprojOpt = typer.Option(None, "--mmproj", help="Vision projector GGUF (when a single --model is a GGUF file).")
+DetailsOpt = typer.Option(None, "--detail", help="Image detail low | high | auto; repeat to compare.")
+MaxTilesOpt = typer.Option(None, "--max-tiles", min=0, help="Cap on image tiles; repeat to compare.")
+GpuOpt = typer.Option(DEFAULT_N_GPU_LAYERS, "--n-gpu-layers", "-ngl", help="Layers to offload to the GPU: -1 = all when the build has a GPU backend; 0 = CPU only (CLIP: any non-zero = the whole model).")
+CtxOpt = typer.Option(4096, "--ctx", "-c", min=256, help="Context size in tokens.")
+ImagesOpt = typer.Option(None, "--images", help="Image folder (default: the dataset file's folder).")
+SplitOpt = typer.Option("test", "--split", help="Karpathy split JSON: train, val, test, restval or all.")
+LimitOpt = typer.Option(None, "--limit", min=1, help="Evaluate only the first N items (after --sample).")
+SampleOpt = typer.Option(None, "--sample", min=1, help="Evaluate a random subset of N items (with --seed).")
+SeedOpt = typer.Option(0, "--seed", help="Seed of --sample's subset.")
+OutOpt = typer.Option(None, "--out", "-o", help="Per-item records (JSONL; retrieval: OUT.npy + OUT.jsonl); rerunning with it continues.")
+RedoOpt = typer.Option(False, "--redo", help="Run every item again even if --out has it.")
+JsonOpt = typer.Option(False, "--json", help="The report as one JSON object on stdout.")
+FormatOpt = typer.Option(None, "--format", "-f", help="Report format: table (default), markdown, json.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
+PredictionsOpt = typer.Option(None, "--predictions", help="Score these predictions (official results JSON or vlm's --out JSONL) without running a model.")
+BatchOpt = typer.Option(DEFAULT_IMAGE_BATCH, "--batch-size", "-b", min=1, help="Images encoded together.")
+DeviceOpt = typer.Option(None, "--device", help="ggml device name (CPU, CUDA0, Vulkan0, ...).")
+BestOfOpt = typer.Option("1", "--best-of", help="Candidates per answer, e.g. 1,2,4,8: a row per N (one image encoding each); with three or more the scaling law Q(N) = Q_inf - A/N^gamma is fitted.")
+SelectOpt = typer.Option("logprob", "--select", help="How --best-of picks: logprob or vote.")
+
+
+def _best_of(text: str, select: str) -> dict[str, Any]:
+    from vlmcli.tasks.best_of import check
+
+    try:
+        ns = list(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))
+    except ValueError:
+        raise VlmError(f"--best-of takes counts separated by commas (e.g. 1,2,4,8), not {text!r}", exit_code=EXIT_USAGE) from None
+    if select == "clip":
+        raise VlmError("--select clip is not available in vlm eval (use logprob or vote)", exit_code=EXIT_USAGE)
+    for n in ns or [0]:
+        check(n, select)
+    return {"best_of": ns, "select": select}
+
+
+def _vlm_specs(models: Optional[List[str]], mmproj: Optional[str], details: Optional[List[str]], max_tiles: Optional[List[int]],
+               offline: bool, threads: Optional[int], n_gpu_layers: int, ctx: int) -> list[ModelSpec]:
+    from vlmcli.tasks.models import ModelSpec
+
+    models = list(models or [None])  # type: ignore[list-item]
+    if mmproj is not None and len(models) != 1:
+        raise VlmError("--mmproj goes with a single --model", exit_code=EXIT_USAGE)
+    return [ModelSpec(m, mmproj, offline or None, threads, n_gpu_layers, ctx, d, t)
+            for m, d, t in itertools.product(models, list(details or [None]), list(max_tiles or [None]))]
+
+
+def _clip_specs(models: Optional[List[str]], offline: bool, threads: Optional[int], n_gpu_layers: int, device: Optional[str]) -> list[ModelSpec]:
+    from vlmcli.tasks.models import ModelSpec
+
+    return [ModelSpec(m, offline=offline or None, n_threads=threads, n_gpu_layers=n_gpu_layers, device=device) for m in (models or [None])]
+
+
+def _settings(out: Optional[Path], redo: bool, quiet: bool, max_pixels: int, **kwargs: Any) -> EvalSettings:
+    from vlmcli.cli.progress import BatchProgress
+    from vlmcli.tasks.evaluate import EvalSettings
+
+    if out is not None and out.is_dir():
+        raise VlmError("--out is a folder; give a file", out, exit_code=EXIT_USAGE)
+    return EvalSettings(out=out, redo=redo, max_pixels=max_pixels, observer_factory=lambda: BatchProgress(quiet=quiet),
+                        notify=info, **kwargs)
+
+
+def _format(json_out: bool, fmt: Optional[str]) -> str:
+    f = "json" if json_out else (fmt or "table").lower()
+    if f not in ("table", "markdown", "json"):
+        raise VlmError(f"--format {f} is not available here (choose from table, markdown, json)", exit_code=EXIT_USAGE)
+    return f
+
+
+def _generation(max_tokens: Optional[int]) -> Any:
+    if max_tokens is None:
+        return None
+    from vlmcli.engines.llama import GenerationOptions
+
+    return GenerationOptions(max_tokens=max_tokens)
+
+
+def _subset(items: list[Any], limit: Optional[int], sample: Optional[int], seed: int) -> list[Any]:
+    from vlmcli.tasks.eval_data import select
+
+    chosen = select(items, limit, sample, seed)
+    if not chosen:
+        raise VlmError("no items to evaluate")
+    return chosen
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+_COLUMNS: dict[str, list[tuple[str, Any]]] = {
+    "vqa": [("accuracy", lambda m: m.get("accuracy")), ("yes/no", lambda m: (m.get("per_answer_type") or {}).get("yes/no")),
+            ("number", lambda m: (m.get("per_answer_type") or {}).get("number")),
+            ("other", lambda m: (m.get("per_answer_type") or {}).get("other"))],
+    "caption": [(k, (lambda key: lambda m: m.get(key))(k)) for k in ("CIDEr-D", "BLEU-1", "BLEU-4", "ROUGE-L")],
+    "zeroshot": [("top-1 %", lambda m: m.get("top1")), ("top-5 %", lambda m: m.get("top5"))],
+    "retrieval": [(f"{name} R@{k}", (lambda d, kk: lambda m: (m.get(d) or {}).get(f"R@{kk}"))(d, k))
+                  for name, d in (("I->T", "image_to_text"), ("T->I", "text_to_image")) for k in (1, 5, 10)],
+}
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    kind = report["eval"]
+    cols = _COLUMNS[kind]
+    head = ["model", "quant"]
+    vlm = kind in ("vqa", "caption")
+    several = any((r.get("best_of") or 1) > 1 for r in report["runs"])
+    if vlm:
+        head += ["detail"] + (["N"] if several else [])
+    head += [c for c, _ in cols] + ["items", "failed"]
+    head += ["wall", "s/item", "img/s"] + (["ttft s"] if vlm else []) + ["peak RSS MB"]
+    rows = []
+    for r in report["runs"]:
+        m = r.get("metrics") or {}
+        s = r.get("speed") or {}
+        row = [str(r.get("model") or r.get("predictions") or "-"), _fmt(r.get("quant"))]
+        if vlm:
+            detail = r.get("detail")
+            if r.get("max_tiles") is not None:
+                detail = f"{detail or 'auto'}, <={r['max_tiles']} tiles"
+            row.append(_fmt(detail))
+            if several:
+                row.append(_fmt(r.get("best_of")))
+        digits = 3 if kind == "caption" else 2
+        row += [_fmt(f(m), digits) for _, f in cols] + [_fmt(r.get("items")), _fmt(r.get("failed"))]
+        row += [_fmt(s.get("wall_s"), 1) + " s" if s.get("wall_s") is not None else "-", _fmt(s.get("s_per_item"), 3),
+                _fmt(s.get("images_per_s"), 2)] + ([_fmt(s.get("ttft_s"), 2)] if vlm else []) + [_fmt(s.get("peak_rss_mb"), 0)]
+        rows.append(row)
+    return head, rows
+
+
+def _caption_line(report: dict[str, Any]) -> str:
+    parts = [f"vlm eval {report['eval']}: {report.get('dataset', '')}"]
+    for k in ("questions", "images", "captions", "classes", "templates"):
+        if k in report:
+            parts.append(f"{report[k]} {k}")
+    m = report.get("machine") or {}
+    parts.append(f"on {m.get('cpu')} ({m.get('cores')} cores)")
+    return ", ".join(parts)
+
+
+def render(report: dict[str, Any], fmt: str) -> None:
+    if fmt == "json":
+        sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        return
+    head, rows = _rows(report)
+    if fmt == "markdown":
+        lines = [_caption_line(report), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        sys.stdout.write("\n".join(lines + [""] + _scaling_lines(report)) + "\n")
+        sys.stdout.flush()
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    # Piped, the table keeps its full width (rich would squeeze it into 80 columns).
+    console = Console(file=sys.stdout, highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 250)
+    console.print(_caption_line(report), markup=False, soft_wrap=True)
+    table = Table(show_edge=True)
+    for i, h in enumerate(head):
+        table.add_column(h, justify="left" if i < 3 else "right")
+    for row in rows:
+        table.add_row(*[Text(c) for c in row])
+    console.print(table)
+    for line in _scaling_lines(report):
+        console.print(line, markup=False, soft_wrap=True)
+
+
+def _scaling_lines(report: dict[str, Any]) -> list[str]:
+    return [f"scaling, {f['model']} ({f['detail'] or 'auto'}): {f['metric']}(N) = {f['q_inf']:.4g} - {f['a']:.4g} / N^{f['gamma']:.3g}"
+            f" (rmse {f['rmse']:.2g}, N = {', '.join(str(k) for k, _ in f['points'])})"
+            for f in report.get("scaling") or []]
+
+
+def _finish(report: dict[str, Any], fmt: str) -> None:
+    render(report, fmt)
+    runs = report["runs"]
+    if any((r.get("summary") or {}).get("interrupted") for r in runs):
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if all(not r.get("items") for r in runs):
+        raise typer.Exit(EXIT_ERROR)
+    if any(r.get("failed") for r in runs):
+        raise typer.Exit(EXIT_PARTIAL)
+    raise typer.Exit(EXIT_OK)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@eval_app.command("vqa")
+def vqa(
+    data: Path = typer.Argument(..., help="VQAv2 questions JSON (with --annotations and --images), or a JSONL of {image, question, answers: [...]}."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", help="VQAv2 annotations JSON (the answers)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (VQAv2: COCO_val2014_000000xxxxxx.jpg files; JSONL: paths are relative to it)."),
+    prompt_suffix: Optional[str] = typer.Option(None, "--prompt-suffix", help='Text after each question (default "Answer the question using a single word or phrase."; "" for none).'),
+    predictions: Optional[Path] = PredictionsOpt,
+    model: Optional[List[str]] = VlmModelsOpt,
+    mmproj: Optional[str] = MmprojOpt,
+    detail: Optional[List[str]] = DetailsOpt,
+    max_tiles: Optional[List[int]] = MaxTilesOpt,
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=1, help="Most tokens per answer (default 16)."),
+    best_of: str = BestOfOpt,
+    select: str = SelectOpt,
+    limit: Optional[int] = LimitOpt,
+    sample: Optional[int] = SampleOpt,
+    seed: int = SeedOpt,
+    out: Optional[Path] = OutOpt,
+    redo: bool = RedoOpt,
+    json_out: bool = JsonOpt,
+    fmt: Optional[str] = FormatOpt,
+    quiet: bool = QuietOpt,
+    threads: Optional[int] = ThreadsOpt,
+    n_gpu_layers: int = GpuOpt,
+    ctx: int = CtxOpt,
+    max_pixels: int = MaxPixelsOpt,
+    offline: bool = OfflineOpt,
+) -> None:
+    """VQAv2 accuracy exactly as the official evaluation computes it (overall and per answer type), with speed."""
+    from vlmcli.tasks.eval_data import load_vqa
+    from vlmcli.tasks.evaluate import evaluate_vqa, score_vqa_predictions
+
+    f = _format(json_out, fmt)
+    items = _subset(load_vqa(data, annotations, images, warn=lambda m: info(f"vlm: warning: {m}")), limit, sample, seed)
+    if predictions is not None:
+        _finish(score_vqa_predictions(items, predictions, str(data)), f)
+    specs = _vlm_specs(model, mmproj, detail, max_tiles, offline, threads, n_gpu_layers, ctx)
+    settings = _settings(out, redo, quiet, max_pixels, generation=_generation(max_tokens), prompt=prompt_suffix,
+                         **_best_of(best_of, select))
+    _finish(evaluate_vqa(items, specs, settings, str(data)), f)
+
+
+@eval_app.command("caption")
+def caption(
+    data: Path = typer.Argument(..., help="COCO captions annotations JSON, a Karpathy split JSON, or a JSONL of {image, captions: [...]}."),
+    images: Optional[Path] = ImagesOpt,
+    split: str = SplitOpt,
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help='The instruction given with each image (default "Describe this image in one sentence.").'),
+    predictions: Optional[Path] = PredictionsOpt,
+    model: Optional[List[str]] = VlmModelsOpt,
+    mmproj: Optional[str] = MmprojOpt,
+    detail: Optional[List[str]] = DetailsOpt,
+    max_tiles: Optional[List[int]] = MaxTilesOpt,
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=1, help="Most tokens per caption (default 48)."),
+    best_of: str = BestOfOpt,
+    select: str = SelectOpt,
+    limit: Optional[int] = LimitOpt,
+    sample: Optional[int] = SampleOpt,
+    seed: int = SeedOpt,
+    out: Optional[Path] = OutOpt,
+    redo: bool = RedoOpt,
+    json_out: bool = JsonOpt,
+    fmt: Optional[str] = FormatOpt,
+    quiet: bool = QuietOpt,
+    threads: Optional[int] = ThreadsOpt,
+    n_gpu_layers: int = GpuOpt,
+    ctx: int = CtxOpt,
+    max_pixels: int = MaxPixelsOpt,
+    offline: bool = OfflineOpt,
+) -> None:
+    """COCO-style captioning: CIDEr-D, BLEU-1..4 and ROUGE-L as pycocoevalcap computes them, with speed."""
+    from vlmcli.tasks.eval_data import load_captions
+    from vlmcli.tasks.evaluate import evaluate_captions, score_caption_predictions
+
+    f = _format(json_out, fmt)
+    items = _subset(load_captions(data, images, split), limit, sample, seed)
+    if predictions is not None:
+        _finish(score_caption_predictions(items, predictions, str(data)), f)
+    specs = _vlm_specs(model, mmproj, detail, max_tiles, offline, threads, n_gpu_layers, ctx)
+    settings = _settings(out, redo, quiet, max_pixels, generation=_generation(max_tokens), prompt=prompt,
+                         **_best_of(best_of, select))
+    _finish(evaluate_captions(items, specs, settings, str(data)), f)
+
+
+def _templates(template: Optional[List[str]], templates: Optional[str]) -> Optional[list[str]]:
+    from vlmcli.tasks.eval_imagenet import imagenet_templates, read_lines
+
+    out = list(template or [])
+    if templates is not None:
+        out += imagenet_templates() if templates.lower() == "imagenet" else read_lines(Path(templates), "templates")
+    return out or None
+
+
+@eval_app.command("zeroshot")
+def zeroshot(
+    root: Path = typer.Argument(..., help="ImageFolder tree: ROOT/CLASS/image.jpg, one folder per class."),
+    classes: Optional[str] = typer.Option(None, "--classes", help='Class names: a file (one per line in sorted folder order, or FOLDER<TAB>name lines), or "imagenet" (CLIP\'s 1000 names). Default: the folder names.'),
+    template: Optional[List[str]] = typer.Option(None, "--template", help='Prompt with {} for the class name (default "a photo of a {}."); repeat to ensemble.'),
+    templates: Optional[str] = typer.Option(None, "--templates", help='A file of templates (one per line), or "imagenet" (CLIP\'s 80).'),
+    model: Optional[List[str]] = ClipModelsOpt,
+    limit: Optional[int] = LimitOpt,
+    sample: Optional[int] = SampleOpt,
+    seed: int = SeedOpt,
+    out: Optional[Path] = OutOpt,
+    redo: bool = RedoOpt,
+    json_out: bool = JsonOpt,
+    fmt: Optional[str] = FormatOpt,
+    quiet: bool = QuietOpt,
+    threads: Optional[int] = ThreadsOpt,
+    batch_size: int = BatchOpt,
+    n_gpu_layers: int = GpuOpt,
+    device: Optional[str] = DeviceOpt,
+    max_pixels: int = MaxPixelsOpt,
+    offline: bool = OfflineOpt,
+) -> None:
+    """CLIP zero-shot classification: top-1 / top-5 accuracy over an ImageFolder tree, with speed."""
+    from vlmcli.tasks.eval_data import ImageFolder, load_image_folder, read_class_names, select
+    from vlmcli.tasks.eval_imagenet import imagenet_classes
+    from vlmcli.tasks.evaluate import evaluate_zeroshot
+
+    f = _format(json_out, fmt)
+    names = None
+    if classes is not None:
+        names = imagenet_classes() if classes.lower() == "imagenet" else read_class_names(Path(classes))
+    folder = load_image_folder(root, names)
+    for w in folder.warnings:
+        info(f"vlm: warning: {root}: {w}")
+    keep = select(list(range(len(folder.paths))), limit, sample, seed)
+    if not keep:
+        raise VlmError("no items to evaluate")
+    folder = ImageFolder(folder.classes, folder.names, [folder.paths[i] for i in keep], [folder.labels[i] for i in keep])
+    settings = _settings(out, redo, quiet, max_pixels, templates=_templates(template, templates), batch_size=batch_size)
+    _finish(evaluate_zeroshot(folder, _clip_specs(model, offline, threads, n_gpu_layers, device), settings, str(root)), f)
+
+
+@eval_app.command("retrieval")
+def retrieval(
+    data: Path = typer.Argument(..., help="COCO / Flickr30k Karpathy split JSON, COCO captions JSON, or a JSONL of {image, captions: [...]}."),
+    images: Optional[Path] = ImagesOpt,
+    split: str = SplitOpt,
+    model: Optional[List[str]] = ClipModelsOpt,
+    limit: Optional[int] = LimitOpt,
+    sample: Optional[int] = SampleOpt,
+    seed: int = SeedOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Embeddings: OUT.npy + OUT.jsonl (as `vlm embed` writes them); rerunning with it continues."),
+    redo: bool = RedoOpt,
+    json_out: bool = JsonOpt,
+    fmt: Optional[str] = FormatOpt,
+    quiet: bool = QuietOpt,
+    threads: Optional[int] = ThreadsOpt,
+    batch_size: int = BatchOpt,
+    n_gpu_layers: int = GpuOpt,
+    device: Optional[str] = DeviceOpt,
+    max_pixels: int = MaxPixelsOpt,
+    offline: bool = OfflineOpt,
+) -> None:
+    """CLIP image-to-text and text-to-image Recall@1/5/10, as in the CLIP paper, with speed."""
+    from vlmcli.tasks.eval_data import load_captions
+    from vlmcli.tasks.evaluate import evaluate_retrieval
+
+    f = _format(json_out, fmt)
+    if out is not None and out.suffix.lower() != ".npy":
+        raise VlmError("--out is the .npy file (its .jsonl metadata is written beside it)", out, exit_code=EXIT_USAGE)
+    items = _subset(load_captions(data, images, split), limit, sample, seed)
+    settings = _settings(out, redo, quiet, max_pixels, batch_size=batch_size)
+    _finish(evaluate_retrieval(items, _clip_specs(model, offline, threads, n_gpu_layers, device), settings, str(data)), f)

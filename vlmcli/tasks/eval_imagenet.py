@@ -1,0 +1,37 @@
+"""CLIP's ImageNet zero-shot prompt set, shipped as package data (vlmcli/data/, MIT licence: LICENSE-CLIP.txt).
+
+imagenet_classes(): the 1000 class names of CLIP's "Prompt Engineering for ImageNet" notebook, in the
+standard class-index order (the sorted WordNet ids of an ImageNet ImageFolder tree). As published,
+two names repeat ("missile" at 657 and 744, "sunglasses" at 836 and 837); they are kept, so class
+indices line up. imagenet_templates(): its 80 prompt templates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmcli.errors import VlmError
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise VlmError(f"no such {what} file", path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise VlmError(f"cannot read {what} ({e})", path) from None
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def imagenet_classes() -> list[str]:
+    names = read_lines(DATA / "imagenet_classes.txt", "class names")
+    assert len(names) == 1000, len(names)
+    return names
+
+
+def imagenet_templates() -> list[str]:
+    templates = read_lines(DATA / "imagenet_templates.txt", "templates")
+    assert len(templates) == 80, len(templates)
+    return templates
