@@ -19,6 +19,7 @@ FORBIDDEN = {
     "engines": ("vlmcli.cli", "vlmcli.capi", "vlmcli.tasks", "vlmcli.store"),
     "store": ("vlmcli.cli", "vlmcli.capi", "vlmcli.tasks"),
     "capi": ("vlmcli.cli",),
+    "serve": ("vlmcli.cli", "vlmcli.capi"),
 }
 
 

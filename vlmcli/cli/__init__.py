@@ -21,6 +21,7 @@ from vlmcli.cli import convert as _convert  # noqa: E402,F401  convert, quantize
 from vlmcli.cli import lib as _lib  # noqa: E402,F401  lib build
 from vlmcli.cli import eval as _eval  # noqa: E402,F401  eval vqa, caption, zeroshot, retrieval
 from vlmcli.cli import doctor as _doctor  # noqa: E402,F401  doctor
+from vlmcli.cli import serve as _serve  # noqa: E402,F401  serve
 
 __all__ = ["app", "main"]
 

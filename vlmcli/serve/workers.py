@@ -1,0 +1,471 @@
+"""The process pool behind `vlm serve`: one loaded model per worker process, supervised one-for-one.
+
+Each worker is a `multiprocessing` spawn child that opens its model once (tasks.models.open_model) and
+then runs jobs from its pipe through the same tasks as the CLI (AskTask, EmbedImagesTask,
+EmbedTextsTask). The engines are not thread-safe and native code can abort or segfault, so a worker
+holds one model and runs one job at a time; when it dies, only the job in flight fails (WorkerDied),
+its supervisor thread starts a new process (with backoff) and the queued jobs go to the next free
+worker. A job that runs past its deadline kills its worker (the only way to stop native code) and
+fails with JobTimeout.
+
+This module imports no numpy, Pillow or llama.cpp at the top: the children import the tasks inside
+`_child_main`, and the parent never does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# Job outcomes the front end maps to HTTP statuses.
+
+
+class QueueFull(Exception):
+    """The model's queue holds --queue jobs already (HTTP 429)."""
+
+
+class WorkerDied(Exception):
+    """The worker running the job exited (signal, OOM kill, native abort) (HTTP 503)."""
+
+
+class JobTimeout(Exception):
+    """The job ran past its deadline; its worker was killed and restarted (HTTP 504)."""
+
+
+class JobFailed(Exception):
+    """A structured error from the task layer, already classified by the child (HTTP 400/500)."""
+
+    def __init__(self, kind: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.kind = kind  # image | option | context | model | error | internal
+        self.message = message
+        self.param = param
+
+
+@dataclass
+class WorkerSpec:
+    """What one worker opens: `vlm serve --model` with the shared options."""
+
+    model: str
+    kind: str  # vlm | clip
+    name: str  # the id clients use (GET /v1/models)
+    mmproj: str | None = None
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    n_ctx: int = 4096
+    detail: str | None = None
+    max_tiles: int | None = None
+    max_n: int = 1  # sequences the engine is opened for: the largest `n` a request may ask
+    max_pixels: int = 64_000_000
+    offline: bool = True
+
+
+# ---- the child process -----------------------------------------------------------------------
+
+
+def _classify(exc: BaseException) -> tuple[str, str, str | None]:
+    from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
+
+    if isinstance(exc, InvalidOption):
+        return "option", exc.message, exc.option
+    if isinstance(exc, ContextOverflow):
+        return "context", str(exc), "messages"
+    if isinstance(exc, ImageError):
+        return "image", exc.message, None
+    if isinstance(exc, ModelError):
+        return "model", str(exc), None
+    if isinstance(exc, VlmError):
+        return "error", exc.message, None
+    if isinstance(exc, MemoryError):
+        return "internal", "out of memory", None
+    return "internal", f"internal error: {type(exc).__name__}: {exc}", None
+
+
+def _decode_image(data: bytes, max_pixels: int) -> Any:
+    """Image bytes -> the decoded RGB image, through vlmcli.images.load_image (formats, EXIF, pixel cap)."""
+    import tempfile
+
+    from vlmcli.images import load_image
+
+    with tempfile.NamedTemporaryFile(prefix="vlm-serve-", suffix=".img") as f:
+        f.write(data)
+        f.flush()
+        image = load_image(f.name, max_pixels=max_pixels)
+        image.load()
+    return image
+
+
+def _run_chat(opened: Any, spec: WorkerSpec, job: dict[str, Any], send: Callable[[tuple], None], cancelled: threading.Event) -> dict[str, Any]:
+    from vlmcli.engines.llama import GenerationOptions
+    from vlmcli.errors import InvalidOption, VlmError
+    from vlmcli.tasks.ask import AskTask
+    from vlmcli.tasks.best_of import temperature_for
+
+    n = job["n"]
+    if n > spec.max_n:
+        raise InvalidOption("n", f"{n} choices, but this server opened the model for at most {spec.max_n} (vlm serve --max-n)")
+    image = _decode_image(job["image"], spec.max_pixels)
+    temperature = temperature_for(n, job["temperature"])
+    gen = GenerationOptions(max_tokens=job["max_tokens"], temperature=temperature, top_p=job["top_p"], seed=job["seed"])
+    task = AskTask(opened.engine, [job["prompt"]], gen, spec.max_pixels, n_best=n, select="logprob")
+    send(("accepted",))
+    stops: list[str] = job.get("stop") or []
+    if job["stream"] or (stops and n == 1):
+        held = ""  # text not yet sent: it may be the start of a stop sequence
+        hold = max((len(x) for x in stops), default=1) - 1
+
+        def on_token(piece: str) -> bool | None:
+            nonlocal held
+            held += piece
+            cut = _first_stop(held, stops)
+            if cut is not None:
+                if job["stream"] and held[:cut]:
+                    send(("token", held[:cut]))
+                held = ""
+                return False  # ends the generation (stop_reason "stopped")
+            ready = len(held) - hold if hold else len(held)
+            if ready > 0 and job["stream"]:
+                send(("token", held[:ready]))
+                held = held[ready:]
+            return False if cancelled.is_set() else None
+
+        task.on_token = on_token
+    result = task.run([image])[0]
+    if isinstance(result, VlmError):
+        raise result
+    if job["stream"] and task.on_token is not None and held:
+        send(("token", held))  # what was held back at the end, when no stop sequence came
+    answer = result["answers"][0]
+    if stops:
+        answer["answer"] = _cut_at_stop(answer["answer"], stops)
+        for c in answer.get("candidates", []):
+            cut = _cut_at_stop(c["text"], stops)
+            c["stop_reason"] = "stopped" if cut != c["text"] else c["stop_reason"]
+            c["text"] = cut
+    if "candidates" in answer:  # best-of: the chosen candidate first, then the others in order
+        cands = answer["candidates"]
+        order = [answer["chosen"]] + [i for i in range(len(cands)) if i != answer["chosen"]]
+        choices = [{"text": cands[i]["text"], "stop_reason": cands[i]["stop_reason"], "generated_tokens": cands[i]["tokens"],
+                    "score": cands[i]["score"]} for i in order]
+    else:
+        choices = [{"text": answer["answer"], "stop_reason": answer["stop_reason"], "generated_tokens": answer["generated_tokens"]}]
+    return {"choices": choices, "tokens": result["tokens"], "timings": result["timings"]}
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    found = [i for i in (text.find(x) for x in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> str:
+    cut = _first_stop(text, stops)
+    return text if cut is None else text[:cut].rstrip()
+
+
+def _run_embed(opened: Any, spec: WorkerSpec, job: dict[str, Any]) -> dict[str, Any]:
+    from vlmcli.errors import VlmError
+    from vlmcli.tasks.embed import EmbedImagesTask, EmbedTextsTask
+
+    images = EmbedImagesTask(opened.engine, max_pixels=spec.max_pixels, model_name=opened.name)
+    texts = EmbedTextsTask(images)
+    rows: list[Any] = [None] * len(job["items"])
+    image_items = [(i, data) for i, (kind, data) in enumerate(job["items"]) if kind == "image"]
+    text_items = [(i, data) for i, (kind, data) in enumerate(job["items"]) if kind == "text"]
+    for start in range(0, len(image_items), images.batch_size):
+        chunk = image_items[start : start + images.batch_size]
+        prepared = []
+        for i, data in chunk:
+            try:
+                prepared.append(images.prepare_decoded(_decode_image(data, spec.max_pixels)))
+            except VlmError as e:
+                e.message = f"input[{i}]: {e.message}"
+                raise
+        for (i, _), r in zip(chunk, images.run(prepared)):
+            rows[i] = r
+    for start in range(0, len(text_items), texts.batch_size):
+        chunk = text_items[start : start + texts.batch_size]
+        for (i, _), r in zip(chunk, texts.run([t for _, t in chunk])):
+            rows[i] = r
+    out = []
+    tokens = 0
+    for r in rows:
+        if isinstance(r, VlmError):
+            raise r
+        out.append(r["embedding"].astype("<f4").tobytes())
+    for _, t in text_items:
+        tokens += len(t.split())  # whitespace words: a rough count for `usage` (CLIP truncates at 77 tokens)
+    return {"embeddings": out, "dim": int(rows[0]["dim"]) if rows else 0, "tokens": tokens}
+
+
+def _child_main(spec: WorkerSpec, conn: Any) -> None:
+    """The worker process: open the model, then run jobs until the pipe closes."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    send_lock = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with send_lock:
+            conn.send(message)
+
+    try:
+        from vlmcli.tasks.models import ModelSpec, open_model
+
+        opened = open_model(
+            ModelSpec(spec.model, spec.mmproj, spec.offline or None, spec.n_threads, spec.n_gpu_layers, spec.n_ctx,
+                      spec.detail, spec.max_tiles, n_sequences=spec.max_n if spec.kind == "vlm" else 1),
+            spec.kind,  # type: ignore[arg-type]
+        )
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which refuses to start
+        kind, message, param = _classify(e)
+        send(("failed", message))
+        return
+    send(("ready", {"name": opened.name, "path": str(opened.path), "pid": os.getpid()}))
+
+    jobs: queue.Queue[Any] = queue.Queue()
+    cancelled = threading.Event()
+
+    def reader() -> None:  # jobs in order; a cancel may arrive while a job runs
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                jobs.put(None)
+                return
+            if message[0] == "cancel":
+                cancelled.set()
+            else:
+                jobs.put(message)
+
+    threading.Thread(target=reader, daemon=True).start()
+    while True:
+        message = jobs.get()
+        if message is None:
+            return
+        _, kind, job = message
+        cancelled.clear()
+        try:
+            if kind == "chat":
+                result = _run_chat(opened, spec, job, send, cancelled)
+            elif kind == "embed":
+                result = _run_embed(opened, spec, job)
+            elif kind == "crash":  # tests: native code aborting
+                os.abort()
+            else:
+                raise ValueError(f"unknown job kind {kind!r}")
+            send(("done", result))
+        except BaseException as e:  # noqa: BLE001 - every failure becomes a reply; the worker goes on
+            ekind, emessage, param = _classify(e)
+            send(("error", ekind, emessage, param))
+
+
+# ---- the parent: jobs, workers, supervision --------------------------------------------------
+
+
+_job_ids = itertools.count(1)
+
+
+@dataclass
+class Job:
+    """One request for a worker. `emit(event)` is called from the worker's supervisor thread with
+    ("accepted",), ("token", text), ("done", result) or ("error", exception); the last two end it."""
+
+    kind: str
+    payload: dict[str, Any]
+    emit: Callable[[tuple], None]
+    timeout: float
+    id: int = field(default_factory=lambda: next(_job_ids))
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    @property
+    def deadline(self) -> float:
+        return self.submitted + self.timeout
+
+
+class Worker:
+    """One worker process and the thread that feeds it jobs and restarts it when it dies."""
+
+    def __init__(self, pool: ModelPool, index: int):
+        self.pool = pool
+        self.index = index
+        self.process: Any = None
+        self.conn: Any = None
+        self.current: Job | None = None
+        self.restarts = 0
+        self.info: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._loop, name=f"vlm-worker-{pool.spec.name}-{index}", daemon=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def start_process(self, timeout: float = 600.0) -> None:
+        """Start the process and wait for its model to load; raise RuntimeError with the child's reason."""
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        process = ctx.Process(target=_child_main, args=(self.pool.spec, child), name=f"vlm-serve-worker-{self.index}", daemon=True)
+        process.start()
+        child.close()
+        if not parent.poll(timeout):
+            process.kill()
+            raise RuntimeError(f"worker for {self.pool.spec.name} did not load its model within {timeout:.0f} s")
+        try:
+            message = parent.recv()
+        except (EOFError, OSError):
+            process.join(5)
+            raise RuntimeError(f"worker for {self.pool.spec.name} exited while loading its model (exit code {process.exitcode})") from None
+        if message[0] != "ready":
+            process.join(5)
+            raise RuntimeError(message[1])
+        self.info = message[1]
+        self.process, self.conn = process, parent
+
+    def _stop_process(self) -> None:
+        if self.process is None:
+            return
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        self.process = self.conn = None
+
+    def _restart(self) -> None:
+        """Start a new process after the old one died, with exponential backoff while starts fail."""
+        self._stop_process()
+        delay = 0.1
+        while not self.pool.closing:
+            try:
+                self.start_process()
+                self.restarts += 1
+                self.pool.restarts += 1
+                return
+            except RuntimeError:
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _loop(self) -> None:
+        pool = self.pool
+        while not pool.closing:
+            try:
+                job = pool.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if job is None:
+                return
+            if job.cancelled:
+                continue
+            if time.monotonic() >= job.deadline:
+                job.emit(("error", JobTimeout("the request timed out waiting for a worker")))
+                continue
+            self.current = job
+            try:
+                self._run(job)
+            except Exception as e:  # noqa: BLE001 - the supervisor must outlive any one job
+                job.emit(("error", e))
+            finally:
+                self.current = None
+
+    def _run(self, job: Job) -> None:
+        conn = self.conn
+        try:
+            conn.send(("job", job.kind, job.payload))
+        except (OSError, ValueError):
+            job.emit(("error", WorkerDied("the worker was not running; it is being restarted")))
+            self._restart()
+            return
+        cancel_sent = False
+        while True:
+            if job.cancelled and not cancel_sent:
+                cancel_sent = True
+                try:
+                    conn.send(("cancel",))
+                except (OSError, ValueError):
+                    pass
+            remaining = job.deadline - time.monotonic()
+            if remaining <= 0:
+                job.emit(("error", JobTimeout(f"the request took more than {job.timeout:g} s (vlm serve --timeout)")))
+                self._restart()  # the only way to stop native code mid-run
+                return
+            try:
+                ready = conn.poll(min(remaining, 0.2))
+                if not ready:
+                    if not self.process.is_alive():
+                        raise EOFError
+                    continue
+                message = conn.recv()
+            except (EOFError, OSError):
+                self.process.join(1)
+                code = self.process.exitcode
+                why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                job.emit(("error", WorkerDied(f"the worker running this request died ({why}); it is being restarted")))
+                self._restart()
+                return
+            tag = message[0]
+            if tag == "done":
+                job.emit(("done", message[1]))
+                return
+            if tag == "error":
+                job.emit(("error", JobFailed(message[1], message[2], message[3])))
+                return
+            job.emit(message)  # accepted, token
+
+
+class ModelPool:
+    """The workers of one model and their bounded queue."""
+
+    def __init__(self, spec: WorkerSpec, workers: int, queue_size: int):
+        self.spec = spec
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(1, queue_size))
+        self.workers = [Worker(self, i) for i in range(max(1, workers))]
+        self.closing = False
+        self.restarts = 0
+
+    def start(self) -> None:
+        """Load the model in every worker (in parallel); raise RuntimeError if one cannot."""
+        errors: list[BaseException] = []
+
+        def start(w: Worker) -> None:
+            try:
+                w.start_process()
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=start, args=(w,)) for w in self.workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.close()
+            raise RuntimeError(str(errors[0]))
+        for w in self.workers:
+            w.thread.start()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"the queue for {self.spec.name} is full ({self.queue.maxsize} requests waiting)") from None
+
+    @property
+    def queue_depth(self) -> int:
+        return self.queue.qsize()
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for w in self.workers if w.current is not None)
+
+    def close(self) -> None:
+        self.closing = True
+        for w in self.workers:
+            w._stop_process()
