@@ -46,7 +46,9 @@ SELECTS = {0: "logprob", 1: "vote"}  # VLM_DETAIL_AUTO: the model's registry def
 # Neutral option names (errors.InvalidOption.option) -> the field a C caller sets.
 FIELDS = {"n_ctx": "vlm_options.n_ctx", "detail": "vlm_options.detail", "max_tiles": "vlm_options.max_tiles",
           "n_threads": "vlm_options.n_threads", "n_gpu_layers": "vlm_options.n_gpu_layers",
-          "max_tokens": "vlm_options.max_tokens", "model": "model", "labels": "labels"}
+          "max_tokens": "vlm_options.max_tokens", "temperature": "vlm_options.temperature",
+          "top_p": "vlm_options.top_p", "seed": "vlm_options.seed", "best_of": "vlm_options.best_of",
+          "select": "vlm_options.select", "model": "model", "labels": "labels"}
 
 
 class CapiError(Exception):

@@ -21,6 +21,7 @@ FLAGS = {
     "temperature": "--temperature",
     "top_p": "--top-p",
     "seed": "--seed",
+    "n_batch": "--batch-size",
 }
 
 

@@ -42,7 +42,7 @@ def tokenizer_for(model: ClipModel) -> ClipTokenizer:
     tok = _tokenizers.get(model)
     if tok is None:
         cfg = model.config
-        tok = ClipTokenizer(cfg.merges, cfg.tokens, bos_id=cfg.bos_id, eos_id=cfg.eos_id)
+        tok = ClipTokenizer(cfg.merges, cfg.tokens or None, bos_id=cfg.bos_id, eos_id=cfg.eos_id, path=model.path)
         _tokenizers[model] = tok
     return tok
 
