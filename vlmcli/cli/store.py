@@ -43,12 +43,12 @@ def pull(
     force: bool = typer.Option(False, "--force", help="Download and install again even if installed."),
     json_out: bool = typer.Option(False, "--json", help="Print the installed model's record as JSON."),
 ) -> None:
-    from vlmcli.store.pull import pull_model
-
-    if source is not None and source not in ("gguf", "convert"):
+    if source is not None and source not in ("gguf", "convert"):  # before importing the hub client
         from vlmcli.errors import EXIT_USAGE, VlmError
 
         raise VlmError(f"--from must be gguf or convert, not {source!r}", exit_code=EXIT_USAGE)
+    from vlmcli.store.pull import pull_model
+
     name, quant = _split_quant(name, quant)
     result = pull_model(name, quant=quant, source=source, revision=revision, force=force, notify=info)
     m = result.model
