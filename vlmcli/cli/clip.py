@@ -117,16 +117,6 @@ def classify(
     batch_cli.conclude("classify", summary, args, single)
 
 
-def _read_text_file(path: Path) -> list[str]:
-    """One text per line (blank lines skipped)."""
-    try:
-        return [ln for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
-    except FileNotFoundError:
-        raise VlmError("no such text file", path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise VlmError(f"cannot read text file ({e})", path) from None
-
-
 @app.command()
 @batch_cli.with_batch_options(without=("out", "format", "sidecar", "overwrite"))  # --out is embed's own
 def embed(
@@ -156,7 +146,9 @@ def embed(
 
     all_texts = list(texts or [])
     if text_file is not None:
-        all_texts += _read_text_file(text_file)
+        from vlmcli.files import read_lines
+
+        all_texts += read_lines(text_file, "text", comments=False, strip=False)  # texts may start with a hash
     if not images and not batch.files_from and not all_texts:
         raise VlmError("nothing to embed: give image files, --text or --text-file", exit_code=EXIT_USAGE)
     if out is not None and Path(out).suffix.lower() == ".jsonl":

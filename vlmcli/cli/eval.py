@@ -311,7 +311,8 @@ def caption(
 
 
 def _templates(template: Optional[List[str]], templates: Optional[str]) -> Optional[list[str]]:
-    from vlmcli.tasks.eval_imagenet import imagenet_templates, read_lines
+    from vlmcli.files import read_lines
+    from vlmcli.tasks.eval_imagenet import imagenet_templates
 
     out = list(template or [])
     if templates is not None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
 from vlmcli.errors import InvalidOption, VlmError
+from vlmcli.files import read_lines
 from vlmcli.tasks.embed import DEFAULT_TEXT_BATCH, ClipImagesTask, embed_pixels, embed_texts, l2_normalize
 from vlmcli.tasks.resume import Record
 
@@ -45,16 +45,7 @@ def parse_labels(text: str) -> list[str]:
 
 def read_labels_file(path: str | os.PathLike[str]) -> list[str]:
     """One label per line; blank lines and lines starting with '#' are skipped."""
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise VlmError("no such labels file", p) from None
-    except IsADirectoryError:
-        raise VlmError("is a directory, not a labels file", p) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise VlmError(f"cannot read labels file ({e})", p) from None
-    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    return read_lines(path, "labels")
 
 
 def unique_labels(labels: Iterable[str]) -> list[str]:

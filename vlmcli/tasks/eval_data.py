@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from vlmcli.errors import VlmError
+from vlmcli.files import read_lines
 
 T = TypeVar("T")
 
@@ -286,13 +287,7 @@ def _karpathy(imgs: list[Any], base: Path, split: str, data: Path) -> list[Capti
 
 def read_class_names(path: Path) -> list[str] | dict[str, str]:
     """One class name per line (in the sorted folder order), or FOLDER<TAB>name lines."""
-    try:
-        lines = [ln.rstrip("\r\n") for ln in path.read_text(encoding="utf-8-sig").splitlines()]
-    except FileNotFoundError:
-        raise VlmError("no such class-names file", path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise VlmError(f"cannot read class names ({e})", path) from None
-    lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = read_lines(path, "class-names", strip=False)  # FOLDER<TAB>name: the tabs matter
     if lines and all("\t" in ln for ln in lines):
         return {k.strip(): v.strip() for k, v in (ln.split("\t", 1) for ln in lines)}
     return [ln.strip() for ln in lines]

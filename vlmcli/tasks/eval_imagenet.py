@@ -10,23 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmcli.errors import VlmError
+from vlmcli.files import read_lines
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-def read_lines(path: Path, what: str) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise VlmError(f"no such {what} file", path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise VlmError(f"cannot read {what} ({e})", path) from None
-    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-
-
 def imagenet_classes() -> list[str]:
-    names = read_lines(DATA / "imagenet_classes.txt", "class names")
+    names = read_lines(DATA / "imagenet_classes.txt", "class-names")
     assert len(names) == 1000, len(names)
     return names
 
