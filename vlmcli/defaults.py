@@ -13,3 +13,6 @@ DEFAULT_TEXT_BATCH = 64
 # and none otherwise (llama.cpp and ggml then stay on the CPU), as llama.cpp and Ollama default; 0 forces
 # the CPU. The C ABI keeps its own default: a zeroed vlm_options.n_gpu_layers is 0, the CPU.
 DEFAULT_N_GPU_LAYERS = -1
+
+# SmolVLM2: the context, in tokens, a model is opened with.
+DEFAULT_N_CTX = 4096

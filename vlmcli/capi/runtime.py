@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from vlmcli.defaults import DEFAULT_MAX_PIXELS
+from vlmcli.defaults import DEFAULT_MAX_PIXELS, DEFAULT_N_CTX
 
 if TYPE_CHECKING:
     from vlmcli.tasks.ask import AskTask
@@ -83,7 +83,7 @@ class OpenOptions:
 
     n_threads: int | None = None
     n_gpu_layers: int = 0
-    n_ctx: int = 4096
+    n_ctx: int = DEFAULT_N_CTX
     seed: int = 0
     max_tokens: int | None = None  # None: 256 for ask, 96 for caption (as the CLI)
     temperature: float = 0.0
@@ -114,7 +114,7 @@ class OpenOptions:
         if n_gpu_layers < -1:
             raise bad(f"n_gpu_layers is {n_gpu_layers}; use -1 (all), 0 (none) or a positive count")
         if n_ctx != 0 and n_ctx < 256:
-            raise bad(f"n_ctx is {n_ctx}; use 0 (4096) or at least 256")
+            raise bad(f"n_ctx is {n_ctx}; use 0 ({DEFAULT_N_CTX}) or at least 256")
         if max_tokens < 0:
             raise bad(f"max_tokens is {max_tokens}; use 0 (the default) or a positive count")
         if not temperature >= 0.0:  # also refuses NaN
@@ -132,7 +132,7 @@ class OpenOptions:
         return cls(
             n_threads=n_threads or None,
             n_gpu_layers=n_gpu_layers,
-            n_ctx=n_ctx or 4096,
+            n_ctx=n_ctx or DEFAULT_N_CTX,
             seed=seed,
             max_tokens=max_tokens or None,
             temperature=float(temperature),

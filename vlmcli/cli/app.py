@@ -13,7 +13,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from vlmcli.defaults import DEFAULT_MAX_PIXELS
+from vlmcli.defaults import DEFAULT_IMAGE_BATCH, DEFAULT_MAX_PIXELS, DEFAULT_N_CTX, DEFAULT_N_GPU_LAYERS
 
 app = typer.Typer(
     name="vlm",
@@ -29,6 +29,11 @@ app = typer.Typer(
 ThreadsOpt = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: all cores).")
 MaxPixelsOpt = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard).")
 OfflineOpt = typer.Option(False, "--offline", help="Use only models already in the store (also HF_HUB_OFFLINE=1).")
+GpuOpt = typer.Option(DEFAULT_N_GPU_LAYERS, "--n-gpu-layers", "-ngl", help="Layers on the GPU: -1 = all when the build has a GPU backend (else the CPU), 0 = CPU only; CLIP goes whole, for any value but 0.")
+CtxOpt = typer.Option(DEFAULT_N_CTX, "--ctx", "-c", min=256, help="SmolVLM2 context size in tokens.")
+# CLIP
+ImageBatchOpt = typer.Option(DEFAULT_IMAGE_BATCH, "--batch-size", "-b", min=1, help="Images encoded together.")
+DeviceOpt = typer.Option(None, "--device", help="ggml device name (CPU, CUDA0, Vulkan0, ...).")
 
 # Everything for humans goes to stderr; stdout carries only results.
 stderr = Console(stderr=True, highlight=False)

@@ -9,17 +9,13 @@ from typing import TYPE_CHECKING, Any, List, Optional
 import typer
 
 from vlmcli.cli import batch as batch_cli
-from vlmcli.cli.app import MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info
-from vlmcli.defaults import DEFAULT_IMAGE_BATCH, DEFAULT_N_GPU_LAYERS
+from vlmcli.cli.app import DeviceOpt, GpuOpt, ImageBatchOpt, MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info
 from vlmcli.errors import EXIT_USAGE, VlmError
 
 if TYPE_CHECKING:
     from vlmcli.tasks.models import OpenedModel
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Store name (see `vlm models`), a CLIP .gguf file, or a folder holding one.")
-BatchOpt = typer.Option(DEFAULT_IMAGE_BATCH, "--batch-size", "-b", min=1, help="Images encoded together.")
-GpuOpt = typer.Option(DEFAULT_N_GPU_LAYERS, "--n-gpu-layers", "-ngl", help="Any value but 0 puts the whole CLIP model on the GPU when the build has one; 0 = CPU only.")
-DeviceOpt = typer.Option(None, "--device", help="ggml device name (CPU, CUDA0, Vulkan0, ...).")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Say more on stderr (model, truncated texts).")
 
 
@@ -72,7 +68,7 @@ def classify(
     json_out: bool = typer.Option(False, "--json", help="JSON lines: {path, model, label, score, labels: [{label, score}], ...}."),
     model: Optional[str] = ModelOpt,
     threads: Optional[int] = ThreadsOpt,
-    batch_size: int = BatchOpt,
+    batch_size: int = ImageBatchOpt,
     n_gpu_layers: int = GpuOpt,
     device: Optional[str] = DeviceOpt,
     max_pixels: int = MaxPixelsOpt,
@@ -130,7 +126,7 @@ def embed(
              "Without it, JSON lines with the vectors go to stdout."),
     model: Optional[str] = ModelOpt,
     threads: Optional[int] = ThreadsOpt,
-    batch_size: int = BatchOpt,
+    batch_size: int = ImageBatchOpt,
     n_gpu_layers: int = GpuOpt,
     device: Optional[str] = DeviceOpt,
     max_pixels: int = MaxPixelsOpt,

@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 
-from vlmcli.cli.app import MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info
-from vlmcli.defaults import DEFAULT_IMAGE_BATCH, DEFAULT_N_GPU_LAYERS
+from vlmcli.cli.app import CtxOpt, DeviceOpt, GpuOpt, ImageBatchOpt, MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info
 from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, VlmError
 
 if TYPE_CHECKING:
@@ -30,8 +29,6 @@ ClipModelsOpt = typer.Option(None, "--model", "-m", help="Store name, CLIP .gguf
 MmprojOpt = typer.Option(None, "--mmproj", help="Vision projector GGUF (when a single --model is a GGUF file).")
 DetailsOpt = typer.Option(None, "--detail", help="Image detail low | high | auto; repeat to compare.")
 MaxTilesOpt = typer.Option(None, "--max-tiles", min=0, help="Cap on image tiles; repeat to compare.")
-GpuOpt = typer.Option(DEFAULT_N_GPU_LAYERS, "--n-gpu-layers", "-ngl", help="Layers to offload to the GPU: -1 = all when the build has a GPU backend; 0 = CPU only (CLIP: any non-zero = the whole model).")
-CtxOpt = typer.Option(4096, "--ctx", "-c", min=256, help="Context size in tokens.")
 ImagesOpt = typer.Option(None, "--images", help="Image folder (default: the dataset file's folder).")
 SplitOpt = typer.Option("test", "--split", help="Karpathy split JSON: train, val, test, restval or all.")
 LimitOpt = typer.Option(None, "--limit", min=1, help="Evaluate only the first N items (after --sample).")
@@ -43,8 +40,6 @@ JsonOpt = typer.Option(False, "--json", help="The report as one JSON object on s
 FormatOpt = typer.Option(None, "--format", "-f", help="Report format: table (default), markdown, json.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
 PredictionsOpt = typer.Option(None, "--predictions", help="Score these predictions (official results JSON or vlm's --out JSONL) without running a model.")
-BatchOpt = typer.Option(DEFAULT_IMAGE_BATCH, "--batch-size", "-b", min=1, help="Images encoded together.")
-DeviceOpt = typer.Option(None, "--device", help="ggml device name (CPU, CUDA0, Vulkan0, ...).")
 BestOfOpt = typer.Option("1", "--best-of", help="Candidates per answer, e.g. 1,2,4,8: a row per N (one image encoding each); with three or more the scaling law Q(N) = Q_inf - A/N^gamma is fitted.")
 SelectOpt = typer.Option("logprob", "--select", help="How --best-of picks: logprob or vote.")
 
@@ -336,7 +331,7 @@ def zeroshot(
     fmt: Optional[str] = FormatOpt,
     quiet: bool = QuietOpt,
     threads: Optional[int] = ThreadsOpt,
-    batch_size: int = BatchOpt,
+    batch_size: int = ImageBatchOpt,
     n_gpu_layers: int = GpuOpt,
     device: Optional[str] = DeviceOpt,
     max_pixels: int = MaxPixelsOpt,
@@ -377,7 +372,7 @@ def retrieval(
     fmt: Optional[str] = FormatOpt,
     quiet: bool = QuietOpt,
     threads: Optional[int] = ThreadsOpt,
-    batch_size: int = BatchOpt,
+    batch_size: int = ImageBatchOpt,
     n_gpu_layers: int = GpuOpt,
     device: Optional[str] = DeviceOpt,
     max_pixels: int = MaxPixelsOpt,

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from vlmcli.cli.app import MaxPixelsOpt, app, info
+from vlmcli.cli.app import CtxOpt, GpuOpt, MaxPixelsOpt, app, info
 from vlmcli.errors import EXIT_USAGE, VlmError
 
 
@@ -23,8 +23,8 @@ def serve(
     queue: int = typer.Option(16, "--queue", min=1, help="Requests waiting per model; more get 429."),
     timeout: float = typer.Option(300.0, "--timeout", min=0.1, help="Seconds a request may take, queueing included (then 504)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads per worker (default: the cores shared among the workers)."),
-    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", "-ngl", help="Layers on the GPU (-1 = all); default 0 (CPU)."),
-    ctx: int = typer.Option(4096, "--ctx", "-c", min=256, help="SmolVLM2 context in tokens."),
+    n_gpu_layers: int = GpuOpt,
+    ctx: int = CtxOpt,
     detail: Optional[str] = typer.Option(None, "--detail", help="Image detail: low, high, auto."),
     max_tiles: Optional[int] = typer.Option(None, "--max-tiles", min=0),
     max_n: int = typer.Option(4, "--max-n", min=1, help="Largest `n` (best-of candidates) a chat request may ask for."),

@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional
 import typer
 
 from vlmcli.cli import batch as batch_cli
-from vlmcli.cli.app import MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info, stderr, stderr_is_terminal
-from vlmcli.defaults import DEFAULT_N_GPU_LAYERS
+from vlmcli.cli.app import CtxOpt, GpuOpt, MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info, stderr, stderr_is_terminal
 from vlmcli.errors import EXIT_USAGE, VlmError
 from vlmcli.tasks.ask import DEFAULT_ASK_MAX_TOKENS
 from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT
@@ -26,8 +25,6 @@ MmprojOpt = typer.Option(None, "--mmproj", help="Vision projector GGUF (when --m
 TemperatureOpt = typer.Option(None, "--temperature", "--temp", min=0.0, help="Sampling temperature; 0 = greedy (deterministic). Default 0, or 0.7 with --best-of.")
 TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")
 SeedOpt = typer.Option(0, "--seed", "-s", help="Random seed for sampling.")
-GpuOpt = typer.Option(DEFAULT_N_GPU_LAYERS, "--n-gpu-layers", "-ngl", help="Layers to offload to the GPU: -1 = all when the build has a GPU backend (none otherwise); 0 = CPU only.")
-CtxOpt = typer.Option(4096, "--ctx", "-c", min=256, help="Context size in tokens.")
 DetailOpt = typer.Option(None, "--detail", help="Image detail: low (one 512 px view), high (full tiling), auto (default, or the model's registry default).")
 MaxTilesOpt = typer.Option(None, "--max-tiles", min=0, help="Cap on image tiles (0 = overview only); overrides --detail.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON records instead of text.")

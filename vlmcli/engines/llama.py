@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from vlmcli.defaults import DEFAULT_N_CTX
 from vlmcli.engines import detail as detail_policy
 from vlmcli.engines.clip_tokenizer import check_text
 from vlmcli.engines.gguf_check import GgufInfo, require_kind
@@ -46,7 +47,7 @@ MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
 class EngineOptions:
     n_threads: int | None = None  # default: all cores
     n_gpu_layers: int = 0  # -1 = all layers on the GPU (when the build has one)
-    n_ctx: int = 4096  # tokens; 0 = the context the model was trained for
+    n_ctx: int = DEFAULT_N_CTX  # tokens; 0 = the context the model was trained for
     n_batch: int = 512
     detail: str = "auto"  # low | high | auto
     max_tiles: int | None = None  # exact cap on tiles; overrides `detail`

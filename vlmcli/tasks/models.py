@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from vlmcli.defaults import DEFAULT_N_GPU_LAYERS
+from vlmcli.defaults import DEFAULT_N_CTX, DEFAULT_N_GPU_LAYERS
 from vlmcli.errors import InvalidOption, ModelError, VlmError
 
 Kind = Literal["vlm", "clip"]
@@ -29,7 +29,7 @@ class ModelSpec:
     offline: bool | None = None  # None: follow HF_HUB_OFFLINE
     n_threads: int | None = None  # None: all cores
     n_gpu_layers: int = DEFAULT_N_GPU_LAYERS  # -1 = all layers on the GPU when the build has one (else CPU); 0 = CPU
-    n_ctx: int = 4096  # SmolVLM2 context in tokens
+    n_ctx: int = DEFAULT_N_CTX  # SmolVLM2 context in tokens
     detail: str | None = None  # SmolVLM2: low | high | auto; None = the registry's default for the model
     max_tiles: int | None = None
     device: str | None = None  # CLIP: a ggml device name (CPU, CUDA0, Vulkan0, ...)
