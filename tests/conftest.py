@@ -7,7 +7,9 @@ Fixture modules live beside this file (tests/ is put on sys.path so `fixtures.*`
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,10 @@ if str(TESTS_DIR) not in sys.path:
 from fixtures.smolvlm2 import build_smolvlm2_checkpoint  # noqa: E402
 
 from clip_fixtures import *  # noqa: E402,F401,F403  clip_checkpoint, clip_gguf, ...
+
+# The image-encoding cache of this test run: one fresh folder, not the user's store. Tests that
+# compare cold and warm runs give their own folder (VLM_CACHE_DIR) or --no-cache.
+os.environ.setdefault("VLM_CACHE_DIR", tempfile.mkdtemp(prefix="vlm-test-encodings-"))
 
 # The folder name becomes the model name inside and on the converted files, as with the real repo.
 SMOLVLM2_NAME = "SmolVLM2-256M-Video-Instruct"

@@ -77,9 +77,10 @@ def test_json_report_agrees_with_llama_cpp_and_ggml(env: dict[str, str]) -> None
     assert (runs["smolvlm2"] == "CPU") == (not on_gpu)
     assert (runs["clip"] == "CPU") == (not any(d["type"] in ("gpu", "igpu") for d in rep["ggml"]["devices"]))
     assert runs["detail_auto"] == ("full tiling" if on_gpu else "at most 4 tiles")
-    # store (empty, not even created), no image cache, the hub settings; the token only as present
+    # store (empty, not even created), its image-encoding cache (empty), the hub settings; the token only as present
     assert rep["store"] == {"root": env["VLM_HOME"], "exists": False, "models": [], "models_bytes": 0, "downloads_bytes": 0}
-    assert rep["image_cache"] is None
+    assert rep["image_cache"] == {"enabled": True, "path": str(Path(env["VLM_HOME"]) / "cache" / "encodings"),
+                                  "entries": 0, "bytes": 0, "max_bytes": 2 * 1024**3}
     assert rep["hub"] == {"endpoint": "http://127.0.0.1:9", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1",
                           "offline": True, "token": True, "token_source": "HF_TOKEN"}
     assert isinstance(rep["warnings"], list)
@@ -206,9 +207,12 @@ def test_the_default_gpu_setting_leaves_a_cpu_build_on_the_cpu(smolvlm2_gguf, cl
 
 
 def _without_timings(text: str) -> list[dict]:
+    """Records without what says how a run went rather than what it gave: timings, and whether the
+    image encoding came from the cache (the second run finds the first one's)."""
     records = [json.loads(line) for line in text.splitlines()]
     for r in records:
         r.pop("timings", None)
+        r.pop("cache", None)
     return records
 
 

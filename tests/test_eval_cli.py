@@ -354,3 +354,51 @@ def test_scaling_law_fit_recovers_its_parameters() -> None:
     assert fit is not None
     assert (fit.q_inf, fit.a, fit.gamma) == (pytest.approx(62.0, abs=1e-3), pytest.approx(9.0, abs=1e-3), pytest.approx(0.7, abs=1e-3))
     assert fit_scaling_law([(1, 50.0), (2, 55.0)]) is None  # two points: no fit
+
+
+# ----------------------------------------------------------------------------- the shipped sample set
+
+
+def test_shipped_sample_set_is_complete_and_licensed() -> None:
+    """Every file the sample set names exists and decodes, each photo has its licence line, VQA items
+    carry 10 answers and a VQAv2 answer type, and the class folders double as a zero-shot tree."""
+    from vlmcli.images import load_image
+    from vlmcli.tasks.eval_data import SAMPLE_FILES, SAMPLE_SET, load_captions, load_image_folder, load_vqa
+
+    vqa = load_vqa(SAMPLE_FILES["vqa"])
+    captions = load_captions(SAMPLE_FILES["caption"])
+    folder = load_image_folder(SAMPLE_FILES["zeroshot"])
+    notes = (SAMPLE_SET / "README.md").read_text()
+    assert len(vqa) >= 20 and len({q.question_id for q in vqa}) == len(vqa)
+    assert all(len(q.answers) == 10 and q.answer_type in ("yes/no", "number", "other") for q in vqa)
+    assert {q.image for q in vqa} == {c.image for c in captions} == set(folder.paths)
+    assert all(len(c.captions) == 5 for c in captions)
+    assert len(folder.classes) == len(folder.paths) and "smoke test" in notes
+    for path in folder.paths:
+        assert load_image(path).size[0] > 0
+        assert f"`{Path(path).relative_to(SAMPLE_SET).as_posix()}`" in notes  # its source and licence
+
+
+def test_eval_sample_flag_runs_the_shipped_set(vlm_args, clip_gguf, tmp_path, capsys) -> None:
+    """`--sample` alone (no count, no DATA) evaluates the shipped set; `--sample N` still subsets it."""
+    from vlmcli.tasks.eval_data import SAMPLE_FILES, load_vqa
+
+    code, stdout, err = run_cli(["eval", "vqa", "--sample", "--json", *vlm_args], capsys)
+    assert code == 0, err
+    assert "smoke test" in err
+    report = json.loads(stdout)
+    assert report["questions"] == len(load_vqa(SAMPLE_FILES["vqa"])) and report["runs"][0]["failed"] == 0
+    code, stdout, err = run_cli(["eval", "vqa", "--sample", "3", "--seed", "2", "--json", *vlm_args], capsys)
+    assert code == 0 and json.loads(stdout)["questions"] == 3, err
+    code, stdout, err = run_cli(["eval", "zeroshot", "--json", "--sample", "-m", str(clip_gguf), "--quiet"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["runs"][0]["metrics"]["images"] == 6
+    code, stdout, err = run_cli(["eval", "retrieval", "--sample", "--json", "-m", str(clip_gguf), "--quiet"], capsys)
+    assert code == 0, err
+
+
+def test_eval_without_data_or_sample_and_bare_sample_with_data(tmp_path, capsys) -> None:
+    code, _, err = run_cli(["eval", "vqa"], capsys)
+    assert code == 2 and "--sample" in err and "Traceback" not in err
+    code, _, err = run_cli(["eval", "caption", str(tmp_path / "x.jsonl"), "--sample"], capsys)
+    assert code == 2 and "--sample N" in err

@@ -55,8 +55,20 @@ def _modules_after(code: str) -> set[str]:
 def test_the_cli_declares_its_commands_without_native_code() -> None:
     # What `vlm --help`, `vlm models` and `vlm rm` need: no llama.cpp, no ggml, no numpy, no Pillow.
     loaded = _modules_after("import vlmcli.cli")
-    assert not {"llama_cpp", "numpy", "PIL", "huggingface_hub"} & {m.split(".")[0] for m in loaded}
+    assert not {"llama_cpp", "numpy", "PIL", "huggingface_hub", "ray"} & {m.split(".")[0] for m in loaded}
     assert not [m for m in loaded if m.startswith(("vlmcli.engines", "vlmcli.store"))]
+
+
+def test_ray_is_imported_only_when_a_pool_starts() -> None:
+    # Ray is an optional extra: the module that runs batches on it (in the tasks layer) imports it lazily,
+    # and nothing else in the package names it.
+    loaded = _modules_after("import vlmcli.tasks.ray_batch")
+    assert not {"ray", "numpy", "PIL", "llama_cpp"} & {m.split(".")[0] for m in loaded}
+    users = sorted(
+        str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+        if any(name == "ray" or name.startswith("ray.") for name in _imports(path))
+    )
+    assert users == ["tasks/ray_batch.py"]
 
 
 def test_help_lists_every_command_and_llama_cpp_short_flags() -> None:

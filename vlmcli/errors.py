@@ -29,6 +29,18 @@ class VlmError(Exception):
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
 
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Rebuilt from its fields, not from its constructor's arguments (subclasses take others), so
+        # an error crosses a process boundary whole (Ray workers: tasks/ray_batch.py).
+        return (_rebuild_error, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild_error(cls: type[VlmError], message: str, state: dict) -> VlmError:  # type: ignore[type-arg]
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class ImageError(VlmError):
     """An input image cannot be used (missing, unreadable, unsupported, too large)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmcli.errors import ImageError
+from vlmcli.image_magic import HEAD_BYTES, is_image_header
 from vlmcli.defaults import DEFAULT_MAX_PIXELS
 
 # load_image enforces the cap above per call, before decoding; Pillow's own process-wide limit
@@ -16,30 +17,17 @@ from vlmcli.defaults import DEFAULT_MAX_PIXELS
 # decode threads), so it is switched off once here.
 Image.MAX_IMAGE_PIXELS = None
 
-SUPPORTED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
-
-# Leading bytes of the formats above, for picking images out of folders by content.
-_MAGIC = (
-    b"\xff\xd8\xff",  # JPEG / MPO
-    b"\x89PNG\r\n\x1a\n",
-    b"GIF87a",
-    b"GIF89a",
-    b"BM",
-    b"II*\x00",  # TIFF little-endian
-    b"MM\x00*",  # TIFF big-endian
-)
+SUPPORTED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}  # image_magic.py tells them by their first bytes
 
 
 def looks_like_image(path: str | os.PathLike[str]) -> bool:
     """True if the file starts like a supported image format (content sniffing, not the extension)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(HEAD_BYTES)
     except OSError:
         return False
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return True
-    return head.startswith(_MAGIC)
+    return is_image_header(head)
 
 
 def load_image(

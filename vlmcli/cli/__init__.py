@@ -14,6 +14,7 @@ from vlmcli.cli.messages import describe
 from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, VlmError
 
 # Importing the command modules registers their commands on `app`.
+from vlmcli.cli import batch as _batch  # noqa: E402  --ray's optional address (ray_flag)
 from vlmcli.cli import vlm as _vlm  # noqa: E402,F401  ask, caption
 from vlmcli.cli import clip as _clip  # noqa: E402,F401  classify, embed
 from vlmcli.cli import store as _store  # noqa: E402,F401  pull, models, rm
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("VLM_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
     _check_text_arguments(args)
+    args = _eval.sample_flag(args)
+    args = _batch.ray_flag(args)
     try:
         rc = app(args=args, prog_name="vlm", standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)

@@ -28,6 +28,7 @@ app = typer.Typer(
 # flags follow llama.cpp's (-t threads, -ngl GPU layers, -m model).
 ThreadsOpt = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: all cores).")
 MaxPixelsOpt = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard).")
+NoCacheOpt = typer.Option(False, "--no-cache", help="Run the vision encoder afresh: neither read nor write the store's image-encoding cache.")
 OfflineOpt = typer.Option(False, "--offline", help="Use only models already in the store (also HF_HUB_OFFLINE=1).")
 GpuOpt = typer.Option(DEFAULT_N_GPU_LAYERS, "--n-gpu-layers", "-ngl", help="Layers on the GPU: -1 = all when the build has a GPU backend (else the CPU), 0 = CPU only; CLIP goes whole, for any value but 0.")
 CtxOpt = typer.Option(DEFAULT_N_CTX, "--ctx", "-c", min=256, help="SmolVLM2 context size in tokens.")

@@ -9,12 +9,14 @@ batch of one whose failure is a plain error.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional
 
 import typer
 
@@ -40,6 +42,12 @@ HashOpt = typer.Option(False, "--hash", help="Recognise images already done by c
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress and no summary on stderr (failures are still reported).")
 SidecarOpt = typer.Option(False, "--sidecar", help="Write IMAGE.txt next to each image (photo.jpg -> photo.txt); images that have one are skipped.")
 OverwriteOpt = typer.Option(False, "--overwrite", help="With --sidecar: replace existing .txt files.")
+# Batch mode on a Ray cluster (tasks/ray_batch.py); --ray alone starts a local cluster.
+RayOpt = typer.Option(None, "--ray", metavar="[ADDRESS]", help="Run on a Ray cluster: auto (the running one), HOST:PORT, ray://HOST:PORT; alone: a local cluster. Needs the ray extra: pip install 'vlmcli\\[ray]'.")
+RayWorkersOpt = typer.Option(None, "--ray-workers", min=1, help="With --ray: workers (actors), each loading the model once. Default: as many as the cluster's CPUs (or GPUs) hold.")
+RayCpusOpt = typer.Option(None, "--ray-cpus", min=0.1, help="With --ray: CPUs (and threads) per worker. Default: min(4, a node's CPUs), 1 with --ray-gpus.")
+RayGpusOpt = typer.Option(0.0, "--ray-gpus", min=0.0, help="With --ray: GPUs per worker.")
+RayShipOpt = typer.Option(False, "--ray-ship-files", help="With --ray: send each image's bytes to the workers (no shared storage needed).")
 
 
 # Parameter name -> (type, option), in the order --help lists them.
@@ -55,7 +63,31 @@ BATCH_OPTIONS: dict[str, tuple[Any, Any]] = {
     "quiet": (bool, QuietOpt),
     "sidecar": (bool, SidecarOpt),
     "overwrite": (bool, OverwriteOpt),
+    "ray": (Optional[str], RayOpt),
+    "ray_workers": (Optional[int], RayWorkersOpt),
+    "ray_cpus": (Optional[float], RayCpusOpt),
+    "ray_gpus": (float, RayGpusOpt),
+    "ray_ship_files": (bool, RayShipOpt),
 }
+
+
+def ray_flag(args: list[str]) -> list[str]:
+    """`--ray` followed by no address (nothing, an option or an input) means a local cluster. Click has
+    no option with an optional value, so the bare form gets its value before parsing."""
+    out = list(args)
+    i = 0
+    while i < len(out) and out[i] != "--":
+        if out[i] == "--ray":
+            if i + 1 < len(out) and _is_address(out[i + 1]):
+                i += 1
+            else:
+                out[i] = "--ray=local"
+        i += 1
+    return out
+
+
+def _is_address(word: str) -> bool:
+    return word in ("auto", "local") or re.fullmatch(r"(ray://)?[\w.\-\[\]]*:\d+", word) is not None
 
 
 def with_batch_options(without: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -97,6 +129,11 @@ class BatchArgs:
     sidecar: bool = False
     overwrite: bool = False
     json: bool = False  # the older --json flag: JSONL on stdout
+    ray: Optional[str] = None  # --ray: None = run here; "local", "auto", an address
+    ray_workers: Optional[int] = None
+    ray_cpus: Optional[float] = None
+    ray_gpus: float = 0.0
+    ray_ship_files: bool = False
 
     def for_inputs(self, inputs: List[str], **changes: Any) -> BatchArgs:
         return replace(self, inputs=list(inputs), **changes)
@@ -209,7 +246,24 @@ def execute(
     options = BatchOptions(redo=args.redo, use_hash=args.use_hash, sidecars=sidecars, sidecar_text=sidecar_text)
     # One named image: no progress; its failure becomes the command's error (see conclude).
     observer = Observer() if single else BatchProgress(quiet=args.quiet)
+    from vlmcli.tasks.ray_batch import RemoteTask
+
+    if isinstance(task, RemoteTask):  # the model on Ray workers; the rest as below (see on_ray)
+        return task.run_batch(inputs, sink, options, observer)
     return run_batch(task, inputs, sink, options, observer)
+
+
+@contextlib.contextmanager
+def on_ray(args: BatchArgs, name: str, build: Callable[..., Any], spec: Any, build_args: tuple[Any, ...] = (),
+           verbose: bool = False) -> Iterator[Any]:
+    """With --ray: a pool of Ray workers, each building its task as `build(spec, *build_args)` (the
+    function the command calls to build it here); yields the task to pass to `execute` / `run`."""
+    from vlmcli.tasks.ray_batch import RayOptions, RayPool, TaskRecipe
+
+    options = RayOptions(address=args.ray, workers=args.ray_workers, cpus=args.ray_cpus, gpus=args.ray_gpus,
+                         ship_files=args.ray_ship_files, verbose=verbose, notify=None if args.quiet else info)
+    with RayPool(TaskRecipe(name, build, spec, tuple(build_args)), options) as pool:
+        yield pool.task()
 
 
 def conclude(name: str, summary: BatchSummary, args: BatchArgs, single: bool = False) -> None:
@@ -256,8 +310,23 @@ def batch_args(
     sidecar: bool = False,
     overwrite: bool = False,
     json: bool = False,
+    ray: Optional[str] = None,
+    ray_workers: Optional[int] = None,
+    ray_cpus: Optional[float] = None,
+    ray_gpus: float = 0.0,
+    ray_ship_files: bool = False,
 ) -> BatchArgs:
+    if ray is not None:
+        from vlmcli.tasks.ray_batch import check_address, import_ray
+
+        ray = check_address(ray) or "local"
+        import_ray()  # not installed: one line saying how, before any work
+    else:
+        given = [f for f, v in (("--ray-workers", ray_workers), ("--ray-cpus", ray_cpus), ("--ray-gpus", ray_gpus or None),
+                                ("--ray-ship-files", ray_ship_files or None)) if v is not None]
+        if given:
+            raise VlmError(f"{given[0]} goes with --ray", exit_code=EXIT_USAGE)
     return BatchArgs(
         list(inputs), out, format, list(files_from or []), null, list(exclude or []), include_hidden, redo, use_hash,
-        quiet, sidecar, overwrite, json,
+        quiet, sidecar, overwrite, json, ray, ray_workers, ray_cpus, ray_gpus, ray_ship_files,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional
@@ -13,17 +14,23 @@ from vlmcli.cli.app import DeviceOpt, GpuOpt, ImageBatchOpt, MaxPixelsOpt, Offli
 from vlmcli.errors import EXIT_USAGE, VlmError
 
 if TYPE_CHECKING:
-    from vlmcli.tasks.models import OpenedModel
+    from vlmcli.tasks.classify import ClassifyTask
+    from vlmcli.tasks.embed import EmbedImagesTask
+    from vlmcli.tasks.models import ModelSpec, OpenedModel
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Store name (see `vlm models`), a CLIP .gguf file, or a folder holding one.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Say more on stderr (model, truncated texts).")
 
 
-def _open(model: Optional[str], offline: bool, threads: Optional[int], n_gpu_layers: int, device: Optional[str],
-          verbose: bool) -> OpenedModel:
-    from vlmcli.tasks.models import ModelSpec, open_model
+def _spec(model: Optional[str], offline: bool, threads: Optional[int], n_gpu_layers: int, device: Optional[str]) -> ModelSpec:
+    from vlmcli.tasks.models import ModelSpec
 
-    spec = ModelSpec(model, offline=offline or None, n_threads=threads, n_gpu_layers=n_gpu_layers, device=device)
+    return ModelSpec(model, offline=offline or None, n_threads=threads, n_gpu_layers=n_gpu_layers, device=device)
+
+
+def _open(spec: ModelSpec, verbose: bool) -> OpenedModel:
+    from vlmcli.tasks.models import open_model
+
     opened = open_model(spec, "clip", notify=info)
     for note in opened.engine.config.notes:  # e.g. a clip.cpp file without merges or logit scale
         info(f"vlm: note: {opened.path}: {note}")
@@ -31,6 +38,29 @@ def _open(model: Optional[str], offline: bool, threads: Optional[int], n_gpu_lay
         c = opened.engine.config
         info(f"vlm: model {opened.name}: {opened.path} ({c.file_type}, {c.image_size} px, {c.projection_dim}-d)")
     return opened
+
+
+# The model opened and the task built: here, and on each Ray worker with --ray (module-level, so
+# the workers import them by name).
+def _classify_task(spec: ModelSpec, wanted: list[str], templates: Optional[List[str]], top_k: int, batch_size: int,
+                   max_pixels: int, verbose: bool) -> ClassifyTask:
+    from vlmcli.tasks.classify import ClassifyTask, encode_labels
+
+    opened = _open(spec, verbose)
+    clip = opened.engine
+    label_set = encode_labels(clip, wanted, templates)
+    if verbose:
+        info(f"vlm: {len(wanted)} labels x {len(label_set.templates)} template(s)")
+        for prompt in label_set.truncated_prompts:
+            info(f"vlm: note: prompt truncated to {clip.config.context_length} tokens: {prompt}")
+    return ClassifyTask(clip, label_set, top_k, batch_size=batch_size, max_pixels=max_pixels, model_name=opened.name)
+
+
+def _embed_task(spec: ModelSpec, batch_size: int, max_pixels: int, verbose: bool) -> EmbedImagesTask:
+    from vlmcli.tasks.embed import EmbedImagesTask
+
+    opened = _open(spec, verbose)
+    return EmbedImagesTask(opened.engine, batch_size, max_pixels, model_name=opened.name)
 
 
 def _print_table(console: Any, record: dict[str, Any]) -> None:
@@ -77,9 +107,7 @@ def classify(
     batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
 ) -> None:
     """Zero-shot classification: score each image against your labels (no training). Tables for named files, JSONL for folders, globs and lists."""
-    from vlmcli.tasks.classify import (
-        ClassifyTask, check_templates, classify_csv_row, encode_labels, parse_labels, read_labels_file, unique_labels,
-    )
+    from vlmcli.tasks.classify import check_templates, classify_csv_row, parse_labels, read_labels_file, unique_labels
 
     if labels is None and labels_file is None:
         raise VlmError('give the labels: --labels "cat,dog,car" or --labels-file FILE', exit_code=EXIT_USAGE)
@@ -101,15 +129,17 @@ def classify(
     )
     if single:
         batch_cli.check_single_image(expansion.paths[0], max_pixels)
-    with _open(model, offline, threads, n_gpu_layers, device, verbose) as opened:
-        clip = opened.engine
-        label_set = encode_labels(clip, wanted, templates)
-        if verbose:
-            info(f"vlm: {len(wanted)} labels x {len(label_set.templates)} template(s)")
-            for prompt in label_set.truncated_prompts:
-                info(f"vlm: note: prompt truncated to {clip.config.context_length} tokens: {prompt}")
-        task = ClassifyTask(clip, label_set, top_k, batch_size=batch_size, max_pixels=max_pixels, model_name=opened.name)
-        summary = batch_cli.execute(task, args, expansion.paths, sink, single=single)
+    spec = _spec(model, offline, threads, n_gpu_layers, device)
+    build = (wanted, templates, top_k, batch_size, max_pixels, verbose)
+    if args.ray:
+        with batch_cli.on_ray(args, "classify", _classify_task, spec, build, verbose) as remote:
+            summary = batch_cli.execute(remote, args, expansion.paths, sink, single=single)
+    else:
+        task = _classify_task(spec, *build)
+        try:
+            summary = batch_cli.execute(task, args, expansion.paths, sink, single=single)
+        finally:
+            task.model.close()
     batch_cli.conclude("classify", summary, args, single)
 
 
@@ -135,7 +165,7 @@ def embed(
     batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
 ) -> None:
     """CLIP embeddings (L2-normalised) of images and texts; rows: images first, then texts."""
-    from vlmcli.tasks.embed import EmbedImagesTask, EmbedTextsTask
+    from vlmcli.tasks.embed import EmbedTextsTask
     from vlmcli.tasks.npy import NpySink
     from vlmcli.tasks.runner import BatchSummary
     from vlmcli.tasks.sinks import JsonlSink, Sink
@@ -164,18 +194,24 @@ def embed(
     def sink() -> Sink:  # one per run: a file sink reopens (and re-checks) the files
         return NpySink(Path(out)) if out and out != "-" else stdout_sink
 
-    with _open(model, offline, threads, n_gpu_layers, device, verbose) as opened:
-        image_task = EmbedImagesTask(opened.engine, batch_size, max_pixels, model_name=opened.name)
+    spec = _spec(model, offline, threads, n_gpu_layers, device)
+    with contextlib.ExitStack() as stack:
+        if args.ray:
+            image_task = stack.enter_context(
+                batch_cli.on_ray(args, "embed", _embed_task, spec, (batch_size, max_pixels, verbose), verbose))
+        else:
+            image_task = _embed_task(spec, batch_size, max_pixels, verbose)
+            stack.callback(image_task.model.close)
         summary = BatchSummary()
         if paths:
             summary = batch_cli.execute(image_task, args, paths, sink(), single=single)
         if all_texts and not summary.interrupted:
-            text_task = EmbedTextsTask(image_task)
+            text_task = image_task.derive(EmbedTextsTask) if args.ray else EmbedTextsTask(image_task)
             text_args = args.for_inputs(args.inputs, redo=args.redo and not paths)
             summary = summary + batch_cli.execute(text_task, text_args, all_texts, sink(), single=single)
-            if verbose:
+            if verbose and not args.ray:
                 for t in text_task.truncated:
-                    info(f"vlm: note: text truncated to {opened.engine.config.context_length} tokens: {t}")
+                    info(f"vlm: note: text truncated to {image_task.model.config.context_length} tokens: {t}")
     if out and out != "-" and not args.quiet and summary.done:
         info(f"vlm: embeddings in {out} (rows described in {Path(out).with_suffix('.jsonl')})")
     batch_cli.conclude("embed", summary, args, single)

@@ -83,7 +83,14 @@ def _lines(r: dict[str, Any]) -> list[tuple[str, str]]:
             out.append(("model", f"{m['name']}:{m['quant']} {m['kind']} {human_bytes(m['size'])} {m['path']}"))
         if store["downloads_bytes"]:
             out.append(("downloads", f"{human_bytes(store['downloads_bytes'])} of unfinished pulls (rerun the pull to resume)"))
-    out.append(("image-cache", "none (vlm keeps no cache of encoded images)"))
+    cache = r["image_cache"]
+    if "error" in cache:
+        out.append(("image-cache", f"error: {cache['error']}"))
+    elif not cache["enabled"]:
+        out.append(("image-cache", "off (VLM_CACHE_SIZE=0)"))
+    else:
+        out.append(("image-cache", f"{cache['path']} ({cache['entries']} entries, {human_bytes(cache['bytes'])} "
+                                   f"of at most {human_bytes(cache['max_bytes'])})"))
     if "error" not in hub:
         out.append(("hf-endpoint", hub["endpoint"] + ("" if hub["HF_ENDPOINT"] else " (default)")))
         out.append(("hf-offline", ("yes" if hub["offline"] else "no") + (f" (HF_HUB_OFFLINE={hub['HF_HUB_OFFLINE']})" if hub["HF_HUB_OFFLINE"] else "")))

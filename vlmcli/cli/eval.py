@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 
-from vlmcli.cli.app import CtxOpt, DeviceOpt, GpuOpt, ImageBatchOpt, MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info
+from vlmcli.cli.app import CtxOpt, DeviceOpt, GpuOpt, ImageBatchOpt, MaxPixelsOpt, NoCacheOpt, OfflineOpt, ThreadsOpt, app, info
 from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, VlmError
 
 if TYPE_CHECKING:
@@ -32,7 +32,11 @@ MaxTilesOpt = typer.Option(None, "--max-tiles", min=0, help="Cap on image tiles;
 ImagesOpt = typer.Option(None, "--images", help="Image folder (default: the dataset file's folder).")
 SplitOpt = typer.Option("test", "--split", help="Karpathy split JSON: train, val, test, restval or all.")
 LimitOpt = typer.Option(None, "--limit", min=1, help="Evaluate only the first N items (after --sample).")
-SampleOpt = typer.Option(None, "--sample", min=1, help="Evaluate a random subset of N items (with --seed).")
+SampleOpt = typer.Option(None, "--sample", min=1, metavar="[N]",
+                         help="Evaluate a random subset of N items (with --seed). Alone and without DATA: the sample set "
+                              "shipped with vlm (six photos; a smoke test, not a benchmark).")
+# A bare --sample (no N) is rewritten to this by sample_flag() before Typer parses the line.
+SampleSetOpt = typer.Option(False, "--sample-set", hidden=True)
 SeedOpt = typer.Option(0, "--seed", help="Seed of --sample's subset.")
 OutOpt = typer.Option(None, "--out", "-o", help="Per-item records (JSONL; retrieval: OUT.npy + OUT.jsonl); rerunning with it continues.")
 RedoOpt = typer.Option(False, "--redo", help="Run every item again even if --out has it.")
@@ -59,13 +63,13 @@ def _best_of(text: str, select: str) -> dict[str, Any]:
 
 
 def _vlm_specs(models: Optional[List[str]], mmproj: Optional[str], details: Optional[List[str]], max_tiles: Optional[List[int]],
-               offline: bool, threads: Optional[int], n_gpu_layers: int, ctx: int) -> list[ModelSpec]:
+               offline: bool, threads: Optional[int], n_gpu_layers: int, ctx: int, no_cache: bool) -> list[ModelSpec]:
     from vlmcli.tasks.models import ModelSpec
 
     models = list(models or [None])  # type: ignore[list-item]
     if mmproj is not None and len(models) != 1:
         raise VlmError("--mmproj goes with a single --model", exit_code=EXIT_USAGE)
-    return [ModelSpec(m, mmproj, offline or None, threads, n_gpu_layers, ctx, d, t)
+    return [ModelSpec(m, mmproj, offline or None, threads, n_gpu_layers, ctx, d, t, cache=not no_cache)
             for m, d, t in itertools.product(models, list(details or [None]), list(max_tiles or [None]))]
 
 
@@ -98,6 +102,36 @@ def _generation(max_tokens: Optional[int]) -> Any:
     from vlmcli.engines.llama import GenerationOptions
 
     return GenerationOptions(max_tokens=max_tokens)
+
+
+def sample_flag(args: list[str]) -> list[str]:
+    """`vlm eval vqa --sample` (no count after it) means the shipped sample set; `--sample N` a subset.
+    Click has no option with an optional value, so the bare form is renamed before parsing."""
+    if not args or args[0] != "eval":
+        return args
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--":
+            break
+        if a == "--sample" and not (i + 1 < len(out) and out[i + 1].lstrip("-").isdigit()):
+            out[i] = "--sample-set"
+    return out
+
+
+def _dataset(data: Optional[Path], sample_set: bool, sample: Optional[int], command: str) -> Path:
+    """DATA, or (with --sample, counted or not) the shipped sample set's file for this evaluation."""
+    from vlmcli.tasks.eval_data import SAMPLE_FILES
+
+    if data is None:
+        if not sample_set and sample is None:
+            raise VlmError(f"give a dataset (see vlm eval {command} --help), or --sample for the sample set shipped with vlm",
+                           exit_code=EXIT_USAGE)
+        info("vlm: the shipped sample set: a smoke test of the pipeline, not a benchmark")
+        return SAMPLE_FILES[command]
+    if sample_set:
+        raise VlmError(f"--sample without a count evaluates the shipped sample set, not {data}; "
+                       f"give --sample N for a random subset of it", exit_code=EXIT_USAGE)
+    return data
 
 
 def _subset(items: list[Any], limit: Optional[int], sample: Optional[int], seed: int) -> list[Any]:
@@ -223,7 +257,7 @@ def _finish(report: dict[str, Any], fmt: str) -> None:
 
 @eval_app.command("vqa")
 def vqa(
-    data: Path = typer.Argument(..., help="VQAv2 questions JSON (with --annotations and --images), or a JSONL of {image, question, answers: [...]}."),
+    data: Optional[Path] = typer.Argument(None, help="VQAv2 questions JSON (with --annotations and --images), or a JSONL of {image, question, answers: [...]}."),
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="VQAv2 annotations JSON (the answers)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder (VQAv2: COCO_val2014_000000xxxxxx.jpg files; JSONL: paths are relative to it)."),
     prompt_suffix: Optional[str] = typer.Option(None, "--prompt-suffix", help='Text after each question (default "Answer the question using a single word or phrase."; "" for none).'),
@@ -237,6 +271,7 @@ def vqa(
     select: str = SelectOpt,
     limit: Optional[int] = LimitOpt,
     sample: Optional[int] = SampleOpt,
+    sample_set: bool = SampleSetOpt,
     seed: int = SeedOpt,
     out: Optional[Path] = OutOpt,
     redo: bool = RedoOpt,
@@ -248,16 +283,18 @@ def vqa(
     ctx: int = CtxOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
+    no_cache: bool = NoCacheOpt,
 ) -> None:
     """VQAv2 accuracy exactly as the official evaluation computes it (overall and per answer type), with speed."""
     from vlmcli.tasks.eval_data import load_vqa
     from vlmcli.tasks.evaluate import evaluate_vqa, score_vqa_predictions
 
     f = _format(json_out, fmt)
+    data = _dataset(data, sample_set, sample, "vqa")
     items = _subset(load_vqa(data, annotations, images, warn=lambda m: info(f"vlm: warning: {m}")), limit, sample, seed)
     if predictions is not None:
         _finish(score_vqa_predictions(items, predictions, str(data)), f)
-    specs = _vlm_specs(model, mmproj, detail, max_tiles, offline, threads, n_gpu_layers, ctx)
+    specs = _vlm_specs(model, mmproj, detail, max_tiles, offline, threads, n_gpu_layers, ctx, no_cache)
     settings = _settings(out, redo, quiet, max_pixels, generation=_generation(max_tokens), prompt=prompt_suffix,
                          **_best_of(best_of, select))
     _finish(evaluate_vqa(items, specs, settings, str(data)), f)
@@ -265,7 +302,7 @@ def vqa(
 
 @eval_app.command("caption")
 def caption(
-    data: Path = typer.Argument(..., help="COCO captions annotations JSON, a Karpathy split JSON, or a JSONL of {image, captions: [...]}."),
+    data: Optional[Path] = typer.Argument(None, help="COCO captions annotations JSON, a Karpathy split JSON, or a JSONL of {image, captions: [...]}."),
     images: Optional[Path] = ImagesOpt,
     split: str = SplitOpt,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help='The instruction given with each image (default "Describe this image in one sentence.").'),
@@ -279,6 +316,7 @@ def caption(
     select: str = SelectOpt,
     limit: Optional[int] = LimitOpt,
     sample: Optional[int] = SampleOpt,
+    sample_set: bool = SampleSetOpt,
     seed: int = SeedOpt,
     out: Optional[Path] = OutOpt,
     redo: bool = RedoOpt,
@@ -290,16 +328,18 @@ def caption(
     ctx: int = CtxOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
+    no_cache: bool = NoCacheOpt,
 ) -> None:
     """COCO-style captioning: CIDEr-D, BLEU-1..4 and ROUGE-L as pycocoevalcap computes them, with speed."""
     from vlmcli.tasks.eval_data import load_captions
     from vlmcli.tasks.evaluate import evaluate_captions, score_caption_predictions
 
     f = _format(json_out, fmt)
+    data = _dataset(data, sample_set, sample, "caption")
     items = _subset(load_captions(data, images, split), limit, sample, seed)
     if predictions is not None:
         _finish(score_caption_predictions(items, predictions, str(data)), f)
-    specs = _vlm_specs(model, mmproj, detail, max_tiles, offline, threads, n_gpu_layers, ctx)
+    specs = _vlm_specs(model, mmproj, detail, max_tiles, offline, threads, n_gpu_layers, ctx, no_cache)
     settings = _settings(out, redo, quiet, max_pixels, generation=_generation(max_tokens), prompt=prompt,
                          **_best_of(best_of, select))
     _finish(evaluate_captions(items, specs, settings, str(data)), f)
@@ -317,13 +357,14 @@ def _templates(template: Optional[List[str]], templates: Optional[str]) -> Optio
 
 @eval_app.command("zeroshot")
 def zeroshot(
-    root: Path = typer.Argument(..., help="ImageFolder tree: ROOT/CLASS/image.jpg, one folder per class."),
+    root: Optional[Path] = typer.Argument(None, help="ImageFolder tree: ROOT/CLASS/image.jpg, one folder per class."),
     classes: Optional[str] = typer.Option(None, "--classes", help='Class names: a file (one per line in sorted folder order, or FOLDER<TAB>name lines), or "imagenet" (CLIP\'s 1000 names). Default: the folder names.'),
     template: Optional[List[str]] = typer.Option(None, "--template", help='Prompt with {} for the class name (default "a photo of a {}."); repeat to ensemble.'),
     templates: Optional[str] = typer.Option(None, "--templates", help='A file of templates (one per line), or "imagenet" (CLIP\'s 80).'),
     model: Optional[List[str]] = ClipModelsOpt,
     limit: Optional[int] = LimitOpt,
     sample: Optional[int] = SampleOpt,
+    sample_set: bool = SampleSetOpt,
     seed: int = SeedOpt,
     out: Optional[Path] = OutOpt,
     redo: bool = RedoOpt,
@@ -343,6 +384,7 @@ def zeroshot(
     from vlmcli.tasks.evaluate import evaluate_zeroshot
 
     f = _format(json_out, fmt)
+    root = _dataset(root, sample_set, sample, "zeroshot")
     names = None
     if classes is not None:
         names = imagenet_classes() if classes.lower() == "imagenet" else read_class_names(Path(classes))
@@ -359,12 +401,13 @@ def zeroshot(
 
 @eval_app.command("retrieval")
 def retrieval(
-    data: Path = typer.Argument(..., help="COCO / Flickr30k Karpathy split JSON, COCO captions JSON, or a JSONL of {image, captions: [...]}."),
+    data: Optional[Path] = typer.Argument(None, help="COCO / Flickr30k Karpathy split JSON, COCO captions JSON, or a JSONL of {image, captions: [...]}."),
     images: Optional[Path] = ImagesOpt,
     split: str = SplitOpt,
     model: Optional[List[str]] = ClipModelsOpt,
     limit: Optional[int] = LimitOpt,
     sample: Optional[int] = SampleOpt,
+    sample_set: bool = SampleSetOpt,
     seed: int = SeedOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Embeddings: OUT.npy + OUT.jsonl (as `vlm embed` writes them); rerunning with it continues."),
     redo: bool = RedoOpt,
@@ -385,6 +428,7 @@ def retrieval(
     f = _format(json_out, fmt)
     if out is not None and out.suffix.lower() != ".npy":
         raise VlmError("--out is the .npy file (its .jsonl metadata is written beside it)", out, exit_code=EXIT_USAGE)
+    data = _dataset(data, sample_set, sample, "retrieval")
     items = _subset(load_captions(data, images, split), limit, sample, seed)
     settings = _settings(out, redo, quiet, max_pixels, batch_size=batch_size)
     _finish(evaluate_retrieval(items, _clip_specs(model, offline, threads, n_gpu_layers, device), settings, str(data)), f)

@@ -22,6 +22,10 @@ FLAGS = {
     "top_p": "--top-p",
     "seed": "--seed",
     "n_batch": "--batch-size",
+    "ray": "--ray",
+    "ray_workers": "--ray-workers",
+    "ray_cpus": "--ray-cpus",
+    "ray_gpus": "--ray-gpus",
 }
 
 

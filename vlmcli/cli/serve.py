@@ -31,7 +31,7 @@ def serve(
     max_pixels: int = MaxPixelsOpt,
     max_body: int = typer.Option(32 * 1024 * 1024, "--max-body", min=1024, help="Largest request body in bytes (then 413)."),
     allow_files: Optional[Path] = typer.Option(None, "--allow-files", help="Let image_url name local files under this folder."),
-    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Accept http(s) image URLs (fetching them is not implemented yet)."),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs clients name (any address this host can reach: for trusted clients)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="VLM_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/ (also VLM_API_KEY)."),
     offline: bool = typer.Option(False, "--offline", help="Use only models already in the store."),
 ) -> None:

@@ -8,15 +8,17 @@ from typing import TYPE_CHECKING, Callable, List, Optional
 import typer
 
 from vlmcli.cli import batch as batch_cli
-from vlmcli.cli.app import CtxOpt, GpuOpt, MaxPixelsOpt, OfflineOpt, ThreadsOpt, app, info, stderr, stderr_is_terminal
-from vlmcli.errors import EXIT_USAGE, VlmError
+from vlmcli.cli.app import CtxOpt, GpuOpt, MaxPixelsOpt, NoCacheOpt, OfflineOpt, ThreadsOpt, app, info, stderr, stderr_is_terminal
+from vlmcli.errors import EXIT_USAGE, InvalidOption, VlmError
 from vlmcli.tasks.ask import DEFAULT_ASK_MAX_TOKENS
 from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT
 
 if TYPE_CHECKING:
+    from vlmcli.engines.llama import GenerationOptions
     from vlmcli.tasks.ask import AskTask
     from vlmcli.tasks.best_of import ClipJudge
-    from vlmcli.tasks.models import OpenedModel
+    from vlmcli.tasks.caption import CaptionTask
+    from vlmcli.tasks.models import ModelSpec
 
 # Options shared by ask and caption (Typer has no option groups; these keep the two in step).
 # Short flags as llama.cpp's: -m model, -n tokens, -c context, -s seed, -ngl GPU layers.
@@ -34,13 +36,36 @@ SelectOpt = typer.Option("logprob", "--select", help="How --best-of chooses: log
 ClipModelOpt = typer.Option(None, "--clip-model", help="CLIP model judging --select clip (default: the store's default CLIP).")
 
 
-def _open(model: Optional[str], mmproj: Optional[str], offline: bool, threads: Optional[int], n_gpu_layers: int,
-          ctx: int, detail: Optional[str], max_tiles: Optional[int], verbose: bool, n_best: int = 1) -> OpenedModel:
-    from vlmcli.tasks.models import ModelSpec, open_model
+def _spec(model: Optional[str], mmproj: Optional[str], offline: bool, threads: Optional[int], n_gpu_layers: int,
+          ctx: int, detail: Optional[str], max_tiles: Optional[int], verbose: bool, n_best: int = 1,
+          no_cache: bool = False) -> ModelSpec:
+    from vlmcli.tasks.models import ModelSpec
 
-    spec = ModelSpec(model, mmproj, offline or None, threads, n_gpu_layers, ctx, detail, max_tiles, verbose=verbose,
-                     n_sequences=n_best)
-    return open_model(spec, "vlm", notify=info)
+    return ModelSpec(model, mmproj, offline or None, threads, n_gpu_layers, ctx, detail, max_tiles, verbose=verbose,
+                     n_sequences=n_best, cache=not no_cache)
+
+
+# The model opened and the task built: here, and on each Ray worker with --ray (module-level, so
+# the workers import them by name).
+def _ask_task(spec: ModelSpec, questions: list[str], gen: GenerationOptions, max_pixels: int, n_best: int, select: str,
+              judge: Optional[ClipJudge] = None) -> AskTask:
+    from vlmcli.tasks.ask import AskTask
+    from vlmcli.tasks.models import open_model
+
+    return AskTask(open_model(spec, "vlm", notify=info).engine, questions, gen, max_pixels, n_best, select, judge)
+
+
+def _caption_task(spec: ModelSpec, gen: GenerationOptions, prompt: str, max_pixels: int, n_best: int, select: str,
+                  judge: Optional[ClipJudge] = None) -> CaptionTask:
+    from vlmcli.tasks.caption import CaptionTask
+    from vlmcli.tasks.models import open_model
+
+    return CaptionTask(open_model(spec, "vlm", notify=info).engine, gen, prompt, max_pixels, n_best, select, judge)
+
+
+def _check_ray(args: batch_cli.BatchArgs, n_best: int, select: str) -> None:
+    if args.ray and n_best > 1 and select == "clip":
+        raise InvalidOption("select", "clip does not run on Ray workers yet; use logprob or vote with --ray")
 
 
 def _best_of(n_best: int, select: str, clip_model: Optional[str], offline: bool, threads: Optional[int],
@@ -99,6 +124,7 @@ def ask(
     max_tiles: Optional[int] = MaxTilesOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
+    no_cache: bool = NoCacheOpt,
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
     n_best: int = BestOfOpt,
@@ -108,7 +134,7 @@ def ask(
 ) -> None:
     """Ask SmolVLM2 about an image; the answer streams to stdout. Folders, globs and - give one JSONL record per image."""
     from vlmcli.engines.llama import GenerationOptions
-    from vlmcli.tasks.ask import AskTask, answers_text
+    from vlmcli.tasks.ask import answers_text
 
     questions = list(prompts or [])
     inputs = [image]
@@ -125,10 +151,16 @@ def ask(
     sink = batch_cli.make_sink(args, expansion, ("jsonl", "text"), text=answers_text)
     if single:
         batch_cli.check_single_image(expansion.paths[0], max_pixels)
+    _check_ray(args, n_best, select)
     temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "ask")
-    opened = _open(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, verbose, n_best)
+    spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, verbose, n_best, no_cache)
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    task = AskTask(opened.engine, questions, gen, max_pixels, n_best, select, judge)
+    build = (questions, gen, max_pixels, n_best, select)
+    if args.ray:
+        with batch_cli.on_ray(args, "ask", _ask_task, spec, build, verbose) as remote:
+            batch_cli.run(remote, args, expansion, sink, sidecar_text=answers_text, single=single)
+        return
+    task = _ask_task(spec, *build, judge)
     if single and not json_out and n_best > 1:
         from vlmcli.tasks.sinks import CallbackSink
 
@@ -202,6 +234,7 @@ def caption(
     max_tiles: Optional[int] = MaxTilesOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
+    no_cache: bool = NoCacheOpt,
     json_out: bool = JsonOpt,
     verbose: bool = VerboseOpt,
     n_best: int = BestOfOpt,
@@ -211,7 +244,7 @@ def caption(
 ) -> None:
     """Caption images: the caption of one image, `PATH<TAB>caption` for several named files, JSONL for folders, globs and lists."""
     from vlmcli.engines.llama import GenerationOptions
-    from vlmcli.tasks.caption import CaptionTask, caption_text
+    from vlmcli.tasks.caption import caption_text
 
     if not images and not batch.files_from:
         raise VlmError("give image files, folders, globs, - or --files-from", exit_code=EXIT_USAGE)
@@ -224,10 +257,16 @@ def caption(
     )
     if single:
         batch_cli.check_single_image(expansion.paths[0], max_pixels)
+    _check_ray(args, n_best, select)
     temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "caption")
-    opened = _open(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, verbose, n_best)
+    spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, verbose, n_best, no_cache)
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    task = CaptionTask(opened.engine, gen, prompt, max_pixels, n_best, select, judge)
+    build = (gen, prompt, max_pixels, n_best, select)
+    if args.ray:
+        with batch_cli.on_ray(args, "caption", _caption_task, spec, build, verbose) as remote:
+            batch_cli.run(remote, args, expansion, sink, sidecar_text=caption_text, single=single)
+        return
+    task = _caption_task(spec, *build, judge)
     from vlmcli.tasks.sinks import CallbackSink, TextSink
 
     if single and verbose and n_best > 1 and isinstance(sink, TextSink):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import dataclasses
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -24,13 +25,18 @@ from vlmcli.defaults import DEFAULT_N_CTX
 from vlmcli.engines import detail as detail_policy
 from vlmcli.engines.clip_tokenizer import check_text
 from vlmcli.engines.gguf_check import GgufInfo, require_kind
-from vlmcli.engines.llama_native import clear_native_errors, extra_buffers_allowed, llama, mtmd, native_error, quiet_native_logs
+from vlmcli.engines.llama_native import (
+    build_id, clear_native_errors, extra_buffers_allowed, llama, mtmd, native_error, quiet_native_logs,
+)
+from vlmcli.engines.encoding_cache import EncodingCache, image_digest
 from vlmcli.engines.native import NativeResource
-from vlmcli.engines.prompt import ChatPrompt, TemplateProblem
+from vlmcli.engines.prompt import IMAGE_TOKEN, MAX_OUTPUT_CHARS, ChatPrompt, TemplateProblem, Turn, render_conversation
 from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
 
 # Called with each piece of generated text; returning False stops generation.
 TokenCallback = Callable[[str], "bool | None"]
+# Best-of streaming: called with (candidate index, piece of its text); False ends that candidate.
+CandidateCallback = Callable[[int, str], "bool | None"]
 # Called as the vision encoder works through an image: (passes done, passes in all).
 EncodeProgress = Callable[[int, int], None]
 
@@ -53,6 +59,7 @@ class EngineOptions:
     max_tiles: int | None = None  # exact cap on tiles; overrides `detail`
     verbose: bool = False  # let llama.cpp print its own logs
     n_seq_max: int = 1  # sequences decoded together (best-of candidates share the prompt's KV cells)
+    cache: EncodingCache | None = None  # image encodings on disk (encoding_cache.py); None: encode every time
 
     def validate(self) -> None:
         """Ranges that need no model file (see VlmEngine for the context against the model's)."""
@@ -131,7 +138,8 @@ class ImageEncoding:
     detail: str  # the level used: low | high | tiles
     tiles: int  # slices the encoder saw besides the overview (0 for low)
     image_tokens: int
-    encoder_passes: int
+    encoder_passes: int  # passes run now: 0 when the image came from the encoding cache
+    cached: str | None = None  # "kv": the whole prefix from the cache, "embd": the encoder's output from it
 
 
 @dataclass
@@ -386,11 +394,10 @@ class VlmEngine(NativeResource):
                 raise VlmError(f"llama.cpp failed to decode the prompt (code {rc}; the context holds {self.n_ctx} tokens)")
         return n_past + len(tokens)
 
-    def _tokenize_with_image(self, image: Image.Image, prompt_text: str, max_tokens: int) -> tuple[object, list[_Chunk]]:
+    def _tokenize_with_image(self, rgb: np.ndarray, prompt_text: str, max_tokens: int) -> tuple[object, list[_Chunk]]:
         ctx = self._mtmd_context(max_tokens)
-        detail_policy.check_image_shape(image.width, image.height, self.vision, max_tokens)
-        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
         h, w = rgb.shape[:2]
+        detail_policy.check_image_shape(w, h, self.vision, max_tokens)
         bitmap = mtmd.mtmd_bitmap_init(w, h, rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
         chunks_ptr = mtmd.mtmd_input_chunks_init()
         data = prompt_text.encode("utf-8")
@@ -431,8 +438,13 @@ class VlmEngine(NativeResource):
         if level == "low" and cap not in self._mtmd:
             # Only the overview is used, and every context makes the same one: reuse an open context.
             cap = next(iter(self._mtmd))
+        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        keys = self._cache_keys(rgb, level, cap, prefix_text)
+        restored = self._restore_prefix(keys["kv"]) if keys else None
+        if restored is not None:
+            return restored
         marker = mtmd.mtmd_default_marker().decode()
-        chunks_ptr, chunks = self._tokenize_with_image(image, prefix_text + marker, cap)
+        chunks_ptr, chunks = self._tokenize_with_image(rgb, prefix_text + marker, cap)
         try:
             images = [c for c in chunks if c.kind == "image"]
             if level == "low":
@@ -455,7 +467,7 @@ class VlmEngine(NativeResource):
             if n_total + 8 > self.n_ctx:
                 raise ContextOverflow(n_total, self.n_ctx, n_image_tokens)
             n_past = 0
-            done = 0
+            done = passes = 0
             if on_progress is not None:
                 on_progress(0, len(used))
             for c in seq:
@@ -465,7 +477,9 @@ class VlmEngine(NativeResource):
                     timings.prefill_ms += (time.perf_counter() - t0) * 1000
                     timings.prefill_tokens += len(c.tokens)
                 else:
-                    n_past = self._eval_image_chunk(c, n_past, timings, cap)
+                    key = {**keys["embd"], "chunk": done} if keys else None
+                    n_past, encoded = self._eval_image_chunk(c, n_past, timings, cap, key)
+                    passes += encoded
                     done += 1
                     if on_progress is not None:
                         on_progress(done, len(used))
@@ -475,19 +489,36 @@ class VlmEngine(NativeResource):
                 detail=level,
                 tiles=tiles,
                 image_tokens=n_image_tokens,
-                encoder_passes=len(used),
+                encoder_passes=passes,
+                cached="embd" if passes < len(used) else None,
             )
+            if keys:
+                self._save_prefix(keys["kv"], n_past, enc)
             return n_past, enc
         finally:
             mtmd.mtmd_input_chunks_free(chunks_ptr)
 
-    def _eval_image_chunk(self, chunk: _Chunk, n_past: int, timings: Timings, cap: int) -> int:
+    def _eval_image_chunk(self, chunk: _Chunk, n_past: int, timings: Timings, cap: int,
+                          key: dict[str, Any] | None) -> tuple[int, int]:
+        """Encode one image chunk (or take its embeddings from the cache) and decode it into the
+        KV cache. Returns (n_past, encoder passes run: 0 or 1)."""
         ctx = self._mtmd[cap]
         t0 = time.perf_counter()
-        rc = mtmd.mtmd_encode_chunk(ctx, chunk.ptr)
-        if rc != 0:
-            raise VlmError(f"the vision encoder failed (code {rc})")
-        embd = mtmd.mtmd_get_output_embd(ctx)
+        width = int(self.model_info.metadata.get(f"{self.model_info.arch}.embedding_length") or 0)
+        size = chunk.n_tokens * width * 4
+        hit = self.options.cache.get(key) if key is not None and self.options.cache is not None else None
+        if hit is not None and len(hit.payload) == size:
+            cached = (ctypes.c_float * (size // 4)).from_buffer_copy(hit.payload)
+            embd = ctypes.cast(cached, ctypes.POINTER(ctypes.c_float))
+            passes = 0
+        else:
+            rc = mtmd.mtmd_encode_chunk(ctx, chunk.ptr)
+            if rc != 0:
+                raise VlmError(f"the vision encoder failed (code {rc})")
+            embd = mtmd.mtmd_get_output_embd(ctx)
+            passes = 1
+            if key is not None and self.options.cache is not None and size:
+                self.options.cache.put(key, {"tokens": chunk.n_tokens, "width": width}, ctypes.string_at(embd, size))
         t1 = time.perf_counter()
         new_n_past = llama.llama_pos(n_past)
         rc = mtmd.mtmd_helper_decode_image_chunk(
@@ -499,7 +530,55 @@ class VlmEngine(NativeResource):
         timings.image_encode_ms += (t1 - t0) * 1000
         timings.prefill_ms += (t2 - t1) * 1000
         timings.prefill_tokens += chunk.n_tokens
-        return int(new_n_past.value)
+        return int(new_n_past.value), passes
+
+    # -- the encoding cache ----------------------------------------------------------------------
+
+    def _cache_keys(self, rgb: np.ndarray, level: str, cap: int, prefix_text: str) -> dict[str, dict[str, Any]] | None:
+        """The cache keys of this image's prefix: "embd" (a chunk's key without its index) and "kv"."""
+        cache = self.options.cache
+        if cache is None:
+            return None
+        try:
+            mmproj = cache.file_sha256(self.mmproj_path)
+            model = cache.file_sha256(self.model_path)
+        except OSError:
+            return None
+        h, w = rgb.shape[:2]
+        embd = {"v": 1, "kind": "embd", "image": image_digest(rgb.tobytes(), w, h), "mmproj": mmproj,
+                "level": level, "cap": 0 if level == "low" else cap}
+        kv = {**embd, "kind": "kv", "model": model, "prefix": prefix_text, "llama_cpp": _LLAMA_CPP_VERSION,
+              "gpu": self.uses_gpu}
+        return {"embd": embd, "kv": kv}
+
+    def _restore_prefix(self, key: dict[str, Any]) -> tuple[int, ImageEncoding] | None:
+        """The prompt prefix's KV cells from the cache into sequence 0, or None (then it is evaluated)."""
+        assert self.options.cache is not None
+        hit = self.options.cache.get(key)
+        if hit is None:
+            return None
+        try:
+            enc = ImageEncoding(**{**hit.meta["image"], "encoder_passes": 0, "cached": "kv"})
+            n_past = int(hit.meta["n_past"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not 0 < n_past < self.n_ctx:
+            return None
+        buf = (ctypes.c_uint8 * len(hit.payload)).from_buffer_copy(hit.payload)
+        if llama.llama_state_seq_set_data(self._ctx, buf, len(hit.payload), 0) != len(hit.payload):
+            # llama.cpp refused it (another layout): start clean and evaluate the prefix
+            llama.llama_memory_clear(llama.llama_get_memory(self._ctx), True)
+            return None
+        return n_past, enc
+
+    def _save_prefix(self, key: dict[str, Any], n_past: int, enc: ImageEncoding) -> None:
+        assert self.options.cache is not None
+        size = llama.llama_state_seq_get_size(self._ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data(self._ctx, buf, size, 0)
+        if written:
+            image = {k: v for k, v in dataclasses.asdict(enc).items() if k not in ("encoder_passes", "cached")}
+            self.options.cache.put(key, {"n_past": n_past, "image": image}, bytes(buf)[:written])
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -510,19 +589,59 @@ class VlmEngine(NativeResource):
         options: GenerationOptions | None = None,
         on_token: TokenCallback | None = None,
         on_progress: EncodeProgress | None = None,
+        on_candidate_token: CandidateCallback | None = None,
     ) -> Iterator[Generation]:
         """Answer each prompt about one image. The image is encoded once; its KV cache is reused."""
+        chat = self.chat
+        suffixes = [(chat.after_image(p), chat.full(p)) for p in prompts]
+        return self._answers(image, chat.before_image, suffixes, options, on_token, on_progress, on_candidate_token)
+
+    def chat_turns(
+        self,
+        image: Image.Image,
+        turns: list[Turn],
+        options: GenerationOptions | None = None,
+        on_token: TokenCallback | None = None,
+        on_progress: EncodeProgress | None = None,
+        on_candidate_token: CandidateCallback | None = None,
+    ) -> Iterator[Generation]:
+        """The next assistant turn of a conversation (system, user, assistant turns, one image
+        somewhere in them), rendered whole by the model's chat template. One user turn with the
+        image first is the same prompt, token for token, as `ask` with its text."""
+        chars = sum(len(p) for t in turns for p in t.parts)
+        pieces = len(turns) + sum(len(t.parts) for t in turns)
+        if chars > MAX_OUTPUT_CHARS // 2 or pieces > self.n_ctx:
+            # Past the template render's bounds (prompt.py), and far past any context: the input's fault, not the template's.
+            raise InvalidOption("messages", f"{len(turns)} messages, {pieces - len(turns)} parts, {chars:,} characters of text: "
+                                            f"far more than a context of {self.n_ctx} tokens holds")
+        try:
+            before, after = render_conversation(self.chat_template, list(turns))
+        except ValueError as e:
+            raise InvalidOption("messages", str(e)) from None
+        except TemplateProblem as e:
+            raise ModelError(f"tokenizer.chat_template cannot render this conversation: {e}", self.model_path) from None
+        return self._answers(image, before, [(after, before + IMAGE_TOKEN + after)], options, on_token, on_progress, on_candidate_token)
+
+    def _answers(
+        self,
+        image: Image.Image,
+        before_image: str,
+        suffixes: list[tuple[str, str]],  # (the text after the image, the whole prompt for the record)
+        options: GenerationOptions | None,
+        on_token: TokenCallback | None,
+        on_progress: EncodeProgress | None,
+        on_candidate_token: CandidateCallback | None,
+    ) -> Iterator[Generation]:
         options = options or GenerationOptions()
         options.validate()
-        chat = self.chat
         first = Timings(load_ms=self.load_ms)
         memory = llama.llama_get_memory(self._ctx)
         llama.llama_memory_clear(memory, True)
-        n_prefix, enc = self._eval_image_prefix(image, chat.before_image, first, on_progress)
-        for i, prompt in enumerate(prompts):
+        n_prefix, enc = self._eval_image_prefix(image, before_image, first, on_progress)
+        for i, (after_image, prompt) in enumerate(suffixes):
             timings = first if i == 0 else Timings()
             llama.llama_memory_seq_rm(memory, 0, n_prefix, -1)
-            suffix = self.tokenize(chat.after_image(prompt))
+            suffix = self.tokenize(after_image)
             if n_prefix + len(suffix) + 1 > self.n_ctx:
                 raise ContextOverflow(n_prefix + len(suffix), self.n_ctx)
             t0 = time.perf_counter()
@@ -530,9 +649,13 @@ class VlmEngine(NativeResource):
             timings.prefill_ms += (time.perf_counter() - t0) * 1000
             timings.prefill_tokens += len(suffix)
             if options.n == 1:
-                yield self._generate(chat.full(prompt), n_past, enc, options, timings, on_token)
+                yield self._generate(prompt, n_past, enc, options, timings, on_token)
             else:
-                yield self._generate_candidates(chat.full(prompt), n_past, enc, options, timings)
+                stream = _CandidateStream(self, on_candidate_token) if on_candidate_token else None
+                gen = self._generate_candidates(prompt, n_past, enc, options, timings, stream.on_token if stream else None)
+                if stream:
+                    stream.finish()
+                yield gen
 
     def _generate(
         self,
@@ -597,7 +720,8 @@ class VlmEngine(NativeResource):
         return float(logits[token]) - top - math.log(float(np.exp(logits - top).sum()))
 
     def _generate_candidates(
-        self, prompt: str, n_past: int, enc: ImageEncoding, options: GenerationOptions, timings: Timings
+        self, prompt: str, n_past: int, enc: ImageEncoding, options: GenerationOptions, timings: Timings,
+        on_token: Callable[[int, int], "bool | None"] | None = None,
     ) -> Generation:
         """options.n continuations of one evaluated prompt. The prompt's KV cells are shared (each
         sequence is a copy of sequence 0, not a re-evaluation); each step decodes the next token of
@@ -628,6 +752,9 @@ class VlmEngine(NativeResource):
                         continue
                     tokens[seq].append(tok)
                     logprobs[seq].append(self._logprob(row[seq], tok))
+                    if on_token is not None and on_token(seq, tok) is False:  # streaming: a stop sequence, a client gone
+                        stops[seq] = "stopped"
+                        continue
                     going.append(seq)
                 active = going
                 if not active or step + 1 == budget:
@@ -676,7 +803,27 @@ class VlmEngine(NativeResource):
         return out
 
 
+class _CandidateStream:
+    """Candidates' tokens -> their text pieces as they come (each its own UTF-8 decoder), for streaming n > 1."""
+
+    def __init__(self, engine: VlmEngine, on_text: CandidateCallback):
+        self.engine, self.on_text = engine, on_text
+        self.decoders: dict[int, codecs.IncrementalDecoder] = {}
+
+    def on_token(self, seq: int, token: int) -> bool | None:
+        decoder = self.decoders.setdefault(seq, codecs.getincrementaldecoder("utf-8")(errors="replace"))
+        text = decoder.decode(self.engine._piece(token))
+        return self.on_text(seq, text) if text else None
+
+    def finish(self) -> None:
+        for seq, decoder in sorted(self.decoders.items()):
+            if tail := decoder.decode(b"", final=True):
+                self.on_text(seq, tail)
+
+
 _NO_CALLBACK = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
+# Part of the KV cache entries' key: llama.cpp's per-sequence state layout may change between builds.
+_LLAMA_CPP_VERSION = build_id()
 
 
 def _with_native_reason(message: str) -> str:

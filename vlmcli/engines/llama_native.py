@@ -111,6 +111,13 @@ def supports_gpu_offload() -> bool:
     return bool(llama.llama_supports_gpu_offload())
 
 
+def build_id() -> str:
+    """The llama-cpp-python release and libllama's version: what fixes llama.cpp's state layouts."""
+    import llama_cpp
+
+    return f"{getattr(llama_cpp, '__version__', '?')}/{llama_cpp_version()}"
+
+
 def llama_cpp_version() -> str:
     """libllama's version string (llama_version(), e.g. "0.5.0-dev")."""
     return (llama.llama_version() or b"").decode("utf-8", errors="replace")

@@ -171,3 +171,46 @@ class ChatPrompt:
 
     def full(self, question: str, image: str = "<image>") -> str:
         return self.before_image + image + self.after_image(question)
+
+
+# ---- conversations ---------------------------------------------------------------------------
+
+IMAGE_TOKEN = "<image>"  # what SmolVLM2's template writes for an image part
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation: its role, its texts in order, and where the image goes in them
+    (`image_at` = the index among `parts` it comes before; None = no image in this turn)."""
+
+    role: str  # system | user | assistant (the template capitalizes it: "User:")
+    parts: tuple[str, ...] = ()
+    image_at: int | None = None
+
+    def content(self) -> list[dict[str, str]]:
+        """The message content as transformers' chat templates read it."""
+        items: list[dict[str, str]] = [{"type": "text", "text": t} for t in self.parts]
+        if self.image_at is not None:
+            items.insert(self.image_at, {"type": "image"})
+        # SmolVLM2's template reads content[0]: an empty message (an assistant turn with no text) is one empty text.
+        return items or [{"type": "text", "text": ""}]
+
+
+def render_conversation(template: str | None, turns: list[Turn]) -> tuple[str, str]:
+    """The prompt for the next assistant turn, split where the one image goes: (before, after).
+
+    `before + "<image>" + after` is exactly what the template renders for these messages with the
+    generation cue. Raises TemplateProblem for a template fault, ValueError for a conversation that
+    is not one image plus texts the split can trust."""
+    with_image = [t for t in turns if t.image_at is not None]
+    if len(with_image) != 1:
+        raise ValueError(f"a conversation needs exactly one image (it has {len(with_image)})")
+    if any(IMAGE_TOKEN in p for t in turns for p in t.parts):
+        # The split below finds the image by the token the template writes for it.
+        raise ValueError(f"message texts may not contain the image token {IMAGE_TOKEN}")
+    messages = [{"role": t.role, "content": t.content()} for t in turns]
+    text = _render_bounded(template or DEFAULT_TEMPLATE, messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+    if text.count(IMAGE_TOKEN) != 1:
+        raise TemplateProblem(f"it writes the image {text.count(IMAGE_TOKEN)} times, not once")
+    before, after = text.split(IMAGE_TOKEN)
+    return before, after

@@ -112,6 +112,9 @@ class Metrics:
         out += [f'vlm_workers_busy{{model="{m}"}} {p.busy}' for m, p in pools.items()]
         out += ["# HELP vlm_worker_restarts_total Worker processes restarted after dying.", "# TYPE vlm_worker_restarts_total counter"]
         out += [f'vlm_worker_restarts_total{{model="{m}"}} {p.restarts}' for m, p in pools.items()]
+        out += ["# HELP vlm_encoder_passes_total Vision encoder passes of completed requests (SmolVLM2 tiles + overview, CLIP images).",
+                "# TYPE vlm_encoder_passes_total counter"]
+        out += [f'vlm_encoder_passes_total{{model="{m}"}} {p.encoder_passes}' for m, p in pools.items()]
         return "\n".join(out) + "\n"
 
 
@@ -140,8 +143,9 @@ def decode_data_url(url: str, param: str) -> bytes:
         raise bad("the data: URL is not valid base64", param, "invalid_image_url") from None
 
 
-def image_bytes(url: Any, config: ServeConfig, param: str) -> bytes:
-    """The bytes an image_url names: a data: URL, or a file under --allow-files; remote URLs refused."""
+def image_bytes(url: Any, config: ServeConfig, param: str) -> bytes | RemoteImage:
+    """The bytes an image_url names: a data: URL, or a file under --allow-files; an http(s) URL (only
+    with --allow-remote-images) comes back as a RemoteImage for the route to fetch off the event loop."""
     if not isinstance(url, str) or not url:
         raise bad("image_url.url must be a non-empty string", param)
     lower = url[:16].lower()
@@ -151,7 +155,7 @@ def image_bytes(url: Any, config: ServeConfig, param: str) -> bytes:
         if not config.allow_remote_images:
             raise bad("remote image URLs are refused by this server (start it with --allow-remote-images); send the image as a data: URL",
                       param, "remote_image_refused")
-        raise bad("fetching remote images is not implemented yet; send the image as a data: URL", param, "remote_image_refused")
+        return RemoteImage(url, param)
     path_text = url[7:] if lower.startswith("file://") else url
     if config.allow_files is None:
         raise bad("local image paths are refused by this server (start it with --allow-files DIR); send the image as a data: URL",
@@ -170,16 +174,30 @@ def image_bytes(url: Any, config: ServeConfig, param: str) -> bytes:
         raise bad(f"cannot read image file ({e.strerror or e})", param, "invalid_image_url") from None
 
 
+@dataclass
+class RemoteImage:
+    """An http(s) image_url, fetched by the route (remote.py) once the request is parsed."""
+
+    url: str
+    param: str
+
+
+# OpenAI's roles -> the template's ("developer" is OpenAI's newer name for system instructions).
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
 def parse_chat(body: dict[str, Any], config: ServeConfig) -> dict[str, Any]:
-    """An OpenAI chat request -> a worker job: the image, the question (the last user turn's text), options."""
+    """An OpenAI chat request -> a worker job: the image, the turns (role, texts, where the image is), options."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array", "messages")
-    image: bytes | None = None
-    question: str | None = None
+    image: bytes | RemoteImage | None = None
+    turns: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"messages[{i}] must be an object with a 'role'", f"messages[{i}]")
+        if m["role"] not in ROLES:
+            raise bad(f"messages[{i}].role {m['role']!r} is not supported (system, developer, user, assistant)", f"messages[{i}].role")
         content = m.get("content")
         parts: list[Any]
         if isinstance(content, str):
@@ -190,7 +208,8 @@ def parse_chat(body: dict[str, Any], config: ServeConfig) -> dict[str, Any]:
             parts = []
         else:
             raise bad(f"messages[{i}].content must be a string or an array of content parts", f"messages[{i}].content")
-        texts = []
+        texts: list[str] = []
+        image_at: int | None = None
         for j, part in enumerate(parts):
             where = f"messages[{i}].content[{j}]"
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
@@ -198,6 +217,8 @@ def parse_chat(body: dict[str, Any], config: ServeConfig) -> dict[str, Any]:
             if part["type"] == "text":
                 if not isinstance(part.get("text"), str):
                     raise bad(f"{where}.text must be a string", where)
+                if not _is_unicode(part["text"]):
+                    raise bad(f"{where}.text is not valid Unicode (a lone surrogate)", where)
                 texts.append(part["text"])
             elif part["type"] == "image_url":
                 iu = part.get("image_url")
@@ -205,14 +226,14 @@ def parse_chat(body: dict[str, Any], config: ServeConfig) -> dict[str, Any]:
                 if image is not None:
                     raise bad("this server takes one image per request", where, "too_many_images")
                 image = image_bytes(url, config, where)
+                image_at = len(texts)  # the image goes before the texts that follow it
             else:
                 raise bad(f"{where}: content type {part['type']!r} is not supported (text, image_url)", where)
-        if m["role"] == "user":
-            question = "\n".join(t for t in texts if t) or question
+        turns.append({"role": ROLES[m["role"]], "parts": texts, "image_at": image_at})
     if image is None:
         raise bad("the request has no image: SmolVLM2 answers about one image (an image_url content part)", "messages", "missing_image")
-    if not question or not question.strip():
-        raise bad("the last user message has no text", "messages")
+    if not any(t["role"] == "user" for t in turns):
+        raise bad("the request has no user message", "messages")
     max_tokens = _want(body, "max_completion_tokens", (int,), "an integer", None)
     max_tokens = _want(body, "max_tokens", (int,), "an integer", max_tokens)
     if max_tokens is None:
@@ -230,14 +251,21 @@ def parse_chat(body: dict[str, Any], config: ServeConfig) -> dict[str, Any]:
     if n < 1:
         raise bad("'n' must be at least 1", "n")
     stream = _want(body, "stream", (bool,), "a boolean", False)
-    if stream and n > 1:
-        raise bad("'stream' with 'n' > 1 is not supported: the candidates are chosen after they are all generated", "n")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
         raise bad("'stop' must be a string or an array of at most 4 non-empty strings", "stop")
-    return {"image": image, "prompt": question, "max_tokens": max_tokens, "temperature": temperature,
+    return {"image": image, "turns": turns, "max_tokens": max_tokens, "temperature": temperature,
             "top_p": float(top_p), "seed": seed, "n": n, "stream": stream, "stop": stop}
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a lone surrogate (JSON's \\ud800 escapes make them): it cannot be tokenized."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def parse_embeddings(body: dict[str, Any], config: ServeConfig) -> tuple[list[tuple[str, Any]], str]:
@@ -390,6 +418,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         body = await read_json(request)
         model, pool = pool_for(body, "vlm")
         payload = parse_chat(body, config)
+        if isinstance(payload["image"], RemoteImage):
+            payload["image"] = await fetch_remote(payload["image"])
         try:
             job, events = submit(pool, "chat", payload)
         except QueueFull as e:
@@ -401,28 +431,45 @@ def create_app(config: ServeConfig) -> FastAPI:
         first = await next_event(job, events)  # errors before the first token keep their status
         if first[0] == "error":
             raise job_error(first[1])
-        return StreamingResponse(stream(cid, model, job, events, first, request), media_type="text/event-stream",
+        return StreamingResponse(stream(cid, model, job, events, first, payload["n"]), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def stream(cid: str, model: str, job: Job, events: asyncio.Queue, first: tuple, request: Request) -> AsyncIterator[bytes]:
+    async def fetch_remote(image: RemoteImage) -> bytes:
+        from vlmcli.serve.remote import FETCH_TIMEOUT, FetchError, fetch_image
+
+        timeout = min(FETCH_TIMEOUT, config.timeout)
+        try:
+            # The fetch keeps its own deadline between reads; this one also bounds connecting and the headers.
+            return await asyncio.wait_for(asyncio.to_thread(fetch_image, image.url, config.max_body, timeout), timeout + 1)
+        except FetchError as e:
+            raise bad(e.message, image.param, e.code) from None
+        except asyncio.TimeoutError:
+            raise bad(f"fetching the image URL took more than {timeout:g} s", image.param, "invalid_image_url") from None
+
+    async def stream(cid: str, model: str, job: Job, events: asyncio.Queue, first: tuple, n: int) -> AsyncIterator[bytes]:
+        """Server-sent events as OpenAI sends them; with n > 1 each chunk carries its choice's index
+        (choice i is candidate i, sampled with seed + i: streamed choices are not reordered best first)."""
         created_at = int(time.time())
 
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
+        def chunk(delta: dict[str, Any], index: int = 0, finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
             data: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created_at, "model": model,
-                                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+                                    "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}
             if usage is not None:
                 data["usage"] = usage
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
         ev = first
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            for i in range(n):
+                yield chunk({"role": "assistant", "content": ""}, i)
             while True:
                 if ev[0] == "token":
-                    yield chunk({"content": ev[1]})
+                    yield chunk({"content": ev[1]}, ev[2] if len(ev) > 2 else 0)
                 elif ev[0] == "done":
-                    c = ev[1]["choices"][0]
-                    yield chunk({}, FINISH.get(c["stop_reason"], "stop"), usage(ev[1]))
+                    ends = sorted(ev[1]["choices"], key=lambda c: c.get("candidate", 0))
+                    for k, c in enumerate(ends):
+                        last = k == len(ends) - 1
+                        yield chunk({}, c.get("candidate", 0), FINISH.get(c["stop_reason"], "stop"), usage(ev[1]) if last else None)
                     break
                 elif ev[0] == "error":
                     yield f"data: {json.dumps(job_error(ev[1]).body(), ensure_ascii=False)}\n\n".encode()

@@ -103,8 +103,8 @@ def _decode_image(data: bytes, max_pixels: int) -> Any:
 
 def _run_chat(opened: Any, spec: WorkerSpec, job: dict[str, Any], send: Callable[[tuple], None], cancelled: threading.Event) -> dict[str, Any]:
     from vlmcli.engines.llama import GenerationOptions
-    from vlmcli.errors import InvalidOption, VlmError
-    from vlmcli.tasks.ask import AskTask
+    from vlmcli.errors import InvalidOption
+    from vlmcli.tasks.ask import ChatTask, turns_from
     from vlmcli.tasks.best_of import temperature_for
 
     n = job["n"]
@@ -113,34 +113,25 @@ def _run_chat(opened: Any, spec: WorkerSpec, job: dict[str, Any], send: Callable
     image = _decode_image(job["image"], spec.max_pixels)
     temperature = temperature_for(n, job["temperature"])
     gen = GenerationOptions(max_tokens=job["max_tokens"], temperature=temperature, top_p=job["top_p"], seed=job["seed"])
-    task = AskTask(opened.engine, [job["prompt"]], gen, spec.max_pixels, n_best=n, select="logprob")
+    task = ChatTask(opened.engine, turns_from(job["turns"]), gen, spec.max_pixels, n_best=n, select="logprob")
     send(("accepted",))
     stops: list[str] = job.get("stop") or []
-    if job["stream"] or (stops and n == 1):
-        held = ""  # text not yet sent: it may be the start of a stop sequence
-        hold = max((len(x) for x in stops), default=1) - 1
+    held: dict[int, _Held] = {}
+    if job["stream"] or stops:
+        # Pieces go out as they come, held back while they may be the start of a stop sequence;
+        # a stop sequence (or the client leaving) ends that answer.
+        def on_piece(index: int, piece: str) -> bool | None:
+            h = held.setdefault(index, _Held(stops, (lambda text: send(("token", text, index))) if job["stream"] else None))
+            return False if h.feed(piece) or cancelled.is_set() else None
 
-        def on_token(piece: str) -> bool | None:
-            nonlocal held
-            held += piece
-            cut = _first_stop(held, stops)
-            if cut is not None:
-                if job["stream"] and held[:cut]:
-                    send(("token", held[:cut]))
-                held = ""
-                return False  # ends the generation (stop_reason "stopped")
-            ready = len(held) - hold if hold else len(held)
-            if ready > 0 and job["stream"]:
-                send(("token", held[:ready]))
-                held = held[ready:]
-            return False if cancelled.is_set() else None
-
-        task.on_token = on_token
-    result = task.run([image])[0]
-    if isinstance(result, VlmError):
-        raise result
-    if job["stream"] and task.on_token is not None and held:
-        send(("token", held))  # what was held back at the end, when no stop sequence came
+        if n == 1:
+            task.on_token = lambda piece: on_piece(0, piece)
+        else:
+            task.on_candidate_token = on_piece
+    answers = task.generate(image)  # the task's record, and the encoder passes the engine ran (for /metrics)
+    result = task.record(answers)
+    for h in held.values():
+        h.flush()  # what was held back at the end, when no stop sequence came
     answer = result["answers"][0]
     if stops:
         answer["answer"] = _cut_at_stop(answer["answer"], stops)
@@ -152,10 +143,45 @@ def _run_chat(opened: Any, spec: WorkerSpec, job: dict[str, Any], send: Callable
         cands = answer["candidates"]
         order = [answer["chosen"]] + [i for i in range(len(cands)) if i != answer["chosen"]]
         choices = [{"text": cands[i]["text"], "stop_reason": cands[i]["stop_reason"], "generated_tokens": cands[i]["tokens"],
-                    "score": cands[i]["score"]} for i in order]
+                    "score": cands[i]["score"], "candidate": i} for i in order]
     else:
-        choices = [{"text": answer["answer"], "stop_reason": answer["stop_reason"], "generated_tokens": answer["generated_tokens"]}]
-    return {"choices": choices, "tokens": result["tokens"], "timings": result["timings"]}
+        choices = [{"text": answer["answer"], "stop_reason": answer["stop_reason"], "generated_tokens": answer["generated_tokens"],
+                    "candidate": 0}]
+    return {"choices": choices, "tokens": result["tokens"], "timings": result["timings"],
+            "encoder_passes": answers[0].generation.image.encoder_passes}
+
+
+class _Held:
+    """One answer's streamed text, held back while it may be the start of a stop sequence."""
+
+    def __init__(self, stops: list[str], send: Callable[[str], None] | None):
+        self.stops, self.send, self.text = stops, send, ""
+        self.hold = max((len(x) for x in stops), default=1) - 1
+        self.done = False
+
+    def feed(self, piece: str) -> bool:
+        """Take a piece; True when a stop sequence has ended the answer."""
+        if self.done:
+            return True
+        self.text += piece
+        cut = _first_stop(self.text, self.stops)
+        if cut is not None:
+            self._send(self.text[:cut])
+            self.text, self.done = "", True
+            return True
+        ready = len(self.text) - self.hold
+        if ready > 0:
+            self._send(self.text[:ready])
+            self.text = self.text[ready:]
+        return False
+
+    def flush(self) -> None:
+        self._send(self.text)
+        self.text = ""
+
+    def _send(self, text: str) -> None:
+        if text and self.send is not None:
+            self.send(text)
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
@@ -200,7 +226,8 @@ def _run_embed(opened: Any, spec: WorkerSpec, job: dict[str, Any]) -> dict[str, 
         out.append(r["embedding"].astype("<f4").tobytes())
     for _, t in text_items:
         tokens += len(t.split())  # whitespace words: a rough count for `usage` (CLIP truncates at 77 tokens)
-    return {"embeddings": out, "dim": int(rows[0]["dim"]) if rows else 0, "tokens": tokens}
+    return {"embeddings": out, "dim": int(rows[0]["dim"]) if rows else 0, "tokens": tokens,
+            "encoder_passes": len(image_items)}  # one vision-tower pass per image
 
 
 def _child_main(spec: WorkerSpec, conn: Any) -> None:
@@ -412,6 +439,7 @@ class Worker:
                 return
             tag = message[0]
             if tag == "done":
+                self.pool.count_encoder_passes(int(message[1].get("encoder_passes", 0)))
                 job.emit(("done", message[1]))
                 return
             if tag == "error":
@@ -429,6 +457,8 @@ class ModelPool:
         self.workers = [Worker(self, i) for i in range(max(1, workers))]
         self.closing = False
         self.restarts = 0
+        self.encoder_passes = 0  # vision encoder passes of the jobs done (SmolVLM2 tiles, CLIP images)
+        self._count_lock = threading.Lock()  # the workers' supervisor threads all count
 
     def start(self) -> None:
         """Load the model in every worker (in parallel); raise RuntimeError if one cannot."""
@@ -456,6 +486,10 @@ class ModelPool:
             self.queue.put_nowait(job)
         except queue.Full:
             raise QueueFull(f"the queue for {self.spec.name} is full ({self.queue.maxsize} requests waiting)") from None
+
+    def count_encoder_passes(self, n: int) -> None:
+        with self._count_lock:
+            self.encoder_passes += n
 
     @property
     def queue_depth(self) -> int:

@@ -3,12 +3,13 @@
 The image is decoded in a worker thread, encoded once, and every question is answered from the
 same KV cache (engines/llama.py). A front end that streams sets `on_token` / `on_answer_start` /
 `on_progress` on the task; the record is the same whether the answers streamed or not.
+ChatTask answers a whole conversation instead (`vlm serve`): its turns go through the chat template.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from vlmcli.defaults import DEFAULT_MAX_PIXELS
 from vlmcli.errors import VlmError
@@ -18,7 +19,8 @@ from vlmcli.tasks.resume import Record
 if TYPE_CHECKING:
     from PIL import Image
 
-    from vlmcli.engines.llama import EncodeProgress, Generation, GenerationOptions, TokenCallback, VlmEngine
+    from vlmcli.engines.llama import CandidateCallback, EncodeProgress, Generation, GenerationOptions, TokenCallback, VlmEngine
+    from vlmcli.engines.prompt import Turn
 
 DEFAULT_ASK_MAX_TOKENS = 256
 
@@ -67,6 +69,7 @@ class AskTask:
         self.on_token: TokenCallback | None = None  # each generated piece (streaming)
         self.on_answer_start: Callable[[int], None] | None = None  # before answer i
         self.on_progress: EncodeProgress | None = None  # vision encoder passes done / in all
+        self.on_candidate_token: CandidateCallback | None = None  # best-of streaming: (candidate, piece)
         g, opts = generation, engine.options
         self.identity: dict[str, Any] = {
             "task": self.name,
@@ -118,14 +121,31 @@ class AskTask:
             assert self.on_token is not None
             return self.on_token(piece)
 
-        gens = self.engine.ask(image, self.prompts, self.generation, stream if self.on_token and self.generation.n == 1 else None, self.on_progress)
+        candidates_started: set[int] = set()
+
+        def stream_candidate(index: int, piece: str) -> bool | None:
+            if index not in candidates_started:
+                piece = piece.lstrip()
+                if not piece:
+                    return None
+                candidates_started.add(index)
+            assert self.on_candidate_token is not None
+            return self.on_candidate_token(index, piece)
+
+        one = self.generation.n == 1
+        gens = self._generations(image, stream if self.on_token and one else None,
+                                 stream_candidate if self.on_candidate_token and not one else None)
         answers = []
         for i in range(len(self.prompts)):
             if self.on_answer_start is not None:
                 self.on_answer_start(i)
             started = False
+            candidates_started.clear()
             answers.append(self._choose(image, next(gens)))
         return answers
+
+    def _generations(self, image: Image.Image, on_token: TokenCallback | None, on_candidate: CandidateCallback | None) -> Iterator[Generation]:
+        return self.engine.ask(image, self.prompts, self.generation, on_token, self.on_progress, on_candidate)
 
     def _choose(self, image: Image.Image, gen: Generation) -> Answer:
         if not gen.candidates:
@@ -156,9 +176,39 @@ class AskTask:
             "image_size": [enc.width, enc.height],
             "detail": enc.detail,
             "tiles": enc.tiles,
+            "cache": enc.cached,  # "kv" / "embd": the image's encoding came from the encoding cache
             "tokens": {"prompt": first.prompt_tokens, "image": enc.image_tokens, "generated": sum(g.generated_tokens for g in gens)},
             "timings": timings,
         }
+
+
+class ChatTask(AskTask):
+    """One conversation about one image (system, user and assistant turns; the image in any of
+    them), answered as its next assistant turn: the whole history goes through the chat template.
+    The record is AskTask's, its one prompt being the last user turn's text."""
+
+    name = "chat"
+
+    def __init__(self, engine: VlmEngine, turns: Sequence[Turn], generation: GenerationOptions,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, n_best: int = 1, select: str = "logprob",
+                 judge: best_of.ClipJudge | None = None):
+        self.turns = list(turns)
+        users = [t for t in self.turns if t.role == "user"]
+        question = "".join(users[-1].parts) if users else ""
+        super().__init__(engine, [question], generation, max_pixels, n_best, select, judge)
+
+    def _inputs(self) -> dict[str, Any]:
+        return {"turns": [{"role": t.role, "parts": list(t.parts), "image_at": t.image_at} for t in self.turns]}
+
+    def _generations(self, image: Image.Image, on_token: TokenCallback | None, on_candidate: CandidateCallback | None) -> Iterator[Generation]:
+        return self.engine.chat_turns(image, self.turns, self.generation, on_token, self.on_progress, on_candidate)
+
+
+def turns_from(messages: Sequence[dict[str, Any]]) -> list[Turn]:
+    """A front end's parsed messages, {"role", "parts": [texts], "image_at": index or None}, as ChatTask's turns."""
+    from vlmcli.engines.prompt import Turn  # here, not at the top: the CLI imports this module for its defaults
+
+    return [Turn(m["role"], tuple(m["parts"]), m.get("image_at")) for m in messages]
 
 
 def answers_text(record: Record) -> str:

@@ -6,6 +6,7 @@ naming the file and the field.
     load_captions(data, images, split)       -> [CaptionItem] COCO captions JSON, Karpathy JSON, or JSONL
     load_image_folder(root, classes)         -> ImageFolder   one folder per class
     select(items, limit, sample, seed)       -> the subset to evaluate
+    SAMPLE_SET                               the shipped sample set (vlmcli/data/sample/: a smoke test)
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from vlmcli.errors import VlmError
 from vlmcli.files import read_lines
 
 T = TypeVar("T")
+
+# Six public-domain / CC0 photos with hand-written questions and captions, and one folder per class:
+# what `vlm eval ... --sample` runs on out of the box. A smoke test of the pipeline, not a benchmark.
+SAMPLE_SET = Path(__file__).resolve().parent.parent / "data" / "sample"
+SAMPLE_FILES = {"vqa": SAMPLE_SET / "vqa.jsonl", "caption": SAMPLE_SET / "captions.jsonl",
+                "retrieval": SAMPLE_SET / "captions.jsonl", "zeroshot": SAMPLE_SET}
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from vlmcli.defaults import DEFAULT_N_CTX, DEFAULT_N_GPU_LAYERS
-from vlmcli.errors import InvalidOption, ModelError, VlmError
+from vlmcli.errors import EXIT_USAGE, InvalidOption, ModelError, VlmError
 
 Kind = Literal["vlm", "clip"]
 
@@ -35,6 +35,7 @@ class ModelSpec:
     device: str | None = None  # CLIP: a ggml device name (CPU, CUDA0, Vulkan0, ...)
     verbose: bool = False  # SmolVLM2: let llama.cpp print its logs
     n_sequences: int = 1  # SmolVLM2: sequences decoded together (best-of candidates)
+    cache: bool = True  # SmolVLM2: keep image encodings in the store's encoding cache (--no-cache: False)
 
 
 @dataclass
@@ -118,10 +119,30 @@ def _open_vlm(spec: ModelSpec, notify: Callable[[str], None] | None) -> OpenedMo
     options = EngineOptions(
         n_threads=spec.n_threads, n_gpu_layers=spec.n_gpu_layers, n_ctx=spec.n_ctx,
         detail=spec.detail or resolved.detail or "auto", max_tiles=spec.max_tiles, verbose=spec.verbose,
-        n_seq_max=spec.n_sequences,
+        n_seq_max=spec.n_sequences, cache=encoding_cache() if spec.cache else None,
     )
     engine = VlmEngine(resolved.model, resolved.mmproj, options)
     return OpenedModel("vlm", resolved.name, resolved.model, engine)
+
+
+def encoding_cache() -> Any:
+    """The store's image-encoding cache (an engines.encoding_cache.EncodingCache), or None when
+    VLM_CACHE_SIZE is 0. Folder: $VLM_CACHE_DIR, else STORE/cache/encodings; bound: VLM_CACHE_SIZE
+    (default 2G)."""
+    import os
+
+    from vlmcli.engines.encoding_cache import DEFAULT_MAX_BYTES, EncodingCache, parse_size
+    from vlmcli.store.store import store_root
+
+    text = os.environ.get("VLM_CACHE_SIZE", "").strip()
+    try:
+        max_bytes = parse_size(text) if text else DEFAULT_MAX_BYTES
+    except ValueError as e:
+        raise VlmError(f"VLM_CACHE_SIZE: {e}", exit_code=EXIT_USAGE) from None
+    if max_bytes == 0:
+        return None
+    folder = os.environ.get("VLM_CACHE_DIR")
+    return EncodingCache(Path(folder).expanduser() if folder else store_root() / "cache" / "encodings", max_bytes)
 
 
 def _open_clip(spec: ModelSpec, notify: Callable[[str], None] | None) -> OpenedModel:

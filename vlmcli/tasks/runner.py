@@ -9,6 +9,10 @@ records; an `Observer` supplied by the front end hears about progress and failur
         worker threads: input key (stat / SHA-256) -> skip if done -> decode + preprocess (bounded window)
         main thread:    model on batches of task.batch_size -> records -> sink (+ sidecars) -> observer
 
+`BatchSession` is the part that does not depend on where the model runs (resume index, skips,
+records, sink, sidecars, summary, observer); `prepare_item` and `run_items` are what runs next to
+the model. ray_batch.py runs the same three pieces with the model on Ray workers.
+
 Ctrl-C: the first one finishes the batch in the model, writes its records and stops; a second one
 stops at once (what is written is still whole: see sinks.py). Exit status from `exit_code(summary)`:
 0 all done, EXIT_PARTIAL (3) some failed, EXIT_ERROR (1) all failed, 130 Ctrl-C.
@@ -133,7 +137,9 @@ def fmt_duration(seconds: float) -> str:
 
 
 @dataclass
-class _Item:
+class Item:
+    """One input on its way through a run (here, or on a Ray worker: see ray_batch.py)."""
+
     index: int
     input: str
     key: FileKey | None = None
@@ -153,24 +159,36 @@ def _lower_priority() -> None:
         pass
 
 
-def _prepare(task: Task, input: str, index: int, options: BatchOptions, is_done: Callable[[FileKey | None], bool]) -> _Item:
-    item = _Item(index, input)
+def _caught(e: BaseException) -> VlmError:
+    if isinstance(e, VlmError):
+        return e
+    if isinstance(e, MemoryError):
+        return VlmError("out of memory decoding this image")
+    return VlmError(f"{type(e).__name__}: {e}")  # a decoder bug on one file must not end the batch
+
+
+def prepare_item(task: Task, item: Item, source: str | None = None) -> None:
+    """task.prepare on one item (reading `source`, default the input itself); a failure becomes its error."""
     t0 = time.perf_counter()
     try:
-        key_of = getattr(task, "key", None)
-        item.key = key_of(input, options.use_hash) if key_of is not None else file_key(input, options.use_hash)
-        if (not options.redo and is_done(item.key)) or (options.sidecars is not None and options.sidecars.blocks(input)):
-            item.skipped = True
-            return item
-        item.data = task.prepare(input)
+        item.data = task.prepare(item.input if source is None else source)
+    except Exception as e:  # noqa: BLE001 - see _caught
+        item.error = _caught(e)
+    item.prepare_ms += (time.perf_counter() - t0) * 1000
+
+
+def run_items(task: Task, items: Sequence[Item]) -> dict[int, Record | VlmError]:
+    """The model on the prepared items (those without an error): result fields or error, by item index."""
+    ready = [it for it in items if it.error is None]
+    if not ready:
+        return {}
+    try:
+        results = list(task.run([it.data for it in ready]))
     except VlmError as e:
-        item.error = e
-    except MemoryError:
-        item.error = VlmError("out of memory decoding this image")
-    except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not end the batch
-        item.error = VlmError(f"{type(e).__name__}: {e}")
-    item.prepare_ms = (time.perf_counter() - t0) * 1000
-    return item
+        results = [e] * len(ready)
+    if len(results) != len(ready):
+        raise RuntimeError(f"{task.name}: {len(results)} results for {len(ready)} inputs")
+    return {it.index: r for it, r in zip(ready, results)}
 
 
 class _Interrupts:
@@ -196,6 +214,9 @@ class _Interrupts:
             signal.signal(signal.SIGINT, self._old)
 
 
+Interrupts = _Interrupts
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -204,35 +225,55 @@ def base_record(task: Task, input: str) -> Record:
     return dict(base(input)) if base is not None else {"path": input, **task.identity}
 
 
-class _Batch:
-    """Items for one model call, in input order, with failed ones between them."""
+class BatchSession:
+    """One run's bookkeeping around the model, the same wherever the model runs (run_batch below, or
+    Ray workers: ray_batch.py): the resume index, which inputs are skipped, the records of finished
+    items through the sink (and sidecars), the summary, and the observer."""
 
-    def __init__(self, task: Task, sink: Sink, options: BatchOptions, summary: BatchSummary, observer: Observer):
-        self.task, self.sink, self.options, self.summary, self.observer = task, sink, options, summary, observer
-        self.items: list[_Item] = []
+    def __init__(self, task: Task, inputs: Sequence[str], sink: Sink, options: BatchOptions, observer: Observer):
+        self.task, self.sink, self.options, self.observer = task, sink, options, observer
+        self.total = len(inputs)
+        self.summary = BatchSummary(total=len(inputs))
+        key_of = getattr(task, "key", None)
+        plan = ResumePlan.for_inputs(task.identity, inputs, options.redo, *([lambda p: key_of(p, False)] if key_of else []))
+        self.index = sink.open(plan, options.use_hash)
+        self._t0 = time.perf_counter()
 
-    def ready(self) -> int:
-        return sum(1 for it in self.items if it.error is None)
+    def __enter__(self) -> BatchSession:
+        self.observer.start(self.task.name, self.total)
+        return self
 
-    def _results(self) -> dict[int, Record | VlmError]:
-        ready = [it for it in self.items if it.error is None]
-        if not ready:
-            return {}
+    def __exit__(self, *exc: Any) -> None:
         try:
-            results = list(self.task.run([it.data for it in ready]))
-        except VlmError as e:
-            results = [e] * len(ready)
-        if len(results) != len(ready):
-            raise RuntimeError(f"{self.task.name}: {len(results)} results for {len(ready)} inputs")
-        return {it.index: r for it, r in zip(ready, results)}
+            self.sink.close()
+        finally:
+            self.observer.stop()
+            self.summary.elapsed_s = time.perf_counter() - self._t0
 
-    def flush(self) -> None:
-        if not self.items:
+    def check(self, input: str, index: int) -> Item:
+        """The input's resume key, and whether it is skipped (done earlier, or its sidecar exists)."""
+        task, options = self.task, self.options
+        item = Item(index, input)
+        try:
+            key_of = getattr(task, "key", None)
+            item.key = key_of(input, options.use_hash) if key_of is not None else file_key(input, options.use_hash)
+            if (not options.redo and self.index.is_done(item.key)) or (options.sidecars is not None and options.sidecars.blocks(input)):
+                item.skipped = True
+        except Exception as e:  # noqa: BLE001 - see _caught
+            item.error = _caught(e)
+        return item
+
+    def skip(self) -> None:
+        self.summary.skipped += 1
+        self.observer.advance(1, 0)
+
+    def finish(self, items: Sequence[Item], results: dict[int, Record | VlmError]) -> None:
+        """Records for finished items, in their order (failed ones included), to the sink in one write."""
+        if not items:
             return
-        results = self._results()
         records: list[Record] = []
         n_done = 0
-        for it in self.items:
+        for it in items:
             it.data = None  # free decoded pixels now
             r = results.get(it.index)
             rec = base_record(self.task, it.input)
@@ -249,8 +290,7 @@ class _Batch:
             records.append(_finish_record(rec, it))
         self.sink.write_batch(records)
         self.summary.done += n_done
-        self.observer.advance(len(self.items), n_done)
-        self.items.clear()
+        self.observer.advance(len(items), n_done)
 
     def _write_sidecar(self, input: str, rec: Record) -> VlmError | None:
         o = self.options
@@ -259,7 +299,7 @@ class _Batch:
         problem = o.sidecars.write(input, o.sidecar_text(rec))
         return VlmError(problem) if problem else None
 
-    def _failed(self, it: _Item) -> None:
+    def _failed(self, it: Item) -> None:
         assert it.error is not None
         self.summary.failed += 1
         if len(self.summary.errors) < 20:
@@ -267,7 +307,7 @@ class _Batch:
         self.observer.failure(it.input, it.error)
 
 
-def _finish_record(rec: Record, item: _Item) -> Record:
+def _finish_record(rec: Record, item: Item) -> Record:
     timings = dict(rec.pop("timings", None) or {})
     timings["prepare_ms"] = round(item.prepare_ms, 2)
     rec["timings"] = timings
@@ -276,55 +316,61 @@ def _finish_record(rec: Record, item: _Item) -> Record:
     return rec
 
 
+def _prepare(task: Task, session: BatchSession, input: str, index: int) -> Item:
+    """In a decode thread: the key, the skip check, then task.prepare."""
+    t0 = time.perf_counter()
+    item = session.check(input, index)
+    if not item.skipped and item.error is None:
+        prepare_item(task, item)
+    item.prepare_ms = (time.perf_counter() - t0) * 1000
+    return item
+
+
 def run_batch(
     task: Task, inputs: Sequence[str], sink: Sink, options: BatchOptions | None = None, observer: Observer | None = None
 ) -> BatchSummary:
     """Run a task over inputs in order, writing one record per input; see the module doc."""
     options = options or BatchOptions()
     observer = observer or Observer()
-    summary = BatchSummary(total=len(inputs))
-    key_of = getattr(task, "key", None)
-    plan = ResumePlan.for_inputs(task.identity, inputs, options.redo, *([lambda p: key_of(p, False)] if key_of else []))
-    index = sink.open(plan, options.use_hash)
     batch_size = max(1, int(task.batch_size))
     # A task may ask for fewer decode threads / a shorter window (the VLM: its model uses every core).
     workers = getattr(task, "workers", None) or options.workers
     window = options.prefetch or getattr(task, "prefetch", None) or max(4, 2 * batch_size)
-    t0 = time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vlm-prepare", initializer=_lower_priority)
-    pending: collections.deque[Future[_Item]] = collections.deque()
-    next_index = 0
-    batch = _Batch(task, sink, options, summary, observer)
-    observer.start(task.name, len(inputs))
-    try:
-        with _Interrupts(options.handle_sigint) as interrupts:
+    with BatchSession(task, inputs, sink, options, observer) as session:
+        pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vlm-prepare", initializer=_lower_priority)
+        pending: collections.deque[Future[Item]] = collections.deque()
+        next_index = 0
+        batch: list[Item] = []  # items for one model call, in input order, with failed ones between them
 
-            def fill() -> None:
-                nonlocal next_index
-                while next_index < len(inputs) and len(pending) < window:
-                    pending.append(pool.submit(_prepare, task, inputs[next_index], next_index, options, index.is_done))
-                    next_index += 1
+        def flush() -> None:
+            session.finish(batch, run_items(task, batch))
+            batch.clear()
 
-            fill()
-            while pending and not interrupts.requested:
-                item = pending.popleft().result()
+        try:
+            with _Interrupts(options.handle_sigint) as interrupts:
+
+                def fill() -> None:
+                    nonlocal next_index
+                    while next_index < len(inputs) and len(pending) < window:
+                        pending.append(pool.submit(_prepare, task, session, inputs[next_index], next_index))
+                        next_index += 1
+
                 fill()
-                if item.skipped:
-                    summary.skipped += 1
-                    observer.advance(1, 0)
-                    continue
-                batch.items.append(item)
-                if batch.ready() >= batch_size:
-                    batch.flush()
-            if interrupts.requested:
-                summary.interrupted = True  # what is in the batch was not run: the next run does it
-            else:
-                batch.flush()
-    finally:
-        for f in pending:
-            f.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
-        sink.close()
-        observer.stop()
-        summary.elapsed_s = time.perf_counter() - t0
-    return summary
+                while pending and not interrupts.requested:
+                    item = pending.popleft().result()
+                    fill()
+                    if item.skipped:
+                        session.skip()
+                        continue
+                    batch.append(item)
+                    if sum(1 for it in batch if it.error is None) >= batch_size:
+                        flush()
+                if interrupts.requested:
+                    session.summary.interrupted = True  # what is in the batch was not run: the next run does it
+                else:
+                    flush()
+        finally:
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+    return session.summary

@@ -146,6 +146,16 @@ def _store() -> dict[str, Any]:
     }
 
 
+def _image_cache() -> dict[str, Any]:
+    from vlmcli.tasks.models import encoding_cache
+
+    cache = encoding_cache()
+    if cache is None:
+        return {"enabled": False, "path": None, "entries": 0, "bytes": 0, "max_bytes": 0}
+    stats = cache.stats()
+    return {"enabled": True, "path": str(stats.path), "entries": stats.entries, "bytes": stats.bytes, "max_bytes": stats.max_bytes}
+
+
 def _hub() -> dict[str, Any]:
     from vlmcli.store import hub
     from vlmcli.store.registry import env_flag
@@ -202,7 +212,7 @@ def warnings(report: dict[str, Any]) -> list[str]:
     cpus, threads = report.get("cpu", {}).get("available"), report.get("runs_on", {}).get("threads")
     if cpus and threads and cpus < threads:
         out.append(f"only {cpus} of {threads} CPUs are available to this process; -t {cpus} may be faster")
-    for name in ("versions", "llama", "ggml", "store", "hub"):
+    for name in ("versions", "llama", "ggml", "store", "image_cache", "hub"):
         if "error" in report.get(name, {}):
             out.append(f"{name}: {report[name]['error']}")
     return out
@@ -222,7 +232,7 @@ def system_report() -> dict[str, Any]:
     report["runs_on"] = _section(lambda: _runs_on(report["llama"], report["ggml"]))
     report["gpus_visible"] = visible_gpus()
     report["store"] = _section(_store)
-    report["image_cache"] = None  # vlm keeps no cache of encoded images (yet)
+    report["image_cache"] = _section(_image_cache)
     report["hub"] = _section(_hub)
     report["warnings"] = warnings(report)
     return report

@@ -1,0 +1,243 @@
+"""Batch mode on a Ray cluster (`--ray`, vlmcli/tasks/ray_batch.py) on a real local Ray cluster (2 CPUs,
+one per module) with the tiny models and real files: a Ray run writes the records a local run
+writes (bad images included), resumes after its driver is killed, and retries the images of a
+killed actor without losing or doubling any. Drivers run in this process (sharing its Ray
+connection) or as subprocesses joining the cluster with `--ray auto`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ray
+from vlmcli.cli import main
+
+MAX_TOKENS = "4"
+RAY = ["--ray", "--ray-workers", "2", "--ray-cpus", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             object_store_memory=200 * 1024 * 1024)
+    yield
+    ray.shutdown()
+
+
+def _img(path: Path, seed: int, size: tuple[int, int] = (48, 36)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture()
+def photos(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    _img(root / "a.jpg", 1)
+    _img(root / "b b.png", 2)
+    _img(root / "sub" / "c.jpg", 3)
+    (root / "sub" / "d.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    return root
+
+
+@pytest.fixture()
+def vlm_args(smolvlm2_gguf) -> list[str]:
+    return ["-m", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "--threads", "1", "-n", MAX_TOKENS]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out, err = capsys.readouterr()
+    return int(e.value.code or 0), out, err
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def _without_timings(records: list[dict]) -> list[dict]:
+    # What describes the run, not the result: timings, and whether the encoding came from the cache.
+    return sorted(({k: v for k, v in r.items() if k not in ("timings", "cache")} for r in records), key=lambda r: r["path"])
+
+
+def test_caption_on_ray_writes_the_records_of_a_local_run(photos, tmp_path, vlm_args, capsys) -> None:
+    local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    code, _, err = run_cli(["caption", str(photos), "--out", str(local), *vlm_args], capsys)
+    assert code == 3, err
+    code, out, err = run_cli(["caption", str(photos), "--out", str(remote), *vlm_args, *RAY], capsys)
+    assert code == 3 and out == "", err
+    assert "3 done, 0 skipped, 1 failed" in err and f"vlm: error: {photos / 'sub' / 'd.jpg'}: cannot decode" in err
+    assert "Traceback" not in err
+    a, b = jsonl(local), jsonl(remote)
+    assert len(b) == 4 and _without_timings(a) == _without_timings(b)  # same captions (greedy), same error record
+    assert all("prepare_ms" in r["timings"] for r in b)
+    # Resume through Ray: nothing is done twice.
+    code, _, err = run_cli(["caption", str(photos), "--out", str(remote), *vlm_args, *RAY], capsys)
+    assert code == 3 and "0 done, 3 skipped, 1 failed" in err and len(jsonl(remote)) == 4
+    # Sidecars written by the driver, from image bytes the driver shipped to the workers.
+    code, _, err = run_cli(["caption", str(photos), "--sidecar", *vlm_args, *RAY, "--ray-ship-files"], capsys)
+    assert code == 3, err
+    for r in a:
+        if not r.get("error"):
+            assert Path(r["path"]).with_suffix(".txt").read_text().strip() == " ".join(r["caption"].split())
+
+
+def test_classify_csv_and_embed_npy_on_ray(tmp_path, clip_gguf, capsys) -> None:
+    root = tmp_path / "pics"
+    for i in range(7):
+        _img(root / ("deep" if i % 2 else "") / f"p{i}.png", 10 + i, (40 + i, 50))
+    (root / "deep" / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    model = ["--model", str(clip_gguf), "--threads", "1", "--batch-size", "3"]
+    runs = {}
+    for where, extra in (("local", []), ("ray", RAY)):
+        out = tmp_path / f"{where}.csv"
+        code, _, err = run_cli(["classify", str(root), "--labels", "cat,dog,car", "-k", "2", "--out", str(out), *model, *extra], capsys)
+        assert code == 3 and "7 done, 0 skipped, 1 failed" in err, err
+        with open(out, newline="") as f:
+            runs[where] = sorted(csv.DictReader(f), key=lambda r: r["path"])
+    assert [r["path"] for r in runs["local"]] == [r["path"] for r in runs["ray"]]
+    for x, y in zip(runs["local"], runs["ray"]):
+        assert {k: v for k, v in x.items() if k not in ("score", "top")} == {k: v for k, v in y.items() if k not in ("score", "top")}
+        assert float(x["score"] or 0) == pytest.approx(float(y["score"] or 0), rel=1e-4)
+
+    texts = ["--text", "a cat", "--text", "a dog"]
+    emb = {}
+    for where, extra in (("local", []), ("ray", RAY)):
+        out = tmp_path / f"{where}.npy"
+        code, _, err = run_cli(["embed", str(root), *texts, "--out", str(out), *model, *extra], capsys)
+        assert code == 3, err
+        meta = jsonl(out.with_suffix(".jsonl"))
+        emb[where] = (np.load(out), {(r.get("path"), r["input"]): r for r in meta})
+    (a, ma), (b, mb) = emb["local"], emb["ray"]
+    assert a.shape == b.shape == (9, a.shape[1]) and ma.keys() == mb.keys() and len(ma) == 10
+    for k, r in ma.items():
+        s = mb[k]
+        assert {x: v for x, v in r.items() if x not in ("row", "timings")} == {x: v for x, v in s.items() if x not in ("row", "timings")}
+        assert (r["row"] is None) == (s["row"] is None)
+        if r["row"] is not None:  # the .npy keeps float32: the same vector, to float32 rounding
+            np.testing.assert_allclose(a[r["row"]], b[s["row"]], rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- faults (drivers as subprocesses)
+
+
+def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "vlmcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if path.exists() and path.read_bytes().count(b"\n") >= n:
+            break
+        time.sleep(0.02)
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def _many(tmp_path: Path, n: int) -> Path:
+    folder = tmp_path / "many"
+    for i in range(n):
+        _img(folder / f"{i:02d}.png", 100 + i)
+    (folder / "zz_bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    return folder
+
+
+def _check_once_each(out: Path, folder: Path, n: int) -> list[dict]:
+    recs = jsonl(out)
+    paths = [r["path"] for r in recs]
+    assert sorted(paths) == sorted([str(folder / f"{i:02d}.png") for i in range(n)] + [str(folder / "zz_bad.jpg")])
+    assert len(set(paths)) == len(paths)  # none lost, none twice
+    assert [r["path"] for r in recs if r.get("error")] == [str(folder / "zz_bad.jpg")]
+    return recs
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigint"])
+def test_killed_driver_resumes_without_duplicates_or_gaps(tmp_path, smolvlm2_gguf, capsys, how) -> None:
+    n = 24
+    folder = _many(tmp_path, n)
+    out = tmp_path / "out.jsonl"
+    args = ["caption", str(folder), "--out", str(out), "-m", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "-n", "8"]
+    proc = _spawn([*args, "--ray", "auto", "--ray-workers", "2", "--ray-cpus", "1"])
+    seen = _wait_for_lines(out, 3, proc)
+    proc.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert 3 <= seen
+    before = out.read_bytes()
+    assert before.count(b"\n") < n + 1, "the run finished before it could be killed"
+    if how == "sigint":  # the first Ctrl-C: what runs on the actors finishes and is written, the rest waits
+        assert proc.returncode == 130 and b"not started (interrupted)" in err and before.endswith(b"\n"), err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    done_before = sum(1 for line in before.splitlines() if line.endswith(b"}") and b'"error"' not in line)
+    code, _, err = run_cli([*args, *RAY], capsys)  # the driver's actors die with it; new ones start
+    assert code == 3, err
+    assert f"{done_before} skipped" in err
+    _check_once_each(out, folder, n)
+
+
+def _running_actor_pids() -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmd.startswith(b"ray::VlmBatchWorker.run"):
+                pids.append(int(d))
+    return pids
+
+
+def test_killed_actor_has_its_images_retried_on_another(tmp_path, smolvlm2_gguf) -> None:
+    n = 24
+    folder = _many(tmp_path, n)
+    out = tmp_path / "out.jsonl"
+    args = ["caption", str(folder), "--out", str(out), "-m", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj),
+            "-n", "8", "--ray", "auto", "--ray-workers", "2", "--ray-cpus", "1"]
+    proc = _spawn(args)
+    _wait_for_lines(out, 2, proc)
+    pids: list[int] = []
+    end = time.monotonic() + 30
+    while not pids and time.monotonic() < end and proc.poll() is None:
+        pids = _running_actor_pids()
+        time.sleep(0.01)
+    assert pids, "no actor was running"
+    assert out.read_bytes().count(b"\n") < n + 1, "the run finished before an actor could be killed"
+    os.kill(pids[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err
+    assert b"Ray worker" in err and b"died" in err and b"Traceback" not in err
+    assert f"{n} done, 0 skipped, 1 failed".encode() in err
+    _check_once_each(out, folder, n)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_ray_options_are_checked_before_any_work(photos, vlm_args, capsys) -> None:
+    code, _, err = run_cli(["caption", str(photos), "--ray=photos", *vlm_args], capsys)
+    assert code == 2 and "--ray: " in err and "not a cluster address" in err and err.count("\n") == 1
+    code, _, err = run_cli(["caption", str(photos), "--ray-workers", "2", *vlm_args], capsys)
+    assert code == 2 and "--ray-workers goes with --ray" in err
+
+
+def test_without_ray_installed_one_line_says_how_to_install_it(photos) -> None:
+    code = "import sys; sys.modules['ray'] = None; from vlmcli.cli import main; main(sys.argv[1:])"
+    r = subprocess.run([sys.executable, "-c", code, "caption", str(photos), "--ray"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == "vlm: error: batch mode on Ray needs Ray, an optional extra: pip install 'vlmcli[ray]'"
