@@ -241,3 +241,127 @@ def test_without_ray_installed_one_line_says_how_to_install_it(photos) -> None:
     r = subprocess.run([sys.executable, "-c", code, "caption", str(photos), "--ray"], capture_output=True, text=True)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip() == "vlm: error: batch mode on Ray needs Ray, an optional extra: pip install 'vlmcli[ray]'"
+
+
+# ----------------------------------------------------------------------------- vlm eval --ray
+
+
+def _vqa_dataset(root: Path) -> Path:
+    """Relative image paths (the actors have their own working directory); one image is missing."""
+    _img(root / "imgs" / "a.png", 1)
+    _img(root / "imgs" / "b b.png", 2)
+    data = root / "vqa.jsonl"
+    rows = [("imgs/a.png", "What is it?", "cat"), ("imgs/b b.png", "Is it red?", "yes"), ("imgs/a.png", "How many?", "2"),
+            ("imgs/missing.png", "Where?", "park")]
+    data.write_text("".join(json.dumps({"image": i, "question": q, "answers": [a] * 10}) + "\n" for i, q, a in rows))
+    return data
+
+
+def _eval_records(path: Path) -> list[dict]:
+    """Records without what describes the run (timings, cache, each answer's time to first token)."""
+    out = []
+    for r in _without_timings(jsonl(path)):
+        if "answers" in r:
+            r = {**r, "answers": [{k: v for k, v in a.items() if k != "ttft_ms"} for a in r["answers"]]}
+        out.append(r)
+    return out
+
+
+def test_eval_vqa_on_ray_reports_and_records_what_a_local_run_does(tmp_path, smolvlm2_gguf, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _vqa_dataset(tmp_path)
+    model = ["-m", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "--threads", "1", "-n", "3", "--quiet", "--json"]
+    local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+
+    def run(out: Path, *extra: str, code: int = 3) -> dict:  # 3: the missing image's question fails, the rest is scored
+        got, stdout, err = run_cli(["eval", "vqa", "vqa.jsonl", "--out", str(out), *model, *extra], capsys)
+        assert got == code and "Traceback" not in err, err
+        return json.loads(stdout)
+
+    (want,) = run(local)["runs"]
+    assert want["items"] == 3 and want["failed"] == 1 and want["speed"]["items_run"] == 3
+    # Two of the questions, the image bytes shipped by the driver.
+    (part,) = run(remote, "--limit", "2", *RAY, "--ray-ship-files", code=0)["runs"]
+    assert part["items"] == 2 and part["speed"]["items_run"] == 2
+    # All of them, resuming: the image whose questions grew is redone, the other resumed.
+    report = run(remote, *RAY)
+    (got,) = report["runs"]
+    assert report["questions"] == 4 and report["images"] == 3
+    assert got["metrics"] == want["metrics"] and (got["items"], got["failed"], got["failed_images"]) == (3, 1, 1)
+    assert {k: got[k] for k in ("model", "file", "quant", "detail", "max_tiles")} == {k: want[k] for k in ("model", "file", "quant", "detail", "max_tiles")}
+    s = got["speed"]
+    assert s["items_run"] == 2 and s["images_run"] == 1 and s["ray_workers"] == 2
+    assert s["wall_s"] > 0 and s["images_per_s"] > 0 and s["ttft_s"] > 0 and s["peak_rss_mb"] is None
+    assert _eval_records(remote) == _eval_records(local)  # the same answers (greedy), accuracies, error record
+    answers = {a["question_id"]: a["answer"] for r in jsonl(local) for a in r.get("answers") or []}
+    assert {a["question_id"]: a["answer"] for r in jsonl(remote) for a in r.get("answers") or []} == answers
+    # Once more: nothing left to run, the same scores.
+    (again,) = run(remote, *RAY)["runs"]
+    assert again["metrics"] == want["metrics"] and again["speed"]["items_run"] == 0 and len(jsonl(remote)) == 3
+
+
+def test_eval_zeroshot_and_retrieval_on_ray_equal_local(tmp_path, clip_gguf, capsys) -> None:
+    root = tmp_path / "zs"
+    for c, name in enumerate(("cat", "dog", "car")):
+        for k in range(2):
+            _img(root / name / f"{k}.png", 10 * c + k)
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    model = ["-m", str(clip_gguf), "--threads", "1", "--batch-size", "2", "--json", "--quiet"]
+    reports, records = {}, {}
+    for where, extra in (("local", []), ("ray", RAY)):
+        out = tmp_path / f"zs-{where}.jsonl"
+        code, stdout, err = run_cli(["eval", "zeroshot", str(root), "--template", "a photo of a {}.", "--template",
+                                     "a drawing of a {}.", "--out", str(out), *model, *extra], capsys)
+        assert code == 3, err
+        reports[where], records[where] = json.loads(stdout)["runs"][0], _without_timings(jsonl(out))
+    assert reports["ray"]["metrics"] == reports["local"]["metrics"] and reports["ray"]["items"] == 6
+    assert reports["ray"]["speed"]["text_s"] > 0 and reports["ray"]["speed"]["ray_workers"] == 2
+    for a, b in zip(records["local"], records["ray"], strict=True):
+        assert {k: v for k, v in a.items() if k != "labels"} == {k: v for k, v in b.items() if k != "labels"}
+        for x, y in zip(a.get("labels") or [], b.get("labels") or [], strict=True):
+            assert x["label"] == y["label"] and x["score"] == pytest.approx(y["score"], rel=1e-4)
+
+    for i in range(3):
+        _img(tmp_path / "r" / f"{i}.png", 40 + i)
+    data = tmp_path / "ret.jsonl"
+    data.write_text("".join(json.dumps({"image": f"r/{i}.png", "captions": [f"picture {i}", "a shared caption"]}) + "\n"
+                            for i in range(3)))
+    metrics = {}
+    for where, extra in (("local", []), ("ray", RAY)):
+        out = tmp_path / f"ret-{where}.npy"
+        code, stdout, err = run_cli(["eval", "retrieval", str(data), "--out", str(out), *model, *extra], capsys)
+        assert code == 0, err
+        metrics[where] = json.loads(stdout)["runs"][0]["metrics"]
+        assert np.load(out).shape[0] == 3 + 4
+    assert metrics["ray"] == metrics["local"]
+
+
+def test_eval_takes_the_ray_options(tmp_path, capsys) -> None:
+    from vlmcli.cli.batch import ray_flag
+    from vlmcli.cli.eval import sample_flag
+
+    assert ray_flag(sample_flag(["eval", "vqa", "--sample", "--ray"])) == ["eval", "vqa", "--sample-set", "--ray=local"]
+    assert ray_flag(["eval", "zeroshot", "--ray", "photos/", "--ray-workers", "2"])[2] == "--ray=local"
+    assert ray_flag(["eval", "retrieval", "d.json", "--ray", "auto"])[3:] == ["--ray", "auto"]
+    data = tmp_path / "v.jsonl"
+    data.write_text(json.dumps({"image": "a.png", "question": "q", "answers": ["a"]}) + "\n")
+    code, _, err = run_cli(["eval", "vqa", str(data), "--ray-cpus", "2"], capsys)
+    assert code == 2 and "--ray-cpus goes with --ray" in err
+    code, _, err = run_cli(["eval", "vqa", str(data), "--predictions", str(data), "--ray"], capsys)
+    assert code == 2 and "--predictions scores without a model" in err and err.count("\n") == 1
+
+
+def test_eval_caption_best_of_rows_on_ray_equal_local(tmp_path, smolvlm2_gguf, capsys) -> None:
+    # A row per N from one model load per worker (the N=2 task derived on the actors); sampling is seeded.
+    model = ["-m", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "--threads", "1", "-n", "3", "--quiet",
+             "--json", "--sample", "2", "--best-of", "1,2", "--detail", "low"]
+    runs = {}
+    for where, extra in (("local", []), ("ray", RAY)):
+        out = tmp_path / f"{where}.jsonl"
+        code, stdout, err = run_cli(["eval", "caption", "--out", str(out), *model, *extra], capsys)
+        assert code == 0, err
+        runs[where] = json.loads(stdout)["runs"]
+        assert [r["best_of"] for r in runs[where]] == [1, 2] and len(jsonl(out)) == 4
+    for a, b in zip(runs["local"], runs["ray"], strict=True):
+        assert a["metrics"] == b["metrics"] and a["items"] == b["items"] == 2
+    assert _without_timings(jsonl(tmp_path / "local.jsonl")) == _without_timings(jsonl(tmp_path / "ray.jsonl"))

@@ -71,6 +71,10 @@ BATCH_OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
+# Commands that take only the Ray options (eval: its own --out, --redo, --quiet).
+RAY_ONLY = tuple(n for n in BATCH_OPTIONS if not n.startswith("ray"))
+
+
 def ray_flag(args: list[str]) -> list[str]:
     """`--ray` followed by no address (nothing, an option or an input) means a local cluster. Click has
     no option with an optional value, so the bare form gets its value before parsing."""
@@ -258,12 +262,22 @@ def on_ray(args: BatchArgs, name: str, build: Callable[..., Any], spec: Any, bui
            verbose: bool = False) -> Iterator[Any]:
     """With --ray: a pool of Ray workers, each building its task as `build(spec, *build_args)` (the
     function the command calls to build it here); yields the task to pass to `execute` / `run`."""
-    from vlmcli.tasks.ray_batch import RayOptions, RayPool, TaskRecipe
+    from vlmcli.tasks.ray_batch import RayPool, TaskRecipe
 
-    options = RayOptions(address=args.ray, workers=args.ray_workers, cpus=args.ray_cpus, gpus=args.ray_gpus,
-                         ship_files=args.ray_ship_files, verbose=verbose, notify=None if args.quiet else info)
+    options = ray_options(args, args.quiet, verbose)
+    assert options is not None
     with RayPool(TaskRecipe(name, build, spec, tuple(build_args)), options) as pool:
         yield pool.task()
+
+
+def ray_options(args: BatchArgs, quiet: bool, verbose: bool = False) -> Any:
+    """The RayOptions of --ray and its companions; None without --ray."""
+    if not args.ray:
+        return None
+    from vlmcli.tasks.ray_batch import RayOptions
+
+    return RayOptions(address=args.ray, workers=args.ray_workers, cpus=args.ray_cpus, gpus=args.ray_gpus,
+                      ship_files=args.ray_ship_files, verbose=verbose, notify=None if quiet else info)
 
 
 def conclude(name: str, summary: BatchSummary, args: BatchArgs, single: bool = False) -> None:

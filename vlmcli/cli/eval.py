@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 
+from vlmcli.cli import batch as batch_cli
 from vlmcli.cli.app import CtxOpt, DeviceOpt, GpuOpt, ImageBatchOpt, MaxPixelsOpt, NoCacheOpt, OfflineOpt, ThreadsOpt, app, info
 from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, VlmError
 
@@ -79,14 +80,20 @@ def _clip_specs(models: Optional[List[str]], offline: bool, threads: Optional[in
     return [ModelSpec(m, offline=offline or None, n_threads=threads, n_gpu_layers=n_gpu_layers, device=device) for m in (models or [None])]
 
 
-def _settings(out: Optional[Path], redo: bool, quiet: bool, max_pixels: int, **kwargs: Any) -> EvalSettings:
+def _settings(out: Optional[Path], redo: bool, quiet: bool, max_pixels: int, batch: batch_cli.BatchArgs,
+              **kwargs: Any) -> EvalSettings:
     from vlmcli.cli.progress import BatchProgress
     from vlmcli.tasks.evaluate import EvalSettings
 
     if out is not None and out.is_dir():
         raise VlmError("--out is a folder; give a file", out, exit_code=EXIT_USAGE)
     return EvalSettings(out=out, redo=redo, max_pixels=max_pixels, observer_factory=lambda: BatchProgress(quiet=quiet),
-                        notify=info, **kwargs)
+                        notify=info, ray=batch_cli.ray_options(batch, quiet), **kwargs)
+
+
+def _no_ray_with_predictions(batch: batch_cli.BatchArgs) -> None:
+    if batch.ray:
+        raise VlmError("--predictions scores without a model; --ray has nothing to run", exit_code=EXIT_USAGE)
 
 
 def _format(json_out: bool, fmt: Optional[str]) -> str:
@@ -256,6 +263,7 @@ def _finish(report: dict[str, Any], fmt: str) -> None:
 
 
 @eval_app.command("vqa")
+@batch_cli.with_batch_options(without=batch_cli.RAY_ONLY)
 def vqa(
     data: Optional[Path] = typer.Argument(None, help="VQAv2 questions JSON (with --annotations and --images), or a JSONL of {image, question, answers: [...]}."),
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="VQAv2 annotations JSON (the answers)."),
@@ -284,6 +292,7 @@ def vqa(
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     no_cache: bool = NoCacheOpt,
+    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (--ray and its options: with_batch_options)
 ) -> None:
     """VQAv2 accuracy exactly as the official evaluation computes it (overall and per answer type), with speed."""
     from vlmcli.tasks.eval_data import load_vqa
@@ -293,14 +302,16 @@ def vqa(
     data = _dataset(data, sample_set, sample, "vqa")
     items = _subset(load_vqa(data, annotations, images, warn=lambda m: info(f"vlm: warning: {m}")), limit, sample, seed)
     if predictions is not None:
+        _no_ray_with_predictions(batch)
         _finish(score_vqa_predictions(items, predictions, str(data)), f)
     specs = _vlm_specs(model, mmproj, detail, max_tiles, offline, threads, n_gpu_layers, ctx, no_cache)
-    settings = _settings(out, redo, quiet, max_pixels, generation=_generation(max_tokens), prompt=prompt_suffix,
+    settings = _settings(out, redo, quiet, max_pixels, batch, generation=_generation(max_tokens), prompt=prompt_suffix,
                          **_best_of(best_of, select))
     _finish(evaluate_vqa(items, specs, settings, str(data)), f)
 
 
 @eval_app.command("caption")
+@batch_cli.with_batch_options(without=batch_cli.RAY_ONLY)
 def caption(
     data: Optional[Path] = typer.Argument(None, help="COCO captions annotations JSON, a Karpathy split JSON, or a JSONL of {image, captions: [...]}."),
     images: Optional[Path] = ImagesOpt,
@@ -329,6 +340,7 @@ def caption(
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     no_cache: bool = NoCacheOpt,
+    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (--ray and its options: with_batch_options)
 ) -> None:
     """COCO-style captioning: CIDEr-D, BLEU-1..4 and ROUGE-L as pycocoevalcap computes them, with speed."""
     from vlmcli.tasks.eval_data import load_captions
@@ -338,9 +350,10 @@ def caption(
     data = _dataset(data, sample_set, sample, "caption")
     items = _subset(load_captions(data, images, split), limit, sample, seed)
     if predictions is not None:
+        _no_ray_with_predictions(batch)
         _finish(score_caption_predictions(items, predictions, str(data)), f)
     specs = _vlm_specs(model, mmproj, detail, max_tiles, offline, threads, n_gpu_layers, ctx, no_cache)
-    settings = _settings(out, redo, quiet, max_pixels, generation=_generation(max_tokens), prompt=prompt,
+    settings = _settings(out, redo, quiet, max_pixels, batch, generation=_generation(max_tokens), prompt=prompt,
                          **_best_of(best_of, select))
     _finish(evaluate_captions(items, specs, settings, str(data)), f)
 
@@ -356,6 +369,7 @@ def _templates(template: Optional[List[str]], templates: Optional[str]) -> Optio
 
 
 @eval_app.command("zeroshot")
+@batch_cli.with_batch_options(without=batch_cli.RAY_ONLY)
 def zeroshot(
     root: Optional[Path] = typer.Argument(None, help="ImageFolder tree: ROOT/CLASS/image.jpg, one folder per class."),
     classes: Optional[str] = typer.Option(None, "--classes", help='Class names: a file (one per line in sorted folder order, or FOLDER<TAB>name lines), or "imagenet" (CLIP\'s 1000 names). Default: the folder names.'),
@@ -377,6 +391,7 @@ def zeroshot(
     device: Optional[str] = DeviceOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
+    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (--ray and its options: with_batch_options)
 ) -> None:
     """CLIP zero-shot classification: top-1 / top-5 accuracy over an ImageFolder tree, with speed."""
     from vlmcli.tasks.eval_data import ImageFolder, load_image_folder, read_class_names, select
@@ -395,11 +410,12 @@ def zeroshot(
     if not keep:
         raise VlmError("no items to evaluate")
     folder = ImageFolder(folder.classes, folder.names, [folder.paths[i] for i in keep], [folder.labels[i] for i in keep])
-    settings = _settings(out, redo, quiet, max_pixels, templates=_templates(template, templates), batch_size=batch_size)
+    settings = _settings(out, redo, quiet, max_pixels, batch, templates=_templates(template, templates), batch_size=batch_size)
     _finish(evaluate_zeroshot(folder, _clip_specs(model, offline, threads, n_gpu_layers, device), settings, str(root)), f)
 
 
 @eval_app.command("retrieval")
+@batch_cli.with_batch_options(without=batch_cli.RAY_ONLY)
 def retrieval(
     data: Optional[Path] = typer.Argument(None, help="COCO / Flickr30k Karpathy split JSON, COCO captions JSON, or a JSONL of {image, captions: [...]}."),
     images: Optional[Path] = ImagesOpt,
@@ -420,6 +436,7 @@ def retrieval(
     device: Optional[str] = DeviceOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
+    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (--ray and its options: with_batch_options)
 ) -> None:
     """CLIP image-to-text and text-to-image Recall@1/5/10, as in the CLIP paper, with speed."""
     from vlmcli.tasks.eval_data import load_captions
@@ -430,5 +447,5 @@ def retrieval(
         raise VlmError("--out is the .npy file (its .jsonl metadata is written beside it)", out, exit_code=EXIT_USAGE)
     data = _dataset(data, sample_set, sample, "retrieval")
     items = _subset(load_captions(data, images, split), limit, sample, seed)
-    settings = _settings(out, redo, quiet, max_pixels, batch_size=batch_size)
+    settings = _settings(out, redo, quiet, max_pixels, batch, batch_size=batch_size)
     _finish(evaluate_retrieval(items, _clip_specs(model, offline, threads, n_gpu_layers, device), settings, str(data)), f)

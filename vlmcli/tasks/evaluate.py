@@ -11,10 +11,17 @@ Each model spec (several give a side-by-side table) is opened, run over every it
 file), scored with vlmcli.metrics, and reported with its speed: items, wall time, time per item,
 images/s, time to first token (VLMs), peak memory, and the machine. The report is a plain dict
 (JSON-ready); front ends render it.
+
+Where the model runs: `_model_task` opens it here with a module-level builder (`vqa_task`,
+`caption_task`, `zeroshot_task`, `retrieval_task`: a ModelSpec and picklable settings in, the
+task out), or, with `settings.ray`, starts a pool of Ray actors that call the same builder
+(tasks/ray_batch.py); `_run` hands the task to run_batch or to the pool. Everything else (resume,
+records, scores, the report) is the same code either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,11 +32,12 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from vlmcli.errors import VlmError
 from vlmcli.tasks.ask import AskTask
 from vlmcli.tasks.caption import CaptionTask
+from vlmcli.tasks.classify import ClassifyTask
 from vlmcli.tasks.eval_data import CaptionItem, ImageFolder, VqaItem, read_json, read_jsonl_records
 from vlmcli.tasks.resume import Record, identity_matches, record_abspath
 from vlmcli.tasks.runner import BatchOptions, BatchSummary, Observer, run_batch
@@ -38,8 +46,12 @@ from vlmcli.tasks.sinks import JsonlSink, Sink, read_jsonl
 if TYPE_CHECKING:
     from PIL import Image
 
+    from vlmcli.engines.clip import ClipModel
     from vlmcli.engines.llama import Generation, GenerationOptions
+    from vlmcli.tasks.classify import LabelEmbeddings
+    from vlmcli.tasks.embed import EmbedImagesTask
     from vlmcli.tasks.models import ModelSpec, OpenedModel
+    from vlmcli.tasks.ray_batch import RayOptions
 
 DEFAULT_VQA_SUFFIX = "Answer the question using a single word or phrase."
 DEFAULT_VQA_MAX_TOKENS = 16
@@ -62,6 +74,8 @@ class EvalSettings:
     # CLIP evaluations
     templates: list[str] | None = None
     batch_size: int = 32
+    # Where the model runs: None here; RayOptions: on a pool of Ray actors (tasks/ray_batch.py)
+    ray: RayOptions | None = None
 
 
 # ----------------------------------------------------------------------------- machine and speed
@@ -95,7 +109,9 @@ def peak_rss_mb() -> float:
     return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
 
 
-def _speed(summary: BatchSummary, wall_s: float, load_s: float, items_run: int, records: list[Record]) -> dict[str, Any]:
+def _speed(summary: BatchSummary, wall_s: float, load_s: float, items_run: int, records: list[Record], task: Any) -> dict[str, Any]:
+    """Wall time and rates of the run as this process saw it (over the whole cluster with --ray);
+    per-item model times from the records, wherever they ran."""
     model_ms = [sum(v for k, v in (r.get("timings") or {}).items() if k.endswith("_ms") and k not in ("load_ms",)
                     and not k.endswith("per_s")) for r in records if not r.get("error")]
     out: dict[str, Any] = {
@@ -109,6 +125,10 @@ def _speed(summary: BatchSummary, wall_s: float, load_s: float, items_run: int, 
         "record_ms_per_image": round(sum(model_ms) / len(model_ms), 2) if model_ms else None,
         "peak_rss_mb": peak_rss_mb(),
     }
+    workers = _ray_workers(task)
+    if workers is not None:  # the models' memory is the actors', not this driver's
+        out["peak_rss_mb"] = None
+        out["ray_workers"] = workers
     return out
 
 
@@ -122,13 +142,35 @@ class MemorySink(Sink):
         self.records += [dict(r) for r in records]
 
 
-def _records_for(task: Any, inputs: Sequence[str], out: Path | None, memory: MemorySink | None) -> dict[str, Record]:
+class CountingSink(Sink):
+    """Another sink, counting the answers of the records this run writes (VQA: questions run)."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.answers = 0
+
+    @property
+    def resumable(self) -> bool:  # type: ignore[override]
+        return self.sink.resumable
+
+    def open(self, plan: Any, with_hash: bool) -> Any:
+        return self.sink.open(plan, with_hash)
+
+    def write_batch(self, records: list[Record]) -> None:
+        self.answers += sum(len(r.get("answers") or []) for r in records if not r.get("error"))
+        self.sink.write_batch(records)
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def _records_for(identity: dict[str, Any], inputs: Sequence[str], out: Path | None, memory: MemorySink | None) -> dict[str, Record]:
     """abspath -> this task's record for each input (the file's, which includes earlier runs')."""
     wanted = {os.path.abspath(p) for p in inputs}
     source = read_jsonl(out) if out is not None and out.exists() else (memory.records if memory else [])
     found: dict[str, Record] = {}
     for r in source:
-        if identity_matches(r, task.identity):
+        if identity_matches(r, identity):
             ap = record_abspath(r)
             if ap in wanted:
                 found[ap] = r
@@ -142,8 +184,10 @@ def _sink(out: Path | None) -> tuple[Sink, MemorySink | None]:
     return JsonlSink(out), None
 
 
-def _run_info(opened: OpenedModel, quant: Any, spec: ModelSpec) -> dict[str, Any]:
-    info: dict[str, Any] = {"model": opened.name, "file": opened.path.name, "quant": quant, "n_gpu_layers": spec.n_gpu_layers}
+def _model_info(opened: OpenedModel) -> dict[str, Any]:
+    """What a report row says of the model: set on the task as `run_info` by the builders (on a Ray
+    actor it travels back with the task's shape)."""
+    info: dict[str, Any] = {"model": opened.name, "file": opened.path.name}
     opts = getattr(opened.engine, "options", None)
     if opts is not None and hasattr(opts, "detail"):
         info["detail"] = opts.detail
@@ -151,12 +195,80 @@ def _run_info(opened: OpenedModel, quant: Any, spec: ModelSpec) -> dict[str, Any
     return info
 
 
-def _open(spec: ModelSpec, kind: str, settings: EvalSettings) -> tuple[OpenedModel, float]:
-    from vlmcli.tasks.models import open_model
+def _run_info(task: Any, quant: Any, spec: ModelSpec) -> dict[str, Any]:
+    info = dict(getattr(task, "run_info", None) or {})
+    info.pop("text_s", None)
+    out: dict[str, Any] = {"model": info.pop("model", None), "file": info.pop("file", None), "quant": quant,
+                           "n_gpu_layers": spec.n_gpu_layers, **info}
+    return out
 
+
+def _opened(task: Any, opened: OpenedModel, **info: Any) -> Any:
+    task.opened = opened  # closed by _model_task after the local run
+    task.run_info = {**_model_info(opened), **info}
+    return task
+
+
+# ----------------------------------------------------------------------------- here or on Ray
+
+
+@contextlib.contextmanager
+def _model_task(name: str, build: Callable[..., Any], spec: ModelSpec, args: tuple[Any, ...],
+                settings: EvalSettings) -> Iterator[tuple[Any, float]]:
+    """(the task, seconds to load it): `build(spec, *args)` here, or with `settings.ray` a pool of
+    Ray actors that each call it (a RemoteTask; the load time is the pool's start)."""
     t0 = time.perf_counter()
-    opened = open_model(spec, kind, notify=settings.notify)  # type: ignore[arg-type]
-    return opened, time.perf_counter() - t0
+    if settings.ray is not None:
+        from vlmcli.tasks.ray_batch import RayPool, TaskRecipe
+
+        with RayPool(TaskRecipe(name, build, spec, args), settings.ray) as pool:
+            yield pool.task(), time.perf_counter() - t0
+        return
+    task = build(spec, *args)
+    try:
+        yield task, time.perf_counter() - t0
+    finally:
+        task.opened.close()
+
+
+def _run(task: Any, inputs: Sequence[str], sink: Sink, options: BatchOptions, settings: EvalSettings) -> BatchSummary:
+    """Every eval run goes through here: run_batch with the model here, or the Ray pool's driver."""
+    from vlmcli.tasks.ray_batch import RemoteTask
+
+    observer = settings.observer_factory()
+    if isinstance(task, RemoteTask):
+        return task.run_batch(inputs, sink, options, observer)
+    return run_batch(task, inputs, sink, options, observer)
+
+
+def _describe(task: Any) -> Any:
+    """The task's identity and run_info: the task itself, or (on Ray) its stand-in."""
+    from vlmcli.tasks.ray_batch import RemoteTask
+
+    return task.describe() if isinstance(task, RemoteTask) else task
+
+
+def _derive(task: Any, variant: Callable[[Any], Any]) -> Any:
+    """`variant(task)`: another task over the same model (here, or built so on the actors)."""
+    from vlmcli.tasks.ray_batch import RemoteTask
+
+    return task.derive(variant) if isinstance(task, RemoteTask) else variant(task)
+
+
+def _ray_workers(task: Any) -> int | None:
+    from vlmcli.tasks.ray_batch import RemoteTask
+
+    return task.workers if isinstance(task, RemoteTask) else None
+
+
+@dataclass(frozen=True)
+class BestOf:
+    """A variant (`_derive`): the same model's task sampling `n` candidates per answer (a row per N)."""
+
+    n: int
+
+    def __call__(self, base: Any) -> Any:
+        return base.with_best_of(self.n)
 
 
 def _report(name: str, dataset: str, runs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -166,15 +278,15 @@ def _report(name: str, dataset: str, runs: list[dict[str, Any]], **extra: Any) -
 # ----------------------------------------------------------------------------- best-of N
 
 
-def _vlm_runs(specs: Sequence[ModelSpec], settings: EvalSettings) -> Any:
-    """(spec, N, opened model, load seconds) per row: each model opened once, for the largest N."""
+def _vlm_runs(name: str, build: Callable[..., Any], args: tuple[Any, ...], specs: Sequence[ModelSpec],
+              settings: EvalSettings) -> Iterator[tuple[ModelSpec, int, Any, float]]:
+    """(spec, N, task, load seconds) per row: each model opened once (here or on the Ray actors) for
+    the largest N, its first row's task built by `build(spec, *args, N)`, the others derived."""
     for spec in specs:
-        opened, load_s = _open(replace(spec, n_sequences=max(settings.best_of)), "vlm", settings)
-        try:
+        first = settings.best_of[0]
+        with _model_task(name, build, replace(spec, n_sequences=max(settings.best_of)), (*args, first), settings) as (base, load_s):
             for i, n_best in enumerate(settings.best_of):
-                yield spec, n_best, opened, load_s if i == 0 else 0.0
-        finally:
-            opened.close()
+                yield spec, n_best, base if i == 0 else _derive(base, BestOf(n_best)), load_s if i == 0 else 0.0
 
 
 def _sampling(gen: GenerationOptions, n_best: int) -> GenerationOptions:
@@ -218,8 +330,10 @@ class VqaTask(AskTask):
     def __init__(self, engine: Any, questions: dict[str, list[VqaItem]], suffix: str, generation: GenerationOptions,
                  max_pixels: int | None, n_best: int = 1, select: str = "logprob"):
         self.suffix = suffix
-        self.questions = questions  # input path -> its questions
-        self.answered = 0  # questions answered by the model in this process (for the speed report)
+        # Absolute input path -> its questions (absolute: Ray actors get absolute paths, and have
+        # their own working directory).
+        self.questions = {os.path.abspath(p): qs for p, qs in questions.items()}
+        self.answered = 0  # questions answered by the model in this process
         super().__init__(engine, ["(the image's questions)"], generation, max_pixels, n_best, select)
 
     def _inputs(self) -> dict[str, Any]:
@@ -228,12 +342,16 @@ class VqaTask(AskTask):
     def prepare(self, path: str) -> tuple[str, Image.Image]:
         return path, super().prepare(path)
 
+    def prepare_from(self, path: str, source: str) -> tuple[str, Image.Image]:
+        """Ray with --ray-ship-files: the image's bytes in a copy at `source`, its questions by `path`."""
+        return path, super().prepare(source)
+
     def run(self, prepared: list[tuple[str, Image.Image]]) -> list[Record | VlmError]:  # type: ignore[override]
         from vlmcli.metrics.vqa import vqa_accuracy
 
         out: list[Record | VlmError] = []
         for path, image in prepared:
-            qs = self.questions[path]
+            qs = self.questions[os.path.abspath(path)]
             self.prompts = [vqa_prompt(q.question, self.suffix) for q in qs]
             try:
                 gens = self.generate(image)
@@ -252,20 +370,35 @@ class VqaTask(AskTask):
         return out
 
 
-def _stale_vqa_inputs(task: VqaTask, inputs: list[str], out: Path) -> list[str]:
+# The model opened and the task built: here, or on each Ray actor (module-level: actors import them by name).
+def vqa_task(spec: ModelSpec, questions: dict[str, list[VqaItem]], suffix: str, generation: GenerationOptions,
+             max_pixels: int | None, select: str, notify: Callable[[str], None] | None, n_best: int = 1) -> VqaTask:
+    from vlmcli.tasks.models import open_model
+
+    opened = open_model(spec, "vlm", notify=notify)
+
+    def build(n: int) -> VqaTask:
+        task = VqaTask(opened.engine, questions, suffix, _sampling(generation, n), max_pixels, n, select)
+        task.with_best_of = build  # type: ignore[attr-defined]  (BestOf)
+        return _opened(task, opened)
+
+    return build(n_best)
+
+
+def _stale_vqa_inputs(identity: dict[str, Any], by_path: dict[str, list[VqaItem]], out: Path) -> list[str]:
     """Images whose earlier record lacks some of this run's questions (the subset changed): redone."""
     if not out.exists():
         return []
     answered: dict[str, set[str]] = {}
     for r in read_jsonl(out):
-        if identity_matches(r, task.identity) and not r.get("error"):
+        if identity_matches(r, identity) and not r.get("error"):
             ap = record_abspath(r)
             if ap is not None:
                 answered[ap] = {str(a.get("question_id")) for a in r.get("answers") or []}
     stale = []
-    for p in inputs:
+    for p, qs in by_path.items():
         have = answered.get(os.path.abspath(p))
-        if have is not None and not {q.question_id for q in task.questions[p]} <= have:
+        if have is not None and not {q.question_id for q in qs} <= have:
             stale.append(p)
     return stale
 
@@ -289,19 +422,26 @@ def evaluate_vqa(items: Sequence[VqaItem], specs: Sequence[ModelSpec], settings:
     suffix = DEFAULT_VQA_SUFFIX if settings.prompt is None else settings.prompt
     gen = settings.generation or GenerationOptions(max_tokens=DEFAULT_VQA_MAX_TOKENS)
     runs = []
-    for spec, n_best, opened, load_s in _vlm_runs(specs, settings):
-        task = VqaTask(opened.engine, by_path, suffix, _sampling(gen, n_best), settings.max_pixels, n_best, settings.select)
+    # Absolute paths: the actors' working directory is not ours.
+    build = ({os.path.abspath(p): qs for p, qs in by_path.items()}, suffix, gen, settings.max_pixels, settings.select, settings.notify)
+    for spec, n_best, task, load_s in _vlm_runs("eval-vqa", vqa_task, build, specs, settings):
+        shape = _describe(task)
         t0 = time.perf_counter()
         summary = BatchSummary()
+        questions_run = 0
         if settings.out is not None and not settings.redo:
-            stale = _stale_vqa_inputs(task, inputs, settings.out)
+            stale = _stale_vqa_inputs(shape.identity, by_path, settings.out)
             if stale:
-                summary = run_batch(task, stale, JsonlSink(settings.out), BatchOptions(redo=True), settings.observer_factory())
+                counted = CountingSink(JsonlSink(settings.out))
+                summary = _run(task, stale, counted, BatchOptions(redo=True), settings)
+                questions_run += counted.answers
         sink, memory = _sink(settings.out)
-        summary = summary + run_batch(task, inputs, sink, BatchOptions(redo=settings.redo), settings.observer_factory())
+        counted = CountingSink(sink)
+        summary = summary + _run(task, inputs, counted, BatchOptions(redo=settings.redo), settings)
+        questions_run += counted.answers
         wall = time.perf_counter() - t0
-        records = _records_for(task, inputs, settings.out, memory)
-        quant = task.identity.get("quant")
+        records = _records_for(shape.identity, inputs, settings.out, memory)
+        quant = shape.identity.get("quant")
         answers: dict[str, str] = {}
         ttft = []
         for r in records.values():
@@ -313,11 +453,10 @@ def evaluate_vqa(items: Sequence[VqaItem], specs: Sequence[ModelSpec], settings:
                     ttft.append(float(a["ttft_ms"]))
         failed = [q for q in items if q.question_id not in answers]
         failed_images = sum(1 for p in inputs if (records.get(os.path.abspath(p)) or {"error": "missing"}).get("error"))
-        questions_run = task.answered
-        speed = _speed(summary, wall, load_s, questions_run, list(records.values()))
+        speed = _speed(summary, wall, load_s, questions_run, list(records.values()), task)
         speed["ttft_s"] = round(sum(ttft) / len(ttft) / 1000, 4) if ttft else None
         runs.append({
-            **_run_info(opened, quant, spec), "best_of": n_best,
+            **_run_info(shape, quant, spec), "best_of": n_best,
             "metrics": _vqa_metrics(items, answers),
             "items": len(items) - len(failed), "failed": len(failed), "images": len(inputs), "failed_images": failed_images,
             "speed": speed,
@@ -396,6 +535,20 @@ def _unique_images(items: Sequence[CaptionItem], notify: Callable[[str], None] |
     return list(seen.values())
 
 
+def caption_task(spec: ModelSpec, generation: GenerationOptions, prompt: str, max_pixels: int | None, select: str,
+                 notify: Callable[[str], None] | None, n_best: int = 1) -> CaptionTask:
+    from vlmcli.tasks.models import open_model
+
+    opened = open_model(spec, "vlm", notify=notify)
+
+    def build(n: int) -> CaptionTask:
+        task = CaptionTask(opened.engine, _sampling(generation, n), prompt, max_pixels, n, select)
+        task.with_best_of = build  # type: ignore[attr-defined]  (BestOf)
+        return _opened(task, opened)
+
+    return build(n_best)
+
+
 def evaluate_captions(items: Sequence[CaptionItem], specs: Sequence[ModelSpec], settings: EvalSettings, dataset: str = "") -> dict[str, Any]:
     from vlmcli.engines.llama import GenerationOptions
 
@@ -404,14 +557,15 @@ def evaluate_captions(items: Sequence[CaptionItem], specs: Sequence[ModelSpec], 
     prompt = settings.prompt or DEFAULT_EVAL_CAPTION_PROMPT
     gen = settings.generation or GenerationOptions(max_tokens=DEFAULT_EVAL_CAPTION_MAX_TOKENS)
     runs = []
-    for spec, n_best, opened, load_s in _vlm_runs(specs, settings):
-        task = CaptionTask(opened.engine, _sampling(gen, n_best), prompt, settings.max_pixels, n_best, settings.select)
+    build = (gen, prompt, settings.max_pixels, settings.select, settings.notify)
+    for spec, n_best, task, load_s in _vlm_runs("eval-caption", caption_task, build, specs, settings):
+        shape = _describe(task)
         sink, memory = _sink(settings.out)
         t0 = time.perf_counter()
-        summary = run_batch(task, inputs, sink, BatchOptions(redo=settings.redo), settings.observer_factory())
+        summary = _run(task, inputs, sink, BatchOptions(redo=settings.redo), settings)
         wall = time.perf_counter() - t0
-        records = _records_for(task, inputs, settings.out, memory)
-        quant = task.identity.get("quant")
+        records = _records_for(shape.identity, inputs, settings.out, memory)
+        quant = shape.identity.get("quant")
         captions: dict[str, str] = {}
         ttft = []
         for it in items:
@@ -421,9 +575,9 @@ def evaluate_captions(items: Sequence[CaptionItem], specs: Sequence[ModelSpec], 
                 t = r.get("timings") or {}
                 ttft.append(float(t.get("image_encode_ms", 0.0)) + float(t.get("prefill_ms", 0.0)))
         metrics, _ = _caption_metrics(items, captions)
-        speed = _speed(summary, wall, load_s, summary.done, list(records.values()))
+        speed = _speed(summary, wall, load_s, summary.done, list(records.values()), task)
         speed["ttft_s"] = round(sum(ttft) / len(ttft) / 1000, 4) if ttft else None
-        runs.append({**_run_info(opened, quant, spec), "best_of": n_best, "metrics": metrics, "items": len(captions),
+        runs.append({**_run_info(shape, quant, spec), "best_of": n_best, "metrics": metrics, "items": len(captions),
                      "failed": len(items) - len(captions), "speed": speed, "summary": _summary(summary)})
     return _report("caption", dataset, runs, images=len(items), prompt=prompt, scaling=_scaling(runs, "CIDEr-D"))
 
@@ -461,50 +615,71 @@ def _digest(values: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(values), ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
+class ZeroShotTask(ClassifyTask):
+    """ClassifyTask over the dataset's classes; records keep the top-k class indices (and labels)."""
+
+    name = "eval-zeroshot"
+
+    def __init__(self, model: ClipModel, labels: LabelEmbeddings, top_k: int, **kwargs: Any):
+        super().__init__(model, labels, top_k, **kwargs)
+        # Digests, not the lists: ImageNet's 1000 names x 80 templates in every record would be 40 kB each.
+        self.identity["candidates"] = {"count": len(labels.labels), "sha256": _digest(labels.labels)}
+        self.identity["options"] = {"templates": {"count": len(labels.templates), "sha256": _digest(labels.templates)}, "top_k": top_k}
+
+    def run(self, prepared: list[Any]) -> list[Record | VlmError]:
+        import numpy as np
+
+        from vlmcli.tasks.classify import label_probabilities
+        from vlmcli.tasks.embed import embed_pixels
+
+        t0 = time.perf_counter()
+        probs = label_probabilities(embed_pixels(self.model, np.stack(prepared)), self.labels)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :self.top_k]
+        per_image = round((time.perf_counter() - t0) * 1000 / len(prepared), 2)
+        return [{"classes": [int(j) for j in row], "labels": [{"label": self.labels.labels[j], "score": float(p[j])} for j in row],
+                 "timings": {"model_ms": per_image}} for p, row in zip(probs, order)]
+
+
+def zeroshot_task(spec: ModelSpec, names: list[str], templates: list[str], top_k: int, batch_size: int,
+                  max_pixels: int | None, notify: Callable[[str], None] | None) -> ZeroShotTask:
+    """The classes' text embeddings (timed: run_info's text_s) and the task, here or on a Ray actor."""
+    from vlmcli.tasks.classify import encode_labels
+    from vlmcli.tasks.models import open_model
+
+    opened = open_model(spec, "clip", notify=notify)
+    try:
+        t0 = time.perf_counter()
+        label_set = encode_labels(opened.engine, names, templates)
+        text_s = time.perf_counter() - t0
+        task = ZeroShotTask(opened.engine, label_set, top_k, batch_size=batch_size, max_pixels=max_pixels, model_name=opened.name)
+    except BaseException:
+        opened.close()
+        raise
+    return _opened(task, opened, text_s=round(text_s, 3))
+
+
 def evaluate_zeroshot(folder: ImageFolder, specs: Sequence[ModelSpec], settings: EvalSettings, dataset: str = "") -> dict[str, Any]:
     import numpy as np
 
     from vlmcli.metrics.retrieval import topk_accuracy
-    from vlmcli.tasks.classify import ClassifyTask, check_templates, encode_labels, label_probabilities
+    from vlmcli.tasks.classify import check_templates
 
     templates = check_templates(settings.templates)
     label_of = {os.path.abspath(p): k for p, k in zip(folder.paths, folder.labels)}
     top_k = min(5, len(folder.names))
 
-    class ZeroShotTask(ClassifyTask):
-        name = "eval-zeroshot"
-
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            # Digests, not the lists: ImageNet's 1000 names x 80 templates in every record would be 40 kB each.
-            self.identity["candidates"] = {"count": len(folder.names), "sha256": _digest(folder.names)}
-            self.identity["options"] = {"templates": {"count": len(templates), "sha256": _digest(templates)}, "top_k": top_k}
-
-        def run(self, prepared: list[Any]) -> list[Record | VlmError]:
-            from vlmcli.tasks.embed import embed_pixels
-
-            t0 = time.perf_counter()
-            probs = label_probabilities(embed_pixels(self.model, np.stack(prepared)), self.labels)
-            order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
-            per_image = round((time.perf_counter() - t0) * 1000 / len(prepared), 2)
-            return [{"classes": [int(j) for j in row], "labels": [{"label": self.labels.labels[j], "score": float(p[j])} for j in row],
-                     "timings": {"model_ms": per_image}} for p, row in zip(probs, order)]
-
     runs = []
+    build = (list(folder.names), templates, top_k, settings.batch_size, settings.max_pixels, settings.notify)
     for spec in specs:
-        opened, load_s = _open(spec, "clip", settings)
-        with opened:
-            t0 = time.perf_counter()
-            label_set = encode_labels(opened.engine, folder.names, templates)
-            text_s = time.perf_counter() - t0
-            task = ZeroShotTask(opened.engine, label_set, top_k, batch_size=settings.batch_size,
-                                max_pixels=settings.max_pixels, model_name=opened.name)
+        with _model_task("eval-zeroshot", zeroshot_task, spec, build, settings) as (task, load_s):
+            shape = _describe(task)
             sink, memory = _sink(settings.out)
             t0 = time.perf_counter()
-            summary = run_batch(task, folder.paths, sink, BatchOptions(redo=settings.redo), settings.observer_factory())
+            summary = _run(task, folder.paths, sink, BatchOptions(redo=settings.redo), settings)
             wall = time.perf_counter() - t0
-            records = _records_for(task, folder.paths, settings.out, memory)
-            quant = task.identity.get("quant")
+            records = _records_for(shape.identity, folder.paths, settings.out, memory)
+            quant = shape.identity.get("quant")
+            speed = _speed(summary, wall, load_s, summary.done, list(records.values()), task)
         ranks = []
         for p in folder.paths:
             r = records.get(os.path.abspath(p))
@@ -517,9 +692,10 @@ def evaluate_zeroshot(folder: ImageFolder, specs: Sequence[ModelSpec], settings:
             # top-k from the stored ranks (records keep the top 5): the same as topk_accuracy on full scores.
             arr = np.asarray(ranks)
             metrics = {"top1": float(100.0 * np.mean(arr < 1)), "top5": float(100.0 * np.mean(arr < 5)), "images": len(ranks)}
-        speed = _speed(summary, wall, load_s, summary.done, list(records.values()))
-        speed["text_s"] = round(text_s, 3)
-        runs.append({**_run_info(opened, quant, spec), "metrics": metrics, "items": len(ranks), "failed": len(folder.paths) - len(ranks),
+        text_s = (getattr(shape, "run_info", None) or {}).get("text_s") or 0.0
+        speed["load_s"] = round(max(0.0, speed["load_s"] - text_s), 3)  # the builder encoded the classes too
+        speed["text_s"] = text_s
+        runs.append({**_run_info(shape, quant, spec), "metrics": metrics, "items": len(ranks), "failed": len(folder.paths) - len(ranks),
                      "speed": speed, "summary": _summary(summary)})
     _ = topk_accuracy  # the brute-force definition the stored ranks follow (tests compare both)
     return _report("zeroshot", dataset, runs, images=len(folder.paths), classes=len(folder.names), templates=len(templates))
@@ -528,39 +704,49 @@ def evaluate_zeroshot(folder: ImageFolder, specs: Sequence[ModelSpec], settings:
 # ----------------------------------------------------------------------------- CLIP retrieval
 
 
+def retrieval_task(spec: ModelSpec, batch_size: int, max_pixels: int | None, notify: Callable[[str], None] | None) -> EmbedImagesTask:
+    """The images' task (the texts' one is derived from it: EmbedTextsTask), here or on a Ray actor."""
+    from vlmcli.tasks.embed import EmbedImagesTask
+    from vlmcli.tasks.models import open_model
+
+    opened = open_model(spec, "clip", notify=notify)
+    return _opened(EmbedImagesTask(opened.engine, batch_size, max_pixels, model_name=opened.name), opened)
+
+
 def evaluate_retrieval(items: Sequence[CaptionItem], specs: Sequence[ModelSpec], settings: EvalSettings, dataset: str = "") -> dict[str, Any]:
     import numpy as np
 
     from vlmcli.metrics.retrieval import retrieval_scores
-    from vlmcli.tasks.embed import EmbedImagesTask, EmbedTextsTask
+    from vlmcli.tasks.embed import EmbedTextsTask
     from vlmcli.tasks.npy import NpySink
 
     items = _unique_images(items, settings.notify)
     inputs = [it.image for it in items]
     texts = list(dict.fromkeys(c for it in items for c in it.captions))
     runs = []
+    build = (settings.batch_size, settings.max_pixels, settings.notify)
     for i_spec, spec in enumerate(specs):
-        opened, load_s = _open(spec, "clip", settings)
-        with opened:
-            image_task = EmbedImagesTask(opened.engine, settings.batch_size, settings.max_pixels, model_name=opened.name)
-            text_task = EmbedTextsTask(image_task)
+        with _model_task("eval-retrieval", retrieval_task, spec, build, settings) as (image_task, load_s):
+            shape = _describe(image_task)
+            text_task = _derive(image_task, EmbedTextsTask)
             out = settings.out
             if out is not None and len(specs) > 1:  # one .npy holds one model's rows
                 out = out.with_name(f"{out.stem}.{i_spec}{out.suffix}")
             t0 = time.perf_counter()
             if out is not None:
-                s1 = run_batch(image_task, inputs, NpySink(out), BatchOptions(redo=settings.redo), settings.observer_factory())
+                s1 = _run(image_task, inputs, NpySink(out), BatchOptions(redo=settings.redo), settings)
                 image_s = time.perf_counter() - t0
-                s2 = run_batch(text_task, texts, NpySink(out), BatchOptions(), settings.observer_factory())
-                vectors, meta = _read_npy_records(out, image_task.identity)
+                s2 = _run(text_task, texts, NpySink(out), BatchOptions(), settings)
+                vectors, meta = _read_npy_records(out, shape.identity)
             else:
                 mem = MemorySink()
-                s1 = run_batch(image_task, inputs, mem, BatchOptions(), settings.observer_factory())
+                s1 = _run(image_task, inputs, mem, BatchOptions(), settings)
                 image_s = time.perf_counter() - t0
-                s2 = run_batch(text_task, texts, mem, BatchOptions(), settings.observer_factory())
+                s2 = _run(text_task, texts, mem, BatchOptions(), settings)
                 vectors, meta = None, mem.records
             wall = time.perf_counter() - t0
-            quant = image_task.identity.get("quant")
+            quant = shape.identity.get("quant")
+            speed = _speed(s1, wall, load_s, s1.done, [], image_task)
         image_vec: dict[str, Any] = {}
         text_vec: dict[str, Any] = {}
         for r in meta:
@@ -582,11 +768,10 @@ def evaluate_retrieval(items: Sequence[CaptionItem], specs: Sequence[ModelSpec],
             scored = retrieval_scores(img, txt, [k for k, _ in caps])
             scored.pop("ranks")
             metrics = scored
-        speed = _speed(s1, wall, load_s, s1.done, [])
         speed["image_s"] = round(image_s, 3)
         speed["texts_run"] = s2.done
         speed["texts_per_s"] = round(s2.done / (wall - image_s), 2) if s2.done and wall > image_s else None
-        runs.append({**_run_info(opened, quant, spec), "metrics": metrics, "items": len(good), "failed": len(items) - len(good),
+        runs.append({**_run_info(shape, quant, spec), "metrics": metrics, "items": len(good), "failed": len(items) - len(good),
                      "speed": speed, "summary": _summary(s1 + s2)})
     return _report("retrieval", dataset, runs, images=len(items), captions=sum(len(it.captions) for it in items))
 

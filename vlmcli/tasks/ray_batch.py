@@ -101,12 +101,15 @@ class TaskShape:
     name: str
     identity: dict[str, Any]
     batch_size: int
+    run_info: dict[str, Any] | None = None  # the task's `run_info` (eval: the model's file, detail, ...)
 
     def stand_in(self) -> Any:
         """An instance of the task's class without a model: `base` and `key` (what the driver calls,
         through BatchSession) use only the identity. `prepare` / `run` are never called on it."""
         task = self.cls.__new__(self.cls)
         task.__dict__.update(name=self.name, identity=self.identity, batch_size=self.batch_size)
+        if self.run_info is not None:
+            task.run_info = self.run_info
         return task
 
     @property
@@ -156,7 +159,8 @@ class VlmBatchWorker:
 
     def shape(self, variant: Any) -> TaskShape:
         task = self._task(variant)
-        return TaskShape(type(task), task.name, dict(task.identity), int(task.batch_size))
+        info = getattr(task, "run_info", None)
+        return TaskShape(type(task), task.name, dict(task.identity), int(task.batch_size), dict(info) if info else None)
 
     def run(self, variant: Any, chunk: list[tuple[int, str, bytes | None]]) -> list[tuple[int, VlmError | None, float, Record | VlmError | None]]:
         """Prepare and run one chunk: per input (index, prepare error, prepare ms, result fields or error)."""
@@ -199,6 +203,16 @@ class RemoteTask:
 
     def derive(self, variant: Any) -> RemoteTask:
         return RemoteTask(self.pool, variant)
+
+    def describe(self) -> Any:
+        """The task as the actors built it, without its model (TaskShape.stand_in): its identity,
+        batch size and `run_info`, for a driver that reports on the run (eval)."""
+        return self.pool.shape(self.variant).stand_in()
+
+    @property
+    def workers(self) -> int:
+        """Actors in the pool now."""
+        return len(self.pool.actors)
 
     def run_batch(self, inputs: Sequence[str], sink: Sink, options: BatchOptions | None = None,
                   observer: Observer | None = None) -> BatchSummary:
@@ -388,15 +402,20 @@ class RayPool:
 
     # -- one run
 
+    def shape(self, variant: Any) -> TaskShape:
+        """The task's shape, from a ready actor (another one if that one died meanwhile)."""
+        while True:
+            ready = next((a for a in self.actors if a.ready), None)
+            if ready is None:
+                self._wait_ready(1)
+                continue
+            try:
+                return self.ray.get(ready.handle.shape.remote(variant))
+            except self._lost_errors() as e:
+                self._retire(ready, _why(e))
+
     def run(self, variant: Any, inputs: Sequence[str], sink: Sink, options: BatchOptions, observer: Observer) -> BatchSummary:
-        ray = self.ray
-        ready = next(a for a in self.actors if a.ready)
-        try:
-            shape: TaskShape = ray.get(ready.handle.shape.remote(variant))
-        except self._lost_errors() as e:
-            self._retire(ready, _why(e))
-            self._wait_ready(1)
-            return self.run(variant, inputs, sink, options, observer)
+        shape = self.shape(variant)
         task = shape.stand_in()
         ship = self.options.ship_files and shape.file_inputs
         with BatchSession(task, inputs, sink, options, observer) as session:

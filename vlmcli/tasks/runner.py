@@ -56,6 +56,8 @@ class Task(Protocol):
     #   base(input) -> Record: the fields every record of this input starts with (default {"path": input, **identity});
     #   key(input, use_hash) -> FileKey | None: the resume key (default: the file's, resume.file_key);
     #   workers / prefetch: decode threads and inputs prepared ahead, instead of BatchOptions'.
+    #   prepare_from(input, source): prepare `input` from a copy of its bytes at `source` (Ray's
+    #       --ray-ship-files); default prepare(source).
 
 
 class Observer:
@@ -171,7 +173,11 @@ def prepare_item(task: Task, item: Item, source: str | None = None) -> None:
     """task.prepare on one item (reading `source`, default the input itself); a failure becomes its error."""
     t0 = time.perf_counter()
     try:
-        item.data = task.prepare(item.input if source is None else source)
+        if source is None:
+            item.data = task.prepare(item.input)
+        else:
+            prepare_from = getattr(task, "prepare_from", None)  # a task whose result depends on the input's name
+            item.data = prepare_from(item.input, source) if prepare_from is not None else task.prepare(source)
     except Exception as e:  # noqa: BLE001 - see _caught
         item.error = _caught(e)
     item.prepare_ms += (time.perf_counter() - t0) * 1000
