@@ -1,14 +1,25 @@
-"""CLIP ViT-B/32 speed and memory on ggml vs the plain numpy forward pass, in the same run.
+"""CLIP ViT-B/32 speed against what users would pick instead: transformers' CLIPModel, in one run.
 
-Builds a real-size random-weight openai/clip-vit-base-patch32 (the cost per image and per text is
-the same as with trained weights) from ../shared/data/configs with the test fixture builder,
-converts it to F16 and Q8_0 with vlmcli's converter, then measures each engine in a fresh process
-(so load time and peak RSS are its own): images/s at batch 1 and 32, texts/s at batch 32, medians
-of --runs runs. The numpy reference (tests/clip_reference.py, float32 here) is the baseline for the
-ratios. Prints a table and writes JSON to benchmarks/out/.
+Builds a real-size random-weight openai/clip-vit-base-patch32 checkpoint (the cost per image and per
+text is the same as with trained weights) from ../shared/data/configs with the test fixture builder,
+converts it to F16 and Q8_0 with vlmcli's converter, and measures, each in a fresh process (so load
+time and peak RSS are its own) and on the same threads:
+- vlm on its ggml path and on its BLAS path (numpy + OpenBLAS; VLM_CLIP_PATH), F16 and Q8_0;
+- transformers' CLIPModel (PyTorch CPU, torch.set_num_threads) on the checkpoint the GGUFs came from;
+images/s at batch 1 and 32, texts/s at batch 32 (32 prompts, padded to the longest as a processor
+with padding=True does). Every variant runs once per round and the rounds are interleaved, so a
+neighbour's load hits them alike; the figures are medians over rounds. Each variant's embeddings are
+compared with transformers' (cosine; F32 weights there) as a quality check.
 
-    python benchmarks/bench_clip.py                 # F16 + Q8_0, 5 runs, all cores and 1 thread
-    python benchmarks/bench_clip.py --runs 3 --threads 1 --keep /tmp/clip-bench
+OpenBLAS picks its kernels at load from the CPU, or from OPENBLAS_CORETYPE when it is set (this
+workplace sets Haswell); with it set, the BLAS rows are measured both with it and without it.
+
+PyTorch and transformers are benchmark-only (the `bench` extra, or a separate venv via --torch-python);
+without them the transformers rows are left out.
+
+    python benchmarks/bench_clip.py                                   # 3 rounds, all cores
+    python benchmarks/bench_clip.py --rounds 5 --threads 2 --keep /tmp/clip-bench \\
+        --torch-python /tmp/torchenv/bin/python
 """
 
 from __future__ import annotations
@@ -16,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import resource
 import shutil
 import statistics
@@ -31,6 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CONFIG = ROOT.parent / "shared" / "data" / "configs" / "clip-vit-base-patch32-openai.config.json"
 OUT = ROOT / "benchmarks" / "out"
@@ -38,30 +48,15 @@ LABELS = ["cat", "dog", "car", "tree", "house", "bird", "boat", "flower", "horse
           "mountain", "beach", "city at night", "bowl of soup", "red apple", "laptop", "teddy bear", "clock",
           "train", "airplane", "cup of coffee", "chair", "book", "sunset over the sea", "snowy forest", "robot",
           "violin", "pair of shoes", "hot air balloon", "lighthouse"]
-
-
-def cpu_info() -> dict:
-    """The CPU the figures come from, and what the ggml build uses of it: ggml picks kernels by both."""
-    import llama_cpp
-
-    fields = {}
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    flags = fields.get("flags", "").split()
-    build = llama_cpp.llama_print_system_info().decode()
-    return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
-            "cpu_avx2": "avx2" in flags, "cpu_avx512": "avx512f" in flags,
-            "ggml_features": re.findall(r"(\w+) = 1", build)}
+BATCH = 32
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def build_models(work: Path) -> dict[str, Path]:
-    """The real-size checkpoint (built once into work/) converted to F16 and Q8_0."""
+def build_models(work: Path) -> tuple[Path, dict[str, Path]]:
+    """The real-size checkpoint (built once into work/) and its F16 and Q8_0 conversions."""
     from fixtures.clip import build_clip_checkpoint
 
     from vlmcli.convert.clip import convert_clip
@@ -77,15 +72,17 @@ def build_models(work: Path) -> dict[str, Path]:
             print(f"converting to {quant} ...", file=sys.stderr)
             path = convert_clip(ckpt, work / "gguf", quant)
         out[quant] = path
-    return out
+    return ckpt, out
 
 
-def inputs(n_images: int) -> tuple[np.ndarray, np.ndarray]:
+def write_inputs(path: Path) -> None:
+    """The same pixels and token ids for every worker (the torch venv need not have vlmcli)."""
     from vlmcli.engines.clip_tokenizer import default_tokenizer
 
-    pixels = np.random.default_rng(0).standard_normal((n_images, 3, 224, 224)).astype(np.float32)
+    pixels = np.random.default_rng(0).standard_normal((BATCH, 3, 224, 224)).astype(np.float32)
     tokens, _ = default_tokenizer().tokenize([f"a photo of a {label}." for label in LABELS])
-    return pixels, tokens
+    n_ctx = int(tokens.argmax(1).max()) + 1  # padded to the longest prompt, as padding=True does
+    np.savez(path, pixels=pixels, tokens=tokens[:, :n_ctx].astype(np.int64))
 
 
 def timed(fn, runs: int) -> float:
@@ -99,96 +96,177 @@ def timed(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def worker(kind: str, gguf_path: Path, runs: int, threads: int | None) -> dict:
-    """Runs in its own process; prints one JSON object."""
-    pixels, tokens = inputs(32)
+def worker(kind: str, model: Path, inputs: Path, runs: int, threads: int, embeddings: Path) -> dict:
+    """Runs in its own process (kind: ggml, blas or torch); prints one JSON object."""
+    data = np.load(inputs)
+    pixels, tokens = data["pixels"], data["tokens"]
+    extra = {}
     t0 = time.perf_counter()
-    if kind == "ggml":
-        from vlmcli.engines.clip import ClipModel
+    if kind == "torch":
+        import torch
+        from transformers import CLIPModel
 
-        model = ClipModel.load(gguf_path, n_threads=threads)
-        images, texts = model.encode_images, model.encode_texts
+        torch.set_num_threads(threads)
+        hf = CLIPModel.from_pretrained(model).eval()
+        px, ids = torch.from_numpy(pixels), torch.from_numpy(tokens)
+
+        def images(n: int) -> np.ndarray:
+            with torch.inference_mode():
+                out = hf.get_image_features(pixel_values=px[:n])
+                return getattr(out, "pooler_output", out).numpy()
+
+        def texts() -> np.ndarray:
+            with torch.inference_mode():
+                out = hf.get_text_features(input_ids=ids)
+                return getattr(out, "pooler_output", out).numpy()
+
+        extra = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     else:
-        from clip_reference import ReferenceClip
+        from vlmcli.engines.clip import ClipModel
+        from vlmcli.engines.clip_numpy import blas_threads
 
-        ref = ReferenceClip(gguf_path, dtype=np.float32)
-        # About the engine's work: positions after the end token cannot change the pooled states
-        # (causal attention); the engine runs each text up to its own end token rounded up to
-        # clip.TEXT_LENGTH_STEP, the baseline up to the batch's last end token.
-        n_ctx = int(tokens.argmax(1).max()) + 1
-        images, texts = ref.encode_images, lambda t: ref.encode_texts(t[:, :n_ctx])
+        m = ClipModel.load(model, n_threads=threads, compute=kind)
+
+        def images(n: int) -> np.ndarray:
+            return m.encode_images(pixels[:n])
+
+        def texts() -> np.ndarray:
+            return m.encode_texts(tokens.astype(np.int32))
+
+        extra = {"compute_path": m.compute_path, "weights_mb": m.weights_bytes / 2**20}
+        if kind == "blas":
+            extra["blas"] = blas_threads().describe()
     load_s = time.perf_counter() - t0
-    one = timed(lambda: images(pixels[:1]), runs)
-    batch = timed(lambda: images(pixels), runs)
-    text = timed(lambda: texts(tokens), runs)
-    return {
-        "engine": kind, "gguf": str(gguf_path), "load_s": load_s,
-        "images_per_s_batch1": 1 / one, "images_per_s_batch32": len(pixels) / batch,
-        "texts_per_s_batch32": len(tokens) / text, "text_tokens": int(tokens.argmax(1).max()) + 1,
-        "peak_rss_mb": peak_rss_mb(), "threads": threads or os.cpu_count(), "runs": runs,
-    }
+    one = timed(lambda: images(1), runs)
+    batch = timed(lambda: images(BATCH), runs)
+    text = timed(texts, runs)
+    np.savez(embeddings, images=images(BATCH), texts=texts())
+    return {"kind": kind, "model": str(model), "load_s": load_s, "images_per_s_batch1": 1 / one,
+            "images_per_s_batch32": BATCH / batch, "texts_per_s_batch32": len(tokens) / text,
+            "text_positions": int(tokens.shape[1]), "peak_rss_mb": peak_rss_mb(), "threads": threads, **extra}
 
 
-def run_worker(kind: str, path: Path, runs: int, threads: int | None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--gguf", str(path), "--runs", str(runs)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    print(f"measuring {kind} on {path.name} ...", file=sys.stderr)
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def torch_python(explicit: str | None) -> str | None:
+    """An interpreter that has torch and transformers: --torch-python, else this one if it has them."""
+    for python in ([explicit] if explicit else [sys.executable]):
+        probe = subprocess.run([python, "-c", "import torch, transformers"], capture_output=True)
+        if probe.returncode == 0:
+            return python
+        print(f"no torch + transformers in {python}: {probe.stderr.decode().strip().splitlines()[-1:]}",
+              file=sys.stderr)
+    return None
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="ggml threads (default: all cores)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (figures are medians over them)")
+    ap.add_argument("--runs", type=int, default=3, help="timed calls per round, after one warm-up")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--keep", type=Path, default=None, help="build/reuse the models in this folder")
-    ap.add_argument("--worker", choices=["ggml", "numpy"], help=argparse.SUPPRESS)
-    ap.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--torch-python", default=None, help="a Python with torch + transformers (default: this one)")
+    ap.add_argument("--extra", type=Path, action="append", default=[],
+                    help="another CLIP GGUF of the same checkpoint to measure too (e.g. a BF16 conversion)")
+    ap.add_argument("--worker", choices=["ggml", "blas", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--embeddings", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
-        print(json.dumps(worker(args.worker, args.gguf, args.runs, args.threads)))
+        print(json.dumps(worker(args.worker, args.model, args.inputs, args.runs, args.threads, args.embeddings)))
         return 0
 
+    from machine import cpu_description
+
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    cpu = cpu_info()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-clip-"))
     try:
-        models = build_models(work)
-        # all cores (the default) and one thread: on a busy machine ggml's threads wait for each
-        # other at every op, so both figures say something
-        threads = [args.threads] if args.threads else [None, 1]
-        rows = [run_worker("ggml", models[q], args.runs, t) for t in threads for q in ("F16", "Q8_0")]
-        rows.append(run_worker("numpy", models["F16"], args.runs, None))
+        ckpt, models = build_models(work)
+        inputs = work / "inputs.npz"
+        write_inputs(inputs)
+        coretype = os.environ.get("OPENBLAS_CORETYPE")
+        # (label, kind, model, environment changes): None removes the variable for that worker
+        variants = []
+        for extra in args.extra:
+            models[extra.stem.rsplit("-", 1)[-1]] = extra
+        for q in models:
+            variants.append((f"vlm ggml {q}", "ggml", models[q], {}))
+            variants.append((f"vlm blas {q}", "blas", models[q], {}))
+            if coretype:
+                variants.append((f"vlm blas {q} (CPU's kernels)", "blas", models[q], {"OPENBLAS_CORETYPE": None}))
+        torch_py = torch_python(args.torch_python)
+        if torch_py:
+            variants.append(("transformers CLIPModel F32", "torch", ckpt, {}))
+        runs: dict[str, list[dict]] = {v[0]: [] for v in variants}
+        for r in range(args.rounds):
+            for label, kind, model, env_change in variants:
+                print(f"round {r + 1}/{args.rounds}: {label} ...", file=sys.stderr)
+                env = dict(os.environ)
+                for key, value in env_change.items():
+                    env.pop(key, None) if value is None else env.__setitem__(key, value)
+                emb = work / f"emb-{label.replace(' ', '_').replace('(', '').replace(')', '')}.npz"
+                python = torch_py if kind == "torch" else sys.executable
+                cmd = [python, __file__, "--worker", kind, "--model", str(model), "--inputs", str(inputs),
+                       "--runs", str(args.runs), "--threads", str(args.threads), "--embeddings", str(emb)]
+                done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                row["embeddings"] = str(emb)
+                runs[label].append(row)
+        rows = []
+        keys = ("load_s", "images_per_s_batch1", "images_per_s_batch32", "texts_per_s_batch32", "peak_rss_mb")
+        for label, rs in runs.items():
+            row = {**rs[0], "name": label, "rounds": len(rs)}
+            if row.get("blas"):  # which kernels OpenBLAS picked
+                row["name"] = f"{label.split(' (')[0]} ({row['blas'].split('(')[-1].rstrip(')')})"
+            for key in keys:
+                row[key] = statistics.median(x[key] for x in rs)
+                row[f"{key}_all"] = [x[key] for x in rs]
+            rows.append(row)
+        base = next((r for r in rows if r["kind"] == "torch"), None)
+        if base is not None:
+            ref = np.load(base["embeddings"])
+            for r in rows:
+                got = np.load(r["embeddings"])
+                r["cosine_images_min"] = float(cosine(got["images"], ref["images"]).min())
+                r["cosine_texts_min"] = float(cosine(got["texts"], ref["texts"]).min())
+                for key in ("images_per_s_batch1", "images_per_s_batch32", "texts_per_s_batch32"):
+                    r[f"{key}_vs_transformers"] = r[key] / base[key]
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    base = rows[-1]
-    for r in rows:
-        if r["engine"] == "numpy":
-            r["name"] = f"numpy float32 (F16 weights) {r['threads']}t"
-        else:
-            r["name"] = f"ggml {Path(r['gguf']).stem.split('-')[-1]} {r['threads']}t"
-        for key in ("images_per_s_batch1", "images_per_s_batch32", "texts_per_s_batch32"):
-            r[f"{key}_vs_numpy"] = r[key] / base[key]
 
-    header = f"{'engine':<30} {'load s':>7} {'img/s b1':>12} {'img/s b32':>13} {'texts/s b32':>14} {'peak RSS MB':>12}"
-    print(f"CLIP ViT-B/32, real size, random weights; {os.cpu_count()} cores; medians of {args.runs} runs")
-    print(f"CPU: {cpu['cpu']} (AVX2 {'yes' if cpu['cpu_avx2'] else 'no'}, AVX-512 {'yes' if cpu['cpu_avx512'] else 'no'}); "
-          f"ggml build: {' '.join(cpu['ggml_features'])}")
-    print(header)
+    def ratio(r: dict, key: str) -> str:
+        return f"x{r[key + '_vs_transformers']:<4.2f}" if base is not None else ""
+
+    load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"CLIP ViT-B/32, real size, random weights; {args.threads} threads; medians of {args.rounds} "
+          f"interleaved rounds ({args.runs} timed calls each)")
+    from vlmcli.engines.clip import choose_compute_path
+
+    print(f"CPU: {cpu_description()}; OPENBLAS_CORETYPE={coretype or '(unset)'}; "
+          f"vlm's default path here: {choose_compute_path(None, on_cpu=True)}")
+    print(f"{'variant':<34} {'load s':>6} {'img/s b1':>12} {'img/s b32':>12} {'texts/s b32':>12} "
+          f"{'RSS MB':>7} {'cos img/txt':>13}")
     for r in rows:
-        print(f"{r['name']:<30} {r['load_s']:>7.2f} "
-              f"{r['images_per_s_batch1']:>6.1f} x{r['images_per_s_batch1_vs_numpy']:<4.1f} "
-              f"{r['images_per_s_batch32']:>6.1f} x{r['images_per_s_batch32_vs_numpy']:<5.1f} "
-              f"{r['texts_per_s_batch32']:>7.1f} x{r['texts_per_s_batch32_vs_numpy']:<5.1f} {r['peak_rss_mb']:>12.0f}")
-    print(f"(texts: 32 prompts 'a photo of a <label>.', {base['text_tokens']} positions after trimming at the last EOT; "
-          f"load average before: {load_before})")
+        cos = f"{r['cosine_images_min']:.5f}/{r['cosine_texts_min']:.5f}" if base is not None else ""
+        print(f"{r['name']:<34} {r['load_s']:>6.2f} "
+              f"{r['images_per_s_batch1']:>6.1f} {ratio(r, 'images_per_s_batch1')} "
+              f"{r['images_per_s_batch32']:>6.1f} {ratio(r, 'images_per_s_batch32')} "
+              f"{r['texts_per_s_batch32']:>6.1f} {ratio(r, 'texts_per_s_batch32')} "
+              f"{r['peak_rss_mb']:>7.0f} {cos:>13}")
+    print(f"(x: against transformers; cos: the lowest cosine to transformers' embeddings; texts: 32 prompts "
+          f"'a photo of a <label>.', {rows[0]['text_positions']} positions; blas rows name OpenBLAS's kernels; "
+          f"load average before {load_before}, after {load_after})")
     OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / f"bench_clip-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"model": "clip-vit-base-patch32 (random weights)", "cpu_count": os.cpu_count(), **cpu,
-                               "load_average_before": load_before, "results": rows}, indent=2))
+    out.write_text(json.dumps({"model": "clip-vit-base-patch32 (random weights)", "cpu": cpu_description(),
+                               "openblas_coretype": coretype, "threads": args.threads, "rounds": args.rounds,
+                               "load_average_before": load_before, "load_average_after": load_after,
+                               "results": rows}, indent=2))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -10,11 +10,16 @@ position embeddings are widened to F32 when loaded, a missing logit scale falls 
 100 and missing BPE merges to the CLIP merges vlm ships (only for a vocabulary that is exactly CLIP's);
 each fallback is recorded in ClipConfig.notes for the front end to show.
 
+The same forward pass also runs in numpy (engines/clip_numpy.py, the "blas" path, VLM_CLIP_PATH=blas): it
+holds up when other processes share the cores (nothing spins), but on an idle machine ggml's kernels were
+faster, so ggml is the default; GPU devices always keep the graphs (choose_compute_path).
+
 Shapes in comments are ggml order (innermost first): x [D, T, N] is N sequences of T tokens of width D.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -25,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from vlmcli.engines import ggml
+from vlmcli.engines.clip_numpy import NumpyClip
 from vlmcli.engines.clip_tokenizer import (
     BOS_TOKEN,
     DEFAULT_MERGES_FILE,
@@ -51,6 +57,12 @@ LOADED_AS_F32 = ("t.position_embd.weight", "v.position_embd.weight")
 TRAINED_LOGIT_SCALE = 100.0
 SMALL_GRAPH_FLOPS = 50e6  # below this a batch runs on one thread (see ClipModel._use_threads_for)
 TEXT_LENGTH_STEP = 8  # a text runs at a multiple of this many positions (or context_length), see text_lengths
+# How the towers run: "ggml" graphs on the backend, or "blas" (numpy, engines/clip_numpy.py) on the CPU;
+# "auto" is ggml: measured idle on an AVX-512 EPYC, ggml F16 ran 25 images/s and 257 texts/s, blas 22-24 and
+# 117-140 (README, "Measured here"); an AVX2-only CPU was not at hand to measure, so the choice is not guessed
+# per CPU kind. Under load blas kept 10-21 images/s where ggml fell to 6-8. The environment variable overrides.
+COMPUTE_PATHS = ("auto", "ggml", "blas")
+COMPUTE_PATH_ENV = "VLM_CLIP_PATH"
 
 
 @dataclass
@@ -206,6 +218,17 @@ def _exp_logit_scale(log_scale: float, path: Path) -> float:
     return math.exp(log_scale)
 
 
+def choose_compute_path(requested: str | None, on_cpu: bool) -> str:
+    """ "ggml" or "blas" for a request (None/"auto": VLM_CLIP_PATH, else ggml); GPU devices always run ggml."""
+    choice = (requested or "auto").lower()
+    if choice == "auto":
+        choice = (os.environ.get(COMPUTE_PATH_ENV) or "auto").strip().lower()
+    if choice not in COMPUTE_PATHS:
+        raise VlmError(f"unknown CLIP compute path {choice!r} (from {COMPUTE_PATH_ENV} or compute=); "
+                       f"use one of {', '.join(COMPUTE_PATHS)}")
+    return "blas" if choice == "blas" and on_cpu else "ggml"
+
+
 def _to_f32(raw: np.ndarray, type_name: str, ne: tuple[int, ...]) -> np.ndarray:
     """Stored bytes of an F16 or quantized tensor (ggml shape ne) -> its float32 values."""
     import gguf
@@ -319,19 +342,41 @@ def at_least_two(rows: np.ndarray) -> np.ndarray:
     return rows if len(rows) > 1 else np.repeat(rows, 2)
 
 
+def _load_numpy(path: Path, config: ClipConfig, stored: dict[str, Any],
+                specs: dict[str, tuple[tuple[int, ...], tuple[str, ...]]], n_threads: int) -> NumpyClip:
+    """The towers as float32 numpy arrays, dequantized once from the file (the blas path). Tensors are
+    read one at a time rather than mapped, so the file's pages do not add to the process's peak RSS."""
+    with open(path, "rb") as f:
+        def get(name: str) -> np.ndarray:
+            st, ne = stored[name], specs[name][0]
+            f.seek(st.offset)
+            raw = np.fromfile(f, dtype=np.uint8, count=st.n_bytes)
+            if raw.size != st.n_bytes:
+                raise ModelError(f"tensor {name} is cut short", path)
+            if st.type in ("F32", "F16"):  # widened where NumpyClip copies it anyway
+                values = raw.view(np.float32 if st.type == "F32" else np.float16)
+            else:
+                values = _to_f32(raw, st.type, ne)
+            return values.reshape(tuple(reversed(ne)))
+
+        return NumpyClip.from_tensors(get, config, n_threads)
+
+
 class ClipModel(NativeResource):
     """A loaded two-tower CLIP GGUF. Use `ClipModel.load(path)`; close() (or `with`) frees it."""
 
-    def __init__(self, path: Path, config: ClipConfig, backend: Backend, weights: Graph,
-                 tensors: dict[str, Tensor], batch_size: int):
+    def __init__(self, path: Path, config: ClipConfig, backend: Backend, weights: Graph | None,
+                 tensors: dict[str, Tensor], batch_size: int, numpy_model: NumpyClip | None = None):
         self.path = path
         self.config = config
         self.backend = backend
         self._weights = weights
         self._t = tensors
+        self._numpy = numpy_model  # set: the towers run in numpy (the "blas" path), the backend holds no weights
+        self.compute_path = "blas" if numpy_model is not None else "ggml"
         self.batch_size = batch_size
         self.weights_bytes = 0
-        self._blocks = {prefix: [self._block_tensors(f"{prefix}.blk.{i}") for i in range(n)]
+        self._blocks = {prefix: [self._block_tensors(f"{prefix}.blk.{i}") for i in range(n)] if tensors else []
                         for prefix, n in (("t", config.text_layers), ("v", config.vision_layers))}
 
     def _block_tensors(self, b: str) -> _Block:
@@ -350,9 +395,10 @@ class ClipModel(NativeResource):
     # --- loading
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, n_threads: int | None = None, n_gpu_layers: int = 0,
-             device: str | None = None, batch_size: int = 32) -> ClipModel:
+             device: str | None = None, batch_size: int = 32, compute: str | None = None) -> ClipModel:
         """Load a two-tower CLIP GGUF. n_gpu_layers != 0 (-1 = all, as for llama.cpp) puts the whole model on the first GPU device
-        (CLIP is small: all or nothing); device names a ggml device ("CPU", "CUDA0", "Vulkan0", ...)."""
+        (CLIP is small: all or nothing); device names a ggml device ("CPU", "CUDA0", "Vulkan0", ...).
+        compute: "ggml", "blas" or None/"auto" (see COMPUTE_PATHS and choose_compute_path)."""
         p = Path(path)
         # Header checks (refuses LM / mmproj files), with the vocabulary and merges for the tokenizer.
         info = require_kind(p, "clip", keep_string_arrays=True)
@@ -380,6 +426,17 @@ class ClipModel(NativeResource):
         config.file_type = "+".join(matmul_types) or config.file_type
 
         backend = Backend(device=device, gpu=n_gpu_layers != 0, n_threads=n_threads)
+        try:
+            path_kind = choose_compute_path(compute, backend.is_cpu)
+            if path_kind == "blas":
+                numpy_model = _load_numpy(p, config, stored, specs, backend.n_threads)
+        except BaseException:
+            backend.close()
+            raise
+        if path_kind == "blas":
+            model = cls(p, config, backend, None, {}, batch_size, numpy_model)
+            model.weights_bytes = numpy_model.nbytes
+            return model
         weights = Graph(max_tensors=len(specs) + 8)
         try:
             tensors = {name: weights.new_tensor("F32" if name in LOADED_AS_F32 else stored[name].type, ne, name)
@@ -404,7 +461,11 @@ class ClipModel(NativeResource):
     def close(self) -> None:
         if getattr(self, "backend", None) is not None:
             self.backend.close()
-            self._weights.close()
+            if self._weights is not None:
+                self._weights.close()
+            if self._numpy is not None:
+                self._numpy.close()
+                self._numpy = None
             self.backend = None  # type: ignore[assignment]
 
     def _check_open(self) -> None:
@@ -442,6 +503,8 @@ class ClipModel(NativeResource):
         return np.concatenate(chunks) if chunks else np.zeros((0, cfg.projection_dim), np.float32)
 
     def _encode_image_batch(self, pixels: np.ndarray) -> np.ndarray:
+        if self._numpy is not None:
+            return self._numpy.encode_images(pixels)
         cfg, w = self.config, self._t
         n, p, grid = len(pixels), cfg.patch_size, cfg.image_size // cfg.patch_size
         d, t = cfg.vision_width, cfg.n_patches + 1
@@ -485,6 +548,10 @@ class ClipModel(NativeResource):
         if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
             raise VlmError(f"token ids must be in [0, {cfg.vocab_size}), got {tokens.min()}..{tokens.max()}")
         tokens = np.pad(tokens.astype(np.int32), ((0, 0), (0, cfg.context_length - tokens.shape[1])))
+        if self._numpy is not None:  # runs each text at its own length (no graph shapes to share)
+            chunks = [self._numpy.encode_texts(tokens[i:i + self.batch_size])
+                      for i in range(0, len(tokens), self.batch_size)]
+            return np.concatenate(chunks) if chunks else np.zeros((0, cfg.projection_dim), np.float32)
         lengths = text_lengths(tokens.argmax(axis=1) + 1, cfg.context_length)
         out = np.zeros((len(tokens), cfg.projection_dim), np.float32)
         for t in np.unique(lengths):  # texts of one length are batched together, results put back in order
