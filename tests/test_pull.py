@@ -30,7 +30,7 @@ from fixtures.hub_server import (
 from vlmcli.engines.gguf_check import require_kind
 
 GGUF_MODEL = "SmolVLM2-256M-Video-Instruct-Q8_0.gguf"
-GGUF_MMPROJ = "mmproj-SmolVLM2-256M-Video-Instruct-Q8_0.gguf"
+GGUF_MMPROJ = "mmproj-SmolVLM2-256M-Video-Instruct-f16.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,7 @@ kind = "vlm"
 repo = "ggml-org/SmolVLM2-256M-Video-Instruct-GGUF"
 [models.typo.gguf.quants.Q8_0]
 model = "SmolVLM2-256M-Video-Instruct-Q8_O.gguf"
-mmproj = "mmproj-SmolVLM2-256M-Video-Instruct-Q8_0.gguf"
+mmproj = "mmproj-SmolVLM2-256M-Video-Instruct-f16.gguf"
 """,
     )
     line = error_line(run_vlm(env, "pull", "ghost"))

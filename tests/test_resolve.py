@@ -12,7 +12,7 @@ from vlmcli.errors import ModelError
 from vlmcli.store.resolve import ResolvedModel, resolve_model
 
 LM = "SmolVLM2-256M-Video-Instruct-Q8_0.gguf"
-PROJ = "mmproj-SmolVLM2-256M-Video-Instruct-Q8_0.gguf"
+PROJ = "mmproj-SmolVLM2-256M-Video-Instruct-f16.gguf"
 CLIP = "clip-vit-base-patch32-F16.gguf"
 
 
@@ -124,8 +124,13 @@ def test_user_registry_model_is_pulled_by_name(hub: FakeHub, content, tmp_path: 
 # Paths
 
 
+def _one_pair(content) -> dict[str, bytes]:
+    """The model, its registry projector (f16) and the README: the repository without its second projector."""
+    return {k: v for k, v in content[SMOLVLM2_GGUF_REPO].items() if not (k.startswith("mmproj") and k != PROJ)}
+
+
 def test_gguf_file_finds_the_projector_beside_it(content, tmp_path: Path):
-    folder = write(tmp_path / "m", content[SMOLVLM2_GGUF_REPO])  # model, mmproj and a README
+    folder = write(tmp_path / "m", _one_pair(content))  # model, mmproj and a README
     r = resolve_model(str(folder / LM), "vlm")
     assert (r.model, r.mmproj, r.quant, r.source, r.name) == (folder / LM, folder / PROJ, "Q8_0", "file", LM[:-5])
 
@@ -155,7 +160,7 @@ def test_files_of_the_wrong_kind_are_rejected(content, tmp_path: Path):
 
 
 def test_folders(content, tmp_path: Path):
-    pair = write(tmp_path / "pair", content[SMOLVLM2_GGUF_REPO])
+    pair = write(tmp_path / "pair", _one_pair(content))
     r = resolve_model(str(pair), "vlm")
     assert (r.model, r.mmproj, r.source, r.name) == (pair / LM, pair / PROJ, "folder", "pair")
 

@@ -47,7 +47,7 @@ def test_package_registry_has_the_known_models():
     smol = reg.require("smolvlm2-256m")
     assert smol.gguf is not None and smol.gguf.repo == "ggml-org/SmolVLM2-256M-Video-Instruct-GGUF"
     q8 = smol.gguf.quants["Q8_0"]
-    assert (q8.model, q8.mmproj) == ("SmolVLM2-256M-Video-Instruct-Q8_0.gguf", "mmproj-SmolVLM2-256M-Video-Instruct-Q8_0.gguf")
+    assert (q8.model, q8.mmproj) == ("SmolVLM2-256M-Video-Instruct-Q8_0.gguf", "mmproj-SmolVLM2-256M-Video-Instruct-f16.gguf")
     assert smol.default_quant == "Q8_0" and smol.pick_source("Q8_0") == "gguf"
     assert smol.pick_source("Q4_K_M") == "convert"  # no ready Q4_K_M file: converted here
     assert smol.pick_source("Q8_0", prefer="convert") == "convert"
