@@ -15,7 +15,6 @@ Time to first token = from the call to the first generated piece, on one loaded 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -30,12 +29,11 @@ from machine import cpu_description  # noqa: E402
 
 
 def _drop_kv(root: Path) -> None:
-    from vlmcli.engines.encoding_cache import MAGIC
+    from vlmcli.engines.encoding_cache import read_entry
 
     for p in root.glob("??/*.enc"):
-        blob = p.read_bytes()
-        n = int.from_bytes(blob[len(MAGIC) : len(MAGIC) + 8], "little")
-        if json.loads(blob[len(MAGIC) + 8 : len(MAGIC) + 8 + n])["key"]["kind"] == "kv":
+        entry = read_entry(p)
+        if entry is not None and entry[0]["kind"] == "kv":
             p.unlink()
 
 

@@ -12,7 +12,6 @@ output embeddings (one vector per image token), read back from the encoding cach
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -38,15 +37,14 @@ def q8_mmproj(cache: Path) -> Path:
 
 def embeddings(folder: Path) -> np.ndarray:
     """Every "embd" entry's vectors, in chunk order (one image per folder)."""
-    from vlmcli.engines.encoding_cache import MAGIC
+    from vlmcli.engines.encoding_cache import read_entry
 
     rows = []
     for p in folder.glob("??/*.enc"):
-        blob = p.read_bytes()
-        n = int.from_bytes(blob[len(MAGIC) : len(MAGIC) + 8], "little")
-        header = json.loads(blob[len(MAGIC) + 8 : len(MAGIC) + 8 + n])
-        if header["key"]["kind"] == "embd":
-            rows.append((header["key"]["chunk"], np.frombuffer(blob[len(MAGIC) + 8 + n :], np.float32).reshape(-1, header["meta"]["width"])))
+        entry = read_entry(p)
+        if entry is not None and entry[0]["kind"] == "embd":
+            key, hit = entry
+            rows.append((key["chunk"], np.frombuffer(hit.payload, np.float32).reshape(-1, hit.meta["width"])))
     return np.concatenate([r for _, r in sorted(rows, key=lambda t: t[0])])
 
 

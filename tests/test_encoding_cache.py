@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmcli.engines.encoding_cache import MAGIC, EncodingCache, parse_size
+from vlmcli.engines.encoding_cache import MAGIC, EncodingCache, parse_size, read_entry
 
 KEY = {"v": 1, "kind": "embd", "image": "ab" * 32, "mmproj": "cd" * 32, "level": "high", "cap": 4, "chunk": 0}
 
@@ -27,9 +27,9 @@ def _entry_files(root: Path) -> list[Path]:
 
 
 def _kind(path: Path) -> str:
-    blob = path.read_bytes()
-    n = int.from_bytes(blob[len(MAGIC) : len(MAGIC) + 8], "little")
-    return json.loads(blob[len(MAGIC) + 8 : len(MAGIC) + 8 + n])["key"]["kind"]
+    entry = read_entry(path)
+    assert entry is not None, path
+    return entry[0]["kind"]
 
 
 # ----------------------------------------------------------------------------- the store of entries

@@ -197,6 +197,20 @@ def image_digest(rgb: bytes, width: int, height: int) -> str:
     return h.hexdigest()
 
 
+def read_entry(path: Path) -> tuple[dict[str, Any], CacheHit] | None:
+    """An entry file's own key and contents, checked (for tools and benchmarks that list the folder)."""
+    blob = Path(path).read_bytes()
+    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 8:
+        return None
+    (n,) = struct.unpack_from("<Q", blob, len(MAGIC))
+    try:
+        key = json.loads(blob[len(MAGIC) + 8 : len(MAGIC) + 8 + n])["key"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    hit = _parse(blob, key)
+    return (key, hit) if hit is not None else None
+
+
 def _parse(blob: bytes, key: dict[str, Any]) -> CacheHit | None:
     if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 8:
         return None
