@@ -390,11 +390,12 @@ def test_a_killed_worker_is_restarted(server: Server, cli_answer: dict) -> None:
 
 @pytest.fixture(scope="module")
 def keyed_server(model_dir: Path):
-    """Two workers, a queue of 4, a 4 s timeout and an API key."""
+    """Two workers, a queue of 4, a 4 s timeout, an API key, and an 8192-token context: filling it takes
+    the tiny model about 12 s here (4096 took under 4 s on an idle machine), the 504 test's margin."""
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "vlmcli", "serve", "--model", str(model_dir), "--port", str(port), "--workers", "2",
-         "--queue", "4", "--threads", "1", "--max-n", "1", "--timeout", "4", "--allow-remote-images", "--max-body", "2000000"],
+         "--queue", "4", "--threads", "1", "--max-n", "1", "--timeout", "4", "--ctx", "8192", "--allow-remote-images", "--max-body", "2000000"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "VLM_API_KEY": "sesame"},
     )
     s = Server(port, process, model_dir.name, "")
@@ -454,8 +455,8 @@ def test_a_request_over_the_timeout_gets_504(keyed_server: Server) -> None:
     content = [{"type": "image_url", "image_url": {"url": DATA_URL}}, {"type": "text", "text": PROMPT}]
     t0 = time.monotonic()
     with pytest.raises(openai.APIStatusError) as e:
-        # Up to the whole 8192-token context: several times the 4 s timeout on any CPU (random weights
-        # rarely end early); a fixed 3000 came within a second of it on a quiet machine.
+        # Up to the whole 8192-token context (see keyed_server): about 3x the 4 s timeout here; random
+        # weights rarely end early. A fixed 3000 tokens came in under the timeout on an idle machine.
         client.chat.completions.create(model=keyed_server.vlm_id, max_tokens=100_000, messages=[{"role": "user", "content": content}])
     assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
     assert time.monotonic() - t0 < 15
