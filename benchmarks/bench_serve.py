@@ -49,7 +49,8 @@ def build(cache: Path) -> tuple[Path, Path]:
     from bench_vlm import build_model as build_vlm
 
     model, _ = build_vlm("256m", "Q8_0", cache)
-    clip = build_clip(cache / "clip")["F16"]
+    _, ggufs = build_clip(cache / "clip")
+    clip = ggufs["F16"]
     return model.parent, clip
 
 
