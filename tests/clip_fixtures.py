@@ -11,7 +11,7 @@ import pytest
 
 from fixtures.clip import build_clip_checkpoint
 
-__all__ = ["clip_checkpoint", "clip_checkpoint_gelu", "clip_gguf", "clip_gguf_q8", "clip_gguf_gelu"]
+__all__ = ["clip_checkpoint", "clip_checkpoint_gelu", "clip_gguf", "clip_gguf_q8", "clip_gguf_gelu", "clip_ggufs"]
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +48,16 @@ def clip_gguf_q8(clip_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 def clip_gguf_gelu(clip_checkpoint_gelu: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny gelu CLIP converted to F16."""
     return _convert(clip_checkpoint_gelu, "F16", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def clip_ggufs(clip_checkpoint: Path, clip_checkpoint_gelu: Path, clip_gguf: Path, clip_gguf_q8: Path, clip_gguf_gelu: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """(activation, type) -> a converted tiny CLIP GGUF (the ones above, plus F32 and gelu Q8_0)."""
+    return {
+        ("quick_gelu", "F32"): _convert(clip_checkpoint, "F32", tmp_path_factory),
+        ("quick_gelu", "F16"): clip_gguf,
+        ("quick_gelu", "Q8_0"): clip_gguf_q8,
+        ("gelu", "F16"): clip_gguf_gelu,
+        ("gelu", "Q8_0"): _convert(clip_checkpoint_gelu, "Q8_0", tmp_path_factory),
+    }

@@ -144,3 +144,28 @@ def reference_encode_images(gguf_path: str | Path, pixels: np.ndarray) -> np.nda
 
 def reference_encode_texts(gguf_path: str | Path, tokens: np.ndarray) -> np.ndarray:
     return reference_model(str(gguf_path)).encode_texts(tokens)
+
+
+# --- inputs for engine tests -----------------------------------------------------------------------
+
+BOS, EOS = 49406, 49407
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    """n random pixel tensors (already normalised), 224 x 224."""
+    return np.random.default_rng(seed).standard_normal((n, 3, 224, 224)).astype(np.float32)
+
+
+def texts(lengths: list[int], seed: int = 0) -> np.ndarray:
+    """bos, random word ids, eos, zero padding: one row per length (number of word tokens)."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), 77), np.int32)
+    for row, n in enumerate(lengths):
+        ids[row, 0] = BOS
+        ids[row, 1:n + 1] = rng.integers(256, 49000, n)
+        ids[row, n + 1] = EOS
+    return ids
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)

@@ -4,36 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from clip_reference import reference_encode_images, reference_encode_texts
+from clip_reference import cosine, images, reference_encode_images, reference_encode_texts, texts
 
-from vlmcli.convert.clip import convert_clip
 from vlmcli.engines import clip_numpy
 from vlmcli.engines.clip import COMPUTE_PATH_ENV, ClipModel, choose_compute_path
 from vlmcli.errors import VlmError
 
-BOS, EOS = 49406, 49407
-
 
 @pytest.fixture(scope="module")
-def ggufs(clip_checkpoint, clip_checkpoint_gelu, clip_gguf, clip_gguf_q8, clip_gguf_gelu, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("clip-blas")
-    return {
-        ("quick_gelu", "F32"): convert_clip(clip_checkpoint, out_dir, "F32"),
-        ("quick_gelu", "F16"): clip_gguf,
-        ("quick_gelu", "Q8_0"): clip_gguf_q8,
-        ("gelu", "F16"): clip_gguf_gelu,
-        ("gelu", "Q8_0"): convert_clip(clip_checkpoint_gelu, out_dir, "Q8_0"),
-    }
-
-
-@pytest.fixture(scope="module")
-def pair(ggufs):
+def pair(clip_ggufs):
     """(activation, type) -> (ggml model, blas model) of one file, each loaded once."""
     loaded: dict = {}
 
     def get(act: str = "quick_gelu", qtype: str = "F16") -> tuple[ClipModel, ClipModel]:
         if (act, qtype) not in loaded:
-            path = ggufs[act, qtype]
+            path = clip_ggufs[act, qtype]
             loaded[act, qtype] = (ClipModel.load(path, n_threads=2, compute="ggml"),
                                   ClipModel.load(path, n_threads=2, compute="blas"))
         return loaded[act, qtype]
@@ -44,29 +29,11 @@ def pair(ggufs):
             m.close()
 
 
-def images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 3, 224, 224)).astype(np.float32)
-
-
-def texts(lengths: list[int], seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    ids = np.zeros((len(lengths), 77), np.int32)
-    for row, n in enumerate(lengths):
-        ids[row, 0] = BOS
-        ids[row, 1:n + 1] = rng.integers(256, 49000, n)
-        ids[row, n + 1] = EOS
-    return ids
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-
-
 @pytest.mark.parametrize("act,qtype,min_cos", [
     ("quick_gelu", "F32", 0.99999), ("quick_gelu", "F16", 0.99999), ("quick_gelu", "Q8_0", 0.999),
     ("gelu", "F16", 0.99999), ("gelu", "Q8_0", 0.999),
 ])
-def test_blas_matches_ggml(pair, ggufs, act, qtype, min_cos):
+def test_blas_matches_ggml(pair, clip_ggufs, act, qtype, min_cos):
     """Both paths multiply the same (exactly dequantized) weights, for images and for texts of many
     lengths. ggml also rounds the activations to the weights' type (F16, Q8_0) for its dot products, so
     for quantized files the paths differ by that rounding and the blas one lands nearer the F32 file."""
@@ -83,7 +50,7 @@ def test_blas_matches_ggml(pair, ggufs, act, qtype, min_cos):
                                    rtol=1e-2 if qtype == "Q8_0" else 2e-3)
         if qtype == "F32":  # float64 numpy of the same file; ggml's quick_gelu goes through an F16 table
             exact = (reference_encode_images if encode == "encode_images" else reference_encode_texts)(
-                ggufs[act, qtype], x)
+                clip_ggufs[act, qtype], x)
             np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
         elif f32 is not None:
             exact = getattr(f32, encode)(x)
@@ -138,7 +105,7 @@ def test_blas_threads_are_restored(pair):
     assert blas.get() == before
 
 
-def test_the_path_is_chosen_by_device_and_environment(ggufs, monkeypatch):
+def test_the_path_is_chosen_by_device_and_environment(clip_ggufs, monkeypatch):
     monkeypatch.delenv(COMPUTE_PATH_ENV, raising=False)
     assert choose_compute_path(None, on_cpu=True) == "ggml"  # the faster one measured idle
     assert choose_compute_path("blas", on_cpu=True) == "blas"
@@ -150,17 +117,17 @@ def test_the_path_is_chosen_by_device_and_environment(ggufs, monkeypatch):
     with pytest.raises(VlmError):
         choose_compute_path(None, on_cpu=True)
     monkeypatch.setenv(COMPUTE_PATH_ENV, "ggml")
-    with ClipModel.load(ggufs["quick_gelu", "F16"]) as m:
+    with ClipModel.load(clip_ggufs["quick_gelu", "F16"]) as m:
         assert m.compute_path == "ggml" and m._numpy is None
     monkeypatch.setenv(COMPUTE_PATH_ENV, "blas")
-    with ClipModel.load(ggufs["quick_gelu", "F16"]) as m:
+    with ClipModel.load(clip_ggufs["quick_gelu", "F16"]) as m:
         assert m.compute_path == "blas" and m.weights_bytes == m._numpy.nbytes
     m.close()  # twice is fine
     with pytest.raises(VlmError, match="closed"):
         m.encode_texts(texts([2]))
     monkeypatch.setenv(COMPUTE_PATH_ENV, "cuda")
     with pytest.raises(VlmError, match="VLM_CLIP_PATH"):
-        ClipModel.load(ggufs["quick_gelu", "F16"])
+        ClipModel.load(clip_ggufs["quick_gelu", "F16"])
 
 
 def test_blas_weights_are_float32(pair):

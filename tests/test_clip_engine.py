@@ -9,37 +9,20 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from clip_reference import reference_encode_images, reference_encode_texts, reference_model
+from clip_reference import BOS, EOS, cosine, images, reference_encode_images, reference_encode_texts, reference_model, texts
 
-from vlmcli.convert.clip import convert_clip
 from vlmcli.engines.clip import ClipModel, text_lengths
 from vlmcli.errors import ModelError, VlmError
-
-BOS, EOS = 49406, 49407
-
-
-@pytest.fixture(scope="module")
-def ggufs(clip_checkpoint, clip_checkpoint_gelu, clip_gguf, clip_gguf_q8, clip_gguf_gelu, tmp_path_factory):
-    """(activation, type) -> a converted tiny CLIP GGUF (the shared session ones, plus F32 and gelu Q8_0)."""
-    out_dir = tmp_path_factory.mktemp("clip-engine")
-    return {
-        ("quick_gelu", "F32"): convert_clip(clip_checkpoint, out_dir, "F32"),
-        ("quick_gelu", "F16"): clip_gguf,
-        ("quick_gelu", "Q8_0"): clip_gguf_q8,
-        ("gelu", "F16"): clip_gguf_gelu,
-        ("gelu", "Q8_0"): convert_clip(clip_checkpoint_gelu, out_dir, "Q8_0"),
-    }
-
 
 _models: dict[Path, ClipModel] = {}
 
 
 @pytest.fixture(scope="module")
-def model(ggufs):
+def model(clip_ggufs):
     """Loads each GGUF once per module (loading parses the 49408-token vocabulary twice)."""
 
     def get(act: str = "quick_gelu", qtype: str = "F16") -> ClipModel:
-        path = ggufs[act, qtype]
+        path = clip_ggufs[act, qtype]
         if path not in _models:
             _models[path] = ClipModel.load(path, n_threads=2)
         return _models[path]
@@ -50,40 +33,20 @@ def model(ggufs):
     _models.clear()
 
 
-def images(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, 3, 224, 224)).astype(np.float32)
-
-
-def texts(lengths: list[int], seed: int = 0) -> np.ndarray:
-    """bos, random word ids, eos, zero padding: one row per length (number of word tokens)."""
-    rng = np.random.default_rng(seed)
-    ids = np.zeros((len(lengths), 77), np.int32)
-    for row, n in enumerate(lengths):
-        ids[row, 0] = BOS
-        ids[row, 1:n + 1] = rng.integers(256, 49000, n)
-        ids[row, n + 1] = EOS
-    return ids
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-
-
 # --- agreement with the numpy reference -----------------------------------------------------------
 
 @pytest.mark.parametrize("act,qtype,min_cos", [
     ("quick_gelu", "F32", 0.9999), ("quick_gelu", "F16", 0.9999), ("quick_gelu", "Q8_0", 0.99),
     ("gelu", "F16", 0.9999), ("gelu", "Q8_0", 0.99),
 ])
-def test_matches_numpy_reference(model, ggufs, act, qtype, min_cos):
+def test_matches_numpy_reference(model, clip_ggufs, act, qtype, min_cos):
     m = model(act, qtype)
     px, ids = images(3), texts([1, 8, 40, 75])
     img, txt = m.encode_images(px), m.encode_texts(ids)
     assert img.shape == (3, 32) and txt.shape == (4, 32)
     assert img.dtype == np.float32 and txt.dtype == np.float32
-    ref_img = reference_encode_images(ggufs[act, qtype], px)
-    ref_txt = reference_encode_texts(ggufs[act, qtype], ids)
+    ref_img = reference_encode_images(clip_ggufs[act, qtype], px)
+    ref_txt = reference_encode_texts(clip_ggufs[act, qtype], ids)
     assert cosine(img, ref_img).min() >= min_cos
     assert cosine(txt, ref_txt).min() >= min_cos
     # projected but not normalised: the norms agree too
@@ -92,13 +55,13 @@ def test_matches_numpy_reference(model, ggufs, act, qtype, min_cos):
     assert cosine(img[:1], img[1:2])[0] < 0.99 and cosine(txt[:1], txt[1:2])[0] < 0.99
 
 
-def test_activation_flag_is_used(model, ggufs):
+def test_activation_flag_is_used(model, clip_ggufs):
     """The gelu file runs erf gelu: the same weights through quick_gelu would land much further away."""
     m = model("gelu", "F16")
     assert m.config.use_gelu is True and model("quick_gelu").config.use_gelu is False
     px = images(2, seed=2)
     got = m.encode_images(px)
-    ref = copy.copy(reference_model(str(ggufs["gelu", "F16"])))
+    ref = copy.copy(reference_model(str(clip_ggufs["gelu", "F16"])))
     right = ref.encode_images(px)
     ref.use_gelu = False
     wrong = ref.encode_images(px)
@@ -143,7 +106,7 @@ def test_big_batches_are_chunked(novocab):
         assert np.array_equal(txt_small, big.encode_texts(ids))
 
 
-def test_text_is_pooled_at_the_end_token(model, ggufs):
+def test_text_is_pooled_at_the_end_token(model, clip_ggufs):
     m = model("quick_gelu", "F32")
     ids = texts([5, 30], seed=5)
     base = m.encode_texts(ids)
@@ -153,7 +116,7 @@ def test_text_is_pooled_at_the_end_token(model, ggufs):
     noisy[0, 7:] = np.random.default_rng(6).integers(256, 49000, 70)
     assert np.array_equal(m.encode_texts(noisy), base)
     # ...and the reference agrees that the pooled state is the EOT one
-    assert cosine(m.encode_texts(noisy), reference_encode_texts(ggufs["quick_gelu", "F32"], noisy)).min() > 0.9999
+    assert cosine(m.encode_texts(noisy), reference_encode_texts(clip_ggufs["quick_gelu", "F32"], noisy)).min() > 0.9999
     # a token before the end token does matter
     changed = ids.copy()
     changed[0, 3] = 1000 if ids[0, 3] != 1000 else 1001
@@ -217,9 +180,9 @@ def test_gpu_request_without_gpu_backend_runs_on_the_cpu(novocab):
 # --- bad model files ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def parts(ggufs):
+def parts(clip_ggufs):
     """The F32 file's metadata (without the big vocabulary) and tensors, to write broken variants."""
-    reader = gguf.GGUFReader(ggufs["quick_gelu", "F32"], "r")
+    reader = gguf.GGUFReader(clip_ggufs["quick_gelu", "F32"], "r")
     kv = {}
     for key, f in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key.startswith("tokenizer.ggml."):
