@@ -13,38 +13,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from photo_fixtures import photos, write_photo  # noqa: F401  (photos: a fixture)
 
 from vlmcli.cli import main
 
 MAX_TOKENS = "4"
 
 
-def _img(path: Path, seed: int, size: tuple[int, int] = (48, 36)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    a = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
-    Image.fromarray(a).save(path, quality=90) if path.suffix == ".jpg" else Image.fromarray(a).save(path)
-    return path
-
-
 @pytest.fixture()
 def model_args(smolvlm2_gguf) -> list[str]:
     # One thread: the tiny model gains nothing from two, and spinning threads on a busy machine cost a lot.
     return ["-m", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "--threads", "1", "-n", MAX_TOKENS]
-
-
-@pytest.fixture()
-def photos(tmp_path: Path) -> Path:
-    root = tmp_path / "photos"
-    _img(root / "a.jpg", 1)
-    _img(root / "b b.png", 2)
-    _img(root / "sub" / "c.jpg", 3)
-    (root / "sub" / "d.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    (root / "readme.txt").write_text("not an image")
-    return root
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, stdin: bytes | None = None) -> tuple[int, str, str]:
@@ -95,7 +76,7 @@ def test_several_named_files_give_path_tab_caption(photos, model_args, capsys, m
 
 
 def test_stdin_nul_separated_names_with_spaces_and_newlines(tmp_path, model_args, capsys, monkeypatch) -> None:
-    names = [_img(tmp_path / "x y.jpg", 4), _img(tmp_path / "line\nbreak.png", 5), _img(tmp_path / "plain.jpg", 6)]
+    names = [write_photo(tmp_path / "x y.jpg", 4), write_photo(tmp_path / "line\nbreak.png", 5), write_photo(tmp_path / "plain.jpg", 6)]
     data = b"".join(os.fsencode(p) + b"\0" for p in names)
     code, out, _ = run_cli(["caption", "-", "-0", *model_args], capsys, monkeypatch, stdin=data)
     assert code == 0 and [r["path"] for r in jsonl(out)] == [str(p) for p in names]
@@ -179,7 +160,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path, model_args, how
     folder = tmp_path / "many"
     n = 40
     for i in range(n):
-        _img(folder / f"{i:02d}.jpg", 100 + i)
+        write_photo(folder / f"{i:02d}.jpg", 100 + i)
     (folder / "zz_bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "out.jsonl"
     args = ["caption", str(folder), "--out", str(out), *model_args[:-1], "8"]
