@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import typer
 from rich.console import Console
@@ -53,3 +53,15 @@ def print_json(record: dict[str, Any]) -> None:
 def info(message: str) -> None:
     """A notice for the user on stderr (kept out of stdout so results stay parseable)."""
     stderr.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def fill_bare_option(args: list[str], flag: str, takes: Callable[[str], bool], bare: str) -> list[str]:
+    """Click has no option with an optional value: where `flag` is not followed by a word it `takes`
+    (its value), it becomes `bare` (an `--opt=default` or a hidden flag) before Typer parses the line."""
+    out = list(args)
+    for i, word in enumerate(out):
+        if word == "--":
+            break
+        if word == flag and not (i + 1 < len(out) and takes(out[i + 1])):
+            out[i] = bare
+    return out

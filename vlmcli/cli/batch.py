@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional
 
 import typer
 
-from vlmcli.cli.app import info
+from vlmcli.cli.app import fill_bare_option, info
 from vlmcli.errors import EXIT_OK, EXIT_USAGE, VlmError
 
 # The commands' modules import this one to declare their options; what runs a batch is imported
@@ -76,18 +76,8 @@ RAY_ONLY = tuple(n for n in BATCH_OPTIONS if not n.startswith("ray"))
 
 
 def ray_flag(args: list[str]) -> list[str]:
-    """`--ray` followed by no address (nothing, an option or an input) means a local cluster. Click has
-    no option with an optional value, so the bare form gets its value before parsing."""
-    out = list(args)
-    i = 0
-    while i < len(out) and out[i] != "--":
-        if out[i] == "--ray":
-            if i + 1 < len(out) and _is_address(out[i + 1]):
-                i += 1
-            else:
-                out[i] = "--ray=local"
-        i += 1
-    return out
+    """`--ray` followed by no address (nothing, an option or an input) means a local cluster."""
+    return fill_bare_option(args, "--ray", _is_address, "--ray=local")
 
 
 def _is_address(word: str) -> bool:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 import typer
 
 from vlmcli.cli import batch as batch_cli
-from vlmcli.cli.app import CtxOpt, DeviceOpt, GpuOpt, ImageBatchOpt, MaxPixelsOpt, NoCacheOpt, OfflineOpt, ThreadsOpt, app, info
+from vlmcli.cli.app import CtxOpt, DeviceOpt, GpuOpt, ImageBatchOpt, MaxPixelsOpt, NoCacheOpt, OfflineOpt, ThreadsOpt, app, fill_bare_option, info
 from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, VlmError
 
 if TYPE_CHECKING:
@@ -112,17 +112,10 @@ def _generation(max_tokens: Optional[int]) -> Any:
 
 
 def sample_flag(args: list[str]) -> list[str]:
-    """`vlm eval vqa --sample` (no count after it) means the shipped sample set; `--sample N` a subset.
-    Click has no option with an optional value, so the bare form is renamed before parsing."""
+    """`vlm eval vqa --sample` (no count after it) means the shipped sample set; `--sample N` a subset."""
     if not args or args[0] != "eval":
         return args
-    out = list(args)
-    for i, a in enumerate(out):
-        if a == "--":
-            break
-        if a == "--sample" and not (i + 1 < len(out) and out[i + 1].lstrip("-").isdigit()):
-            out[i] = "--sample-set"
-    return out
+    return fill_bare_option(args, "--sample", lambda w: w.lstrip("-").isdigit(), "--sample-set")
 
 
 def _dataset(data: Optional[Path], sample_set: bool, sample: Optional[int], command: str) -> Path:
