@@ -189,7 +189,7 @@ class EncodingCache:
         return digest
 
 
-def image_digest(rgb: bytes, width: int, height: int) -> str:
+def image_digest(rgb: bytes | memoryview, width: int, height: int) -> str:
     """The key of an image's content: its decoded RGB pixels and size (not the file: the same photo
     as PNG and as a lossless copy is one entry, and a re-saved JPEG with other pixels is another)."""
     h = hashlib.sha256(f"{width}x{height}:".encode())
