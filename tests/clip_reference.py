@@ -169,3 +169,21 @@ def texts(lengths: list[int], seed: int = 0) -> np.ndarray:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def one_by_one(encode, inputs: np.ndarray) -> np.ndarray:
+    return np.concatenate([encode(inputs[i:i + 1]) for i in range(len(inputs))])
+
+
+def check_batch_independence(model, encode, inputs: np.ndarray, monkeypatch) -> np.ndarray:
+    """The same bits for each input alone, in one batch, reversed, repeated and in chunks of 3 (the
+    model's batch_size set through monkeypatch, restored after); returns the one-by-one results."""
+    alone = one_by_one(encode, inputs)
+    assert np.array_equal(encode(inputs), alone)
+    assert np.array_equal(encode(inputs[::-1]), alone[::-1])
+    assert np.array_equal(encode(np.concatenate([inputs] * 6)), np.concatenate([alone] * 6))
+    size = model.batch_size
+    monkeypatch.setattr(model, "batch_size", 3)
+    assert np.array_equal(encode(inputs), alone)
+    monkeypatch.setattr(model, "batch_size", size)
+    return alone

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from clip_reference import cosine, images, reference_encode_images, reference_encode_texts, texts
+from clip_reference import check_batch_independence, cosine, images, one_by_one, reference_encode_images, reference_encode_texts, texts
 
 from vlmcli.engines import clip_numpy
 from vlmcli.engines.clip import COMPUTE_PATH_ENV, ClipModel, choose_compute_path
@@ -60,10 +60,6 @@ def test_blas_matches_ggml(pair, clip_ggufs, act, qtype, min_cos):
     assert cosine(out[:1], out[1:2])[0] < 0.99
 
 
-def one_by_one(encode, inputs: np.ndarray) -> np.ndarray:
-    return np.concatenate([encode(inputs[i:i + 1]) for i in range(len(inputs))])
-
-
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0"])
 def test_blas_results_do_not_depend_on_the_batch(pair, monkeypatch, qtype):
     """The same bits alone, in a batch, reversed, repeated, in chunks of 3, and shared between two
@@ -72,13 +68,7 @@ def test_blas_results_do_not_depend_on_the_batch(pair, monkeypatch, qtype):
     monkeypatch.setattr(m._numpy, "min_parallel_flops", 0)  # the tiny model would stay on one thread
     ids, px = texts([4, 75, 0, 12, 30, 4, 61, 7], seed=3), images(5, seed=3)
     for encode, inputs in ((m.encode_texts, ids), (m.encode_images, px)):
-        alone = one_by_one(encode, inputs)
-        assert np.array_equal(encode(inputs), alone)
-        assert np.array_equal(encode(inputs[::-1]), alone[::-1])
-        assert np.array_equal(encode(np.concatenate([inputs] * 6)), np.concatenate([alone] * 6))
-        monkeypatch.setattr(m, "batch_size", 3)
-        assert np.array_equal(encode(inputs), alone)
-        monkeypatch.setattr(m, "batch_size", 32)
+        alone = check_batch_independence(m, encode, inputs, monkeypatch)
         monkeypatch.setattr(m._numpy, "n_threads", 1)
         assert np.array_equal(encode(inputs), alone)
         monkeypatch.setattr(m._numpy, "n_threads", 2)

@@ -9,7 +9,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from clip_reference import BOS, EOS, cosine, images, reference_encode_images, reference_encode_texts, reference_model, texts
+from clip_reference import (
+    BOS, EOS, check_batch_independence, cosine, images, one_by_one, reference_encode_images, reference_encode_texts,
+    reference_model, texts,
+)
 
 from vlmcli.engines.clip import ClipModel, text_lengths
 from vlmcli.errors import ModelError, VlmError
@@ -68,10 +71,6 @@ def test_activation_flag_is_used(model, clip_ggufs):
     assert np.abs(got - right).max() * 10 < np.abs(got - wrong).max()
 
 
-def one_by_one(encode, inputs: np.ndarray) -> np.ndarray:
-    return np.concatenate([encode(inputs[i:i + 1]) for i in range(len(inputs))])
-
-
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0"])
 def test_results_do_not_depend_on_the_batch(model, monkeypatch, qtype):
     """The same bits alone, beside 77-token texts, reversed, in a batch big enough for two threads, in
@@ -79,13 +78,7 @@ def test_results_do_not_depend_on_the_batch(model, monkeypatch, qtype):
     m = model("quick_gelu", qtype)
     ids, px = texts([4, 75, 0, 12, 30, 4, 61, 7], seed=3), images(4, seed=3)
     for encode, inputs in ((m.encode_texts, ids), (m.encode_images, px)):
-        alone = one_by_one(encode, inputs)
-        assert np.array_equal(encode(inputs), alone)
-        assert np.array_equal(encode(inputs[::-1]), alone[::-1])
-        assert np.array_equal(encode(np.concatenate([inputs] * 6)), np.concatenate([alone] * 6))
-        monkeypatch.setattr(m, "batch_size", 3)
-        assert np.array_equal(encode(inputs), alone)
-        monkeypatch.undo()
+        check_batch_independence(m, encode, inputs, monkeypatch)
     # nor from the width of the token array: a narrower one (every EOT inside) is padded to 77
     short = [0, 2, 3, 4, 5, 7]
     assert np.array_equal(m.encode_texts(ids[short, :40]), one_by_one(m.encode_texts, ids[short]))
