@@ -25,6 +25,8 @@ from clip_fixtures import *  # noqa: E402,F401,F403  clip_checkpoint, clip_gguf,
 # The image-encoding cache of this test run: one fresh folder, not the user's store. Tests that
 # compare cold and warm runs give their own folder (VLM_CACHE_DIR) or --no-cache.
 os.environ.setdefault("VLM_CACHE_DIR", tempfile.mkdtemp(prefix="vlm-test-encodings-"))
+# Thread shares (engines/cores.py) among this run's processes only, not other vlm work on the machine.
+os.environ.setdefault("VLM_CORES_DIR", tempfile.mkdtemp(prefix="vlm-test-cores-"))
 
 # The folder name becomes the model name inside and on the converted files, as with the real repo.
 SMOLVLM2_NAME = "SmolVLM2-256M-Video-Instruct"

@@ -110,7 +110,7 @@ class OpenOptions:
             return CapiError(E_INVALID_ARGUMENT, f"vlm_options.{what}")
 
         if n_threads < 0:
-            raise bad(f"n_threads is {n_threads}; use 0 for all cores or a positive count")
+            raise bad(f"n_threads is {n_threads}; use 0 for the default (a share of the cores) or a positive count")
         if n_gpu_layers < -1:
             raise bad(f"n_gpu_layers is {n_gpu_layers}; use -1 (all), 0 (none) or a positive count")
         if n_ctx != 0 and n_ctx < 256:

@@ -86,7 +86,7 @@ typedef enum vlm_select {
  * Passing NULL to vlm_open also means all defaults (and skips the ABI check). */
 typedef struct vlm_options {
     uint32_t abi_version; /* must be VLM_ABI_VERSION */
-    int32_t n_threads;    /* CPU threads; 0 = all cores */
+    int32_t n_threads;    /* CPU threads; 0 = a share of the cores (see README) */
     int32_t n_gpu_layers; /* layers offloaded to a GPU (when the build has one); -1 = all, 0 = none (CPU) */
     int32_t n_ctx;        /* context size in tokens (SmolVLM2); 0 = 4096 */
     uint32_t seed;        /* sampling seed (used when temperature > 0) */

@@ -26,7 +26,7 @@ app = typer.Typer(
 
 # Options every model command takes (command-specific ones live beside their commands); short
 # flags follow llama.cpp's (-t threads, -ngl GPU layers, -m model).
-ThreadsOpt = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: all cores).")
+ThreadsOpt = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: this process's CPUs, shared with other vlm runs computing at the same time).")
 MaxPixelsOpt = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard).")
 NoCacheOpt = typer.Option(False, "--no-cache", help="Run the vision encoder afresh: neither read nor write the store's image-encoding cache.")
 OfflineOpt = typer.Option(False, "--offline", help="Use only models already in the store (also HF_HUB_OFFLINE=1).")

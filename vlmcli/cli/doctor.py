@@ -63,7 +63,9 @@ def _lines(r: dict[str, Any]) -> list[tuple[str, str]]:
             memory = f"{human_bytes(d['memory_total'])} ({human_bytes(d['memory_free'])} free)" if d["memory_total"] else "memory unknown"
             out.append(("device", f"{d['name']}: {d['type']}, {d['description']}, {memory}"))
     if "error" not in runs:
-        out.append(("threads", f"{runs['threads']} (all cores; -t N to change)"))
+        elsewhere = runs["running_elsewhere"]
+        shared = f", shared with {elsewhere} vlm computation{'s' if elsewhere != 1 else ''} running now" if elsewhere else ""
+        out.append(("threads", f"{runs['threads']} ({runs['cpus']} CPUs for this process{shared}; -t N to fix)"))
         out.append(("n-gpu-layers", f"{runs['n_gpu_layers']} by default (all layers when the build has a GPU; -ngl 0 forces the CPU)"))
         out.append(("smolvlm2", str(runs["smolvlm2"])))
         out.append(("clip", str(runs["clip"])))

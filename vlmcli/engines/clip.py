@@ -19,18 +19,20 @@ Shapes in comments are ggml order (innermost first): x [D, T, N] is N sequences 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from vlmcli.engines import ggml
 from vlmcli.engines.clip_numpy import NumpyClip
+from vlmcli.engines.cores import CoreShare
 from vlmcli.engines.clip_tokenizer import (
     BOS_TOKEN,
     DEFAULT_MERGES_FILE,
@@ -366,7 +368,8 @@ class ClipModel(NativeResource):
     """A loaded two-tower CLIP GGUF. Use `ClipModel.load(path)`; close() (or `with`) frees it."""
 
     def __init__(self, path: Path, config: ClipConfig, backend: Backend, weights: Graph | None,
-                 tensors: dict[str, Tensor], batch_size: int, numpy_model: NumpyClip | None = None):
+                 tensors: dict[str, Tensor], batch_size: int, numpy_model: NumpyClip | None = None,
+                 cores: CoreShare | None = None):
         self.path = path
         self.config = config
         self.backend = backend
@@ -376,6 +379,8 @@ class ClipModel(NativeResource):
         self.compute_path = "blas" if numpy_model is not None else "ggml"
         self.batch_size = batch_size
         self.weights_bytes = 0
+        self.cores = cores or CoreShare(backend.n_threads)
+        self.n_threads = self.cores.most  # of the current batch (see _sharing_cores)
         self._blocks = {prefix: [self._block_tensors(f"{prefix}.blk.{i}") for i in range(n)] if tensors else []
                         for prefix, n in (("t", config.text_layers), ("v", config.vision_layers))}
 
@@ -425,7 +430,8 @@ class ClipModel(NativeResource):
         matmul_types = sorted({stored[name].type for name, (_, types) in specs.items() if types is MATMUL_TYPES})
         config.file_type = "+".join(matmul_types) or config.file_type
 
-        backend = Backend(device=device, gpu=n_gpu_layers != 0, n_threads=n_threads)
+        cores = CoreShare(n_threads)
+        backend = Backend(device=device, gpu=n_gpu_layers != 0, n_threads=cores.most)
         try:
             path_kind = choose_compute_path(compute, backend.is_cpu)
             if path_kind == "blas":
@@ -434,7 +440,7 @@ class ClipModel(NativeResource):
             backend.close()
             raise
         if path_kind == "blas":
-            model = cls(p, config, backend, None, {}, batch_size, numpy_model)
+            model = cls(p, config, backend, None, {}, batch_size, numpy_model, cores)
             model.weights_bytes = numpy_model.nbytes
             return model
         weights = Graph(max_tensors=len(specs) + 8)
@@ -454,7 +460,7 @@ class ClipModel(NativeResource):
             weights.close()
             backend.close()
             raise
-        model = cls(p, config, backend, weights, tensors, batch_size)
+        model = cls(p, config, backend, weights, tensors, batch_size, cores=cores)
         model.weights_bytes = size
         return model
 
@@ -479,7 +485,16 @@ class ClipModel(NativeResource):
         """One thread for tiny graphs: ggml's threads meet at a spinning barrier after every op, which
         costs more than it saves below a few tens of MFLOP and stalls badly on a busy machine."""
         flops = 2 * n_tokens * n_layers * (4 * width * width + 2 * width * ffn)
-        self.backend.set_threads(1 if flops < SMALL_GRAPH_FLOPS else self.backend.n_threads)
+        self.backend.set_threads(1 if flops < SMALL_GRAPH_FLOPS else self.n_threads)
+
+    @contextlib.contextmanager
+    def _sharing_cores(self) -> Iterator[None]:
+        """One call (its batches) on this process's share of the cores (cores.py)."""
+        with self.cores.running() as n:
+            self.n_threads = n
+            if self._numpy is not None:
+                self._numpy.n_threads = n
+            yield
 
     def _new_graph(self, n_layers: int) -> Graph:
         return Graph(max_tensors=48 * n_layers + 64, graph_size=64 * n_layers + 128)
@@ -498,8 +513,9 @@ class ClipModel(NativeResource):
         pixels = np.asarray(pixels, dtype=np.float32)
         if not np.isfinite(pixels).all():
             raise VlmError("pixels contain NaN or infinity")
-        chunks = [self._encode_image_batch(pixels[i:i + self.batch_size])
-                  for i in range(0, len(pixels), self.batch_size)]
+        with self._sharing_cores():
+            chunks = [self._encode_image_batch(pixels[i:i + self.batch_size])
+                      for i in range(0, len(pixels), self.batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, cfg.projection_dim), np.float32)
 
     def _encode_image_batch(self, pixels: np.ndarray) -> np.ndarray:
@@ -548,6 +564,11 @@ class ClipModel(NativeResource):
         if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
             raise VlmError(f"token ids must be in [0, {cfg.vocab_size}), got {tokens.min()}..{tokens.max()}")
         tokens = np.pad(tokens.astype(np.int32), ((0, 0), (0, cfg.context_length - tokens.shape[1])))
+        with self._sharing_cores():
+            return self._encode_texts(tokens)
+
+    def _encode_texts(self, tokens: np.ndarray) -> np.ndarray:
+        cfg = self.config
         if self._numpy is not None:  # runs each text at its own length (no graph shapes to share)
             chunks = [self._numpy.encode_texts(tokens[i:i + self.batch_size])
                       for i in range(0, len(tokens), self.batch_size)]

@@ -292,7 +292,8 @@ class NumpyClip:
     token_embd: np.ndarray  # (vocab, D), float32 or float16
     text_pos: np.ndarray  # (context_length, D)
     use_gelu: bool
-    n_threads: int = 1
+    n_threads: int = 1  # of the current call (at most max_threads)
+    max_threads: int = 1
     min_parallel_flops: float = 50e6  # below this a batch runs on the calling thread
     _pool: ThreadPoolExecutor | None = None
 
@@ -312,7 +313,7 @@ class NumpyClip:
             vision_pos=get("v.position_embd.weight").astype(np.float32),
             pre_ln_w=get("v.pre_ln.weight").astype(np.float32), pre_ln_b=get("v.pre_ln.bias").astype(np.float32),
             token_embd=token_embd, text_pos=get("t.position_embd.weight").astype(np.float32),
-            use_gelu=cfg.use_gelu, n_threads=max(1, int(n_threads)),
+            use_gelu=cfg.use_gelu, n_threads=max(1, int(n_threads)), max_threads=max(1, int(n_threads)),
         )
 
     @property
@@ -334,12 +335,12 @@ class NumpyClip:
             if self.n_threads == 1 or len(parts) == 1 or flops < self.min_parallel_flops or not blas.controllable:
                 return [fn(part) for part in parts]
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="vlm-clip")
+                self._pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="vlm-clip")
             return list(self._pool.map(fn, parts))
 
     def _shares(self, n: int) -> list[slice]:
         """n sequences in n_threads contiguous shares (fewer for small n)."""
-        k = max(1, min(self.n_threads, n))
+        k = max(1, min(self.n_threads, self.max_threads, n))
         bounds = [round(i * n / k) for i in range(k + 1)]
         return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 

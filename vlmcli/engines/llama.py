@@ -9,6 +9,7 @@ questions, and offer lower detail levels (see `detail.py`).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import dataclasses
 import math
@@ -24,6 +25,7 @@ from PIL import Image
 from vlmcli.defaults import DEFAULT_N_CTX
 from vlmcli.engines import detail as detail_policy
 from vlmcli.engines.clip_tokenizer import check_text
+from vlmcli.engines.cores import CoreShare
 from vlmcli.engines.gguf_check import GgufInfo, require_kind
 from vlmcli.engines.llama_native import (
     build_id, clear_native_errors, extra_buffers_allowed, llama, mtmd, native_error, quiet_native_logs,
@@ -51,7 +53,7 @@ MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
 
 @dataclass
 class EngineOptions:
-    n_threads: int | None = None  # default: all cores
+    n_threads: int | None = None  # default: this process's share of its CPUs, decided per image (cores.py)
     n_gpu_layers: int = 0  # -1 = all layers on the GPU (when the build has one)
     n_ctx: int = DEFAULT_N_CTX  # tokens; 0 = the context the model was trained for
     n_batch: int = 512
@@ -192,10 +194,12 @@ class VlmEngine(NativeResource):
         self._check_pair()
         self.n_ctx_requested = self._check_context()  # before llama.cpp allocates the KV cache
         self.vision = detail_policy.VisionGeometry.from_mmproj(self.mmproj_info.metadata, self.mmproj_path)
-        self.n_threads = self.options.n_threads or os.cpu_count() or 1
+        self.cores = CoreShare(self.options.n_threads)
+        self.n_threads = self.cores.most  # the threads of the current unit of work (see _sharing_cores)
         self._model = None
         self._ctx = None
-        self._mtmd: dict[int, object] = {}  # image_max_tokens (-1 = model default) -> mtmd context
+        # (image_max_tokens (-1 = model default), threads) -> mtmd context: both are fixed per context in mtmd
+        self._mtmd: dict[tuple[int, int], object] = {}
         self._batch = None
         t0 = time.perf_counter()
         if not self.options.verbose:
@@ -295,9 +299,14 @@ class VlmEngine(NativeResource):
         return -1 if max_tiles is None else max_tiles * self.vision.tokens_per_tile
 
     def _mtmd_context(self, image_max_tokens: int) -> object:
-        """mtmd contexts are created per token cap: the cap is a context parameter in llama.cpp."""
-        if image_max_tokens in self._mtmd:
-            return self._mtmd[image_max_tokens]
+        """mtmd contexts are created per token cap and thread count: both are context parameters in
+        mtmd. Two thread counts are kept per cap (alone and shared), each a copy of the projector."""
+        key = (image_max_tokens, self.n_threads)
+        if key in self._mtmd:
+            return self._mtmd[key]
+        same_cap = [k for k in self._mtmd if k[0] == image_max_tokens]
+        if len(same_cap) >= 2:
+            mtmd.mtmd_free(self._mtmd.pop(same_cap[0]))
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = self.options.n_gpu_layers != 0
         params.n_threads = self.n_threads
@@ -314,8 +323,17 @@ class VlmEngine(NativeResource):
         if not mtmd.mtmd_support_vision(ctx):
             mtmd.mtmd_free(ctx)
             raise ModelError("this projector has no vision encoder", self.mmproj_path)
-        self._mtmd[image_max_tokens] = ctx
+        self._mtmd[key] = ctx
         return ctx
+
+    @contextlib.contextmanager
+    def _sharing_cores(self) -> Iterator[None]:
+        """One unit of work (an image and its questions) on this process's share of the cores."""
+        with self.cores.running() as n:
+            if n != self.n_threads:
+                llama.llama_set_n_threads(self._ctx, n, n)
+                self.n_threads = n
+            yield
 
     def _special_ids(self) -> set[int]:
         # llama.cpp's end-of-generation set comes from the GGUF; <end_of_utterance> is SmolVLM2's
@@ -435,9 +453,9 @@ class VlmEngine(NativeResource):
             image.width, image.height, self.vision, self.options.detail, self.options.max_tiles, self.uses_gpu
         )
         cap = self._token_cap(max_tiles)
-        if level == "low" and cap not in self._mtmd:
-            # Only the overview is used, and every context makes the same one: reuse an open context.
-            cap = next(iter(self._mtmd))
+        if level == "low" and cap not in {c for c, _ in self._mtmd}:
+            # Only the overview is used, and every context makes the same one: reuse an open context's cap.
+            cap = next(iter(self._mtmd))[0]
         rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
         keys = self._cache_keys(rgb, level, cap, prefix_text)
         restored = self._restore_prefix(keys["kv"]) if keys else None
@@ -502,7 +520,7 @@ class VlmEngine(NativeResource):
                           key: dict[str, Any] | None) -> tuple[int, int]:
         """Encode one image chunk (or take its embeddings from the cache) and decode it into the
         KV cache. Returns (n_past, encoder passes run: 0 or 1)."""
-        ctx = self._mtmd[cap]
+        ctx = self._mtmd_context(cap)
         t0 = time.perf_counter()
         width = int(self.model_info.metadata.get(f"{self.model_info.arch}.embedding_length") or 0)
         size = chunk.n_tokens * width * 4
@@ -628,6 +646,19 @@ class VlmEngine(NativeResource):
         image: Image.Image,
         before_image: str,
         suffixes: list[tuple[str, str]],  # (the text after the image, the whole prompt for the record)
+        options: GenerationOptions | None,
+        on_token: TokenCallback | None,
+        on_progress: EncodeProgress | None,
+        on_candidate_token: CandidateCallback | None,
+    ) -> Iterator[Generation]:
+        with self._sharing_cores():
+            yield from self._answer_all(image, before_image, suffixes, options, on_token, on_progress, on_candidate_token)
+
+    def _answer_all(
+        self,
+        image: Image.Image,
+        before_image: str,
+        suffixes: list[tuple[str, str]],
         options: GenerationOptions | None,
         on_token: TokenCallback | None,
         on_progress: EncodeProgress | None,

@@ -27,7 +27,7 @@ class ModelSpec:
     model: str | None = None  # store name (NAME[:QUANT]), GGUF file or folder; None: the kind's default model
     mmproj: str | None = None  # SmolVLM2: the vision projector, when `model` is a GGUF file
     offline: bool | None = None  # None: follow HF_HUB_OFFLINE
-    n_threads: int | None = None  # None: all cores
+    n_threads: int | None = None  # None: a share of the cores, per unit of work (engines/cores.py)
     n_gpu_layers: int = DEFAULT_N_GPU_LAYERS  # -1 = all layers on the GPU when the build has one (else CPU); 0 = CPU
     n_ctx: int = DEFAULT_N_CTX  # SmolVLM2 context in tokens
     detail: str | None = None  # SmolVLM2: low | high | auto; None = the registry's default for the model

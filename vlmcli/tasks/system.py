@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from vlmcli import __version__
 from vlmcli.defaults import DEFAULT_N_GPU_LAYERS
+from vlmcli.engines import cores  # no native code: cheap to import
 
 # The flag that builds llama.cpp (inside llama-cpp-python) with each GPU backend.
 CMAKE_FLAGS = {"cuda": "-DGGML_CUDA=on", "rocm": "-DGGML_HIP=on", "metal": "-DGGML_METAL=on", "vulkan": "-DGGML_VULKAN=on"}
@@ -29,19 +30,11 @@ def _section(gather: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def default_threads() -> int:
-    """The CPU threads the engines use when -t is not given (all cores, as llama.py and ggml.py count them)."""
-    return os.cpu_count() or 1
-
-
-def available_cpus() -> int | None:
-    """CPUs this process may run on (affinity, cgroup cpusets), where the OS says."""
-    if hasattr(os, "sched_getaffinity"):
-        try:
-            return len(os.sched_getaffinity(0))
-        except OSError:
-            return None
-    return None
+def default_threads() -> dict[str, int]:
+    """The CPU threads an engine started now would use without -t: its share of the CPUs this
+    process may use, with the vlm work running now elsewhere (engines/cores.py)."""
+    cpus, running = cores.available_cpus(), cores.running_units()
+    return {"threads": cores.share(cpus, running), "cpus": cpus, "running_elsewhere": running}
 
 
 def cpu_model() -> str:
@@ -183,7 +176,7 @@ def _runs_on(llama: dict[str, Any], ggml: dict[str, Any]) -> dict[str, Any]:
         smolvlm2 = f"{gpus[0]['name'] if gpus else 'GPU'} (all layers, vision encoder too)"
     return {
         "n_gpu_layers": DEFAULT_N_GPU_LAYERS,
-        "threads": default_threads(),
+        **default_threads(),
         "smolvlm2": smolvlm2 if offload else "CPU",
         "clip": gpus[0]["name"] if gpus else "CPU",
         "detail_auto": "full tiling" if offload else f"at most {AUTO_CPU_MAX_TILES} tiles",
@@ -191,8 +184,7 @@ def _runs_on(llama: dict[str, Any], ggml: dict[str, Any]) -> dict[str, Any]:
 
 
 def warnings(report: dict[str, Any]) -> list[str]:
-    """Advice from a report: a GPU this build cannot use, AMX extra buffers turned off, fewer CPUs
-    available than threads started."""
+    """Advice from a report: a GPU this build cannot use, AMX extra buffers turned off."""
     out = []
     llama, ggml = report.get("llama", {}), report.get("ggml", {})
     has_gpu = bool(llama.get("gpu_offload")) or any(d.get("type") in GPU_DEVICE_TYPES for d in ggml.get("devices", []))
@@ -209,9 +201,6 @@ def warnings(report: dict[str, Any]) -> list[str]:
             "AMX kernels are compiled in, so llama.cpp's extra CPU buffer types (AMX, repacked weights) are off: "
             "they fault in some VMs that advertise AMX; VLM_AMX=1 turns them on"
         )
-    cpus, threads = report.get("cpu", {}).get("available"), report.get("runs_on", {}).get("threads")
-    if cpus and threads and cpus < threads:
-        out.append(f"only {cpus} of {threads} CPUs are available to this process; -t {cpus} may be faster")
     for name in ("versions", "llama", "ggml", "store", "image_cache", "hub"):
         if "error" in report.get(name, {}):
             out.append(f"{name}: {report[name]['error']}")
@@ -227,7 +216,7 @@ def system_report() -> dict[str, Any]:
     report["cpu"] = {
         "model": cpu_model() if not cpu_devices or not cpu_devices[0]["description"] else cpu_devices[0]["description"],
         "logical": os.cpu_count(),
-        "available": available_cpus(),
+        "available": cores.available_cpus(),
     }
     report["runs_on"] = _section(lambda: _runs_on(report["llama"], report["ggml"]))
     report["gpus_visible"] = visible_gpus()

@@ -1,0 +1,136 @@
+"""Threads for native code: the CPUs this process may use, shared with the vlm processes computing now.
+
+llama.cpp's and ggml's worker threads meet at a spinning barrier after every op of a graph. When
+two processes each start one thread per core, every barrier waits for a thread the other process
+has preempted, and the two together do less than one alone (issue 14 measured 0.38x). So an engine
+that was not given a thread count takes its share before each piece of work (an image, a batch of
+CLIP inputs): the CPUs it may run on (affinity and cgroup quota) divided by the units of work
+running at that moment in all vlm processes of this machine.
+
+Each running unit holds a lock on its own file in one machine-wide folder (`VLM_CORES_DIR`, else
+`vlmcli-cores` in the temp folder). A lock is released by the kernel when its process dies, so a
+crashed process is never counted, and its file is removed by the next process that looks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks here, every process takes all its CPUs
+    fcntl = None  # type: ignore[assignment]
+
+_units = itertools.count()
+_held = threading.local()  # a unit already running on this thread (a nested call shares it)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cpusets) and, in a container with
+    a CPU quota (cgroup v2 cpu.max), the quota rounded up."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def folder() -> Path:
+    return Path(os.environ.get("VLM_CORES_DIR") or Path(tempfile.gettempdir()) / "vlmcli-cores")
+
+
+def running_units(skip: Path | None = None) -> int:
+    """Units of work holding a lock in the folder now (not counting `skip`); stale files are removed."""
+    if fcntl is None:
+        return 0
+    try:
+        names = os.listdir(folder())
+    except OSError:
+        return 0
+    count = 0
+    for name in names:
+        path = folder() / name
+        if path == skip or not name.endswith(".lock"):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # removed meanwhile: that unit finished
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            count += 1  # locked: running
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # its process is gone
+        finally:
+            os.close(fd)
+    return count
+
+
+def share(cpus: int, others: int) -> int:
+    """Threads for one unit when `others` more are running: an equal part of the CPUs, at least one."""
+    return max(1, cpus // (others + 1))
+
+
+class CoreShare:
+    """The thread count of one engine. `fixed` (-t N, a Ray actor's CPUs) is used as given; None
+    takes a share that `running()` decides again at the start of every unit of work."""
+
+    def __init__(self, fixed: int | None = None):
+        self.fixed = fixed
+        self.cpus = available_cpus()
+
+    @property
+    def most(self) -> int:
+        """The most threads this engine will use (what its native thread pools are sized for)."""
+        return self.fixed or self.cpus
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[int]:
+        """Announce a unit of work for its duration and give its thread count."""
+        if getattr(_held, "threads", None) is not None:  # nested in a unit of this thread
+            yield _held.threads
+            return
+        path, fd = self._announce()
+        try:
+            _held.threads = self.fixed or share(self.cpus, running_units(skip=path))
+            yield _held.threads
+        finally:
+            _held.threads = None
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                os.close(fd)
+
+    @staticmethod
+    def _announce() -> tuple[Path | None, int | None]:
+        if fcntl is None:
+            return None, None
+        d = folder()
+        try:
+            if not d.is_dir():
+                d.mkdir(parents=True, exist_ok=True)
+                d.chmod(0o1777)  # machine-wide, like /tmp: every user's processes share the cores
+            name = f"{os.getpid()}-{next(_units)}"
+            fd = os.open(d / f"{name}.new", os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError:
+            return None, None  # no folder to share through: run as if alone
+        # Locked before it takes the name others count, so no one sees it unlocked and removes it.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = d / f"{name}.lock"
+        os.replace(d / f"{name}.new", path)
+        return path, fd
