@@ -14,8 +14,16 @@ generated tokens/s of the real-size 256M text model with 1 sequence vs N sequenc
 batch (same prompt length), together with how a caption's time splits into image encoding,
 prefill and decode.
 
+And against what a user would script instead (issue 14): `vlm caption FOLDER --out x.jsonl` (one
+process, batch mode) against a loop of llama.cpp's `llama-mtmd-cli` (one process per image, built by
+llama_tools.py from the pinned llama-cpp-python) on the real-size 256M, the sample photos of
+vlmcli/data/sample, the same prompt, -n, threads, full tiling (vlm --detail high; mtmd-cli always
+tiles) and no encoding cache (VLM_CACHE_SIZE=0). vlm caption has no --ignore-eos, so neither side
+ignores EOS; the generated tokens of both are reported.
+
     python benchmarks/bench_batch.py                       # 200 images; 20 for the real-size caption
     python benchmarks/bench_batch.py --images 50 --skip-real
+    python benchmarks/bench_batch.py --only mtmd-loop --loop-images 6 --loop-tokens 32 --threads 2
 Writes benchmarks/out/bench_batch.json.
 """
 
@@ -24,7 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +45,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CONFIGS = ROOT.parent / "shared" / "data" / "configs"
 OUT = ROOT / "benchmarks" / "out"
@@ -299,6 +310,62 @@ def multi_sequence(model: Path, threads: int, n_seqs: list[int], steps: int = 32
     return result
 
 
+def sample_folder(folder: Path, n: int) -> list[Path]:
+    """n photos from vlmcli/data/sample (copies, cycled, when n exceeds them), flat in folder."""
+    photos = sorted((ROOT / "vlmcli" / "data" / "sample").glob("*/*.jpg"))
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        dest = folder / f"{i:03d}-{photos[i % len(photos)].name}"
+        if not dest.exists():
+            shutil.copyfile(photos[i % len(photos)], dest)
+        out.append(dest)
+    return out
+
+
+def mtmd_loop_case(model: Path, mmproj: Path, paths: list[Path], threads: int, max_tokens: int, work: Path,
+                   rounds: int) -> dict[str, Any]:
+    """`vlm caption FOLDER --out` against a loop of llama-mtmd-cli processes over the same photos (--perf -lv 4
+    only make it print the timings read here for its token counts)."""
+    from bench_vlm import mtmd_timings
+    from llama_tools import tool
+
+    mtmd = str(tool("llama-mtmd-cli"))
+    prompt, n, t = "Describe this image in one sentence.", str(max_tokens), str(threads)
+    env = {**os.environ, "VLM_CACHE_SIZE": "0"}
+    loop_runs: list[dict] = []
+    vlm_records: list[dict] = []
+
+    def loop() -> None:
+        loop_runs.clear()
+        for p in paths:
+            done = subprocess.run([mtmd, "-m", str(model), "--mmproj", str(mmproj), "--image", str(p),
+                                   "-p", f"<__media__>{prompt}", "-n", n, "-t", t, "--temp", "0", "-c", "4096",
+                                   "--perf", "-lv", "4"], capture_output=True, text=True, check=True)
+            loop_runs.append(mtmd_timings(done.stdout + done.stderr))
+
+    def batch() -> None:
+        out = work / f"captions-{time.monotonic_ns()}.jsonl"
+        subprocess.run([sys.executable, "-m", "vlmcli", "caption", str(paths[0].parent), "--out", str(out), "-m",
+                        str(model), "--mmproj", str(mmproj), "-p", prompt, "-n", n, "-t", t, "--detail", "high", "-q"],
+                       check=True, env=env)
+        vlm_records[:] = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(vlm_records) == len(paths), vlm_records
+
+    loop_s, batch_s = alternate(loop, batch, rounds)
+    k = len(paths)
+    return {
+        "case": "caption 256M: vlm caption vs mtmd-cli loop", "images": k, "threads": threads, "max_tokens": max_tokens,
+        "detail": "high", "plain_images_per_s": k / loop_s, "batch_images_per_s": k / batch_s, "ratio": loop_s / batch_s,
+        "per_image_ms": {"mtmd_loop_ms": loop_s / k * 1000, "vlm_caption_ms": batch_s / k * 1000},
+        # mtmd-cli's perf line leaves out the last decode: runs + 1 tokens (one too many where EOS ended one)
+        "generated_tokens": {"mtmd_loop": sum(min(r["eval_runs"] + 1, max_tokens) for r in loop_runs),
+                             "vlm_caption": sum(r["tokens"]["generated"] for r in vlm_records)},
+        "image_tokens": {"mtmd_loop": sum(r["image_tokens"] for r in loop_runs),
+                         "vlm_caption": sum(r["tokens"]["image"] for r in vlm_records)},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=200)
@@ -308,13 +375,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2, help="plain / batch turns per case (the best of each is kept)")
     ap.add_argument("--skip-real", action="store_true", help="only the tiny VLM (no real-size models)")
-    ap.add_argument("--only", default="caption-tiny,caption-real,embed,classify,multiseq")
+    ap.add_argument("--loop-images", type=int, default=6, help="photos for vlm caption vs the llama-mtmd-cli loop")
+    ap.add_argument("--loop-tokens", type=int, default=32, help="-n of both in that comparison")
+    ap.add_argument("--only", default="caption-tiny,caption-real,embed,classify,multiseq,mtmd-loop")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlmcli-bench"))
     args = ap.parse_args()
     only = set(args.only.split(","))
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    paths = make_folder(cache / f"photos-{args.images}", args.images)
+    paths = make_folder(cache / f"photos-{args.images}", args.images) if only - {"mtmd-loop"} else []
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     results: list[dict[str, Any]] = []
 
@@ -342,6 +411,14 @@ def main() -> None:
                 print("multi-sequence decode, 256M Q8_0: " + "  ".join(
                     f"{n} seq {v['tokens_per_s']:.1f} tok/s (x{v['speedup']:.2f})" for n, v in ms.items()), flush=True)
                 results.append({"case": "multi-sequence decode 256M Q8_0", "threads": args.threads, "by_sequences": ms})
+        if "mtmd-loop" in only:
+            model, mmproj = real_vlm(cache)
+            loop_paths = sample_folder(cache / f"sample-photos-{args.loop_images}", args.loop_images)
+            r = mtmd_loop_case(model, mmproj, loop_paths, args.threads, args.loop_tokens, work, args.rounds)
+            print(f"{r['case']}: {r['images']} images, -n {r['max_tokens']}, detail high: llama-mtmd-cli loop "
+                  f"{r['plain_images_per_s']:.3f}/s, vlm caption {r['batch_images_per_s']:.3f}/s, ratio {r['ratio']:.2f}; "
+                  f"generated tokens {r['generated_tokens']}, image tokens {r['image_tokens']}", flush=True)
+            results.append(r)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench_batch.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {OUT / 'bench_batch.json'}")

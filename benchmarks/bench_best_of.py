@@ -5,7 +5,11 @@ decode in one llama.cpp batch per step. Real-size random-weight SmolVLM2-256M (b
 once by bench_vlm.build_model), low detail, the sample photo; medians of several runs in one
 process, N interleaved so that other load on the machine falls on every N alike.
 
-    python benchmarks/bench_best_of.py [--runs 5] [--tokens 64] [--ns 1,2,4,8]
+    python benchmarks/bench_best_of.py [--runs 5] [--tokens 64] [--ns 1,2,4,8] [--no-peer]
+
+The peer: llama.cpp's own llama-batched-bench (built from the pinned sdist by llama_tools.py) on the
+same GGUF, with a shared prompt of the same length (-pps, a unified KV cache) and the same N, tokens
+and threads: its decode speed per N is what llama.cpp itself reaches for this batched decoding.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +36,7 @@ def main() -> None:
     ap.add_argument("--ns", default="1,2,4,8")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlmcli-bench"))
+    ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp's llama-batched-bench")
     args = ap.parse_args()
     ns = [int(n) for n in args.ns.split(",")]
 
@@ -51,20 +57,40 @@ def main() -> None:
             g = next(engine.ask(image, [prompt], gen))
             wall[n].append(time.perf_counter() - t0)
             decode_tps[n].append(g.timings.decode_tokens / (g.timings.decode_ms / 1000))
+    prompt_tokens = g.prompt_tokens
     engine.close()
+    peer = {} if args.no_peer else llama_batched_bench(model, prompt_tokens, args.tokens, ns, args.threads, args.runs)
     base = statistics.median(wall[ns[0]])
     print(f"--best-of N, SmolVLM2-256M Q8_0 (+F16 mmproj) real size, random weights, low detail, {args.tokens} tokens "
           f"per candidate, medians of {args.runs}; {cpu_description()}, {args.threads} threads")
-    print("| N | wall time | vs N=1 | decode tokens/s (all candidates) | vs one sequence |")
-    print("|---|---|---|---|---|")
+    print("| N | wall time | vs N=1 | decode tokens/s (all candidates) | vs one sequence | llama-batched-bench decode tokens/s |")
+    print("|---|---|---|---|---|---|")
     rows = []
     for n in ns:
         w, tps = statistics.median(wall[n]), statistics.median(decode_tps[n])
-        rows.append({"n": n, "wall_s": w, "ratio": w / base, "decode_tokens_per_s": tps})
-        print(f"| {n} | {w:.2f} s | {w / base:.2f}x | {tps:.0f} | {tps / statistics.median(decode_tps[ns[0]]):.2f}x |")
+        rows.append({"n": n, "wall_s": w, "ratio": w / base, "decode_tokens_per_s": tps, "llama_batched_bench_tokens_per_s": peer.get(n)})
+        theirs = f"{peer[n]:.0f}" if n in peer else "-"
+        print(f"| {n} | {w:.2f} s | {w / base:.2f}x | {tps:.0f} | {tps / statistics.median(decode_tps[ns[0]]):.2f}x | {theirs} |")
     out = Path(__file__).resolve().parent / "out"
     out.mkdir(exist_ok=True)
     (out / "best_of.json").write_text(json.dumps({"cpu": cpu_description(), "rows": rows}, indent=1))
+
+
+def llama_batched_bench(model: Path, prompt_tokens: int, tokens: int, ns: list[int], threads: int, runs: int) -> dict[int, float]:
+    """llama.cpp's own batched decoding on the same GGUF: N -> decode tokens/s (median of runs)."""
+    from llama_tools import tool
+
+    cmd = [str(tool("llama-batched-bench")), "-m", str(model), "-c", str(prompt_tokens + max(ns) * tokens + 64),
+           "-npp", str(prompt_tokens), "-ntg", str(tokens), "-npl", ",".join(map(str, ns)), "-pps", "-kvu",
+           "-t", str(threads), "--output-format", "jsonl"]
+    speeds: dict[int, list[float]] = {n: [] for n in ns}
+    for _ in range(runs):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                speeds[int(row["pl"])].append(float(row["speed_tg"]))
+    return {n: statistics.median(v) for n, v in speeds.items() if v}
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Builds a real-size random-weight openai/clip-vit-base-patch32 checkpoint (the co
 text is the same as with trained weights) from ../shared/data/configs with the test fixture builder,
 converts it to F16 and Q8_0 with vlmcli's converter, and measures, each in a fresh process (so load
 time and peak RSS are its own) and on the same threads:
-- vlm on its ggml path and on its BLAS path (numpy + OpenBLAS; VLM_CLIP_PATH), F16 and Q8_0;
+- vlm on its ggml path (F16 and Q8_0 files; on a CPU with AVX512_BF16 also F16 held as BF16, vlm's
+  default there, VLM_CLIP_WEIGHTS) and on its BLAS path (numpy + OpenBLAS; VLM_CLIP_PATH; --skip-blas);
 - transformers' CLIPModel (PyTorch CPU, torch.set_num_threads) on the checkpoint the GGUFs came from;
 images/s at batch 1 and 32, texts/s at batch 32 (32 prompts, padded to the longest as a processor
 with padding=True does). Every variant runs once per round and the rounds are interleaved, so a
@@ -170,6 +171,7 @@ def main() -> int:
     ap.add_argument("--torch-python", default=None, help="a Python with torch + transformers (default: this one)")
     ap.add_argument("--extra", type=Path, action="append", default=[],
                     help="another CLIP GGUF of the same checkpoint to measure too (e.g. a BF16 conversion)")
+    ap.add_argument("--skip-blas", action="store_true", help="only the ggml path (and transformers)")
     ap.add_argument("--worker", choices=["ggml", "blas", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
@@ -193,8 +195,16 @@ def main() -> int:
         variants = []
         for extra in args.extra:
             models[extra.stem.rsplit("-", 1)[-1]] = extra
+        from vlmcli.engines import ggml
+
+        bf16_cpu = bool(ggml.lib().ggml_cpu_has_avx512_bf16())
         for q in models:
-            variants.append((f"vlm ggml {q}", "ggml", models[q], {}))
+            variants.append((f"vlm ggml {q}{' as stored' if bf16_cpu and q in ('F16', 'F32') else ''}", "ggml", models[q],
+                             {"VLM_CLIP_WEIGHTS": "stored"}))
+            if bf16_cpu and q in ("F16", "F32"):  # vlm's default on this CPU: the weights held as BF16
+                variants.append((f"vlm ggml {q} held as BF16", "ggml", models[q], {"VLM_CLIP_WEIGHTS": "auto"}))
+            if args.skip_blas:
+                continue
             variants.append((f"vlm blas {q}", "blas", models[q], {}))
             if coretype:
                 variants.append((f"vlm blas {q} (CPU's kernels)", "blas", models[q], {"OPENBLAS_CORETYPE": None}))

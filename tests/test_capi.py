@@ -34,7 +34,8 @@ needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler (cc, gcc or clan
 def bare_env(**extra: str) -> dict[str, str]:
     """What a user's shell gives a C program: no venv activation, no Python variables."""
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "HF_HUB_OFFLINE": "1"}
-    for key in ("VLM_HOME", "XDG_CACHE_HOME"):  # keep the test run's model store, if it set one
+    # keep the test run's model store, if it set one, and its settings from conftest (caches, CLIP weights)
+    for key in ("VLM_HOME", "XDG_CACHE_HOME", "VLM_CACHE_DIR", "VLM_CORES_DIR", "VLM_CLIP_WEIGHTS"):
         if key in os.environ:
             env[key] = os.environ[key]
     env.update(extra)

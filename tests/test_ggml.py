@@ -129,6 +129,12 @@ def test_permute_cont_reshape_concat_repeat(backend):
     np.testing.assert_allclose(got, np.concatenate([np.broadcast_to(c, (2, 1, 4)), a], axis=1))
 
 
+def test_pad_appends_zeros(backend):
+    a = np.random.default_rng(5).standard_normal((2, 3, 5))  # ggml ne = (5, 3, 2)
+    got = run(backend, lambda g, t: g.pad(t["a"], 11), {"a": a}, ndim=3)
+    np.testing.assert_array_equal(got, np.pad(a.astype(np.float32), ((0, 0), (0, 0), (0, 11))))
+
+
 def test_get_rows_and_view_rows(backend):
     data = np.arange(40, dtype=np.float32).reshape(10, 4)
     with Graph(max_tensors=16, graph_size=16) as g:

@@ -58,6 +58,10 @@ LOADED_AS_F32 = ("t.position_embd.weight", "v.position_embd.weight")
 # CLIP's training clamps the logit scale at 100; files written by clip.cpp's converter do not store it.
 TRAINED_LOGIT_SCALE = 100.0
 SMALL_GRAPH_FLOPS = 50e6  # below this a batch runs on one thread (see ClipModel._use_threads_for)
+# att @ v sums over the T key positions; ggml's CPU mul_mat runs it through tinyBLAS only when T is a
+# multiple of the SIMD width in floats (16 with AVX-512), else one vec_dot call per element, several
+# times slower (a seventh of a ViT-B/32 pass, T = 50): so T is padded with zeros up to a multiple.
+ATTENTION_SUM_MULTIPLE = 16
 TEXT_LENGTH_STEP = 8  # a text runs at a multiple of this many positions (or context_length), see text_lengths
 # How the towers run: "ggml" graphs on the backend, or "blas" (numpy, engines/clip_numpy.py) on the CPU;
 # "auto" is ggml: measured idle on an AVX-512 EPYC, ggml F16 ran 25 images/s and 257 texts/s, blas 22-24 and
@@ -65,6 +69,11 @@ TEXT_LENGTH_STEP = 8  # a text runs at a multiple of this many positions (or con
 # per CPU kind. Under load blas kept 10-21 images/s where ggml fell to 6-8. The environment variable overrides.
 COMPUTE_PATHS = ("auto", "ggml", "blas")
 COMPUTE_PATH_ENV = "VLM_CLIP_PATH"
+# The type F16 / F32 matmul weights are held in on the ggml CPU path: "auto" is BF16 where the CPU has
+# AVX512_BF16 (ggml's BF16 dot products then do twice the multiply-adds of its F16 ones per instruction;
+# cosine to F32 0.99998 on ViT-B/32, README), else as stored. Quantized files are always kept as they are.
+WEIGHTS_TYPES = ("auto", "stored", "bf16")
+WEIGHTS_TYPE_ENV = "VLM_CLIP_WEIGHTS"
 
 
 @dataclass
@@ -231,6 +240,29 @@ def choose_compute_path(requested: str | None, on_cpu: bool) -> str:
     return "blas" if choice == "blas" and on_cpu else "ggml"
 
 
+def choose_weights_type(stored: str, on_cpu: bool) -> str:
+    """The ggml type to hold a matmul weight stored as `stored` in (VLM_CLIP_WEIGHTS, see WEIGHTS_TYPES)."""
+    choice = (os.environ.get(WEIGHTS_TYPE_ENV) or "auto").strip().lower()
+    if choice not in WEIGHTS_TYPES:
+        raise VlmError(f"unknown {WEIGHTS_TYPE_ENV} {choice!r}; use one of {', '.join(WEIGHTS_TYPES)}")
+    if stored not in ("F16", "F32") or not on_cpu or choice == "stored":
+        return stored
+    return "BF16" if choice == "bf16" or ggml.lib().ggml_cpu_has_avx512_bf16() else stored
+
+
+def _to_bf16(raw: np.ndarray, type_name: str) -> np.ndarray:
+    """F16 / F32 bytes -> BF16 bytes, by ggml-cpu's own (vectorised) conversions."""
+    L = ggml.lib()
+    if type_name == "F16":
+        f32 = np.empty(raw.size // 2, np.float32)
+        L.ggml_cpu_fp16_to_fp32(np.ascontiguousarray(raw).ctypes.data, f32.ctypes.data, f32.size)
+    else:
+        f32 = np.ascontiguousarray(raw).view(np.float32)
+    out = np.empty(f32.size, np.uint16)
+    L.ggml_cpu_fp32_to_bf16(f32.ctypes.data, out.ctypes.data, f32.size)
+    return out.view(np.uint8)
+
+
 def _to_f32(raw: np.ndarray, type_name: str, ne: tuple[int, ...]) -> np.ndarray:
     """Stored bytes of an F16 or quantized tensor (ggml shape ne) -> its float32 values."""
     import gguf
@@ -320,6 +352,8 @@ def block(g: Graph, x: Tensor, p: _Block, n_heads: int, eps: float, act: Callabl
     k = g.permute(g.reshape(linear(g, h, p.k_w, p.k_b), hd, n_heads, t, n), 0, 2, 1, 3)  # [hd, T, H, N]
     v = g.cont(g.permute(g.reshape(linear(g, h, p.v_w, p.v_b), hd, n_heads, t, n), 1, 2, 0, 3))  # [T, hd, H, N]
     att = g.soft_max_ext(g.mul_mat(k, q), mask, 1.0 / math.sqrt(hd))  # [T_k, T_q, H, N]
+    if pad := -t % ATTENTION_SUM_MULTIPLE:  # zero weights on zero values: the same sum, through tinyBLAS
+        att, v = g.pad(att, pad), g.pad(v, pad)
     y = g.mul_mat(v, att)  # [hd, T_q, H, N]
     y = g.reshape(g.cont(g.permute(y, 0, 2, 1, 3)), d, t, n)  # heads back side by side: [D, T, N]
     x = g.add(x, linear(g, y, p.out_w, p.out_b))
@@ -379,6 +413,7 @@ class ClipModel(NativeResource):
         self.compute_path = "blas" if numpy_model is not None else "ggml"
         self.batch_size = batch_size
         self.weights_bytes = 0
+        self.weights_type = config.file_type  # the matmul weights' type in memory (choose_weights_type)
         self.cores = cores or CoreShare(backend.n_threads)
         self.n_threads = self.cores.most  # of the current batch (see _sharing_cores)
         self._blocks = {prefix: [self._block_tensors(f"{prefix}.blk.{i}") for i in range(n)] if tensors else []
@@ -445,15 +480,17 @@ class ClipModel(NativeResource):
             return model
         weights = Graph(max_tensors=len(specs) + 8)
         try:
-            tensors = {name: weights.new_tensor("F32" if name in LOADED_AS_F32 else stored[name].type, ne, name)
-                       for name, (ne, _) in specs.items()}
+            held = {name: "F32" if name in LOADED_AS_F32 else
+                    choose_weights_type(stored[name].type, backend.is_cpu) if types is MATMUL_TYPES else stored[name].type
+                    for name, (_, types) in specs.items()}
+            tensors = {name: weights.new_tensor(held[name], ne, name) for name, (ne, _) in specs.items()}
             size = backend.alloc_tensors(weights)
             data = np.memmap(p, dtype=np.uint8, mode="r")
             for name, t in tensors.items():
                 st = stored[name]
                 raw = data[st.offset : st.offset + st.n_bytes]
-                if name in LOADED_AS_F32 and st.type != "F32":
-                    raw = _to_f32(raw, st.type, specs[name][0])
+                if held[name] != st.type:
+                    raw = _to_f32(raw, st.type, specs[name][0]) if held[name] == "F32" else _to_bf16(raw, st.type)
                 backend.set(t, raw)  # copies from the mapped file
             del data
         except BaseException:
@@ -462,6 +499,7 @@ class ClipModel(NativeResource):
             raise
         model = cls(p, config, backend, weights, tensors, batch_size, cores=cores)
         model.weights_bytes = size
+        model.weights_type = "+".join(sorted({held[n] for n, (_, types) in specs.items() if types is MATMUL_TYPES}))
         return model
 
     def close(self) -> None:

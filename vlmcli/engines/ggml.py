@@ -138,6 +138,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_view_3d": (_vp, [_vp, _vp, _i64, _i64, _i64, _sz, _sz, _sz]),
     "ggml_get_rows": (_vp, [_vp, _vp, _vp]),
     "ggml_concat": (_vp, [_vp, _vp, _vp, _i32]),
+    "ggml_pad": (_vp, [_vp, _vp, _i32, _i32, _i32, _i32]),
     "ggml_repeat_4d": (_vp, [_vp, _vp, _i64, _i64, _i64, _i64]),
     # graphs
     "ggml_new_graph_custom": (_vp, [_vp, _sz, _bool]),
@@ -165,6 +166,9 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_cpu_init": (_vp, []),
     "ggml_backend_is_cpu": (_bool, [_vp]),
     "ggml_backend_cpu_set_n_threads": (None, [_vp, _i32]),
+    "ggml_cpu_has_avx512_bf16": (_i32, []),
+    "ggml_cpu_fp16_to_fp32": (None, [_vp, _vp, _i64]),
+    "ggml_cpu_fp32_to_bf16": (None, [_vp, _vp, _i64]),
     "ggml_backend_name": (ctypes.c_char_p, [_vp]),
     "ggml_backend_free": (None, [_vp]),
     "ggml_backend_supports_op": (_bool, [_vp, _vp]),
@@ -505,6 +509,13 @@ class Graph:
         ne[dim] += b.ne[dim]
         self._reserve()
         return self._made(lib().ggml_concat(self.ctx, a.ptr, b.ptr, dim), a.type, ne)
+
+    def pad(self, a: Tensor, *pad: int) -> Tensor:
+        """a with zeros appended: pad[i] more elements along dimension i."""
+        p4 = tuple(int(p) for p in pad) + (0,) * (4 - len(pad))
+        _check(len(p4) == 4 and all(p >= 0 for p in p4), f"pad: bad padding {pad}")
+        self._reserve()
+        return self._made(lib().ggml_pad(self.ctx, a.ptr, *p4), a.type, [n + p for n, p in zip(a.ne, p4)])
 
     def repeat(self, a: Tensor, *ne: int) -> Tensor:
         ne4 = _pad4(ne)
