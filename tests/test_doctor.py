@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from vlmcli.engines.cores import available_cpus
+
 SAMPLE = Path(__file__).resolve().parents[1] / "vlmcli" / "data" / "chelsea.jpg"
 SECRET = "hf_doctorTestSecretValue_0123456789"
 
@@ -73,7 +75,7 @@ def test_json_report_agrees_with_llama_cpp_and_ggml(env: dict[str, str]) -> None
     assert rep["cpu"]["model"] and rep["cpu"]["logical"] == os.cpu_count()
     # what runs by default
     runs = rep["runs_on"]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = available_cpus()
     assert (runs["threads"], runs["cpus"], runs["running_elsewhere"]) == (cpus, cpus, 0) and runs["n_gpu_layers"] == -1
     on_gpu = rep["llama"]["gpu_offload"]
     assert (runs["smolvlm2"] == "CPU") == (not on_gpu)
@@ -105,7 +107,7 @@ def test_text_report_has_every_fact_and_no_token(env: dict[str, str]) -> None:
     assert keys["hf-offline"] == ["yes (HF_HUB_OFFLINE=1)"]
     assert keys["hf-endpoint"] == ["http://127.0.0.1:9"]
     assert keys["store"] == [f"{env['VLM_HOME']} (not created yet)"]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = available_cpus()
     assert keys["threads"][0] == f"{cpus} ({cpus} CPUs for this process; -t N to fix)"
     assert any(f.startswith("CPU: ") for f in keys["features"])
     # without a token: "not set", with the default endpoint

@@ -240,14 +240,12 @@ def choose_compute_path(requested: str | None, on_cpu: bool) -> str:
     return "blas" if choice == "blas" and on_cpu else "ggml"
 
 
-def choose_weights_type(stored: str, on_cpu: bool) -> str:
-    """The ggml type to hold a matmul weight stored as `stored` in (VLM_CLIP_WEIGHTS, see WEIGHTS_TYPES)."""
+def holds_bf16(on_cpu: bool) -> bool:
+    """Whether F16 / F32 matmul weights are held as BF16 (VLM_CLIP_WEIGHTS, see WEIGHTS_TYPES); decided once per load."""
     choice = (os.environ.get(WEIGHTS_TYPE_ENV) or "auto").strip().lower()
     if choice not in WEIGHTS_TYPES:
         raise VlmError(f"unknown {WEIGHTS_TYPE_ENV} {choice!r}; use one of {', '.join(WEIGHTS_TYPES)}")
-    if stored not in ("F16", "F32") or not on_cpu or choice == "stored":
-        return stored
-    return "BF16" if choice == "bf16" or ggml.lib().ggml_cpu_has_avx512_bf16() else stored
+    return on_cpu and (choice == "bf16" or (choice == "auto" and bool(ggml.lib().ggml_cpu_has_avx512_bf16())))
 
 
 def _to_bf16(raw: np.ndarray, type_name: str) -> np.ndarray:
@@ -413,7 +411,7 @@ class ClipModel(NativeResource):
         self.compute_path = "blas" if numpy_model is not None else "ggml"
         self.batch_size = batch_size
         self.weights_bytes = 0
-        self.weights_type = config.file_type  # the matmul weights' type in memory (choose_weights_type)
+        self.weights_type = config.file_type  # the matmul weights' type in memory (holds_bf16)
         self.cores = cores or CoreShare(backend.n_threads)
         self.n_threads = self.cores.most  # of the current batch (see _sharing_cores)
         self._blocks = {prefix: [self._block_tensors(f"{prefix}.blk.{i}") for i in range(n)] if tensors else []
@@ -480,8 +478,9 @@ class ClipModel(NativeResource):
             return model
         weights = Graph(max_tensors=len(specs) + 8)
         try:
+            bf16 = holds_bf16(backend.is_cpu)
             held = {name: "F32" if name in LOADED_AS_F32 else
-                    choose_weights_type(stored[name].type, backend.is_cpu) if types is MATMUL_TYPES else stored[name].type
+                    "BF16" if bf16 and types is MATMUL_TYPES and stored[name].type in ("F16", "F32") else stored[name].type
                     for name, (_, types) in specs.items()}
             tensors = {name: weights.new_tensor(held[name], ne, name) for name, (ne, _) in specs.items()}
             size = backend.alloc_tensors(weights)

@@ -56,13 +56,14 @@ def running_units(skip: Path | None = None) -> int:
     """Units of work holding a lock in the folder now (not counting `skip`); stale files are removed."""
     if fcntl is None:
         return 0
+    d = folder()
     try:
-        names = os.listdir(folder())
+        names = os.listdir(d)
     except OSError:
         return 0
     count = 0
     for name in names:
-        path = folder() / name
+        path = d / name
         if path == skip or not name.endswith(".lock"):
             continue
         try:
