@@ -2,8 +2,9 @@
 
 Builds (once, cached) the real-size random-weight SmolVLM2 256M (Q8_0 + F16 mmproj, bench_vlm.py) and
 CLIP ViT-B/32 (F16, bench_clip.py): the cost per request is the real models', the words are noise.
-Starts one `vlm serve` holding both (--workers per model, --threads each, --detail low), then for
-each model and concurrency sends --requests requests from that many client threads:
+Starts one `vlm serve` holding both (--workers per model, sharing the cores per request unless
+--threads is given, --detail low), then for each model and concurrency sends --requests requests
+from that many client threads:
 - chat: the 451x300 sample as a data: URL + a question, --tokens generated tokens (greedy);
 - embeddings: the same image as a data: URL (one CLIP image pass per request).
 The baseline is what a script without a server does: `vlm ask IMAGE Q -n TOKENS --detail low` and
@@ -91,12 +92,13 @@ def cli_loop(args: list[str], runs: int) -> dict:
             "p50_s": statistics.median(times), "p95_s": percentile(times, 95)}
 
 
-def start_server(vlm_dir: Path, clip: Path, workers: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(vlm_dir: Path, clip: Path, workers: int, threads: int | None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "vlmcli", "serve", "--model", str(vlm_dir), "--model", str(clip), "--port", str(port),
-           "--workers", str(workers), "--threads", str(threads), "--detail", "low", "--queue", "64", "--max-n", "1", "--offline"]
+           "--workers", str(workers), "--detail", "low", "--queue", "64", "--max-n", "1", "--offline"]
+    cmd += ["--threads", str(threads)] if threads else []
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -117,7 +119,7 @@ def main() -> None:
     ap.add_argument("--levels", default="1,2,4")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2, help="worker processes per model")
-    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2), help="threads per worker")
+    ap.add_argument("--threads", type=int, default=None, help="threads per worker (default: shared per request)")
     ap.add_argument("--cli-runs", type=int, default=3)
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlmcli-bench"))
     args = ap.parse_args()
@@ -140,7 +142,7 @@ def main() -> None:
     try:
         for model, route, body in (("smolvlm2-256m", "/v1/chat/completions", chat_body), ("clip-b32", "/v1/embeddings", embed_body)):
             for level in [int(x) for x in args.levels.split(",")]:
-                rows.append({"model": model, "how": f"serve ({args.workers}x{args.threads} threads)",
+                rows.append({"model": model, "how": f"serve ({args.workers} workers, {f'{args.threads} threads' if args.threads else 'shared cores'})",
                              **load(base + route, body, args.requests, level)})
     finally:
         process.terminate()

@@ -77,7 +77,7 @@ def server(model_dir: Path, clip_gguf: Path, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("serve-log") / "server.log", "w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "vlmcli", "serve", "--model", str(model_dir), "--model", str(clip_gguf), "--port", str(port),
-         "--workers", "1", "--queue", "2", "--threads", "1", "--max-n", "2", "--max-body", "2000000",
+         "--workers", "1", "--queue", "2", "--max-n", "2", "--max-body", "2000000",  # no --threads: shared per request
          "--allow-files", str(allowed), "--timeout", "60"],
         stdout=log, stderr=subprocess.STDOUT,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import List, Optional
@@ -22,7 +21,7 @@ def serve(
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="Worker processes per model, each holding the model."),
     queue: int = typer.Option(16, "--queue", min=1, help="Requests waiting per model; more get 429."),
     timeout: float = typer.Option(300.0, "--timeout", min=0.1, help="Seconds a request may take, queueing included (then 504)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads per worker (default: the cores shared among the workers)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads per worker (default: each request takes its share of the cores with the work running then)."),
     n_gpu_layers: int = GpuOpt,
     ctx: int = CtxOpt,
     detail: Optional[str] = typer.Option(None, "--detail", help="Image detail: low, high, auto."),
@@ -47,7 +46,9 @@ def serve(
 
     if allow_files is not None and not allow_files.is_dir():
         raise VlmError("--allow-files must be a folder", allow_files, exit_code=EXIT_USAGE)
-    n_threads = threads or max(1, (os.cpu_count() or 1) // (workers * len(models)))
+    # No --threads: each worker takes its share of the cores per request (engines/cores.py), so one
+    # busy worker gets them all and two busy ones split them, instead of a fixed cores // workers.
+    n_threads = threads
     specs: list[WorkerSpec] = []
     for m in models:
         kind = detect_kind(m) or "vlm"
@@ -65,7 +66,8 @@ def serve(
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         for spec in specs:
-            info(f"vlm: loading {spec.name} ({spec.kind}) in {workers} worker(s), {n_threads} thread(s) each")
+            each = f"{n_threads} thread(s) each" if n_threads else "sharing the cores per request"
+            info(f"vlm: loading {spec.name} ({spec.kind}) in {workers} worker(s), {each}")
             pool = ModelPool(spec, workers, queue)
             pool.start()
             pools[spec.name] = pool

@@ -64,9 +64,10 @@ SMALL_GRAPH_FLOPS = 50e6  # below this a batch runs on one thread (see ClipModel
 ATTENTION_SUM_MULTIPLE = 16
 TEXT_LENGTH_STEP = 8  # a text runs at a multiple of this many positions (or context_length), see text_lengths
 # How the towers run: "ggml" graphs on the backend, or "blas" (numpy, engines/clip_numpy.py) on the CPU;
-# "auto" is ggml: measured idle on an AVX-512 EPYC, ggml F16 ran 25 images/s and 257 texts/s, blas 22-24 and
-# 117-140 (README, "Measured here"); an AVX2-only CPU was not at hand to measure, so the choice is not guessed
-# per CPU kind. Under load blas kept 10-21 images/s where ggml fell to 6-8. The environment variable overrides.
+# "auto" is ggml on both CPU kinds measured idle (README, "Measured here"): an AVX-512 EPYC ran ggml F16 at 25
+# images/s and 257 texts/s against blas 22-24 and 117-140; an AVX2-only EPYC ran ggml 9.5 images/s and 80
+# texts/s against blas 8.8 and 62. Under load blas kept 10-21 images/s where ggml fell to 6-8 (cores.py now
+# keeps vlm's own processes from colliding). The environment variable overrides.
 COMPUTE_PATHS = ("auto", "ggml", "blas")
 COMPUTE_PATH_ENV = "VLM_CLIP_PATH"
 # The type F16 / F32 matmul weights are held in on the ggml CPU path: "auto" is BF16 where the CPU has
