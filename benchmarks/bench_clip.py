@@ -7,6 +7,9 @@ time and peak RSS are its own) and on the same threads:
 - vlm on its ggml path (F16 and Q8_0 files; on a CPU with AVX512_BF16 also F16 held as BF16, vlm's
   default there, VLM_CLIP_WEIGHTS) and on its BLAS path (numpy + OpenBLAS; VLM_CLIP_PATH; --skip-blas);
 - transformers' CLIPModel (PyTorch CPU, torch.set_num_threads) on the checkpoint the GGUFs came from;
+- open_clip's ViT-B-32-quickgelu (where open_clip installs: --open-clip-python), the same architecture
+  with open_clip's own random initialisation (it reads only its own weight format), texts at the 77
+  positions its tokenizer always pads to;
 images/s at batch 1 and 32, texts/s at batch 32 (32 prompts, padded to the longest as a processor
 with padding=True does). Every variant runs once per round and the rounds are interleaved, so a
 neighbour's load hits them alike; the figures are medians over rounds. Each variant's embeddings are
@@ -122,6 +125,27 @@ def worker(kind: str, model: Path, inputs: Path, runs: int, threads: int, embedd
                 return getattr(out, "pooler_output", out).numpy()
 
         extra = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    elif kind == "open_clip":
+        import open_clip
+        import torch
+
+        torch.set_num_threads(threads)
+        # open_clip loads open_clip-format weights only, so the same architecture (OpenAI's ViT-B/32,
+        # quick_gelu) with its own random initialisation: the same cost per image, other embeddings.
+        oc = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
+        px = torch.from_numpy(pixels)
+        ids = torch.zeros((len(tokens), 77), dtype=torch.long)  # its tokenizer pads every text to 77
+        ids[:, :tokens.shape[1]] = torch.from_numpy(tokens)
+
+        def images(n: int) -> np.ndarray:
+            with torch.inference_mode():
+                return oc.encode_image(px[:n]).numpy()
+
+        def texts() -> np.ndarray:
+            with torch.inference_mode():
+                return oc.encode_text(ids).numpy()
+
+        extra = {"torch": torch.__version__, "open_clip": open_clip.__version__, "torch_threads": torch.get_num_threads()}
     else:
         from vlmcli.engines.clip import ClipModel
         from vlmcli.engines.clip_numpy import blas_threads
@@ -147,14 +171,13 @@ def worker(kind: str, model: Path, inputs: Path, runs: int, threads: int, embedd
             "text_positions": int(tokens.shape[1]), "peak_rss_mb": peak_rss_mb(), "threads": threads, **extra}
 
 
-def torch_python(explicit: str | None) -> str | None:
-    """An interpreter that has torch and transformers: --torch-python, else this one if it has them."""
-    for python in ([explicit] if explicit else [sys.executable]):
-        probe = subprocess.run([python, "-c", "import torch, transformers"], capture_output=True)
-        if probe.returncode == 0:
-            return python
-        print(f"no torch + transformers in {python}: {probe.stderr.decode().strip().splitlines()[-1:]}",
-              file=sys.stderr)
+def python_with(modules: str, explicit: str | None) -> str | None:
+    """An interpreter that imports modules ("torch, transformers"): the explicit one, else this one."""
+    python = explicit or sys.executable
+    probe = subprocess.run([python, "-c", f"import {modules}"], capture_output=True)
+    if probe.returncode == 0:
+        return python
+    print(f"no {modules} in {python}: {probe.stderr.decode().strip().splitlines()[-1:]}", file=sys.stderr)
     return None
 
 
@@ -172,7 +195,8 @@ def main() -> int:
     ap.add_argument("--extra", type=Path, action="append", default=[],
                     help="another CLIP GGUF of the same checkpoint to measure too (e.g. a BF16 conversion)")
     ap.add_argument("--skip-blas", action="store_true", help="only the ggml path (and transformers)")
-    ap.add_argument("--worker", choices=["ggml", "blas", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--open-clip-python", default=None, help="a Python with torch + open_clip (default: this one)")
+    ap.add_argument("--worker", choices=["ggml", "blas", "torch", "open_clip"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--embeddings", type=Path, help=argparse.SUPPRESS)
@@ -208,9 +232,12 @@ def main() -> int:
             variants.append((f"vlm blas {q}", "blas", models[q], {}))
             if coretype:
                 variants.append((f"vlm blas {q} (CPU's kernels)", "blas", models[q], {"OPENBLAS_CORETYPE": None}))
-        torch_py = torch_python(args.torch_python)
-        if torch_py:
+        pythons = {"torch": python_with("torch, transformers", args.torch_python),
+                   "open_clip": python_with("torch, open_clip", args.open_clip_python)}
+        if pythons["torch"]:
             variants.append(("transformers CLIPModel F32", "torch", ckpt, {}))
+        if pythons["open_clip"]:
+            variants.append(("open_clip F32 (own random weights)", "open_clip", ckpt, {}))
         runs: dict[str, list[dict]] = {v[0]: [] for v in variants}
         for r in range(args.rounds):
             for label, kind, model, env_change in variants:
@@ -219,7 +246,7 @@ def main() -> int:
                 for key, value in env_change.items():
                     env.pop(key, None) if value is None else env.__setitem__(key, value)
                 emb = work / f"emb-{label.replace(' ', '_').replace('(', '').replace(')', '')}.npz"
-                python = torch_py if kind == "torch" else sys.executable
+                python = pythons.get(kind) or sys.executable
                 cmd = [python, __file__, "--worker", kind, "--model", str(model), "--inputs", str(inputs),
                        "--runs", str(args.runs), "--threads", str(args.threads), "--embeddings", str(emb)]
                 done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
@@ -240,9 +267,10 @@ def main() -> int:
         if base is not None:
             ref = np.load(base["embeddings"])
             for r in rows:
-                got = np.load(r["embeddings"])
-                r["cosine_images_min"] = float(cosine(got["images"], ref["images"]).min())
-                r["cosine_texts_min"] = float(cosine(got["texts"], ref["texts"]).min())
+                if r["kind"] != "open_clip":  # its weights are its own
+                    got = np.load(r["embeddings"])
+                    r["cosine_images_min"] = float(cosine(got["images"], ref["images"]).min())
+                    r["cosine_texts_min"] = float(cosine(got["texts"], ref["texts"]).min())
                 for key in ("images_per_s_batch1", "images_per_s_batch32", "texts_per_s_batch32"):
                     r[f"{key}_vs_transformers"] = r[key] / base[key]
     finally:
@@ -262,7 +290,7 @@ def main() -> int:
     print(f"{'variant':<34} {'load s':>6} {'img/s b1':>12} {'img/s b32':>12} {'texts/s b32':>12} "
           f"{'RSS MB':>7} {'cos img/txt':>13}")
     for r in rows:
-        cos = f"{r['cosine_images_min']:.5f}/{r['cosine_texts_min']:.5f}" if base is not None else ""
+        cos = f"{r['cosine_images_min']:.5f}/{r['cosine_texts_min']:.5f}" if "cosine_images_min" in r else ""
         print(f"{r['name']:<34} {r['load_s']:>6.2f} "
               f"{r['images_per_s_batch1']:>6.1f} {ratio(r, 'images_per_s_batch1')} "
               f"{r['images_per_s_batch32']:>6.1f} {ratio(r, 'images_per_s_batch32')} "

@@ -55,6 +55,32 @@ def peer(folder: Path):
         p.wait()
 
 
+def age_idle_files(folder: Path) -> None:
+    """Let LINGER_S pass for the finished units' files (idle: one byte long, mtime = their end)."""
+    for f in folder.glob("*.lock"):
+        if f.stat().st_size:
+            past = f.stat().st_mtime - 10 * cores.LINGER_S
+            os.utime(f, (past, past))
+
+
+@pytest.fixture
+def counter(folder: Path):
+    """Another process, started (imports done) ahead, that counts the running units on each call."""
+    code = "import sys\nfrom vlmcli.engines.cores import running_units\nfor _ in sys.stdin: print(running_units(), flush=True)"
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "VLM_CORES_DIR": str(folder)})
+
+    def count() -> int:
+        p.stdin.write("\n")
+        p.stdin.flush()
+        return int(p.stdout.readline())
+
+    count()
+    yield count
+    p.kill()
+    p.wait()
+
+
 def test_share_divides_the_cpus_and_never_gives_none() -> None:
     assert [share(8, others) for others in range(5)] == [8, 4, 2, 2, 1]
     assert share(1, 3) == 1 and share(2, 1) == 1 and share(3, 1) == 1
@@ -65,6 +91,7 @@ def test_a_running_peer_halves_the_share_and_a_killed_one_stops_counting(folder:
     assert running_units() == 0
     with CoreShare().running() as alone:
         assert alone == cpus
+    age_idle_files(folder)
     p, first = peer()
     assert first == cpus  # it was alone
     assert running_units() == 1
@@ -77,7 +104,8 @@ def test_a_running_peer_halves_the_share_and_a_killed_one_stops_counting(folder:
     p.send_signal(signal.SIGKILL)  # no clean-up: the kernel drops its lock
     p.wait()
     assert running_units() == 0
-    assert [f.name for f in folder.iterdir()] == []  # its file was removed by the one who looked
+    # its file was removed by the one who looked; what is left is this process's own idle file
+    assert [f.name.split("-")[0] for f in folder.iterdir()] == [str(os.getpid())]
 
 
 def test_nested_units_of_one_thread_count_once(folder: Path) -> None:
@@ -85,7 +113,21 @@ def test_nested_units_of_one_thread_count_once(folder: Path) -> None:
         with CoreShare().running() as inner:
             assert inner == outer
             assert len(list(folder.glob("*.lock"))) == 1
-    assert list(folder.glob("*.lock")) == []
+    assert [f.stat().st_size for f in folder.glob("*.lock")] == [1]  # idle now
+
+
+def test_a_finished_unit_counts_for_the_others_a_moment_then_not(folder: Path, counter) -> None:
+    with CoreShare().running():
+        assert counter() == 1
+    # between two units (a server worker between requests): still counted elsewhere, not here
+    assert counter() == 1
+    assert running_units() == 0
+    with CoreShare().running() as n:
+        assert n == available_cpus()
+        assert len(list(folder.glob("*.lock"))) == 1  # the same file, taken back
+    age_idle_files(folder)
+    assert counter() == 0
+    assert len(list(folder.glob("*.lock"))) == 1  # kept (locked) for this process's next unit
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")

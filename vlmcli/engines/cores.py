@@ -10,6 +10,12 @@ running at that moment in all vlm processes of this machine.
 Each running unit holds a lock on its own file in one machine-wide folder (`VLM_CORES_DIR`, else
 `vlmcli-cores` in the temp folder). A lock is released by the kernel when its process dies, so a
 crashed process is never counted, and its file is removed by the next process that looks.
+
+A finished unit keeps its file, locked and marked idle (one byte long, its mtime the end), and still
+counts for LINGER_S: a server worker between two requests, or a batch between two images, is busy
+in all but a few milliseconds, and a newcomer that started in such a gap would take every core and
+then collide with the next unit for its whole length (vlm serve lost 30-40% at two concurrent
+requests that way). The process's next unit takes the same file back.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -28,8 +35,12 @@ try:
 except ImportError:  # Windows: no advisory locks here, every process takes all its CPUs
     fcntl = None  # type: ignore[assignment]
 
+LINGER_S = 0.5  # a finished unit counts this long for the others (see above)
+
 _units = itertools.count()
 _held = threading.local()  # a unit already running on this thread (a nested call shares it)
+_idle: list[tuple[Path, int]] = []  # this process's finished units' files, still locked, for reuse
+_idle_lock = threading.Lock()
 
 
 def available_cpus() -> int:
@@ -53,7 +64,8 @@ def folder() -> Path:
 
 
 def running_units(skip: Path | None = None) -> int:
-    """Units of work holding a lock in the folder now (not counting `skip`); stale files are removed."""
+    """Units of work holding a lock in the folder now, or idle for less than LINGER_S (not counting
+    `skip` nor this process's idle ones); stale files are removed."""
     if fcntl is None:
         return 0
     d = folder()
@@ -61,19 +73,23 @@ def running_units(skip: Path | None = None) -> int:
         names = os.listdir(d)
     except OSError:
         return 0
+    with _idle_lock:
+        mine = {path for path, _ in _idle}
     count = 0
+    now = time.time()
     for name in names:
         path = d / name
-        if path == skip or not name.endswith(".lock"):
+        if path == skip or path in mine or not name.endswith(".lock"):
             continue
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
-            continue  # removed meanwhile: that unit finished
+            continue  # removed meanwhile: that process is gone
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            count += 1  # locked: running
+        except OSError:  # locked: running, or finished within LINGER_S
+            st = os.fstat(fd)
+            count += st.st_size == 0 or now - st.st_mtime < LINGER_S
         else:
             with contextlib.suppress(OSError):
                 os.unlink(path)  # its process is gone
@@ -113,15 +129,23 @@ class CoreShare:
         finally:
             _held.threads = None
             if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                os.close(fd)
+                self._finish(path, fd)
 
     @staticmethod
     def _announce() -> tuple[Path | None, int | None]:
         if fcntl is None:
             return None, None
         d = folder()
+        with _idle_lock:
+            while _idle:  # take back the file of an earlier unit, emptied: running again
+                path, fd = _idle.pop()
+                try:
+                    if path.parent == d and os.fstat(fd).st_nlink:
+                        os.ftruncate(fd, 0)
+                        return path, fd
+                except OSError:
+                    pass
+                _drop(path, fd)  # the folder changed (VLM_CORES_DIR) or the file is gone
         try:
             if not d.is_dir():
                 d.mkdir(parents=True, exist_ok=True)
@@ -135,3 +159,35 @@ class CoreShare:
         path = d / f"{name}.lock"
         os.replace(d / f"{name}.new", path)
         return path, fd
+
+    @staticmethod
+    def _finish(path: Path, fd: int) -> None:
+        """Mark the unit's file idle (one byte; the write sets its mtime) and keep it locked for reuse."""
+        try:
+            os.ftruncate(fd, 1)
+            os.utime(fd)
+        except OSError:
+            _drop(path, fd)
+            return
+        with _idle_lock:
+            _idle.append((path, fd))
+
+
+def _drop(path: Path, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    os.close(fd)
+
+
+def _forget_idle_in_child() -> None:
+    """A forked child does not own its parent's idle files: close its copies, keep the files."""
+    global _idle_lock
+    _idle_lock = threading.Lock()  # another thread may have held it at the fork
+    for _, fd in _idle:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _idle.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_idle_in_child)
