@@ -582,3 +582,35 @@ def test_remote_images_only_with_the_flag(server: Server, keyed_server: Server, 
         with pytest.raises(openai.BadRequestError) as e:
             ask(image_host + path)
         assert e.value.body["code"] == code
+
+
+def test_the_most_recently_idle_worker_takes_the_next_job() -> None:
+    """One request at a time stays on one worker (it keeps every core, engines/cores.py); a second
+    waiting job goes to the next idle worker."""
+    import threading
+
+    from vlmcli.serve.workers import ModelPool, WorkerSpec
+
+    pool = ModelPool(WorkerSpec(model="m", kind="clip", name="m"), workers=2, queue_size=4)
+    first, second = pool.workers
+    got: dict[str, object] = {}
+
+    def take(name: str, worker) -> None:
+        got[name] = pool.take(worker)
+
+    a = threading.Thread(target=take, args=("first", first))
+    a.start()
+    while first not in pool._idle:
+        time.sleep(0.01)
+    b = threading.Thread(target=take, args=("second", second))
+    b.start()
+    while second not in pool._idle:
+        time.sleep(0.01)
+    pool.submit("job 1")  # type: ignore[arg-type]
+    b.join(5)
+    assert got == {"second": "job 1"} and a.is_alive()  # the later idle one took it
+    pool.submit("job 2")  # type: ignore[arg-type]
+    a.join(5)
+    assert got["first"] == "job 2"
+    pool.closing = True
+    assert pool.take(first) is None

@@ -383,10 +383,7 @@ class Worker:
     def _loop(self) -> None:
         pool = self.pool
         while not pool.closing:
-            try:
-                job = pool.queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
+            job = pool.take(self)
             if job is None:
                 return
             if job.cancelled:
@@ -459,6 +456,11 @@ class ModelPool:
         self.restarts = 0
         self.encoder_passes = 0  # vision encoder passes of the jobs done (SmolVLM2 tiles, CLIP images)
         self._count_lock = threading.Lock()  # the workers' supervisor threads all count
+        # Idle workers, the most recently idle last: it takes the next job. One request at a time then
+        # stays on one worker, which keeps every core (engines/cores.py counts another worker's
+        # just-finished request for a moment, its own not).
+        self._idle: list[Worker] = []
+        self._idle_changed = threading.Condition()
 
     def start(self) -> None:
         """Load the model in every worker (in parallel); raise RuntimeError if one cannot."""
@@ -486,6 +488,25 @@ class ModelPool:
             self.queue.put_nowait(job)
         except queue.Full:
             raise QueueFull(f"the queue for {self.spec.name} is full ({self.queue.maxsize} requests waiting)") from None
+        with self._idle_changed:
+            self._idle_changed.notify_all()
+
+    def take(self, worker: Worker) -> Job | None:
+        """The next job for `worker` once it is the most recently idle worker; None when closing."""
+        with self._idle_changed:
+            self._idle.append(worker)
+            try:
+                while not self.closing:
+                    if self._idle[-1] is worker:
+                        try:
+                            return self.queue.get_nowait()
+                        except queue.Empty:
+                            pass
+                    self._idle_changed.wait(0.2)
+                return None
+            finally:
+                self._idle.remove(worker)
+                self._idle_changed.notify_all()  # the next idle worker may take a waiting job
 
     def count_encoder_passes(self, n: int) -> None:
         with self._count_lock:
