@@ -20,7 +20,6 @@ import argparse
 import ctypes
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_clip import timed  # noqa: E402  (median seconds after a warm-up)
 
 SHAPES = {"q/k/v/out 768->768": (768, 768, 1600), "fc1 768->3072": (768, 3072, 1600),
           "fc2 3072->768": (3072, 768, 1600), "text fc1 512->2048": (512, 2048, 352)}
@@ -43,16 +43,6 @@ def vit_b32_flops_per_image() -> float:
     d, ffn, t, layers, heads = 768, 3072, 50, 12, 12
     per_block = 2 * t * (4 * d * d + 2 * d * ffn) + 2 * 2 * heads * t * t * (d // heads)
     return 2 * 49 * 3 * 32 * 32 * d + layers * per_block + 2 * d * 512
-
-
-def timed(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def repack_buffer_type() -> int | None:
