@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_clip import timed  # noqa: E402  (median seconds after a warm-up)
+from bench_clip import cosine, timed  # noqa: E402  (timed: median seconds after a warm-up)
 
 SHAPES = {"q/k/v/out 768->768": (768, 768, 1600), "fc1 768->3072": (768, 3072, 1600),
           "fc2 3072->768": (3072, 768, 1600), "text fc1 512->2048": (512, 2048, 352)}
@@ -55,6 +55,8 @@ def repack_buffer_type() -> int | None:
     c.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     c.ggml_backend_buft_name.restype = ctypes.c_char_p
     c.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    c.ggml_backend_alloc_ctx_tensors_from_buft.restype = ctypes.c_void_p  # used by ggml_rate
+    c.ggml_backend_alloc_ctx_tensors_from_buft.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     dev = L.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
     fn = c.ggml_backend_reg_get_proc_address(L.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts")
     if not fn:
@@ -71,6 +73,7 @@ def repack_buffer_type() -> int | None:
 def ggml_rate(qtype: str, k: int, m: int, n: int, threads: int, runs: int, buft: int | None) -> tuple[float, float]:
     """(GFLOPS, cosine to the F32 product) of W [m, k] (qtype) times X [k, n] through ggml's mul_mat."""
     from vlmcli.engines import ggml
+    from vlmcli.engines.clip import _to_bf16
     from vlmcli.engines.ggml import Backend, Graph
 
     rng = np.random.default_rng(0)
@@ -82,16 +85,13 @@ def ggml_rate(qtype: str, k: int, m: int, n: int, threads: int, runs: int, buft:
         if buft is None:
             backend.alloc_tensors(weights)
         else:
-            c = ggml.lib().cdll
-            c.ggml_backend_alloc_ctx_tensors_from_buft.restype = ctypes.c_void_p
-            c.ggml_backend_alloc_ctx_tensors_from_buft.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-            backend.buffers.append(c.ggml_backend_alloc_ctx_tensors_from_buft(weights.ctx, buft))
+            backend.buffers.append(ggml.lib().cdll.ggml_backend_alloc_ctx_tensors_from_buft(weights.ctx, buft))
         if qtype == "F32":
             raw = w32
         elif qtype == "F16":
             raw = w32.astype(np.float16)
         elif qtype == "BF16":
-            raw = (w32.view(np.uint32) >> 16).astype(np.uint16)  # truncated; the rate does not care
+            raw = _to_bf16(w32, "F32")  # the conversion vlm's CLIP loader uses
         else:
             raw = ggml.quantize(w32, qtype)
         backend.set(w, raw)
@@ -102,7 +102,7 @@ def ggml_rate(qtype: str, k: int, m: int, n: int, threads: int, runs: int, buft:
         seconds = timed(lambda: backend.compute(g), runs)
         got, ref = backend.get(y, 2).ravel(), (x @ w32.T).ravel()
     backend.close()
-    return 2 * k * m * n / seconds / 1e9, float(got @ ref / np.linalg.norm(got) / np.linalg.norm(ref))
+    return 2 * k * m * n / seconds / 1e9, float(cosine(got, ref))
 
 
 def blas_rates(runs: int, torch: bool, threads: int) -> dict[str, float]:

@@ -46,16 +46,15 @@ def serve(
 
     if allow_files is not None and not allow_files.is_dir():
         raise VlmError("--allow-files must be a folder", allow_files, exit_code=EXIT_USAGE)
-    # No --threads: each worker takes its share of the cores per request (engines/cores.py), so one
-    # busy worker gets them all and two busy ones split them, instead of a fixed cores // workers.
-    n_threads = threads
     specs: list[WorkerSpec] = []
     for m in models:
         kind = detect_kind(m) or "vlm"
         name = _model_id(m)
         if any(s.name == name for s in specs):
             raise VlmError(f"--model {m} is given twice", exit_code=EXIT_USAGE)
-        specs.append(WorkerSpec(model=m, kind=kind, name=name, mmproj=mmproj if kind == "vlm" else None, n_threads=n_threads,
+        specs.append(WorkerSpec(model=m, kind=kind, name=name, mmproj=mmproj if kind == "vlm" else None,
+                                # None: each worker takes its share of the cores per request (engines/cores.py)
+                                n_threads=threads,
                                 n_gpu_layers=n_gpu_layers, n_ctx=ctx, detail=detail, max_tiles=max_tiles, max_n=max_n,
                                 max_pixels=max_pixels, offline=offline))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
@@ -66,7 +65,7 @@ def serve(
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         for spec in specs:
-            each = f"{n_threads} thread(s) each" if n_threads else "sharing the cores per request"
+            each = f"{threads} thread(s) each" if threads else "sharing the cores per request"
             info(f"vlm: loading {spec.name} ({spec.kind}) in {workers} worker(s), {each}")
             pool = ModelPool(spec, workers, queue)
             pool.start()

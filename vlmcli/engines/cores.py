@@ -162,10 +162,9 @@ class CoreShare:
 
     @staticmethod
     def _finish(path: Path, fd: int) -> None:
-        """Mark the unit's file idle (one byte; the write sets its mtime) and keep it locked for reuse."""
+        """Mark the unit's file idle (one byte: the size change sets its mtime) and keep it locked for reuse."""
         try:
             os.ftruncate(fd, 1)
-            os.utime(fd)
         except OSError:
             _drop(path, fd)
             return
