@@ -4,8 +4,8 @@ Builds a real-size random-weight openai/clip-vit-base-patch32 checkpoint (the co
 text is the same as with trained weights) from ../shared/data/configs with the test fixture builder,
 converts it to F16 and Q8_0 with vlmcli's converter, and measures, each in a fresh process (so load
 time and peak RSS are its own) and on the same threads:
-- vlm on its ggml path (F16 and Q8_0 files; on a CPU with AVX512_BF16 also F16 held as BF16, vlm's
-  default there, VLM_CLIP_WEIGHTS) and on its BLAS path (numpy + OpenBLAS; VLM_CLIP_PATH; --skip-blas);
+- vlm on its ggml path (F16 and Q8_0 files; on a CPU with AVX512_BF16 also F16 held as BF16 for
+  ggml's mul_mat, and packed for vlm's own BF16 kernel, vlm's default there; VLM_CLIP_WEIGHTS) and on its BLAS path (numpy + OpenBLAS; VLM_CLIP_PATH; --skip-blas);
 - transformers' CLIPModel (PyTorch CPU, torch.set_num_threads) on the checkpoint the GGUFs came from;
 - open_clip's ViT-B-32-quickgelu (where open_clip installs: --open-clip-python), the same architecture
   with open_clip's own random initialisation (it reads only its own weight format), texts at the 77
@@ -221,12 +221,16 @@ def main() -> int:
             models[extra.stem.rsplit("-", 1)[-1]] = extra
         from vlmcli.engines import ggml
 
+        from vlmcli.engines import clip_kernels
+
         bf16_cpu = bool(ggml.lib().ggml_cpu_has_avx512_bf16())
         for q in models:
             variants.append((f"vlm ggml {q}{' as stored' if bf16_cpu and q in ('F16', 'F32') else ''}", "ggml", models[q],
                              {"VLM_CLIP_WEIGHTS": "stored"}))
-            if bf16_cpu and q in ("F16", "F32"):  # vlm's default on this CPU: the weights held as BF16
-                variants.append((f"vlm ggml {q} held as BF16", "ggml", models[q], {"VLM_CLIP_WEIGHTS": "auto"}))
+            if bf16_cpu and q in ("F16", "F32"):  # held as BF16 for ggml's own mul_mat
+                variants.append((f"vlm ggml {q} held as BF16", "ggml", models[q], {"VLM_CLIP_WEIGHTS": "bf16"}))
+            if clip_kernels.available() and q in ("F16", "F32"):  # vlm's default where its BF16 kernel runs
+                variants.append((f"vlm {q} packed BF16 (vlm's kernel)", "ggml", models[q], {"VLM_CLIP_WEIGHTS": "packed"}))
             if args.skip_blas:
                 continue
             variants.append((f"vlm blas {q}", "blas", models[q], {}))

@@ -14,6 +14,7 @@ from clip_reference import (
     reference_model, texts,
 )
 
+from vlmcli.engines import clip_kernels
 from vlmcli.engines.clip import ClipModel, text_lengths
 from vlmcli.errors import ModelError, VlmError
 
@@ -58,23 +59,27 @@ def test_matches_numpy_reference(model, clip_ggufs, act, qtype, min_cos):
     assert cosine(img[:1], img[1:2])[0] < 0.99 and cosine(txt[:1], txt[1:2])[0] < 0.99
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16"])
-def test_bf16_weights_keep_the_quality_bar(clip_ggufs, monkeypatch, qtype):
-    """Where the CPU has AVX512_BF16, F16/F32 weights are held as BF16 (VLM_CLIP_WEIGHTS=bf16 forces it on
-    any CPU). BF16 rounds weights and activations to 8 significant bits, as fine as Q8_0's steps; the bar
-    for a default type is a cosine of 0.999 to the F32 forward pass (issue 14)."""
-    monkeypatch.setenv("VLM_CLIP_WEIGHTS", "bf16")
-    m = ClipModel.load(clip_ggufs["quick_gelu", qtype])
+@pytest.mark.parametrize("layout", ["bf16", pytest.param("packed", marks=pytest.mark.skipif(
+    not clip_kernels.available(), reason="vlm's BF16 kernel needs an x86 CPU with AVX512_BF16"))])
+@pytest.mark.parametrize("act,qtype", [("quick_gelu", "F32"), ("quick_gelu", "F16"), ("gelu", "F16")])
+def test_bf16_weights_keep_the_quality_bar(clip_ggufs, monkeypatch, qtype, layout, act):
+    """Where the CPU has AVX512_BF16, F16/F32 weights are held as BF16, packed for vlm's own kernel
+    (VLM_CLIP_WEIGHTS=packed) or as ggml tensors (bf16, which runs on any CPU). BF16 rounds weights and
+    activations to 8 significant bits, as fine as Q8_0's steps; the bar for a default type is a cosine
+    of 0.999 to the F32 forward pass (issue 14). The kernel applies quick GELU itself; erf GELU stays ggml's."""
+    monkeypatch.setenv("VLM_CLIP_WEIGHTS", layout)
+    m = ClipModel.load(clip_ggufs[act, qtype])
     try:
         assert m.weights_type == "BF16" and m.config.file_type == qtype  # the file's type is still reported
+        assert m.matmul_kernel == ("vlm BF16" if layout == "packed" else "ggml")
         px, ids = images(3), texts([1, 8, 40, 75])
         img, txt = m.encode_images(px), m.encode_texts(ids)
-        assert cosine(img, reference_encode_images(clip_ggufs["quick_gelu", qtype], px)).min() >= 0.999
-        assert cosine(txt, reference_encode_texts(clip_ggufs["quick_gelu", qtype], ids)).min() >= 0.999
+        assert cosine(img, reference_encode_images(clip_ggufs[act, qtype], px)).min() >= 0.999
+        assert cosine(txt, reference_encode_texts(clip_ggufs[act, qtype], ids)).min() >= 0.999
     finally:
         m.close()
     monkeypatch.setenv("VLM_CLIP_WEIGHTS", "stored")
-    with ClipModel.load(clip_ggufs["quick_gelu", qtype]) as stored:
+    with ClipModel.load(clip_ggufs[act, qtype]) as stored:
         assert stored.weights_type == qtype
         assert not np.array_equal(stored.encode_images(px), img)  # the switch changed what ran
 
@@ -83,9 +88,17 @@ def test_weights_type_auto_follows_the_cpu_and_keeps_quantized_files(clip_ggufs,
     from vlmcli.engines import ggml
 
     monkeypatch.setenv("VLM_CLIP_WEIGHTS", "auto")
-    bf16_cpu = bool(ggml.lib().ggml_cpu_has_avx512_bf16())
+    bf16_cpu = bool(ggml.lib().ggml_cpu_has_avx512_bf16()) or clip_kernels.available()
     with ClipModel.load(clip_ggufs["quick_gelu", "F16"]) as m:
         assert m.weights_type == ("BF16" if bf16_cpu else "F16")
+        assert m.matmul_kernel == ("vlm BF16" if clip_kernels.available() else "ggml")
+    monkeypatch.setenv("VLM_CLIP_WEIGHTS", "packed")
+    if clip_kernels.available():
+        with ClipModel.load(clip_ggufs["quick_gelu", "Q8_0"]) as m:
+            assert m.weights_type == "Q8_0" and m.matmul_kernel == "ggml"  # the kernel takes only BF16
+    else:  # asking for the kernel where it cannot run says why
+        with pytest.raises(VlmError, match="VLM_CLIP_WEIGHTS=packed needs vlm's BF16 kernel"):
+            ClipModel.load(clip_ggufs["quick_gelu", "F16"])
     monkeypatch.setenv("VLM_CLIP_WEIGHTS", "bf16")
     with ClipModel.load(clip_ggufs["quick_gelu", "Q8_0"]) as m:
         assert m.weights_type == "Q8_0"  # a quantization the user chose is never changed

@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from vlmcli.engines import ggml
+from vlmcli.engines import clip_kernels, ggml
+from vlmcli.engines.clip_kernels import PackedWeight
 from vlmcli.engines.clip_numpy import NumpyClip
 from vlmcli.engines.cores import CoreShare
 from vlmcli.engines.clip_tokenizer import (
@@ -70,10 +71,12 @@ TEXT_LENGTH_STEP = 8  # a text runs at a multiple of this many positions (or con
 # keeps vlm's own processes from colliding). The environment variable overrides.
 COMPUTE_PATHS = ("auto", "ggml", "blas")
 COMPUTE_PATH_ENV = "VLM_CLIP_PATH"
-# The type F16 / F32 matmul weights are held in on the ggml CPU path: "auto" is BF16 where the CPU has
-# AVX512_BF16 (ggml's BF16 dot products then do twice the multiply-adds of its F16 ones per instruction;
-# cosine to F32 0.99998 on ViT-B/32, README), else as stored. Quantized files are always kept as they are.
-WEIGHTS_TYPES = ("auto", "stored", "bf16")
+# How F16 / F32 matmul weights are held on the ggml CPU path: "packed" is BF16 in the layout of vlm's own
+# kernel (engines/clip_kernels.py), "bf16" BF16 ggml tensors for ggml's mul_mat, "stored" as in the file.
+# "auto" is packed where the kernel runs (AVX512_BF16: its BF16 dot products do twice the multiply-adds of
+# F16 or F32 per instruction; cosine to F32 0.99998 on ViT-B/32, README), else bf16 where ggml was built
+# with AVX512_BF16, else stored. Quantized files are always kept as they are.
+WEIGHTS_TYPES = ("auto", "stored", "bf16", "packed")
 WEIGHTS_TYPE_ENV = "VLM_CLIP_WEIGHTS"
 
 
@@ -241,12 +244,21 @@ def choose_compute_path(requested: str | None, on_cpu: bool) -> str:
     return "blas" if choice == "blas" and on_cpu else "ggml"
 
 
-def holds_bf16(on_cpu: bool) -> bool:
-    """Whether F16 / F32 matmul weights are held as BF16 (VLM_CLIP_WEIGHTS, see WEIGHTS_TYPES); decided once per load."""
+def weights_layout(on_cpu: bool) -> str:
+    """How F16 / F32 matmul weights are held: "stored", "bf16" or "packed" (VLM_CLIP_WEIGHTS, see
+    WEIGHTS_TYPES); decided once per load. GPU devices keep the file's types."""
     choice = (os.environ.get(WEIGHTS_TYPE_ENV) or "auto").strip().lower()
     if choice not in WEIGHTS_TYPES:
         raise VlmError(f"unknown {WEIGHTS_TYPE_ENV} {choice!r}; use one of {', '.join(WEIGHTS_TYPES)}")
-    return on_cpu and (choice == "bf16" or (choice == "auto" and bool(ggml.lib().ggml_cpu_has_avx512_bf16())))
+    if not on_cpu:
+        return "stored"
+    if choice == "packed" and not clip_kernels.available():
+        raise VlmError(f"{WEIGHTS_TYPE_ENV}=packed needs vlm's BF16 kernel, which this machine lacks "
+                       "(an x86 CPU with AVX512_BF16, and a C compiler when vlm was installed)")
+    if choice == "auto":
+        return ("packed" if clip_kernels.available() else
+                "bf16" if ggml.lib().ggml_cpu_has_avx512_bf16() else "stored")
+    return choice
 
 
 def _to_bf16(raw: np.ndarray, type_name: str) -> np.ndarray:
@@ -272,23 +284,28 @@ def _to_f32(raw: np.ndarray, type_name: str, ne: tuple[int, ...]) -> np.ndarray:
     return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[type_name]).astype(np.float32)
 
 
+Weight = Tensor | PackedWeight  # a matmul weight: a ggml tensor, or packed for vlm's BF16 kernel
+
+
 @dataclass
 class _Block:
     ln1_w: Tensor
     ln1_b: Tensor
-    q_w: Tensor
-    q_b: Tensor
-    k_w: Tensor
-    k_b: Tensor
-    v_w: Tensor
-    v_b: Tensor
-    out_w: Tensor
+    q_w: Weight | None  # None where q, k and v are one packed weight (qkv_w, for vlm's kernels)
+    q_b: Tensor | None
+    k_w: Weight | None
+    k_b: Tensor | None
+    v_w: Weight | None
+    v_b: Tensor | None
+    qkv_w: PackedWeight | None
+    qkv_b: Tensor | None
+    out_w: Weight
     out_b: Tensor
     ln2_w: Tensor
     ln2_b: Tensor
-    fc1_w: Tensor  # stored as ffn_down
+    fc1_w: Weight  # stored as ffn_down
     fc1_b: Tensor
-    fc2_w: Tensor  # stored as ffn_up
+    fc2_w: Weight  # stored as ffn_up
     fc2_b: Tensor
 
 
@@ -335,18 +352,22 @@ def layer_norm(g: Graph, x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
     return g.add(g.mul(g.norm(x, eps), w), b)
 
 
-def linear(g: Graph, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+def linear(g: Graph, x: Tensor, w: Tensor | PackedWeight, b: Tensor | None = None, act: str | None = None) -> Tensor:
+    """act(x @ w + b); act names a Graph method ("gelu_quick", "gelu_erf"). A packed weight runs through
+    vlm's BF16 kernel, which adds the bias and applies a quick GELU itself."""
+    if isinstance(w, PackedWeight):
+        fused = act if act in clip_kernels.ACTIVATIONS else None
+        y = clip_kernels.linear(g, x, w, b, fused)
+        return getattr(g, act)(y) if act and not fused else y
     y = g.mul_mat(w, x)  # w is [in, out] in ggml order, i.e. HF's [out, in]
-    return g.add(y, b) if b is not None else y
+    y = g.add(y, b) if b is not None else y
+    return getattr(g, act)(y) if act else y
 
 
-def block(g: Graph, x: Tensor, p: _Block, n_heads: int, eps: float, act: Callable[[Tensor], Tensor],
-          mask: Tensor | None) -> Tensor:
-    """A pre-LN transformer block on x [D, T, N]; mask [T, T] (causal) or None."""
-    d, t, n = x.ne[0], x.ne[1], x.ne[2]
+def attention(g: Graph, h: Tensor, p: _Block, n_heads: int, mask: Tensor | None) -> Tensor:
+    """Multi-head self-attention in ggml ops on h [D, T, N]; mask [T, T] (causal) or None -> [D, T, N]."""
+    d, t, n = h.ne[0], h.ne[1], h.ne[2]
     hd = d // n_heads
-
-    h = layer_norm(g, x, p.ln1_w, p.ln1_b, eps)
     q = g.permute(g.reshape(linear(g, h, p.q_w, p.q_b), hd, n_heads, t, n), 0, 2, 1, 3)  # [hd, T, H, N]
     k = g.permute(g.reshape(linear(g, h, p.k_w, p.k_b), hd, n_heads, t, n), 0, 2, 1, 3)  # [hd, T, H, N]
     v = g.cont(g.permute(g.reshape(linear(g, h, p.v_w, p.v_b), hd, n_heads, t, n), 1, 2, 0, 3))  # [T, hd, H, N]
@@ -354,11 +375,26 @@ def block(g: Graph, x: Tensor, p: _Block, n_heads: int, eps: float, act: Callabl
     if pad := -t % ATTENTION_SUM_MULTIPLE:  # zero weights on zero values: the same sum, through tinyBLAS
         att, v = g.pad(att, pad), g.pad(v, pad)
     y = g.mul_mat(v, att)  # [hd, T_q, H, N]
-    y = g.reshape(g.cont(g.permute(y, 0, 2, 1, 3)), d, t, n)  # heads back side by side: [D, T, N]
-    x = g.add(x, linear(g, y, p.out_w, p.out_b))
+    return g.reshape(g.cont(g.permute(y, 0, 2, 1, 3)), d, t, n)  # heads back side by side: [D, T, N]
+
+
+def packed_attention(g: Graph, h: Tensor, p: _Block, n_heads: int, seqs: np.ndarray, causal: bool) -> Tensor:
+    """The same with vlm's kernels on h [D, M] (or [D, T, N]): q, k, v from one matmul, then one op over
+    the sequences seqs ((first token, length) rows) packed into the M tokens."""
+    assert p.qkv_w is not None
+    return clip_kernels.attention(g, linear(g, h, p.qkv_w, p.qkv_b), seqs, n_heads, causal)
+
+
+Attend = Callable[[Tensor, _Block], Tensor]  # h -> attention(h), one of the two above with its arguments bound
+
+
+def block(g: Graph, x: Tensor, p: _Block, eps: float, act: str, attend: Attend) -> Tensor:
+    """A pre-LN transformer block on x [D, ...]; act as for linear."""
+    h = layer_norm(g, x, p.ln1_w, p.ln1_b, eps)
+    x = g.add(x, linear(g, attend(h, p), p.out_w, p.out_b))
 
     h = layer_norm(g, x, p.ln2_w, p.ln2_b, eps)
-    h = act(linear(g, h, p.fc1_w, p.fc1_b))
+    h = linear(g, h, p.fc1_w, p.fc1_b, act)
     return g.add(x, linear(g, h, p.fc2_w, p.fc2_b))
 
 
@@ -375,6 +411,23 @@ def at_least_two(rows: np.ndarray) -> np.ndarray:
     """Pooled rows for the final projection, a lone one repeated: ggml's CPU mul_mat runs a one-column
     product through vec_dot and wider ones through tinyBLAS, which sum in another order."""
     return rows if len(rows) > 1 else np.repeat(rows, 2)
+
+
+def _fused_qkv_biases(cfg: ClipConfig, packed: set[str]) -> dict[str, int]:
+    """{name of a block's q, k, v bias as one tensor: its length} for each tower whose q, k and v
+    weights are all packed and whose heads fit vlm's attention op."""
+    out = {}
+    for prefix, d, heads, layers in (("t", cfg.text_width, cfg.text_heads, cfg.text_layers),
+                                     ("v", cfg.vision_width, cfg.vision_heads, cfg.vision_layers)):
+        blocks = [f"{prefix}.blk.{i}" for i in range(layers)]
+        if clip_kernels.attention_fits(d, heads) and all(f"{b}.attn_{x}.weight" in packed for b in blocks for x in "qkv"):
+            out.update({f"{b}.attn_qkv.bias": 3 * d for b in blocks})
+    return out
+
+
+def _f32_values(data: np.ndarray, st: Any) -> np.ndarray:
+    """An F32 tensor's values from the mapped file."""
+    return data[st.offset : st.offset + st.n_bytes].view(np.float32)
 
 
 def _load_numpy(path: Path, config: ClipConfig, stored: dict[str, Any],
@@ -412,7 +465,9 @@ class ClipModel(NativeResource):
         self.compute_path = "blas" if numpy_model is not None else "ggml"
         self.batch_size = batch_size
         self.weights_bytes = 0
-        self.weights_type = config.file_type  # the matmul weights' type in memory (holds_bf16)
+        self.weights_type = config.file_type  # the matmul weights' type in memory (weights_layout)
+        self.matmul_kernel = "numpy" if numpy_model is not None else "ggml"  # or "vlm BF16" (clip_kernels.py)
+        self.packs_sequences: set[str] = set()  # towers ("t", "v") whose attention runs on vlm's kernels
         self.cores = cores or CoreShare(backend.n_threads)
         self.n_threads = self.cores.most  # of the current batch (see _sharing_cores)
         self._blocks = {prefix: [self._block_tensors(f"{prefix}.blk.{i}") for i in range(n)] if tensors else []
@@ -422,9 +477,10 @@ class ClipModel(NativeResource):
         t = self._t
         return _Block(
             ln1_w=t[f"{b}.ln1.weight"], ln1_b=t[f"{b}.ln1.bias"],
-            q_w=t[f"{b}.attn_q.weight"], q_b=t[f"{b}.attn_q.bias"],
-            k_w=t[f"{b}.attn_k.weight"], k_b=t[f"{b}.attn_k.bias"],
-            v_w=t[f"{b}.attn_v.weight"], v_b=t[f"{b}.attn_v.bias"],
+            q_w=t.get(f"{b}.attn_q.weight"), q_b=t[f"{b}.attn_q.bias"],
+            k_w=t.get(f"{b}.attn_k.weight"), k_b=t[f"{b}.attn_k.bias"],
+            v_w=t.get(f"{b}.attn_v.weight"), v_b=t[f"{b}.attn_v.bias"],
+            qkv_w=t.get(f"{b}.attn_qkv.weight"), qkv_b=t.get(f"{b}.attn_qkv.bias"),  # type: ignore[arg-type]
             out_w=t[f"{b}.attn_out.weight"], out_b=t[f"{b}.attn_out.bias"],
             ln2_w=t[f"{b}.ln2.weight"], ln2_b=t[f"{b}.ln2.bias"],
             fc1_w=t[f"{b}.ffn_down.weight"], fc1_b=t[f"{b}.ffn_down.bias"],
@@ -477,21 +533,37 @@ class ClipModel(NativeResource):
             model = cls(p, config, backend, None, {}, batch_size, numpy_model, cores)
             model.weights_bytes = numpy_model.nbytes
             return model
-        weights = Graph(max_tensors=len(specs) + 8)
+        weights = Graph(max_tensors=len(specs) + config.text_layers + config.vision_layers + 8)
         try:
-            bf16 = holds_bf16(backend.is_cpu)
+            layout = weights_layout(backend.is_cpu)
             held = {name: "F32" if name in LOADED_AS_F32 else
-                    "BF16" if bf16 and types is MATMUL_TYPES and stored[name].type in ("F16", "F32") else stored[name].type
-                    for name, (_, types) in specs.items()}
-            tensors = {name: weights.new_tensor(held[name], ne, name) for name, (ne, _) in specs.items()}
+                    "BF16" if layout != "stored" and types is MATMUL_TYPES and stored[name].type in ("F16", "F32")
+                    else stored[name].type for name, (_, types) in specs.items()}
+            packed = {name for name, (ne, _) in specs.items()
+                      if layout == "packed" and held[name] == "BF16" and clip_kernels.fits(*ne)}
+            qkv_biases = _fused_qkv_biases(config, packed)  # towers whose attention runs on vlm's kernels
+            tensors: dict[str, Weight] = {name: weights.new_tensor(held[name], ne, name)
+                                          for name, (ne, _) in specs.items() if name not in packed}
+            tensors.update({name: weights.new_tensor("F32", (n,), name) for name, n in qkv_biases.items()})
             size = backend.alloc_tensors(weights)
             data = np.memmap(p, dtype=np.uint8, mode="r")
-            for name, t in tensors.items():
+            for name, (ne, _) in specs.items():
                 st = stored[name]
                 raw = data[st.offset : st.offset + st.n_bytes]
                 if held[name] != st.type:
-                    raw = _to_f32(raw, st.type, specs[name][0]) if held[name] == "F32" else _to_bf16(raw, st.type)
-                backend.set(t, raw)  # copies from the mapped file
+                    raw = _to_f32(raw, st.type, ne) if held[name] == "F32" else _to_bf16(raw, st.type)
+                if name in packed:  # ggml shape [k, n]: n rows of k values
+                    tensors[name] = clip_kernels.pack(raw.view(np.uint16).reshape(ne[1], ne[0]))
+                    size += tensors[name].data.nbytes
+                else:
+                    backend.set(tensors[name], raw)  # copies from the mapped file
+            for bias in qkv_biases:  # q, k and v as one weight: panels of 32 outputs, so packed ones stack
+                blk = bias.removesuffix(".attn_qkv.bias")
+                parts = [f"{blk}.attn_{x}" for x in "qkv"]
+                rows = [tensors.pop(f"{part}.weight") for part in parts]
+                tensors[f"{blk}.attn_qkv.weight"] = clip_kernels.PackedWeight(
+                    np.concatenate([w.data for w in rows]), rows[0].k, sum(w.n for w in rows))  # type: ignore[union-attr]
+                backend.set(tensors[bias], np.concatenate([_f32_values(data, stored[f"{part}.bias"]) for part in parts]))
             del data
         except BaseException:
             weights.close()
@@ -500,6 +572,8 @@ class ClipModel(NativeResource):
         model = cls(p, config, backend, weights, tensors, batch_size, cores=cores)
         model.weights_bytes = size
         model.weights_type = "+".join(sorted({held[n] for n, (_, types) in specs.items() if types is MATMUL_TYPES}))
+        model.matmul_kernel = "vlm BF16" if packed else "ggml"
+        model.packs_sequences = {prefix for prefix in "tv" if f"{prefix}.blk.0.attn_qkv.bias" in qkv_biases}
         return model
 
     def close(self) -> None:
@@ -516,8 +590,8 @@ class ClipModel(NativeResource):
         if self.backend is None:
             raise VlmError("the CLIP model is closed", self.path)
 
-    def _act(self, g: Graph) -> Callable[[Tensor], Tensor]:
-        return g.gelu_erf if self.config.use_gelu else g.gelu_quick
+    def _act(self) -> str:
+        return "gelu_erf" if self.config.use_gelu else "gelu_quick"
 
     def _use_threads_for(self, n_tokens: int, width: int, ffn: int, n_layers: int) -> None:
         """One thread for tiny graphs: ggml's threads meet at a spinning barrier after every op, which
@@ -575,8 +649,14 @@ class ClipModel(NativeResource):
             x = g.concat(g.repeat(w["v.class_embd"], d, 1, n), x, 1)  # class token first: [D, T, N]
             x = g.add(x, w["v.position_embd.weight"])
             x = layer_norm(g, x, w["v.pre_ln.weight"], w["v.pre_ln.bias"], cfg.vision_eps)
+            heads = cfg.vision_heads
+            if "v" in self.packs_sequences:  # each image a sequence of t tokens
+                seqs = np.stack([np.arange(n) * t, np.full(n, t)], axis=1)
+                attend: Attend = lambda h, p: packed_attention(g, h, p, heads, seqs, causal=False)  # noqa: E731
+            else:
+                attend = lambda h, p: attention(g, h, p, heads, None)  # noqa: E731
             for blk in self._blocks["v"]:
-                x = block(g, x, blk, cfg.vision_heads, cfg.vision_eps, self._act(g), None)
+                x = block(g, x, blk, cfg.vision_eps, self._act(), attend)
             pooled = g.get_rows(g.reshape(x, d, t * n), class_rows)  # the class token of each image: [D, N]
             pooled = layer_norm(g, pooled, w["v.post_ln.weight"], w["v.post_ln.bias"], cfg.vision_eps)
             out = g.output(linear(g, pooled, w["visual_projection.weight"]))
@@ -611,6 +691,10 @@ class ClipModel(NativeResource):
             chunks = [self._numpy.encode_texts(tokens[i:i + self.batch_size])
                       for i in range(0, len(tokens), self.batch_size)]
             return np.concatenate(chunks) if chunks else np.zeros((0, cfg.projection_dim), np.float32)
+        if "t" in self.packs_sequences:  # vlm's kernels: texts of any lengths share a batch, each at its own
+            chunks = [self._encode_text_batch(tokens[i:i + self.batch_size], packed=True)
+                      for i in range(0, len(tokens), self.batch_size)]
+            return np.concatenate(chunks) if chunks else np.zeros((0, cfg.projection_dim), np.float32)
         lengths = text_lengths(tokens.argmax(axis=1) + 1, cfg.context_length)
         out = np.zeros((len(tokens), cfg.projection_dim), np.float32)
         for t in np.unique(lengths):  # texts of one length are batched together, results put back in order
@@ -620,31 +704,48 @@ class ClipModel(NativeResource):
                 out[chunk] = self._encode_text_batch(tokens[chunk, :t])
         return out
 
-    def _encode_text_batch(self, tokens: np.ndarray) -> np.ndarray:
+    def _encode_text_batch(self, tokens: np.ndarray, packed: bool = False) -> np.ndarray:
         """(N, T) ids, every EOT within T: attention is causal, so the positions after a row's EOT
-        cannot change its pooled state (usually far fewer than 77 positions are run)."""
+        cannot change its pooled state (usually far fewer than 77 positions are run). packed (vlm's
+        kernels): each text runs up to its EOT, the texts one after another in one sequence of tokens."""
         cfg, w = self.config, self._t
-        (n, t), d = tokens.shape, cfg.text_width
-        pool_at = at_least_two((np.arange(n) * t + tokens.argmax(axis=1)).astype(np.int32))
-        causal = np.triu(np.full((t, t), -np.inf, dtype=np.float32), k=1)  # row = query, column = key
+        n, d, heads = len(tokens), cfg.text_width, cfg.text_heads
+        eot = tokens.argmax(axis=1)
+        if packed:
+            lengths = eot + 1
+            firsts = np.cumsum(lengths) - lengths
+            positions = np.concatenate([np.arange(length, dtype=np.int32) for length in lengths])
+            ids_in, inputs = np.concatenate([row[:length] for row, length in zip(tokens, lengths)]), [positions]
+        else:
+            t = tokens.shape[1]
+            firsts = np.arange(n) * t
+            ids_in, inputs = tokens, [np.triu(np.full((t, t), -np.inf, dtype=np.float32), k=1)]  # causal mask
+        m = len(ids_in.reshape(-1))
+        pool_at = at_least_two((firsts + eot).astype(np.int32))
         with self._new_graph(cfg.text_layers) as g:
-            ids = g.input("I32", (t * n,), "token_ids")
-            mask = g.input("F32", (t, t), "causal_mask")
+            ids = g.input("I32", (m,), "token_ids")
             eot_rows = g.input("I32", (len(pool_at),), "eot_rows")
-
-            x = g.reshape(g.get_rows(w["t.token_embd.weight"], ids), d, t, n)  # [D, T, N]
-            x = g.add(x, g.view_rows(w["t.position_embd.weight"], t))
+            if packed:
+                given = [g.input("I32", (m,), "positions")]
+                x = g.add(g.get_rows(w["t.token_embd.weight"], ids), g.get_rows(w["t.position_embd.weight"], given[0]))
+                seqs = np.stack([firsts, lengths], axis=1)
+                attend: Attend = lambda h, p: packed_attention(g, h, p, heads, seqs, causal=True)  # noqa: E731
+            else:
+                given = [g.input("F32", (t, t), "causal_mask")]  # row = query, column = key
+                x = g.reshape(g.get_rows(w["t.token_embd.weight"], ids), d, t, n)  # [D, T, N]
+                x = g.add(x, g.view_rows(w["t.position_embd.weight"], t))
+                attend = lambda h, p: attention(g, h, p, heads, given[0])  # noqa: E731
             for blk in self._blocks["t"]:
-                x = block(g, x, blk, cfg.text_heads, cfg.text_eps, self._act(g), mask)
-            pooled = g.get_rows(g.reshape(x, d, t * n), eot_rows)  # [D, N]
+                x = block(g, x, blk, cfg.text_eps, self._act(), attend)
+            pooled = g.get_rows(g.reshape(x, d, m), eot_rows)  # [D, N]
             # final_layer_norm works per token, so pooling first gives the same result
             pooled = layer_norm(g, pooled, w["t.post_ln.weight"], w["t.post_ln.bias"], cfg.text_eps)
             out = g.output(linear(g, pooled, w["text_projection.weight"]))
 
             self.backend.allocate(g)
-            self._use_threads_for(n * t, d, cfg.text_ffn, cfg.text_layers)
-            self.backend.set(ids, tokens)
-            self.backend.set(mask, causal)
+            self._use_threads_for(m, d, cfg.text_ffn, cfg.text_layers)
+            self.backend.set(ids, ids_in.astype(np.int32))
+            self.backend.set(given[0], inputs[0])
             self.backend.set(eot_rows, pool_at)
             self.backend.compute(g)
             return self.backend.get(out, 2)[:n]  # (N, projection_dim)

@@ -118,7 +118,10 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_nrows": (_i64, [_vp]),
     "ggml_is_contiguous": (_bool, [_vp]),
     "ggml_is_transposed": (_bool, [_vp]),
+    "ggml_get_data": (_vp, [_vp]),
     # ops
+    # ctx, type, ne0..ne3, args, n_args, fun (ggml_custom_op_t), n_tasks, userdata
+    "ggml_custom_4d": (_vp, [_vp, _i32, _i64, _i64, _i64, _i64, ctypes.POINTER(_vp), _i32, _vp, _i32, _vp]),
     "ggml_mul_mat": (_vp, [_vp, _vp, _vp]),
     "ggml_add": (_vp, [_vp, _vp, _vp]),
     "ggml_mul": (_vp, [_vp, _vp, _vp]),
@@ -348,6 +351,7 @@ class Graph:
             mem += L.ggml_graph_overhead_custom(graph_size, False)
         self.max_tensors = max_tensors
         self.n_tensors = 0
+        self._userdata: list[ctypes.Structure] = []  # of custom ops, alive as long as the graph
         self.ctx = L.ggml_init(ggml_init_params(mem_size=mem, mem_buffer=None, no_alloc=True))
         if not self.ctx:
             raise VlmError("ggml_init failed (out of memory?)")
@@ -516,6 +520,17 @@ class Graph:
         _check(len(p4) == 4 and all(p >= 0 for p in p4), f"pad: bad padding {pad}")
         self._reserve()
         return self._made(lib().ggml_pad(self.ctx, a.ptr, *p4), a.type, [n + p for n, p in zip(a.ne, p4)])
+
+    def custom(self, ne: Sequence[int], args: Sequence[Tensor], fun: int, userdata: ctypes.Structure) -> Tensor:
+        """An F32 tensor of shape ne computed by fun(dst, ith, nth, userdata) on every thread (a
+        ggml_custom_op_t); args are the tensors it reads, so the graph computes them first. The graph
+        keeps userdata alive, since ggml holds only its address."""
+        _check(len(args) < 10, "custom: at most 9 arguments")
+        self._reserve()
+        arr = (ctypes.c_void_p * max(1, len(args)))(*[a.ptr for a in args])
+        self._userdata.append(userdata)
+        ptr = lib().ggml_custom_4d(self.ctx, F32, *_pad4(ne), arr, len(args), fun, -1, ctypes.addressof(userdata))
+        return self._made(ptr, F32, ne)
 
     def repeat(self, a: Tensor, *ne: int) -> Tensor:
         ne4 = _pad4(ne)

@@ -1,0 +1,133 @@
+"""vlm's BF16 matmul kernel (engines/clip_kernels.py, _clip_kernels.c) in real ggml graphs, against float64.
+
+The kernel runs only on x86 CPUs with AVX512_BF16; elsewhere those tests skip (the packing runs anywhere).
+Tolerances come from the formats: inputs are compared after rounding them to BF16 exactly as the kernel
+does, so what is left is float32 accumulation over k terms, at most k * 2^-24 of the sum of |x w|.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vlmcli.engines import clip_kernels
+from vlmcli.engines.clip_kernels import pack, unpack
+from vlmcli.engines.ggml import Backend, Graph
+
+needs_kernel = pytest.mark.skipif(not clip_kernels.available(), reason="needs an x86 CPU with AVX512_BF16")
+
+
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> BF16 bits, rounded to nearest even (finite values)."""
+    u = np.asarray(a, np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bits(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def test_packing_round_trips_and_puts_pairs_of_k_side_by_side():
+    rows = np.arange(64 * 48, dtype=np.uint16).reshape(64, 48)  # n = 64 outputs, k = 48
+    w = pack(rows)
+    assert w.data.shape == (2, 24, 32, 2) and (w.k, w.n) == (48, 64)
+    assert w.data[1, 5, 3].tolist() == [rows[32 + 3, 10], rows[32 + 3, 11]]
+    assert np.array_equal(unpack(w), rows)
+    with pytest.raises(ValueError, match="does not fit"):
+        pack(rows[:40])  # 40 outputs: not whole panels of 32
+
+
+class Linear:
+    """One linear layer in its own graph on a CPU backend: run(x) -> y."""
+
+    def __init__(self, w: np.ndarray, bias: np.ndarray | None, act: str | None, n_threads: int):
+        self.packed = pack(bf16_bits(w))
+        self.backend = Backend(n_threads=n_threads)
+        self.weights = Graph(4)
+        self.bias = self.weights.new_tensor("F32", (len(bias),)) if bias is not None else None
+        if self.bias is not None:
+            self.backend.alloc_tensors(self.weights)
+            self.backend.set(self.bias, bias)
+        self.act = act
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        with Graph(8, 8) as g:
+            xi = g.input("F32", (x.shape[1], x.shape[0]))
+            out = g.output(clip_kernels.linear(g, xi, self.packed, self.bias, self.act))
+            self.backend.allocate(g)
+            self.backend.set(xi, x)
+            self.backend.compute(g)
+            return self.backend.get(out, 2)
+
+    def close(self) -> None:
+        self.weights.close()
+        self.backend.close()
+
+
+def reference(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, act: str | None):
+    """(float64 result on BF16-rounded inputs, its accumulation error bound)."""
+    xb, wb = from_bits(bf16_bits(x)).astype(np.float64), from_bits(bf16_bits(w)).astype(np.float64)
+    y = xb @ wb.T + (bias if bias is not None else 0)
+    bound = x.shape[1] * 2.0**-24 * (np.abs(xb) @ np.abs(wb).T) + 2.0**-24 * np.abs(y)
+    if act == "gelu_quick":  # the derivative of x * sigmoid(1.702 x) stays below 1.1 in magnitude
+        y, bound = y * 0.5 * (1 + np.tanh(0.851 * y)), 1.1 * bound + 4 * 2.0**-24 * np.abs(y)  # sigmoid by tanh
+    return y, bound
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,n,rows", [(768, 96, 200), (64, 32, 1), (512, 64, 13), (3072, 32, 50)])
+@pytest.mark.parametrize("act", [None, "gelu_quick"])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_matches_float64_within_float32_accumulation(k, n, rows, act, n_threads):
+    rng = np.random.default_rng(k + n + rows)
+    x = rng.standard_normal((rows, k)).astype(np.float32) * 2
+    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    layer = Linear(w, bias, act, n_threads)
+    try:
+        got = layer.run(x)
+    finally:
+        layer.close()
+    want, bound = reference(x, w, bias, act)
+    assert got.shape == (rows, n) and got.dtype == np.float32
+    assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
+    # the bound is tight enough to matter: the same product on unrounded inputs is further off
+    exact = x.astype(np.float64) @ w.astype(np.float64).T + bias
+    if act is None:
+        assert np.any(np.abs(exact - want) > bound)
+
+
+@needs_kernel
+def test_without_a_bias_and_with_huge_and_tiny_activations():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((24, 64)).astype(np.float32)
+    x[0] *= 1e4  # quick GELU far out on both sides: x on the right, 0 on the left, no NaN
+    w = (rng.standard_normal((32, 64)) / 8).astype(np.float32)
+    layer = Linear(w, None, "gelu_quick", 2)
+    try:
+        got = layer.run(x)
+    finally:
+        layer.close()
+    want, bound = reference(x, w, None, "gelu_quick")
+    assert np.isfinite(got).all()
+    assert np.all(np.abs(got - want) <= bound)
+
+
+@needs_kernel
+def test_a_row_does_not_depend_on_its_batch_mates_or_the_threads():
+    """Tiles of 12 rows, a 96-row conversion block, rows or panels shared between threads: each
+    output is summed in one fixed order whatever surrounds it."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((130, 256)).astype(np.float32)
+    w = (rng.standard_normal((128, 256)) / 16).astype(np.float32)
+    bias = rng.standard_normal(128).astype(np.float32)
+    one, two = Linear(w, bias, None, 1), Linear(w, bias, None, 2)
+    try:
+        full = two.run(x)
+        assert np.array_equal(full, one.run(x))
+        for i in (0, 11, 12, 95, 96, 129):
+            assert np.array_equal(two.run(x[i:i + 1])[0], full[i])
+        assert np.array_equal(two.run(x[::-1])[::-1], full)
+    finally:
+        one.close()
+        two.close()
