@@ -19,6 +19,7 @@ from vlmcli.engines.clip import ClipModel, text_lengths
 from vlmcli.errors import ModelError, VlmError
 
 _models: dict[Path, ClipModel] = {}
+needs_kernels = pytest.mark.skipif(not clip_kernels.available(), reason="vlm's CLIP kernels need an x86 CPU with AVX512_BF16")
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,7 @@ def test_matches_numpy_reference(model, clip_ggufs, act, qtype, min_cos):
     assert cosine(img[:1], img[1:2])[0] < 0.99 and cosine(txt[:1], txt[1:2])[0] < 0.99
 
 
-@pytest.mark.parametrize("layout", ["bf16", pytest.param("packed", marks=pytest.mark.skipif(
-    not clip_kernels.available(), reason="vlm's BF16 kernel needs an x86 CPU with AVX512_BF16"))])
+@pytest.mark.parametrize("layout", ["bf16", pytest.param("packed", marks=needs_kernels)])
 @pytest.mark.parametrize("act,qtype", [("quick_gelu", "F32"), ("quick_gelu", "F16"), ("gelu", "F16")])
 def test_bf16_weights_keep_the_quality_bar(clip_ggufs, monkeypatch, qtype, layout, act):
     """Where the CPU has AVX512_BF16, F16/F32 weights are held as BF16, packed for vlm's own kernel
@@ -120,11 +120,18 @@ def test_activation_flag_is_used(model, clip_ggufs):
     assert np.abs(got - right).max() * 10 < np.abs(got - wrong).max()
 
 
-@pytest.mark.parametrize("qtype", ["F16", "Q8_0"])
-def test_results_do_not_depend_on_the_batch(model, monkeypatch, qtype):
+@pytest.mark.parametrize("qtype,layout", [("F16", "stored"), ("Q8_0", "stored"), pytest.param("F16", "packed", marks=needs_kernels)])
+def test_results_do_not_depend_on_the_batch(model, clip_ggufs, monkeypatch, qtype, layout):
     """The same bits alone, beside 77-token texts, reversed, in a batch big enough for two threads, in
-    chunks of 3: ggml picks kernels (and summation orders) by shape, and no shape comes from a batch-mate."""
-    m = model("quick_gelu", qtype)
+    chunks of 3: ggml picks kernels (and summation orders) by shape, and no shape comes from a batch-mate.
+    With vlm's kernels (packed) texts of all lengths share one sequence of tokens: still the same bits."""
+    if layout == "packed":
+        monkeypatch.setenv("VLM_CLIP_WEIGHTS", "packed")
+        m = ClipModel.load(clip_ggufs["quick_gelu", qtype], n_threads=2)
+        _models[Path(f"{clip_ggufs['quick_gelu', qtype]}#packed")] = m  # closed with the others
+        assert m.packs_sequences == {"t", "v"}
+    else:
+        m = model("quick_gelu", qtype)
     ids, px = texts([4, 75, 0, 12, 30, 4, 61, 7], seed=3), images(4, seed=3)
     for encode, inputs in ((m.encode_texts, ids), (m.encode_images, px)):
         check_batch_independence(m, encode, inputs, monkeypatch)

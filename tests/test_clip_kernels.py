@@ -1,4 +1,4 @@
-"""vlm's BF16 matmul kernel (engines/clip_kernels.py, _clip_kernels.c) in real ggml graphs, against float64.
+"""vlm's CLIP kernels (engines/clip_kernels.py, _clip_kernels.c) in real ggml graphs, against float64.
 
 The kernel runs only on x86 CPUs with AVX512_BF16; elsewhere those tests skip (the packing runs anywhere).
 Tolerances come from the formats: inputs are compared after rounding them to BF16 exactly as the kernel
@@ -131,3 +131,69 @@ def test_a_row_does_not_depend_on_its_batch_mates_or_the_threads():
     finally:
         one.close()
         two.close()
+
+
+# --- the attention op -----------------------------------------------------------------------------
+
+def run_attention(qkv: np.ndarray, seqs: list[tuple[int, int]], n_heads: int, causal: bool, n_threads: int = 2):
+    """qkv (m, 3 d) -> the op's (m, d) in a real ggml graph."""
+    backend = Backend(n_threads=n_threads)
+    try:
+        with Graph(8, 8) as g:
+            x = g.input("F32", (qkv.shape[1], qkv.shape[0]))
+            out = g.output(clip_kernels.attention(g, x, np.array(seqs), n_heads, causal))
+            backend.allocate(g)
+            backend.set(x, qkv)
+            backend.compute(g)
+            return backend.get(out, 2)
+    finally:
+        backend.close()
+
+
+def reference_attention(qkv: np.ndarray, seqs, n_heads: int, causal: bool) -> np.ndarray:
+    d = qkv.shape[1] // 3
+    hd = d // n_heads
+    q, k, v = (qkv[:, i * d:(i + 1) * d].astype(np.float64) for i in range(3))
+    out = np.full((len(qkv), d), np.nan)
+    for first, n in seqs:
+        for h in range(n_heads):
+            cols = slice(h * hd, (h + 1) * hd)
+            s = q[first:first + n, cols] @ k[first:first + n, cols].T / np.sqrt(hd)
+            if causal:
+                s[np.triu_indices(n, 1)] = -np.inf
+            p = np.exp(s - s.max(axis=1, keepdims=True))
+            out[first:first + n, cols] = (p / p.sum(axis=1, keepdims=True)) @ v[first:first + n, cols]
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d,n_heads", [(128, 2), (64, 4)])
+def test_attention_matches_float64_per_packed_sequence(causal, d, n_heads):
+    rng = np.random.default_rng(d + causal)
+    seqs = [(0, 5), (5, 1), (6, 33), (39, 17)]
+    qkv = rng.standard_normal((56, 3 * d)).astype(np.float32) * 1.5
+    got = run_attention(qkv, seqs, n_heads, causal)
+    want = reference_attention(qkv, seqs, n_heads, causal)
+    # float32 sums of hd products and of up to 33 weighted values, an exp good to a few ulp
+    bound = 8 * (d // n_heads + 33) * 2.0**-24 * np.abs(qkv[:, 2 * d:]).max()
+    assert np.abs(got - want).max() <= bound
+    # each sequence sees only its own tokens: alone it gives the same bits
+    first, n = seqs[2]
+    alone = run_attention(qkv[first:first + n], [(0, n)], n_heads, causal, n_threads=1)
+    assert np.array_equal(alone, got[first:first + n])
+    if causal:  # a token never sees the ones after it
+        changed = qkv.copy()
+        changed[first + 20:first + n] += 1.0
+        assert np.array_equal(run_attention(changed, seqs, n_heads, causal)[first:first + 20], got[first:first + 20])
+
+
+@needs_kernel
+def test_attention_refuses_what_it_cannot_run():
+    with Graph(8, 8) as g:
+        x = g.input("F32", (3 * 72, 10))  # heads of 18 floats: not a multiple of 16
+        with pytest.raises(ValueError, match="heads"):
+            clip_kernels.attention(g, x, np.array([(0, 10)]), 4, False)
+        y = g.input("F32", (3 * 64, 10))
+        with pytest.raises(ValueError, match="do not fit"):
+            clip_kernels.attention(g, y, np.array([(0, 6), (6, 6)]), 1, False)
