@@ -110,6 +110,7 @@ def linear(g: Graph, x: Tensor, w: PackedWeight, bias: Tensor | None = None, act
     op = MatmulOp(get_data=_get_data(), x=x.ptr,
                   bias=bias.ptr if bias is not None else None, w=w.data.ctypes.data,
                   m=x.n_elements // w.k, k=w.k, n=w.n, act=ACTIVATIONS[act])
+    op.weight = w  # the C side holds only the address of its data
     fun = ctypes.cast(kernel.vlm_bf16_matmul_op, ctypes.c_void_p).value  # type: ignore[union-attr]
     args = [x] if bias is None else [x, bias]
     return g.custom((w.n, *x.ne[1:]), args, fun, op)
