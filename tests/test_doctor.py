@@ -81,6 +81,11 @@ def test_json_report_agrees_with_llama_cpp_and_ggml(env: dict[str, str]) -> None
     assert (runs["smolvlm2"] == "CPU") == (not on_gpu)
     assert (runs["clip"] == "CPU") == (not any(d["type"] in ("gpu", "igpu") for d in rep["ggml"]["devices"]))
     assert runs["detail_auto"] == ("full tiling" if on_gpu else "at most 4 tiles")
+    from vlmcli.engines import clip_kernels
+
+    bf16_ggml = ggml.lib().ggml_cpu_has_avx512_bf16()
+    assert runs["clip_cpu_kernels"] == ("vlm's BF16 kernels (AVX512_BF16)" if clip_kernels.available() else
+                                        "ggml, F16/F32 weights held as BF16" if bf16_ggml else "ggml, weights as stored")
     # store (empty, not even created), its image-encoding cache (empty), the hub settings; the token only as present
     assert rep["store"] == {"root": env["VLM_HOME"], "exists": False, "models": [], "models_bytes": 0, "downloads_bytes": 0}
     assert rep["image_cache"] == {"enabled": True, "path": str(Path(env["VLM_HOME"]) / "cache" / "encodings"),
@@ -100,7 +105,7 @@ def test_text_report_has_every_fact_and_no_token(env: dict[str, str]) -> None:
     assert r.stderr == ""
     keys = _keys(r.stdout)
     for key in ("vlmcli", "python", "llama-cpp-python", "llama.cpp", "ggml", "cpu", "features", "backends", "device",
-                "threads", "n-gpu-layers", "smolvlm2", "clip", "detail-auto", "extra-buffers", "store", "image-cache",
+                "threads", "n-gpu-layers", "smolvlm2", "clip", "clip-cpu-kernels", "detail-auto", "extra-buffers", "store", "image-cache",
                 "hf-endpoint", "hf-offline", "hf-token"):
         assert key in keys, r.stdout
     assert keys["hf-token"] == ["set (HF_TOKEN)"]

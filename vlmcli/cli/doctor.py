@@ -12,7 +12,7 @@ from vlmcli.errors import EXIT_ERROR
 _HELP = (
     "Show what will run and how: versions (vlmcli, llama-cpp-python, llama.cpp, ggml), llama.cpp's system info "
     "(AVX2, AVX-512, F16C, FMA, BLAS, AMX...), the ggml backends and devices with their memory, the threads vlm "
-    "uses, where SmolVLM2 and CLIP run by default, the store (models, sizes), HF_ENDPOINT / HF_HUB_OFFLINE / "
+    "uses, where SmolVLM2 and CLIP run by default (and which kernels run CLIP on the CPU), the store (models, sizes), HF_ENDPOINT / HF_HUB_OFFLINE / "
     "whether a Hugging Face token is set (never its value), and warnings such as a CPU-only build on a machine "
     "with a GPU. Loads no model and needs no network.\n\n"
     "Text is one `key  value` line per fact (keys may repeat: device, model, warning); --json prints one record. "
@@ -69,6 +69,7 @@ def _lines(r: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("n-gpu-layers", f"{runs['n_gpu_layers']} by default (all layers when the build has a GPU; -ngl 0 forces the CPU)"))
         out.append(("smolvlm2", str(runs["smolvlm2"])))
         out.append(("clip", str(runs["clip"])))
+        out.append(("clip-cpu-kernels", str(runs["clip_cpu_kernels"])))
         out.append(("detail-auto", str(runs["detail_auto"])))
     if "extra_buffers" in llama:
         why = " (AMX compiled in)" if llama["amx_compiled_in"] and not llama["extra_buffers"] else ""

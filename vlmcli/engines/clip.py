@@ -261,6 +261,17 @@ def weights_layout(on_cpu: bool) -> str:
     return choice
 
 
+CPU_KERNELS = {"packed": "vlm's BF16 kernels (AVX512_BF16)", "bf16": "ggml, F16/F32 weights held as BF16",
+               "stored": "ggml, weights as stored", "blas": "numpy + BLAS (VLM_CLIP_PATH=blas)"}
+
+
+def cpu_kernels() -> str:
+    """What runs a CLIP F16 file on the CPU here by default (vlm doctor)."""
+    if choose_compute_path(None, on_cpu=True) == "blas":
+        return CPU_KERNELS["blas"]
+    return CPU_KERNELS[weights_layout(on_cpu=True)]
+
+
 def _to_bf16(raw: np.ndarray, type_name: str) -> np.ndarray:
     """F16 / F32 bytes -> BF16 bytes, by ggml-cpu's own (vectorised) conversions."""
     L = ggml.lib()

@@ -179,8 +179,19 @@ def _runs_on(llama: dict[str, Any], ggml: dict[str, Any]) -> dict[str, Any]:
         **default_threads(),
         "smolvlm2": smolvlm2 if offload else "CPU",
         "clip": gpus[0]["name"] if gpus else "CPU",
+        "clip_cpu_kernels": _clip_cpu_kernels(),
         "detail_auto": "full tiling" if offload else f"at most {AUTO_CPU_MAX_TILES} tiles",
     }
+
+
+def _clip_cpu_kernels() -> str:
+    from vlmcli.engines.clip import cpu_kernels
+    from vlmcli.errors import VlmError
+
+    try:
+        return cpu_kernels()
+    except VlmError as e:  # a bad VLM_CLIP_WEIGHTS / VLM_CLIP_PATH
+        return f"error: {e}"
 
 
 def warnings(report: dict[str, Any]) -> list[str]:
