@@ -5,7 +5,8 @@ text is the same as with trained weights) from ../shared/data/configs with the t
 converts it to F16 and Q8_0 with vlmcli's converter, and measures, each in a fresh process (so load
 time and peak RSS are its own) and on the same threads:
 - vlm on its ggml path (F16 and Q8_0 files; on a CPU with AVX512_BF16 also F16 held as BF16 for
-  ggml's mul_mat, and packed for vlm's own BF16 kernel, vlm's default there; VLM_CLIP_WEIGHTS) and on its BLAS path (numpy + OpenBLAS; VLM_CLIP_PATH; --skip-blas);
+  ggml's mul_mat; where the CPU runs them, vlm's own kernels, BF16 (AVX512_BF16) and F16 (AVX2), the
+  first of them vlm's default; VLM_CLIP_WEIGHTS) and on its BLAS path (numpy + OpenBLAS; VLM_CLIP_PATH; --skip-blas);
 - transformers' CLIPModel (PyTorch CPU, torch.set_num_threads) on the checkpoint the GGUFs came from;
 - open_clip's ViT-B-32-quickgelu (where open_clip installs: --open-clip-python), the same architecture
   with open_clip's own random initialisation (it reads only its own weight format), texts at the 77
@@ -229,8 +230,9 @@ def main() -> int:
                              {"VLM_CLIP_WEIGHTS": "stored"}))
             if bf16_cpu and q in ("F16", "F32"):  # held as BF16 for ggml's own mul_mat
                 variants.append((f"vlm ggml {q} held as BF16", "ggml", models[q], {"VLM_CLIP_WEIGHTS": "bf16"}))
-            if clip_kernels.available() and q in ("F16", "F32"):  # vlm's default where its BF16 kernel runs
-                variants.append((f"vlm {q} packed BF16 (vlm's kernel)", "ggml", models[q], {"VLM_CLIP_WEIGHTS": "packed"}))
+            for kind in ("bf16", "f16"):  # vlm's own kernels where the CPU runs them (the default: the first)
+                if clip_kernels.available(kind) and q in ("F16", "F32"):
+                    variants.append((f"vlm {q} on vlm's {kind} kernels", "ggml", models[q], {"VLM_CLIP_WEIGHTS": f"vlm-{kind}"}))
             if args.skip_blas:
                 continue
             variants.append((f"vlm blas {q}", "blas", models[q], {}))

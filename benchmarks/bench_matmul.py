@@ -6,7 +6,8 @@ same threads (medians of --runs calls after a warm-up):
 - ggml's CPU mul_mat through vlm's own bindings (engines/ggml.py), weights F32, F16, BF16, Q8_0 and
   Q4_0 / IQ4_NL; the 4-bit ones also in ggml's CPU_REPACK buffer (its interleaved AVX2 / NEON
   kernels, what llama.cpp uses for them), with the cosine of each result to the F32 product;
-- vlm's own BF16 kernel (engines/clip_kernels.py, where the CPU has AVX512_BF16) in the same graphs;
+- vlm's own kernels (engines/clip_kernels.py: bf16 where the CPU has AVX512_BF16, f16 with AVX2) in the
+  same graphs;
 - numpy's sgemm (OpenBLAS), and PyTorch's (torch.matmul) when --torch-python or this Python has it.
 Shapes (k, m, n): the attention projections (768 -> 768), fc1 (768 -> 3072) and fc2 (3072 -> 768) of
 a batch of 32 images (1600 tokens), and a text tower's fc1 (512 -> 2048) on 32 texts of 11 tokens.
@@ -72,9 +73,9 @@ def repack_buffer_type() -> int | None:
 
 
 def ggml_rate(qtype: str, k: int, m: int, n: int, threads: int, runs: int, buft: int | None,
-              packed: bool = False) -> tuple[float, float]:
+              kind: str | None = None) -> tuple[float, float]:
     """(GFLOPS, cosine to the F32 product) of W [m, k] (qtype) times X [k, n] through ggml's mul_mat,
-    or (packed, BF16) through vlm's kernel in the same graph machinery."""
+    or through vlm's kernel of that kind (qtype BF16 for bf16, F16 for f16) in the same graph machinery."""
     from vlmcli.engines import clip_kernels, ggml
     from vlmcli.engines.clip import _to_bf16
     from vlmcli.engines.ggml import Backend, Graph
@@ -98,8 +99,8 @@ def ggml_rate(qtype: str, k: int, m: int, n: int, threads: int, runs: int, buft:
         else:
             raw = ggml.quantize(w32, qtype)
         xin = g.input("F32", (k, n), "x")
-        if packed:  # vlm's own kernel (engines/clip_kernels.py) on the BF16 weights
-            y = g.output(clip_kernels.linear(g, xin, clip_kernels.pack(raw.view(np.uint16).reshape(m, k))))
+        if kind:  # vlm's own kernel (engines/clip_kernels.py)
+            y = g.output(clip_kernels.linear(g, xin, clip_kernels.pack(raw.view(np.uint16).reshape(m, k), kind)))
         else:
             backend.set(w, raw)
             y = g.output(g.mul_mat(w, xin))
@@ -160,12 +161,13 @@ def main() -> int:
             cosines[label] = min(r[1] for r in results.values())
     from vlmcli.engines import clip_kernels
 
-    if clip_kernels.available():
-        print("vlm BF16 kernel ...", file=sys.stderr)
-        results = {name: ggml_rate("BF16", *shape, args.threads, args.runs, None, packed=True)
-                   for name, shape in SHAPES.items()}
-        rows["vlm BF16 kernel (clip_kernels)"] = {name: r[0] for name, r in results.items()}
-        cosines["vlm BF16 kernel (clip_kernels)"] = min(r[1] for r in results.values())
+    for kind, qtype in (("bf16", "BF16"), ("f16", "F16")):
+        if clip_kernels.available(kind):
+            label = f"vlm {kind} kernel (clip_kernels)"
+            print(f"{label} ...", file=sys.stderr)
+            results = {name: ggml_rate(qtype, *shape, args.threads, args.runs, None, kind) for name, shape in SHAPES.items()}
+            rows[label] = {name: r[0] for name, r in results.items()}
+            cosines[label] = min(r[1] for r in results.values())
     rows[f"numpy sgemm ({blas.describe()})"] = blas_rates(args.runs, False, args.threads)
     torch_py = args.torch_python or sys.executable
     done = subprocess.run([torch_py, __file__, "--torch-worker", "--runs", str(args.runs), "--threads", str(args.threads)],

@@ -19,7 +19,8 @@ from vlmcli.engines.clip import ClipModel, text_lengths
 from vlmcli.errors import ModelError, VlmError
 
 _models: dict[Path, ClipModel] = {}
-needs_kernels = pytest.mark.skipif(not clip_kernels.available(), reason="vlm's CLIP kernels need an x86 CPU with AVX512_BF16")
+needs_bf16 = pytest.mark.skipif(not clip_kernels.available("bf16"), reason="vlm's bf16 kernels need AVX512_BF16")
+needs_f16 = pytest.mark.skipif(not clip_kernels.available("f16"), reason="vlm's f16 kernels need AVX2, FMA and F16C")
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +61,20 @@ def test_matches_numpy_reference(model, clip_ggufs, act, qtype, min_cos):
     assert cosine(img[:1], img[1:2])[0] < 0.99 and cosine(txt[:1], txt[1:2])[0] < 0.99
 
 
-@pytest.mark.parametrize("layout", ["bf16", pytest.param("packed", marks=needs_kernels)])
+@pytest.mark.parametrize("layout", ["bf16", pytest.param("vlm-bf16", marks=needs_bf16), pytest.param("vlm-f16", marks=needs_f16)])
 @pytest.mark.parametrize("act,qtype", [("quick_gelu", "F32"), ("quick_gelu", "F16"), ("gelu", "F16")])
 def test_bf16_weights_keep_the_quality_bar(clip_ggufs, monkeypatch, qtype, layout, act):
-    """Where the CPU has AVX512_BF16, F16/F32 weights are held as BF16, packed for vlm's own kernel
-    (VLM_CLIP_WEIGHTS=packed) or as ggml tensors (bf16, which runs on any CPU). BF16 rounds weights and
-    activations to 8 significant bits, as fine as Q8_0's steps; the bar for a default type is a cosine
-    of 0.999 to the F32 forward pass (issue 14). The kernel applies quick GELU itself; erf GELU stays ggml's."""
+    """Where the CPU has AVX512_BF16, F16/F32 weights are held as BF16, packed for vlm's own kernels
+    (VLM_CLIP_WEIGHTS=vlm-bf16) or as ggml tensors (bf16, which runs on any CPU); on AVX2 as F16 for vlm's
+    F32 kernels (vlm-f16). BF16 rounds weights and activations to 8 significant bits, as fine as Q8_0's
+    steps; the bar for a default type is a cosine of 0.999 to the F32 forward pass (issue 14). The
+    kernels apply quick GELU themselves; erf GELU stays ggml's."""
     monkeypatch.setenv("VLM_CLIP_WEIGHTS", layout)
     m = ClipModel.load(clip_ggufs[act, qtype])
     try:
-        assert m.weights_type == "BF16" and m.config.file_type == qtype  # the file's type is still reported
-        assert m.matmul_kernel == ("vlm BF16" if layout == "packed" else "ggml")
+        assert m.weights_type == ("F16" if layout == "vlm-f16" else "BF16") and m.config.file_type == qtype
+        assert m.matmul_kernel == {"vlm-bf16": "vlm bf16", "vlm-f16": "vlm f16"}.get(layout, "ggml")
+        assert m.packs_sequences == ({"t", "v"} if layout.startswith("vlm") else set())
         px, ids = images(3), texts([1, 8, 40, 75])
         img, txt = m.encode_images(px), m.encode_texts(ids)
         assert cosine(img, reference_encode_images(clip_ggufs[act, qtype], px)).min() >= 0.999
@@ -88,17 +91,19 @@ def test_weights_type_auto_follows_the_cpu_and_keeps_quantized_files(clip_ggufs,
     from vlmcli.engines import ggml
 
     monkeypatch.setenv("VLM_CLIP_WEIGHTS", "auto")
-    bf16_cpu = bool(ggml.lib().ggml_cpu_has_avx512_bf16()) or clip_kernels.available()
+    first = ("vlm bf16" if clip_kernels.available("bf16") else "vlm f16" if clip_kernels.available("f16") else
+             "ggml BF16" if ggml.lib().ggml_cpu_has_avx512_bf16() else "ggml F16")
     with ClipModel.load(clip_ggufs["quick_gelu", "F16"]) as m:
-        assert m.weights_type == ("BF16" if bf16_cpu else "F16")
-        assert m.matmul_kernel == ("vlm BF16" if clip_kernels.available() else "ggml")
-    monkeypatch.setenv("VLM_CLIP_WEIGHTS", "packed")
-    if clip_kernels.available():
-        with ClipModel.load(clip_ggufs["quick_gelu", "Q8_0"]) as m:
-            assert m.weights_type == "Q8_0" and m.matmul_kernel == "ggml"  # the kernel takes only BF16
-    else:  # asking for the kernel where it cannot run says why
-        with pytest.raises(VlmError, match="VLM_CLIP_WEIGHTS=packed needs vlm's BF16 kernel"):
-            ClipModel.load(clip_ggufs["quick_gelu", "F16"])
+        assert (m.matmul_kernel, m.weights_type) == {"vlm bf16": ("vlm bf16", "BF16"), "vlm f16": ("vlm f16", "F16"),
+                                                     "ggml BF16": ("ggml", "BF16"), "ggml F16": ("ggml", "F16")}[first]
+    for layout, kind in (("vlm-bf16", "bf16"), ("vlm-f16", "f16")):
+        monkeypatch.setenv("VLM_CLIP_WEIGHTS", layout)
+        if clip_kernels.available(kind):
+            with ClipModel.load(clip_ggufs["quick_gelu", "Q8_0"]) as m:
+                assert m.weights_type == "Q8_0" and m.matmul_kernel == "ggml"  # the kernels take only F16 / F32 files
+        else:  # asking for kernels where they cannot run says why
+            with pytest.raises(VlmError, match=f"VLM_CLIP_WEIGHTS={layout} needs vlm's {kind} kernels"):
+                ClipModel.load(clip_ggufs["quick_gelu", "F16"])
     monkeypatch.setenv("VLM_CLIP_WEIGHTS", "bf16")
     with ClipModel.load(clip_ggufs["quick_gelu", "Q8_0"]) as m:
         assert m.weights_type == "Q8_0"  # a quantization the user chose is never changed
@@ -120,15 +125,16 @@ def test_activation_flag_is_used(model, clip_ggufs):
     assert np.abs(got - right).max() * 10 < np.abs(got - wrong).max()
 
 
-@pytest.mark.parametrize("qtype,layout", [("F16", "stored"), ("Q8_0", "stored"), pytest.param("F16", "packed", marks=needs_kernels)])
+@pytest.mark.parametrize("qtype,layout", [("F16", "stored"), ("Q8_0", "stored"), pytest.param("F16", "vlm-bf16", marks=needs_bf16),
+                                          pytest.param("F16", "vlm-f16", marks=needs_f16)])
 def test_results_do_not_depend_on_the_batch(model, clip_ggufs, monkeypatch, qtype, layout):
     """The same bits alone, beside 77-token texts, reversed, in a batch big enough for two threads, in
     chunks of 3: ggml picks kernels (and summation orders) by shape, and no shape comes from a batch-mate.
-    With vlm's kernels (packed) texts of all lengths share one sequence of tokens: still the same bits."""
-    if layout == "packed":
-        monkeypatch.setenv("VLM_CLIP_WEIGHTS", "packed")
+    With vlm's kernels texts of all lengths share one sequence of tokens: still the same bits."""
+    if layout != "stored":
+        monkeypatch.setenv("VLM_CLIP_WEIGHTS", layout)
         m = ClipModel.load(clip_ggufs["quick_gelu", qtype], n_threads=2)
-        _models[Path(f"{clip_ggufs['quick_gelu', qtype]}#packed")] = m  # closed with the others
+        _models[Path(f"{clip_ggufs['quick_gelu', qtype]}#{layout}")] = m  # closed with the others
         assert m.packs_sequences == {"t", "v"}
     else:
         m = model("quick_gelu", qtype)

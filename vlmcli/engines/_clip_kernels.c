@@ -1,6 +1,7 @@
-/* CLIP's two hot ops for ggml's CPU graphs on x86 CPUs with AVX512_BF16 (engines/clip_kernels.py),
-   each a ggml custom op (ggml_custom_4d) on ggml's own threads: a BF16 matmul for the linear layers
-   and an F32 attention over packed sequences.
+/* CLIP's two hot ops for ggml's CPU graphs on x86 CPUs (engines/clip_kernels.py), each a ggml custom
+   op (ggml_custom_4d) on ggml's own threads: a matmul for the linear layers and an F32 attention over
+   packed sequences. Two sets: BF16 weights for CPUs with AVX512_BF16, F16 weights with F32
+   arithmetic for AVX2 + FMA + F16C ones (the same outer product, 6 x 16 tiles in 16 registers).
 
    The matmul: y[m][n] = act(sum_k x[m][k] w[n][k] + bias[n]): x F32 activations (rounded to BF16 here, as ggml
    does for a BF16 weight), w BF16 weights packed once at load, y F32.
@@ -36,6 +37,16 @@ struct vlm_matmul {
     const uint16_t *w;                     /* packed BF16 weights */
     int64_t m, k, n;
     int32_t act;                           /* 0: none, 1: quick GELU, x * sigmoid(1.702 x) */
+};
+
+/* Mirrored by clip_kernels.AttentionOp (ctypes). */
+struct vlm_attention {
+    void *(*get_data)(const void *tensor);
+    const void *qkv;      /* ggml tensor, F32, 3 d x m: per token q, k, v (each d = n_heads x hd) */
+    const int32_t *seqs;  /* n_seqs pairs (first token, length): the sequences packed into m */
+    int64_t n_seqs, d, n_heads;
+    float scale;
+    int32_t causal;
 };
 
 #if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 11 : __GNUC__ >= 11)
@@ -178,67 +189,166 @@ TARGET static void attend(const float *qkv, float *out, int64_t len, int64_t d, 
     }
 }
 
-static int cpu_has_kernel(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bf16");
-}
-#else
-#define HAVE_KERNEL 0
-#endif
+/* --- the same for AVX2 + FMA + F16C CPUs (no BF16 instructions): F16 weights, F32 arithmetic ------ */
 
-/* 1 when this build has the kernel and the CPU runs it. */
-int vlm_clip_kernels_available(void) {
-#if HAVE_KERNEL
-    return cpu_has_kernel();
-#else
-    return 0;
-#endif
+#define TARGET2 __attribute__((target("avx2,fma,f16c")))
+#define NR2 16  /* two vectors of 8 floats */
+#define MR2 6   /* 12 accumulators, 2 weight vectors and a broadcast fit 16 registers */
+
+/* e^x for x <= 0 as exp_neg, with the exponent added to the bits (AVX2 has no scalef) */
+TARGET2 static inline __m256 exp_neg8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale)); /* n >= -126: a normal power of two */
 }
 
-/* The ggml custom op (ggml_custom_op_t): thread ith of nth computes its share of y = dst. Threads
-   share out the panels, so each reads only its part of w (a batch of one image reads all of w per
-   row block: sharing rows would make every thread read all of it); a w of too few panels for
-   that shares out the rows instead. */
-void vlm_bf16_matmul_op(void *dst, int ith, int nth, void *userdata) {
-#if HAVE_KERNEL
-    const struct vlm_matmul *op = userdata;
+TARGET2 static inline __m256 finish8(__m256 y, __m256 bias, int act) {
+    y = _mm256_add_ps(y, bias);
+    if (act == 1) { /* as finish: e^(-1.702 |y|), then sigmoid or 1 - sigmoid by the sign */
+        __m256 z = _mm256_mul_ps(y, _mm256_set1_ps(-1.702f));
+        __m256 pos = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ);
+        __m256 e = exp_neg8(_mm256_blendv_ps(z, _mm256_sub_ps(_mm256_setzero_ps(), z), pos));
+        __m256 one = _mm256_set1_ps(1.0f);
+        __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        s = _mm256_blendv_ps(s, _mm256_sub_ps(one, s), pos);
+        y = _mm256_mul_ps(y, s);
+    }
+    return y;
+}
+
+/* One mr x 16 tile: x rows as they are (F32), w converted from F16 as it is loaded. */
+TARGET2 static inline __attribute__((always_inline)) void tile2(const int mr, const float *a, int64_t lda,
+        const uint16_t *panel, int64_t k, float *y, int64_t ldy, const float *bias, int act) {
+    __m256 acc[MR2][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < k; p++) {
+        __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(panel + p * NR2)));
+        __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(panel + p * NR2 + 8)));
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            __m256 x = _mm256_broadcast_ss(a + i * lda + p);
+            acc[i][0] = _mm256_fmadd_ps(x, w0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(x, w1, acc[i][1]);
+        }
+    }
+    __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+    __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        _mm256_storeu_ps(y + i * ldy, finish8(acc[i][0], b0, act));
+        _mm256_storeu_ps(y + i * ldy + 8, finish8(acc[i][1], b1, act));
+    }
+}
+
+TARGET2 static void tile2_rows(int mr, const float *a, int64_t lda, const uint16_t *panel, int64_t k, float *y,
+                               int64_t ldy, const float *bias, int act) {
+    switch (mr) {
+#define CASE(r) case r: tile2(r, a, lda, panel, k, y, ldy, bias, act); break;
+    CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) CASE(1)
+#undef CASE
+    }
+}
+
+/* Rows [m0, m1) and panels [p0, p1) of y, in blocks of rows that stay in L2 (256 KB of x) while
+   every panel of the thread passes over them. */
+TARGET2 static void run_f16(const struct vlm_matmul *op, const float *x, const float *bias, float *y,
+                            int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    const int64_t k = op->k, n = op->n;
+    int64_t mb_rows = (256 * 1024 / (4 * k)) / MR2 * MR2;
+    if (mb_rows < MR2) mb_rows = MR2;
+    for (int64_t mb = m0; mb < m1; mb += mb_rows) {
+        const int64_t rows = m1 - mb < mb_rows ? m1 - mb : mb_rows;
+        for (int64_t p = p0; p < p1; p++)
+            for (int64_t r = 0; r < rows; r += MR2)
+                tile2_rows(rows - r < MR2 ? (int)(rows - r) : MR2, x + (mb + r) * k, k, op->w + p * NR2 * k, k,
+                           y + (mb + r) * n + p * NR2, n, bias ? bias + p * NR2 : NULL, op->act);
+    }
+}
+
+TARGET2 static inline float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* attend with 8-float vectors: hd a multiple of 8, at most 128. */
+TARGET2 static void attend8(const float *qkv, float *out, int64_t len, int64_t d, int64_t hd, float scale,
+                            int causal, float *scores) {
+    const int64_t nv = hd / 8;
+    for (int64_t i = 0; i < len; i++) {
+        const float *q = qkv + i * 3 * d;
+        const int64_t keys = causal ? i + 1 : len;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < keys; j++) {
+            const float *kj = qkv + j * 3 * d + d;
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(kj));
+            for (int64_t v = 1; v < nv; v++)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), _mm256_loadu_ps(kj + 8 * v), acc);
+            scores[j] = hsum8(acc) * scale;
+            top = scores[j] > top ? scores[j] : top;
+        }
+        __m256 total = _mm256_setzero_ps();
+        for (int64_t j = 0; j < keys; j += 8) {
+            const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(keys - j)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            __m256 e = exp_neg8(_mm256_sub_ps(_mm256_maskload_ps(scores + j, live), _mm256_set1_ps(top)));
+            e = _mm256_and_ps(e, _mm256_castsi256_ps(live));
+            _mm256_maskstore_ps(scores + j, live, e);
+            total = _mm256_add_ps(total, e);
+        }
+        const float inv = 1.0f / hsum8(total);
+        __m256 o[16];
+        for (int64_t v = 0; v < nv; v++) o[v] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < keys; j++) {
+            const float *vj = qkv + j * 3 * d + 2 * d;
+            const __m256 p = _mm256_set1_ps(scores[j] * inv);
+            for (int64_t v = 0; v < nv; v++) o[v] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * v), o[v]);
+        }
+        for (int64_t v = 0; v < nv; v++) _mm256_storeu_ps(out + i * d + 8 * v, o[v]);
+    }
+}
+
+/* --- sharing the work between ggml's threads ------------------------------------------------- */
+
+typedef void (*rows_fn)(const struct vlm_matmul *, const float *, const float *, float *, int64_t, int64_t,
+                        int64_t, int64_t);
+
+/* Thread ith of nth computes its share of y = dst. Threads share out the panels, so each reads only
+   its part of w (a batch of one image reads all of w per row block: sharing rows would make every
+   thread read all of it); a w of too few panels for that shares out the rows instead. */
+static void share_matmul(void *dst, int ith, int nth, const struct vlm_matmul *op, int64_t mr, int64_t nr,
+                         rows_fn run_rows) {
     const float *x = op->get_data(op->x);
     const float *bias = op->bias ? op->get_data(op->bias) : NULL;
     float *y = op->get_data(dst);
-    const int64_t tiles = (op->m + MR - 1) / MR, panels = op->n / NR;
+    const int64_t tiles = (op->m + mr - 1) / mr, panels = op->n / nr;
     if (panels >= 2 * nth || tiles < 2 * nth) {
         int64_t p0 = panels * ith / nth, p1 = panels * (ith + 1) / nth;
-        if (p0 < p1) run(op, x, bias, y, 0, op->m, p0, p1);
+        if (p0 < p1) run_rows(op, x, bias, y, 0, op->m, p0, p1);
     } else {
         int64_t t0 = tiles * ith / nth, t1 = tiles * (ith + 1) / nth;
-        int64_t m1 = t1 * MR < op->m ? t1 * MR : op->m;
-        if (t0 * MR < m1) run(op, x, bias, y, t0 * MR, m1, 0, panels);
+        int64_t m1 = t1 * mr < op->m ? t1 * mr : op->m;
+        if (t0 * mr < m1) run_rows(op, x, bias, y, t0 * mr, m1, 0, panels);
     }
-#else
-    (void)dst; (void)ith; (void)nth; (void)userdata;
-    abort(); /* never built into a graph: vlm_clip_kernels_available() is 0 */
-#endif
 }
 
-/* Mirrored by clip_kernels.AttentionOp (ctypes). */
-struct vlm_attention {
-    void *(*get_data)(const void *tensor);
-    const void *qkv;      /* ggml tensor, F32, 3 d x m: per token q, k, v (each d = n_heads x hd) */
-    const int32_t *seqs;  /* n_seqs pairs (first token, length): the sequences packed into m */
-    int64_t n_seqs, d, n_heads;
-    float scale;
-    int32_t causal;
-};
+typedef void (*attend_fn)(const float *, float *, int64_t, int64_t, int64_t, float, int, float *);
 
-/* The attention ggml custom op: dst is F32 d x m. Threads share out the (sequence, head) pairs; each
-   pair reads only its own sequence, so packing several sequences together changes nothing. */
-void vlm_attention_op(void *dst, int ith, int nth, void *userdata) {
-#if HAVE_KERNEL
+/* Threads share out the (sequence, head) pairs; each pair reads only its own sequence, so packing
+   several sequences together changes nothing. */
+static void share_attention(void *dst, int ith, int nth, const struct vlm_attention *op, attend_fn attend_one) {
     static __thread float *scores;
     static __thread int64_t scores_cap;
-    const struct vlm_attention *op = userdata;
     const float *qkv = op->get_data(op->qkv);
     float *out = op->get_data(dst);
     const int64_t hd = op->d / op->n_heads, items = op->n_seqs * op->n_heads;
@@ -251,17 +361,46 @@ void vlm_attention_op(void *dst, int ith, int nth, void *userdata) {
             scores = malloc(scores_cap * sizeof(float));
             if (!scores) abort();
         }
-        attend(qkv + first * 3 * op->d + h * hd, out + first * op->d + h * hd, len, op->d, hd, op->scale,
-               op->causal, scores);
+        attend_one(qkv + first * 3 * op->d + h * hd, out + first * op->d + h * hd, len, op->d, hd, op->scale,
+                   op->causal, scores);
     }
+}
+
+static int cpu_level(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16"))
+        return 2;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
 #else
-    (void)dst; (void)ith; (void)nth; (void)userdata;
-    abort();
+#define HAVE_KERNEL 0
+#endif
+
+/* Which kernels this build has and the CPU runs: 2 the BF16 ones (AVX512_BF16) and the F16 ones,
+   1 only the F16 ones (AVX2, FMA, F16C), 0 none. */
+int vlm_clip_kernels_level(void) {
+#if HAVE_KERNEL
+    return cpu_level();
+#else
+    return 0;
 #endif
 }
 
+/* The ggml custom ops (ggml_custom_op_t); Python never builds one into a graph above the level. */
+#if HAVE_KERNEL
+#define OP(name, body) void name(void *dst, int ith, int nth, void *userdata) { body; }
+#else
+#define OP(name, body) void name(void *dst, int ith, int nth, void *userdata) { (void)dst; (void)ith; (void)nth; (void)userdata; abort(); }
+#endif
+OP(vlm_bf16_matmul_op, share_matmul(dst, ith, nth, userdata, MR, NR, run))
+OP(vlm_f16_matmul_op, share_matmul(dst, ith, nth, userdata, MR2, NR2, run_f16))
+OP(vlm_attention_op, share_attention(dst, ith, nth, userdata, attend))
+OP(vlm_attention_avx2_op, share_attention(dst, ith, nth, userdata, attend8))
+#undef OP
+
 /* A Python extension only so that setuptools builds and installs it; Python calls it through ctypes. */
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_clip_kernels",
-                                    "vlm's BF16 matmul kernel (loaded with ctypes, see clip_kernels.py)", -1, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_clip_kernels",
+                                    .m_doc = "vlm's CLIP kernels (loaded with ctypes, see clip_kernels.py)", .m_size = -1};
 
 PyMODINIT_FUNC PyInit__clip_kernels(void) { return PyModule_Create(&module); }

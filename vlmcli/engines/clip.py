@@ -71,12 +71,14 @@ TEXT_LENGTH_STEP = 8  # a text runs at a multiple of this many positions (or con
 # keeps vlm's own processes from colliding). The environment variable overrides.
 COMPUTE_PATHS = ("auto", "ggml", "blas")
 COMPUTE_PATH_ENV = "VLM_CLIP_PATH"
-# How F16 / F32 matmul weights are held on the ggml CPU path: "packed" is BF16 in the layout of vlm's own
-# kernel (engines/clip_kernels.py), "bf16" BF16 ggml tensors for ggml's mul_mat, "stored" as in the file.
-# "auto" is packed where the kernel runs (AVX512_BF16: its BF16 dot products do twice the multiply-adds of
-# F16 or F32 per instruction; cosine to F32 0.99998 on ViT-B/32, README), else bf16 where ggml was built
-# with AVX512_BF16, else stored. Quantized files are always kept as they are.
-WEIGHTS_TYPES = ("auto", "stored", "bf16", "packed")
+# How F16 / F32 matmul weights are held on the ggml CPU path (VLM_CLIP_WEIGHTS): "stored" as in the file,
+# "bf16" as BF16 ggml tensors for ggml's mul_mat, "vlm-bf16" / "vlm-f16" as BF16 / F16 packed for vlm's own
+# kernels (engines/clip_kernels.py; AVX512_BF16 / AVX2). "auto" takes the first of vlm-bf16, vlm-f16, bf16
+# (where ggml has AVX512_BF16) and stored that this machine runs: BF16 dot products do twice the
+# multiply-adds of F16 or F32 per instruction (cosine to F32 0.99998 on ViT-B/32), and vlm's kernels beat
+# ggml's on both CPU kinds (README, "Measured here"). Quantized files are always kept as they are.
+WEIGHTS_TYPES = ("auto", "stored", "bf16", "vlm-bf16", "vlm-f16")
+LAYOUTS = {"stored": (None, None), "bf16": ("BF16", None), "vlm-bf16": ("BF16", "bf16"), "vlm-f16": ("F16", "f16")}
 WEIGHTS_TYPE_ENV = "VLM_CLIP_WEIGHTS"
 
 
@@ -245,24 +247,27 @@ def choose_compute_path(requested: str | None, on_cpu: bool) -> str:
 
 
 def weights_layout(on_cpu: bool) -> str:
-    """How F16 / F32 matmul weights are held: "stored", "bf16" or "packed" (VLM_CLIP_WEIGHTS, see
-    WEIGHTS_TYPES); decided once per load. GPU devices keep the file's types."""
+    """How F16 / F32 matmul weights are held: one of LAYOUTS (VLM_CLIP_WEIGHTS, see WEIGHTS_TYPES);
+    decided once per load. GPU devices keep the file's types."""
     choice = (os.environ.get(WEIGHTS_TYPE_ENV) or "auto").strip().lower()
     if choice not in WEIGHTS_TYPES:
         raise VlmError(f"unknown {WEIGHTS_TYPE_ENV} {choice!r}; use one of {', '.join(WEIGHTS_TYPES)}")
     if not on_cpu:
         return "stored"
-    if choice == "packed" and not clip_kernels.available():
-        raise VlmError(f"{WEIGHTS_TYPE_ENV}=packed needs vlm's BF16 kernel, which this machine lacks "
-                       "(an x86 CPU with AVX512_BF16, and a C compiler when vlm was installed)")
+    kind = LAYOUTS.get(choice, (None, None))[1]
+    if kind and not clip_kernels.available(kind):
+        needs = "AVX512_BF16" if kind == "bf16" else "AVX2, FMA and F16C"
+        raise VlmError(f"{WEIGHTS_TYPE_ENV}={choice} needs vlm's {kind} kernels, which this machine lacks "
+                       f"(an x86 CPU with {needs}, and a C compiler when vlm was installed)")
     if choice == "auto":
-        return ("packed" if clip_kernels.available() else
+        return ("vlm-bf16" if clip_kernels.available("bf16") else "vlm-f16" if clip_kernels.available("f16") else
                 "bf16" if ggml.lib().ggml_cpu_has_avx512_bf16() else "stored")
     return choice
 
 
-CPU_KERNELS = {"packed": "vlm's BF16 kernels (AVX512_BF16)", "bf16": "ggml, F16/F32 weights held as BF16",
-               "stored": "ggml, weights as stored", "blas": "numpy + BLAS (VLM_CLIP_PATH=blas)"}
+CPU_KERNELS = {"vlm-bf16": "vlm's BF16 kernels (AVX512_BF16)", "vlm-f16": "vlm's F16 kernels (AVX2)",
+               "bf16": "ggml, F16/F32 weights held as BF16", "stored": "ggml, weights as stored",
+               "blas": "numpy + BLAS (VLM_CLIP_PATH=blas)"}
 
 
 def cpu_kernels() -> str:
@@ -270,6 +275,16 @@ def cpu_kernels() -> str:
     if choose_compute_path(None, on_cpu=True) == "blas":
         return CPU_KERNELS["blas"]
     return CPU_KERNELS[weights_layout(on_cpu=True)]
+
+
+def _to_f16(raw: np.ndarray, type_name: str, name: str, path: Path) -> np.ndarray:
+    """F16 / F32 bytes -> F16 bytes (F32 rounded to nearest even; a value past F16's range is refused)."""
+    if type_name == "F16":
+        return raw
+    f16 = np.ascontiguousarray(raw).view(np.float32).astype(np.float16)
+    if not np.isfinite(f16).all():
+        raise ModelError(f"tensor {name} has values beyond F16's range; set {WEIGHTS_TYPE_ENV}=stored", path)
+    return f16.view(np.uint8)
 
 
 def _to_bf16(raw: np.ndarray, type_name: str) -> np.ndarray:
@@ -295,7 +310,7 @@ def _to_f32(raw: np.ndarray, type_name: str, ne: tuple[int, ...]) -> np.ndarray:
     return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[type_name]).astype(np.float32)
 
 
-Weight = Tensor | PackedWeight  # a matmul weight: a ggml tensor, or packed for vlm's BF16 kernel
+Weight = Tensor | PackedWeight  # a matmul weight: a ggml tensor, or packed for vlm's kernels
 
 
 @dataclass
@@ -393,7 +408,7 @@ def packed_attention(g: Graph, h: Tensor, p: _Block, n_heads: int, seqs: np.ndar
     """The same with vlm's kernels on h [D, M] (or [D, T, N]): q, k, v from one matmul, then one op over
     the sequences seqs ((first token, length) rows) packed into the M tokens."""
     assert p.qkv_w is not None
-    return clip_kernels.attention(g, linear(g, h, p.qkv_w, p.qkv_b), seqs, n_heads, causal)
+    return clip_kernels.attention(g, linear(g, h, p.qkv_w, p.qkv_b), seqs, n_heads, causal, p.qkv_w.kind)
 
 
 Attend = Callable[[Tensor, _Block], Tensor]  # h -> attention(h), one of the two above with its arguments bound
@@ -424,14 +439,16 @@ def at_least_two(rows: np.ndarray) -> np.ndarray:
     return rows if len(rows) > 1 else np.repeat(rows, 2)
 
 
-def _fused_qkv_biases(cfg: ClipConfig, packed: set[str]) -> dict[str, int]:
+def _fused_qkv_biases(cfg: ClipConfig, packed: set[str], kind: str | None) -> dict[str, int]:
     """{name of a block's q, k, v bias as one tensor: its length} for each tower whose q, k and v
     weights are all packed and whose heads fit vlm's attention op."""
-    out = {}
+    out: dict[str, int] = {}
+    if kind is None:
+        return out
     for prefix, d, heads, layers in (("t", cfg.text_width, cfg.text_heads, cfg.text_layers),
                                      ("v", cfg.vision_width, cfg.vision_heads, cfg.vision_layers)):
         blocks = [f"{prefix}.blk.{i}" for i in range(layers)]
-        if clip_kernels.attention_fits(d, heads) and all(f"{b}.attn_{x}.weight" in packed for b in blocks for x in "qkv"):
+        if clip_kernels.attention_fits(kind, d, heads) and all(f"{b}.attn_{x}.weight" in packed for b in blocks for x in "qkv"):
             out.update({f"{b}.attn_qkv.bias": 3 * d for b in blocks})
     return out
 
@@ -477,7 +494,7 @@ class ClipModel(NativeResource):
         self.batch_size = batch_size
         self.weights_bytes = 0
         self.weights_type = config.file_type  # the matmul weights' type in memory (weights_layout)
-        self.matmul_kernel = "numpy" if numpy_model is not None else "ggml"  # or "vlm BF16" (clip_kernels.py)
+        self.matmul_kernel = "numpy" if numpy_model is not None else "ggml"  # or "vlm bf16" / "vlm f16" (clip_kernels.py)
         self.packs_sequences: set[str] = set()  # towers ("t", "v") whose attention runs on vlm's kernels
         self.cores = cores or CoreShare(backend.n_threads)
         self.n_threads = self.cores.most  # of the current batch (see _sharing_cores)
@@ -546,13 +563,13 @@ class ClipModel(NativeResource):
             return model
         weights = Graph(max_tensors=len(specs) + config.text_layers + config.vision_layers + 8)
         try:
-            layout = weights_layout(backend.is_cpu)
+            held_type, kind = LAYOUTS[weights_layout(backend.is_cpu)]
             held = {name: "F32" if name in LOADED_AS_F32 else
-                    "BF16" if layout != "stored" and types is MATMUL_TYPES and stored[name].type in ("F16", "F32")
+                    held_type if held_type and types is MATMUL_TYPES and stored[name].type in ("F16", "F32")
                     else stored[name].type for name, (_, types) in specs.items()}
-            packed = {name for name, (ne, _) in specs.items()
-                      if layout == "packed" and held[name] == "BF16" and clip_kernels.fits(*ne)}
-            qkv_biases = _fused_qkv_biases(config, packed)  # towers whose attention runs on vlm's kernels
+            packed = {name for name, (ne, types) in specs.items()
+                      if kind and types is MATMUL_TYPES and held[name] == held_type and clip_kernels.fits(kind, *ne)}
+            qkv_biases = _fused_qkv_biases(config, packed, kind)  # towers whose attention runs on vlm's kernels
             tensors: dict[str, Weight] = {name: weights.new_tensor(held[name], ne, name)
                                           for name, (ne, _) in specs.items() if name not in packed}
             tensors.update({name: weights.new_tensor("F32", (n,), name) for name, n in qkv_biases.items()})
@@ -562,18 +579,18 @@ class ClipModel(NativeResource):
                 st = stored[name]
                 raw = data[st.offset : st.offset + st.n_bytes]
                 if held[name] != st.type:
-                    raw = _to_f32(raw, st.type, ne) if held[name] == "F32" else _to_bf16(raw, st.type)
+                    raw = (_to_f32(raw, st.type, ne) if held[name] == "F32" else _to_bf16(raw, st.type)
+                           if held[name] == "BF16" else _to_f16(raw, st.type, name, p))
                 if name in packed:  # ggml shape [k, n]: n rows of k values
-                    tensors[name] = clip_kernels.pack(raw.view(np.uint16).reshape(ne[1], ne[0]))
+                    tensors[name] = clip_kernels.pack(raw.view(np.uint16).reshape(ne[1], ne[0]), kind)
                     size += tensors[name].data.nbytes
                 else:
                     backend.set(tensors[name], raw)  # copies from the mapped file
-            for bias in qkv_biases:  # q, k and v as one weight: panels of 32 outputs, so packed ones stack
+            for bias in qkv_biases:  # q, k and v as one weight
                 blk = bias.removesuffix(".attn_qkv.bias")
                 parts = [f"{blk}.attn_{x}" for x in "qkv"]
-                rows = [tensors.pop(f"{part}.weight") for part in parts]
-                tensors[f"{blk}.attn_qkv.weight"] = clip_kernels.PackedWeight(
-                    np.concatenate([w.data for w in rows]), rows[0].k, sum(w.n for w in rows))  # type: ignore[union-attr]
+                q, k, v = (tensors.pop(f"{part}.weight") for part in parts)
+                tensors[f"{blk}.attn_qkv.weight"] = q.stacked(k, v)  # type: ignore[union-attr,arg-type]
                 backend.set(tensors[bias], np.concatenate([_f32_values(data, stored[f"{part}.bias"]) for part in parts]))
             del data
         except BaseException:
@@ -583,7 +600,7 @@ class ClipModel(NativeResource):
         model = cls(p, config, backend, weights, tensors, batch_size, cores=cores)
         model.weights_bytes = size
         model.weights_type = "+".join(sorted({held[n] for n, (_, types) in specs.items() if types is MATMUL_TYPES}))
-        model.matmul_kernel = "vlm BF16" if packed else "ggml"
+        model.matmul_kernel = f"vlm {kind}" if packed else "ggml"
         model.packs_sequences = {prefix for prefix in "tv" if f"{prefix}.blk.0.attn_qkv.bias" in qkv_biases}
         return model
 
