@@ -377,13 +377,24 @@ def test_a_killed_worker_is_restarted(server: Server, cli_answer: dict) -> None:
     h = server.health()["models"][server.vlm_id]
     assert h["restarts"] == 1 and h["workers"][0]["pid"] != pid
     assert f'vlm_worker_restarts_total{{model="{server.vlm_id}"}} 1' in server.get("/metrics")[1]
-    # a non-streamed request whose worker dies gets 503
+    # a non-streamed request whose worker dies gets 503 (killed once /health shows it busy: a fixed
+    # delay raced the request itself, which a fast CPU finished first)
     pid = h["workers"][0]["pid"]
     import threading
 
-    threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
+    def kill_when_busy() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(w["busy"] for w in server.health()["models"][server.vlm_id]["workers"]):
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.002)
+
+    killer = threading.Thread(target=kill_when_busy)
+    killer.start()
     with pytest.raises(openai.APIStatusError) as e2:
         _chat(server, max_tokens=3000)
+    killer.join()
     assert e2.value.status_code == 503
     assert _chat(server).choices[0].message.content == cli_answer["answers"][0]["answer"]
 
