@@ -17,6 +17,7 @@ from vlmcli.engines.ggml import Backend, Graph
 
 KINDS = [pytest.param("bf16", marks=pytest.mark.skipif(not clip_kernels.available("bf16"), reason="needs AVX512_BF16")),
          pytest.param("f16", marks=pytest.mark.skipif(not clip_kernels.available("f16"), reason="needs AVX2, FMA, F16C"))]
+needs_attention = pytest.mark.skipif(not clip_kernels.available("f16"), reason="the attention op needs AVX2")
 
 
 def bf16_bits(a: np.ndarray) -> np.ndarray:
@@ -155,14 +156,13 @@ def test_a_row_does_not_depend_on_its_batch_mates_or_the_threads(kind):
 
 # --- the attention op -----------------------------------------------------------------------------
 
-def run_attention(qkv: np.ndarray, seqs: list[tuple[int, int]], n_heads: int, causal: bool, kind: str,
-                  n_threads: int = 2):
+def run_attention(qkv: np.ndarray, seqs: list[tuple[int, int]], n_heads: int, causal: bool, n_threads: int = 2):
     """qkv (m, 3 d) -> the op's (m, d) in a real ggml graph."""
     backend = Backend(n_threads=n_threads)
     try:
         with Graph(8, 8) as g:
             x = g.input("F32", (qkv.shape[1], qkv.shape[0]))
-            out = g.output(clip_kernels.attention(g, x, np.array(seqs), n_heads, causal, kind))
+            out = g.output(clip_kernels.attention(g, x, np.array(seqs), n_heads, causal))
             backend.allocate(g)
             backend.set(x, qkv)
             backend.compute(g)
@@ -187,34 +187,34 @@ def reference_attention(qkv: np.ndarray, seqs, n_heads: int, causal: bool) -> np
     return out
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@needs_attention
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d,n_heads", [(128, 2), (64, 4)])
-def test_attention_matches_float64_per_packed_sequence(causal, d, n_heads, kind):
+def test_attention_matches_float64_per_packed_sequence(causal, d, n_heads):
     rng = np.random.default_rng(d + causal)
     seqs = [(0, 5), (5, 1), (6, 33), (39, 17)]
     qkv = rng.standard_normal((56, 3 * d)).astype(np.float32) * 1.5
-    got = run_attention(qkv, seqs, n_heads, causal, kind)
+    got = run_attention(qkv, seqs, n_heads, causal)
     want = reference_attention(qkv, seqs, n_heads, causal)
     # float32 sums of hd products and of up to 33 weighted values, an exp good to a few ulp
     bound = 8 * (d // n_heads + 33) * 2.0**-24 * np.abs(qkv[:, 2 * d:]).max()
     assert np.abs(got - want).max() <= bound
     # each sequence sees only its own tokens: alone it gives the same bits
     first, n = seqs[2]
-    alone = run_attention(qkv[first:first + n], [(0, n)], n_heads, causal, kind, n_threads=1)
+    alone = run_attention(qkv[first:first + n], [(0, n)], n_heads, causal, n_threads=1)
     assert np.array_equal(alone, got[first:first + n])
     if causal:  # a token never sees the ones after it
         changed = qkv.copy()
         changed[first + 20:first + n] += 1.0
-        assert np.array_equal(run_attention(changed, seqs, n_heads, causal, kind)[first:first + 20], got[first:first + 20])
+        assert np.array_equal(run_attention(changed, seqs, n_heads, causal)[first:first + 20], got[first:first + 20])
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_attention_refuses_what_it_cannot_run(kind):
+@needs_attention
+def test_attention_refuses_what_it_cannot_run():
     with Graph(8, 8) as g:
         x = g.input("F32", (3 * 36, 10))  # heads of 9 floats: not a multiple of the vector width
         with pytest.raises(ValueError, match="heads"):
-            clip_kernels.attention(g, x, np.array([(0, 10)]), 4, False, kind)
+            clip_kernels.attention(g, x, np.array([(0, 10)]), 4, False)
         y = g.input("F32", (3 * 64, 10))
         with pytest.raises(ValueError, match="do not fit"):
-            clip_kernels.attention(g, y, np.array([(0, 6), (6, 6)]), 1, False, kind)
+            clip_kernels.attention(g, y, np.array([(0, 6), (6, 6)]), 1, False)

@@ -1,6 +1,6 @@
 /* CLIP's two hot ops for ggml's CPU graphs on x86 CPUs (engines/clip_kernels.py), each a ggml custom
    op (ggml_custom_4d) on ggml's own threads: a matmul for the linear layers and an F32 attention over
-   packed sequences. Two sets: BF16 weights for CPUs with AVX512_BF16, F16 weights with F32
+   packed sequences. Two matmuls: BF16 weights for CPUs with AVX512_BF16, F16 weights with F32
    arithmetic for AVX2 + FMA + F16C ones (the same outer product, 6 x 16 tiles in 16 registers).
 
    The matmul: y[m][n] = act(sum_k x[m][k] w[n][k] + bias[n]): x F32 activations (rounded to BF16 here, as ggml
@@ -53,38 +53,52 @@ struct vlm_attention {
 #define HAVE_KERNEL 1
 #include <immintrin.h>
 
-#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+/* --- quick GELU for both matmuls (AVX2 + FMA + F16C, which every AVX512_BF16 CPU also has) -------- */
+
+#define TARGET2 __attribute__((target("avx2,fma,f16c")))
+#define NR2 16  /* two vectors of 8 floats */
+#define MR2 6   /* 12 accumulators, 2 weight vectors and a broadcast fit 16 registers */
+
+/* e^x for x <= 0 (the only side quick GELU needs), to about 2 ulp: 2^n * p(r), r = x - n ln 2, the
+   exponent added to the bits */
+TARGET2 static inline __m256 exp_neg8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale)); /* n >= -126: a normal power of two */
+}
+
+/* y * sigmoid(1.702 y) from e^(-1.702 |y|): 1 / (1 + e) for y >= 0, 1 - that for y < 0 (no overflow) */
+TARGET2 static inline __m256 quick_gelu8(__m256 y) {
+    __m256 z = _mm256_mul_ps(y, _mm256_set1_ps(-1.702f));
+    __m256 pos = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ);
+    __m256 e = exp_neg8(_mm256_blendv_ps(z, _mm256_sub_ps(_mm256_setzero_ps(), z), pos));
+    __m256 one = _mm256_set1_ps(1.0f);
+    __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, e));
+    return _mm256_mul_ps(y, _mm256_blendv_ps(s, _mm256_sub_ps(one, s), pos));
+}
+
+/* --- AVX512_BF16: the BF16 matmul ------------------------------------------------------------ */
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
 #define NR 32   /* output columns per tile: two vectors of 16 floats */
 #define MR 12   /* rows per tile: 24 accumulators, 2 weight vectors and a broadcast fit 32 registers */
 #define MB 96   /* rows rounded to BF16 at a time (at most 576 KB for k = 3072: stays in L2) */
 
-/* e^x for x <= 0 (the only side quick GELU needs), to about 2 ulp: 2^n * p(r), r = x - n ln 2 */
-TARGET static inline __m512 exp_neg(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
 TARGET static inline __m512 finish(__m512 y, __m512 bias, int act) {
     y = _mm512_add_ps(y, bias);
-    if (act == 1) { /* x * sigmoid(1.702 x) = x / (1 + e^(-1.702 |x|)) mirrored for x > 0 */
-        __m512 z = _mm512_mul_ps(y, _mm512_set1_ps(-1.702f));
-        __mmask16 pos = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ);
-        __m512 e = exp_neg(_mm512_mask_mov_ps(z, pos, _mm512_sub_ps(_mm512_setzero_ps(), z)));
-        __m512 one = _mm512_set1_ps(1.0f);
-        __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, e));           /* sigmoid(-z) where z <= 0 */
-        s = _mm512_mask_sub_ps(s, pos, one, s);                          /* 1 - sigmoid(|z|) where z > 0 */
-        y = _mm512_mul_ps(y, s);
-    }
+    if (act == 1) /* in two halves: quick GELU runs once per output, nothing to gain from one wide version */
+        y = _mm512_insertf32x8(_mm512_castps256_ps512(quick_gelu8(_mm512_castps512_ps256(y))),
+                               quick_gelu8(_mm512_extractf32x8_ps(y, 1)), 1);
     return y;
 }
 
@@ -151,79 +165,11 @@ TARGET static void run(const struct vlm_matmul *op, const float *x, const float 
     }
 }
 
-/* Attention of one head over one sequence, in F32: out_i = sum_j softmax_j(scale q_i . k_j) v_j, with
-   j <= i when causal. qkv holds each token's q, k and v side by side (stride 3 d), out each token's
-   heads side by side (stride d); hd is a multiple of 16, at most 256. scores: room for len floats. */
-TARGET static void attend(const float *qkv, float *out, int64_t len, int64_t d, int64_t hd, float scale,
-                          int causal, float *scores) {
-    const int64_t nv = hd / 16;
-    for (int64_t i = 0; i < len; i++) {
-        const float *q = qkv + i * 3 * d;
-        const int64_t keys = causal ? i + 1 : len;
-        float top = -INFINITY;
-        for (int64_t j = 0; j < keys; j++) {
-            const float *kj = qkv + j * 3 * d + d;
-            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kj));
-            for (int64_t v = 1; v < nv; v++)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v), _mm512_loadu_ps(kj + 16 * v), acc);
-            scores[j] = _mm512_reduce_add_ps(acc) * scale;
-            top = scores[j] > top ? scores[j] : top;
-        }
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t j = 0; j < keys; j += 16) {
-            __mmask16 live = keys - j >= 16 ? 0xFFFF : (__mmask16)((1u << (keys - j)) - 1);
-            __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + j), _mm512_set1_ps(top)));
-            e = _mm512_maskz_mov_ps(live, e);
-            _mm512_mask_storeu_ps(scores + j, live, e);
-            total = _mm512_add_ps(total, e);
-        }
-        const float inv = 1.0f / _mm512_reduce_add_ps(total);
-        __m512 o[16];
-        for (int64_t v = 0; v < nv; v++) o[v] = _mm512_setzero_ps();
-        for (int64_t j = 0; j < keys; j++) {
-            const float *vj = qkv + j * 3 * d + 2 * d;
-            const __m512 p = _mm512_set1_ps(scores[j] * inv);
-            for (int64_t v = 0; v < nv; v++) o[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * v), o[v]);
-        }
-        for (int64_t v = 0; v < nv; v++) _mm512_storeu_ps(out + i * d + 16 * v, o[v]);
-    }
-}
-
-/* --- the same for AVX2 + FMA + F16C CPUs (no BF16 instructions): F16 weights, F32 arithmetic ------ */
-
-#define TARGET2 __attribute__((target("avx2,fma,f16c")))
-#define NR2 16  /* two vectors of 8 floats */
-#define MR2 6   /* 12 accumulators, 2 weight vectors and a broadcast fit 16 registers */
-
-/* e^x for x <= 0 as exp_neg, with the exponent added to the bits (AVX2 has no scalef) */
-TARGET2 static inline __m256 exp_neg8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale)); /* n >= -126: a normal power of two */
-}
+/* --- AVX2: the F16 matmul (F32 arithmetic) and the attention (for both kinds) ------------------------ */
 
 TARGET2 static inline __m256 finish8(__m256 y, __m256 bias, int act) {
     y = _mm256_add_ps(y, bias);
-    if (act == 1) { /* as finish: e^(-1.702 |y|), then sigmoid or 1 - sigmoid by the sign */
-        __m256 z = _mm256_mul_ps(y, _mm256_set1_ps(-1.702f));
-        __m256 pos = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ);
-        __m256 e = exp_neg8(_mm256_blendv_ps(z, _mm256_sub_ps(_mm256_setzero_ps(), z), pos));
-        __m256 one = _mm256_set1_ps(1.0f);
-        __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, e));
-        s = _mm256_blendv_ps(s, _mm256_sub_ps(one, s), pos);
-        y = _mm256_mul_ps(y, s);
-    }
-    return y;
+    return act == 1 ? quick_gelu8(y) : y;
 }
 
 /* One mr x 16 tile: x rows as they are (F32), w converted from F16 as it is loaded. */
@@ -282,8 +228,11 @@ TARGET2 static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-/* attend with 8-float vectors: hd a multiple of 8, at most 128. */
-TARGET2 static void attend8(const float *qkv, float *out, int64_t len, int64_t d, int64_t hd, float scale,
+/* Attention of one head over one sequence, in F32: out_i = sum_j softmax_j(scale q_i . k_j) v_j, with
+   j <= i when causal. qkv holds each token's q, k and v side by side (stride 3 d), out each token's
+   heads side by side (stride d); hd is a multiple of 8, at most 128. scores: room for len + 8 floats.
+   The same code serves AVX-512 CPUs: a 512-bit version was no faster (attention is 2% of a pass). */
+TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t d, int64_t hd, float scale,
                             int causal, float *scores) {
     const int64_t nv = hd / 8;
     for (int64_t i = 0; i < len; i++) {
@@ -396,7 +345,6 @@ int vlm_clip_kernels_level(void) {
 OP(vlm_bf16_matmul_op, share_matmul(dst, ith, nth, userdata, MR, NR, run))
 OP(vlm_f16_matmul_op, share_matmul(dst, ith, nth, userdata, MR2, NR2, run_f16))
 OP(vlm_attention_op, share_attention(dst, ith, nth, userdata, attend))
-OP(vlm_attention_avx2_op, share_attention(dst, ith, nth, userdata, attend8))
 #undef OP
 
 /* A Python extension only so that setuptools builds and installs it; Python calls it through ctypes. */

@@ -408,7 +408,7 @@ def packed_attention(g: Graph, h: Tensor, p: _Block, n_heads: int, seqs: np.ndar
     """The same with vlm's kernels on h [D, M] (or [D, T, N]): q, k, v from one matmul, then one op over
     the sequences seqs ((first token, length) rows) packed into the M tokens."""
     assert p.qkv_w is not None
-    return clip_kernels.attention(g, linear(g, h, p.qkv_w, p.qkv_b), seqs, n_heads, causal, p.qkv_w.kind)
+    return clip_kernels.attention(g, linear(g, h, p.qkv_w, p.qkv_b), seqs, n_heads, causal)
 
 
 Attend = Callable[[Tensor, _Block], Tensor]  # h -> attention(h), one of the two above with its arguments bound
@@ -448,7 +448,7 @@ def _fused_qkv_biases(cfg: ClipConfig, packed: set[str], kind: str | None) -> di
     for prefix, d, heads, layers in (("t", cfg.text_width, cfg.text_heads, cfg.text_layers),
                                      ("v", cfg.vision_width, cfg.vision_heads, cfg.vision_layers)):
         blocks = [f"{prefix}.blk.{i}" for i in range(layers)]
-        if clip_kernels.attention_fits(kind, d, heads) and all(f"{b}.attn_{x}.weight" in packed for b in blocks for x in "qkv"):
+        if clip_kernels.attention_fits(d, heads) and all(f"{b}.attn_{x}.weight" in packed for b in blocks for x in "qkv"):
             out.update({f"{b}.attn_qkv.bias": 3 * d for b in blocks})
     return out
 

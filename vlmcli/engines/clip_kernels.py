@@ -35,17 +35,12 @@ class Kind:
     level: int  # vlm_clip_kernels_level() at which the CPU runs it
     panel: int  # output columns per packed panel
     k_multiple: int  # rows of k must be a multiple of this
-    head_multiple: int  # attention: a head of hd floats, a multiple of this (the vector width)
     matmul_op: str
-    attention_op: str
 
 
-KINDS = {
-    "bf16": Kind("bf16", 2, 32, 16, 16, "vlm_bf16_matmul_op", "vlm_attention_op"),
-    "f16": Kind("f16", 1, 16, 1, 8, "vlm_f16_matmul_op", "vlm_attention_avx2_op"),
-}
+KINDS = {"bf16": Kind("bf16", 2, 32, 16, "vlm_bf16_matmul_op"), "f16": Kind("f16", 1, 16, 1, "vlm_f16_matmul_op")}
 ACTIVATIONS = {None: 0, "gelu_quick": 1}  # what the kernels can apply themselves (act in the C struct)
-MAX_HEAD_VECTORS = 16  # attention: a head accumulates in hd / vector width registers
+HEAD_MULTIPLE, MAX_HEAD = 8, 128  # the attention op (AVX2, both kinds): heads of hd floats, 8 to a register
 
 
 class MatmulOp(ctypes.Structure):
@@ -149,19 +144,19 @@ def linear(g: Graph, x: Tensor, w: PackedWeight, bias: Tensor | None = None, act
     return g.custom((w.n, *x.ne[1:]), [x] if bias is None else [x, bias], fun, op)
 
 
-def attention_fits(kind: str, d: int, n_heads: int) -> bool:
-    """Whether a kind's attention op takes d = n_heads heads of hd floats."""
-    hd, step = (d // n_heads if n_heads > 0 else 0), KINDS[kind].head_multiple
-    return hd > 0 and d == hd * n_heads and hd % step == 0 and hd <= step * MAX_HEAD_VECTORS
+def attention_fits(d: int, n_heads: int) -> bool:
+    """Whether the attention op takes d = n_heads heads of hd floats."""
+    hd = d // n_heads if n_heads > 0 else 0
+    return hd > 0 and d == hd * n_heads and hd % HEAD_MULTIPLE == 0 and hd <= MAX_HEAD
 
 
-def attention(g: Graph, qkv: Tensor, seqs: np.ndarray, n_heads: int, causal: bool, kind: str) -> Tensor:
+def attention(g: Graph, qkv: Tensor, seqs: np.ndarray, n_heads: int, causal: bool) -> Tensor:
     """Multi-head attention over sequences packed one after another: qkv [3 d, m] F32 holds each token's
     q, k and v (as one linear layer of 3 d outputs gives them); seqs (n, 2) int32 rows of (first token,
     length) tile the m tokens. Returns [d, m], each token's heads side by side (for the out projection)."""
-    fun = _op(KINDS[kind], KINDS[kind].attention_op)
+    fun = _op(KINDS["f16"], "vlm_attention_op")  # AVX2: any CPU that runs either kind
     d, m = qkv.ne[0] // 3, qkv.n_elements // qkv.ne[0]
-    if qkv.type != ggml.F32 or not qkv.is_contiguous() or qkv.ne[0] != 3 * d or not attention_fits(kind, d, n_heads):
+    if qkv.type != ggml.F32 or not qkv.is_contiguous() or qkv.ne[0] != 3 * d or not attention_fits(d, n_heads):
         raise ValueError(f"the attention op needs contiguous F32 q, k, v of {n_heads} heads, got {qkv.shape}")
     seqs = np.ascontiguousarray(seqs, dtype=np.int32)
     if seqs.ndim != 2 or seqs.shape[1] != 2 or seqs[:, 1].min(initial=1) < 1 or (seqs.sum(axis=1) > m).any():
