@@ -10,6 +10,11 @@ position embeddings are widened to F32 when loaded, a missing logit scale falls 
 100 and missing BPE merges to the CLIP merges vlm ships (only for a vocabulary that is exactly CLIP's);
 each fallback is recorded in ClipConfig.notes for the front end to show.
 
+On x86 CPUs the linear layers and the attention run on vlm's own kernels instead of ggml's mul_mat and
+attention ops (engines/clip_kernels.py, custom ops in the same graphs; BF16 with AVX512_BF16, F16 weights
+in F32 arithmetic with AVX2), 1.3-2.4x faster; texts then run packed one after another, each at its own
+length. Elsewhere, or with VLM_CLIP_WEIGHTS=stored|bf16, the graphs are ggml's alone.
+
 The same forward pass also runs in numpy (engines/clip_numpy.py, the "blas" path, VLM_CLIP_PATH=blas): it
 holds up when other processes share the cores (nothing spins), but on an idle machine ggml's kernels were
 faster, so ggml is the default; GPU devices always keep the graphs (choose_compute_path).
@@ -62,7 +67,7 @@ SMALL_GRAPH_FLOPS = 50e6  # below this a batch runs on one thread (see ClipModel
 # att @ v sums over the T key positions; ggml's CPU mul_mat runs it through tinyBLAS only when T is a
 # multiple of the SIMD width in floats (16 with AVX-512), else one vec_dot call per element, several
 # times slower (a seventh of a ViT-B/32 pass, T = 50): so T is padded with zeros up to a multiple.
-ATTENTION_SUM_MULTIPLE = 16
+ATTENTION_SUM_MULTIPLE = 16  # (ggml's attention ops only, as TEXT_LENGTH_STEP)
 TEXT_LENGTH_STEP = 8  # a text runs at a multiple of this many positions (or context_length), see text_lengths
 # How the towers run: "ggml" graphs on the backend, or "blas" (numpy, engines/clip_numpy.py) on the CPU;
 # "auto" is ggml on both CPU kinds measured idle (README, "Measured here"): an AVX-512 EPYC ran ggml F16 at 25
@@ -380,7 +385,7 @@ def layer_norm(g: Graph, x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
 
 def linear(g: Graph, x: Tensor, w: Tensor | PackedWeight, b: Tensor | None = None, act: str | None = None) -> Tensor:
     """act(x @ w + b); act names a Graph method ("gelu_quick", "gelu_erf"). A packed weight runs through
-    vlm's BF16 kernel, which adds the bias and applies a quick GELU itself."""
+    vlm's kernels, which add the bias and apply a quick GELU themselves."""
     if isinstance(w, PackedWeight):
         fused = act if act in clip_kernels.ACTIVATIONS else None
         y = clip_kernels.linear(g, x, w, b, fused)
@@ -739,30 +744,30 @@ class ClipModel(NativeResource):
         cfg, w = self.config, self._t
         n, d, heads = len(tokens), cfg.text_width, cfg.text_heads
         eot = tokens.argmax(axis=1)
-        if packed:
+        if packed:  # the ids up to each EOT, one text after another, and each token's position in its text
             lengths = eot + 1
             firsts = np.cumsum(lengths) - lengths
-            positions = np.concatenate([np.arange(length, dtype=np.int32) for length in lengths])
-            ids_in, inputs = np.concatenate([row[:length] for row, length in zip(tokens, lengths)]), [positions]
-        else:
+            ids_in = np.concatenate([row[:length] for row, length in zip(tokens, lengths)])
+            extra = np.concatenate([np.arange(length, dtype=np.int32) for length in lengths])
+        else:  # the ids as they are, and a causal mask (row = query, column = key)
             t = tokens.shape[1]
-            firsts = np.arange(n) * t
-            ids_in, inputs = tokens, [np.triu(np.full((t, t), -np.inf, dtype=np.float32), k=1)]  # causal mask
-        m = len(ids_in.reshape(-1))
+            firsts, ids_in = np.arange(n) * t, tokens.reshape(-1)
+            extra = np.triu(np.full((t, t), -np.inf, dtype=np.float32), k=1)
+        m = len(ids_in)
         pool_at = at_least_two((firsts + eot).astype(np.int32))
         with self._new_graph(cfg.text_layers) as g:
             ids = g.input("I32", (m,), "token_ids")
             eot_rows = g.input("I32", (len(pool_at),), "eot_rows")
             if packed:
-                given = [g.input("I32", (m,), "positions")]
-                x = g.add(g.get_rows(w["t.token_embd.weight"], ids), g.get_rows(w["t.position_embd.weight"], given[0]))
+                extra_in = g.input("I32", (m,), "positions")
+                x = g.add(g.get_rows(w["t.token_embd.weight"], ids), g.get_rows(w["t.position_embd.weight"], extra_in))
                 seqs = np.stack([firsts, lengths], axis=1)
                 attend: Attend = lambda h, p: packed_attention(g, h, p, heads, seqs, causal=True)  # noqa: E731
             else:
-                given = [g.input("F32", (t, t), "causal_mask")]  # row = query, column = key
+                extra_in = g.input("F32", (t, t), "causal_mask")
                 x = g.reshape(g.get_rows(w["t.token_embd.weight"], ids), d, t, n)  # [D, T, N]
                 x = g.add(x, g.view_rows(w["t.position_embd.weight"], t))
-                attend = lambda h, p: attention(g, h, p, heads, given[0])  # noqa: E731
+                attend = lambda h, p: attention(g, h, p, heads, extra_in)  # noqa: E731
             for blk in self._blocks["t"]:
                 x = block(g, x, blk, cfg.text_eps, self._act(), attend)
             pooled = g.get_rows(g.reshape(x, d, m), eot_rows)  # [D, N]
@@ -773,7 +778,7 @@ class ClipModel(NativeResource):
             self.backend.allocate(g)
             self._use_threads_for(m, d, cfg.text_ffn, cfg.text_layers)
             self.backend.set(ids, ids_in.astype(np.int32))
-            self.backend.set(given[0], inputs[0])
+            self.backend.set(extra_in, extra)
             self.backend.set(eot_rows, pool_at)
             self.backend.compute(g)
             return self.backend.get(out, 2)[:n]  # (N, projection_dim)
