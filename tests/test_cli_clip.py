@@ -21,9 +21,13 @@ JSON_ROUNDING = 0.5e-7 + 2**-24  # JSON rounds components to 7 decimals (tasks/s
 LONG_TEXT = " ".join(["a very long caption"] * 40)  # well over 77 tokens
 
 
-def vlm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def vlm(*args: str, cwd: Path | None = None, weights: str | None = None) -> subprocess.CompletedProcess:
+    """The CLI; weights sets VLM_CLIP_WEIGHTS ("auto": what a user's machine runs; the suite's default is
+    "stored", the same kernels on every CPU)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLM_HOME": str(cwd or Path.cwd())}
     env.pop("VLM_DEBUG", None)
+    if weights:
+        env["VLM_CLIP_WEIGHTS"] = weights
     return subprocess.run([sys.executable, "-m", "vlmcli", *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=600)
 
@@ -266,6 +270,28 @@ def test_embed_npy_and_sidecar(clip_gguf: Path, images, tmp_path: Path) -> None:
     np.testing.assert_allclose(img, vectors[0], rtol=0, atol=JSON_ROUNDING)
     np.testing.assert_allclose(txt, vectors[2], rtol=0, atol=JSON_ROUNDING)
     assert float(img @ txt) == pytest.approx(float(vectors[0] @ vectors[2]), abs=2 * JSON_ROUNDING * len(img))
+
+
+def test_embed_on_this_cpus_default_kernels(clip_gguf: Path, images, tmp_path: Path) -> None:
+    """What a user runs (VLM_CLIP_WEIGHTS unset: vlm's kernels where the CPU has them): the same rows in a
+    batch as alone, and within BF16's reach of the file's own types (cosine 0.999, issue 14's bar)."""
+    out = tmp_path / "auto.npy"
+    inputs = [str(images["cat"]), str(images["gradient"]), "--text", "a photo of a cat", "--text", "a gradient, blue to red"]
+    r = vlm("embed", *inputs, "--out", str(out), "--model", str(clip_gguf), cwd=tmp_path, weights="auto")
+    assert r.returncode == 0, r.stderr
+    batch = np.load(out)
+    alone = vlm("embed", str(images["gradient"]), "--text", "a gradient, blue to red", "--model", str(clip_gguf),
+                cwd=tmp_path, weights="auto")
+    assert alone.returncode == 0, alone.stderr
+    rows = np.array([rec["embedding"] for rec in _json_lines(alone.stdout)], np.float32)
+    np.testing.assert_allclose(rows, batch[[1, 3]], rtol=0, atol=JSON_ROUNDING)
+    stored = tmp_path / "stored.npy"
+    assert vlm("embed", *inputs, "--out", str(stored), "--model", str(clip_gguf), cwd=tmp_path, weights="stored").returncode == 0
+    assert (np.sum(batch * np.load(stored), axis=1) >= 0.999).all()  # both L2-normalised
+    from vlmcli.engines import clip_kernels
+
+    if clip_kernels.available("f16"):  # vlm's kernels ran, not ggml's: other roundings, other bits
+        assert not np.array_equal(batch, np.load(stored))
 
 
 @pytest.mark.parametrize("args,message", [
