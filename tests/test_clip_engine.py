@@ -91,7 +91,8 @@ def test_weights_type_auto_follows_the_cpu_and_keeps_quantized_files(clip_ggufs,
     from vlmcli.engines import ggml
 
     monkeypatch.setenv("VLM_CLIP_WEIGHTS", "auto")
-    first = ("vlm bf16" if clip_kernels.available("bf16") else "vlm f16" if clip_kernels.available("f16") else
+    first = ("vlm bf16" if clip_kernels.available("bf16") else
+             "vlm f16" if clip_kernels.available("f16") and not ggml.lib().ggml_cpu_has_avx512() else
              "ggml BF16" if ggml.lib().ggml_cpu_has_avx512_bf16() else "ggml F16")
     with ClipModel.load(clip_ggufs["quick_gelu", "F16"]) as m:
         assert (m.matmul_kernel, m.weights_type) == {"vlm bf16": ("vlm bf16", "BF16"), "vlm f16": ("vlm f16", "F16"),

@@ -78,10 +78,10 @@ COMPUTE_PATHS = ("auto", "ggml", "blas")
 COMPUTE_PATH_ENV = "VLM_CLIP_PATH"
 # How F16 / F32 matmul weights are held on the ggml CPU path (VLM_CLIP_WEIGHTS): "stored" as in the file,
 # "bf16" as BF16 ggml tensors for ggml's mul_mat, "vlm-bf16" / "vlm-f16" as BF16 / F16 packed for vlm's own
-# kernels (engines/clip_kernels.py; AVX512_BF16 / AVX2). "auto" takes the first of vlm-bf16, vlm-f16, bf16
-# (where ggml has AVX512_BF16) and stored that this machine runs: BF16 dot products do twice the
-# multiply-adds of F16 or F32 per instruction (cosine to F32 0.99998 on ViT-B/32), and vlm's kernels beat
-# ggml's on both CPU kinds (README, "Measured here"). Quantized files are always kept as they are.
+# kernels (engines/clip_kernels.py; AVX512_BF16 / AVX2). "auto" takes the first this machine runs of
+# vlm-bf16, vlm-f16 (CPUs without AVX-512: see weights_layout), bf16 (where ggml has AVX512_BF16) and stored:
+# BF16 dot products do twice the multiply-adds of F16 or F32 per instruction (cosine to F32 0.99998 on
+# ViT-B/32), and vlm's kernels beat ggml's (README, "Measured here"). Quantized files are kept as they are.
 WEIGHTS_TYPES = ("auto", "stored", "bf16", "vlm-bf16", "vlm-f16")
 LAYOUTS = {"stored": (None, None), "bf16": ("BF16", None), "vlm-bf16": ("BF16", "bf16"), "vlm-f16": ("F16", "f16")}
 WEIGHTS_TYPE_ENV = "VLM_CLIP_WEIGHTS"
@@ -265,8 +265,14 @@ def weights_layout(on_cpu: bool) -> str:
         raise VlmError(f"{WEIGHTS_TYPE_ENV}={choice} needs vlm's {kind} kernels, which this machine lacks "
                        f"(an x86 CPU with {needs}, and a C compiler when vlm was installed)")
     if choice == "auto":
-        return ("vlm-bf16" if clip_kernels.available("bf16") else "vlm-f16" if clip_kernels.available("f16") else
-                "bf16" if ggml.lib().ggml_cpu_has_avx512_bf16() else "stored")
+        if clip_kernels.available("bf16"):
+            return "vlm-bf16"
+        # vlm's f16 kernels are AVX2 (256-bit); on an AVX-512 CPU without BF16 (Intel Skylake to Ice Lake,
+        # whose two 512-bit FMA units double that width) ggml's own AVX-512 kernels have not been measured
+        # against them, so ggml keeps those CPUs
+        if clip_kernels.available("f16") and not ggml.lib().ggml_cpu_has_avx512():
+            return "vlm-f16"
+        return "bf16" if ggml.lib().ggml_cpu_has_avx512_bf16() else "stored"
     return choice
 
 
