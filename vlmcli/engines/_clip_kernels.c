@@ -1,26 +1,28 @@
 /* CLIP's two hot ops for ggml's CPU graphs on x86 CPUs (engines/clip_kernels.py), each a ggml custom
-   op (ggml_custom_4d) on ggml's own threads: a matmul for the linear layers and an F32 attention over
-   packed sequences. Two matmuls: BF16 weights for CPUs with AVX512_BF16, F16 weights with F32
-   arithmetic for AVX2 + FMA + F16C ones (the same outer product, 6 x 16 tiles in 16 registers).
+   op (ggml_custom_4d) run on ggml's own threads.
 
-   The matmul: y[m][n] = act(sum_k x[m][k] w[n][k] + bias[n]): x F32 activations (rounded to BF16 here, as ggml
-   does for a BF16 weight), w BF16 weights packed once at load, y F32.
-
+   The matmul: y[m][n] = act(sum_k x[m][k] w[n][k] + bias[n]), x F32 activations, w packed once at
+   load, y F32, act none or quick GELU. Two of them:
+   - BF16 (AVX512_BF16): x rounded to BF16 as ggml does for a BF16 weight, VDPBF16PS (32
+     multiply-adds) per step, 12 x 32 tiles of y in 24 registers; 380-400 GFLOPS on ViT-B/32's
+     shapes on a 2-core Zen 4 EPYC, where ggml's BF16 mul_mat gave 165-280;
+   - F16 (AVX2, FMA, F16C): w widened to F32 as it is loaded, x and the sums F32, 6 x 16 tiles in
+     12 of the 16 registers.
    Why not ggml's mul_mat: its tinyBLAS kernel computes each output as a dot product along k and
-   reduces every accumulator horizontally at the end, which on ViT-B/32's shapes gave 165-250 GFLOPS
-   on a 2-core AVX-512 EPYC. This kernel is an outer product instead: an MR x 32 tile of y lives in
-   registers while k runs, fed by one broadcast pair of x values and two vectors of packed w per
-   step (VDPBF16PS does 32 multiply-adds at once), 360-380 GFLOPS on the same shapes.
+   reduces every accumulator horizontally at the end. These are outer products: a tile of y stays
+   in registers while k runs, fed per step by a broadcast of x and two vectors of packed w.
 
-   Each y[m][n] is summed in one fixed order (k pairs ascending) whatever the tile, the thread or
-   the number of rows, so a row's result never depends on the rows batched with it.
+   Each y[m][n] is summed in one fixed order (k ascending) whatever the tile, the thread or the
+   number of rows, so a row's result never depends on the rows batched with it.
 
-   Packed w (done in numpy): panels of 32 output columns; in a panel, for each pair of k, the 32
-   columns' two values side by side: [n / 32][k / 2][32][2].
+   Packed w (done in numpy): panels of 32 (BF16) or 16 (F16) output columns; in a panel, for each
+   step of k (a pair of k for BF16), the columns' values side by side: [n / 32][k / 2][32][2] and
+   [n / 16][k][16].
 
-   The attention replaces ggml's eight ops per layer (permutes, copies, two mul_mats, a soft max and
-   the zero padding that lets att @ v use tinyBLAS), which took 12% of a ViT-B/32 batch once the
-   matmuls were fast; it also lets texts of different lengths share a batch, each at its own length. */
+   The attention (AVX2, for both) replaces ggml's eight ops per layer (permutes, copies, two
+   mul_mats, a soft max and the zero padding that lets att @ v use tinyBLAS), which took 12% of a
+   ViT-B/32 batch once the matmuls were fast; it also lets texts of different lengths share a
+   batch, each at its own length. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,7 +36,7 @@ struct vlm_matmul {
     void *(*get_data)(const void *tensor); /* ggml_get_data: tensors get their memory after this op is built */
     const void *x;                         /* ggml tensor, F32, k x m, contiguous */
     const void *bias;                      /* ggml tensor, F32, n; or NULL */
-    const uint16_t *w;                     /* packed BF16 weights */
+    const uint16_t *w;                     /* packed BF16 or F16 weights */
     int64_t m, k, n;
     int32_t act;                           /* 0: none, 1: quick GELU, x * sigmoid(1.702 x) */
 };
