@@ -230,42 +230,93 @@ TARGET2 static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
+TARGET2 static inline float hmax8(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+#define KEY_BLOCK 64 /* keys scored at once: 8 vectors of 8 scores accumulate in registers */
+
+/* Room attend needs for a sequence of len tokens and heads of hd floats. */
+static int64_t attend_scratch(int64_t len, int64_t hd) {
+    const int64_t width = (len + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+    return (hd + 1) * width;
+}
+
+/* out[0 : 8 n] = sum_j p_j inv v_j[0 : 8 n] for j < keys (v_j at v + j * stride), n a constant after
+   inlining so the sums stay in registers */
+TARGET2 static inline __attribute__((always_inline)) void weigh(const int n, const float *v, int64_t stride,
+        const float *p, float inv, int64_t keys, float *out) {
+    __m256 o[8];
+#pragma GCC unroll 8
+    for (int u = 0; u < n; u++) o[u] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < keys; j++) {
+        const __m256 pj = _mm256_set1_ps(p[j] * inv);
+#pragma GCC unroll 8
+        for (int u = 0; u < n; u++) o[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * stride + 8 * u), o[u]);
+    }
+#pragma GCC unroll 8
+    for (int u = 0; u < n; u++) _mm256_storeu_ps(out + 8 * u, o[u]);
+}
+
+TARGET2 static void weigh_values(int n, const float *v, int64_t stride, const float *p, float inv, int64_t keys,
+                                 float *out) {
+    switch (n) {
+#define CASE(r) case r: weigh(r, v, stride, p, inv, keys, out); break;
+    CASE(8) CASE(7) CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) CASE(1)
+#undef CASE
+    }
+}
+
 /* Attention of one head over one sequence, in F32: out_i = sum_j softmax_j(scale q_i . k_j) v_j, with
    j <= i when causal. qkv holds each token's q, k and v side by side (stride 3 d), out each token's
-   heads side by side (stride d); hd is a multiple of 8, at most 128. scores: room for len + 8 floats.
-   The same code serves AVX-512 CPUs: a 512-bit version was no faster (attention is 2% of a pass). */
+   heads side by side (stride d); hd is a multiple of 8, at most 128. The keys are transposed first
+   (scratch: attend_scratch floats), so 8 scores at a time accumulate along hd in one register each,
+   with no horizontal sums. The same code serves AVX-512 CPUs: a 512-bit version was no faster. */
 TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t d, int64_t hd, float scale,
-                            int causal, float *scores) {
-    const int64_t nv = hd / 8;
+                           int causal, float *scratch) {
+    const int64_t nv = hd / 8, width = (len + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+    float *kt = scratch, *scores = scratch + hd * width; /* kt[c][j] = k_j[c], zero past len */
+    for (int64_t c = 0; c < hd; c++) {
+        for (int64_t j = 0; j < len; j++) kt[c * width + j] = qkv[j * 3 * d + d + c];
+        for (int64_t j = len; j < width; j++) kt[c * width + j] = 0.0f;
+    }
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), minus_inf = _mm256_set1_ps(-INFINITY);
     for (int64_t i = 0; i < len; i++) {
         const float *q = qkv + i * 3 * d;
-        const int64_t keys = causal ? i + 1 : len;
-        float top = -INFINITY;
-        for (int64_t j = 0; j < keys; j++) {
-            const float *kj = qkv + j * 3 * d + d;
-            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(kj));
-            for (int64_t v = 1; v < nv; v++)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), _mm256_loadu_ps(kj + 8 * v), acc);
-            scores[j] = hsum8(acc) * scale;
-            top = scores[j] > top ? scores[j] : top;
+        const int64_t keys = causal ? i + 1 : len, scored = (keys + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+        __m256 top = minus_inf;
+        for (int64_t j0 = 0; j0 < scored; j0 += KEY_BLOCK) {
+            __m256 acc[8];
+#pragma GCC unroll 8
+            for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < hd; c++) {
+                const __m256 qc = _mm256_broadcast_ss(q + c);
+                const float *row = kt + c * width + j0;
+#pragma GCC unroll 8
+                for (int v = 0; v < 8; v++) acc[v] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(row + 8 * v), acc[v]);
+            }
+#pragma GCC unroll 8
+            for (int v = 0; v < 8; v++) { /* keys past `keys` (causal, or padding) get -inf */
+                const __m256 live = _mm256_cmp_ps(lane, _mm256_set1_ps((float)(keys - j0 - 8 * v)), _CMP_LT_OQ);
+                const __m256 sv = _mm256_blendv_ps(minus_inf, _mm256_mul_ps(acc[v], _mm256_set1_ps(scale)), live);
+                _mm256_storeu_ps(scores + j0 + 8 * v, sv);
+                top = _mm256_max_ps(top, sv);
+            }
         }
+        const __m256 peak = _mm256_set1_ps(hmax8(top));
         __m256 total = _mm256_setzero_ps();
-        for (int64_t j = 0; j < keys; j += 8) {
-            const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(keys - j)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            __m256 e = exp_neg8(_mm256_sub_ps(_mm256_maskload_ps(scores + j, live), _mm256_set1_ps(top)));
-            e = _mm256_and_ps(e, _mm256_castsi256_ps(live));
-            _mm256_maskstore_ps(scores + j, live, e);
+        for (int64_t j = 0; j < scored; j += 8) {
+            const __m256 sv = _mm256_loadu_ps(scores + j);
+            const __m256 e = _mm256_and_ps(exp_neg8(_mm256_sub_ps(sv, peak)), _mm256_cmp_ps(sv, minus_inf, _CMP_NEQ_OQ));
+            _mm256_storeu_ps(scores + j, e);
             total = _mm256_add_ps(total, e);
         }
         const float inv = 1.0f / hsum8(total);
-        __m256 o[16];
-        for (int64_t v = 0; v < nv; v++) o[v] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < keys; j++) {
-            const float *vj = qkv + j * 3 * d + 2 * d;
-            const __m256 p = _mm256_set1_ps(scores[j] * inv);
-            for (int64_t v = 0; v < nv; v++) o[v] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * v), o[v]);
-        }
-        for (int64_t v = 0; v < nv; v++) _mm256_storeu_ps(out + i * d + 8 * v, o[v]);
+        for (int64_t v0 = 0; v0 < nv; v0 += 8) /* 64 floats of the head at a time, in registers */
+            weigh_values(nv - v0 < 8 ? (int)(nv - v0) : 8, qkv + 2 * d + 8 * v0, 3 * d, scores, inv, keys,
+                         out + i * d + 8 * v0);
     }
 }
 
@@ -293,27 +344,25 @@ static void share_matmul(void *dst, int ith, int nth, const struct vlm_matmul *o
     }
 }
 
-typedef void (*attend_fn)(const float *, float *, int64_t, int64_t, int64_t, float, int, float *);
-
 /* Threads share out the (sequence, head) pairs; each pair reads only its own sequence, so packing
    several sequences together changes nothing. */
-static void share_attention(void *dst, int ith, int nth, const struct vlm_attention *op, attend_fn attend_one) {
-    static __thread float *scores;
-    static __thread int64_t scores_cap;
+static void share_attention(void *dst, int ith, int nth, const struct vlm_attention *op) {
+    static __thread float *scratch;
+    static __thread int64_t scratch_cap;
     const float *qkv = op->get_data(op->qkv);
     float *out = op->get_data(dst);
     const int64_t hd = op->d / op->n_heads, items = op->n_seqs * op->n_heads;
     for (int64_t it = items * ith / nth; it < items * (ith + 1) / nth; it++) {
         const int64_t s = it / op->n_heads, h = it % op->n_heads;
         const int64_t first = op->seqs[2 * s], len = op->seqs[2 * s + 1];
-        if (len + 16 > scores_cap) {
-            free(scores);
-            scores_cap = len + 16;
-            scores = malloc(scores_cap * sizeof(float));
-            if (!scores) abort();
+        if (attend_scratch(len, hd) > scratch_cap) {
+            free(scratch);
+            scratch_cap = attend_scratch(len, hd);
+            scratch = malloc(scratch_cap * sizeof(float));
+            if (!scratch) abort();
         }
-        attend_one(qkv + first * 3 * op->d + h * hd, out + first * op->d + h * hd, len, op->d, hd, op->scale,
-                   op->causal, scores);
+        attend(qkv + first * 3 * op->d + h * hd, out + first * op->d + h * hd, len, op->d, hd, op->scale,
+               op->causal, scratch);
     }
 }
 
@@ -346,7 +395,7 @@ int vlm_clip_kernels_level(void) {
 #endif
 OP(vlm_bf16_matmul_op, share_matmul(dst, ith, nth, userdata, MR, NR, run))
 OP(vlm_f16_matmul_op, share_matmul(dst, ith, nth, userdata, MR2, NR2, run_f16))
-OP(vlm_attention_op, share_attention(dst, ith, nth, userdata, attend))
+OP(vlm_attention_op, share_attention(dst, ith, nth, userdata))
 #undef OP
 
 /* A Python extension only so that setuptools builds and installs it; Python calls it through ctypes. */
