@@ -61,6 +61,7 @@ TOKEN_EMBEDDING_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 # these types is accepted and converted to F32 when the model is loaded (they are small).
 POSITION_EMBEDDING_TYPES = TOKEN_EMBEDDING_TYPES
 LOADED_AS_F32 = ("t.position_embd.weight", "v.position_embd.weight")
+PATCH_EMBEDDING = "v.patch_embd.weight"  # a stride-p convolution, run as a matmul of p * p * 3 -> width
 # CLIP's training clamps the logit scale at 100; files written by clip.cpp's converter do not store it.
 TRAINED_LOGIT_SCALE = 100.0
 SMALL_GRAPH_FLOPS = 50e6  # below this a batch runs on one thread (see ClipModel._use_threads_for)
@@ -580,6 +581,11 @@ class ClipModel(NativeResource):
                     else stored[name].type for name, (_, types) in specs.items()}
             packed = {name for name, (ne, types) in specs.items()
                       if kind and types is MATMUL_TYPES and held[name] == held_type and clip_kernels.fits(kind, *ne)}
+            patch_ne = specs[PATCH_EMBEDDING][0]  # a matmul too (see _encode_image_batch), packed with the others
+            if packed and stored[PATCH_EMBEDDING].type in ("F16", "F32") and clip_kernels.fits(
+                    kind, math.prod(patch_ne[:-1]), patch_ne[-1]):
+                held[PATCH_EMBEDDING] = held_type
+                packed.add(PATCH_EMBEDDING)
             qkv_biases = _fused_qkv_biases(config, packed, kind)  # towers whose attention runs on vlm's kernels
             tensors: dict[str, Weight] = {name: weights.new_tensor(held[name], ne, name)
                                           for name, (ne, _) in specs.items() if name not in packed}
@@ -592,8 +598,8 @@ class ClipModel(NativeResource):
                 if held[name] != st.type:
                     raw = (_to_f32(raw, st.type, ne) if held[name] == "F32" else _to_bf16(raw, st.type)
                            if held[name] == "BF16" else _to_f16(raw, st.type, name, p))
-                if name in packed:  # ggml shape [k, n]: n rows of k values
-                    tensors[name] = clip_kernels.pack(raw.view(np.uint16).reshape(ne[1], ne[0]), kind)
+                if name in packed:  # ggml shape [k, n] ([p, p, 3, n] for the patches): n rows of k values
+                    tensors[name] = clip_kernels.pack(raw.view(np.uint16).reshape(ne[-1], -1), kind)
                     size += tensors[name].data.nbytes
                 else:
                     backend.set(tensors[name], raw)  # copies from the mapped file
@@ -684,7 +690,11 @@ class ClipModel(NativeResource):
             patches_in = g.input("F32", (3 * p * p, grid * grid, n), "patches")
             class_rows = g.input("I32", (len(pool_at),), "class_rows")
 
-            x = g.mul_mat(g.reshape(w["v.patch_embd.weight"], 3 * p * p, d), patches_in)  # [D, P, N]
+            patch_w = w[PATCH_EMBEDDING]
+            if isinstance(patch_w, PackedWeight):
+                x = linear(g, patches_in, patch_w)  # [D, P, N]
+            else:
+                x = g.mul_mat(g.reshape(patch_w, 3 * p * p, d), patches_in)
             x = g.concat(g.repeat(w["v.class_embd"], d, 1, n), x, 1)  # class token first: [D, T, N]
             x = g.add(x, w["v.position_embd.weight"])
             x = layer_norm(g, x, w["v.pre_ln.weight"], w["v.pre_ln.bias"], cfg.vision_eps)
