@@ -210,11 +210,14 @@ TARGET2 static void tile2_rows(int mr, const float *a, int64_t lda, const uint16
 
 /* Rows [m0, m1) and panels [p0, p1) of y, in blocks of rows that stay in L2 (256 KB of x) while
    every panel of the thread passes over them. */
+static int64_t f16_block(int64_t k) {
+    const int64_t rows = (256 * 1024 / (4 * k)) / MR2 * MR2;
+    return rows < MR2 ? MR2 : rows;
+}
+
 TARGET2 static void run_f16(const struct vlm_matmul *op, const float *x, const float *bias, float *y,
                             int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-    const int64_t k = op->k, n = op->n;
-    int64_t mb_rows = (256 * 1024 / (4 * k)) / MR2 * MR2;
-    if (mb_rows < MR2) mb_rows = MR2;
+    const int64_t k = op->k, n = op->n, mb_rows = f16_block(k);
     for (int64_t mb = m0; mb < m1; mb += mb_rows) {
         const int64_t rows = m1 - mb < mb_rows ? m1 - mb : mb_rows;
         for (int64_t p = p0; p < p1; p++)
@@ -325,16 +328,17 @@ TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t d,
 typedef void (*rows_fn)(const struct vlm_matmul *, const float *, const float *, float *, int64_t, int64_t,
                         int64_t, int64_t);
 
-/* Thread ith of nth computes its share of y = dst. Threads share out the panels, so each reads only
-   its part of w (a batch of one image reads all of w per row block: sharing rows would make every
-   thread read all of it); a w of too few panels for that shares out the rows instead. */
+/* Thread ith of nth computes its share of y = dst. w passes over the rows one block (`block` rows) at
+   a time, so with a block or more of rows per thread, sharing the rows costs no extra reading of w,
+   and each thread prepares (rounds to BF16) only its own rows. With fewer (a batch of one image),
+   threads share out the panels instead, each reading only its part of w. */
 static void share_matmul(void *dst, int ith, int nth, const struct vlm_matmul *op, int64_t mr, int64_t nr,
-                         rows_fn run_rows) {
+                         int64_t block, rows_fn run_rows) {
     const float *x = op->get_data(op->x);
     const float *bias = op->bias ? op->get_data(op->bias) : NULL;
     float *y = op->get_data(dst);
     const int64_t tiles = (op->m + mr - 1) / mr, panels = op->n / nr;
-    if (panels >= 2 * nth || tiles < 2 * nth) {
+    if (op->m < nth * block && panels >= nth) {
         int64_t p0 = panels * ith / nth, p1 = panels * (ith + 1) / nth;
         if (p0 < p1) run_rows(op, x, bias, y, 0, op->m, p0, p1);
     } else {
@@ -393,8 +397,8 @@ int vlm_clip_kernels_level(void) {
 #else
 #define OP(name, body) void name(void *dst, int ith, int nth, void *userdata) { (void)dst; (void)ith; (void)nth; (void)userdata; abort(); }
 #endif
-OP(vlm_bf16_matmul_op, share_matmul(dst, ith, nth, userdata, MR, NR, run))
-OP(vlm_f16_matmul_op, share_matmul(dst, ith, nth, userdata, MR2, NR2, run_f16))
+OP(vlm_bf16_matmul_op, share_matmul(dst, ith, nth, userdata, MR, NR, MB, run))
+OP(vlm_f16_matmul_op, share_matmul(dst, ith, nth, userdata, MR2, NR2, f16_block(((const struct vlm_matmul *)userdata)->k), run_f16))
 OP(vlm_attention_op, share_attention(dst, ith, nth, userdata))
 #undef OP
 
