@@ -55,7 +55,7 @@ struct vlm_attention {
 #define HAVE_KERNEL 1
 #include <immintrin.h>
 
-/* --- quick GELU for both matmuls (AVX2 + FMA + F16C, which every AVX512_BF16 CPU also has) -------- */
+/* --- bias and quick GELU for both matmuls (AVX2 + FMA + F16C, which every AVX512_BF16 CPU has) ------ */
 
 #define TARGET2 __attribute__((target("avx2,fma,f16c")))
 #define NR2 16  /* two vectors of 8 floats */
@@ -89,20 +89,24 @@ TARGET2 static inline __m256 quick_gelu8(__m256 y) {
     return _mm256_mul_ps(y, _mm256_blendv_ps(s, _mm256_sub_ps(one, s), pos));
 }
 
+/* The end of a tile for both matmuls: rows of y (mr rows of n floats, stride ldy) get the bias and
+   act in place, while they are still in L1. */
+TARGET2 static void finish_rows(float *y, int64_t ldy, int mr, int n, const float *bias, int act) {
+    if (!bias && act != 1) return;
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < n; j += 8) {
+            __m256 v = _mm256_loadu_ps(y + i * ldy + j);
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+            _mm256_storeu_ps(y + i * ldy + j, act == 1 ? quick_gelu8(v) : v);
+        }
+}
+
 /* --- AVX512_BF16: the BF16 matmul ------------------------------------------------------------ */
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
 #define NR 32   /* output columns per tile: two vectors of 16 floats */
 #define MR 12   /* rows per tile: 24 accumulators, 2 weight vectors and a broadcast fit 32 registers */
 #define MB 96   /* rows rounded to BF16 at a time (at most 576 KB for k = 3072: stays in L2) */
-
-TARGET static inline __m512 finish(__m512 y, __m512 bias, int act) {
-    y = _mm512_add_ps(y, bias);
-    if (act == 1) /* in two halves: quick GELU runs once per output, nothing to gain from one wide version */
-        y = _mm512_insertf32x8(_mm512_castps256_ps512(quick_gelu8(_mm512_castps512_ps256(y))),
-                               quick_gelu8(_mm512_extractf32x8_ps(y, 1)), 1);
-    return y;
-}
 
 /* One MR' x 32 tile, MR' = mr a constant after inlining (tile_rows' switch) so the accumulators stay
    in registers. a: mr rows of k BF16 values (stride lda), panel: one packed panel of w. */
@@ -123,13 +127,12 @@ TARGET static inline __attribute__((always_inline)) void tile(const int mr, cons
             acc[i][1] = _mm512_dpbf16_ps(acc[i][1], x, w1);
         }
     }
-    __m512 b0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-    __m512 b1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
 #pragma GCC unroll 16
     for (int i = 0; i < mr; i++) {
-        _mm512_storeu_ps(y + i * ldy, finish(acc[i][0], b0, act));
-        _mm512_storeu_ps(y + i * ldy + 16, finish(acc[i][1], b1, act));
+        _mm512_storeu_ps(y + i * ldy, acc[i][0]);
+        _mm512_storeu_ps(y + i * ldy + 16, acc[i][1]);
     }
+    finish_rows(y, ldy, mr, NR, bias, act);
 }
 
 TARGET static void tile_rows(int mr, const uint16_t *a, int64_t lda, const uint16_t *panel, int64_t k, float *y,
@@ -169,11 +172,6 @@ TARGET static void run(const struct vlm_matmul *op, const float *x, const float 
 
 /* --- AVX2: the F16 matmul (F32 arithmetic) and the attention (for both kinds) ------------------------ */
 
-TARGET2 static inline __m256 finish8(__m256 y, __m256 bias, int act) {
-    y = _mm256_add_ps(y, bias);
-    return act == 1 ? quick_gelu8(y) : y;
-}
-
 /* One mr x 16 tile: x rows as they are (F32), w converted from F16 as it is loaded. */
 TARGET2 static inline __attribute__((always_inline)) void tile2(const int mr, const float *a, int64_t lda,
         const uint16_t *panel, int64_t k, float *y, int64_t ldy, const float *bias, int act) {
@@ -190,13 +188,12 @@ TARGET2 static inline __attribute__((always_inline)) void tile2(const int mr, co
             acc[i][1] = _mm256_fmadd_ps(x, w1, acc[i][1]);
         }
     }
-    __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-    __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
-        _mm256_storeu_ps(y + i * ldy, finish8(acc[i][0], b0, act));
-        _mm256_storeu_ps(y + i * ldy + 8, finish8(acc[i][1], b1, act));
+        _mm256_storeu_ps(y + i * ldy, acc[i][0]);
+        _mm256_storeu_ps(y + i * ldy + 8, acc[i][1]);
     }
+    finish_rows(y, ldy, mr, NR2, bias, act);
 }
 
 TARGET2 static void tile2_rows(int mr, const float *a, int64_t lda, const uint16_t *panel, int64_t k, float *y,

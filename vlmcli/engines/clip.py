@@ -517,9 +517,9 @@ class ClipModel(NativeResource):
         t = self._t
         return _Block(
             ln1_w=t[f"{b}.ln1.weight"], ln1_b=t[f"{b}.ln1.bias"],
-            q_w=t.get(f"{b}.attn_q.weight"), q_b=t[f"{b}.attn_q.bias"],
-            k_w=t.get(f"{b}.attn_k.weight"), k_b=t[f"{b}.attn_k.bias"],
-            v_w=t.get(f"{b}.attn_v.weight"), v_b=t[f"{b}.attn_v.bias"],
+            q_w=t.get(f"{b}.attn_q.weight"), q_b=t.get(f"{b}.attn_q.bias"),  # type: ignore[arg-type]
+            k_w=t.get(f"{b}.attn_k.weight"), k_b=t.get(f"{b}.attn_k.bias"),  # type: ignore[arg-type]
+            v_w=t.get(f"{b}.attn_v.weight"), v_b=t.get(f"{b}.attn_v.bias"),  # type: ignore[arg-type]
             qkv_w=t.get(f"{b}.attn_qkv.weight"), qkv_b=t.get(f"{b}.attn_qkv.bias"),  # type: ignore[arg-type]
             out_w=t[f"{b}.attn_out.weight"], out_b=t[f"{b}.attn_out.bias"],
             ln2_w=t[f"{b}.ln2.weight"], ln2_b=t[f"{b}.ln2.bias"],
@@ -587,12 +587,15 @@ class ClipModel(NativeResource):
                 held[PATCH_EMBEDDING] = held_type
                 packed.add(PATCH_EMBEDDING)
             qkv_biases = _fused_qkv_biases(config, packed, kind)  # towers whose attention runs on vlm's kernels
+            fused = {f"{b.removesuffix('.attn_qkv.bias')}.attn_{x}.bias" for b in qkv_biases for x in "qkv"}
             tensors: dict[str, Weight] = {name: weights.new_tensor(held[name], ne, name)
-                                          for name, (ne, _) in specs.items() if name not in packed}
+                                          for name, (ne, _) in specs.items() if name not in packed | fused}
             tensors.update({name: weights.new_tensor("F32", (n,), name) for name, n in qkv_biases.items()})
             size = backend.alloc_tensors(weights)
             data = np.memmap(p, dtype=np.uint8, mode="r")
             for name, (ne, _) in specs.items():
+                if name in fused:  # read once, into the block's q, k, v bias below
+                    continue
                 st = stored[name]
                 raw = data[st.offset : st.offset + st.n_bytes]
                 if held[name] != st.type:

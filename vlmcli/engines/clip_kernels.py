@@ -76,13 +76,16 @@ def available(kind: str) -> bool:
     return _library()[1] >= KINDS[kind].level
 
 
-def _op(kind: Kind, name: str) -> int:
-    lib, level = _library()
-    if lib is None or level < kind.level:
-        raise RuntimeError(f"vlm's {kind.name} CLIP kernels are not available on this machine")
+@functools.cache
+def _op(name: str, level: int) -> int:
+    """The address of a C op that needs the CPU to run kernels of `level`."""
+    lib, have = _library()
+    if lib is None or have < level:
+        raise RuntimeError(f"vlm's CLIP kernel {name} is not available on this machine")
     return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value  # type: ignore[return-value]
 
 
+@functools.cache
 def _get_data() -> int:
     return ctypes.cast(ggml.lib().ggml_get_data, ctypes.c_void_p).value  # type: ignore[return-value]
 
@@ -133,7 +136,7 @@ def unpack(w: PackedWeight) -> np.ndarray:
 
 def linear(g: Graph, x: Tensor, w: PackedWeight, bias: Tensor | None = None, act: str | None = None) -> Tensor:
     """act(x @ w.T + bias) for x [k, ...] F32 contiguous -> [n, ...], on every thread of the graph."""
-    fun = _op(KINDS[w.kind], KINDS[w.kind].matmul_op)
+    fun = _op(KINDS[w.kind].matmul_op, KINDS[w.kind].level)
     if x.type != ggml.F32 or not x.is_contiguous() or x.ne[0] != w.k:
         raise ValueError(f"the {w.kind} kernel needs contiguous F32 rows of {w.k}, got {x.shape}")
     if bias is not None and (bias.type != ggml.F32 or bias.n_elements != w.n or not bias.is_contiguous()):
@@ -154,7 +157,7 @@ def attention(g: Graph, qkv: Tensor, seqs: np.ndarray, n_heads: int, causal: boo
     """Multi-head attention over sequences packed one after another: qkv [3 d, m] F32 holds each token's
     q, k and v (as one linear layer of 3 d outputs gives them); seqs (n, 2) int32 rows of (first token,
     length) tile the m tokens. Returns [d, m], each token's heads side by side (for the out projection)."""
-    fun = _op(KINDS["f16"], "vlm_attention_op")  # AVX2: any CPU that runs either kind
+    fun = _op("vlm_attention_op", KINDS["f16"].level)  # AVX2: any CPU that runs either kind
     d, m = qkv.ne[0] // 3, qkv.n_elements // qkv.ne[0]
     if qkv.type != ggml.F32 or not qkv.is_contiguous() or qkv.ne[0] != 3 * d or not attention_fits(d, n_heads):
         raise ValueError(f"the attention op needs contiguous F32 q, k, v of {n_heads} heads, got {qkv.shape}")
