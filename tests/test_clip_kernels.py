@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from vlmcli.convert.safetensors_io import bf16_bits_to_float32 as from_bits
+from vlmcli.convert.safetensors_io import float32_to_bf16_bits as bf16_bits  # nearest, ties to even: as the kernel
 from vlmcli.engines import clip_kernels
 from vlmcli.engines.clip_kernels import pack, unpack
 from vlmcli.engines.ggml import Backend, Graph
@@ -18,16 +20,6 @@ from vlmcli.engines.ggml import Backend, Graph
 KINDS = [pytest.param("bf16", marks=pytest.mark.skipif(not clip_kernels.available("bf16"), reason="needs AVX512_BF16")),
          pytest.param("f16", marks=pytest.mark.skipif(not clip_kernels.available("f16"), reason="needs AVX2, FMA, F16C"))]
 needs_attention = pytest.mark.skipif(not clip_kernels.available("f16"), reason="the attention op needs AVX2")
-
-
-def bf16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 -> BF16 bits, rounded to nearest even (finite values)."""
-    u = np.asarray(a, np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def from_bits(b: np.ndarray) -> np.ndarray:
-    return (b.astype(np.uint32) << 16).view(np.float32)
 
 
 def held(a: np.ndarray, kind: str) -> np.ndarray:
