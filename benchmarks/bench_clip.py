@@ -230,7 +230,7 @@ def main() -> int:
                              {"VLM_CLIP_WEIGHTS": "stored"}))
             if bf16_cpu and q in ("F16", "F32"):  # held as BF16 for ggml's own mul_mat
                 variants.append((f"vlm ggml {q} held as BF16", "ggml", models[q], {"VLM_CLIP_WEIGHTS": "bf16"}))
-            for kind in ("bf16", "f16"):  # vlm's own kernels where the CPU runs them (the default: the first)
+            for kind in ("bf16", "f16", "i16"):  # vlm's own kernels where the CPU runs them (the default: the first)
                 if clip_kernels.available(kind) and q in ("F16", "F32"):
                     variants.append((f"vlm {q} on vlm's {kind} kernels", "ggml", models[q], {"VLM_CLIP_WEIGHTS": f"vlm-{kind}"}))
             if args.skip_blas:

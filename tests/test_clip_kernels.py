@@ -1,9 +1,10 @@
 """vlm's CLIP kernels (engines/clip_kernels.py, _clip_kernels.c) in real ggml graphs, against float64.
 
-Two kinds: bf16 (x86 CPUs with AVX512_BF16) and f16 (AVX2, FMA, F16C); a test of a kind the CPU lacks
-skips (the packing runs anywhere). Tolerances come from the formats: inputs are compared after rounding
-them exactly as the kernel does (bf16: x and w to BF16; f16: w to F16, x stays F32), so what is left is
-float32 accumulation over k terms, at most k * 2^-24 of the sum of |x w|.
+Three kinds: bf16 (x86 CPUs with AVX512_BF16), f16 and i16 (AVX2, FMA, F16C); a test of a kind the CPU
+lacks skips (the packing runs anywhere). Tolerances come from the formats: inputs are compared after
+rounding them exactly as the kernel does (bf16: x and w to BF16; f16: w to F16, x stays F32; i16: x and w
+to 16-bit integers with a scale per 128 of k), so what is left is float32 accumulation: at most k * 2^-24
+of the sum of |x w| (i16: its integer sums are exact, then (blocks + 4) roundings of float32).
 """
 
 from __future__ import annotations
@@ -18,17 +19,23 @@ from vlmcli.engines.clip_kernels import pack, unpack
 from vlmcli.engines.ggml import Backend, Graph
 
 KINDS = [pytest.param("bf16", marks=pytest.mark.skipif(not clip_kernels.available("bf16"), reason="needs AVX512_BF16")),
-         pytest.param("f16", marks=pytest.mark.skipif(not clip_kernels.available("f16"), reason="needs AVX2, FMA, F16C"))]
+         pytest.param("f16", marks=pytest.mark.skipif(not clip_kernels.available("f16"), reason="needs AVX2, FMA, F16C")),
+         pytest.param("i16", marks=pytest.mark.skipif(not clip_kernels.available("i16"), reason="needs AVX2, FMA, F16C"))]
 needs_attention = pytest.mark.skipif(not clip_kernels.available("f16"), reason="the attention op needs AVX2")
 
 
 def held(a: np.ndarray, kind: str) -> np.ndarray:
-    """A weight's bits as the kernel holds them."""
+    """What pack takes for a weight: its bits as the kernel holds them (i16: its float32 values)."""
+    if kind == "i16":
+        return np.asarray(a, np.float32)
     return bf16_bits(a) if kind == "bf16" else np.asarray(a, np.float32).astype(np.float16).view(np.uint16)
 
 
 def as_kernel_sees(a: np.ndarray, kind: str, weight: bool) -> np.ndarray:
-    """float64 values of a after the kernel's rounding (bf16 rounds x too, f16 only w)."""
+    """float64 values of a after the kernel's rounding (bf16 and i16 round x too, f16 only w)."""
+    if kind == "i16":  # rows of x are quantized as w's columns are (the same rounding, per call)
+        q, scales = clip_kernels.quantize_i16(np.asarray(a, np.float32))
+        return q * np.repeat(scales.astype(np.float64), clip_kernels.I16_BLOCK, axis=1)[:, :a.shape[1]]
     if kind == "bf16":
         return from_bits(bf16_bits(a)).astype(np.float64)
     return np.asarray(a, np.float32).astype(np.float16 if weight else np.float32).astype(np.float64)
@@ -48,6 +55,18 @@ def test_packing_round_trips_and_puts_what_a_step_reads_side_by_side():
         pack(rows[:40], "bf16")  # 40 outputs: not whole panels of 32
     with pytest.raises(ValueError, match="does not fit"):
         pack(rows[:40], "f16")
+    values = np.random.default_rng(1).standard_normal((32, 300)).astype(np.float32)  # k = 300: blocks 128, 128, 44
+    values[3, 130] = -9.0  # the largest of column 3's second block: it becomes -4095
+    i = pack(values, "i16")  # a pair of k for 16 outputs, and a scale per output and block
+    q, scales = clip_kernels.quantize_i16(values)
+    assert i.data.shape == (2, 150, 16, 2) and i.data.dtype == np.int16 and i.scales.shape == (2, 3, 16)
+    assert i.data[0, 65, 3].tolist() == [q[3, 130], q[3, 131]] and q[3, 130] == -clip_kernels.I16_MAX
+    assert i.scales[0, 1, 3] == np.float32(9.0) / np.float32(clip_kernels.I16_MAX) and np.abs(q).max() <= 4095
+    assert np.array_equal(unpack(i), q) and np.array_equal(unpack(i.stacked(i)), np.concatenate([q, q]))
+    assert np.array_equal(i.stacked(i).scales, np.concatenate([i.scales, i.scales]))
+    assert np.abs(q * np.repeat(scales, 128, axis=1)[:, :300] - values).max() <= 0.5 * scales.max() * (1 + 1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        pack(values[:, :299], "i16")  # k in pairs
 
 
 class Linear:
@@ -81,17 +100,20 @@ def reference(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, act: str | 
     """(float64 result on the inputs as the kernel rounds them, its accumulation error bound)."""
     xb, wb = as_kernel_sees(x, kind, weight=False), as_kernel_sees(w, kind, weight=True)
     y = xb @ wb.T + (bias if bias is not None else 0)
-    bound = x.shape[1] * 2.0**-24 * (np.abs(xb) @ np.abs(wb).T) + 2.0**-24 * np.abs(y)
+    terms = -(-x.shape[1] // clip_kernels.I16_BLOCK) + 4 if kind == "i16" else x.shape[1]
+    bound = terms * 2.0**-24 * (np.abs(xb) @ np.abs(wb).T) + 2.0**-24 * np.abs(y)
     if act == "gelu_quick":  # the derivative of x * sigmoid(1.702 x) stays below 1.1 in magnitude
         y, bound = y * 0.5 * (1 + np.tanh(0.851 * y)), 1.1 * bound + 4 * 2.0**-24 * np.abs(y)  # sigmoid by tanh
     return y, bound
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("k,n,rows", [(768, 96, 200), (64, 32, 1), (512, 64, 13), (3072, 32, 50)])
+@pytest.mark.parametrize("k,n,rows", [(768, 96, 200), (64, 32, 1), (512, 64, 13), (3072, 32, 50), (588, 32, 9)])
 @pytest.mark.parametrize("act", [None, "gelu_quick"])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_matches_float64_within_float32_accumulation(k, n, rows, act, n_threads, kind):
+    if not clip_kernels.fits(kind, k, n):
+        pytest.skip(f"k = {k} (the patches of a 14 px ViT) is not whole steps of the {kind} kernel")
     rng = np.random.default_rng(k + n + rows)
     x = rng.standard_normal((rows, k)).astype(np.float32) * 2
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)

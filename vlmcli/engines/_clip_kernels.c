@@ -39,6 +39,7 @@ struct vlm_matmul {
     const uint16_t *w;                     /* packed BF16 or F16 weights */
     int64_t m, k, n;
     int32_t act;                           /* 0: none, 1: quick GELU, x * sigmoid(1.702 x) */
+    const float *w_scales;                 /* I16 only: a scale per column and block of KB k, [n / 16][blocks][16] */
 };
 
 /* Mirrored by clip_kernels.AttentionOp (ctypes). */
@@ -236,6 +237,134 @@ TARGET2 static inline float hmax8(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
 
+/* --- AVX2: the I16 matmul (integer multiply-adds) ----------------------------------------------- */
+
+/* x and w as 16-bit integers, each with a scale per KB values of k (a row of x, a column of w), summed
+   exactly in 32 bits by VPMADDWD (16 multiply-adds per instruction against 8 for an F32 FMA) and
+   scaled into F32 at the end of each block. |q| <= 4095 on both sides keeps a block's 64 pair-steps
+   below 2^31 (2 x 4095^2 x 64); each value is rounded to 1 / 8190 of its block's largest. */
+#define KB 128
+#define QMAX 4095.0f
+
+/* One mr x 16 tile over k: a mr rows of quantized x (stride lda) with their block scales (stride
+   blocks), panel one packed panel of w ([k / 2][16][2]) with its scales ([blocks][16]). */
+TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr, const int16_t *a, int64_t lda,
+        const float *a_scales, const int16_t *panel, const float *w_scales, int64_t k, float *y, int64_t ldy,
+        const float *bias, int act) {
+    const int64_t blocks = (k + KB - 1) / KB;
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t p0 = b * (KB / 2), p1 = (b + 1) * KB < k ? (b + 1) * (KB / 2) : k / 2;
+        __m256i acc[MR2][2];
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+        if (mr == MR2) { /* all 16 registers: written out, or the compiler hoists the broadcasts and spills */
+            for (int64_t p = p0; p < p1; p++) {
+                const __m256i w0 = _mm256_loadu_si256((const __m256i *)(panel + p * 2 * NR2));
+                const __m256i w1 = _mm256_loadu_si256((const __m256i *)(panel + p * 2 * NR2 + NR2));
+                __m256i x, t;
+#define ROW(addr, i) "vpbroadcastd " addr ", %[x]\n\t" \
+                     "vpmaddwd %[w0], %[x], %[t]\n\tvpaddd %[t], %[c" #i "0], %[c" #i "0]\n\t" \
+                     "vpmaddwd %[w1], %[x], %[t]\n\tvpaddd %[t], %[c" #i "1], %[c" #i "1]\n\t"
+#define THREE_ROWS(r, rows)                                                                                    \
+                __asm__(ROW("(%[a])", 0) ROW("(%[a],%[ld],1)", 1) ROW("(%[a],%[ld],2)", 2)                     \
+                        : [c00] "+x"(acc[r][0]), [c01] "+x"(acc[r][1]), [c10] "+x"(acc[r + 1][0]),           \
+                          [c11] "+x"(acc[r + 1][1]), [c20] "+x"(acc[r + 2][0]), [c21] "+x"(acc[r + 2][1]),   \
+                          [x] "=&x"(x), [t] "=&x"(t)                                                         \
+                        : [w0] "x"(w0), [w1] "x"(w1), [a] "r"(rows), [ld] "r"(lda * 2) : "memory")
+                THREE_ROWS(0, a + 2 * p);
+                THREE_ROWS(3, a + 3 * lda + 2 * p);
+#undef THREE_ROWS
+#undef ROW
+            }
+        } else for (int64_t p = p0; p < p1; p++) {
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(panel + p * 2 * NR2));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(panel + p * 2 * NR2 + NR2));
+#pragma GCC unroll 8
+            for (int i = 0; i < mr; i++) {
+                const __m256i x = _mm256_castps_si256(_mm256_broadcast_ss((const float *)(a + i * lda + 2 * p)));
+                acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(x, w0));
+                acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(x, w1));
+            }
+        }
+        const __m256 s0 = _mm256_loadu_ps(w_scales + b * NR2), s1 = _mm256_loadu_ps(w_scales + b * NR2 + 8);
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            const __m256 sa = _mm256_set1_ps(a_scales[i * blocks + b]);
+            const __m256 c0 = _mm256_cvtepi32_ps(acc[i][0]), c1 = _mm256_cvtepi32_ps(acc[i][1]);
+            const __m256 t0 = _mm256_mul_ps(s0, sa), t1 = _mm256_mul_ps(s1, sa);
+            /* fused explicitly: left to the compiler, some tiles' copies would fuse and others not */
+            const __m256 v0 = b ? _mm256_fmadd_ps(c0, t0, _mm256_loadu_ps(y + i * ldy)) : _mm256_mul_ps(c0, t0);
+            const __m256 v1 = b ? _mm256_fmadd_ps(c1, t1, _mm256_loadu_ps(y + i * ldy + 8)) : _mm256_mul_ps(c1, t1);
+            _mm256_storeu_ps(y + i * ldy, v0);
+            _mm256_storeu_ps(y + i * ldy + 8, v1);
+        }
+    }
+    finish_rows(y, ldy, mr, NR2, bias, act);
+}
+
+TARGET2 static void tile_i16_rows(int mr, const int16_t *a, int64_t lda, const float *a_scales, const int16_t *panel,
+                                  const float *w_scales, int64_t k, float *y, int64_t ldy, const float *bias, int act) {
+    switch (mr) {
+#define CASE(r) case r: tile_i16(r, a, lda, a_scales, panel, w_scales, k, y, ldy, bias, act); break;
+    CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) CASE(1)
+#undef CASE
+    }
+}
+
+/* A row of k floats -> 16-bit integers and a scale per block of KB (the block's largest |x| / QMAX),
+   rounded to nearest even. */
+TARGET2 static void quantize_row(const float *x, int64_t k, int16_t *q, float *scales) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t b0 = 0, b = 0; b0 < k; b0 += KB, b++) {
+        const int64_t len = k - b0 < KB ? k - b0 : KB, vec = len / 16 * 16;
+        __m256 top = _mm256_setzero_ps();
+        for (int64_t j = 0; j < vec; j += 8) top = _mm256_max_ps(top, _mm256_and_ps(abs_mask, _mm256_loadu_ps(x + b0 + j)));
+        float peak = hmax8(top);
+        for (int64_t j = vec; j < len; j++) peak = fabsf(x[b0 + j]) > peak ? fabsf(x[b0 + j]) : peak;
+        const float inv = peak > 0.0f ? QMAX / peak : 0.0f;
+        scales[b] = peak / QMAX;
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (int64_t j = 0; j < vec; j += 16) {
+            const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + b0 + j), vinv));
+            const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + b0 + j + 8), vinv));
+            _mm256_storeu_si256((__m256i *)(q + b0 + j), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xd8));
+        }
+        for (int64_t j = vec; j < len; j++) q[b0 + j] = (int16_t)lrintf(x[b0 + j] * inv);
+    }
+}
+
+static int64_t i16_block(int64_t k) { /* rows of quantized x that stay in L2 (256 KB) */
+    const int64_t rows = (256 * 1024 / (2 * k)) / MR2 * MR2;
+    return rows < MR2 ? MR2 : rows;
+}
+
+TARGET2 static void run_i16(const struct vlm_matmul *op, const float *x, const float *bias, float *y,
+                            int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    static __thread int16_t *rows_q; /* one per ggml thread, kept for the next op */
+    static __thread float *rows_scales;
+    static __thread size_t rows_cap, scales_cap;
+    const int64_t k = op->k, n = op->n, mb_rows = i16_block(k), blocks = (k + KB - 1) / KB;
+    const size_t need = (size_t)mb_rows * k * sizeof(int16_t), need_scales = (size_t)mb_rows * blocks * sizeof(float);
+    if (need > rows_cap || need_scales > scales_cap) {
+        free(rows_q);
+        free(rows_scales);
+        rows_q = aligned_alloc(64, (need + 63) / 64 * 64);
+        rows_scales = malloc(need_scales);
+        if (!rows_q || !rows_scales) abort(); /* as ggml does when it cannot allocate */
+        rows_cap = need, scales_cap = need_scales;
+    }
+    const int16_t *w = (const int16_t *)op->w;
+    for (int64_t mb = m0; mb < m1; mb += mb_rows) {
+        const int64_t rows = m1 - mb < mb_rows ? m1 - mb : mb_rows;
+        for (int64_t r = 0; r < rows; r++) quantize_row(x + (mb + r) * k, k, rows_q + r * k, rows_scales + r * blocks);
+        for (int64_t p = p0; p < p1; p++)
+            for (int64_t r = 0; r < rows; r += MR2)
+                tile_i16_rows(rows - r < MR2 ? (int)(rows - r) : MR2, rows_q + r * k, k, rows_scales + r * blocks,
+                              w + p * NR2 * k, op->w_scales + p * blocks * NR2, k, y + (mb + r) * n + p * NR2, n,
+                              bias ? bias + p * NR2 : NULL, op->act);
+    }
+}
+
 #define KEY_BLOCK 64 /* keys scored at once: 8 vectors of 8 scores accumulate in registers */
 
 /* Room attend needs for a sequence of len tokens and heads of hd floats. */
@@ -396,6 +525,7 @@ int vlm_clip_kernels_level(void) {
 #endif
 OP(vlm_bf16_matmul_op, share_matmul(dst, ith, nth, userdata, MR, NR, MB, run))
 OP(vlm_f16_matmul_op, share_matmul(dst, ith, nth, userdata, MR2, NR2, f16_block(((const struct vlm_matmul *)userdata)->k), run_f16))
+OP(vlm_i16_matmul_op, share_matmul(dst, ith, nth, userdata, MR2, NR2, i16_block(((const struct vlm_matmul *)userdata)->k), run_i16))
 OP(vlm_attention_op, share_attention(dst, ith, nth, userdata))
 #undef OP
 

@@ -83,8 +83,10 @@ COMPUTE_PATH_ENV = "VLM_CLIP_PATH"
 # vlm-bf16, vlm-f16 (CPUs without AVX-512: see weights_layout), bf16 (where ggml has AVX512_BF16) and stored:
 # BF16 dot products do twice the multiply-adds of F16 or F32 per instruction (cosine to F32 0.99998 on
 # ViT-B/32), and vlm's kernels beat ggml's (README, "Measured here"). Quantized files are kept as they are.
-WEIGHTS_TYPES = ("auto", "stored", "bf16", "vlm-bf16", "vlm-f16")
-LAYOUTS = {"stored": (None, None), "bf16": ("BF16", None), "vlm-bf16": ("BF16", "bf16"), "vlm-f16": ("F16", "f16")}
+WEIGHTS_TYPES = ("auto", "stored", "bf16", "vlm-bf16", "vlm-f16", "vlm-i16")
+# (held type, kernel kind); "I16" is vlm's own (16-bit integers with a scale per 128 k, clip_kernels.pack)
+LAYOUTS = {"stored": (None, None), "bf16": ("BF16", None), "vlm-bf16": ("BF16", "bf16"), "vlm-f16": ("F16", "f16"),
+           "vlm-i16": ("I16", "i16")}
 WEIGHTS_TYPE_ENV = "VLM_CLIP_WEIGHTS"
 
 
@@ -313,11 +315,11 @@ def _to_bf16(raw: np.ndarray, type_name: str) -> np.ndarray:
 
 
 def _to_f32(raw: np.ndarray, type_name: str, ne: tuple[int, ...]) -> np.ndarray:
-    """Stored bytes of an F16 or quantized tensor (ggml shape ne) -> its float32 values."""
+    """Stored bytes of an F32, F16 or quantized tensor (ggml shape ne) -> its float32 values."""
     import gguf
 
-    if type_name == "F16":
-        return raw.view(np.float16).astype(np.float32)
+    if type_name in ("F16", "F32"):
+        return raw.view(np.float16).astype(np.float32) if type_name == "F16" else raw.view(np.float32)
     rows = raw.reshape(int(np.prod(ne[1:], dtype=np.int64)), -1)
     return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[type_name]).astype(np.float32)
 
@@ -581,6 +583,7 @@ class ClipModel(NativeResource):
                     else stored[name].type for name, (_, types) in specs.items()}
             packed = {name for name, (ne, types) in specs.items()
                       if kind and types is MATMUL_TYPES and held[name] == held_type and clip_kernels.fits(kind, *ne)}
+            held.update({name: "F32" for name, t in held.items() if t == "I16" and name not in packed})  # ggml has no I16
             patch_ne = specs[PATCH_EMBEDDING][0]  # a matmul too (see _encode_image_batch), packed with the others
             if packed and stored[PATCH_EMBEDDING].type in ("F16", "F32") and clip_kernels.fits(
                     kind, math.prod(patch_ne[:-1]), patch_ne[-1]):
@@ -599,11 +602,12 @@ class ClipModel(NativeResource):
                 st = stored[name]
                 raw = data[st.offset : st.offset + st.n_bytes]
                 if held[name] != st.type:
-                    raw = (_to_f32(raw, st.type, ne) if held[name] == "F32" else _to_bf16(raw, st.type)
+                    raw = (_to_f32(raw, st.type, ne) if held[name] in ("F32", "I16") else _to_bf16(raw, st.type)
                            if held[name] == "BF16" else _to_f16(raw, st.type, name, p))
                 if name in packed:  # ggml shape [k, n] ([p, p, 3, n] for the patches): n rows of k values
-                    tensors[name] = clip_kernels.pack(raw.view(np.uint16).reshape(ne[-1], -1), kind)
-                    size += tensors[name].data.nbytes
+                    values = raw.view(np.float32 if kind == "i16" else np.uint16).reshape(ne[-1], -1)
+                    tensors[name] = clip_kernels.pack(values, kind)
+                    size += tensors[name].nbytes
                 else:
                     backend.set(tensors[name], raw)  # copies from the mapped file
             for bias in qkv_biases:  # q, k and v as one weight

@@ -38,7 +38,9 @@ class Kind:
     matmul_op: str
 
 
-KINDS = {"bf16": Kind("bf16", 2, 32, 16, "vlm_bf16_matmul_op"), "f16": Kind("f16", 1, 16, 1, "vlm_f16_matmul_op")}
+KINDS = {"bf16": Kind("bf16", 2, 32, 16, "vlm_bf16_matmul_op"), "f16": Kind("f16", 1, 16, 1, "vlm_f16_matmul_op"),
+         "i16": Kind("i16", 1, 16, 2, "vlm_i16_matmul_op")}
+I16_BLOCK, I16_MAX = 128, 4095  # KB and QMAX in the C file: a scale per 128 values of k, |q| <= 4095
 ACTIVATIONS = {None: 0, "gelu_quick": 1}  # what the kernels can apply themselves (act in the C struct)
 HEAD_MULTIPLE, MAX_HEAD = 8, 128  # the attention op (AVX2, both kinds): heads of hd floats, 8 to a register
 
@@ -48,7 +50,7 @@ class MatmulOp(ctypes.Structure):
 
     _fields_ = [("get_data", ctypes.c_void_p), ("x", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("w", ctypes.c_void_p), ("m", ctypes.c_int64), ("k", ctypes.c_int64), ("n", ctypes.c_int64),
-                ("act", ctypes.c_int32)]
+                ("act", ctypes.c_int32), ("w_scales", ctypes.c_void_p)]
 
 
 class AttentionOp(ctypes.Structure):
@@ -98,26 +100,39 @@ def fits(kind: str, k: int, n: int) -> bool:
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A k -> n weight in a kind's layout: bf16 [n / 32][k / 2][32][2], f16 [n / 16][k][16] (uint16)."""
+    """A k -> n weight in a kind's layout: bf16 [n / 32][k / 2][32][2], f16 [n / 16][k][16] (uint16),
+    i16 [n / 16][k / 2][16][2] (int16) with scales [n / 16][blocks of 128 k][16] (float32)."""
 
     data: np.ndarray
     k: int
     n: int
     kind: str
+    scales: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + (self.scales.nbytes if self.scales is not None else 0)
 
     def stacked(self, *others: PackedWeight) -> PackedWeight:
         """This weight's outputs followed by the others' (same k): panels are whole, so they stack."""
-        return PackedWeight(np.concatenate([self.data, *(o.data for o in others)]), self.k,
-                            self.n + sum(o.n for o in others), self.kind)
+        parts = (self, *others)
+        scales = None if self.scales is None else np.concatenate([o.scales for o in parts])  # type: ignore[misc]
+        return PackedWeight(np.concatenate([o.data for o in parts]), self.k, sum(o.n for o in parts), self.kind,
+                            scales)
 
 
 def pack(rows: np.ndarray, kind: str) -> PackedWeight:
-    """A weight's BF16 (kind bf16) or F16 (kind f16) bits, (n, k) in numpy order (HF's nn.Linear
-    layout) -> the kernel's layout."""
+    """A weight's BF16 (kind bf16) or F16 (kind f16) bits, or its float32 values (kind i16), (n, k) in
+    numpy order (HF's nn.Linear layout) -> the kernel's layout."""
     n, k = rows.shape
     if not fits(kind, k, n):
         raise ValueError(f"a {k} -> {n} weight does not fit the {kind} kernel")
     panel = KINDS[kind].panel
+    if kind == "i16":
+        q, scales = quantize_i16(np.asarray(rows, np.float32))
+        data = q.reshape(n // panel, panel, k // 2, 2).transpose(0, 2, 1, 3)
+        return PackedWeight(np.ascontiguousarray(data), k, n, kind,
+                            np.ascontiguousarray(scales.reshape(n // panel, panel, -1).transpose(0, 2, 1)))
     bits = np.ascontiguousarray(rows).view(np.uint16)
     if kind == "bf16":  # a pair of k as one item: a faster copy
         pairs = bits.view(np.uint32).reshape(n // panel, panel, k // 2).transpose(0, 2, 1)
@@ -126,10 +141,24 @@ def pack(rows: np.ndarray, kind: str) -> PackedWeight:
     return PackedWeight(np.ascontiguousarray(bits.reshape(n // panel, panel, k).transpose(0, 2, 1)), k, n, kind)
 
 
+def quantize_i16(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) float32 -> int16 values (n, k) and scales (n, blocks): each block of I16_BLOCK values of k
+    scaled so its largest |value| is I16_MAX, rounded to nearest even (as the kernel does x)."""
+    n, k = rows.shape
+    blocks = -(-k // I16_BLOCK)
+    padded = np.zeros((n, blocks * I16_BLOCK), np.float32)
+    padded[:, :k] = rows
+    peak = np.abs(padded.reshape(n, blocks, I16_BLOCK)).max(axis=2)
+    scales = (peak / np.float32(I16_MAX)).astype(np.float32)
+    inv = np.divide(np.float32(I16_MAX), peak, out=np.zeros_like(peak), where=peak > 0)
+    q = np.rint(padded.reshape(n, blocks, I16_BLOCK) * inv[:, :, None]).astype(np.int16)
+    return q.reshape(n, -1)[:, :k], scales
+
+
 def unpack(w: PackedWeight) -> np.ndarray:
-    """The (n, k) bits back (for tests)."""
+    """The (n, k) bits back, for i16 the int16 values (for tests)."""
     panel = KINDS[w.kind].panel
-    if w.kind == "bf16":
+    if w.kind in ("bf16", "i16"):
         return w.data.reshape(w.n // panel, w.k // 2, panel, 2).transpose(0, 2, 1, 3).reshape(w.n, w.k)
     return w.data.transpose(0, 2, 1).reshape(w.n, w.k)
 
@@ -142,7 +171,8 @@ def linear(g: Graph, x: Tensor, w: PackedWeight, bias: Tensor | None = None, act
     if bias is not None and (bias.type != ggml.F32 or bias.n_elements != w.n or not bias.is_contiguous()):
         raise ValueError(f"the {w.kind} kernel needs an F32 bias of {w.n}, got {bias.shape}")
     op = MatmulOp(get_data=_get_data(), x=x.ptr, bias=bias.ptr if bias is not None else None, w=w.data.ctypes.data,
-                  m=x.n_elements // w.k, k=w.k, n=w.n, act=ACTIVATIONS[act])
+                  m=x.n_elements // w.k, k=w.k, n=w.n, act=ACTIVATIONS[act],
+                  w_scales=w.scales.ctypes.data if w.scales is not None else None)
     op.weight = w  # the C side holds only the address of its data
     return g.custom((w.n, *x.ne[1:]), [x] if bias is None else [x, bias], fun, op)
 
