@@ -101,6 +101,12 @@ def timed(fn, runs: int) -> float:
     return statistics.median(times)
 
 
+# --isa avx2: PyTorch's kernels held to AVX2 (ATen's vectorised ops, MKL's sgemm, oneDNN), vlm to its AVX2
+# kernels (f16, i16; no BF16 rows). ggml's other ops (norms, adds: a few % of a batch) keep the build's ISA.
+# A proxy for an AVX2-only CPU, not one: clock, caches and the execution ports stay this CPU's.
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
 def worker(kind: str, model: Path, inputs: Path, runs: int, threads: int, embeddings: Path) -> dict:
     """Runs in its own process (kind: ggml, blas or torch); prints one JSON object."""
     data = np.load(inputs)
@@ -196,6 +202,8 @@ def main() -> int:
     ap.add_argument("--extra", type=Path, action="append", default=[],
                     help="another CLIP GGUF of the same checkpoint to measure too (e.g. a BF16 conversion)")
     ap.add_argument("--skip-blas", action="store_true", help="only the ggml path (and transformers)")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: an AVX2-only CPU's choices on an AVX-512 one (a proxy, see AVX2_ONLY)")
     ap.add_argument("--open-clip-python", default=None, help="a Python with torch + open_clip (default: this one)")
     ap.add_argument("--worker", choices=["ggml", "blas", "torch", "open_clip"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -224,14 +232,14 @@ def main() -> int:
 
         from vlmcli.engines import clip_kernels
 
-        bf16_cpu = bool(ggml.lib().ggml_cpu_has_avx512_bf16())
+        bf16_cpu = bool(ggml.lib().ggml_cpu_has_avx512_bf16()) and args.isa == "native"
         for q in models:
             variants.append((f"vlm ggml {q}{' as stored' if bf16_cpu and q in ('F16', 'F32') else ''}", "ggml", models[q],
                              {"VLM_CLIP_WEIGHTS": "stored"}))
             if bf16_cpu and q in ("F16", "F32"):  # held as BF16 for ggml's own mul_mat
                 variants.append((f"vlm ggml {q} held as BF16", "ggml", models[q], {"VLM_CLIP_WEIGHTS": "bf16"}))
             for kind in ("bf16", "f16", "i16"):  # vlm's own kernels where the CPU runs them (the default: the first)
-                if clip_kernels.available(kind) and q in ("F16", "F32"):
+                if clip_kernels.available(kind) and q in ("F16", "F32") and (kind != "bf16" or args.isa == "native"):
                     variants.append((f"vlm {q} on vlm's {kind} kernels", "ggml", models[q], {"VLM_CLIP_WEIGHTS": f"vlm-{kind}"}))
             if args.skip_blas:
                 continue
@@ -240,8 +248,9 @@ def main() -> int:
                 variants.append((f"vlm blas {q} (CPU's kernels)", "blas", models[q], {"OPENBLAS_CORETYPE": None}))
         pythons = {"torch": python_with("torch, transformers", args.torch_python),
                    "open_clip": python_with("torch, open_clip", args.open_clip_python)}
+        torch_env = AVX2_ONLY if args.isa == "avx2" else {}
         if pythons["torch"]:
-            variants.append(("transformers CLIPModel F32", "torch", ckpt, {}))
+            variants.append(("transformers CLIPModel F32", "torch", ckpt, torch_env))
         if pythons["open_clip"]:
             variants.append(("open_clip F32 (own random weights)", "open_clip", ckpt, {}))
         runs: dict[str, list[dict]] = {v[0]: [] for v in variants}
@@ -292,6 +301,7 @@ def main() -> int:
     from vlmcli.engines.clip import choose_compute_path
 
     print(f"CPU: {cpu_description()}; OPENBLAS_CORETYPE={coretype or '(unset)'}; "
+          f"{'AVX2 proxy (' + ' '.join(f'{k}={v}' for k, v in AVX2_ONLY.items()) + '); ' if args.isa == 'avx2' else ''}"
           f"vlm's default path here: {choose_compute_path(None, on_cpu=True)}")
     print(f"{'variant':<34} {'load s':>6} {'img/s b1':>12} {'img/s b32':>12} {'texts/s b32':>12} "
           f"{'RSS MB':>7} {'cos img/txt':>13}")
@@ -309,6 +319,7 @@ def main() -> int:
     out = OUT / f"bench_clip-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"model": "clip-vit-base-patch32 (random weights)", "cpu": cpu_description(),
                                "openblas_coretype": coretype, "threads": args.threads, "rounds": args.rounds,
+                               "isa": args.isa,
                                "load_average_before": load_before, "load_average_after": load_after,
                                "results": rows}, indent=2))
     print(f"wrote {out}", file=sys.stderr)

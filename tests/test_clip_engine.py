@@ -61,19 +61,21 @@ def test_matches_numpy_reference(model, clip_ggufs, act, qtype, min_cos):
     assert cosine(img[:1], img[1:2])[0] < 0.99 and cosine(txt[:1], txt[1:2])[0] < 0.99
 
 
-@pytest.mark.parametrize("layout", ["bf16", pytest.param("vlm-bf16", marks=needs_bf16), pytest.param("vlm-f16", marks=needs_f16)])
+@pytest.mark.parametrize("layout", ["bf16", pytest.param("vlm-bf16", marks=needs_bf16), pytest.param("vlm-f16", marks=needs_f16),
+                                    pytest.param("vlm-i16", marks=needs_f16)])
 @pytest.mark.parametrize("act,qtype", [("quick_gelu", "F32"), ("quick_gelu", "F16"), ("gelu", "F16")])
 def test_bf16_weights_keep_the_quality_bar(clip_ggufs, monkeypatch, qtype, layout, act):
     """Where the CPU has AVX512_BF16, F16/F32 weights are held as BF16, packed for vlm's own kernels
     (VLM_CLIP_WEIGHTS=vlm-bf16) or as ggml tensors (bf16, which runs on any CPU); on AVX2 as F16 for vlm's
-    F32 kernels (vlm-f16). BF16 rounds weights and activations to 8 significant bits, as fine as Q8_0's
-    steps; the bar for a default type is a cosine of 0.999 to the F32 forward pass (issue 14). The
-    kernels apply quick GELU themselves; erf GELU stays ggml's."""
+    F32 kernels (vlm-f16), or as 16-bit integers for the integer kernels (vlm-i16, AVX2 too: x and w to
+    1/8190 of the largest of each 128 values of k). BF16 rounds weights and activations to 8 significant
+    bits, as fine as Q8_0's steps; the bar for a default type is a cosine of 0.999 to the F32 forward pass
+    (issue 14). The kernels apply quick GELU themselves; erf GELU stays ggml's."""
     monkeypatch.setenv("VLM_CLIP_WEIGHTS", layout)
     m = ClipModel.load(clip_ggufs[act, qtype])
     try:
-        assert m.weights_type == ("F16" if layout == "vlm-f16" else "BF16") and m.config.file_type == qtype
-        assert m.matmul_kernel == {"vlm-bf16": "vlm bf16", "vlm-f16": "vlm f16"}.get(layout, "ggml")
+        assert m.weights_type == {"vlm-f16": "F16", "vlm-i16": "I16"}.get(layout, "BF16") and m.config.file_type == qtype
+        assert m.matmul_kernel == {"vlm-bf16": "vlm bf16", "vlm-f16": "vlm f16", "vlm-i16": "vlm i16"}.get(layout, "ggml")
         assert m.packs_sequences == ({"t", "v"} if layout.startswith("vlm") else set())
         px, ids = images(3), texts([1, 8, 40, 75])
         img, txt = m.encode_images(px), m.encode_texts(ids)
@@ -97,7 +99,7 @@ def test_weights_type_auto_follows_the_cpu_and_keeps_quantized_files(clip_ggufs,
     with ClipModel.load(clip_ggufs["quick_gelu", "F16"]) as m:
         assert (m.matmul_kernel, m.weights_type) == {"vlm bf16": ("vlm bf16", "BF16"), "vlm f16": ("vlm f16", "F16"),
                                                      "ggml BF16": ("ggml", "BF16"), "ggml F16": ("ggml", "F16")}[first]
-    for layout, kind in (("vlm-bf16", "bf16"), ("vlm-f16", "f16")):
+    for layout, kind in (("vlm-bf16", "bf16"), ("vlm-f16", "f16"), ("vlm-i16", "i16")):
         monkeypatch.setenv("VLM_CLIP_WEIGHTS", layout)
         if clip_kernels.available(kind):
             with ClipModel.load(clip_ggufs["quick_gelu", "Q8_0"]) as m:
@@ -127,7 +129,8 @@ def test_activation_flag_is_used(model, clip_ggufs):
 
 
 @pytest.mark.parametrize("qtype,layout", [("F16", "stored"), ("Q8_0", "stored"), pytest.param("F16", "vlm-bf16", marks=needs_bf16),
-                                          pytest.param("F16", "vlm-f16", marks=needs_f16)])
+                                          pytest.param("F16", "vlm-f16", marks=needs_f16),
+                                          pytest.param("F16", "vlm-i16", marks=needs_f16)])
 def test_results_do_not_depend_on_the_batch(model, clip_ggufs, monkeypatch, qtype, layout):
     """The same bits alone, beside 77-token texts, reversed, in a batch big enough for two threads, in
     chunks of 3: ggml picks kernels (and summation orders) by shape, and no shape comes from a batch-mate.

@@ -69,6 +69,23 @@ def test_packing_round_trips_and_puts_what_a_step_reads_side_by_side():
         pack(values[:, :299], "i16")  # k in pairs
 
 
+@pytest.mark.skipif(not clip_kernels.available("i16"), reason="needs AVX2, FMA, F16C")
+def test_the_kernels_quantization_is_numpys_bit_for_bit():
+    """The C packing (its quantizer is the one the kernel applies to x) against the numpy one the tests'
+    references use, from F32 and from F16: ties, a block of zeros, huge and tiny values, a short last block."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((48, 300)) * np.logspace(-20, 20, 48)[:, None]).astype(np.float32)
+    w[1, :128] = 0.0
+    w[2, 7], w[2, 0] = 4095 * 0.5, 4095.0  # a tie with a scale of 1 (the block's largest is 4095)
+    c, ref = pack(w, "i16"), clip_kernels.pack_i16_numpy(w)
+    assert np.array_equal(c.data, ref.data) and np.array_equal(c.scales, ref.scales)
+    q = unpack(c)
+    assert q[2, 7] == 2048 and q[1, :128].max() == 0 and c.scales[0, 0, 1] == 0  # ties to even; zeros stay zero
+    h = (rng.standard_normal((16, 300)) * 3).astype(np.float16)  # F16 values, widened in C as they are packed
+    c, ref = pack(h, "i16"), clip_kernels.pack_i16_numpy(h.astype(np.float32))
+    assert np.array_equal(c.data, ref.data) and np.array_equal(c.scales, ref.scales)
+
+
 class Linear:
     """One linear layer in its own graph on a CPU backend: run(x) -> y."""
 

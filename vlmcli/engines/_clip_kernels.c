@@ -517,6 +517,47 @@ int vlm_clip_kernels_level(void) {
 #endif
 }
 
+#if HAVE_KERNEL
+/* A weight's n rows of k F32 or F16 values, each quantized as quantize_row does x and written straight
+   into the packed layout (in numpy the conversions and transposes took 1 s at load for ViT-B/32). */
+TARGET2 static void pack_i16(const void *w, int f16, int64_t n, int64_t k, int16_t *packed, float *scales) {
+    const int64_t blocks = (k + KB - 1) / KB;
+    float *row = malloc(k * sizeof(float)), *row_scales = malloc(blocks * sizeof(float));
+    int16_t *q = malloc(k * sizeof(int16_t));
+    if (!row || !row_scales || !q) abort();
+    for (int64_t c = 0; c < n; c++) {
+        const float *values = (const float *)w + c * k;
+        if (f16) {
+            const uint16_t *h = (const uint16_t *)w + c * k;
+            int64_t j = 0;
+            for (; j + 8 <= k; j += 8) _mm256_storeu_ps(row + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
+            for (; j < k; j++) row[j] = _cvtsh_ss(h[j]);
+            values = row;
+        }
+        quantize_row(values, k, q, row_scales);
+        for (int64_t b = 0; b < blocks; b++) scales[((c / NR2) * blocks + b) * NR2 + c % NR2] = row_scales[b];
+        int16_t *column = packed + (c / NR2) * NR2 * k + (c % NR2) * 2; /* then every 2 x 16 values */
+        for (int64_t p = 0; p < k / 2; p++) memcpy(column + p * 2 * NR2, q + 2 * p, 2 * sizeof(int16_t));
+    }
+    free(row);
+    free(row_scales);
+    free(q);
+}
+#endif
+
+/* A k -> n weight (rows of k F32 or F16 values) -> the I16 kernel's layout, packed [n / 16][k / 2][16][2]
+   and scales [n / 16][blocks][16] (clip_kernels.pack). Returns -1 where the CPU lacks AVX2. */
+int vlm_i16_pack(const void *w, int32_t f16, int64_t n, int64_t k, int16_t *packed, float *scales) {
+#if HAVE_KERNEL
+    if (cpu_level() < 1) return -1;
+    pack_i16(w, f16, n, k, packed, scales);
+    return 0;
+#else
+    (void)w; (void)f16; (void)n; (void)k; (void)packed; (void)scales;
+    return -1;
+#endif
+}
+
 /* The ggml custom ops (ggml_custom_op_t); Python never builds one into a graph above the level. */
 #if HAVE_KERNEL
 #define OP(name, body) void name(void *dst, int ith, int nth, void *userdata) { body; }

@@ -315,11 +315,11 @@ def _to_bf16(raw: np.ndarray, type_name: str) -> np.ndarray:
 
 
 def _to_f32(raw: np.ndarray, type_name: str, ne: tuple[int, ...]) -> np.ndarray:
-    """Stored bytes of an F32, F16 or quantized tensor (ggml shape ne) -> its float32 values."""
+    """Stored bytes of an F16 or quantized tensor (ggml shape ne) -> its float32 values."""
     import gguf
 
-    if type_name in ("F16", "F32"):
-        return raw.view(np.float16).astype(np.float32) if type_name == "F16" else raw.view(np.float32)
+    if type_name == "F16":
+        return raw.view(np.float16).astype(np.float32)
     rows = raw.reshape(int(np.prod(ne[1:], dtype=np.int64)), -1)
     return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[type_name]).astype(np.float32)
 
@@ -601,12 +601,14 @@ class ClipModel(NativeResource):
                     continue
                 st = stored[name]
                 raw = data[st.offset : st.offset + st.n_bytes]
-                if held[name] != st.type:
-                    raw = (_to_f32(raw, st.type, ne) if held[name] in ("F32", "I16") else _to_bf16(raw, st.type)
+                if held[name] == "I16":  # packed from the file's F16 / F32 values
+                    raw = raw.view(np.float16 if st.type == "F16" else np.float32)
+                elif held[name] != st.type:
+                    raw = (_to_f32(raw, st.type, ne) if held[name] == "F32" else _to_bf16(raw, st.type)
                            if held[name] == "BF16" else _to_f16(raw, st.type, name, p))
                 if name in packed:  # ggml shape [k, n] ([p, p, 3, n] for the patches): n rows of k values
-                    values = raw.view(np.float32 if kind == "i16" else np.uint16).reshape(ne[-1], -1)
-                    tensors[name] = clip_kernels.pack(values, kind)
+                    values = raw if held[name] == "I16" else raw.view(np.uint16)  # values, or BF16 / F16 bits
+                    tensors[name] = clip_kernels.pack(values.reshape(ne[-1], -1), kind)
                     size += tensors[name].nbytes
                 else:
                     backend.set(tensors[name], raw)  # copies from the mapped file
