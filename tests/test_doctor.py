@@ -85,7 +85,7 @@ def test_json_report_agrees_with_llama_cpp_and_ggml(env: dict[str, str]) -> None
 
     bf16_ggml = ggml.lib().ggml_cpu_has_avx512_bf16()
     assert runs["clip_cpu_kernels"] == ("vlm's BF16 kernels (AVX512_BF16)" if clip_kernels.available("bf16") else
-                                        "vlm's F16 kernels (AVX2)" if clip_kernels.available("f16") and not ggml.lib().ggml_cpu_has_avx512() else
+                                        "vlm's I16 kernels (AVX2)" if clip_kernels.available("i16") and not ggml.lib().ggml_cpu_has_avx512() else
                                         "ggml, F16/F32 weights held as BF16" if bf16_ggml else "ggml, weights as stored")
     # store (empty, not even created), its image-encoding cache (empty), the hub settings; the token only as present
     assert rep["store"] == {"root": env["VLM_HOME"], "exists": False, "models": [], "models_bytes": 0, "downloads_bytes": 0}

@@ -11,8 +11,8 @@ position embeddings are widened to F32 when loaded, a missing logit scale falls 
 each fallback is recorded in ClipConfig.notes for the front end to show.
 
 On x86 CPUs the linear layers and the attention run on vlm's own kernels instead of ggml's mul_mat and
-attention ops (engines/clip_kernels.py, custom ops in the same graphs; BF16 with AVX512_BF16, F16 weights
-in F32 arithmetic with AVX2), 1.3-2.4x faster; texts then run packed one after another, each at its own
+attention ops (engines/clip_kernels.py, custom ops in the same graphs; BF16 with AVX512_BF16, 16-bit
+integers with AVX2, or F16 weights in F32 arithmetic, VLM_CLIP_WEIGHTS=vlm-f16), 1.3-2.4x faster; texts then run packed one after another, each at its own
 length. Elsewhere, or with VLM_CLIP_WEIGHTS=stored|bf16, the graphs are ggml's alone.
 
 The same forward pass also runs in numpy (engines/clip_numpy.py, the "blas" path, VLM_CLIP_PATH=blas): it
@@ -78,11 +78,12 @@ TEXT_LENGTH_STEP = 8  # a text runs at a multiple of this many positions (or con
 COMPUTE_PATHS = ("auto", "ggml", "blas")
 COMPUTE_PATH_ENV = "VLM_CLIP_PATH"
 # How F16 / F32 matmul weights are held on the ggml CPU path (VLM_CLIP_WEIGHTS): "stored" as in the file,
-# "bf16" as BF16 ggml tensors for ggml's mul_mat, "vlm-bf16" / "vlm-f16" as BF16 / F16 packed for vlm's own
-# kernels (engines/clip_kernels.py; AVX512_BF16 / AVX2). "auto" takes the first this machine runs of
-# vlm-bf16, vlm-f16 (CPUs without AVX-512: see weights_layout), bf16 (where ggml has AVX512_BF16) and stored:
-# BF16 dot products do twice the multiply-adds of F16 or F32 per instruction (cosine to F32 0.99998 on
-# ViT-B/32), and vlm's kernels beat ggml's (README, "Measured here"). Quantized files are kept as they are.
+# "bf16" as BF16 ggml tensors for ggml's mul_mat, "vlm-bf16" / "vlm-f16" / "vlm-i16" as BF16 / F16 / 16-bit
+# integers packed for vlm's own kernels (engines/clip_kernels.py; AVX512_BF16 / AVX2 / AVX2). "auto" takes the
+# first this machine runs of vlm-bf16, vlm-i16 (CPUs without AVX-512: see weights_layout), bf16 (where ggml
+# has AVX512_BF16) and stored: BF16 dot products (VDPBF16PS) and 16-bit integer ones (VPMADDWD) do twice the
+# multiply-adds of an F32 FMA per instruction (cosine to F32 on ViT-B/32: BF16 0.99998, I16 0.999995+), and
+# vlm's kernels beat ggml's (README, "Measured here"). Quantized files are kept as they are.
 WEIGHTS_TYPES = ("auto", "stored", "bf16", "vlm-bf16", "vlm-f16", "vlm-i16")
 # (held type, kernel kind); "I16" is vlm's own (16-bit integers with a scale per 128 k, clip_kernels.pack)
 LAYOUTS = {"stored": (None, None), "bf16": ("BF16", None), "vlm-bf16": ("BF16", "bf16"), "vlm-f16": ("F16", "f16"),
@@ -270,16 +271,18 @@ def weights_layout(on_cpu: bool) -> str:
     if choice == "auto":
         if clip_kernels.available("bf16"):
             return "vlm-bf16"
-        # vlm's f16 kernels are AVX2 (256-bit); on an AVX-512 CPU without BF16 (Intel Skylake to Ice Lake,
-        # whose two 512-bit FMA units double that width) ggml's own AVX-512 kernels have not been measured
-        # against them, so ggml keeps those CPUs
-        if clip_kernels.available("f16") and not ggml.lib().ggml_cpu_has_avx512():
-            return "vlm-f16"
+        # vlm's AVX2 kernels: i16 before f16, VPMADDWD doing twice an FMA's multiply-adds (1.4x the images/s
+        # on a Zen 4 held to AVX2; where a CPU issues one VPMADDWD per cycle, Zen 2 or Haswell, the two are
+        # even). On an AVX-512 CPU without BF16 (Intel Skylake to Ice Lake, whose two 512-bit FMA units
+        # double that width) ggml's own AVX-512 kernels have not been measured against them: ggml keeps those
+        if clip_kernels.available("i16") and not ggml.lib().ggml_cpu_has_avx512():
+            return "vlm-i16"
         return "bf16" if ggml.lib().ggml_cpu_has_avx512_bf16() else "stored"
     return choice
 
 
 CPU_KERNELS = {"vlm-bf16": "vlm's BF16 kernels (AVX512_BF16)", "vlm-f16": "vlm's F16 kernels (AVX2)",
+               "vlm-i16": "vlm's I16 kernels (AVX2)",
                "bf16": "ggml, F16/F32 weights held as BF16", "stored": "ggml, weights as stored",
                "blas": "numpy + BLAS (VLM_CLIP_PATH=blas)"}
 
