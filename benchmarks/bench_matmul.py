@@ -6,7 +6,7 @@ same threads (medians of --runs calls after a warm-up):
 - ggml's CPU mul_mat through vlm's own bindings (engines/ggml.py), weights F32, F16, BF16, Q8_0 and
   Q4_0 / IQ4_NL; the 4-bit ones also in ggml's CPU_REPACK buffer (its interleaved AVX2 / NEON
   kernels, what llama.cpp uses for them), with the cosine of each result to the F32 product;
-- vlm's own kernels (engines/clip_kernels.py: bf16 where the CPU has AVX512_BF16, f16 with AVX2) in the
+- vlm's own kernels (engines/clip_kernels.py: bf16 where the CPU has AVX512_BF16, f16 and i16 with AVX2) in the
   same graphs;
 - numpy's sgemm (OpenBLAS), and PyTorch's (torch.matmul) when --torch-python or this Python has it.
 Shapes (k, m, n): the attention projections (768 -> 768), fc1 (768 -> 3072) and fc2 (3072 -> 768) of
@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_clip import cosine, timed  # noqa: E402  (timed: median seconds after a warm-up)
+from bench_clip import AVX2_ONLY, cosine, timed  # noqa: E402  (timed: median seconds after a warm-up)
 
 SHAPES = {"q/k/v/out 768->768": (768, 768, 1600), "fc1 768->3072": (768, 3072, 1600),
           "fc2 3072->768": (3072, 768, 1600), "text fc1 512->2048": (512, 2048, 352)}
@@ -75,7 +75,8 @@ def repack_buffer_type() -> int | None:
 def ggml_rate(qtype: str, k: int, m: int, n: int, threads: int, runs: int, buft: int | None,
               kind: str | None = None) -> tuple[float, float]:
     """(GFLOPS, cosine to the F32 product) of W [m, k] (qtype) times X [k, n] through ggml's mul_mat,
-    or through vlm's kernel of that kind (qtype BF16 for bf16, F16 for f16) in the same graph machinery."""
+    or through vlm's kernel of that kind (qtype BF16 for bf16, F16 for f16 and i16, which quantizes the F16
+    values) in the same graph machinery."""
     from vlmcli.engines import clip_kernels, ggml
     from vlmcli.engines.clip import _to_bf16
     from vlmcli.engines.ggml import Backend, Graph
@@ -100,7 +101,8 @@ def ggml_rate(qtype: str, k: int, m: int, n: int, threads: int, runs: int, buft:
             raw = ggml.quantize(w32, qtype)
         xin = g.input("F32", (k, n), "x")
         if kind:  # vlm's own kernel (engines/clip_kernels.py)
-            y = g.output(clip_kernels.linear(g, xin, clip_kernels.pack(raw.view(np.uint16).reshape(m, k), kind)))
+            values = raw.reshape(m, k) if kind == "i16" else raw.view(np.uint16).reshape(m, k)  # i16: from F16 values
+            y = g.output(clip_kernels.linear(g, xin, clip_kernels.pack(values, kind)))
         else:
             backend.set(w, raw)
             y = g.output(g.mul_mat(w, xin))
@@ -135,6 +137,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--runs", type=int, default=8)
     ap.add_argument("--torch-python", default=None)
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: PyTorch held to AVX2 and no BF16 rows (bench_clip.AVX2_ONLY: a proxy for an AVX2-only CPU)")
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_worker:
@@ -161,8 +165,8 @@ def main() -> int:
             cosines[label] = min(r[1] for r in results.values())
     from vlmcli.engines import clip_kernels
 
-    for kind, qtype in (("bf16", "BF16"), ("f16", "F16")):
-        if clip_kernels.available(kind):
+    for kind, qtype in (("bf16", "BF16"), ("f16", "F16"), ("i16", "F16")):
+        if clip_kernels.available(kind) and (kind != "bf16" or args.isa == "native"):
             label = f"vlm {kind} kernel (clip_kernels)"
             print(f"{label} ...", file=sys.stderr)
             results = {name: ggml_rate(qtype, *shape, args.threads, args.runs, None, kind) for name, shape in SHAPES.items()}
@@ -171,7 +175,7 @@ def main() -> int:
     rows[f"numpy sgemm ({blas.describe()})"] = blas_rates(args.runs, False, args.threads)
     torch_py = args.torch_python or sys.executable
     done = subprocess.run([torch_py, __file__, "--torch-worker", "--runs", str(args.runs), "--threads", str(args.threads)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, **(AVX2_ONLY if args.isa == "avx2" else {})})
     if done.returncode == 0:
         rows["torch.matmul"] = json.loads(done.stdout.strip().splitlines()[-1])
     else:
@@ -179,7 +183,7 @@ def main() -> int:
 
     flops = vit_b32_flops_per_image()
     print(f"GFLOPS on CLIP ViT-B/32's matmul shapes, {args.threads} threads, medians of {args.runs}; "
-          f"CPU: {cpu_description()}")
+          f"CPU: {cpu_description()}{'; AVX2 proxy (torch held to AVX2)' if args.isa == 'avx2' else ''}")
     print(f"{'kernel':<40}" + "".join(f"{name:>22}" for name in SHAPES) + f"{'cos to F32':>12}{'img/s bound':>13}")
     for label, rates in rows.items():
         vision = [rates[name] for name in list(SHAPES)[:3]]
@@ -191,7 +195,7 @@ def main() -> int:
           f"on the vision shapes, every other op free)")
     out = ROOT / "benchmarks" / "out" / f"bench_matmul-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu": cpu_description(), "threads": args.threads, "runs": args.runs,
+    out.write_text(json.dumps({"cpu": cpu_description(), "isa": args.isa, "threads": args.threads, "runs": args.runs,
                                "flops_per_image": flops, "gflops": rows, "cosine_to_f32": cosines}, indent=2))
     print(f"wrote {out}", file=sys.stderr)
     return 0

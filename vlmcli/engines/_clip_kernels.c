@@ -331,7 +331,8 @@ TARGET2 static void quantize_row(const float *x, int64_t k, int16_t *q, float *s
             const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + b0 + j + 8), vinv));
             _mm256_storeu_si256((__m256i *)(q + b0 + j), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xd8));
         }
-        for (int64_t j = vec; j < len; j++) q[b0 + j] = (int16_t)lrintf(x[b0 + j] * inv);
+        for (int64_t j = vec; j < len; j++) /* nearest even, as the vectors (no libm) */
+            q[b0 + j] = (int16_t)_mm_cvtss_si32(_mm_set_ss(x[b0 + j] * inv));
     }
 }
 
