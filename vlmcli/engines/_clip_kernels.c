@@ -248,9 +248,10 @@ TARGET2 static inline float hmax8(__m256 v) {
 #define KB 128
 #define QMAX 4095.0f
 
-/* One mr x 16 tile over k: a mr rows of quantized x (stride lda) with their block scales (stride
-   blocks), panel one packed panel of w ([k / 2][16][2]) with its scales ([blocks][16]). */
-TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr, const int16_t *a, int64_t lda,
+/* One mr x 16 tile over k: a mr rows of quantized x interleaved by pairs ([k / 2][mr][2], so a step's
+   broadcasts read one stream, not mr rows apart), their block scales (stride blocks), panel one packed
+   panel of w ([k / 2][16][2]) with its scales ([blocks][16]). */
+TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr, const int16_t *a,
         const float *a_scales, const int16_t *panel, const float *w_scales, int64_t k, float *y, int64_t ldy,
         const float *bias, int act) {
     const int64_t blocks = (k + KB - 1) / KB;
@@ -272,9 +273,9 @@ TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr,
                         : [c00] "+x"(acc[r][0]), [c01] "+x"(acc[r][1]), [c10] "+x"(acc[r + 1][0]),           \
                           [c11] "+x"(acc[r + 1][1]), [c20] "+x"(acc[r + 2][0]), [c21] "+x"(acc[r + 2][1]),   \
                           [x] "=&x"(x), [t] "=&x"(t)                                                         \
-                        : [w0] "x"(w0), [w1] "x"(w1), [a] "r"(rows), [ld] "r"(lda * 2) : "memory")
-                THREE_ROWS(0, a + 2 * p);
-                THREE_ROWS(3, a + 3 * lda + 2 * p);
+                        : [w0] "x"(w0), [w1] "x"(w1), [a] "r"(rows), [ld] "r"((int64_t)4) : "memory")
+                THREE_ROWS(0, a + 2 * MR2 * p);
+                THREE_ROWS(3, a + 2 * MR2 * p + 6);
 #undef THREE_ROWS
 #undef ROW
             }
@@ -283,7 +284,7 @@ TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr,
             const __m256i w1 = _mm256_loadu_si256((const __m256i *)(panel + p * 2 * NR2 + NR2));
 #pragma GCC unroll 8
             for (int i = 0; i < mr; i++) {
-                const __m256i x = _mm256_castps_si256(_mm256_broadcast_ss((const float *)(a + i * lda + 2 * p)));
+                const __m256i x = _mm256_castps_si256(_mm256_broadcast_ss((const float *)(a + 2 * (p * mr + i))));
                 acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(x, w0));
                 acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(x, w1));
             }
@@ -304,10 +305,10 @@ TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr,
     finish_rows(y, ldy, mr, NR2, bias, act);
 }
 
-TARGET2 static void tile_i16_rows(int mr, const int16_t *a, int64_t lda, const float *a_scales, const int16_t *panel,
+TARGET2 static void tile_i16_rows(int mr, const int16_t *a, const float *a_scales, const int16_t *panel,
                                   const float *w_scales, int64_t k, float *y, int64_t ldy, const float *bias, int act) {
     switch (mr) {
-#define CASE(r) case r: tile_i16(r, a, lda, a_scales, panel, w_scales, k, y, ldy, bias, act); break;
+#define CASE(r) case r: tile_i16(r, a, a_scales, panel, w_scales, k, y, ldy, bias, act); break;
     CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) CASE(1)
 #undef CASE
     }
@@ -343,26 +344,33 @@ static int64_t i16_block(int64_t k) { /* rows of quantized x that stay in L2 (25
 
 TARGET2 static void run_i16(const struct vlm_matmul *op, const float *x, const float *bias, float *y,
                             int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-    static __thread int16_t *rows_q; /* one per ggml thread, kept for the next op */
+    static __thread int16_t *rows_q, *row; /* one per ggml thread, kept for the next op */
     static __thread float *rows_scales;
-    static __thread size_t rows_cap, scales_cap;
+    static __thread size_t rows_cap, scales_cap, row_cap;
     const int64_t k = op->k, n = op->n, mb_rows = i16_block(k), blocks = (k + KB - 1) / KB;
     const size_t need = (size_t)mb_rows * k * sizeof(int16_t), need_scales = (size_t)mb_rows * blocks * sizeof(float);
-    if (need > rows_cap || need_scales > scales_cap) {
+    if (need > rows_cap || need_scales > scales_cap || (size_t)k > row_cap) {
         free(rows_q);
         free(rows_scales);
+        free(row);
         rows_q = aligned_alloc(64, (need + 63) / 64 * 64);
         rows_scales = malloc(need_scales);
-        if (!rows_q || !rows_scales) abort(); /* as ggml does when it cannot allocate */
-        rows_cap = need, scales_cap = need_scales;
+        row = malloc(k * sizeof(int16_t));
+        if (!rows_q || !rows_scales || !row) abort(); /* as ggml does when it cannot allocate */
+        rows_cap = need, scales_cap = need_scales, row_cap = k;
     }
     const int16_t *w = (const int16_t *)op->w;
     for (int64_t mb = m0; mb < m1; mb += mb_rows) {
         const int64_t rows = m1 - mb < mb_rows ? m1 - mb : mb_rows;
-        for (int64_t r = 0; r < rows; r++) quantize_row(x + (mb + r) * k, k, rows_q + r * k, rows_scales + r * blocks);
+        for (int64_t r = 0; r < rows; r++) { /* row r goes to place r % MR2 of its tile's pairs */
+            const int64_t tile0 = r / MR2 * MR2, mr = rows - tile0 < MR2 ? rows - tile0 : MR2;
+            quantize_row(x + (mb + r) * k, k, row, rows_scales + r * blocks);
+            int16_t *dst = rows_q + tile0 * k + 2 * (r - tile0);
+            for (int64_t p = 0; p < k / 2; p++) memcpy(dst + 2 * mr * p, row + 2 * p, 2 * sizeof(int16_t));
+        }
         for (int64_t p = p0; p < p1; p++)
             for (int64_t r = 0; r < rows; r += MR2)
-                tile_i16_rows(rows - r < MR2 ? (int)(rows - r) : MR2, rows_q + r * k, k, rows_scales + r * blocks,
+                tile_i16_rows(rows - r < MR2 ? (int)(rows - r) : MR2, rows_q + r * k, rows_scales + r * blocks,
                               w + p * NR2 * k, op->w_scales + p * blocks * NR2, k, y + (mb + r) * n + p * NR2, n,
                               bias ? bias + p * NR2 : NULL, op->act);
     }
