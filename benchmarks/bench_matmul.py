@@ -6,8 +6,8 @@ same threads (medians of --runs calls after a warm-up):
 - ggml's CPU mul_mat through vlm's own bindings (engines/ggml.py), weights F32, F16, BF16, Q8_0 and
   Q4_0 / IQ4_NL; the 4-bit ones also in ggml's CPU_REPACK buffer (its interleaved AVX2 / NEON
   kernels, what llama.cpp uses for them), with the cosine of each result to the F32 product;
-- vlm's own kernels (engines/clip_kernels.py: bf16 where the CPU has AVX512_BF16, f16 and i16 with AVX2) in the
-  same graphs;
+- vlm's own kernels (engines/clip_kernels.py: bf16 where the CPU has AVX512_BF16, f16 and i16 with AVX2,
+  i16 also in its AVX512_VNNI form) in the same graphs;
 - numpy's sgemm (OpenBLAS), and PyTorch's (torch.matmul) when --torch-python or this Python has it.
 Shapes (k, m, n): the attention projections (768 -> 768), fc1 (768 -> 3072) and fc2 (3072 -> 768) of
 a batch of 32 images (1600 tokens), and a text tower's fc1 (512 -> 2048) on 32 texts of 11 tokens.
@@ -73,10 +73,10 @@ def repack_buffer_type() -> int | None:
 
 
 def ggml_rate(qtype: str, k: int, m: int, n: int, threads: int, runs: int, buft: int | None,
-              kind: str | None = None) -> tuple[float, float]:
+              kind: str | None = None, vnni: bool | None = None) -> tuple[float, float]:
     """(GFLOPS, cosine to the F32 product) of W [m, k] (qtype) times X [k, n] through ggml's mul_mat,
     or through vlm's kernel of that kind (qtype BF16 for bf16, F16 for f16 and i16, which quantizes the F16
-    values) in the same graph machinery."""
+    values; vnni: the i16 kernel's form) in the same graph machinery."""
     from vlmcli.engines import clip_kernels, ggml
     from vlmcli.engines.clip import _to_bf16
     from vlmcli.engines.ggml import Backend, Graph
@@ -102,7 +102,7 @@ def ggml_rate(qtype: str, k: int, m: int, n: int, threads: int, runs: int, buft:
         xin = g.input("F32", (k, n), "x")
         if kind:  # vlm's own kernel (engines/clip_kernels.py)
             values = raw.reshape(m, k) if kind == "i16" else raw.view(np.uint16).reshape(m, k)  # i16: from F16 values
-            y = g.output(clip_kernels.linear(g, xin, clip_kernels.pack(values, kind)))
+            y = g.output(clip_kernels.linear(g, xin, clip_kernels.pack(values, kind), vnni=vnni))
         else:
             backend.set(w, raw)
             y = g.output(g.mul_mat(w, xin))
@@ -165,11 +165,13 @@ def main() -> int:
             cosines[label] = min(r[1] for r in results.values())
     from vlmcli.engines import clip_kernels
 
-    for kind, qtype in (("bf16", "BF16"), ("f16", "F16"), ("i16", "F16")):
-        if clip_kernels.available(kind) and (kind != "bf16" or args.isa == "native"):
-            label = f"vlm {kind} kernel (clip_kernels)"
+    vnni = clip_kernels.has_vnni() and args.isa == "native"
+    for kind, qtype, form in (("bf16", "BF16", None), ("f16", "F16", None), ("i16", "F16", False), ("i16", "F16", True)):
+        if clip_kernels.available(kind) and (kind != "bf16" or args.isa == "native") and (not form or vnni):
+            label = f"vlm {kind} kernel{' (AVX2 form)' if form is False else ' (AVX512_VNNI)' if form else ''}"
             print(f"{label} ...", file=sys.stderr)
-            results = {name: ggml_rate(qtype, *shape, args.threads, args.runs, None, kind) for name, shape in SHAPES.items()}
+            results = {name: ggml_rate(qtype, *shape, args.threads, args.runs, None, kind, form)
+                       for name, shape in SHAPES.items()}
             rows[label] = {name: r[0] for name, r in results.items()}
             cosines[label] = min(r[1] for r in results.values())
     rows[f"numpy sgemm ({blas.describe()})"] = blas_rates(args.runs, False, args.threads)

@@ -249,3 +249,27 @@ def test_attention_refuses_what_it_cannot_run():
         y = g.input("F32", (3 * 64, 10))
         with pytest.raises(ValueError, match="do not fit"):
             clip_kernels.attention(g, y, np.array([(0, 6), (6, 6)]), 1, False)
+
+
+@pytest.mark.skipif(not clip_kernels.has_vnni(), reason="the i16 kernel's 512-bit form needs AVX512_VNNI")
+@pytest.mark.parametrize("k,n,rows", [(768, 96, 200), (64, 48, 1), (512, 64, 13), (3072, 32, 50)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_i16_vnni_form_gives_the_avx2_forms_bits(k, n, rows, n_threads):
+    rng = np.random.default_rng(k * n + rows)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    layer = Linear(w, bias, "gelu_quick", n_threads, "i16")
+    try:
+        got = {}
+        for vnni in (False, True):
+            with Graph(8, 8) as g:
+                xi = g.input("F32", (k, rows))
+                out = g.output(clip_kernels.linear(g, xi, layer.packed, layer.bias, layer.act, vnni=vnni))
+                layer.backend.allocate(g)
+                layer.backend.set(xi, x)
+                layer.backend.compute(g)
+                got[vnni] = layer.backend.get(out, 2)
+    finally:
+        layer.close()
+    assert np.array_equal(got[False], got[True])

@@ -376,6 +376,127 @@ TARGET2 static void run_i16(const struct vlm_matmul *op, const float *x, const f
     }
 }
 
+/* --- AVX512_VNNI: the I16 matmul in 512-bit registers ------------------------------------------ */
+
+/* The same numbers as tile_i16 (the same packed w, the same exact block sums, the same float32 steps
+   per block), so the two give identical bits; VPDPWSSD does VPMADDWD's 16 multiply-adds and the add in
+   one instruction, 32 to a register. A tile is MR rows by two panels (32 columns, 24 accumulators). */
+#define TARGETV __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+/* One mr x (16 np) tile, np 1 or 2 panels: a mr rows of quantized x interleaved by pairs ([k / 2][mr][2])
+   with their block scales (stride blocks); panel, panel + NR2 * k: the packed panels, w_scales theirs
+   (stride blocks * NR2); y mr rows of 16 np floats. */
+TARGETV static inline __attribute__((always_inline)) void tile_vnni(const int mr, const int np, const int16_t *a,
+        const float *a_scales, const int16_t *panel, const float *w_scales, int64_t k, float *y, int64_t ldy) {
+    const int64_t blocks = (k + KB - 1) / KB, stride = NR2 * k;
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t p0 = b * (KB / 2), p1 = (b + 1) * KB < k ? (b + 1) * (KB / 2) : k / 2;
+        __m512i acc[MR][2];
+#pragma GCC unroll 16
+        for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+        if (mr == MR && np == 2) { /* written out, or the compiler copies accumulators around and spills */
+            for (int64_t p = p0; p < p1; p++) {
+                const __m512i w0 = _mm512_loadu_si512(panel + p * 2 * NR2);
+                const __m512i w1 = _mm512_loadu_si512(panel + stride + p * 2 * NR2);
+                __m512i x;
+#define ROW(disp, i) "vpbroadcastd " disp "(%[a]), %[x]\n\t" \
+                     "vpdpwssd %[w0], %[x], %[c" #i "0]\n\tvpdpwssd %[w1], %[x], %[c" #i "1]\n\t"
+#define THREE_ROWS(r)                                                                                       \
+                __asm__(ROW("0", 0) ROW("4", 1) ROW("8", 2)                                                 \
+                        : [c00] "+v"(acc[r][0]), [c01] "+v"(acc[r][1]), [c10] "+v"(acc[r + 1][0]),        \
+                          [c11] "+v"(acc[r + 1][1]), [c20] "+v"(acc[r + 2][0]), [c21] "+v"(acc[r + 2][1]), \
+                          [x] "=&v"(x)                                                                    \
+                        : [w0] "v"(w0), [w1] "v"(w1), [a] "r"(a + 2 * (MR * p + r)) : "memory")
+                THREE_ROWS(0);
+                THREE_ROWS(3);
+                THREE_ROWS(6);
+                THREE_ROWS(9);
+#undef THREE_ROWS
+#undef ROW
+            }
+        } else for (int64_t p = p0; p < p1; p++) {
+            const __m512i w0 = _mm512_loadu_si512(panel + p * 2 * NR2);
+            const __m512i w1 = np == 2 ? _mm512_loadu_si512(panel + stride + p * 2 * NR2) : w0;
+#pragma GCC unroll 16
+            for (int i = 0; i < mr; i++) {
+                int32_t pair;
+                memcpy(&pair, a + 2 * (p * mr + i), sizeof pair);
+                const __m512i x = _mm512_set1_epi32(pair);
+                acc[i][0] = _mm512_dpwssd_epi32(acc[i][0], x, w0);
+                if (np == 2) acc[i][1] = _mm512_dpwssd_epi32(acc[i][1], x, w1);
+            }
+        }
+        const __m512 s0 = _mm512_loadu_ps(w_scales + b * NR2);
+        const __m512 s1 = np == 2 ? _mm512_loadu_ps(w_scales + blocks * NR2 + b * NR2) : s0;
+#pragma GCC unroll 16
+        for (int i = 0; i < mr; i++) {
+            const __m512 sa = _mm512_set1_ps(a_scales[i * blocks + b]);
+            const __m512 c0 = _mm512_cvtepi32_ps(acc[i][0]), t0 = _mm512_mul_ps(s0, sa);
+            float *out = y + i * ldy;
+            _mm512_storeu_ps(out, b ? _mm512_fmadd_ps(c0, t0, _mm512_loadu_ps(out)) : _mm512_mul_ps(c0, t0));
+            if (np == 2) {
+                const __m512 c1 = _mm512_cvtepi32_ps(acc[i][1]), t1 = _mm512_mul_ps(s1, sa);
+                _mm512_storeu_ps(out + NR2, b ? _mm512_fmadd_ps(c1, t1, _mm512_loadu_ps(out + NR2)) : _mm512_mul_ps(c1, t1));
+            }
+        }
+    }
+}
+
+TARGETV static void tile_vnni_rows(int mr, int np, const int16_t *a, const float *a_scales, const int16_t *panel,
+                                   const float *w_scales, int64_t k, float *y, int64_t ldy) {
+    switch (mr * 2 + np - 1) {
+#define CASE(r) case 2 * r: tile_vnni(r, 1, a, a_scales, panel, w_scales, k, y, ldy); break; \
+                case 2 * r + 1: tile_vnni(r, 2, a, a_scales, panel, w_scales, k, y, ldy); break;
+    CASE(12) CASE(11) CASE(10) CASE(9) CASE(8) CASE(7) CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) CASE(1)
+#undef CASE
+    }
+}
+
+static int64_t vnni_block(int64_t k) { /* rows of quantized x that stay in L2 (256 KB) */
+    const int64_t rows = (256 * 1024 / (2 * k)) / MR * MR;
+    return rows < MR ? MR : rows;
+}
+
+/* Rows [m0, m1) and panels [p0, p1) (of 16 columns, two at a time) of y. */
+TARGETV static void run_vnni(const struct vlm_matmul *op, const float *x, const float *bias, float *y,
+                             int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    static __thread int16_t *rows_q, *row; /* one per ggml thread, kept for the next op */
+    static __thread float *rows_scales;
+    static __thread size_t rows_cap, scales_cap, row_cap;
+    const int64_t k = op->k, n = op->n, mb_rows = vnni_block(k), blocks = (k + KB - 1) / KB;
+    const size_t need = (size_t)mb_rows * k * sizeof(int16_t), need_scales = (size_t)mb_rows * blocks * sizeof(float);
+    if (need > rows_cap || need_scales > scales_cap || (size_t)k > row_cap) {
+        free(rows_q);
+        free(rows_scales);
+        free(row);
+        rows_q = aligned_alloc(64, (need + 63) / 64 * 64);
+        rows_scales = malloc(need_scales);
+        row = malloc(k * sizeof(int16_t));
+        if (!rows_q || !rows_scales || !row) abort(); /* as ggml does when it cannot allocate */
+        rows_cap = need, scales_cap = need_scales, row_cap = k;
+    }
+    const int16_t *w = (const int16_t *)op->w;
+    for (int64_t mb = m0; mb < m1; mb += mb_rows) {
+        const int64_t rows = m1 - mb < mb_rows ? m1 - mb : mb_rows;
+        for (int64_t r = 0; r < rows; r++) { /* row r goes to place r % MR of its tile's pairs */
+            const int64_t tile0 = r / MR * MR, mr = rows - tile0 < MR ? rows - tile0 : MR;
+            quantize_row(x + (mb + r) * k, k, row, rows_scales + r * blocks);
+            int16_t *dst = rows_q + tile0 * k + 2 * (r - tile0);
+            for (int64_t p = 0; p < k / 2; p++) memcpy(dst + 2 * mr * p, row + 2 * p, 2 * sizeof(int16_t));
+        }
+        for (int64_t p = p0; p < p1; p += 2) {
+            const int np = p1 - p < 2 ? 1 : 2;
+            for (int64_t r = 0; r < rows; r += MR) {
+                const int mr = rows - r < MR ? (int)(rows - r) : MR;
+                float *out = y + (mb + r) * n + p * NR2;
+                tile_vnni_rows(mr, np, rows_q + r * k, rows_scales + r * blocks, w + p * NR2 * k,
+                               op->w_scales + p * blocks * NR2, k, out, n);
+                finish_rows(out, n, mr, np * NR2, bias ? bias + p * NR2 : NULL, op->act);
+            }
+        }
+    }
+}
+
 #define KEY_BLOCK 64 /* keys scored at once: 8 vectors of 8 scores accumulate in registers */
 
 /* Room attend needs for a sequence of len tokens and heads of hd floats. */
@@ -507,6 +628,13 @@ static void share_attention(void *dst, int ith, int nth, const struct vlm_attent
     }
 }
 
+static int cpu_has_vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+}
+
 static int cpu_level(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
@@ -523,6 +651,15 @@ static int cpu_level(void) {
 int vlm_clip_kernels_level(void) {
 #if HAVE_KERNEL
     return cpu_level();
+#else
+    return 0;
+#endif
+}
+
+/* Whether the I16 kernels' 512-bit form (AVX512_VNNI) runs here: vlm_i16_vnni_matmul_op. */
+int vlm_clip_kernels_vnni(void) {
+#if HAVE_KERNEL
+    return cpu_has_vnni();
 #else
     return 0;
 #endif
@@ -578,6 +715,7 @@ int vlm_i16_pack(const void *w, int32_t f16, int64_t n, int64_t k, int16_t *pack
 OP(vlm_bf16_matmul_op, share_matmul(dst, ith, nth, userdata, MR, NR, MB, run))
 OP(vlm_f16_matmul_op, share_matmul(dst, ith, nth, userdata, MR2, NR2, f16_block(((const struct vlm_matmul *)userdata)->k), run_f16))
 OP(vlm_i16_matmul_op, share_matmul(dst, ith, nth, userdata, MR2, NR2, i16_block(((const struct vlm_matmul *)userdata)->k), run_i16))
+OP(vlm_i16_vnni_matmul_op, share_matmul(dst, ith, nth, userdata, MR, NR2, vnni_block(((const struct vlm_matmul *)userdata)->k), run_vnni))
 OP(vlm_attention_op, share_attention(dst, ith, nth, userdata))
 #undef OP
 

@@ -7,7 +7,8 @@ Three kinds, by what the CPU has:
 - "i16" (AVX2, FMA, F16C): weights and activations as 16-bit integers with a scale per 128 values of k
   (a column of w, a row of x), |q| <= 4095, exact 32-bit integer sums (VPMADDWD, 16 multiply-adds per
   instruction) scaled into F32 per block: 1.4-1.5x the f16 kernel's rate on a Zen 4 held to AVX2, a
-  cosine to F32 of 0.999995 and more on ViT-B/32.
+  cosine to F32 of 0.999995 and more on ViT-B/32. Where the CPU has AVX512_VNNI the same numbers, bit
+  for bit, come from a 512-bit form (VPDPWSSD: 32 multiply-adds and the add in one instruction).
 - "f16" (AVX2, FMA, F16C): weights held as F16, everything else F32 (more exact than ggml's F16
   mul_mat, which rounds the activations to F16 too).
 The weights are packed for the kernel when the model loads (`pack`); every linear layer of a graph
@@ -23,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,12 +42,15 @@ class Kind:
     panel: int  # output columns per packed panel
     k_multiple: int  # rows of k must be a multiple of this
     matmul_op: str
+    vnni_op: str | None = None  # the same results in 512-bit registers, where the CPU has AVX512_VNNI
 
 
 KINDS = {"bf16": Kind("bf16", 2, 32, 16, "vlm_bf16_matmul_op"), "f16": Kind("f16", 1, 16, 1, "vlm_f16_matmul_op"),
-         "i16": Kind("i16", 1, 16, 2, "vlm_i16_matmul_op")}
+         "i16": Kind("i16", 1, 16, 2, "vlm_i16_matmul_op", "vlm_i16_vnni_matmul_op")}
 I16_BLOCK, I16_MAX = 128, 4095  # KB and QMAX in the C file: a scale per 128 values of k, |q| <= 4095
 ACTIVATIONS = {None: 0, "gelu_quick": 1}  # what the kernels can apply themselves (act in the C struct)
+# "avx2": only the AVX2 kernels, as an AVX2-only CPU runs them (benchmarks' proxy; like oneDNN's ONEDNN_MAX_CPU_ISA)
+MAX_ISA_ENV = "VLM_CLIP_MAX_ISA"
 HEAD_MULTIPLE, MAX_HEAD = 8, 128  # the attention op (AVX2, both kinds): heads of hd floats, 8 to a register
 
 
@@ -74,7 +79,19 @@ def _library() -> tuple[ctypes.CDLL | None, int]:
         return None, 0
     lib = ctypes.CDLL(_clip_kernels.__file__)
     lib.vlm_clip_kernels_level.restype = ctypes.c_int
-    return lib, int(lib.vlm_clip_kernels_level())
+    level = int(lib.vlm_clip_kernels_level())
+    return lib, min(level, 1) if _held_to_avx2() else level
+
+
+def _held_to_avx2() -> bool:
+    return os.environ.get(MAX_ISA_ENV, "").strip().lower() == "avx2"
+
+
+@functools.lru_cache(maxsize=1)
+def has_vnni() -> bool:
+    """Whether this CPU runs the kernels' 512-bit forms (AVX512_VNNI: the i16 kind's vnni_op)."""
+    lib = _library()[0]
+    return lib is not None and not _held_to_avx2() and bool(lib.vlm_clip_kernels_vnni())
 
 
 def available(kind: str) -> bool:
@@ -189,9 +206,16 @@ def unpack(w: PackedWeight) -> np.ndarray:
     return w.data.transpose(0, 2, 1).reshape(w.n, w.k)
 
 
-def linear(g: Graph, x: Tensor, w: PackedWeight, bias: Tensor | None = None, act: str | None = None) -> Tensor:
-    """act(x @ w.T + bias) for x [k, ...] F32 contiguous -> [n, ...], on every thread of the graph."""
-    fun = _op(KINDS[w.kind].matmul_op, KINDS[w.kind].level)
+def linear(g: Graph, x: Tensor, w: PackedWeight, bias: Tensor | None = None, act: str | None = None,
+           vnni: bool | None = None) -> Tensor:
+    """act(x @ w.T + bias) for x [k, ...] F32 contiguous -> [n, ...], on every thread of the graph; vnni:
+    the kind's 512-bit form (None: wherever the CPU has it)."""
+    spec = KINDS[w.kind]
+    if vnni is None:
+        vnni = spec.vnni_op is not None and has_vnni()
+    if vnni and (spec.vnni_op is None or not has_vnni()):
+        raise RuntimeError(f"vlm's {w.kind} kernel has no 512-bit form on this machine")
+    fun = _op(spec.vnni_op if vnni else spec.matmul_op, spec.level)
     if x.type != ggml.F32 or not x.is_contiguous() or x.ne[0] != w.k:
         raise ValueError(f"the {w.kind} kernel needs contiguous F32 rows of {w.k}, got {x.shape}")
     if bias is not None and (bias.type != ggml.F32 or bias.n_elements != w.n or not bias.is_contiguous()):
