@@ -258,6 +258,8 @@ def main() -> int:
             for label, kind, model, env_change in variants:
                 print(f"round {r + 1}/{args.rounds}: {label} ...", file=sys.stderr)
                 env = dict(os.environ)
+                if args.isa == "avx2":  # vlm's kernels in their AVX2 forms (no VNNI or BF16 ones)
+                    env["VLM_CLIP_MAX_ISA"] = "avx2"
                 for key, value in env_change.items():
                     env.pop(key, None) if value is None else env.__setitem__(key, value)
                 emb = work / f"emb-{label.replace(' ', '_').replace('(', '').replace(')', '')}.npz"
