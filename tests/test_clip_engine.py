@@ -94,7 +94,7 @@ def test_weights_type_auto_follows_the_cpu_and_keeps_quantized_files(clip_ggufs,
 
     monkeypatch.setenv("VLM_CLIP_WEIGHTS", "auto")
     first = ("vlm bf16" if clip_kernels.available("bf16") else
-             "vlm i16" if clip_kernels.available("i16") and not ggml.lib().ggml_cpu_has_avx512() else
+             "vlm i16" if clip_kernels.available("i16") else
              "ggml BF16" if ggml.lib().ggml_cpu_has_avx512_bf16() else "ggml F16")
     with ClipModel.load(clip_ggufs["quick_gelu", "F16"]) as m:
         assert (m.matmul_kernel, m.weights_type) == {"vlm bf16": ("vlm bf16", "BF16"), "vlm i16": ("vlm i16", "I16"),

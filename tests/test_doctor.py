@@ -85,7 +85,8 @@ def test_json_report_agrees_with_llama_cpp_and_ggml(env: dict[str, str]) -> None
 
     bf16_ggml = ggml.lib().ggml_cpu_has_avx512_bf16()
     assert runs["clip_cpu_kernels"] == ("vlm's BF16 kernels (AVX512_BF16)" if clip_kernels.available("bf16") else
-                                        "vlm's I16 kernels (AVX2)" if clip_kernels.available("i16") and not ggml.lib().ggml_cpu_has_avx512() else
+                                        "vlm's I16 kernels (AVX512_VNNI)" if clip_kernels.has_vnni() else
+                                        "vlm's I16 kernels (AVX2)" if clip_kernels.available("i16") else
                                         "ggml, F16/F32 weights held as BF16" if bf16_ggml else "ggml, weights as stored")
     # store (empty, not even created), its image-encoding cache (empty), the hub settings; the token only as present
     assert rep["store"] == {"root": env["VLM_HOME"], "exists": False, "models": [], "models_bytes": 0, "downloads_bytes": 0}
@@ -97,6 +98,17 @@ def test_json_report_agrees_with_llama_cpp_and_ggml(env: dict[str, str]) -> None
     if rep["llama"]["amx_compiled_in"]:
         assert any("VLM_AMX=1" in w for w in rep["warnings"]) and rep["llama"]["extra_buffers"] is False
     assert not Path(env["VLM_HOME"]).exists()  # a doctor looks, it does not create the store
+
+
+def test_clip_kernels_held_to_avx2_are_the_i16_ones(env: dict[str, str]) -> None:
+    """VLM_CLIP_MAX_ISA=avx2 makes an AVX-512 CPU choose what an AVX2-only one does: vlm's i16 kernels."""
+    from vlmcli.engines import clip_kernels
+
+    if not clip_kernels.available("i16"):
+        pytest.skip("vlm's kernels were not built here, or this CPU lacks AVX2")
+    r = vlm("doctor", "--json", env={**env, "VLM_CLIP_MAX_ISA": "avx2"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["runs_on"]["clip_cpu_kernels"] == "vlm's I16 kernels (AVX2)"
 
 
 def test_text_report_has_every_fact_and_no_token(env: dict[str, str]) -> None:

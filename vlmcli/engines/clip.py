@@ -79,9 +79,9 @@ COMPUTE_PATHS = ("auto", "ggml", "blas")
 COMPUTE_PATH_ENV = "VLM_CLIP_PATH"
 # How F16 / F32 matmul weights are held on the ggml CPU path (VLM_CLIP_WEIGHTS): "stored" as in the file,
 # "bf16" as BF16 ggml tensors for ggml's mul_mat, "vlm-bf16" / "vlm-f16" / "vlm-i16" as BF16 / F16 / 16-bit
-# integers packed for vlm's own kernels (engines/clip_kernels.py; AVX512_BF16 / AVX2 / AVX2). "auto" takes the
-# first this machine runs of vlm-bf16, vlm-i16 (CPUs without AVX-512: see weights_layout), bf16 (where ggml
-# has AVX512_BF16) and stored: BF16 dot products (VDPBF16PS) and 16-bit integer ones (VPMADDWD) do twice the
+# integers packed for vlm's own kernels (engines/clip_kernels.py; AVX512_BF16 / AVX2 / AVX2, with an AVX512_VNNI
+# form of i16). "auto" takes the first this machine runs of vlm-bf16, vlm-i16 (see weights_layout), bf16 (where
+# ggml has AVX512_BF16: vlm built without a C compiler) and stored: BF16 dot products (VDPBF16PS) and 16-bit integer ones (VPMADDWD) do twice the
 # multiply-adds of an F32 FMA per instruction (cosine to F32 on ViT-B/32: BF16 0.99998, I16 0.999995+), and
 # vlm's kernels beat ggml's (README, "Measured here"). Quantized files are kept as they are.
 WEIGHTS_TYPES = ("auto", "stored", "bf16", "vlm-bf16", "vlm-f16", "vlm-i16")
@@ -271,18 +271,18 @@ def weights_layout(on_cpu: bool) -> str:
     if choice == "auto":
         if clip_kernels.available("bf16"):
             return "vlm-bf16"
-        # vlm's AVX2 kernels: i16 before f16, VPMADDWD doing twice an FMA's multiply-adds (1.4x the images/s
-        # on a Zen 4 held to AVX2; where a CPU issues one VPMADDWD per cycle, Zen 2 or Haswell, the two are
-        # even). On an AVX-512 CPU without BF16 (Intel Skylake to Ice Lake, whose two 512-bit FMA units
-        # double that width) ggml's own AVX-512 kernels have not been measured against them: ggml keeps those
-        if clip_kernels.available("i16") and not ggml.lib().ggml_cpu_has_avx512():
+        # vlm's i16 kernels next, before f16 and before ggml's AVX-512 ones: VPMADDWD (or VNNI's VPDPWSSD)
+        # does twice an FMA's multiply-adds per instruction. On a Zen 4 held to AVX2 they ran 1.4x the f16
+        # kernels' images/s; on its AVX-512 (the VNNI form) 39 images/s against ggml F16's 17 (README,
+        # "Measured here"). Where a CPU issues one VPMADDWD per cycle (Zen 2, Haswell) i16 and f16 are even.
+        if clip_kernels.available("i16"):
             return "vlm-i16"
         return "bf16" if ggml.lib().ggml_cpu_has_avx512_bf16() else "stored"
     return choice
 
 
 CPU_KERNELS = {"vlm-bf16": "vlm's BF16 kernels (AVX512_BF16)", "vlm-f16": "vlm's F16 kernels (AVX2)",
-               "vlm-i16": "vlm's I16 kernels (AVX2)",
+               "vlm-i16": "vlm's I16 kernels (AVX2)", "vlm-i16-vnni": "vlm's I16 kernels (AVX512_VNNI)",
                "bf16": "ggml, F16/F32 weights held as BF16", "stored": "ggml, weights as stored",
                "blas": "numpy + BLAS (VLM_CLIP_PATH=blas)"}
 
@@ -291,7 +291,8 @@ def cpu_kernels() -> str:
     """What runs a CLIP F16 file on the CPU here by default (vlm doctor)."""
     if choose_compute_path(None, on_cpu=True) == "blas":
         return CPU_KERNELS["blas"]
-    return CPU_KERNELS[weights_layout(on_cpu=True)]
+    layout = weights_layout(on_cpu=True)
+    return CPU_KERNELS["vlm-i16-vnni" if layout == "vlm-i16" and clip_kernels.has_vnni() else layout]
 
 
 def _to_f16(raw: np.ndarray, type_name: str, name: str, path: Path) -> np.ndarray:
