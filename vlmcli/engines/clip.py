@@ -12,8 +12,8 @@ each fallback is recorded in ClipConfig.notes for the front end to show.
 
 On x86 CPUs the linear layers and the attention run on vlm's own kernels instead of ggml's mul_mat and
 attention ops (engines/clip_kernels.py, custom ops in the same graphs; BF16 with AVX512_BF16, 16-bit
-integers with AVX2, or F16 weights in F32 arithmetic, VLM_CLIP_WEIGHTS=vlm-f16), 1.3-2.4x faster; texts then run packed one after another, each at its own
-length. Elsewhere, or with VLM_CLIP_WEIGHTS=stored|bf16, the graphs are ggml's alone.
+integers with AVX2 or AVX512_VNNI, or F16 weights in F32 arithmetic, VLM_CLIP_WEIGHTS=vlm-f16), 1.3-2.4x
+faster; texts then run packed one after another, each at its own length. Elsewhere, or with VLM_CLIP_WEIGHTS=stored|bf16, the graphs are ggml's alone.
 
 The same forward pass also runs in numpy (engines/clip_numpy.py, the "blas" path, VLM_CLIP_PATH=blas): it
 holds up when other processes share the cores (nothing spins), but on an idle machine ggml's kernels were
@@ -81,9 +81,10 @@ COMPUTE_PATH_ENV = "VLM_CLIP_PATH"
 # "bf16" as BF16 ggml tensors for ggml's mul_mat, "vlm-bf16" / "vlm-f16" / "vlm-i16" as BF16 / F16 / 16-bit
 # integers packed for vlm's own kernels (engines/clip_kernels.py; AVX512_BF16 / AVX2 / AVX2, with an AVX512_VNNI
 # form of i16). "auto" takes the first this machine runs of vlm-bf16, vlm-i16 (see weights_layout), bf16 (where
-# ggml has AVX512_BF16: vlm built without a C compiler) and stored: BF16 dot products (VDPBF16PS) and 16-bit integer ones (VPMADDWD) do twice the
-# multiply-adds of an F32 FMA per instruction (cosine to F32 on ViT-B/32: BF16 0.99998, I16 0.999995+), and
-# vlm's kernels beat ggml's (README, "Measured here"). Quantized files are kept as they are.
+# ggml has AVX512_BF16: vlm built without a C compiler) and stored: BF16 dot products (VDPBF16PS) and 16-bit
+# integer ones (VPMADDWD) do twice the multiply-adds of an F32 FMA per instruction (cosine to F32 on ViT-B/32:
+# BF16 0.99998, I16 0.999995+), and vlm's kernels beat ggml's (README, "Measured here"). Quantized files are
+# kept as they are.
 WEIGHTS_TYPES = ("auto", "stored", "bf16", "vlm-bf16", "vlm-f16", "vlm-i16")
 # (held type, kernel kind); "I16" is vlm's own (16-bit integers with a scale per 128 k, clip_kernels.pack)
 LAYOUTS = {"stored": (None, None), "bf16": ("BF16", None), "vlm-bf16": ("BF16", "bf16"), "vlm-f16": ("F16", "f16"),
@@ -272,7 +273,7 @@ def weights_layout(on_cpu: bool) -> str:
         if clip_kernels.available("bf16"):
             return "vlm-bf16"
         # vlm's i16 kernels next, before f16 and before ggml's AVX-512 ones: VPMADDWD (or VNNI's VPDPWSSD)
-        # does twice an FMA's multiply-adds per instruction. On a Zen 4 held to AVX2 they ran 1.4x the f16
+        # does twice an FMA's multiply-adds per instruction. On a Zen 4 held to AVX2 they ran 1.5x the f16
         # kernels' images/s; on its AVX-512 (the VNNI form) 39 images/s against ggml F16's 17 (README,
         # "Measured here"). Where a CPU issues one VPMADDWD per cycle (Zen 2, Haswell) i16 and f16 are even.
         if clip_kernels.available("i16"):
