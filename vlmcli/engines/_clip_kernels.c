@@ -255,8 +255,7 @@ TARGET2 static inline float hmax8(__m256 v) {
    broadcasts read one stream, not mr rows apart), their block scales (stride blocks), panel one packed
    panel of w ([k / 2][16][2]) with its scales ([blocks][16]). */
 TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr, const int16_t *a,
-        const float *a_scales, const int16_t *panel, const float *w_scales, int64_t k, float *y, int64_t ldy,
-        const float *bias, int act) {
+        const float *a_scales, const int16_t *panel, const float *w_scales, int64_t k, float *y, int64_t ldy) {
     const int64_t blocks = (k + KB - 1) / KB;
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t p0 = b * (KB / 2), p1 = (b + 1) * KB < k ? (b + 1) * (KB / 2) : k / 2;
@@ -305,13 +304,17 @@ TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr,
             _mm256_storeu_ps(y + i * ldy + 8, v1);
         }
     }
-    finish_rows(y, ldy, mr, NR2, bias, act);
 }
 
-TARGET2 static void tile_i16_rows(int mr, const int16_t *a, const float *a_scales, const int16_t *panel,
-                                  const float *w_scales, int64_t k, float *y, int64_t ldy, const float *bias, int act) {
+/* A tile of mr rows by np panels (the AVX2 form: always 1). */
+typedef void (*i16_tile_fn)(int mr, int np, const int16_t *a, const float *a_scales, const int16_t *panel,
+                            const float *w_scales, int64_t k, float *y, int64_t ldy);
+
+TARGET2 static void tile_i16_rows(int mr, int np, const int16_t *a, const float *a_scales, const int16_t *panel,
+                                  const float *w_scales, int64_t k, float *y, int64_t ldy) {
+    (void)np;
     switch (mr) {
-#define CASE(r) case r: tile_i16(r, a, a_scales, panel, w_scales, k, y, ldy, bias, act); break;
+#define CASE(r) case r: tile_i16(r, a, a_scales, panel, w_scales, k, y, ldy); break;
     CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) CASE(1)
 #undef CASE
     }
@@ -373,20 +376,32 @@ TARGET2 static const int16_t *quantize_tiles(const float *x, int64_t rows, int64
     return rows_q;
 }
 
-TARGET2 static void run_i16(const struct vlm_matmul *op, const float *x, const float *bias, float *y,
-                            int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-    const int64_t k = op->k, n = op->n, mb_rows = i16_block(k, MR2), blocks = (k + KB - 1) / KB;
+/* Rows [m0, m1) and panels [p0, p1) of y for either form: each block of rows that stays in L2 is
+   quantized once, then every panel (np_max at a time) passes over it in tiles of mr_max rows. */
+static void run_i16_form(const struct vlm_matmul *op, const float *x, const float *bias, float *y, int64_t m0,
+                         int64_t m1, int64_t p0, int64_t p1, int mr_max, int np_max, i16_tile_fn tile) {
+    const int64_t k = op->k, n = op->n, mb_rows = i16_block(k, mr_max), blocks = (k + KB - 1) / KB;
     const int16_t *w = (const int16_t *)op->w;
     for (int64_t mb = m0; mb < m1; mb += mb_rows) {
         const int64_t rows = m1 - mb < mb_rows ? m1 - mb : mb_rows;
         const float *rows_scales;
-        const int16_t *rows_q = quantize_tiles(x + mb * k, rows, k, MR2, &rows_scales);
-        for (int64_t p = p0; p < p1; p++)
-            for (int64_t r = 0; r < rows; r += MR2)
-                tile_i16_rows(rows - r < MR2 ? (int)(rows - r) : MR2, rows_q + r * k, rows_scales + r * blocks,
-                              w + p * NR2 * k, op->w_scales + p * blocks * NR2, k, y + (mb + r) * n + p * NR2, n,
-                              bias ? bias + p * NR2 : NULL, op->act);
+        const int16_t *rows_q = quantize_tiles(x + mb * k, rows, k, mr_max, &rows_scales);
+        for (int64_t p = p0; p < p1; p += np_max) {
+            const int np = p1 - p < np_max ? (int)(p1 - p) : np_max;
+            for (int64_t r = 0; r < rows; r += mr_max) {
+                const int mr = rows - r < mr_max ? (int)(rows - r) : mr_max;
+                float *out = y + (mb + r) * n + p * NR2;
+                tile(mr, np, rows_q + r * k, rows_scales + r * blocks, w + p * NR2 * k,
+                     op->w_scales + p * blocks * NR2, k, out, n);
+                finish_rows(out, n, mr, np * NR2, bias ? bias + p * NR2 : NULL, op->act);
+            }
+        }
     }
+}
+
+static void run_i16(const struct vlm_matmul *op, const float *x, const float *bias, float *y,
+                    int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    run_i16_form(op, x, bias, y, m0, m1, p0, p1, MR2, 1, tile_i16_rows);
 }
 
 /* --- AVX512_VNNI: the I16 matmul in 512-bit registers ------------------------------------------ */
@@ -465,26 +480,9 @@ TARGETV static void tile_vnni_rows(int mr, int np, const int16_t *a, const float
     }
 }
 
-/* Rows [m0, m1) and panels [p0, p1) (of 16 columns, two at a time) of y. */
-TARGETV static void run_vnni(const struct vlm_matmul *op, const float *x, const float *bias, float *y,
-                             int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-    const int64_t k = op->k, n = op->n, mb_rows = i16_block(k, MR), blocks = (k + KB - 1) / KB;
-    const int16_t *w = (const int16_t *)op->w;
-    for (int64_t mb = m0; mb < m1; mb += mb_rows) {
-        const int64_t rows = m1 - mb < mb_rows ? m1 - mb : mb_rows;
-        const float *rows_scales;
-        const int16_t *rows_q = quantize_tiles(x + mb * k, rows, k, MR, &rows_scales);
-        for (int64_t p = p0; p < p1; p += 2) {
-            const int np = p1 - p < 2 ? 1 : 2;
-            for (int64_t r = 0; r < rows; r += MR) {
-                const int mr = rows - r < MR ? (int)(rows - r) : MR;
-                float *out = y + (mb + r) * n + p * NR2;
-                tile_vnni_rows(mr, np, rows_q + r * k, rows_scales + r * blocks, w + p * NR2 * k,
-                               op->w_scales + p * blocks * NR2, k, out, n);
-                finish_rows(out, n, mr, np * NR2, bias ? bias + p * NR2 : NULL, op->act);
-            }
-        }
-    }
+static void run_vnni(const struct vlm_matmul *op, const float *x, const float *bias, float *y,
+                     int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    run_i16_form(op, x, bias, y, m0, m1, p0, p1, MR, 2, tile_vnni_rows);
 }
 
 #define KEY_BLOCK 64 /* keys scored at once: 8 vectors of 8 scores accumulate in registers */

@@ -282,8 +282,7 @@ def weights_layout(on_cpu: bool) -> str:
     return choice
 
 
-CPU_KERNELS = {"vlm-bf16": "vlm's BF16 kernels (AVX512_BF16)", "vlm-f16": "vlm's F16 kernels (AVX2)",
-               "vlm-i16": "vlm's I16 kernels (AVX2)", "vlm-i16-vnni": "vlm's I16 kernels (AVX512_VNNI)",
+CPU_KERNELS = {"vlm-bf16": "vlm's BF16 kernels", "vlm-f16": "vlm's F16 kernels", "vlm-i16": "vlm's I16 kernels",
                "bf16": "ggml, F16/F32 weights held as BF16", "stored": "ggml, weights as stored",
                "blas": "numpy + BLAS (VLM_CLIP_PATH=blas)"}
 
@@ -293,7 +292,8 @@ def cpu_kernels() -> str:
     if choose_compute_path(None, on_cpu=True) == "blas":
         return CPU_KERNELS["blas"]
     layout = weights_layout(on_cpu=True)
-    return CPU_KERNELS["vlm-i16-vnni" if layout == "vlm-i16" and clip_kernels.has_vnni() else layout]
+    kind = LAYOUTS[layout][1]
+    return f"{CPU_KERNELS[layout]} ({clip_kernels.isa(kind)})" if kind else CPU_KERNELS[layout]
 
 
 def _to_f16(raw: np.ndarray, type_name: str, name: str, path: Path) -> np.ndarray:

@@ -42,11 +42,13 @@ class Kind:
     panel: int  # output columns per packed panel
     k_multiple: int  # rows of k must be a multiple of this
     matmul_op: str
+    isa: str  # what matmul_op runs on
     vnni_op: str | None = None  # the same results in 512-bit registers, where the CPU has AVX512_VNNI
 
 
-KINDS = {"bf16": Kind("bf16", 2, 32, 16, "vlm_bf16_matmul_op"), "f16": Kind("f16", 1, 16, 1, "vlm_f16_matmul_op"),
-         "i16": Kind("i16", 1, 16, 2, "vlm_i16_matmul_op", "vlm_i16_vnni_matmul_op")}
+KINDS = {"bf16": Kind("bf16", 2, 32, 16, "vlm_bf16_matmul_op", "AVX512_BF16"),
+         "f16": Kind("f16", 1, 16, 1, "vlm_f16_matmul_op", "AVX2"),
+         "i16": Kind("i16", 1, 16, 2, "vlm_i16_matmul_op", "AVX2", "vlm_i16_vnni_matmul_op")}
 I16_BLOCK, I16_MAX = 128, 4095  # KB and QMAX in the C file: a scale per 128 values of k, |q| <= 4095
 ACTIVATIONS = {None: 0, "gelu_quick": 1}  # what the kernels can apply themselves (act in the C struct)
 # "avx2": only the AVX2 kernels, as an AVX2-only CPU runs them (benchmarks' proxy; like oneDNN's ONEDNN_MAX_CPU_ISA)
@@ -92,6 +94,12 @@ def has_vnni() -> bool:
     """Whether this CPU runs the kernels' 512-bit forms (AVX512_VNNI: the i16 kind's vnni_op)."""
     lib = _library()[0]
     return lib is not None and not _held_to_avx2() and bool(lib.vlm_clip_kernels_vnni())
+
+
+def isa(kind: str) -> str:
+    """The instruction set a kind's matmul runs on here: its VNNI form where the CPU has it."""
+    spec = KINDS[kind]
+    return "AVX512_VNNI" if spec.vnni_op is not None and has_vnni() else spec.isa
 
 
 def available(kind: str) -> bool:
