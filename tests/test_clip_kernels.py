@@ -187,13 +187,15 @@ def test_a_row_does_not_depend_on_its_batch_mates_or_the_threads(kind):
 
 # --- the attention op -----------------------------------------------------------------------------
 
-def run_attention(qkv: np.ndarray, seqs: list[tuple[int, int]], n_heads: int, causal: bool, n_threads: int = 2):
-    """qkv (m, 3 d) -> the op's (m, d) in a real ggml graph."""
+def run_attention(qkv: np.ndarray, seqs: list[tuple[int, int]], n_heads: int, causal: bool, n_threads: int = 2,
+                  queries: list[tuple[int, int]] | None = None):
+    """qkv (m, 3 d) -> the op's (m, d) (or (len(queries), d)) in a real ggml graph."""
     backend = Backend(n_threads=n_threads)
     try:
         with Graph(8, 8) as g:
             x = g.input("F32", (qkv.shape[1], qkv.shape[0]))
-            out = g.output(clip_kernels.attention(g, x, np.array(seqs), n_heads, causal))
+            asked = None if queries is None else np.array(queries)
+            out = g.output(clip_kernels.attention(g, x, np.array(seqs), n_heads, causal, asked))
             backend.allocate(g)
             backend.set(x, qkv)
             backend.compute(g)
@@ -241,6 +243,21 @@ def test_attention_matches_float64_per_packed_sequence(causal, d, n_heads):
 
 
 @needs_attention
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_of_named_queries_gives_their_rows_of_the_whole(causal):
+    """What a tower's last block asks for: one token per sequence (the class token, the end of a text),
+    a sequence named twice (a lone image's pooled row is repeated), in any order."""
+    rng = np.random.default_rng(7 + causal)
+    seqs = [(0, 5), (5, 1), (6, 33), (39, 17)]
+    qkv = rng.standard_normal((56, 3 * 128)).astype(np.float32)
+    whole = run_attention(qkv, seqs, 2, causal)
+    queries = [(2, 0), (0, 4), (3, 16), (1, 0), (2, 32), (2, 0)]
+    got = run_attention(qkv, seqs, 2, causal, queries=queries)
+    assert got.shape == (len(queries), 128)
+    assert np.array_equal(got, whole[[seqs[s][0] + i for s, i in queries]])
+
+
+@needs_attention
 def test_attention_refuses_what_it_cannot_run():
     with Graph(8, 8) as g:
         x = g.input("F32", (3 * 36, 10))  # heads of 9 floats: not a multiple of the vector width
@@ -249,6 +266,9 @@ def test_attention_refuses_what_it_cannot_run():
         y = g.input("F32", (3 * 64, 10))
         with pytest.raises(ValueError, match="do not fit"):
             clip_kernels.attention(g, y, np.array([(0, 6), (6, 6)]), 1, False)
+        for queries in ([(1, 4)], [(0, 5)], [(0, -1)], []):  # no sequence 1, past its end, negative, none
+            with pytest.raises(ValueError, match="queries"):
+                clip_kernels.attention(g, y, np.array([(0, 5)]), 1, False, np.array(queries).reshape(-1, 2))
 
 
 @pytest.mark.skipif(not clip_kernels.has_vnni(), reason="the i16 kernel's 512-bit form needs AVX512_VNNI")

@@ -53,6 +53,9 @@ struct vlm_attention {
     int64_t n_seqs, d, n_heads;
     float scale;
     int32_t causal;
+    const int32_t *queries; /* NULL: every token's output (d x m); else n_queries pairs (sequence, token
+                               within it), output row i = query i's (d x n_queries) */
+    int64_t n_queries;
 };
 
 #if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 11 : __GNUC__ >= 11)
@@ -519,12 +522,12 @@ TARGET2 static void weigh_values(int n, const float *v, int64_t stride, const fl
 }
 
 /* Attention of one head over one sequence, in F32: out_i = sum_j softmax_j(scale q_i . k_j) v_j, with
-   j <= i when causal. qkv holds each token's q, k and v side by side (stride 3 d), out each token's
+   j <= i when causal, for the queries i in [q0, q1) (out: query q0's row). qkv holds each token's q, k and v side by side (stride 3 d), out each token's
    heads side by side (stride d); hd is a multiple of 8, at most 128. The keys are transposed first
    (scratch: attend_scratch floats), so 8 scores at a time accumulate along hd in one register each,
    with no horizontal sums. The same code serves AVX-512 CPUs: a 512-bit version was no faster. */
-TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t d, int64_t hd, float scale,
-                           int causal, float *scratch) {
+TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t q0, int64_t q1, int64_t d,
+                           int64_t hd, float scale, int causal, float *scratch) {
     const int64_t nv = hd / 8, width = (len + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
     float *kt = scratch, *scores = scratch + hd * width; /* kt[c][j] = k_j[c], zero past len */
     for (int64_t c = 0; c < hd; c++) {
@@ -532,7 +535,7 @@ TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t d,
         for (int64_t j = len; j < width; j++) kt[c * width + j] = 0.0f;
     }
     const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), minus_inf = _mm256_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < len; i++) {
+    for (int64_t i = q0; i < q1; i++) {
         const float *q = qkv + i * 3 * d;
         const int64_t keys = causal ? i + 1 : len, scored = (keys + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
         __m256 top = minus_inf;
@@ -565,7 +568,7 @@ TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t d,
         const float inv = 1.0f / hsum8(total);
         for (int64_t v0 = 0; v0 < nv; v0 += 8) /* 64 floats of the head at a time, in registers */
             weigh_values(nv - v0 < 8 ? (int)(nv - v0) : 8, qkv + 2 * d + 8 * v0, 3 * d, scores, inv, keys,
-                         out + i * d + 8 * v0);
+                         out + (i - q0) * d + 8 * v0);
     }
 }
 
@@ -594,25 +597,26 @@ static void share_matmul(void *dst, int ith, int nth, const struct vlm_matmul *o
     }
 }
 
-/* Threads share out the (sequence, head) pairs; each pair reads only its own sequence, so packing
-   several sequences together changes nothing. */
+/* Threads share out the (sequence, head) pairs, or (query, head) pairs where the op names its queries;
+   each reads only its own sequence, so packing several sequences together changes nothing. */
 static void share_attention(void *dst, int ith, int nth, const struct vlm_attention *op) {
     static __thread float *scratch;
     static __thread int64_t scratch_cap;
     const float *qkv = op->get_data(op->qkv);
     float *out = op->get_data(dst);
-    const int64_t hd = op->d / op->n_heads, items = op->n_seqs * op->n_heads;
+    const int64_t hd = op->d / op->n_heads, items = (op->queries ? op->n_queries : op->n_seqs) * op->n_heads;
     for (int64_t it = items * ith / nth; it < items * (ith + 1) / nth; it++) {
-        const int64_t s = it / op->n_heads, h = it % op->n_heads;
+        const int64_t row = it / op->n_heads, h = it % op->n_heads, s = op->queries ? op->queries[2 * row] : row;
         const int64_t first = op->seqs[2 * s], len = op->seqs[2 * s + 1];
+        const int64_t q0 = op->queries ? op->queries[2 * row + 1] : 0, q1 = op->queries ? q0 + 1 : len;
         if (attend_scratch(len, hd) > scratch_cap) {
             free(scratch);
             scratch_cap = attend_scratch(len, hd);
             scratch = malloc(scratch_cap * sizeof(float));
             if (!scratch) abort();
         }
-        attend(qkv + first * 3 * op->d + h * hd, out + first * op->d + h * hd, len, op->d, hd, op->scale,
-               op->causal, scratch);
+        attend(qkv + first * 3 * op->d + h * hd, out + (op->queries ? row : first) * op->d + h * hd, len, q0, q1,
+               op->d, hd, op->scale, op->causal, scratch);
     }
 }
 

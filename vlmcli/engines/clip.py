@@ -83,13 +83,16 @@ COMPUTE_PATH_ENV = "VLM_CLIP_PATH"
 # form of i16). "auto" takes the first this machine runs of vlm-bf16, vlm-i16 (see weights_layout), bf16 (where
 # ggml has AVX512_BF16: vlm built without a C compiler) and stored: BF16 dot products (VDPBF16PS) and 16-bit
 # integer ones (VPMADDWD) do twice the multiply-adds of an F32 FMA per instruction (cosine to F32 on ViT-B/32:
-# BF16 0.99998, I16 0.999995+), and vlm's kernels beat ggml's (README, "Measured here"). Quantized files are
-# kept as they are.
+# BF16 0.99998, I16 0.999995+), and vlm's kernels beat ggml's (README, "Measured here"). Q8_0 weights go to
+# vlm's kernels too (PACKED_FROM): a Q8_0 value is an 8-bit integer times an F16 scale, which BF16, F16 and
+# I16 hold to within their own rounding, and ggml's Q8_0 mul_mat ran at half their speed; other quantized
+# types (chosen for size: 16-bit packing would undo it) stay with ggml.
 WEIGHTS_TYPES = ("auto", "stored", "bf16", "vlm-bf16", "vlm-f16", "vlm-i16")
 # (held type, kernel kind); "I16" is vlm's own (16-bit integers with a scale per 128 k, clip_kernels.pack)
 LAYOUTS = {"stored": (None, None), "bf16": ("BF16", None), "vlm-bf16": ("BF16", "bf16"), "vlm-f16": ("F16", "f16"),
            "vlm-i16": ("I16", "i16")}
 WEIGHTS_TYPE_ENV = "VLM_CLIP_WEIGHTS"
+PACKED_FROM = ("F16", "F32", "Q8_0")  # the file types vlm's kernels take (see above)
 
 
 @dataclass
@@ -423,20 +426,27 @@ def attention(g: Graph, h: Tensor, p: _Block, n_heads: int, mask: Tensor | None)
     return g.reshape(g.cont(g.permute(y, 0, 2, 1, 3)), d, t, n)  # heads back side by side: [D, T, N]
 
 
-def packed_attention(g: Graph, h: Tensor, p: _Block, n_heads: int, seqs: np.ndarray, causal: bool) -> Tensor:
+def packed_attention(g: Graph, h: Tensor, p: _Block, n_heads: int, seqs: np.ndarray, causal: bool,
+                     queries: np.ndarray | None = None) -> Tensor:
     """The same with vlm's kernels on h [D, M] (or [D, T, N]): q, k, v from one matmul, then one op over
-    the sequences seqs ((first token, length) rows) packed into the M tokens."""
+    the sequences seqs ((first token, length) rows) packed into the M tokens; queries ((sequence, token
+    within it) rows): only their outputs, [D, len(queries)]."""
     assert p.qkv_w is not None
-    return clip_kernels.attention(g, linear(g, h, p.qkv_w, p.qkv_b), seqs, n_heads, causal)
+    return clip_kernels.attention(g, linear(g, h, p.qkv_w, p.qkv_b), seqs, n_heads, causal, queries)
 
 
 Attend = Callable[[Tensor, _Block], Tensor]  # h -> attention(h), one of the two above with its arguments bound
 
 
-def block(g: Graph, x: Tensor, p: _Block, eps: float, act: str, attend: Attend) -> Tensor:
-    """A pre-LN transformer block on x [D, ...]; act as for linear."""
+def block(g: Graph, x: Tensor, p: _Block, eps: float, act: str, attend: Attend,
+          pool: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """A pre-LN transformer block on x [D, ...]; act as for linear. With pool (x -> the rows a tower
+    pools, as attend gives only theirs), only those rows go on past the attention: every later op works
+    per token, so in a tower's last block the other tokens' work would be thrown away (a twelfth of a
+    ViT-B/32's work is that block's MLP and out projection)."""
     h = layer_norm(g, x, p.ln1_w, p.ln1_b, eps)
-    x = g.add(x, linear(g, attend(h, p), p.out_w, p.out_b))
+    a = attend(h, p)
+    x = g.add(pool(x) if pool else x, linear(g, a, p.out_w, p.out_b))
 
     h = layer_norm(g, x, p.ln2_w, p.ln2_b, eps)
     h = linear(g, h, p.fc1_w, p.fc1_b, act)
@@ -587,7 +597,8 @@ class ClipModel(NativeResource):
                     held_type if held_type and types is MATMUL_TYPES and stored[name].type in ("F16", "F32")
                     else stored[name].type for name, (_, types) in specs.items()}
             packed = {name for name, (ne, types) in specs.items()
-                      if kind and types is MATMUL_TYPES and held[name] == held_type and clip_kernels.fits(kind, *ne)}
+                      if kind and types is MATMUL_TYPES and stored[name].type in PACKED_FROM and clip_kernels.fits(kind, *ne)}
+            held.update({name: held_type for name in packed})
             held.update({name: "F32" for name, t in held.items() if t == "I16" and name not in packed})  # ggml has no I16
             patch_ne = specs[PATCH_EMBEDDING][0]  # a matmul too (see _encode_image_batch), packed with the others
             if packed and stored[PATCH_EMBEDDING].type in ("F16", "F32") and clip_kernels.fits(
@@ -605,12 +616,14 @@ class ClipModel(NativeResource):
                 if name in fused:  # read once, into the block's q, k, v bias below
                     continue
                 st = stored[name]
-                raw = data[st.offset : st.offset + st.n_bytes]
+                raw, file_type = data[st.offset : st.offset + st.n_bytes], st.type
+                if file_type not in ("F16", "F32") and name in packed:  # Q8_0: its values, exactly, as F32
+                    raw, file_type = _to_f32(raw, file_type, ne), "F32"
                 if held[name] == "I16":  # packed from the file's F16 / F32 values
-                    raw = raw.view(np.float16 if st.type == "F16" else np.float32)
-                elif held[name] != st.type:
-                    raw = (_to_f32(raw, st.type, ne) if held[name] == "F32" else _to_bf16(raw, st.type)
-                           if held[name] == "BF16" else _to_f16(raw, st.type, name, p))
+                    raw = raw.view(np.float16 if file_type == "F16" else np.float32)
+                elif held[name] != file_type:
+                    raw = (_to_f32(raw, file_type, ne) if held[name] == "F32" else _to_bf16(raw, file_type)
+                           if held[name] == "BF16" else _to_f16(raw, file_type, name, p))
                 if name in packed:  # ggml shape [k, n] ([p, p, 3, n] for the patches): n rows of k values
                     values = raw if held[name] == "I16" else raw.view(np.uint16)  # values, or BF16 / F16 bits
                     tensors[name] = clip_kernels.pack(values.reshape(ne[-1], -1), kind)
@@ -712,15 +725,21 @@ class ClipModel(NativeResource):
             x = g.concat(g.repeat(w["v.class_embd"], d, 1, n), x, 1)  # class token first: [D, T, N]
             x = g.add(x, w["v.position_embd.weight"])
             x = layer_norm(g, x, w["v.pre_ln.weight"], w["v.pre_ln.bias"], cfg.vision_eps)
-            heads = cfg.vision_heads
-            if "v" in self.packs_sequences:  # each image a sequence of t tokens
+            heads, blocks = cfg.vision_heads, self._blocks["v"]
+            pool = lambda x: g.get_rows(g.reshape(x, d, t * n), class_rows)  # noqa: E731  the class tokens: [D, N]
+            if "v" in self.packs_sequences:  # each image a sequence of t tokens; the last block only for the class tokens
                 seqs = np.stack([np.arange(n) * t, np.full(n, t)], axis=1)
                 attend: Attend = lambda h, p: packed_attention(g, h, p, heads, seqs, causal=False)  # noqa: E731
+                for blk in blocks[:-1]:
+                    x = block(g, x, blk, cfg.vision_eps, self._act(), attend)
+                queries = np.stack([pool_at // t, np.zeros_like(pool_at)], axis=1)  # (image, its class token)
+                pooled = block(g, x, blocks[-1], cfg.vision_eps, self._act(),
+                               lambda h, p: packed_attention(g, h, p, heads, seqs, False, queries), pool)
             else:
                 attend = lambda h, p: attention(g, h, p, heads, None)  # noqa: E731
-            for blk in self._blocks["v"]:
-                x = block(g, x, blk, cfg.vision_eps, self._act(), attend)
-            pooled = g.get_rows(g.reshape(x, d, t * n), class_rows)  # the class token of each image: [D, N]
+                for blk in blocks:
+                    x = block(g, x, blk, cfg.vision_eps, self._act(), attend)
+                pooled = pool(x)
             pooled = layer_norm(g, pooled, w["v.post_ln.weight"], w["v.post_ln.bias"], cfg.vision_eps)
             out = g.output(linear(g, pooled, w["visual_projection.weight"]))
 
@@ -798,9 +817,17 @@ class ClipModel(NativeResource):
                 x = g.reshape(g.get_rows(w["t.token_embd.weight"], ids), d, t, n)  # [D, T, N]
                 x = g.add(x, g.view_rows(w["t.position_embd.weight"], t))
                 attend = lambda h, p: attention(g, h, p, heads, extra_in)  # noqa: E731
-            for blk in self._blocks["t"]:
+            blocks = self._blocks["t"]
+            pool = lambda x: g.get_rows(g.reshape(x, d, m), eot_rows)  # noqa: E731  [D, N]
+            for blk in blocks[:-1] if packed else blocks:
                 x = block(g, x, blk, cfg.text_eps, self._act(), attend)
-            pooled = g.get_rows(g.reshape(x, d, m), eot_rows)  # [D, N]
+            if packed:  # the last block only for the EOT tokens (each text's last)
+                texts = at_least_two(np.arange(n))
+                queries = np.stack([texts, eot[texts]], axis=1)
+                pooled = block(g, x, blocks[-1], cfg.text_eps, self._act(),
+                               lambda h, p: packed_attention(g, h, p, heads, seqs, True, queries), pool)
+            else:
+                pooled = pool(x)
             # final_layer_norm works per token, so pooling first gives the same result
             pooled = layer_norm(g, pooled, w["t.post_ln.weight"], w["t.post_ln.bias"], cfg.text_eps)
             out = g.output(linear(g, pooled, w["text_projection.weight"]))

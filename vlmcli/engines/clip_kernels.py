@@ -69,7 +69,8 @@ class AttentionOp(ctypes.Structure):
 
     _fields_ = [("get_data", ctypes.c_void_p), ("qkv", ctypes.c_void_p), ("seqs", ctypes.c_void_p),
                 ("n_seqs", ctypes.c_int64), ("d", ctypes.c_int64), ("n_heads", ctypes.c_int64),
-                ("scale", ctypes.c_float), ("causal", ctypes.c_int32)]
+                ("scale", ctypes.c_float), ("causal", ctypes.c_int32), ("queries", ctypes.c_void_p),
+                ("n_queries", ctypes.c_int64)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -241,10 +242,12 @@ def attention_fits(d: int, n_heads: int) -> bool:
     return hd > 0 and d == hd * n_heads and hd % HEAD_MULTIPLE == 0 and hd <= MAX_HEAD
 
 
-def attention(g: Graph, qkv: Tensor, seqs: np.ndarray, n_heads: int, causal: bool) -> Tensor:
+def attention(g: Graph, qkv: Tensor, seqs: np.ndarray, n_heads: int, causal: bool,
+              queries: np.ndarray | None = None) -> Tensor:
     """Multi-head attention over sequences packed one after another: qkv [3 d, m] F32 holds each token's
     q, k and v (as one linear layer of 3 d outputs gives them); seqs (n, 2) int32 rows of (first token,
-    length) tile the m tokens. Returns [d, m], each token's heads side by side (for the out projection)."""
+    length) tile the m tokens. Returns [d, m], each token's heads side by side (for the out projection);
+    with queries ((sequence, token within it) rows) only theirs, [d, len(queries)]."""
     fun = _op("vlm_attention_op", KINDS["f16"].level)  # AVX2: any CPU that runs any kind
     d, m = qkv.ne[0] // 3, qkv.n_elements // qkv.ne[0]
     if qkv.type != ggml.F32 or not qkv.is_contiguous() or qkv.ne[0] != 3 * d or not attention_fits(d, n_heads):
@@ -252,7 +255,17 @@ def attention(g: Graph, qkv: Tensor, seqs: np.ndarray, n_heads: int, causal: boo
     seqs = np.ascontiguousarray(seqs, dtype=np.int32)
     if seqs.ndim != 2 or seqs.shape[1] != 2 or seqs[:, 1].min(initial=1) < 1 or (seqs.sum(axis=1) > m).any():
         raise ValueError(f"sequences {seqs.tolist()} do not fit {m} tokens")
+    shape: tuple[int, ...] = (d, *qkv.ne[1:])
+    if queries is not None:
+        queries = np.ascontiguousarray(queries, dtype=np.int32)
+        shaped = queries.ndim == 2 and queries.shape[1] == 2 and len(queries) > 0
+        if not shaped or queries.min() < 0 or (queries[:, 0] >= len(seqs)).any() \
+                or (queries[:, 1] >= seqs[queries[:, 0], 1]).any():
+            raise ValueError(f"queries {queries.tolist()} are not tokens of sequences {seqs.tolist()}")
+        shape = (d, len(queries))
     op = AttentionOp(get_data=_get_data(), qkv=qkv.ptr, seqs=seqs.ctypes.data, n_seqs=len(seqs), d=d,
-                     n_heads=n_heads, scale=1.0 / math.sqrt(d // n_heads), causal=int(causal))
-    op.seqs_array = seqs  # the C side holds only its address
-    return g.custom((d, *qkv.ne[1:]), [qkv], fun, op)
+                     n_heads=n_heads, scale=1.0 / math.sqrt(d // n_heads), causal=int(causal),
+                     queries=queries.ctypes.data if queries is not None else None,
+                     n_queries=len(queries) if queries is not None else 0)
+    op.arrays = (seqs, queries)  # the C side holds only their addresses
+    return g.custom(shape, [qkv], fun, op)
