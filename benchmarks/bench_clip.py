@@ -204,6 +204,7 @@ def main() -> int:
     ap.add_argument("--skip-blas", action="store_true", help="only the ggml path (and transformers)")
     ap.add_argument("--isa", choices=["native", "avx2"], default="native",
                     help="avx2: an AVX2-only CPU's choices on an AVX-512 one (a proxy, see AVX2_ONLY)")
+    ap.add_argument("--only", default=None, help="comma-separated parts of variant labels to run, e.g. \"kernels,ggml Q8_0\"")
     ap.add_argument("--open-clip-python", default=None, help="a Python with torch + open_clip (default: this one)")
     ap.add_argument("--worker", choices=["ggml", "blas", "torch", "open_clip"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -231,6 +232,7 @@ def main() -> int:
         from vlmcli.engines import ggml
 
         from vlmcli.engines import clip_kernels
+        from vlmcli.engines.clip import PACKED_FROM
 
         bf16_cpu = bool(ggml.lib().ggml_cpu_has_avx512_bf16()) and args.isa == "native"
         for q in models:
@@ -239,7 +241,7 @@ def main() -> int:
             if bf16_cpu and q in ("F16", "F32"):  # held as BF16 for ggml's own mul_mat
                 variants.append((f"vlm ggml {q} held as BF16", "ggml", models[q], {"VLM_CLIP_WEIGHTS": "bf16"}))
             for kind in ("bf16", "f16", "i16"):  # vlm's own kernels where the CPU runs them (the default: the first)
-                if clip_kernels.available(kind) and q in ("F16", "F32") and (kind != "bf16" or args.isa == "native"):
+                if clip_kernels.available(kind) and q in PACKED_FROM and (kind != "bf16" or args.isa == "native"):
                     variants.append((f"vlm {q} on vlm's {kind} kernels", "ggml", models[q], {"VLM_CLIP_WEIGHTS": f"vlm-{kind}"}))
             if args.skip_blas:
                 continue
@@ -253,6 +255,8 @@ def main() -> int:
             variants.append(("transformers CLIPModel F32", "torch", ckpt, torch_env))
         if pythons["open_clip"]:
             variants.append(("open_clip F32 (own random weights)", "open_clip", ckpt, {}))
+        if args.only:  # transformers stays: every ratio is against it
+            variants = [v for v in variants if v[1] == "torch" or any(o in v[0] for o in args.only.split(","))]
         runs: dict[str, list[dict]] = {v[0]: [] for v in variants}
         for r in range(args.rounds):
             for label, kind, model, env_change in variants:
