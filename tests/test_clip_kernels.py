@@ -87,24 +87,33 @@ def test_the_kernels_quantization_is_numpys_bit_for_bit():
 
 
 class Linear:
-    """One linear layer in its own graph on a CPU backend: run(x) -> y."""
+    """One linear layer in its own graph on a CPU backend: run(x) -> y; ln = (w, b, eps): a LayerNorm
+    of x's rows in the kernel."""
 
-    def __init__(self, w: np.ndarray, bias: np.ndarray | None, act: str | None, n_threads: int, kind: str):
+    def __init__(self, w: np.ndarray, bias: np.ndarray | None, act: str | None, n_threads: int, kind: str,
+                 ln: tuple[np.ndarray, np.ndarray, float] | None = None):
         self.packed = pack(held(w, kind), kind)
         self.backend = Backend(n_threads=n_threads)
         self.weights = Graph(4)
-        self.bias = self.weights.new_tensor("F32", (len(bias),)) if bias is not None else None
-        if self.bias is not None:
+        values = {"bias": bias, "ln_w": ln[0] if ln else None, "ln_b": ln[1] if ln else None}
+        tensors = {name: self.weights.new_tensor("F32", (len(v),)) for name, v in values.items() if v is not None}
+        if tensors:
             self.backend.alloc_tensors(self.weights)
-            self.backend.set(self.bias, bias)
+            for name, t in tensors.items():
+                self.backend.set(t, values[name])
+        self.bias = tensors.get("bias")
+        self.norm = clip_kernels.Norm(tensors["ln_w"], tensors["ln_b"], ln[2]) if ln else None
         self.act = act
 
-    def run(self, x: np.ndarray, vnni: bool | None = None) -> np.ndarray:
+    def run(self, x: np.ndarray, vnni: bool | None = None, residual: np.ndarray | None = None) -> np.ndarray:
         with Graph(8, 8) as g:
             xi = g.input("F32", (x.shape[1], x.shape[0]))
-            out = g.output(clip_kernels.linear(g, xi, self.packed, self.bias, self.act, vnni))
+            ri = g.input("F32", (residual.shape[1], residual.shape[0])) if residual is not None else None
+            out = g.output(clip_kernels.linear(g, xi, self.packed, self.bias, self.act, vnni, self.norm, ri))
             self.backend.allocate(g)
             self.backend.set(xi, x)
+            if ri is not None:
+                self.backend.set(ri, residual)
             self.backend.compute(g)
             return self.backend.get(out, 2)
 
@@ -119,8 +128,9 @@ def reference(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, act: str | 
     y = xb @ wb.T + (bias if bias is not None else 0)
     terms = -(-x.shape[1] // clip_kernels.I16_BLOCK) + 4 if kind == "i16" else x.shape[1]
     bound = terms * 2.0**-24 * (np.abs(xb) @ np.abs(wb).T) + 2.0**-24 * np.abs(y)
-    if act == "gelu_quick":  # the derivative of x * sigmoid(1.702 x) stays below 1.1 in magnitude
-        y, bound = y * 0.5 * (1 + np.tanh(0.851 * y)), 1.1 * bound + 4 * 2.0**-24 * np.abs(y)  # sigmoid by tanh
+    if act == "gelu_quick":  # the derivative of x * sigmoid(1.702 x) stays below 1.1 in magnitude; the sigmoid
+        # to 8 ulp: e^-|z| to 2, 1 / (1 + e) from a 12-bit reciprocal and a Newton step to 4.5, then products
+        y, bound = y * 0.5 * (1 + np.tanh(0.851 * y)), 1.1 * bound + 8 * 2.0**-24 * np.abs(y)  # sigmoid by tanh
     return y, bound
 
 
@@ -183,6 +193,53 @@ def test_a_row_does_not_depend_on_its_batch_mates_or_the_threads(kind):
     finally:
         one.close()
         two.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("eps", [0.0, 0.75])
+@pytest.mark.parametrize("act", [None, "gelu_quick"])
+def test_a_layer_norm_before_and_a_residual_after_are_the_separate_steps_bit_for_bit(kind, eps, act):
+    """norm(x) @ w + bias (act) + residual in one op against the kernel on numpy's LayerNorm with numpy's
+    F32 add after it. Each row is a + s or a - s, as many of each, so the mean (a), the variance (s^2) and
+    1 / sqrt(variance + eps) are exact in F32 and both LayerNorms give b +- g / 2 or b +- g, rounded once:
+    the same bits. Rows are as many as a block of rows, so threads share rows and panels both."""
+    rng = np.random.default_rng(int(eps * 4) + (act is None))
+    rows, k, n = 90, 512, 64
+    signs = np.array([rng.permutation(np.repeat([-1.0, 1.0], k // 2)) for _ in range(rows)], np.float32)
+    x = (3.0 + 0.5 * signs).astype(np.float32)  # mean 3, variance 0.25: rstd 2 (eps 0) or 1 (eps 0.75)
+    ln_w, ln_b = rng.standard_normal(k).astype(np.float32), rng.standard_normal(k).astype(np.float32)
+    normed = (np.float32(1.0 if eps == 0 else 0.5) * signs * ln_w + ln_b).astype(np.float32)
+    w = (rng.standard_normal((n, k)) / 16).astype(np.float32)
+    bias, residual = rng.standard_normal(n).astype(np.float32), rng.standard_normal((rows, n)).astype(np.float32)
+    for threads in (1, 2):
+        fused, plain = Linear(w, bias, act, threads, kind, (ln_w, ln_b, eps)), Linear(w, bias, act, threads, kind)
+        try:
+            got = fused.run(x, residual=residual)
+            want = plain.run(normed) + residual
+            assert np.array_equal(got, want)
+            assert np.array_equal(fused.run(x[:1]), plain.run(normed[:1]))  # one row: threads share the panels
+        finally:
+            fused.close()
+            plain.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_norm_and_the_residual_must_fit(kind):
+    rng = np.random.default_rng(2)
+    if clip_kernels.fits(kind, 36, 32):  # (bf16 takes k in steps of 16 anyway)
+        layer = Linear(rng.standard_normal((32, 36)).astype(np.float32), None, None, 1, kind,
+                       (np.ones(36, np.float32), np.zeros(36, np.float32), 1e-5))
+        try:
+            with pytest.raises(ValueError, match="layer-norms rows of a multiple of 8"):
+                layer.run(rng.standard_normal((4, 36)).astype(np.float32))
+        finally:
+            layer.close()
+    layer = Linear(rng.standard_normal((32, 64)).astype(np.float32), None, None, 1, kind)
+    try:
+        with pytest.raises(ValueError, match="residual of the output's shape"):
+            layer.run(rng.standard_normal((4, 64)).astype(np.float32), residual=np.zeros((4, 16), np.float32))
+    finally:
+        layer.close()
 
 
 # --- the attention op -----------------------------------------------------------------------------

@@ -43,6 +43,9 @@ struct vlm_matmul {
     int64_t m, k, n;
     int32_t act;                           /* 0: none, 1: quick GELU, x * sigmoid(1.702 x) */
     const float *w_scales;                 /* I16 only: a scale per column and block of KB k, [n / 16][blocks][16] */
+    const void *ln_w, *ln_b;               /* ggml tensors, F32, k: each row of x is layer-normed first; or NULL */
+    float ln_eps;
+    const void *residual;                  /* ggml tensor, F32, n x m: added to y last; or NULL */
 };
 
 /* Mirrored by clip_kernels.AttentionOp (ctypes). */
@@ -62,11 +65,42 @@ struct vlm_attention {
 #define HAVE_KERNEL 1
 #include <immintrin.h>
 
+/* One op's tensors once ggml has given them memory. */
+struct io {
+    const float *x, *bias, *ln_w, *ln_b, *res;
+    float *y;
+};
+
+/* What finish_rows applies to a tile of y: the bias (its panel's part), act, then residual rows (the
+   tile's own, stride as y). */
+struct tail {
+    const float *bias, *res;
+    int act;
+};
+
+/* The tail of the tile at row r, column c of y. */
+static struct tail tail_at(const struct vlm_matmul *op, const struct io *io, int64_t r, int64_t c) {
+    struct tail t = {io->bias ? io->bias + c : NULL, io->res ? io->res + r * op->n + c : NULL, op->act};
+    return t;
+}
+
 /* --- bias and quick GELU for both matmuls (AVX2 + FMA + F16C, which every AVX512_BF16 CPU has) ------ */
 
 #define TARGET2 __attribute__((target("avx2,fma,f16c")))
 #define NR2 16  /* two vectors of 8 floats */
 #define MR2 6   /* 12 accumulators, 2 weight vectors and a broadcast fit 16 registers */
+
+TARGET2 static inline float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+TARGET2 static inline float hmax8(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
 
 /* e^x for x <= 0 (the only side quick GELU needs), to about 2 ulp: 2^n * p(r), r = x - n ln 2, the
    exponent added to the bits */
@@ -92,21 +126,61 @@ TARGET2 static inline __m256 quick_gelu8(__m256 y) {
     __m256 pos = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ);
     __m256 e = exp_neg8(_mm256_blendv_ps(z, _mm256_sub_ps(_mm256_setzero_ps(), z), pos));
     __m256 one = _mm256_set1_ps(1.0f);
-    __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, e));
+    const __m256 den = _mm256_add_ps(one, e), r = _mm256_rcp_ps(den); /* 1 / den to 12 bits, then 23 */
+    const __m256 s = _mm256_mul_ps(r, _mm256_fnmadd_ps(den, r, _mm256_set1_ps(2.0f)));
     return _mm256_mul_ps(y, _mm256_blendv_ps(s, _mm256_sub_ps(one, s), pos));
 }
 
-/* The end of a tile for both matmuls: rows of y (mr rows of n floats, stride ldy) get the bias and
-   act in place, while they are still in L1. */
-TARGET2 static void finish_rows(float *y, int64_t ldy, int mr, int n, const float *bias, int act) {
-    if (!bias && act != 1) return;
+/* The end of a tile for every matmul: rows of y (mr rows of n floats, stride ldy) get the bias, act
+   and the residual in place, while they are still in L1. */
+TARGET2 static void finish_rows(float *y, int64_t ldy, int mr, int n, struct tail t) {
+    if (!t.bias && t.act != 1 && !t.res) return;
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < n; j += 8) {
             __m256 v = _mm256_loadu_ps(y + i * ldy + j);
-            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
-            _mm256_storeu_ps(y + i * ldy + j, act == 1 ? quick_gelu8(v) : v);
+            if (t.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(t.bias + j));
+            if (t.act == 1) v = quick_gelu8(v);
+            if (t.res) v = _mm256_add_ps(v, _mm256_loadu_ps(t.res + i * ldy + j));
+            _mm256_storeu_ps(y + i * ldy + j, v);
         }
 }
+
+/* x's row r as the matmul reads it: as it is, or layer-normed into tmp (k floats, k a multiple of 8):
+   (x - mean) / sqrt(variance + eps) * ln_w + ln_b, mean and variance summed in F32 in a fixed order. */
+TARGET2 static const float *input_row(const struct vlm_matmul *op, const struct io *io, int64_t r, float *tmp) {
+    const int64_t k = op->k;
+    const float *x = io->x + r * k;
+    if (!io->ln_w) return x;
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < k; j += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(x + j));
+    const __m256 mean = _mm256_set1_ps(hsum8(sum) / (float)k);
+    __m256 sq = _mm256_setzero_ps();
+    for (int64_t j = 0; j < k; j += 8) {
+        const __m256 c = _mm256_sub_ps(_mm256_loadu_ps(x + j), mean);
+        sq = _mm256_fmadd_ps(c, c, sq);
+    }
+    const __m256 rstd = _mm256_set1_ps(1.0f / sqrtf(hsum8(sq) / (float)k + op->ln_eps));
+    for (int64_t j = 0; j < k; j += 8) {
+        const __m256 c = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), mean), rstd);
+        _mm256_storeu_ps(tmp + j, _mm256_fmadd_ps(c, _mm256_loadu_ps(io->ln_w + j), _mm256_loadu_ps(io->ln_b + j)));
+    }
+    return tmp;
+}
+
+/* A room of n floats per ggml thread, kept for its next op (slot: one per use). */
+static float *thread_room(int slot, size_t n) {
+    static __thread float *room[2];
+    static __thread size_t cap[2];
+    if (n > cap[slot]) {
+        free(room[slot]);
+        room[slot] = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+        if (!room[slot]) abort(); /* as ggml does when it cannot allocate */
+        cap[slot] = n;
+    }
+    return room[slot];
+}
+#define ROOM_ROW 0   /* one layer-normed row */
+#define ROOM_ROWS 1  /* a block of them (the F16 matmul reads x in place) */
 
 /* --- AVX512_BF16: the BF16 matmul ------------------------------------------------------------ */
 
@@ -118,7 +192,7 @@ TARGET2 static void finish_rows(float *y, int64_t ldy, int mr, int n, const floa
 /* One MR' x 32 tile, MR' = mr a constant after inlining (tile_rows' switch) so the accumulators stay
    in registers. a: mr rows of k BF16 values (stride lda), panel: one packed panel of w. */
 TARGET static inline __attribute__((always_inline)) void tile(const int mr, const uint16_t *a, int64_t lda,
-        const uint16_t *panel, int64_t k, float *y, int64_t ldy, const float *bias, int act) {
+        const uint16_t *panel, int64_t k, float *y, int64_t ldy, struct tail t) {
     __m512 acc[MR][2];
 #pragma GCC unroll 16
     for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -139,21 +213,20 @@ TARGET static inline __attribute__((always_inline)) void tile(const int mr, cons
         _mm512_storeu_ps(y + i * ldy, acc[i][0]);
         _mm512_storeu_ps(y + i * ldy + 16, acc[i][1]);
     }
-    finish_rows(y, ldy, mr, NR, bias, act);
+    finish_rows(y, ldy, mr, NR, t);
 }
 
 TARGET static void tile_rows(int mr, const uint16_t *a, int64_t lda, const uint16_t *panel, int64_t k, float *y,
-                             int64_t ldy, const float *bias, int act) {
+                             int64_t ldy, struct tail t) {
     switch (mr) {
-#define CASE(r) case r: tile(r, a, lda, panel, k, y, ldy, bias, act); break;
+#define CASE(r) case r: tile(r, a, lda, panel, k, y, ldy, t); break;
     CASE(12) CASE(11) CASE(10) CASE(9) CASE(8) CASE(7) CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) CASE(1)
 #undef CASE
     }
 }
 
 /* Rows [m0, m1) and panels [p0, p1) of y. */
-TARGET static void run(const struct vlm_matmul *op, const float *x, const float *bias, float *y,
-                       int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+TARGET static void run(const struct vlm_matmul *op, const struct io *io, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
     static __thread uint16_t *rows_bf16; /* one per ggml thread, kept for the next op */
     static __thread size_t rows_cap;
     const int64_t k = op->k, n = op->n;
@@ -166,14 +239,16 @@ TARGET static void run(const struct vlm_matmul *op, const float *x, const float 
     }
     for (int64_t mb = m0; mb < m1; mb += MB) {
         const int64_t rows = m1 - mb < MB ? m1 - mb : MB;
-        for (int64_t r = 0; r < rows; r++) /* round to nearest even, as ggml's own conversion */
+        for (int64_t r = 0; r < rows; r++) { /* round to nearest even, as ggml's own conversion */
+            const float *x = input_row(op, io, mb + r, thread_room(ROOM_ROW, k));
             for (int64_t q = 0; q < k; q += 16)
                 _mm256_storeu_si256((__m256i *)(rows_bf16 + r * k + q),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + (mb + r) * k + q)));
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + q)));
+        }
         for (int64_t p = p0; p < p1; p++) /* a panel (k x 32) is reused from cache by all the rows */
             for (int64_t r = 0; r < rows; r += MR)
                 tile_rows(rows - r < MR ? (int)(rows - r) : MR, rows_bf16 + r * k, k, op->w + p * NR * k, k,
-                          y + (mb + r) * n + p * NR, n, bias ? bias + p * NR : NULL, op->act);
+                          io->y + (mb + r) * n + p * NR, n, tail_at(op, io, mb + r, p * NR));
     }
 }
 
@@ -181,7 +256,7 @@ TARGET static void run(const struct vlm_matmul *op, const float *x, const float 
 
 /* One mr x 16 tile: x rows as they are (F32), w converted from F16 as it is loaded. */
 TARGET2 static inline __attribute__((always_inline)) void tile2(const int mr, const float *a, int64_t lda,
-        const uint16_t *panel, int64_t k, float *y, int64_t ldy, const float *bias, int act) {
+        const uint16_t *panel, int64_t k, float *y, int64_t ldy, struct tail t) {
     __m256 acc[MR2][2];
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
@@ -200,13 +275,13 @@ TARGET2 static inline __attribute__((always_inline)) void tile2(const int mr, co
         _mm256_storeu_ps(y + i * ldy, acc[i][0]);
         _mm256_storeu_ps(y + i * ldy + 8, acc[i][1]);
     }
-    finish_rows(y, ldy, mr, NR2, bias, act);
+    finish_rows(y, ldy, mr, NR2, t);
 }
 
 TARGET2 static void tile2_rows(int mr, const float *a, int64_t lda, const uint16_t *panel, int64_t k, float *y,
-                               int64_t ldy, const float *bias, int act) {
+                               int64_t ldy, struct tail t) {
     switch (mr) {
-#define CASE(r) case r: tile2(r, a, lda, panel, k, y, ldy, bias, act); break;
+#define CASE(r) case r: tile2(r, a, lda, panel, k, y, ldy, t); break;
     CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) CASE(1)
 #undef CASE
     }
@@ -221,28 +296,22 @@ static int64_t l2_rows(int64_t row_bytes, int64_t mr) { /* whole tiles of mr row
 
 static int64_t f16_block(int64_t k) { return l2_rows(4 * k, MR2); }
 
-TARGET2 static void run_f16(const struct vlm_matmul *op, const float *x, const float *bias, float *y,
-                            int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+TARGET2 static void run_f16(const struct vlm_matmul *op, const struct io *io, int64_t m0, int64_t m1, int64_t p0,
+                            int64_t p1) {
     const int64_t k = op->k, n = op->n, mb_rows = f16_block(k);
     for (int64_t mb = m0; mb < m1; mb += mb_rows) {
         const int64_t rows = m1 - mb < mb_rows ? m1 - mb : mb_rows;
+        const float *x = io->x + mb * k;
+        if (io->ln_w) { /* the block's rows layer-normed, read in place from there */
+            float *normed = thread_room(ROOM_ROWS, (size_t)mb_rows * k);
+            for (int64_t r = 0; r < rows; r++) input_row(op, io, mb + r, normed + r * k);
+            x = normed;
+        }
         for (int64_t p = p0; p < p1; p++)
             for (int64_t r = 0; r < rows; r += MR2)
-                tile2_rows(rows - r < MR2 ? (int)(rows - r) : MR2, x + (mb + r) * k, k, op->w + p * NR2 * k, k,
-                           y + (mb + r) * n + p * NR2, n, bias ? bias + p * NR2 : NULL, op->act);
+                tile2_rows(rows - r < MR2 ? (int)(rows - r) : MR2, x + r * k, k, op->w + p * NR2 * k, k,
+                           io->y + (mb + r) * n + p * NR2, n, tail_at(op, io, mb + r, p * NR2));
     }
-}
-
-TARGET2 static inline float hsum8(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
-TARGET2 static inline float hmax8(__m256 v) {
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
 
 /* --- AVX2: the I16 matmul (integer multiply-adds) ----------------------------------------------- */
@@ -352,12 +421,12 @@ static int64_t i16_block(int64_t k, int64_t mr) { return l2_rows(2 * k, mr); }
 /* A block of rows of x (rows <= i16_block(k, mr)) quantized for tiles of mr rows: each tile's rows
    interleaved by pairs ([k / 2][mr][2], the last tile at its own count), scales [rows][blocks]. Both
    live in the calling ggml thread's room, kept for its next op. */
-TARGET2 static const int16_t *quantize_tiles(const float *x, int64_t rows, int64_t k, int64_t mr_max,
-                                             const float **scales_out) {
+TARGET2 static const int16_t *quantize_tiles(const struct vlm_matmul *op, const struct io *io, int64_t row0,
+                                             int64_t rows, int64_t mr_max, const float **scales_out) {
     static __thread int16_t *rows_q, *row;
     static __thread float *rows_scales;
     static __thread size_t rows_cap, scales_cap, row_cap;
-    const int64_t blocks = (k + KB - 1) / KB, cap_rows = i16_block(k, mr_max);
+    const int64_t k = op->k, blocks = (k + KB - 1) / KB, cap_rows = i16_block(k, mr_max);
     const size_t need = (size_t)cap_rows * k * sizeof(int16_t), need_scales = (size_t)cap_rows * blocks * sizeof(float);
     if (need > rows_cap || need_scales > scales_cap || (size_t)k > row_cap) {
         free(rows_q);
@@ -371,7 +440,7 @@ TARGET2 static const int16_t *quantize_tiles(const float *x, int64_t rows, int64
     }
     for (int64_t r = 0; r < rows; r++) { /* row r goes to place r % mr_max of its tile's pairs */
         const int64_t tile0 = r / mr_max * mr_max, mr = rows - tile0 < mr_max ? rows - tile0 : mr_max;
-        quantize_row(x + r * k, k, row, rows_scales + r * blocks);
+        quantize_row(input_row(op, io, row0 + r, thread_room(ROOM_ROW, k)), k, row, rows_scales + r * blocks);
         int16_t *dst = rows_q + tile0 * k + 2 * (r - tile0);
         for (int64_t p = 0; p < k / 2; p++) memcpy(dst + 2 * mr * p, row + 2 * p, 2 * sizeof(int16_t));
     }
@@ -381,30 +450,29 @@ TARGET2 static const int16_t *quantize_tiles(const float *x, int64_t rows, int64
 
 /* Rows [m0, m1) and panels [p0, p1) of y for either form: each block of rows that stays in L2 is
    quantized once, then every panel (np_max at a time) passes over it in tiles of mr_max rows. */
-static void run_i16_form(const struct vlm_matmul *op, const float *x, const float *bias, float *y, int64_t m0,
-                         int64_t m1, int64_t p0, int64_t p1, int mr_max, int np_max, i16_tile_fn tile) {
+static void run_i16_form(const struct vlm_matmul *op, const struct io *io, int64_t m0, int64_t m1, int64_t p0,
+                         int64_t p1, int mr_max, int np_max, i16_tile_fn tile) {
     const int64_t k = op->k, n = op->n, mb_rows = i16_block(k, mr_max), blocks = (k + KB - 1) / KB;
     const int16_t *w = (const int16_t *)op->w;
     for (int64_t mb = m0; mb < m1; mb += mb_rows) {
         const int64_t rows = m1 - mb < mb_rows ? m1 - mb : mb_rows;
         const float *rows_scales;
-        const int16_t *rows_q = quantize_tiles(x + mb * k, rows, k, mr_max, &rows_scales);
+        const int16_t *rows_q = quantize_tiles(op, io, mb, rows, mr_max, &rows_scales);
         for (int64_t p = p0; p < p1; p += np_max) {
             const int np = p1 - p < np_max ? (int)(p1 - p) : np_max;
             for (int64_t r = 0; r < rows; r += mr_max) {
                 const int mr = rows - r < mr_max ? (int)(rows - r) : mr_max;
-                float *out = y + (mb + r) * n + p * NR2;
+                float *out = io->y + (mb + r) * n + p * NR2;
                 tile(mr, np, rows_q + r * k, rows_scales + r * blocks, w + p * NR2 * k,
                      op->w_scales + p * blocks * NR2, k, out, n);
-                finish_rows(out, n, mr, np * NR2, bias ? bias + p * NR2 : NULL, op->act);
+                finish_rows(out, n, mr, np * NR2, tail_at(op, io, mb + r, p * NR2));
             }
         }
     }
 }
 
-static void run_i16(const struct vlm_matmul *op, const float *x, const float *bias, float *y,
-                    int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-    run_i16_form(op, x, bias, y, m0, m1, p0, p1, MR2, 1, tile_i16_rows);
+static void run_i16(const struct vlm_matmul *op, const struct io *io, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    run_i16_form(op, io, m0, m1, p0, p1, MR2, 1, tile_i16_rows);
 }
 
 /* --- AVX512_VNNI: the I16 matmul in 512-bit registers ------------------------------------------ */
@@ -483,9 +551,8 @@ TARGETV static void tile_vnni_rows(int mr, int np, const int16_t *a, const float
     }
 }
 
-static void run_vnni(const struct vlm_matmul *op, const float *x, const float *bias, float *y,
-                     int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-    run_i16_form(op, x, bias, y, m0, m1, p0, p1, MR, 2, tile_vnni_rows);
+static void run_vnni(const struct vlm_matmul *op, const struct io *io, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+    run_i16_form(op, io, m0, m1, p0, p1, MR, 2, tile_vnni_rows);
 }
 
 #define KEY_BLOCK 64 /* keys scored at once: 8 vectors of 8 scores accumulate in registers */
@@ -574,8 +641,7 @@ TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t q0
 
 /* --- sharing the work between ggml's threads ------------------------------------------------- */
 
-typedef void (*rows_fn)(const struct vlm_matmul *, const float *, const float *, float *, int64_t, int64_t,
-                        int64_t, int64_t);
+typedef void (*rows_fn)(const struct vlm_matmul *, const struct io *, int64_t, int64_t, int64_t, int64_t);
 
 /* Thread ith of nth computes its share of y = dst. w passes over the rows one block (`block` rows) at
    a time, so with a block or more of rows per thread, sharing the rows costs no extra reading of w,
@@ -583,17 +649,17 @@ typedef void (*rows_fn)(const struct vlm_matmul *, const float *, const float *,
    threads share out the panels instead, each reading only its part of w. */
 static void share_matmul(void *dst, int ith, int nth, const struct vlm_matmul *op, int64_t mr, int64_t nr,
                          int64_t block, rows_fn run_rows) {
-    const float *x = op->get_data(op->x);
-    const float *bias = op->bias ? op->get_data(op->bias) : NULL;
-    float *y = op->get_data(dst);
+#define DATA(t) ((t) ? (const float *)op->get_data(t) : NULL)
+    const struct io io = {DATA(op->x), DATA(op->bias), DATA(op->ln_w), DATA(op->ln_b), DATA(op->residual), op->get_data(dst)};
+#undef DATA
     const int64_t tiles = (op->m + mr - 1) / mr, panels = op->n / nr;
     if (op->m < nth * block && panels >= nth) {
         int64_t p0 = panels * ith / nth, p1 = panels * (ith + 1) / nth;
-        if (p0 < p1) run_rows(op, x, bias, y, 0, op->m, p0, p1);
+        if (p0 < p1) run_rows(op, &io, 0, op->m, p0, p1);
     } else {
         int64_t t0 = tiles * ith / nth, t1 = tiles * (ith + 1) / nth;
         int64_t m1 = t1 * mr < op->m ? t1 * mr : op->m;
-        if (t0 * mr < m1) run_rows(op, x, bias, y, t0 * mr, m1, 0, panels);
+        if (t0 * mr < m1) run_rows(op, &io, t0 * mr, m1, 0, panels);
     }
 }
 

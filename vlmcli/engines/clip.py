@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from vlmcli.engines import clip_kernels, ggml
-from vlmcli.engines.clip_kernels import PackedWeight
+from vlmcli.engines.clip_kernels import Norm, PackedWeight
 from vlmcli.engines.clip_numpy import NumpyClip
 from vlmcli.engines.cores import CoreShare
 from vlmcli.engines.clip_tokenizer import (
@@ -396,24 +396,33 @@ def _tensor_specs(cfg: ClipConfig) -> dict[str, tuple[tuple[int, ...], tuple[str
 
 # --- the graphs (nanoGPT-like: a layer norm, a linear, one block shared by both towers) ------------
 
-def layer_norm(g: Graph, x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
-    return g.add(g.mul(g.norm(x, eps), w), b)
+def layer_norm(g: Graph, x: Tensor, norm: Norm) -> Tensor:
+    return g.add(g.mul(g.norm(x, norm.eps), norm.w), norm.b)
 
 
-def linear(g: Graph, x: Tensor, w: Tensor | PackedWeight, b: Tensor | None = None, act: str | None = None) -> Tensor:
-    """act(x @ w + b); act names a Graph method ("gelu_quick", "gelu_erf"). A packed weight runs through
-    vlm's kernels, which add the bias and apply a quick GELU themselves."""
+def linear(g: Graph, x: Tensor, w: Tensor | PackedWeight, b: Tensor | None = None, act: str | None = None,
+           norm: Norm | None = None, residual: Tensor | None = None) -> Tensor:
+    """act(norm(x) @ w + b) + residual; act names a Graph method ("gelu_quick", "gelu_erf"). A packed
+    weight runs through vlm's kernels, which do all of it but an erf GELU within the matmul's own passes
+    over memory (the norm as each row is read, the rest as results leave the registers)."""
     if isinstance(w, PackedWeight):
         fused = act if act in clip_kernels.ACTIVATIONS else None
-        y = clip_kernels.linear(g, x, w, b, fused)
-        return getattr(g, act)(y) if act and not fused else y
-    y = g.mul_mat(w, x)  # w is [in, out] in ggml order, i.e. HF's [out, in]
-    y = g.add(y, b) if b is not None else y
-    return getattr(g, act)(y) if act else y
+        if norm is not None and w.k % clip_kernels.NORM_MULTIPLE:
+            x, norm = layer_norm(g, x, norm), None
+        y = clip_kernels.linear(g, x, w, b, fused, norm=norm, residual=residual if act == fused else None)
+        if act == fused:
+            return y
+        y = getattr(g, act)(y)
+    else:
+        y = g.mul_mat(w, layer_norm(g, x, norm) if norm else x)  # w is [in, out] in ggml order, i.e. HF's [out, in]
+        y = g.add(y, b) if b is not None else y
+        y = getattr(g, act)(y) if act else y
+    return g.add(y, residual) if residual is not None else y
 
 
-def attention(g: Graph, h: Tensor, p: _Block, n_heads: int, mask: Tensor | None) -> Tensor:
-    """Multi-head self-attention in ggml ops on h [D, T, N]; mask [T, T] (causal) or None -> [D, T, N]."""
+def attention(g: Graph, x: Tensor, p: _Block, norm: Norm, n_heads: int, mask: Tensor | None) -> Tensor:
+    """Multi-head self-attention in ggml ops on norm(x) [D, T, N]; mask [T, T] (causal) or None -> [D, T, N]."""
+    h = layer_norm(g, x, norm)
     d, t, n = h.ne[0], h.ne[1], h.ne[2]
     hd = d // n_heads
     q = g.permute(g.reshape(linear(g, h, p.q_w, p.q_b), hd, n_heads, t, n), 0, 2, 1, 3)  # [hd, T, H, N]
@@ -426,16 +435,16 @@ def attention(g: Graph, h: Tensor, p: _Block, n_heads: int, mask: Tensor | None)
     return g.reshape(g.cont(g.permute(y, 0, 2, 1, 3)), d, t, n)  # heads back side by side: [D, T, N]
 
 
-def packed_attention(g: Graph, h: Tensor, p: _Block, n_heads: int, seqs: np.ndarray, causal: bool,
+def packed_attention(g: Graph, x: Tensor, p: _Block, norm: Norm, n_heads: int, seqs: np.ndarray, causal: bool,
                      queries: np.ndarray | None = None) -> Tensor:
-    """The same with vlm's kernels on h [D, M] (or [D, T, N]): q, k, v from one matmul, then one op over
+    """The same with vlm's kernels on x [D, M] (or [D, T, N]): q, k, v from one matmul, then one op over
     the sequences seqs ((first token, length) rows) packed into the M tokens; queries ((sequence, token
     within it) rows): only their outputs, [D, len(queries)]."""
     assert p.qkv_w is not None
-    return clip_kernels.attention(g, linear(g, h, p.qkv_w, p.qkv_b), seqs, n_heads, causal, queries)
+    return clip_kernels.attention(g, linear(g, x, p.qkv_w, p.qkv_b, norm=norm), seqs, n_heads, causal, queries)
 
 
-Attend = Callable[[Tensor, _Block], Tensor]  # h -> attention(h), one of the two above with its arguments bound
+Attend = Callable[[Tensor, _Block, Norm], Tensor]  # (x, block, norm) -> attention(norm(x)), one of the two above
 
 
 def block(g: Graph, x: Tensor, p: _Block, eps: float, act: str, attend: Attend,
@@ -444,13 +453,10 @@ def block(g: Graph, x: Tensor, p: _Block, eps: float, act: str, attend: Attend,
     pools, as attend gives only theirs), only those rows go on past the attention: every later op works
     per token, so in a tower's last block the other tokens' work would be thrown away (a twelfth of a
     ViT-B/32's work is that block's MLP and out projection)."""
-    h = layer_norm(g, x, p.ln1_w, p.ln1_b, eps)
-    a = attend(h, p)
-    x = g.add(pool(x) if pool else x, linear(g, a, p.out_w, p.out_b))
-
-    h = layer_norm(g, x, p.ln2_w, p.ln2_b, eps)
-    h = linear(g, h, p.fc1_w, p.fc1_b, act)
-    return g.add(x, linear(g, h, p.fc2_w, p.fc2_b))
+    a = attend(x, p, Norm(p.ln1_w, p.ln1_b, eps))
+    x = linear(g, a, p.out_w, p.out_b, residual=pool(x) if pool else x)
+    h = linear(g, x, p.fc1_w, p.fc1_b, act, norm=Norm(p.ln2_w, p.ln2_b, eps))
+    return linear(g, h, p.fc2_w, p.fc2_b, residual=x)
 
 
 # --- batch independence: ggml picks kernels by shape, so no shape may come from a batch-mate ------
@@ -724,24 +730,24 @@ class ClipModel(NativeResource):
                 x = g.mul_mat(g.reshape(patch_w, 3 * p * p, d), patches_in)
             x = g.concat(g.repeat(w["v.class_embd"], d, 1, n), x, 1)  # class token first: [D, T, N]
             x = g.add(x, w["v.position_embd.weight"])
-            x = layer_norm(g, x, w["v.pre_ln.weight"], w["v.pre_ln.bias"], cfg.vision_eps)
+            x = layer_norm(g, x, Norm(w["v.pre_ln.weight"], w["v.pre_ln.bias"], cfg.vision_eps))
             heads, blocks = cfg.vision_heads, self._blocks["v"]
             pool = lambda x: g.get_rows(g.reshape(x, d, t * n), class_rows)  # noqa: E731  the class tokens: [D, N]
             if "v" in self.packs_sequences:  # each image a sequence of t tokens; the last block only for the class tokens
                 seqs = np.stack([np.arange(n) * t, np.full(n, t)], axis=1)
-                attend: Attend = lambda h, p: packed_attention(g, h, p, heads, seqs, causal=False)  # noqa: E731
+                attend: Attend = lambda x, p, norm: packed_attention(g, x, p, norm, heads, seqs, causal=False)  # noqa: E731
                 for blk in blocks[:-1]:
                     x = block(g, x, blk, cfg.vision_eps, self._act(), attend)
                 queries = np.stack([pool_at // t, np.zeros_like(pool_at)], axis=1)  # (image, its class token)
                 pooled = block(g, x, blocks[-1], cfg.vision_eps, self._act(),
-                               lambda h, p: packed_attention(g, h, p, heads, seqs, False, queries), pool)
+                               lambda x, p, norm: packed_attention(g, x, p, norm, heads, seqs, False, queries), pool)
             else:
-                attend = lambda h, p: attention(g, h, p, heads, None)  # noqa: E731
+                attend = lambda x, p, norm: attention(g, x, p, norm, heads, None)  # noqa: E731
                 for blk in blocks:
                     x = block(g, x, blk, cfg.vision_eps, self._act(), attend)
                 pooled = pool(x)
-            pooled = layer_norm(g, pooled, w["v.post_ln.weight"], w["v.post_ln.bias"], cfg.vision_eps)
-            out = g.output(linear(g, pooled, w["visual_projection.weight"]))
+            post_ln = Norm(w["v.post_ln.weight"], w["v.post_ln.bias"], cfg.vision_eps)
+            out = g.output(linear(g, pooled, w["visual_projection.weight"], norm=post_ln))
 
             self.backend.allocate(g)
             self._use_threads_for(n * t, d, cfg.vision_ffn, cfg.vision_layers)
@@ -811,12 +817,12 @@ class ClipModel(NativeResource):
                 extra_in = g.input("I32", (m,), "positions")
                 x = g.add(g.get_rows(w["t.token_embd.weight"], ids), g.get_rows(w["t.position_embd.weight"], extra_in))
                 seqs = np.stack([firsts, lengths], axis=1)
-                attend: Attend = lambda h, p: packed_attention(g, h, p, heads, seqs, causal=True)  # noqa: E731
+                attend: Attend = lambda x, p, norm: packed_attention(g, x, p, norm, heads, seqs, causal=True)  # noqa: E731
             else:
                 extra_in = g.input("F32", (t, t), "causal_mask")
                 x = g.reshape(g.get_rows(w["t.token_embd.weight"], ids), d, t, n)  # [D, T, N]
                 x = g.add(x, g.view_rows(w["t.position_embd.weight"], t))
-                attend = lambda h, p: attention(g, h, p, heads, extra_in)  # noqa: E731
+                attend = lambda x, p, norm: attention(g, x, p, norm, heads, extra_in)  # noqa: E731
             blocks = self._blocks["t"]
             pool = lambda x: g.get_rows(g.reshape(x, d, m), eot_rows)  # noqa: E731  [D, N]
             for blk in blocks[:-1] if packed else blocks:
@@ -825,12 +831,12 @@ class ClipModel(NativeResource):
                 texts = at_least_two(np.arange(n))
                 queries = np.stack([texts, eot[texts]], axis=1)
                 pooled = block(g, x, blocks[-1], cfg.text_eps, self._act(),
-                               lambda h, p: packed_attention(g, h, p, heads, seqs, True, queries), pool)
+                               lambda x, p, norm: packed_attention(g, x, p, norm, heads, seqs, True, queries), pool)
             else:
                 pooled = pool(x)
             # final_layer_norm works per token, so pooling first gives the same result
-            pooled = layer_norm(g, pooled, w["t.post_ln.weight"], w["t.post_ln.bias"], cfg.text_eps)
-            out = g.output(linear(g, pooled, w["text_projection.weight"]))
+            post_ln = Norm(w["t.post_ln.weight"], w["t.post_ln.bias"], cfg.text_eps)
+            out = g.output(linear(g, pooled, w["text_projection.weight"], norm=post_ln))
 
             self.backend.allocate(g)
             self._use_threads_for(m, d, cfg.text_ffn, cfg.text_layers)

@@ -61,7 +61,8 @@ class MatmulOp(ctypes.Structure):
 
     _fields_ = [("get_data", ctypes.c_void_p), ("x", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("w", ctypes.c_void_p), ("m", ctypes.c_int64), ("k", ctypes.c_int64), ("n", ctypes.c_int64),
-                ("act", ctypes.c_int32), ("w_scales", ctypes.c_void_p)]
+                ("act", ctypes.c_int32), ("w_scales", ctypes.c_void_p), ("ln_w", ctypes.c_void_p),
+                ("ln_b", ctypes.c_void_p), ("ln_eps", ctypes.c_float), ("residual", ctypes.c_void_p)]
 
 
 class AttentionOp(ctypes.Structure):
@@ -215,10 +216,24 @@ def unpack(w: PackedWeight) -> np.ndarray:
     return w.data.transpose(0, 2, 1).reshape(w.n, w.k)
 
 
+@dataclass(frozen=True)
+class Norm:
+    """A LayerNorm of each row: (x - mean) / sqrt(variance + eps) * w + b (w, b F32 of the row's width)."""
+
+    w: Tensor
+    b: Tensor
+    eps: float
+
+
+NORM_MULTIPLE = 8  # a kernel layer-norms rows of a multiple of 8 floats (CLIP's widths are multiples of 64)
+
+
 def linear(g: Graph, x: Tensor, w: PackedWeight, bias: Tensor | None = None, act: str | None = None,
-           vnni: bool | None = None) -> Tensor:
-    """act(x @ w.T + bias) for x [k, ...] F32 contiguous -> [n, ...], on every thread of the graph; vnni:
-    the kind's 512-bit form (None: wherever the CPU has it)."""
+           vnni: bool | None = None, norm: Norm | None = None, residual: Tensor | None = None) -> Tensor:
+    """act(norm(x) @ w.T + bias) + residual for x [k, ...] F32 contiguous -> [n, ...], on every thread
+    of the graph: the norm is applied to each row of x as the kernel reads it, bias, act and the
+    residual as results leave the registers (no passes of their own over memory); vnni: the kind's
+    512-bit form (None: wherever the CPU has it)."""
     spec = KINDS[w.kind]
     if vnni is None:
         vnni = spec.vnni_op is not None and has_vnni()
@@ -229,11 +244,22 @@ def linear(g: Graph, x: Tensor, w: PackedWeight, bias: Tensor | None = None, act
         raise ValueError(f"the {w.kind} kernel needs contiguous F32 rows of {w.k}, got {x.shape}")
     if bias is not None and (bias.type != ggml.F32 or bias.n_elements != w.n or not bias.is_contiguous()):
         raise ValueError(f"the {w.kind} kernel needs an F32 bias of {w.n}, got {bias.shape}")
+    shape = (w.n, *x.ne[1:])
+    if norm is not None and (w.k % NORM_MULTIPLE or any(t.type != ggml.F32 or t.n_elements != w.k or not t.is_contiguous()
+                                                        for t in (norm.w, norm.b))):
+        raise ValueError(f"the {w.kind} kernel layer-norms rows of a multiple of {NORM_MULTIPLE} with F32 weights "
+                         f"of their width, got rows of {w.k}, weights {norm.w.shape} and {norm.b.shape}")
+    if residual is not None and (residual.type != ggml.F32 or not residual.is_contiguous()
+                                 or residual.n_elements != math.prod(shape)):
+        raise ValueError(f"the {w.kind} kernel adds an F32 residual of the output's shape {shape}, got {residual.shape}")
     op = MatmulOp(get_data=_get_data(), x=x.ptr, bias=bias.ptr if bias is not None else None, w=w.data.ctypes.data,
                   m=x.n_elements // w.k, k=w.k, n=w.n, act=ACTIVATIONS[act],
-                  w_scales=w.scales.ctypes.data if w.scales is not None else None)
+                  w_scales=w.scales.ctypes.data if w.scales is not None else None,
+                  ln_w=norm.w.ptr if norm else None, ln_b=norm.b.ptr if norm else None,
+                  ln_eps=norm.eps if norm else 0.0, residual=residual.ptr if residual is not None else None)
     op.weight = w  # the C side holds only the address of its data
-    return g.custom((w.n, *x.ne[1:]), [x] if bias is None else [x, bias], fun, op)
+    sources = [t for t in (x, bias, norm.w if norm else None, norm.b if norm else None, residual) if t is not None]
+    return g.custom(shape, sources, fun, op)
 
 
 def attention_fits(d: int, n_heads: int) -> bool:
