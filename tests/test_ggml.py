@@ -217,6 +217,18 @@ def test_quantize_round_trip(qtype):
     assert err.max() > 0 or qtype in ("F16", "BF16")
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_1", "Q4_1", "Q4_0", "Q5_0", "F16"])
+def test_dequantize_is_gguf_pys_bit_for_bit(qtype):
+    """ggml's own dequantizer (fast, used at load) and gguf-py's reference give the same values."""
+    x = np.random.default_rng(8).standard_normal((5, 96)).astype(np.float32) * 3
+    q = ggml.quantize(x, qtype)
+    got = ggml.dequantize(q, qtype)
+    assert got.dtype == np.float32 and got.shape == (x.size,)
+    assert np.array_equal(got, dequantize(q, GGMLQuantizationType[qtype]).reshape(-1).astype(np.float32))
+    with pytest.raises(VlmError, match="whole"):
+        ggml.dequantize(q.reshape(-1)[:-1], qtype)
+
+
 def test_quantized_bytes_feed_mul_mat(backend):
     """ggml reads the quantizer's bytes as the same numbers gguf-py dequantizes them to."""
     rng = np.random.default_rng(6)

@@ -324,12 +324,9 @@ def _to_bf16(raw: np.ndarray, type_name: str) -> np.ndarray:
 
 def _to_f32(raw: np.ndarray, type_name: str, ne: tuple[int, ...]) -> np.ndarray:
     """Stored bytes of an F16 or quantized tensor (ggml shape ne) -> its float32 values."""
-    import gguf
-
     if type_name == "F16":
         return raw.view(np.float16).astype(np.float32)
-    rows = raw.reshape(int(np.prod(ne[1:], dtype=np.int64)), -1)
-    return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[type_name]).astype(np.float32)
+    return ggml.dequantize(raw, type_name).reshape(int(np.prod(ne[1:], dtype=np.int64)), -1)
 
 
 Weight = Tensor | PackedWeight  # a matmul weight: a ggml tensor, or packed for vlm's kernels
