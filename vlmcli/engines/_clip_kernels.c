@@ -1,8 +1,10 @@
 /* CLIP's two hot ops for ggml's CPU graphs on x86 CPUs (engines/clip_kernels.py), each a ggml custom
    op (ggml_custom_4d) run on ggml's own threads.
 
-   The matmul: y[m][n] = act(sum_k x[m][k] w[n][k] + bias[n]), x F32 activations, w packed once at
-   load, y F32, act none or quick GELU. Three of them:
+   The matmul: y[m][n] = act(sum_k norm(x[m])[k] w[n][k] + bias[n]) + residual[m][n], x F32
+   activations, norm none or a LayerNorm applied to each row as it is read, w packed once at load, y
+   F32, act none or quick GELU, residual none or F32; bias, act and residual are applied as a tile
+   leaves the registers, so none of them makes a pass of its own over memory. Three of them:
    - BF16 (AVX512_BF16): x rounded to BF16 as ggml does for a BF16 weight, VDPBF16PS (32
      multiply-adds) per step, 12 x 32 tiles of y in 24 registers; 380-400 GFLOPS on ViT-B/32's
      shapes on a 2-core Zen 4 EPYC, where ggml's BF16 mul_mat gave 165-280;
@@ -84,7 +86,8 @@ static struct tail tail_at(const struct vlm_matmul *op, const struct io *io, int
     return t;
 }
 
-/* --- bias and quick GELU for both matmuls (AVX2 + FMA + F16C, which every AVX512_BF16 CPU has) ------ */
+/* --- what every matmul does to its rows on the way in and out (AVX2 + FMA + F16C, which every --------
+   AVX512_BF16 CPU has): the layer norm, then bias, quick GELU and the residual */
 
 #define TARGET2 __attribute__((target("avx2,fma,f16c")))
 #define NR2 16  /* two vectors of 8 floats */
@@ -589,8 +592,9 @@ TARGET2 static void weigh_values(int n, const float *v, int64_t stride, const fl
 }
 
 /* Attention of one head over one sequence, in F32: out_i = sum_j softmax_j(scale q_i . k_j) v_j, with
-   j <= i when causal, for the queries i in [q0, q1) (out: query q0's row). qkv holds each token's q, k and v side by side (stride 3 d), out each token's
-   heads side by side (stride d); hd is a multiple of 8, at most 128. The keys are transposed first
+   j <= i when causal, for the queries i in [q0, q1) (out starts at query q0's row). qkv holds each
+   token's q, k and v side by side (stride 3 d), out each token's heads side by side (stride d); hd is
+   a multiple of 8, at most 128. The keys are transposed first
    (scratch: attend_scratch floats), so 8 scores at a time accumulate along hd in one register each,
    with no horizontal sums. The same code serves AVX-512 CPUs: a 512-bit version was no faster. */
 TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t q0, int64_t q1, int64_t d,

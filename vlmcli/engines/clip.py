@@ -12,8 +12,11 @@ each fallback is recorded in ClipConfig.notes for the front end to show.
 
 On x86 CPUs the linear layers and the attention run on vlm's own kernels instead of ggml's mul_mat and
 attention ops (engines/clip_kernels.py, custom ops in the same graphs; BF16 with AVX512_BF16, 16-bit
-integers with AVX2 or AVX512_VNNI, or F16 weights in F32 arithmetic, VLM_CLIP_WEIGHTS=vlm-f16), 1.3-2.4x
-faster; texts then run packed one after another, each at its own length. Elsewhere, or with VLM_CLIP_WEIGHTS=stored|bf16, the graphs are ggml's alone.
+integers with AVX2 or AVX512_VNNI, or F16 weights in F32 arithmetic, VLM_CLIP_WEIGHTS=vlm-f16; from F16,
+F32 or Q8_0 files), 1.3-2.7x faster. The matmuls then also do the block's layer norms, biases, quick
+GELU and residual adds; texts run packed one after another, each at its own length; and a tower's last
+block runs only for the token it pools. Elsewhere, or with VLM_CLIP_WEIGHTS=stored|bf16, the graphs
+are ggml's alone.
 
 The same forward pass also runs in numpy (engines/clip_numpy.py, the "blas" path, VLM_CLIP_PATH=blas): it
 holds up when other processes share the cores (nothing spins), but on an idle machine ggml's kernels were
@@ -411,7 +414,8 @@ def linear(g: Graph, x: Tensor, w: Tensor | PackedWeight, b: Tensor | None = Non
             return y
         y = getattr(g, act)(y)
     else:
-        y = g.mul_mat(w, layer_norm(g, x, norm) if norm else x)  # w is [in, out] in ggml order, i.e. HF's [out, in]
+        h = layer_norm(g, x, norm) if norm is not None else x
+        y = g.mul_mat(w, h)  # w is [in, out] in ggml order, i.e. HF's [out, in]
         y = g.add(y, b) if b is not None else y
         y = getattr(g, act)(y) if act else y
     return g.add(y, residual) if residual is not None else y
@@ -599,8 +603,8 @@ class ClipModel(NativeResource):
             held = {name: "F32" if name in LOADED_AS_F32 else
                     held_type if held_type and types is MATMUL_TYPES and stored[name].type in ("F16", "F32")
                     else stored[name].type for name, (_, types) in specs.items()}
-            packed = {name for name, (ne, types) in specs.items()
-                      if kind and types is MATMUL_TYPES and stored[name].type in PACKED_FROM and clip_kernels.fits(kind, *ne)}
+            packed = {name for name, (ne, types) in specs.items() if kind and types is MATMUL_TYPES
+                      and stored[name].type in PACKED_FROM and clip_kernels.fits(kind, *ne)}
             held.update({name: held_type for name in packed})
             held.update({name: "F32" for name, t in held.items() if t == "I16" and name not in packed})  # ggml has no I16
             patch_ne = specs[PATCH_EMBEDDING][0]  # a matmul too (see _encode_image_batch), packed with the others
