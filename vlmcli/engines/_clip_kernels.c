@@ -170,20 +170,30 @@ TARGET2 static const float *input_row(const struct vlm_matmul *op, const struct 
     return tmp;
 }
 
-/* A room of n floats per ggml thread, kept for its next op (slot: one per use). */
-static float *thread_room(int slot, size_t n) {
-    static __thread float *room[2];
-    static __thread size_t cap[2];
-    if (n > cap[slot]) {
+/* What each ggml thread keeps between ops, one room per use. */
+enum room {
+    ROOM_ROW,      /* one layer-normed row (F32) */
+    ROOM_ROWS,     /* a block of them, for the F16 matmul, which reads x in place */
+    ROOM_BF16,     /* a block of rows rounded to BF16 */
+    ROOM_Q,        /* a block of rows quantized to I16, interleaved for the tiles */
+    ROOM_Q_SCALES, /* their scales */
+    ROOM_Q_ROW,    /* one quantized row before it is interleaved */
+    ROOM_ATTEND,   /* the attention's transposed keys and scores */
+    ROOMS
+};
+
+/* The calling thread's room of at least `bytes`, 64-byte aligned; its contents are not kept. */
+static void *thread_room(enum room slot, size_t bytes) {
+    static __thread void *room[ROOMS];
+    static __thread size_t cap[ROOMS];
+    if (bytes > cap[slot]) {
         free(room[slot]);
-        room[slot] = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+        room[slot] = aligned_alloc(64, (bytes + 63) / 64 * 64);
         if (!room[slot]) abort(); /* as ggml does when it cannot allocate */
-        cap[slot] = n;
+        cap[slot] = bytes;
     }
     return room[slot];
 }
-#define ROOM_ROW 0   /* one layer-normed row */
-#define ROOM_ROWS 1  /* a block of them (the F16 matmul reads x in place) */
 
 /* --- AVX512_BF16: the BF16 matmul ------------------------------------------------------------ */
 
@@ -230,20 +240,12 @@ TARGET static void tile_rows(int mr, const uint16_t *a, int64_t lda, const uint1
 
 /* Rows [m0, m1) and panels [p0, p1) of y. */
 TARGET static void run(const struct vlm_matmul *op, const struct io *io, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-    static __thread uint16_t *rows_bf16; /* one per ggml thread, kept for the next op */
-    static __thread size_t rows_cap;
     const int64_t k = op->k, n = op->n;
-    size_t need = (size_t)MB * k * sizeof(uint16_t);
-    if (need > rows_cap) {
-        free(rows_bf16);
-        rows_bf16 = aligned_alloc(64, need);
-        rows_cap = rows_bf16 ? need : 0;
-        if (!rows_bf16) abort(); /* as ggml does when it cannot allocate */
-    }
+    uint16_t *rows_bf16 = thread_room(ROOM_BF16, (size_t)MB * k * sizeof(uint16_t));
     for (int64_t mb = m0; mb < m1; mb += MB) {
         const int64_t rows = m1 - mb < MB ? m1 - mb : MB;
         for (int64_t r = 0; r < rows; r++) { /* round to nearest even, as ggml's own conversion */
-            const float *x = input_row(op, io, mb + r, thread_room(ROOM_ROW, k));
+            const float *x = input_row(op, io, mb + r, thread_room(ROOM_ROW, k * sizeof(float)));
             for (int64_t q = 0; q < k; q += 16)
                 _mm256_storeu_si256((__m256i *)(rows_bf16 + r * k + q),
                                     (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + q)));
@@ -306,7 +308,7 @@ TARGET2 static void run_f16(const struct vlm_matmul *op, const struct io *io, in
         const int64_t rows = m1 - mb < mb_rows ? m1 - mb : mb_rows;
         const float *x = io->x + mb * k;
         if (io->ln_w) { /* the block's rows layer-normed, read in place from there */
-            float *normed = thread_room(ROOM_ROWS, (size_t)mb_rows * k);
+            float *normed = thread_room(ROOM_ROWS, (size_t)mb_rows * k * sizeof(float));
             for (int64_t r = 0; r < rows; r++) input_row(op, io, mb + r, normed + r * k);
             x = normed;
         }
@@ -426,24 +428,13 @@ static int64_t i16_block(int64_t k, int64_t mr) { return l2_rows(2 * k, mr); }
    live in the calling ggml thread's room, kept for its next op. */
 TARGET2 static const int16_t *quantize_tiles(const struct vlm_matmul *op, const struct io *io, int64_t row0,
                                              int64_t rows, int64_t mr_max, const float **scales_out) {
-    static __thread int16_t *rows_q, *row;
-    static __thread float *rows_scales;
-    static __thread size_t rows_cap, scales_cap, row_cap;
     const int64_t k = op->k, blocks = (k + KB - 1) / KB, cap_rows = i16_block(k, mr_max);
-    const size_t need = (size_t)cap_rows * k * sizeof(int16_t), need_scales = (size_t)cap_rows * blocks * sizeof(float);
-    if (need > rows_cap || need_scales > scales_cap || (size_t)k > row_cap) {
-        free(rows_q);
-        free(rows_scales);
-        free(row);
-        rows_q = aligned_alloc(64, (need + 63) / 64 * 64);
-        rows_scales = malloc(need_scales);
-        row = malloc(k * sizeof(int16_t));
-        if (!rows_q || !rows_scales || !row) abort(); /* as ggml does when it cannot allocate */
-        rows_cap = need, scales_cap = need_scales, row_cap = k;
-    }
+    int16_t *rows_q = thread_room(ROOM_Q, (size_t)cap_rows * k * sizeof(int16_t));
+    int16_t *row = thread_room(ROOM_Q_ROW, k * sizeof(int16_t));
+    float *rows_scales = thread_room(ROOM_Q_SCALES, (size_t)cap_rows * blocks * sizeof(float));
     for (int64_t r = 0; r < rows; r++) { /* row r goes to place r % mr_max of its tile's pairs */
         const int64_t tile0 = r / mr_max * mr_max, mr = rows - tile0 < mr_max ? rows - tile0 : mr_max;
-        quantize_row(input_row(op, io, row0 + r, thread_room(ROOM_ROW, k)), k, row, rows_scales + r * blocks);
+        quantize_row(input_row(op, io, row0 + r, thread_room(ROOM_ROW, k * sizeof(float))), k, row, rows_scales + r * blocks);
         int16_t *dst = rows_q + tile0 * k + 2 * (r - tile0);
         for (int64_t p = 0; p < k / 2; p++) memcpy(dst + 2 * mr * p, row + 2 * p, 2 * sizeof(int16_t));
     }
@@ -670,8 +661,6 @@ static void share_matmul(void *dst, int ith, int nth, const struct vlm_matmul *o
 /* Threads share out the (sequence, head) pairs, or (query, head) pairs where the op names its queries;
    each reads only its own sequence, so packing several sequences together changes nothing. */
 static void share_attention(void *dst, int ith, int nth, const struct vlm_attention *op) {
-    static __thread float *scratch;
-    static __thread int64_t scratch_cap;
     const float *qkv = op->get_data(op->qkv);
     float *out = op->get_data(dst);
     const int64_t hd = op->d / op->n_heads, items = (op->queries ? op->n_queries : op->n_seqs) * op->n_heads;
@@ -679,14 +668,8 @@ static void share_attention(void *dst, int ith, int nth, const struct vlm_attent
         const int64_t row = it / op->n_heads, h = it % op->n_heads, s = op->queries ? op->queries[2 * row] : row;
         const int64_t first = op->seqs[2 * s], len = op->seqs[2 * s + 1];
         const int64_t q0 = op->queries ? op->queries[2 * row + 1] : 0, q1 = op->queries ? q0 + 1 : len;
-        if (attend_scratch(len, hd) > scratch_cap) {
-            free(scratch);
-            scratch_cap = attend_scratch(len, hd);
-            scratch = malloc(scratch_cap * sizeof(float));
-            if (!scratch) abort();
-        }
         attend(qkv + first * 3 * op->d + h * hd, out + (op->queries ? row : first) * op->d + h * hd, len, q0, q1,
-               op->d, hd, op->scale, op->causal, scratch);
+               op->d, hd, op->scale, op->causal, thread_room(ROOM_ATTEND, attend_scratch(len, hd) * sizeof(float)));
     }
 }
 
