@@ -549,7 +549,7 @@ static void run_vnni(const struct vlm_matmul *op, const struct io *io, int64_t m
     run_i16_form(op, io, m0, m1, p0, p1, MR, 2, tile_vnni_rows);
 }
 
-#define KEY_BLOCK 64 /* keys scored at once: 8 vectors of 8 scores accumulate in registers */
+#define KEY_BLOCK 64 /* keys scored at once: up to 8 vectors of 8 scores accumulate in registers */
 
 /* Room attend needs for a sequence of len tokens and heads of hd floats. */
 static int64_t attend_scratch(int64_t len, int64_t hd) {
@@ -582,12 +582,47 @@ TARGET2 static void weigh_values(int n, const float *v, int64_t stride, const fl
     }
 }
 
+/* scores[0 : 8 n) = scale q . k_j for keys j0 + [0, 8 n), kt pointing at key j0 of the transposed keys
+   (row stride width), n a constant after inlining so the sums stay in registers; keys from `live` on
+   get -inf. Returns the running maximum. */
+TARGET2 static inline __attribute__((always_inline)) __m256 score(const int n, const float *q, const float *kt,
+        int64_t width, int64_t hd, float scale, int64_t live, float *scores, __m256 top) {
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), minus_inf = _mm256_set1_ps(-INFINITY);
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int v = 0; v < n; v++) acc[v] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < hd; c++) {
+        const __m256 qc = _mm256_broadcast_ss(q + c);
+#pragma GCC unroll 8
+        for (int v = 0; v < n; v++) acc[v] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kt + c * width + 8 * v), acc[v]);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < n; v++) {
+        const __m256 in = _mm256_cmp_ps(lane, _mm256_set1_ps((float)(live - 8 * v)), _CMP_LT_OQ);
+        const __m256 sv = _mm256_blendv_ps(minus_inf, _mm256_mul_ps(acc[v], _mm256_set1_ps(scale)), in);
+        _mm256_storeu_ps(scores + 8 * v, sv);
+        top = _mm256_max_ps(top, sv);
+    }
+    return top;
+}
+
+TARGET2 static __m256 score_keys(int n, const float *q, const float *kt, int64_t width, int64_t hd, float scale,
+                                 int64_t live, float *scores, __m256 top) {
+    switch (n) {
+#define CASE(r) case r: return score(r, q, kt, width, hd, scale, live, scores, top);
+    CASE(8) CASE(7) CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) CASE(1)
+#undef CASE
+    }
+    return top;
+}
+
 /* Attention of one head over one sequence, in F32: out_i = sum_j softmax_j(scale q_i . k_j) v_j, with
    j <= i when causal, for the queries i in [q0, q1) (out starts at query q0's row). qkv holds each
    token's q, k and v side by side (stride 3 d), out each token's heads side by side (stride d); hd is
    a multiple of 8, at most 128. The keys are transposed first
    (scratch: attend_scratch floats), so 8 scores at a time accumulate along hd in one register each,
-   with no horizontal sums. The same code serves AVX-512 CPUs: a 512-bit version was no faster. */
+   with no horizontal sums; a query scores its keys rounded up to a multiple of 8, not of KEY_BLOCK
+   (the same bits: every score is its own sum). The same code serves AVX-512 CPUs: a 512-bit version was no faster. */
 TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t q0, int64_t q1, int64_t d,
                            int64_t hd, float scale, int causal, float *scratch) {
     const int64_t nv = hd / 8, width = (len + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
@@ -596,29 +631,14 @@ TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t q0
         for (int64_t j = 0; j < len; j++) kt[c * width + j] = qkv[j * 3 * d + d + c];
         for (int64_t j = len; j < width; j++) kt[c * width + j] = 0.0f;
     }
-    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), minus_inf = _mm256_set1_ps(-INFINITY);
+    const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
     for (int64_t i = q0; i < q1; i++) {
         const float *q = qkv + i * 3 * d;
-        const int64_t keys = causal ? i + 1 : len, scored = (keys + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+        const int64_t keys = causal ? i + 1 : len, scored = (keys + 7) / 8 * 8;
         __m256 top = minus_inf;
-        for (int64_t j0 = 0; j0 < scored; j0 += KEY_BLOCK) {
-            __m256 acc[8];
-#pragma GCC unroll 8
-            for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();
-            for (int64_t c = 0; c < hd; c++) {
-                const __m256 qc = _mm256_broadcast_ss(q + c);
-                const float *row = kt + c * width + j0;
-#pragma GCC unroll 8
-                for (int v = 0; v < 8; v++) acc[v] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(row + 8 * v), acc[v]);
-            }
-#pragma GCC unroll 8
-            for (int v = 0; v < 8; v++) { /* keys past `keys` (causal, or padding) get -inf */
-                const __m256 live = _mm256_cmp_ps(lane, _mm256_set1_ps((float)(keys - j0 - 8 * v)), _CMP_LT_OQ);
-                const __m256 sv = _mm256_blendv_ps(minus_inf, _mm256_mul_ps(acc[v], _mm256_set1_ps(scale)), live);
-                _mm256_storeu_ps(scores + j0 + 8 * v, sv);
-                top = _mm256_max_ps(top, sv);
-            }
-        }
+        for (int64_t j0 = 0; j0 < scored; j0 += KEY_BLOCK) /* keys past `keys` (causal, or padding) get -inf */
+            top = score_keys(scored - j0 < KEY_BLOCK ? (int)(scored - j0) / 8 : KEY_BLOCK / 8, q, kt + j0, width, hd,
+                             scale, keys - j0, scores + j0, top);
         const __m256 peak = _mm256_set1_ps(hmax8(top));
         __m256 total = _mm256_setzero_ps();
         for (int64_t j = 0; j < scored; j += 8) {
