@@ -86,6 +86,20 @@ def test_the_kernels_quantization_is_numpys_bit_for_bit():
     assert np.array_equal(c.data, ref.data) and np.array_equal(c.scales, ref.scales)
 
 
+@pytest.mark.skipif(not clip_kernels.available("bf16"), reason="needs AVX512_BF16")
+def test_the_bf16_packing_from_values_is_numpys_rounding_bit_for_bit():
+    """F32 and F16 values packed in C (one pass: rounded to nearest even, then laid out) against the
+    same values rounded by numpy and packed from their bits: ties both ways, huge and tiny values."""
+    rng = np.random.default_rng(9)
+    w = (rng.standard_normal((64, 96)) * np.logspace(-30, 30, 64)[:, None]).astype(np.float32)
+    w[0, :4] = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x80000000], np.uint32).view(np.float32)  # ties, -0
+    got = pack(w, "bf16")
+    assert got.data.dtype == np.uint16 and np.array_equal(got.data, pack(bf16_bits(w), "bf16").data)
+    assert unpack(got)[0, :4].tolist() == [0x3F80, 0x3F82, 0x3F81, 0x8000]
+    h = (rng.standard_normal((32, 48)) * 100).astype(np.float16)
+    assert np.array_equal(pack(h, "bf16").data, pack(bf16_bits(h.astype(np.float32)), "bf16").data)
+
+
 class Linear:
     """One linear layer in its own graph on a CPU backend: run(x) -> y; ln = (w, b, eps): a LayerNorm
     of x's rows in the kernel."""

@@ -96,6 +96,7 @@ LAYOUTS = {"stored": (None, None), "bf16": ("BF16", None), "vlm-bf16": ("BF16", 
            "vlm-i16": ("I16", "i16")}
 WEIGHTS_TYPE_ENV = "VLM_CLIP_WEIGHTS"
 PACKED_FROM = ("F16", "F32", "Q8_0")  # the file types vlm's kernels take (see above)
+PACKED_AS_VALUES = ("I16", "BF16")  # held types packed in C straight from the file's F16 / F32 values
 
 
 @dataclass
@@ -626,13 +627,13 @@ class ClipModel(NativeResource):
                 raw, file_type = data[st.offset : st.offset + st.n_bytes], st.type
                 if file_type not in ("F16", "F32") and name in packed:  # Q8_0: its values, exactly, as F32
                     raw, file_type = _to_f32(raw, file_type, ne), "F32"
-                if held[name] == "I16":  # packed from the file's F16 / F32 values
+                if name in packed and held[name] in PACKED_AS_VALUES:
                     raw = raw.view(np.float16 if file_type == "F16" else np.float32)
                 elif held[name] != file_type:
                     raw = (_to_f32(raw, file_type, ne) if held[name] == "F32" else _to_bf16(raw, file_type)
                            if held[name] == "BF16" else _to_f16(raw, file_type, name, p))
                 if name in packed:  # ggml shape [k, n] ([p, p, 3, n] for the patches): n rows of k values
-                    values = raw if held[name] == "I16" else raw.view(np.uint16)  # values, or BF16 / F16 bits
+                    values = raw if held[name] in PACKED_AS_VALUES else raw.view(np.uint16)  # values, or F16 bits
                     tensors[name] = clip_kernels.pack(values.reshape(ne[-1], -1), kind)
                     size += tensors[name].nbytes
                 else:

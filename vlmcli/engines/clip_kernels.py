@@ -153,20 +153,38 @@ class PackedWeight:
 
 
 def pack(rows: np.ndarray, kind: str) -> PackedWeight:
-    """A weight's BF16 (kind bf16) or F16 (kind f16) bits, or its float32 values (kind i16), (n, k) in
-    numpy order (HF's nn.Linear layout) -> the kernel's layout."""
+    """A weight's BF16 (kind bf16) or F16 (kind f16) bits (uint16), or its float16 / float32 values
+    (kinds i16 and bf16: rounded as the kernel rounds its activations), (n, k) in numpy order (HF's
+    nn.Linear layout) -> the kernel's layout."""
     n, k = rows.shape
     if not fits(kind, k, n):
         raise ValueError(f"a {k} -> {n} weight does not fit the {kind} kernel")
     panel = KINDS[kind].panel
     if kind == "i16":
         return _pack_i16(rows)
+    if kind == "bf16" and rows.dtype != np.uint16:
+        return _pack_bf16_values(rows)
     bits = np.ascontiguousarray(rows).view(np.uint16)
     if kind == "bf16":  # a pair of k as one item: a faster copy
         pairs = bits.view(np.uint32).reshape(n // panel, panel, k // 2).transpose(0, 2, 1)
         return PackedWeight(np.ascontiguousarray(pairs).view(np.uint16).reshape(n // panel, k // 2, panel, 2),
                             k, n, kind)
     return PackedWeight(np.ascontiguousarray(bits.reshape(n // panel, panel, k).transpose(0, 2, 1)), k, n, kind)
+
+
+def _pack_bf16_values(rows: np.ndarray) -> PackedWeight:
+    """F16 or F32 values (n, k) -> BF16, rounded to nearest even (as the kernel rounds x) and packed in
+    one pass in C, from F16 without a copy in F32. Only where the bf16 kernels run (elsewhere pass bits)."""
+    n, k = rows.shape
+    panel = KINDS["bf16"].panel
+    lib, level = _library()
+    if lib is None or level < KINDS["bf16"].level or rows.dtype not in (np.float16, np.float32):
+        raise ValueError(f"BF16 packing from {rows.dtype} values needs vlm's bf16 kernels (AVX512_BF16)")
+    rows = np.ascontiguousarray(rows)
+    data = np.empty((n // panel, k // 2, panel, 2), np.uint16)
+    lib.vlm_bf16_pack(ctypes.c_void_p(rows.ctypes.data), ctypes.c_int32(rows.dtype == np.float16),
+                      ctypes.c_int64(n), ctypes.c_int64(k), ctypes.c_void_p(data.ctypes.data))
+    return PackedWeight(data, k, n, "bf16")
 
 
 def quantize_i16(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
