@@ -454,7 +454,7 @@ def block(g: Graph, x: Tensor, p: _Block, eps: float, act: str, attend: Attend,
     """A pre-LN transformer block on x [D, ...]; act as for linear. With pool (x -> the rows a tower
     pools, as attend gives only theirs), only those rows go on past the attention: every later op works
     per token, so in a tower's last block the other tokens' work would be thrown away (that block's MLP
-    and out projection for all but the pooled tokens are 7% of a ViT-B/32's matmul work)."""
+    and out projection for all but the pooled tokens are 6% of a ViT-B/32's multiply-adds)."""
     a = attend(x, p, Norm(p.ln1_w, p.ln1_b, eps))
     x = linear(g, a, p.out_w, p.out_b, residual=pool(x) if pool else x)
     h = linear(g, x, p.fc1_w, p.fc1_b, act, norm=Norm(p.ln2_w, p.ln2_b, eps))
