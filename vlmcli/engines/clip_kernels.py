@@ -172,18 +172,27 @@ def pack(rows: np.ndarray, kind: str) -> PackedWeight:
     return PackedWeight(np.ascontiguousarray(bits.reshape(n // panel, panel, k).transpose(0, 2, 1)), k, n, kind)
 
 
+def _c_pack(kind: str, rows: np.ndarray, *out: np.ndarray) -> bool:
+    """vlm_<kind>_pack: F16 or F32 values (n, k) into the kernel's layout in one pass, from F16 without a
+    copy in F32. False (nothing written) where it cannot run here."""
+    lib, level = _library()
+    if lib is None or level < KINDS[kind].level or rows.dtype not in (np.float16, np.float32):
+        return False
+    rows = np.ascontiguousarray(rows)
+    n, k = rows.shape
+    getattr(lib, f"vlm_{kind}_pack")(ctypes.c_void_p(rows.ctypes.data), ctypes.c_int32(rows.dtype == np.float16),
+                                     ctypes.c_int64(n), ctypes.c_int64(k), *(ctypes.c_void_p(o.ctypes.data) for o in out))
+    return True
+
+
 def _pack_bf16_values(rows: np.ndarray) -> PackedWeight:
-    """F16 or F32 values (n, k) -> BF16, rounded to nearest even (as the kernel rounds x) and packed in
-    one pass in C, from F16 without a copy in F32. Only where the bf16 kernels run (elsewhere pass bits)."""
+    """F16 or F32 values (n, k) -> BF16, rounded to nearest even (as the kernel rounds x), in C. Only where
+    the bf16 kernels run (elsewhere pass bits)."""
     n, k = rows.shape
     panel = KINDS["bf16"].panel
-    lib, level = _library()
-    if lib is None or level < KINDS["bf16"].level or rows.dtype not in (np.float16, np.float32):
-        raise ValueError(f"BF16 packing from {rows.dtype} values needs vlm's bf16 kernels (AVX512_BF16)")
-    rows = np.ascontiguousarray(rows)
     data = np.empty((n // panel, k // 2, panel, 2), np.uint16)
-    lib.vlm_bf16_pack(ctypes.c_void_p(rows.ctypes.data), ctypes.c_int32(rows.dtype == np.float16),
-                      ctypes.c_int64(n), ctypes.c_int64(k), ctypes.c_void_p(data.ctypes.data))
+    if not _c_pack("bf16", rows, data):
+        raise ValueError(f"BF16 packing from {rows.dtype} values needs vlm's bf16 kernels (AVX512_BF16)")
     return PackedWeight(data, k, n, "bf16")
 
 
@@ -203,18 +212,11 @@ def quantize_i16(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pack_i16(rows: np.ndarray) -> PackedWeight:
-    """F32 or F16 values (n, k) -> i16, in C where the kernels run (from F16 without a copy in F32, and
-    ten times numpy's speed), else in numpy."""
+    """F32 or F16 values (n, k) -> i16, in C where the kernels run (ten times numpy's speed), else in numpy."""
     n, k = rows.shape
     panel, blocks = KINDS["i16"].panel, -(-k // I16_BLOCK)
-    lib, level = _library()
-    if lib is not None and level >= KINDS["i16"].level and rows.dtype in (np.float16, np.float32):
-        rows = np.ascontiguousarray(rows)
-        data, scales = np.empty((n // panel, k // 2, panel, 2), np.int16), np.empty((n // panel, blocks, panel), np.float32)
-        lib.vlm_i16_pack(ctypes.c_void_p(rows.ctypes.data), ctypes.c_int32(rows.dtype == np.float16), ctypes.c_int64(n),
-                         ctypes.c_int64(k), ctypes.c_void_p(data.ctypes.data), ctypes.c_void_p(scales.ctypes.data))
-        return PackedWeight(data, k, n, "i16", scales)
-    return pack_i16_numpy(rows)
+    data, scales = np.empty((n // panel, k // 2, panel, 2), np.int16), np.empty((n // panel, blocks, panel), np.float32)
+    return PackedWeight(data, k, n, "i16", scales) if _c_pack("i16", rows, data, scales) else pack_i16_numpy(rows)
 
 
 def pack_i16_numpy(rows: np.ndarray) -> PackedWeight:
