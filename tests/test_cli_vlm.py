@@ -164,6 +164,15 @@ def test_debug_shows_the_traceback(model_dir: Path, tmp_path: Path) -> None:
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
+def test_llama_cpps_own_logs_come_with_debug_not_with_verbose(model_dir: Path) -> None:
+    args = ("ask", str(SAMPLE), "What is this?", "--model", str(model_dir), "-n", "2")
+    quiet, debug = vlm(*args, "-v"), vlm(*args, "--debug")
+    assert quiet.returncode == 0 and debug.returncode == 0, quiet.stderr + debug.stderr
+    assert quiet.stderr.strip() == ""
+    assert "llama_model_loader" in debug.stderr  # the model loader's own lines, from llama.cpp
+    assert debug.stdout == quiet.stdout
+
+
 def test_questions_with_brackets_are_not_markup(model_dir: Path) -> None:
     r = vlm("ask", str(SAMPLE), "what is [/x]?", "and [bold]?", "--model", str(model_dir), "-n", "2")
     assert r.returncode == 0, r.stderr

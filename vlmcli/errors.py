@@ -16,6 +16,13 @@ EXIT_USAGE = 2  # bad command line (Typer/Click use 2 as well)
 EXIT_PARTIAL = 3  # batch mode: finished, but some inputs failed
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
+DEBUG_ENV = "VLM_DEBUG"  # set (not "0"): tracebacks, and the native libraries' own logs (llama.cpp, Ray workers)
+
+
+def debugging() -> bool:
+    """Whether the user asked for internals (`vlm --debug` sets DEBUG_ENV for the whole process tree)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
 
 class VlmError(Exception):
     """A failure the user can act on. `path` names the file it is about, if any."""

@@ -10,7 +10,6 @@ keeps for vlm_last_error.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import traceback
 from typing import Any, Callable
@@ -19,6 +18,7 @@ import numpy as np
 
 from vlmcli.capi import runtime
 from vlmcli.capi.runtime import CapiError
+from vlmcli.errors import debugging
 
 ERROR_MAX = 1024  # VLM_ERROR_MAX in vlm.h
 MAX_ITEMS = 1 << 20  # more images / texts / labels than this in one call is a caller bug
@@ -133,7 +133,7 @@ def _write_error(ffi: Any, err: Any, message: str) -> None:
 def install(ffi: Any, lib: Any) -> None:
     """Define the extern "Python" functions of the library (called by its init code)."""
     x = _Exports(ffi)
-    debug = os.environ.get("VLM_DEBUG", "") not in ("", "0")
+    debug = debugging()
 
     def export(name: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
         """Register fn as `name`; exceptions become a status and a message in fn's last argument."""

@@ -11,7 +11,7 @@ import typer
 
 from vlmcli.cli.app import app, stderr
 from vlmcli.cli.messages import describe
-from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, VlmError
+from vlmcli.errors import DEBUG_ENV, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, VlmError, debugging
 
 # Importing the command modules registers their commands on `app`.
 from vlmcli.cli import batch as _batch  # noqa: E402  --ray's optional address (ray_flag)
@@ -79,9 +79,11 @@ def _check_text_arguments(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI. `--debug` (anywhere on the line, or VLM_DEBUG=1) shows tracebacks."""
+    """Run the CLI. `--debug` (anywhere on the line, or VLM_DEBUG=1) shows tracebacks and native logs."""
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or os.environ.get("VLM_DEBUG", "") not in ("", "0")
+    if "--debug" in args:  # in the environment, so the engines and Ray's workers see it too
+        os.environ[DEBUG_ENV] = "1"
+    debug = debugging()
     args = [a for a in args if a != "--debug"]
     _check_text_arguments(args)
     args = _eval.sample_flag(args)

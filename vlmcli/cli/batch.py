@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional
 import typer
 
 from vlmcli.cli.app import fill_bare_option, info
-from vlmcli.errors import EXIT_OK, EXIT_USAGE, VlmError
+from vlmcli.errors import EXIT_OK, EXIT_USAGE, VlmError, debugging
 
 # The commands' modules import this one to declare their options; what runs a batch is imported
 # when one runs, so `vlm --help` stays fast.
@@ -248,26 +248,26 @@ def execute(
 
 
 @contextlib.contextmanager
-def on_ray(args: BatchArgs, name: str, build: Callable[..., Any], spec: Any, build_args: tuple[Any, ...] = (),
-           verbose: bool = False) -> Iterator[Any]:
+def on_ray(args: BatchArgs, name: str, build: Callable[..., Any], spec: Any,
+           build_args: tuple[Any, ...] = ()) -> Iterator[Any]:
     """With --ray: a pool of Ray workers, each building its task as `build(spec, *build_args)` (the
     function the command calls to build it here); yields the task to pass to `execute` / `run`."""
     from vlmcli.tasks.ray_batch import RayPool, TaskRecipe
 
-    options = ray_options(args, args.quiet, verbose)
+    options = ray_options(args, args.quiet)
     assert options is not None
     with RayPool(TaskRecipe(name, build, spec, tuple(build_args)), options) as pool:
         yield pool.task()
 
 
-def ray_options(args: BatchArgs, quiet: bool, verbose: bool = False) -> Any:
+def ray_options(args: BatchArgs, quiet: bool) -> Any:
     """The RayOptions of --ray and its companions; None without --ray."""
     if not args.ray:
         return None
     from vlmcli.tasks.ray_batch import RayOptions
 
     return RayOptions(address=args.ray, workers=args.ray_workers, cpus=args.ray_cpus, gpus=args.ray_gpus,
-                      ship_files=args.ray_ship_files, verbose=verbose, notify=None if quiet else info)
+                      ship_files=args.ray_ship_files, worker_logs=debugging(), notify=None if quiet else info)
 
 
 def conclude(name: str, summary: BatchSummary, args: BatchArgs, single: bool = False) -> None:

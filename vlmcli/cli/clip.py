@@ -132,7 +132,7 @@ def classify(
     spec = _spec(model, offline, threads, n_gpu_layers, device)
     build = (wanted, templates, top_k, batch_size, max_pixels, verbose)
     if args.ray:
-        with batch_cli.on_ray(args, "classify", _classify_task, spec, build, verbose) as remote:
+        with batch_cli.on_ray(args, "classify", _classify_task, spec, build) as remote:
             summary = batch_cli.execute(remote, args, expansion.paths, sink, single=single)
     else:
         task = _classify_task(spec, *build)
@@ -198,7 +198,7 @@ def embed(
     with contextlib.ExitStack() as stack:
         if args.ray:
             image_task = stack.enter_context(
-                batch_cli.on_ray(args, "embed", _embed_task, spec, (batch_size, max_pixels, verbose), verbose))
+                batch_cli.on_ray(args, "embed", _embed_task, spec, (batch_size, max_pixels, verbose)))
         else:
             image_task = _embed_task(spec, batch_size, max_pixels, verbose)
             stack.callback(image_task.model.close)

@@ -30,18 +30,18 @@ SeedOpt = typer.Option(0, "--seed", "-s", help="Random seed for sampling.")
 DetailOpt = typer.Option(None, "--detail", help="Image detail: low (one 512 px view), high (full tiling), auto (default, or the model's registry default).")
 MaxTilesOpt = typer.Option(None, "--max-tiles", min=0, help="Cap on image tiles (0 = overview only); overrides --detail.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON records instead of text.")
-VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's own logs, and every --best-of candidate.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show every --best-of candidate (--debug: llama.cpp's own logs too).")
 BestOfOpt = typer.Option(1, "--best-of", min=1, help="Sample N candidates (one image encoding, decoded together) and keep the best.")
 SelectOpt = typer.Option("logprob", "--select", help="How --best-of chooses: logprob (mean token log-probability), vote (most frequent short answer), clip (CLIP image-text similarity).")
 ClipModelOpt = typer.Option(None, "--clip-model", help="CLIP model judging --select clip (default: the store's default CLIP).")
 
 
 def _spec(model: Optional[str], mmproj: Optional[str], offline: bool, threads: Optional[int], n_gpu_layers: int,
-          ctx: int, detail: Optional[str], max_tiles: Optional[int], verbose: bool, n_best: int = 1,
+          ctx: int, detail: Optional[str], max_tiles: Optional[int], n_best: int = 1,
           no_cache: bool = False) -> ModelSpec:
     from vlmcli.tasks.models import ModelSpec
 
-    return ModelSpec(model, mmproj, offline or None, threads, n_gpu_layers, ctx, detail, max_tiles, verbose=verbose,
+    return ModelSpec(model, mmproj, offline or None, threads, n_gpu_layers, ctx, detail, max_tiles,
                      n_sequences=n_best, cache=not no_cache)
 
 
@@ -153,11 +153,11 @@ def ask(
         batch_cli.check_single_image(expansion.paths[0], max_pixels)
     _check_ray(args, n_best, select)
     temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "ask")
-    spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, verbose, n_best, no_cache)
+    spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, n_best, no_cache)
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     build = (questions, gen, max_pixels, n_best, select)
     if args.ray:
-        with batch_cli.on_ray(args, "ask", _ask_task, spec, build, verbose) as remote:
+        with batch_cli.on_ray(args, "ask", _ask_task, spec, build) as remote:
             batch_cli.run(remote, args, expansion, sink, sidecar_text=answers_text, single=single)
         return
     task = _ask_task(spec, *build, judge)
@@ -259,11 +259,11 @@ def caption(
         batch_cli.check_single_image(expansion.paths[0], max_pixels)
     _check_ray(args, n_best, select)
     temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "caption")
-    spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, verbose, n_best, no_cache)
+    spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, n_best, no_cache)
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     build = (gen, prompt, max_pixels, n_best, select)
     if args.ray:
-        with batch_cli.on_ray(args, "caption", _caption_task, spec, build, verbose) as remote:
+        with batch_cli.on_ray(args, "caption", _caption_task, spec, build) as remote:
             batch_cli.run(remote, args, expansion, sink, sidecar_text=caption_text, single=single)
         return
     task = _caption_task(spec, *build, judge)

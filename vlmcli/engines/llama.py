@@ -59,7 +59,7 @@ class EngineOptions:
     n_batch: int = 512
     detail: str = "auto"  # low | high | auto
     max_tiles: int | None = None  # exact cap on tiles; overrides `detail`
-    verbose: bool = False  # let llama.cpp print its own logs
+    native_logs: bool = False  # let llama.cpp print its own logs
     n_seq_max: int = 1  # sequences decoded together (best-of candidates share the prompt's KV cells)
     cache: EncodingCache | None = None  # image encodings on disk (encoding_cache.py); None: encode every time
 
@@ -202,7 +202,7 @@ class VlmEngine(NativeResource):
         self._mtmd: dict[tuple[int, int], object] = {}
         self._batch = None
         t0 = time.perf_counter()
-        if not self.options.verbose:
+        if not self.options.native_logs:
             quiet_native_logs()
         self._load()
         self.load_ms = (time.perf_counter() - t0) * 1000

@@ -10,12 +10,12 @@ and none otherwise, 0 = CPU; CLIP is small and goes to the GPU whole for any non
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from vlmcli.defaults import DEFAULT_N_CTX, DEFAULT_N_GPU_LAYERS
-from vlmcli.errors import EXIT_USAGE, InvalidOption, ModelError, VlmError
+from vlmcli.errors import EXIT_USAGE, InvalidOption, ModelError, VlmError, debugging
 
 Kind = Literal["vlm", "clip"]
 
@@ -33,7 +33,7 @@ class ModelSpec:
     detail: str | None = None  # SmolVLM2: low | high | auto; None = the registry's default for the model
     max_tiles: int | None = None
     device: str | None = None  # CLIP: a ggml device name (CPU, CUDA0, Vulkan0, ...)
-    verbose: bool = False  # SmolVLM2: let llama.cpp print its logs
+    native_logs: bool = field(default_factory=debugging)  # SmolVLM2: let llama.cpp print its logs (--debug)
     n_sequences: int = 1  # SmolVLM2: sequences decoded together (best-of candidates)
     cache: bool = True  # SmolVLM2: keep image encodings in the store's encoding cache (--no-cache: False)
 
@@ -118,7 +118,7 @@ def _open_vlm(spec: ModelSpec, notify: Callable[[str], None] | None) -> OpenedMo
     assert resolved.mmproj is not None
     options = EngineOptions(
         n_threads=spec.n_threads, n_gpu_layers=spec.n_gpu_layers, n_ctx=spec.n_ctx,
-        detail=spec.detail or resolved.detail or "auto", max_tiles=spec.max_tiles, verbose=spec.verbose,
+        detail=spec.detail or resolved.detail or "auto", max_tiles=spec.max_tiles, native_logs=spec.native_logs,
         n_seq_max=spec.n_sequences, cache=encoding_cache() if spec.cache else None,
     )
     engine = VlmEngine(resolved.model, resolved.mmproj, options)

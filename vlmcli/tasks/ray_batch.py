@@ -77,7 +77,7 @@ class RayOptions:
     cpus: float | None = None  # per actor (default: 1 with GPUs, else min(4, the smallest node's CPUs))
     gpus: float = 0.0  # per actor
     ship_files: bool = False  # the driver reads the images and ships their bytes (no shared storage)
-    verbose: bool = False  # the actors' own output (llama.cpp logs) on the driver's stderr
+    worker_logs: bool = False  # the actors' own output (llama.cpp logs) on the driver's stderr (--debug)
     notify: Callable[[str], None] | None = None  # notices for the user (pool size, lost workers)
 
 
@@ -283,7 +283,7 @@ class RayPool:
         if ray.is_initialized():
             return  # this process is already a driver (a test, a notebook): use its cluster
         address = check_address(self.options.address)
-        kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": self.options.verbose}
+        kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": self.options.worker_logs}
         if address is None:
             kwargs["include_dashboard"] = False
         try:
