@@ -218,6 +218,8 @@ def main() -> int:
 
     from machine import cpu_description
 
+    if args.isa == "avx2":  # vlm's kernels in their AVX2 forms (no VNNI or BF16 ones), here and in every worker
+        os.environ["VLM_CLIP_MAX_ISA"] = "avx2"
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-clip-"))
     try:
@@ -262,8 +264,6 @@ def main() -> int:
             for label, kind, model, env_change in variants:
                 print(f"round {r + 1}/{args.rounds}: {label} ...", file=sys.stderr)
                 env = dict(os.environ)
-                if args.isa == "avx2":  # vlm's kernels in their AVX2 forms (no VNNI or BF16 ones)
-                    env["VLM_CLIP_MAX_ISA"] = "avx2"
                 for key, value in env_change.items():
                     env.pop(key, None) if value is None else env.__setitem__(key, value)
                 emb = work / f"emb-{label.replace(' ', '_').replace('(', '').replace(')', '')}.npz"
@@ -304,11 +304,11 @@ def main() -> int:
     load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"CLIP ViT-B/32, real size, random weights; {args.threads} threads; medians of {args.rounds} "
           f"interleaved rounds ({args.runs} timed calls each)")
-    from vlmcli.engines.clip import choose_compute_path
+    from vlmcli.engines.clip import cpu_kernels
 
     print(f"CPU: {cpu_description()}; OPENBLAS_CORETYPE={coretype or '(unset)'}; "
           f"{'AVX2 proxy (' + ' '.join(f'{k}={v}' for k, v in AVX2_ONLY.items()) + '); ' if args.isa == 'avx2' else ''}"
-          f"vlm's default path here: {choose_compute_path(None, on_cpu=True)}")
+          f"vlm's default for F16 here: {cpu_kernels()}")
     print(f"{'variant':<34} {'load s':>6} {'img/s b1':>12} {'img/s b32':>12} {'texts/s b32':>12} "
           f"{'RSS MB':>7} {'cos img/txt':>13}")
     for r in rows:
