@@ -4,7 +4,10 @@ Two questions behind the i16 kernels (engines/_clip_kernels.c) on AVX2-only CPUs
 - Peak: the inner step of the i16 kernel's 6 x 16 tile (a broadcast pair of x, VPMADDWD + VPADDD
   against two weight vectors, per row) and of an 8-bit 5 x 16 tile (VPMADDUBSW, VPMADDWD against ones,
   VPADDD), in a loop over data that stays in L1, one thread: G multiply-adds per second. The kernel's
-  own rate (bench_matmul.py) divided by this is how near it runs to its tile's peak.
+  own rate (bench_matmul.py) divided by this is how near it runs to its tile's peak. Beside them, an
+  F32 FMA tile of the same shape: the ceiling of an AVX2 sgemm, so of PyTorch on this CPU. The i16
+  tile's lead over it bounds vlm's lead over transformers (bench_clip.py): 2x needs transformers to
+  run below half of i16 / F32 of its own ceiling.
 - Error: the 8-bit tile needs 7-bit weights (VPMADDUBSW saturates at 16 bits: 2 x 255 x 63 fits,
   2 x 255 x 127 does not). One 768 -> 768 matmul with outlier channels in x (as a ViT's residual
   stream has) is rounded each way, with one scale per block of k, against the F32 product.
@@ -61,6 +64,36 @@ __attribute__((target("avx2"))) static double i16_tile(long reps) {
     return reps * (double)STEPS * 6 * 16 * 2 / s;
 }
 
+/* 6 x 16 F32 tile, an AVX2 sgemm's (PyTorch's, OpenBLAS's): per step 2 weight vectors (16 columns x
+   one k) and 6 broadcast floats of x, an FMA per accumulator */
+__attribute__((target("avx2,fma"))) static double f32_tile(long reps) {
+    register __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0,
+                    c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+    const double t = now();
+    for (long r = 0; r < reps; r++) {
+        const float *w = (const float *)W, *a = (const float *)A;
+        for (int p = 0; p < STEPS; p++, w += 16, a += 6) {
+            const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
+            __m256 x;
+#define ROW(i) "vbroadcastss " #i "*4(%[a]), %[x]\n\tvfmadd231ps %[w0], %[x], %[c" #i "0]\n\t" \
+               "vfmadd231ps %[w1], %[x], %[c" #i "1]\n\t"
+#define SIX(p0, p1, p2, p3, p4, p5, rows) \
+            __asm__(ROW(0) ROW(1) ROW(2) : [c00] "+x"(p0), [c01] "+x"(p1), [c10] "+x"(p2), [c11] "+x"(p3), \
+                    [c20] "+x"(p4), [c21] "+x"(p5), [x] "=&x"(x) : [w0] "x"(w0), [w1] "x"(w1), [a] "r"(rows) : "memory")
+            SIX(c0, c1, c2, c3, c4, c5, a);
+            SIX(c6, c7, c8, c9, c10, c11, a + 3);
+#undef SIX
+#undef ROW
+        }
+    }
+    const double s = now() - t;
+    const __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)),
+                                   _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c4, c5), _mm256_add_ps(c6, c7)),
+                                                 _mm256_add_ps(_mm256_add_ps(c8, c9), _mm256_add_ps(c10, c11))));
+    volatile float sink = _mm256_cvtss_f32(v); (void)sink;
+    return reps * (double)STEPS * 6 * 16 / s;
+}
+
 /* 5 x 16 8-bit tile: per step 2 weight vectors (16 columns x 4 k) and 5 broadcast quads of x;
    15 registers with the vector of ones */
 __attribute__((target("avx2"))) static double i8_tile(long reps) {
@@ -89,21 +122,22 @@ __attribute__((target("avx2"))) static double i8_tile(long reps) {
 }
 
 int main(void) {
-    for (int run = 0; run < 5; run++) printf("%.2f %.2f\n", i16_tile(1000000) / 1e9, i8_tile(1000000) / 1e9);
+    for (int run = 0; run < 5; run++)
+        printf("%.2f %.2f %.2f\n", i16_tile(1000000) / 1e9, i8_tile(1000000) / 1e9, f32_tile(1000000) / 1e9);
     return 0;
 }
 """
 
 
-def tile_peaks() -> tuple[float, float]:
-    """Median G multiply-adds/s per core of the i16 and the 8-bit tile (5 runs)."""
+def tile_peaks() -> tuple[float, float, float]:
+    """Median G multiply-adds/s per core of the i16, the 8-bit and the F32 FMA tile (5 runs)."""
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = Path(tmp) / "tiles.c", Path(tmp) / "tiles"
         src.write_text(C_SOURCE)
         subprocess.run(["gcc", "-O2", str(src), "-o", str(exe)], check=True)
         out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
     runs = np.array([[float(v) for v in line.split()] for line in out.splitlines()])
-    return float(np.median(runs[:, 0])), float(np.median(runs[:, 1]))
+    return float(np.median(runs[:, 0])), float(np.median(runs[:, 1])), float(np.median(runs[:, 2]))
 
 
 def rounded(a: np.ndarray, qmax: int, block: int) -> np.ndarray:
@@ -136,10 +170,11 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from machine import cpu_description
 
-    i16, i8 = tile_peaks()
+    i16, i8, f32 = tile_peaks()
     print(f"CPU: {cpu_description()}; one thread, data in L1, medians of 5")
-    print(f"i16 6 x 16 tile (VPMADDWD + VPADDD):               {i16:6.1f} G multiply-adds/s")
-    print(f"8-bit 5 x 16 tile (VPMADDUBSW + VPMADDWD + VPADDD): {i8:6.1f} G multiply-adds/s ({i8 / i16:.2f}x)")
+    print(f"F32 6 x 16 tile (VFMADD231PS, an AVX2 sgemm's):    {f32:6.1f} G multiply-adds/s")
+    print(f"i16 6 x 16 tile (VPMADDWD + VPADDD):               {i16:6.1f} G multiply-adds/s ({i16 / f32:.2f}x F32)")
+    print(f"8-bit 5 x 16 tile (VPMADDUBSW + VPMADDWD + VPADDD): {i8:6.1f} G multiply-adds/s ({i8 / i16:.2f}x i16)")
     print("relative RMS error of one 768 -> 768 matmul, outlier channels in x:")
     for name, err in rounding_errors().items():
         print(f"  {name:<46} {err * 100:.2f}%")
