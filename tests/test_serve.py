@@ -280,6 +280,26 @@ def test_embeddings_equal_vlm_embed(server: Server, clip_gguf: Path) -> None:
     assert list(default.data[0].embedding) == pytest.approx(want_texts[1], abs=1e-6)
 
 
+def test_embeddings_take_content_parts_as_chat_does(server: Server, clip_gguf: Path) -> None:
+    """An input item may be a content part: an image by path (--allow-files), URL or data: URL, or a text."""
+    texts = vlm("embed", "--text", "a cat", "--model", str(clip_gguf))
+    image = vlm("embed", str(SAMPLE), "--model", str(clip_gguf))
+    assert texts.returncode == 0 and image.returncode == 0, texts.stderr + image.stderr
+    want = [json.loads(image.stdout.splitlines()[0])["embedding"], json.loads(texts.stdout)["embedding"]]
+    got = server.client.embeddings.create(model=server.clip_id, encoding_format="float", input=[
+        {"type": "image_url", "image_url": {"url": "cat.jpg"}}, {"type": "text", "text": "a cat"}, DATA_URL])
+    rows = [d.embedding for d in sorted(got.data, key=lambda d: d.index)]
+    for row, w in zip(rows, [want[0], want[1], want[0]]):
+        assert row == pytest.approx(w, abs=1e-6)
+    for url, code in (("https://example.com/cat.jpg", "remote_image_refused"), ("/etc/passwd", "local_image_refused")):
+        with pytest.raises(openai.BadRequestError) as e:  # the same rules as chat's images
+            server.client.embeddings.create(model=server.clip_id, input=["a cat", {"type": "image_url", "image_url": {"url": url}}])
+        assert e.value.body["code"] == code and e.value.body["param"] == "input[1]", e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.embeddings.create(model=server.clip_id, input=["a cat", {"type": "input_audio"}])
+    assert e.value.body["param"] == "input[1]" and "input_audio" in e.value.body["message"]
+
+
 def _error(status: int, body: dict, code: int) -> dict:
     assert status == code, body
     assert set(body["error"]) == {"message", "type", "param", "code"}

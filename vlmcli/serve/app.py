@@ -174,6 +174,23 @@ def image_bytes(url: Any, config: ServeConfig, param: str) -> bytes | RemoteImag
         raise bad(f"cannot read image file ({e.strerror or e})", param, "invalid_image_url") from None
 
 
+def content_part(part: Any, config: ServeConfig, where: str) -> tuple[str, Any]:
+    """("text", str) or ("image", bytes | RemoteImage) for an OpenAI content part (chat messages, and
+    embeddings' input items)."""
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise bad(f"{where} must be an object with a 'type'", where)
+    if part["type"] == "text":
+        if not isinstance(part.get("text"), str):
+            raise bad(f"{where}.text must be a string", where)
+        if not _is_unicode(part["text"]):
+            raise bad(f"{where}.text is not valid Unicode (a lone surrogate)", where)
+        return "text", part["text"]
+    if part["type"] == "image_url":
+        iu = part.get("image_url")
+        return "image", image_bytes(iu.get("url") if isinstance(iu, dict) else iu, config, where)
+    raise bad(f"{where}: content type {part['type']!r} is not supported (text, image_url)", where)
+
+
 @dataclass
 class RemoteImage:
     """An http(s) image_url, fetched by the route (remote.py) once the request is parsed."""
@@ -212,23 +229,14 @@ def parse_chat(body: dict[str, Any], config: ServeConfig) -> dict[str, Any]:
         image_at: int | None = None
         for j, part in enumerate(parts):
             where = f"messages[{i}].content[{j}]"
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise bad(f"{where} must be an object with a 'type'", where)
-            if part["type"] == "text":
-                if not isinstance(part.get("text"), str):
-                    raise bad(f"{where}.text must be a string", where)
-                if not _is_unicode(part["text"]):
-                    raise bad(f"{where}.text is not valid Unicode (a lone surrogate)", where)
-                texts.append(part["text"])
-            elif part["type"] == "image_url":
-                iu = part.get("image_url")
-                url = iu.get("url") if isinstance(iu, dict) else iu
+            kind, value = content_part(part, config, where)
+            if kind == "text":
+                texts.append(value)
+            else:
                 if image is not None:
                     raise bad("this server takes one image per request", where, "too_many_images")
-                image = image_bytes(url, config, where)
+                image = value
                 image_at = len(texts)  # the image goes before the texts that follow it
-            else:
-                raise bad(f"{where}: content type {part['type']!r} is not supported (text, image_url)", where)
         turns.append({"role": ROLES[m["role"]], "parts": texts, "image_at": image_at})
     if image is None:
         raise bad("the request has no image: SmolVLM2 answers about one image (an image_url content part)", "messages", "missing_image")
@@ -273,12 +281,14 @@ def parse_embeddings(body: dict[str, Any], config: ServeConfig) -> tuple[list[tu
     if isinstance(items, str):
         items = [items]
     if not isinstance(items, list) or not items:
-        raise bad("'input' must be a string or a non-empty array of strings", "input")
+        raise bad("'input' must be a string or a non-empty array of strings and content parts", "input")
     out: list[tuple[str, Any]] = []
     for i, item in enumerate(items):
-        if not isinstance(item, str):
-            raise bad(f"input[{i}] must be a string (token arrays are not supported)", "input")
-        if item[:11].lower().startswith("data:image/"):
+        if isinstance(item, dict):  # a content part, as in chat: an image by URL or path, or a text
+            out.append(content_part(item, config, f"input[{i}]"))
+        elif not isinstance(item, str):
+            raise bad(f"input[{i}] must be a string or a content part (token arrays are not supported)", "input")
+        elif item[:11].lower().startswith("data:image/"):
             out.append(("image", decode_data_url(item, "input")))
         else:
             out.append(("text", item))
@@ -484,6 +494,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         body = await read_json(request)
         model, pool = pool_for(body, "clip")
         items, fmt = parse_embeddings(body, config)
+        items = [(kind, await fetch_remote(v) if isinstance(v, RemoteImage) else v) for kind, v in items]
         try:
             job, events = submit(pool, "embed", {"items": items})
         except QueueFull as e:
