@@ -461,6 +461,15 @@ def block(g: Graph, x: Tensor, p: _Block, eps: float, act: str, attend: Attend,
     return linear(g, h, p.fc2_w, p.fc2_b, residual=x)
 
 
+def tower(g: Graph, x: Tensor, blocks: list[_Block], eps: float, act: str, attend: Attend,
+          pool: Callable[[Tensor], Tensor], pooled_attend: Attend | None = None) -> Tensor:
+    """A tower's blocks on x, then the rows it pools. With pooled_attend (vlm's kernels: attention for
+    the pooled tokens only, see block) the last block runs for those rows alone."""
+    for blk in blocks[:-1] if pooled_attend else blocks:
+        x = block(g, x, blk, eps, act, attend)
+    return block(g, x, blocks[-1], eps, act, pooled_attend, pool) if pooled_attend else pool(x)
+
+
 # --- batch independence: ggml picks kernels by shape, so no shape may come from a batch-mate ------
 
 def text_lengths(n_tokens: np.ndarray, context_length: int) -> np.ndarray:
@@ -733,21 +742,17 @@ class ClipModel(NativeResource):
             x = g.concat(g.repeat(w["v.class_embd"], d, 1, n), x, 1)  # class token first: [D, T, N]
             x = g.add(x, w["v.position_embd.weight"])
             x = layer_norm(g, x, Norm(w["v.pre_ln.weight"], w["v.pre_ln.bias"], cfg.vision_eps))
-            heads, blocks = cfg.vision_heads, self._blocks["v"]
+            heads = cfg.vision_heads
             pool = lambda x: g.get_rows(g.reshape(x, d, t * n), class_rows)  # noqa: E731  the class tokens: [D, N]
+            pooled_attend: Attend | None = None
             if "v" in self.packs_sequences:  # each image a sequence of t tokens; the last block only for the class tokens
                 seqs = np.stack([np.arange(n) * t, np.full(n, t)], axis=1)
-                attend: Attend = lambda x, p, norm: packed_attention(g, x, p, norm, heads, seqs, causal=False)  # noqa: E731
-                for blk in blocks[:-1]:
-                    x = block(g, x, blk, cfg.vision_eps, self._act(), attend)
                 queries = np.stack([pool_at // t, np.zeros_like(pool_at)], axis=1)  # (image, its class token)
-                pooled = block(g, x, blocks[-1], cfg.vision_eps, self._act(),
-                               lambda x, p, norm: packed_attention(g, x, p, norm, heads, seqs, False, queries), pool)
+                attend: Attend = lambda x, p, norm: packed_attention(g, x, p, norm, heads, seqs, causal=False)  # noqa: E731
+                pooled_attend = lambda x, p, norm: packed_attention(g, x, p, norm, heads, seqs, False, queries)  # noqa: E731
             else:
                 attend = lambda x, p, norm: attention(g, x, p, norm, heads, None)  # noqa: E731
-                for blk in blocks:
-                    x = block(g, x, blk, cfg.vision_eps, self._act(), attend)
-                pooled = pool(x)
+            pooled = tower(g, x, self._blocks["v"], cfg.vision_eps, self._act(), attend, pool, pooled_attend)
             post_ln = Norm(w["v.post_ln.weight"], w["v.post_ln.bias"], cfg.vision_eps)
             out = g.output(linear(g, pooled, w["visual_projection.weight"], norm=post_ln))
 
@@ -815,27 +820,22 @@ class ClipModel(NativeResource):
         with self._new_graph(cfg.text_layers) as g:
             ids = g.input("I32", (m,), "token_ids")
             eot_rows = g.input("I32", (len(pool_at),), "eot_rows")
+            pooled_attend: Attend | None = None
             if packed:
                 extra_in = g.input("I32", (m,), "positions")
                 x = g.add(g.get_rows(w["t.token_embd.weight"], ids), g.get_rows(w["t.position_embd.weight"], extra_in))
                 seqs = np.stack([firsts, lengths], axis=1)
+                texts = at_least_two(np.arange(n))
+                queries = np.stack([texts, eot[texts]], axis=1)  # (text, its EOT token): the last block only for them
                 attend: Attend = lambda x, p, norm: packed_attention(g, x, p, norm, heads, seqs, causal=True)  # noqa: E731
+                pooled_attend = lambda x, p, norm: packed_attention(g, x, p, norm, heads, seqs, True, queries)  # noqa: E731
             else:
                 extra_in = g.input("F32", (t, t), "causal_mask")
                 x = g.reshape(g.get_rows(w["t.token_embd.weight"], ids), d, t, n)  # [D, T, N]
                 x = g.add(x, g.view_rows(w["t.position_embd.weight"], t))
                 attend = lambda x, p, norm: attention(g, x, p, norm, heads, extra_in)  # noqa: E731
-            blocks = self._blocks["t"]
             pool = lambda x: g.get_rows(g.reshape(x, d, m), eot_rows)  # noqa: E731  [D, N]
-            for blk in blocks[:-1] if packed else blocks:
-                x = block(g, x, blk, cfg.text_eps, self._act(), attend)
-            if packed:  # the last block only for the EOT tokens (each text's last)
-                texts = at_least_two(np.arange(n))
-                queries = np.stack([texts, eot[texts]], axis=1)
-                pooled = block(g, x, blocks[-1], cfg.text_eps, self._act(),
-                               lambda x, p, norm: packed_attention(g, x, p, norm, heads, seqs, True, queries), pool)
-            else:
-                pooled = pool(x)
+            pooled = tower(g, x, self._blocks["t"], cfg.text_eps, self._act(), attend, pool, pooled_attend)
             # final_layer_norm works per token, so pooling first gives the same result
             post_ln = Norm(w["t.post_ln.weight"], w["t.post_ln.bias"], cfg.text_eps)
             out = g.output(linear(g, pooled, w["text_projection.weight"], norm=post_ln))
