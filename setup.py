@@ -7,5 +7,13 @@ it and CLIP runs on ggml's own kernels.
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("vlmcli.engines._clip_kernels", ["vlmcli/engines/_clip_kernels.c"],
-                             extra_compile_args=["-O2"], optional=True)])
+setup(
+    ext_modules=[
+        Extension(
+            "vlmcli.engines._clip_kernels",
+            ["vlmcli/engines/_clip_kernels.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        )
+    ]
+)

@@ -38,8 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -49,10 +50,40 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CONFIGS = ROOT.parent / "shared" / "data" / "configs"
 OUT = ROOT / "benchmarks" / "out"
-LABELS = ["cat", "dog", "car", "tree", "house", "bird", "boat", "flower", "horse", "pizza", "guitar", "bicycle",
-          "mountain", "beach", "city at night", "bowl of soup", "red apple", "laptop", "teddy bear", "clock",
-          "train", "airplane", "cup of coffee", "chair", "book", "sunset over the sea", "snowy forest", "robot",
-          "violin", "pair of shoes", "hot air balloon", "lighthouse"]
+LABELS = [
+    "cat",
+    "dog",
+    "car",
+    "tree",
+    "house",
+    "bird",
+    "boat",
+    "flower",
+    "horse",
+    "pizza",
+    "guitar",
+    "bicycle",
+    "mountain",
+    "beach",
+    "city at night",
+    "bowl of soup",
+    "red apple",
+    "laptop",
+    "teddy bear",
+    "clock",
+    "train",
+    "airplane",
+    "cup of coffee",
+    "chair",
+    "book",
+    "sunset over the sea",
+    "snowy forest",
+    "robot",
+    "violin",
+    "pair of shoes",
+    "hot air balloon",
+    "lighthouse",
+]
 SIZES = [(640, 480), (1024, 768), (1600, 1200), (480, 640), (800, 800), (2048, 1365), (320, 240), (1280, 720)]
 
 
@@ -102,7 +133,6 @@ def make_folder(folder: Path, n: int) -> list[str]:
 
 def tiny_vlm(cache: Path) -> tuple[Path, Path]:
     from fixtures.smolvlm2 import build_smolvlm2_checkpoint
-
     from vlmcli.convert.smolvlm2 import convert_smolvlm2
 
     out = cache / "tiny-vlm"
@@ -118,7 +148,6 @@ def tiny_vlm(cache: Path) -> tuple[Path, Path]:
 def real_vlm(cache: Path) -> tuple[Path, Path]:
     """Real-size random-weight 256M, Q8_0 (the same cache layout as bench_vlm.py, so it is built once)."""
     from fixtures.smolvlm2 import build_smolvlm2_checkpoint
-
     from vlmcli.convert import convert_checkpoint
 
     name = "SmolVLM2-256M-Video-Instruct"
@@ -131,17 +160,20 @@ def real_vlm(cache: Path) -> tuple[Path, Path]:
             build_smolvlm2_checkpoint(ckpt, CONFIGS / "smolvlm2-256m.config.json", size="real")
         print("converting to GGUF Q8_0 ...", file=sys.stderr)
         paths = convert_checkpoint(ckpt, out, quant="Q8_0")
-        done.write_text(json.dumps({
-            "model": str(next(p for p in paths if not p.name.startswith("mmproj"))),
-            "mmproj": str(next(p for p in paths if p.name.startswith("mmproj"))),
-        }))
+        done.write_text(
+            json.dumps(
+                {
+                    "model": str(next(p for p in paths if not p.name.startswith("mmproj"))),
+                    "mmproj": str(next(p for p in paths if p.name.startswith("mmproj"))),
+                }
+            )
+        )
     files = json.loads(done.read_text())
     return Path(files["model"]), Path(files["mmproj"])
 
 
 def real_clip(cache: Path) -> Path:
     from fixtures.clip import build_clip_checkpoint
-
     from vlmcli.convert.clip import convert_clip
 
     out = cache / "clip-b32-F16"
@@ -191,7 +223,9 @@ def alternate(plain: Callable[[], Any], batch: Callable[[], Any], rounds: int) -
     return min(plain_t), min(batch_t)
 
 
-def vlm_case(label: str, model: Path, mmproj: Path, paths: list[str], threads: int, max_tokens: int, work: Path, rounds: int) -> dict[str, Any]:
+def vlm_case(
+    label: str, model: Path, mmproj: Path, paths: list[str], threads: int, max_tokens: int, work: Path, rounds: int
+) -> dict[str, Any]:
     from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
     from vlmcli.images import load_image
     from vlmcli.tasks.caption import CaptionTask
@@ -215,13 +249,21 @@ def vlm_case(label: str, model: Path, mmproj: Path, paths: list[str], threads: i
     engine.close()
     n = len(paths)
     return {
-        "case": label, "images": n, "threads": threads, "max_tokens": max_tokens, "detail": "low",
-        "plain_images_per_s": n / plain_s, "batch_images_per_s": n / batch_s, "ratio": plain_s / batch_s,
+        "case": label,
+        "images": n,
+        "threads": threads,
+        "max_tokens": max_tokens,
+        "detail": "low",
+        "plain_images_per_s": n / plain_s,
+        "batch_images_per_s": n / batch_s,
+        "ratio": plain_s / batch_s,
         "per_image_ms": {k: statistics.mean(v) for k, v in phases.items()},
     }
 
 
-def clip_case(kind: str, model_path: Path, paths: list[str], threads: int, batch_size: int, work: Path, rounds: int) -> dict[str, Any]:
+def clip_case(
+    kind: str, model_path: Path, paths: list[str], threads: int, batch_size: int, work: Path, rounds: int
+) -> dict[str, Any]:
     from vlmcli.engines.clip import ClipModel
     from vlmcli.tasks.classify import ClassifyTask, encode_labels, label_probabilities, top_k
     from vlmcli.tasks.embed import EmbedImagesTask, embed_pixels, prepare_image
@@ -240,7 +282,9 @@ def clip_case(kind: str, model_path: Path, paths: list[str], threads: int, batch
             else:
                 embed_pixels(model, pixels)
 
-    task = ClassifyTask(model, labels, batch_size=batch_size) if labels is not None else EmbedImagesTask(model, batch_size)
+    task = (
+        ClassifyTask(model, labels, batch_size=batch_size) if labels is not None else EmbedImagesTask(model, batch_size)
+    )
     plain_s, batch_s = alternate(plain, lambda: batch_run(task, paths, work), rounds)
     # The parts of the plain loop, for the report: decoding + preprocessing alone, the model alone.
     prep_s = timed(lambda: [prepare_image(p, model.config) for p in paths[: min(len(paths), 64)]]) / min(len(paths), 64)
@@ -249,13 +293,20 @@ def clip_case(kind: str, model_path: Path, paths: list[str], threads: int, batch
     model.close()
     n = len(paths)
     return {
-        "case": f"{kind} ViT-B/32 F16", "images": n, "threads": threads, "batch_size": batch_size,
-        "plain_images_per_s": n / plain_s, "batch_images_per_s": n / batch_s, "ratio": plain_s / batch_s,
+        "case": f"{kind} ViT-B/32 F16",
+        "images": n,
+        "threads": threads,
+        "batch_size": batch_size,
+        "plain_images_per_s": n / plain_s,
+        "batch_images_per_s": n / batch_s,
+        "ratio": plain_s / batch_s,
         "per_image_ms": {"decode_preprocess_ms": prep_s * 1000, "model_ms": model_s * 1000},
     }
 
 
-def multi_sequence(model: Path, threads: int, n_seqs: list[int], steps: int = 32, prompt_tokens: int = 120) -> dict[str, Any]:
+def multi_sequence(
+    model: Path, threads: int, n_seqs: list[int], steps: int = 32, prompt_tokens: int = 120
+) -> dict[str, Any]:
     """Generated tokens/s of the text model with 1..N sequences decoded together (llama.cpp batches)."""
     from vlmcli.engines.llama_native import llama, quiet_native_logs
 
@@ -323,8 +374,9 @@ def sample_folder(folder: Path, n: int) -> list[Path]:
     return out
 
 
-def mtmd_loop_case(model: Path, mmproj: Path, paths: list[Path], threads: int, max_tokens: int, work: Path,
-                   rounds: int) -> dict[str, Any]:
+def mtmd_loop_case(
+    model: Path, mmproj: Path, paths: list[Path], threads: int, max_tokens: int, work: Path, rounds: int
+) -> dict[str, Any]:
     """`vlm caption FOLDER --out` against a loop of llama-mtmd-cli processes over the same photos (--perf -lv 4
     only make it print the timings read here for its token counts)."""
     from bench_vlm import mtmd_timings
@@ -339,37 +391,96 @@ def mtmd_loop_case(model: Path, mmproj: Path, paths: list[Path], threads: int, m
     def loop() -> None:
         loop_runs.clear()
         for p in paths:
-            done = subprocess.run([mtmd, "-m", str(model), "--mmproj", str(mmproj), "--image", str(p),
-                                   "-p", f"<__media__>{prompt}", "-n", n, "-t", t, "--temp", "0", "-c", "4096",
-                                   "--perf", "-lv", "4"], capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [
+                    mtmd,
+                    "-m",
+                    str(model),
+                    "--mmproj",
+                    str(mmproj),
+                    "--image",
+                    str(p),
+                    "-p",
+                    f"<__media__>{prompt}",
+                    "-n",
+                    n,
+                    "-t",
+                    t,
+                    "--temp",
+                    "0",
+                    "-c",
+                    "4096",
+                    "--perf",
+                    "-lv",
+                    "4",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             loop_runs.append(mtmd_timings(done.stdout + done.stderr))
 
     def batch() -> None:
         out = work / f"captions-{time.monotonic_ns()}.jsonl"
-        subprocess.run([sys.executable, "-m", "vlmcli", "caption", str(paths[0].parent), "--out", str(out), "-m",
-                        str(model), "--mmproj", str(mmproj), "-p", prompt, "-n", n, "-t", t, "--detail", "high", "-q"],
-                       check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vlmcli",
+                "caption",
+                str(paths[0].parent),
+                "--out",
+                str(out),
+                "-m",
+                str(model),
+                "--mmproj",
+                str(mmproj),
+                "-p",
+                prompt,
+                "-n",
+                n,
+                "-t",
+                t,
+                "--detail",
+                "high",
+                "-q",
+            ],
+            check=True,
+            env=env,
+        )
         vlm_records[:] = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(vlm_records) == len(paths), vlm_records
 
     loop_s, batch_s = alternate(loop, batch, rounds)
     k = len(paths)
     return {
-        "case": "caption 256M: vlm caption vs mtmd-cli loop", "images": k, "threads": threads, "max_tokens": max_tokens,
-        "detail": "high", "plain_images_per_s": k / loop_s, "batch_images_per_s": k / batch_s, "ratio": loop_s / batch_s,
+        "case": "caption 256M: vlm caption vs mtmd-cli loop",
+        "images": k,
+        "threads": threads,
+        "max_tokens": max_tokens,
+        "detail": "high",
+        "plain_images_per_s": k / loop_s,
+        "batch_images_per_s": k / batch_s,
+        "ratio": loop_s / batch_s,
         "per_image_ms": {"mtmd_loop_ms": loop_s / k * 1000, "vlm_caption_ms": batch_s / k * 1000},
         # mtmd-cli's perf line leaves out the last decode: runs + 1 tokens (one too many where EOS ended one)
-        "generated_tokens": {"mtmd_loop": sum(min(r["eval_runs"] + 1, max_tokens) for r in loop_runs),
-                             "vlm_caption": sum(r["tokens"]["generated"] for r in vlm_records)},
-        "image_tokens": {"mtmd_loop": sum(r["image_tokens"] for r in loop_runs),
-                         "vlm_caption": sum(r["tokens"]["image"] for r in vlm_records)},
+        "generated_tokens": {
+            "mtmd_loop": sum(min(r["eval_runs"] + 1, max_tokens) for r in loop_runs),
+            "vlm_caption": sum(r["tokens"]["generated"] for r in vlm_records),
+        },
+        "image_tokens": {
+            "mtmd_loop": sum(r["image_tokens"] for r in loop_runs),
+            "vlm_caption": sum(r["tokens"]["image"] for r in vlm_records),
+        },
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--real-vlm-images", type=int, default=20, help="images for the real-size caption (about 1-3 s each on 2 cores)")
+    ap.add_argument(
+        "--real-vlm-images", type=int, default=20, help="images for the real-size caption (about 1-3 s each on 2 cores)"
+    )
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -388,9 +499,12 @@ def main() -> None:
     results: list[dict[str, Any]] = []
 
     def show(r: dict[str, Any]) -> None:
-        print(f"{r['case']:<28} {r['images']:>4} images  plain {r['plain_images_per_s']:7.2f}/s  "
-              f"batch {r['batch_images_per_s']:7.2f}/s  ratio {r['ratio']:.2f}  "
-              + "  ".join(f"{k} {v:.1f}" for k, v in r["per_image_ms"].items()), flush=True)
+        print(
+            f"{r['case']:<28} {r['images']:>4} images  plain {r['plain_images_per_s']:7.2f}/s  "
+            f"batch {r['batch_images_per_s']:7.2f}/s  ratio {r['ratio']:.2f}  "
+            + "  ".join(f"{k} {v:.1f}" for k, v in r["per_image_ms"].items()),
+            flush=True,
+        )
         results.append(r)
 
     if "caption-tiny" in only:
@@ -405,19 +519,36 @@ def main() -> None:
         if "caption-real" in only or "multiseq" in only:
             model, mmproj = real_vlm(cache)
             if "caption-real" in only:
-                show(vlm_case("caption 256M Q8_0", model, mmproj, paths[: args.real_vlm_images], args.threads, args.max_tokens, work, args.rounds))
+                show(
+                    vlm_case(
+                        "caption 256M Q8_0",
+                        model,
+                        mmproj,
+                        paths[: args.real_vlm_images],
+                        args.threads,
+                        args.max_tokens,
+                        work,
+                        args.rounds,
+                    )
+                )
             if "multiseq" in only:
                 ms = multi_sequence(model, args.threads, [1, 2, 4, 8])
-                print("multi-sequence decode, 256M Q8_0: " + "  ".join(
-                    f"{n} seq {v['tokens_per_s']:.1f} tok/s (x{v['speedup']:.2f})" for n, v in ms.items()), flush=True)
+                print(
+                    "multi-sequence decode, 256M Q8_0: "
+                    + "  ".join(f"{n} seq {v['tokens_per_s']:.1f} tok/s (x{v['speedup']:.2f})" for n, v in ms.items()),
+                    flush=True,
+                )
                 results.append({"case": "multi-sequence decode 256M Q8_0", "threads": args.threads, "by_sequences": ms})
         if "mtmd-loop" in only:
             model, mmproj = real_vlm(cache)
             loop_paths = sample_folder(cache / f"sample-photos-{args.loop_images}", args.loop_images)
             r = mtmd_loop_case(model, mmproj, loop_paths, args.threads, args.loop_tokens, work, args.rounds)
-            print(f"{r['case']}: {r['images']} images, -n {r['max_tokens']}, detail high: llama-mtmd-cli loop "
-                  f"{r['plain_images_per_s']:.3f}/s, vlm caption {r['batch_images_per_s']:.3f}/s, ratio {r['ratio']:.2f}; "
-                  f"generated tokens {r['generated_tokens']}, image tokens {r['image_tokens']}", flush=True)
+            print(
+                f"{r['case']}: {r['images']} images, -n {r['max_tokens']}, detail high: llama-mtmd-cli loop "
+                f"{r['plain_images_per_s']:.3f}/s, vlm caption {r['batch_images_per_s']:.3f}/s, ratio {r['ratio']:.2f}; "
+                f"generated tokens {r['generated_tokens']}, image tokens {r['image_tokens']}",
+                flush=True,
+            )
             results.append(r)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench_batch.json").write_text(json.dumps(results, indent=2))

@@ -61,28 +61,60 @@ def main() -> None:
     engine.close()
     peer = {} if args.no_peer else llama_batched_bench(model, prompt_tokens, args.tokens, ns, args.threads, args.runs)
     base = statistics.median(wall[ns[0]])
-    print(f"--best-of N, SmolVLM2-256M Q8_0 (+F16 mmproj) real size, random weights, low detail, {args.tokens} tokens "
-          f"per candidate, medians of {args.runs}; {cpu_description()}, {args.threads} threads")
-    print("| N | wall time | vs N=1 | decode tokens/s (all candidates) | vs one sequence | llama-batched-bench decode tokens/s |")
+    print(
+        f"--best-of N, SmolVLM2-256M Q8_0 (+F16 mmproj) real size, random weights, low detail, {args.tokens} tokens "
+        f"per candidate, medians of {args.runs}; {cpu_description()}, {args.threads} threads"
+    )
+    print(
+        "| N | wall time | vs N=1 | decode tokens/s (all candidates) | vs one sequence | llama-batched-bench decode tokens/s |"
+    )
     print("|---|---|---|---|---|---|")
     rows = []
     for n in ns:
         w, tps = statistics.median(wall[n]), statistics.median(decode_tps[n])
-        rows.append({"n": n, "wall_s": w, "ratio": w / base, "decode_tokens_per_s": tps, "llama_batched_bench_tokens_per_s": peer.get(n)})
+        rows.append(
+            {
+                "n": n,
+                "wall_s": w,
+                "ratio": w / base,
+                "decode_tokens_per_s": tps,
+                "llama_batched_bench_tokens_per_s": peer.get(n),
+            }
+        )
         theirs = f"{peer[n]:.0f}" if n in peer else "-"
-        print(f"| {n} | {w:.2f} s | {w / base:.2f}x | {tps:.0f} | {tps / statistics.median(decode_tps[ns[0]]):.2f}x | {theirs} |")
+        print(
+            f"| {n} | {w:.2f} s | {w / base:.2f}x | {tps:.0f} | {tps / statistics.median(decode_tps[ns[0]]):.2f}x | {theirs} |"
+        )
     out = Path(__file__).resolve().parent / "out"
     out.mkdir(exist_ok=True)
     (out / "best_of.json").write_text(json.dumps({"cpu": cpu_description(), "rows": rows}, indent=1))
 
 
-def llama_batched_bench(model: Path, prompt_tokens: int, tokens: int, ns: list[int], threads: int, runs: int) -> dict[int, float]:
+def llama_batched_bench(
+    model: Path, prompt_tokens: int, tokens: int, ns: list[int], threads: int, runs: int
+) -> dict[int, float]:
     """llama.cpp's own batched decoding on the same GGUF: N -> decode tokens/s (median of runs)."""
     from llama_tools import tool
 
-    cmd = [str(tool("llama-batched-bench")), "-m", str(model), "-c", str(prompt_tokens + max(ns) * tokens + 64),
-           "-npp", str(prompt_tokens), "-ntg", str(tokens), "-npl", ",".join(map(str, ns)), "-pps", "-kvu",
-           "-t", str(threads), "--output-format", "jsonl"]
+    cmd = [
+        str(tool("llama-batched-bench")),
+        "-m",
+        str(model),
+        "-c",
+        str(prompt_tokens + max(ns) * tokens + 64),
+        "-npp",
+        str(prompt_tokens),
+        "-ntg",
+        str(tokens),
+        "-npl",
+        ",".join(map(str, ns)),
+        "-pps",
+        "-kvu",
+        "-t",
+        str(threads),
+        "--output-format",
+        "jsonl",
+    ]
     speeds: dict[int, list[float]] = {n: [] for n in ns}
     for _ in range(runs):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

@@ -49,10 +49,16 @@ def main() -> None:
     from vlmcli.images import load_image
 
     model, mmproj = build_model("256m", "Q8_0", Path(args.cache))
-    photos = {"2000x1333, high": (make_large_photo(Path(args.cache) / "large.jpg"), "high"), "451x300, low": (SAMPLE, "low")}
+    photos = {
+        "2000x1333, high": (make_large_photo(Path(args.cache) / "large.jpg"), "high"),
+        "451x300, low": (SAMPLE, "low"),
+    }
     folder = Path(tempfile.mkdtemp(prefix="vlm-bench-cache-"))
     cache = EncodingCache(folder)
-    engines = {d: VlmEngine(model, mmproj, EngineOptions(n_threads=args.threads, detail=d, cache=cache)) for d in ("high", "low")}
+    engines = {
+        d: VlmEngine(model, mmproj, EngineOptions(n_threads=args.threads, detail=d, cache=cache))
+        for d in ("high", "low")
+    }
     gen = GenerationOptions(max_tokens=1)
     times: dict[tuple[str, str], list[float]] = {}
     passes: dict[str, int] = {}
@@ -66,8 +72,14 @@ def main() -> None:
                     _drop_kv(folder)
                 first: list[float] = []
                 t0 = time.perf_counter()
-                g = next(engines[detail].ask(image, ["What is in this picture?"], gen,
-                                             on_token=lambda _t: first.append(time.perf_counter()) or None))
+                g = next(
+                    engines[detail].ask(
+                        image,
+                        ["What is in this picture?"],
+                        gen,
+                        on_token=lambda _t: first.append(time.perf_counter()) or None,
+                    )
+                )
                 ttft = (first[0] if first else time.perf_counter()) - t0
                 assert g.image.cached == (None if setting == "cold" else setting), (setting, g.image.cached)
                 times.setdefault((label, setting), []).append(ttft)
@@ -77,8 +89,10 @@ def main() -> None:
         e.close()
     stats = EncodingCache(folder).stats()
     shutil.rmtree(folder, ignore_errors=True)
-    print(f"Time to first token, SmolVLM2-256M Q8_0 (+F16 mmproj) real size, random weights, medians of {args.runs}; "
-          f"{cpu_description()}, {args.threads} threads")
+    print(
+        f"Time to first token, SmolVLM2-256M Q8_0 (+F16 mmproj) real size, random weights, medians of {args.runs}; "
+        f"{cpu_description()}, {args.threads} threads"
+    )
     print("| photo, detail | encoder passes | cold | embeddings cached | seen image (KV cached) | cold / seen |")
     print("|---|---|---|---|---|---|")
     for label in photos:

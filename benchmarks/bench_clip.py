@@ -49,10 +49,40 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CONFIG = ROOT.parent / "shared" / "data" / "configs" / "clip-vit-base-patch32-openai.config.json"
 OUT = ROOT / "benchmarks" / "out"
-LABELS = ["cat", "dog", "car", "tree", "house", "bird", "boat", "flower", "horse", "pizza", "guitar", "bicycle",
-          "mountain", "beach", "city at night", "bowl of soup", "red apple", "laptop", "teddy bear", "clock",
-          "train", "airplane", "cup of coffee", "chair", "book", "sunset over the sea", "snowy forest", "robot",
-          "violin", "pair of shoes", "hot air balloon", "lighthouse"]
+LABELS = [
+    "cat",
+    "dog",
+    "car",
+    "tree",
+    "house",
+    "bird",
+    "boat",
+    "flower",
+    "horse",
+    "pizza",
+    "guitar",
+    "bicycle",
+    "mountain",
+    "beach",
+    "city at night",
+    "bowl of soup",
+    "red apple",
+    "laptop",
+    "teddy bear",
+    "clock",
+    "train",
+    "airplane",
+    "cup of coffee",
+    "chair",
+    "book",
+    "sunset over the sea",
+    "snowy forest",
+    "robot",
+    "violin",
+    "pair of shoes",
+    "hot air balloon",
+    "lighthouse",
+]
 BATCH = 32
 
 
@@ -63,7 +93,6 @@ def peak_rss_mb() -> float:
 def build_models(work: Path) -> tuple[Path, dict[str, Path]]:
     """The real-size checkpoint (built once into work/) and its F16 and Q8_0 conversions."""
     from fixtures.clip import build_clip_checkpoint
-
     from vlmcli.convert.clip import convert_clip
 
     ckpt = work / "clip-vit-base-patch32"
@@ -142,7 +171,7 @@ def worker(kind: str, model: Path, inputs: Path, runs: int, threads: int, embedd
         oc = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
         px = torch.from_numpy(pixels)
         ids = torch.zeros((len(tokens), 77), dtype=torch.long)  # its tokenizer pads every text to 77
-        ids[:, :tokens.shape[1]] = torch.from_numpy(tokens)
+        ids[:, : tokens.shape[1]] = torch.from_numpy(tokens)
 
         def images(n: int) -> np.ndarray:
             with torch.inference_mode():
@@ -152,7 +181,11 @@ def worker(kind: str, model: Path, inputs: Path, runs: int, threads: int, embedd
             with torch.inference_mode():
                 return oc.encode_text(ids).numpy()
 
-        extra = {"torch": torch.__version__, "open_clip": open_clip.__version__, "torch_threads": torch.get_num_threads()}
+        extra = {
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+            "torch_threads": torch.get_num_threads(),
+        }
     else:
         from vlmcli.engines.clip import ClipModel
         from vlmcli.engines.clip_numpy import blas_threads
@@ -173,9 +206,18 @@ def worker(kind: str, model: Path, inputs: Path, runs: int, threads: int, embedd
     batch = timed(lambda: images(BATCH), runs)
     text = timed(texts, runs)
     np.savez(embeddings, images=images(BATCH), texts=texts())
-    return {"kind": kind, "model": str(model), "load_s": load_s, "images_per_s_batch1": 1 / one,
-            "images_per_s_batch32": BATCH / batch, "texts_per_s_batch32": len(tokens) / text,
-            "text_positions": int(tokens.shape[1]), "peak_rss_mb": peak_rss_mb(), "threads": threads, **extra}
+    return {
+        "kind": kind,
+        "model": str(model),
+        "load_s": load_s,
+        "images_per_s_batch1": 1 / one,
+        "images_per_s_batch32": BATCH / batch,
+        "texts_per_s_batch32": len(tokens) / text,
+        "text_positions": int(tokens.shape[1]),
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": threads,
+        **extra,
+    }
 
 
 def python_with(modules: str, explicit: str | None) -> str | None:
@@ -199,12 +241,23 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--keep", type=Path, default=None, help="build/reuse the models in this folder")
     ap.add_argument("--torch-python", default=None, help="a Python with torch + transformers (default: this one)")
-    ap.add_argument("--extra", type=Path, action="append", default=[],
-                    help="another CLIP GGUF of the same checkpoint to measure too (e.g. a BF16 conversion)")
+    ap.add_argument(
+        "--extra",
+        type=Path,
+        action="append",
+        default=[],
+        help="another CLIP GGUF of the same checkpoint to measure too (e.g. a BF16 conversion)",
+    )
     ap.add_argument("--skip-blas", action="store_true", help="only the ggml path (and transformers)")
-    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
-                    help="avx2: an AVX2-only CPU's choices on an AVX-512 one (a proxy, see AVX2_ONLY)")
-    ap.add_argument("--only", default=None, help="comma-separated parts of variant labels to run, e.g. \"kernels,ggml Q8_0\"")
+    ap.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: an AVX2-only CPU's choices on an AVX-512 one (a proxy, see AVX2_ONLY)",
+    )
+    ap.add_argument(
+        "--only", default=None, help='comma-separated parts of variant labels to run, e.g. "kernels,ggml Q8_0"'
+    )
     ap.add_argument("--open-clip-python", default=None, help="a Python with torch + open_clip (default: this one)")
     ap.add_argument("--worker", choices=["ggml", "blas", "torch", "open_clip"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -231,27 +284,35 @@ def main() -> int:
         variants = []
         for extra in args.extra:
             models[extra.stem.rsplit("-", 1)[-1]] = extra
-        from vlmcli.engines import ggml
-
-        from vlmcli.engines import clip_kernels
+        from vlmcli.engines import clip_kernels, ggml
         from vlmcli.engines.clip import PACKED_FROM
 
         bf16_cpu = bool(ggml.lib().ggml_cpu_has_avx512_bf16()) and args.isa == "native"
         for q in models:
-            variants.append((f"vlm ggml {q}{' as stored' if bf16_cpu and q in ('F16', 'F32') else ''}", "ggml", models[q],
-                             {"VLM_CLIP_WEIGHTS": "stored"}))
+            variants.append(
+                (
+                    f"vlm ggml {q}{' as stored' if bf16_cpu and q in ('F16', 'F32') else ''}",
+                    "ggml",
+                    models[q],
+                    {"VLM_CLIP_WEIGHTS": "stored"},
+                )
+            )
             if bf16_cpu and q in ("F16", "F32"):  # held as BF16 for ggml's own mul_mat
                 variants.append((f"vlm ggml {q} held as BF16", "ggml", models[q], {"VLM_CLIP_WEIGHTS": "bf16"}))
             for kind in ("bf16", "f16", "i16"):  # vlm's own kernels where the CPU runs them (the default: the first)
                 if clip_kernels.available(kind) and q in PACKED_FROM and (kind != "bf16" or args.isa == "native"):
-                    variants.append((f"vlm {q} on vlm's {kind} kernels", "ggml", models[q], {"VLM_CLIP_WEIGHTS": f"vlm-{kind}"}))
+                    variants.append(
+                        (f"vlm {q} on vlm's {kind} kernels", "ggml", models[q], {"VLM_CLIP_WEIGHTS": f"vlm-{kind}"})
+                    )
             if args.skip_blas:
                 continue
             variants.append((f"vlm blas {q}", "blas", models[q], {}))
             if coretype:
                 variants.append((f"vlm blas {q} (CPU's kernels)", "blas", models[q], {"OPENBLAS_CORETYPE": None}))
-        pythons = {"torch": python_with("torch, transformers", args.torch_python),
-                   "open_clip": python_with("torch, open_clip", args.open_clip_python)}
+        pythons = {
+            "torch": python_with("torch, transformers", args.torch_python),
+            "open_clip": python_with("torch, open_clip", args.open_clip_python),
+        }
         torch_env = AVX2_ONLY if args.isa == "avx2" else {}
         if pythons["torch"]:
             variants.append(("transformers CLIPModel F32", "torch", ckpt, torch_env))
@@ -268,8 +329,22 @@ def main() -> int:
                     env.pop(key, None) if value is None else env.__setitem__(key, value)
                 emb = work / f"emb-{label.replace(' ', '_').replace('(', '').replace(')', '')}.npz"
                 python = pythons.get(kind) or sys.executable
-                cmd = [python, __file__, "--worker", kind, "--model", str(model), "--inputs", str(inputs),
-                       "--runs", str(args.runs), "--threads", str(args.threads), "--embeddings", str(emb)]
+                cmd = [
+                    python,
+                    __file__,
+                    "--worker",
+                    kind,
+                    "--model",
+                    str(model),
+                    "--inputs",
+                    str(inputs),
+                    "--runs",
+                    str(args.runs),
+                    "--threads",
+                    str(args.threads),
+                    "--embeddings",
+                    str(emb),
+                ]
                 done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
                 row = json.loads(done.stdout.strip().splitlines()[-1])
                 row["embeddings"] = str(emb)
@@ -302,32 +377,53 @@ def main() -> int:
         return f"x{r[key + '_vs_transformers']:<4.2f}" if base is not None else ""
 
     load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"CLIP ViT-B/32, real size, random weights; {args.threads} threads; medians of {args.rounds} "
-          f"interleaved rounds ({args.runs} timed calls each)")
+    print(
+        f"CLIP ViT-B/32, real size, random weights; {args.threads} threads; medians of {args.rounds} "
+        f"interleaved rounds ({args.runs} timed calls each)"
+    )
     from vlmcli.engines.clip import cpu_kernels
 
-    print(f"CPU: {cpu_description()}; OPENBLAS_CORETYPE={coretype or '(unset)'}; "
-          f"{'AVX2 proxy (' + ' '.join(f'{k}={v}' for k, v in AVX2_ONLY.items()) + '); ' if args.isa == 'avx2' else ''}"
-          f"vlm's default for F16 here: {cpu_kernels()}")
-    print(f"{'variant':<34} {'load s':>6} {'img/s b1':>12} {'img/s b32':>12} {'texts/s b32':>12} "
-          f"{'RSS MB':>7} {'cos img/txt':>13}")
+    print(
+        f"CPU: {cpu_description()}; OPENBLAS_CORETYPE={coretype or '(unset)'}; "
+        f"{'AVX2 proxy (' + ' '.join(f'{k}={v}' for k, v in AVX2_ONLY.items()) + '); ' if args.isa == 'avx2' else ''}"
+        f"vlm's default for F16 here: {cpu_kernels()}"
+    )
+    print(
+        f"{'variant':<34} {'load s':>6} {'img/s b1':>12} {'img/s b32':>12} {'texts/s b32':>12} "
+        f"{'RSS MB':>7} {'cos img/txt':>13}"
+    )
     for r in rows:
         cos = f"{r['cosine_images_min']:.5f}/{r['cosine_texts_min']:.5f}" if "cosine_images_min" in r else ""
-        print(f"{r['name']:<34} {r['load_s']:>6.2f} "
-              f"{r['images_per_s_batch1']:>6.1f} {ratio(r, 'images_per_s_batch1')} "
-              f"{r['images_per_s_batch32']:>6.1f} {ratio(r, 'images_per_s_batch32')} "
-              f"{r['texts_per_s_batch32']:>6.1f} {ratio(r, 'texts_per_s_batch32')} "
-              f"{r['peak_rss_mb']:>7.0f} {cos:>13}")
-    print(f"(x: against transformers; cos: the lowest cosine to transformers' embeddings; texts: 32 prompts "
-          f"'a photo of a <label>.', {rows[0]['text_positions']} positions; blas rows name OpenBLAS's kernels; "
-          f"load average before {load_before}, after {load_after})")
+        print(
+            f"{r['name']:<34} {r['load_s']:>6.2f} "
+            f"{r['images_per_s_batch1']:>6.1f} {ratio(r, 'images_per_s_batch1')} "
+            f"{r['images_per_s_batch32']:>6.1f} {ratio(r, 'images_per_s_batch32')} "
+            f"{r['texts_per_s_batch32']:>6.1f} {ratio(r, 'texts_per_s_batch32')} "
+            f"{r['peak_rss_mb']:>7.0f} {cos:>13}"
+        )
+    print(
+        f"(x: against transformers; cos: the lowest cosine to transformers' embeddings; texts: 32 prompts "
+        f"'a photo of a <label>.', {rows[0]['text_positions']} positions; blas rows name OpenBLAS's kernels; "
+        f"load average before {load_before}, after {load_after})"
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / f"bench_clip-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"model": "clip-vit-base-patch32 (random weights)", "cpu": cpu_description(),
-                               "openblas_coretype": coretype, "threads": args.threads, "rounds": args.rounds,
-                               "isa": args.isa,
-                               "load_average_before": load_before, "load_average_after": load_after,
-                               "results": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "model": "clip-vit-base-patch32 (random weights)",
+                "cpu": cpu_description(),
+                "openblas_coretype": coretype,
+                "threads": args.threads,
+                "rounds": args.rounds,
+                "isa": args.isa,
+                "load_average_before": load_before,
+                "load_average_after": load_after,
+                "results": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

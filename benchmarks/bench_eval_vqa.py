@@ -27,7 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vlm import ROOT, build_model  # noqa: E402
 from machine import cpu_description  # noqa: E402
 
-QUESTIONS = ["What is in the picture?", "What color is it?", "How many are there?", "Is it indoors?", "What is it made of?"]
+QUESTIONS = [
+    "What is in the picture?",
+    "What color is it?",
+    "How many are there?",
+    "Is it indoors?",
+    "What is it made of?",
+]
 
 
 def make_dataset(folder: Path, questions: int, per_image: int, seed: int = 0) -> Path:
@@ -45,11 +51,15 @@ def make_dataset(folder: Path, questions: int, per_image: int, seed: int = 0) ->
             w, h = im.size
             cw, ch = rng.randint(w // 2, w), rng.randint(h // 2, h)
             x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            im.crop((x, y, x + cw, y + ch)).resize((rng.randint(320, 640), rng.randint(240, 480))).save(path, quality=90)
+            im.crop((x, y, x + cw, y + ch)).resize((rng.randint(320, 640), rng.randint(240, 480))).save(
+                path, quality=90
+            )
         for k in range(per_image):
             if len(lines) < questions:
                 answers = [rng.choice(["yes", "no", "2", "red", "wood"]) for _ in range(10)]
-                lines.append(json.dumps({"image": path.name, "question": QUESTIONS[k % len(QUESTIONS)], "answers": answers}))
+                lines.append(
+                    json.dumps({"image": path.name, "question": QUESTIONS[k % len(QUESTIONS)], "answers": answers})
+                )
     data = folder / "vqa.jsonl"
     data.write_text("\n".join(lines) + "\n")
     return data
@@ -68,8 +78,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(args.cache) / f"vqa-{args.questions}x{args.per_image}", args.questions, args.per_image)
         out = Path(tmp) / "run.jsonl"
-        cmd = [sys.executable, "-m", "vlmcli", "eval", "vqa", str(data), "-m", str(model), "--mmproj", str(mmproj),
-               "--detail", "low", "--threads", str(args.threads), "--out", str(out), "--json", "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vlmcli",
+            "eval",
+            "vqa",
+            str(data),
+            "-m",
+            str(model),
+            "--mmproj",
+            str(mmproj),
+            "--detail",
+            "low",
+            "--threads",
+            str(args.threads),
+            "--out",
+            str(out),
+            "--json",
+            "--quiet",
+        ]
         # A fresh encoding cache: the figure is a first run over new images, not a repeat.
         env = {**os.environ, "VLM_CACHE_DIR": str(Path(tmp) / "encodings")}
         t0 = time.perf_counter()
@@ -80,13 +108,17 @@ def main() -> None:
     report = json.loads(done.stdout)
     run = report["runs"][0]
     speed = run["speed"]
-    print(f"vlm eval vqa, {report['questions']} questions over {report['images']} images, SmolVLM2-256M {args.quant} "
-          f"(+F16 mmproj) real size, random weights, low detail, answers capped at 16 tokens; "
-          f"{cpu_description()}, {args.threads} threads")
+    print(
+        f"vlm eval vqa, {report['questions']} questions over {report['images']} images, SmolVLM2-256M {args.quant} "
+        f"(+F16 mmproj) real size, random weights, low detail, answers capped at 16 tokens; "
+        f"{cpu_description()}, {args.threads} threads"
+    )
     print("| questions | images | wall time (process) | per question | images/s | time to first token |")
     print("|---|---|---|---|---|---|")
-    print(f"| {report['questions']} | {report['images']} | {wall / 60:.1f} min | {wall / report['questions']:.2f} s "
-          f"| {speed.get('images_per_s', 0):.2f} | {speed.get('ttft_s', 0):.2f} s |")
+    print(
+        f"| {report['questions']} | {report['images']} | {wall / 60:.1f} min | {wall / report['questions']:.2f} s "
+        f"| {speed.get('images_per_s', 0):.2f} | {speed.get('ttft_s', 0):.2f} s |"
+    )
 
 
 if __name__ == "__main__":

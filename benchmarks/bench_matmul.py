@@ -34,8 +34,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_clip import AVX2_ONLY, cosine, timed  # noqa: E402  (timed: median seconds after a warm-up)
 
-SHAPES = {"q/k/v/out 768->768": (768, 768, 1600), "fc1 768->3072": (768, 3072, 1600),
-          "fc2 3072->768": (3072, 768, 1600), "text fc1 512->2048": (512, 2048, 352)}
+SHAPES = {
+    "q/k/v/out 768->768": (768, 768, 1600),
+    "fc1 768->3072": (768, 3072, 1600),
+    "fc2 3072->768": (3072, 768, 1600),
+    "text fc1 512->2048": (512, 2048, 352),
+}
 GGML_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "IQ4_NL")
 REPACKED = ("Q4_0", "IQ4_NL")
 
@@ -72,8 +76,17 @@ def repack_buffer_type() -> int | None:
     return None
 
 
-def ggml_rate(qtype: str, k: int, m: int, n: int, threads: int, runs: int, buft: int | None,
-              kind: str | None = None, vnni: bool | None = None) -> tuple[float, float]:
+def ggml_rate(
+    qtype: str,
+    k: int,
+    m: int,
+    n: int,
+    threads: int,
+    runs: int,
+    buft: int | None,
+    kind: str | None = None,
+    vnni: bool | None = None,
+) -> tuple[float, float]:
     """(GFLOPS, cosine to the F32 product) of W [m, k] (qtype) times X [k, n] through ggml's mul_mat,
     or through vlm's kernel of that kind (qtype BF16 for bf16, F16 for f16 and i16, which quantizes the F16
     values; vnni: the i16 kernel's form) in the same graph machinery."""
@@ -137,8 +150,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--runs", type=int, default=8)
     ap.add_argument("--torch-python", default=None)
-    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
-                    help="avx2: PyTorch held to AVX2 and no BF16 rows (bench_clip.AVX2_ONLY: a proxy for an AVX2-only CPU)")
+    ap.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: PyTorch held to AVX2 and no BF16 rows (bench_clip.AVX2_ONLY: a proxy for an AVX2-only CPU)",
+    )
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_worker:
@@ -159,33 +176,48 @@ def main() -> int:
         for repacked in (False, True) if qtype in REPACKED and buft else (False,):
             label = f"ggml {qtype}{' repacked' if repacked else ''}"
             print(f"{label} ...", file=sys.stderr)
-            results = {name: ggml_rate(qtype, *shape, args.threads, args.runs, buft if repacked else None)
-                       for name, shape in SHAPES.items()}
+            results = {
+                name: ggml_rate(qtype, *shape, args.threads, args.runs, buft if repacked else None)
+                for name, shape in SHAPES.items()
+            }
             rows[label] = {name: r[0] for name, r in results.items()}
             cosines[label] = min(r[1] for r in results.values())
     from vlmcli.engines import clip_kernels
 
     vnni = clip_kernels.has_vnni() and args.isa == "native"
-    for kind, qtype, form in (("bf16", "BF16", None), ("f16", "F16", None), ("i16", "F16", False), ("i16", "F16", True)):
+    for kind, qtype, form in (
+        ("bf16", "BF16", None),
+        ("f16", "F16", None),
+        ("i16", "F16", False),
+        ("i16", "F16", True),
+    ):
         if clip_kernels.available(kind) and (kind != "bf16" or args.isa == "native") and (not form or vnni):
             label = f"vlm {kind} kernel{' (AVX2 form)' if form is False else ' (AVX512_VNNI)' if form else ''}"
             print(f"{label} ...", file=sys.stderr)
-            results = {name: ggml_rate(qtype, *shape, args.threads, args.runs, None, kind, form)
-                       for name, shape in SHAPES.items()}
+            results = {
+                name: ggml_rate(qtype, *shape, args.threads, args.runs, None, kind, form)
+                for name, shape in SHAPES.items()
+            }
             rows[label] = {name: r[0] for name, r in results.items()}
             cosines[label] = min(r[1] for r in results.values())
     rows[f"numpy sgemm ({blas.describe()})"] = blas_rates(args.runs, False, args.threads)
     torch_py = args.torch_python or sys.executable
-    done = subprocess.run([torch_py, __file__, "--torch-worker", "--runs", str(args.runs), "--threads", str(args.threads)],
-                          capture_output=True, text=True, env={**os.environ, **(AVX2_ONLY if args.isa == "avx2" else {})})
+    done = subprocess.run(
+        [torch_py, __file__, "--torch-worker", "--runs", str(args.runs), "--threads", str(args.threads)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(AVX2_ONLY if args.isa == "avx2" else {})},
+    )
     if done.returncode == 0:
         rows["torch.matmul"] = json.loads(done.stdout.strip().splitlines()[-1])
     else:
         print(f"no torch in {torch_py}: the torch row is left out", file=sys.stderr)
 
     flops = vit_b32_flops_per_image()
-    print(f"GFLOPS on CLIP ViT-B/32's matmul shapes, {args.threads} threads, medians of {args.runs}; "
-          f"CPU: {cpu_description()}{'; AVX2 proxy (torch held to AVX2)' if args.isa == 'avx2' else ''}")
+    print(
+        f"GFLOPS on CLIP ViT-B/32's matmul shapes, {args.threads} threads, medians of {args.runs}; "
+        f"CPU: {cpu_description()}{'; AVX2 proxy (torch held to AVX2)' if args.isa == 'avx2' else ''}"
+    )
     print(f"{'kernel':<40}" + "".join(f"{name:>22}" for name in SHAPES) + f"{'cos to F32':>12}{'img/s bound':>13}")
     for label, rates in rows.items():
         vision = [rates[name] for name in list(SHAPES)[:3]]
@@ -193,12 +225,26 @@ def main() -> int:
         bound = 1 / ((1 / 3) / vision[0] + (1 / 3) / vision[1] + (1 / 3) / vision[2]) * 1e9 / flops
         cos = f"{cosines[label]:.5f}" if label in cosines else ""
         print(f"{label:<40}" + "".join(f"{rates[name]:>22.1f}" for name in SHAPES) + f"{cos:>12}{bound:>13.1f}")
-    print(f"(ViT-B/32: {flops / 1e9:.2f} GFLOP per image; img/s bound: that FLOP count at the kernel's rate "
-          f"on the vision shapes, every other op free)")
+    print(
+        f"(ViT-B/32: {flops / 1e9:.2f} GFLOP per image; img/s bound: that FLOP count at the kernel's rate "
+        f"on the vision shapes, every other op free)"
+    )
     out = ROOT / "benchmarks" / "out" / f"bench_matmul-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu": cpu_description(), "isa": args.isa, "threads": args.threads, "runs": args.runs,
-                               "flops_per_image": flops, "gflops": rows, "cosine_to_f32": cosines}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "cpu": cpu_description(),
+                "isa": args.isa,
+                "threads": args.threads,
+                "runs": args.runs,
+                "flops_per_image": flops,
+                "gflops": rows,
+                "cosine_to_f32": cosines,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -66,7 +66,11 @@ def main() -> None:
     gen = GenerationOptions(max_tokens=1)
     times: dict[tuple[str, str], list[float]] = {}
     vectors: dict[tuple[str, str], np.ndarray] = {}
-    engines = {(t, d): VlmEngine(model, p, EngineOptions(n_threads=args.threads, detail=d)) for t, p in projectors.items() for d in ("low", "high")}
+    engines = {
+        (t, d): VlmEngine(model, p, EngineOptions(n_threads=args.threads, detail=d))
+        for t, p in projectors.items()
+        for d in ("low", "high")
+    }
     for run in range(args.runs):
         for label, (path, detail) in photos.items():
             image = load_image(path)
@@ -75,14 +79,20 @@ def main() -> None:
                 times.setdefault((label, t), []).append(g.timings.image_encode_ms / 1000)
                 if run == 0:  # the projector's output, once, through an encoding cache of its own
                     with tempfile.TemporaryDirectory() as tmp:
-                        e = VlmEngine(model, projectors[t], EngineOptions(n_threads=args.threads, detail=detail, cache=EncodingCache(Path(tmp))))
+                        e = VlmEngine(
+                            model,
+                            projectors[t],
+                            EngineOptions(n_threads=args.threads, detail=detail, cache=EncodingCache(Path(tmp))),
+                        )
                         next(e.ask(image, ["What is this?"], gen))
                         e.close()
                         vectors[label, t] = embeddings(Path(tmp))
     for e in engines.values():
         e.close()
-    print(f"Vision projector type, SmolVLM2-256M real size, random weights, LM Q8_0, medians of {args.runs}; "
-          f"{cpu_description()}, {args.threads} threads")
+    print(
+        f"Vision projector type, SmolVLM2-256M real size, random weights, LM Q8_0, medians of {args.runs}; "
+        f"{cpu_description()}, {args.threads} threads"
+    )
     print("| photo, detail | encoder F16 | encoder Q8_0 | Q8_0 / F16 | cosine Q8_0 to F16 (min over tokens) |")
     print("|---|---|---|---|---|")
     for label in photos:

@@ -32,8 +32,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -44,7 +45,6 @@ OUT = ROOT / "benchmarks" / "out"
 
 def tiny_clip(cache: Path) -> Path:
     from fixtures.clip import build_clip_checkpoint
-
     from vlmcli.convert.clip import convert_clip
 
     out = cache / "tiny-clip"
@@ -56,7 +56,9 @@ def tiny_clip(cache: Path) -> Path:
     return Path(json.loads(done.read_text())["model"])
 
 
-def run_local(build: Callable[..., Any], spec: Any, args: tuple[Any, ...], paths: list[str], work: Path) -> dict[str, float]:
+def run_local(
+    build: Callable[..., Any], spec: Any, args: tuple[Any, ...], paths: list[str], work: Path
+) -> dict[str, float]:
     from vlmcli.tasks.runner import BatchOptions, run_batch
     from vlmcli.tasks.sinks import JsonlSink
 
@@ -64,7 +66,9 @@ def run_local(build: Callable[..., Any], spec: Any, args: tuple[Any, ...], paths
     task = build(spec, *args)
     start = time.perf_counter() - t0
     try:
-        s = run_batch(task, paths, JsonlSink(work / f"local-{time.monotonic_ns()}.jsonl"), BatchOptions(handle_sigint=False))
+        s = run_batch(
+            task, paths, JsonlSink(work / f"local-{time.monotonic_ns()}.jsonl"), BatchOptions(handle_sigint=False)
+        )
     finally:
         getattr(task, "model", None) and task.model.close()
         getattr(task, "engine", None) and task.engine.close()
@@ -72,8 +76,16 @@ def run_local(build: Callable[..., Any], spec: Any, args: tuple[Any, ...], paths
     return {"start_s": start, "images_per_s": s.images_per_s}
 
 
-def run_ray(name: str, build: Callable[..., Any], spec: Any, args: tuple[Any, ...], paths: list[str], work: Path,
-            workers: int, cpus: float) -> dict[str, float]:
+def run_ray(
+    name: str,
+    build: Callable[..., Any],
+    spec: Any,
+    args: tuple[Any, ...],
+    paths: list[str],
+    work: Path,
+    workers: int,
+    cpus: float,
+) -> dict[str, float]:
     from vlmcli.tasks.ray_batch import RayOptions, RayPool, TaskRecipe
     from vlmcli.tasks.runner import BatchOptions
     from vlmcli.tasks.sinks import JsonlSink
@@ -82,13 +94,24 @@ def run_ray(name: str, build: Callable[..., Any], spec: Any, args: tuple[Any, ..
     with RayPool(TaskRecipe(name, build, spec, args), RayOptions(workers=workers, cpus=cpus)) as pool:
         pool._wait_ready(workers)  # every actor up before the clock starts
         start = time.perf_counter() - t0
-        s = pool.task().run_batch(paths, JsonlSink(work / f"ray-{time.monotonic_ns()}.jsonl"), BatchOptions(handle_sigint=False))
+        s = pool.task().run_batch(
+            paths, JsonlSink(work / f"ray-{time.monotonic_ns()}.jsonl"), BatchOptions(handle_sigint=False)
+        )
     assert s.failed == 0 and s.done == len(paths), s
     return {"start_s": start, "images_per_s": s.images_per_s}
 
 
-def case(label: str, name: str, build: Callable[..., Any], spec: Any, args: tuple[Any, ...], paths: list[str], work: Path,
-         cpus: int, rounds: int) -> dict[str, Any]:
+def case(
+    label: str,
+    name: str,
+    build: Callable[..., Any],
+    spec: Any,
+    args: tuple[Any, ...],
+    paths: list[str],
+    work: Path,
+    cpus: int,
+    rounds: int,
+) -> dict[str, Any]:
     from dataclasses import replace
 
     one_thread = replace(spec, n_threads=1)
@@ -109,23 +132,33 @@ def case(label: str, name: str, build: Callable[..., Any], spec: Any, args: tupl
         return (1 / med[ray_mode]["images_per_s"] - 1 / med[local_mode]["images_per_s"]) * 1000
 
     result = {
-        "case": label, "images": len(paths), "rounds": rounds, "cpus": cpus,
+        "case": label,
+        "images": len(paths),
+        "rounds": rounds,
+        "cpus": cpus,
         "median": med,
         "all_images_per_s": {m: [round(r["images_per_s"], 3) for r in rs] for m, rs in runs.items()},
-        "overhead_ms_per_item": {"1 thread": overhead("ray x1 (1 CPU)", "local (1 thread)"),
-                                 f"{cpus} threads": overhead(f"ray x1 ({cpus} CPUs)", f"local ({cpus} threads)")},
+        "overhead_ms_per_item": {
+            "1 thread": overhead("ray x1 (1 CPU)", "local (1 thread)"),
+            f"{cpus} threads": overhead(f"ray x1 ({cpus} CPUs)", f"local ({cpus} threads)"),
+        },
     }
     print(f"{label} ({len(paths)} images, medians of {rounds}):", flush=True)
     for m, v in med.items():
         print(f"  {m:<22} {v['images_per_s']:8.2f} images/s  (start {v['start_s']:.1f} s)", flush=True)
-    print("  overhead per item: " + ", ".join(f"{k} {v:+.2f} ms" for k, v in result["overhead_ms_per_item"].items()), flush=True)
+    print(
+        "  overhead per item: " + ", ".join(f"{k} {v:+.2f} ms" for k, v in result["overhead_ms_per_item"].items()),
+        flush=True,
+    )
     return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=100, help="images for the tiny-model cases")
-    ap.add_argument("--real-vlm-images", type=int, default=20, help="images for the real-size caption (1-3 s each on 2 cores)")
+    ap.add_argument(
+        "--real-vlm-images", type=int, default=20, help="images for the real-size caption (1-3 s each on 2 cores)"
+    )
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-real", action="store_true")
@@ -158,18 +191,44 @@ def main() -> None:
         if not args.skip_real:
             model, mmproj = real_vlm(cache)
             spec = ModelSpec(str(model), str(mmproj), n_threads=None, detail="low")
-            results.append(case("caption 256M Q8_0 (low)", "caption", _caption_task, spec, caption_args,
-                                paths[: args.real_vlm_images], work, cpus, args.rounds))
+            results.append(
+                case(
+                    "caption 256M Q8_0 (low)",
+                    "caption",
+                    _caption_task,
+                    spec,
+                    caption_args,
+                    paths[: args.real_vlm_images],
+                    work,
+                    cpus,
+                    args.rounds,
+                )
+            )
         model, mmproj = tiny_vlm(cache)
         spec = ModelSpec(str(model), str(mmproj), detail="low")
-        results.append(case("caption tiny fixture", "caption", _caption_task, spec, caption_args, paths, work, cpus, args.rounds))
+        results.append(
+            case("caption tiny fixture", "caption", _caption_task, spec, caption_args, paths, work, cpus, args.rounds)
+        )
         clip = tiny_clip(cache)
-        results.append(case("embed tiny CLIP (batch 16)", "embed", _embed_task, ModelSpec(str(clip)), (16, 100_000_000, False),
-                            paths, work, cpus, args.rounds))
+        results.append(
+            case(
+                "embed tiny CLIP (batch 16)",
+                "embed",
+                _embed_task,
+                ModelSpec(str(clip)),
+                (16, 100_000_000, False),
+                paths,
+                work,
+                cpus,
+                args.rounds,
+            )
+        )
     finally:
         ray.shutdown()
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "bench_ray.json").write_text(json.dumps({"machine": machine, "ray": ray.__version__, "results": results}, indent=2))
+    (OUT / "bench_ray.json").write_text(
+        json.dumps({"machine": machine, "ray": ray.__version__, "results": results}, indent=2)
+    )
     print(f"wrote {OUT / 'bench_ray.json'}")
 
 

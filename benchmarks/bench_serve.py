@@ -75,8 +75,13 @@ def load(url: str, body: dict, requests: int, concurrency: int) -> dict:
     with ThreadPoolExecutor(concurrency) as pool:
         latencies = list(pool.map(lambda _: post(url, body), range(requests)))
     wall = time.perf_counter() - t0
-    return {"requests": requests, "concurrency": concurrency, "req_s": requests / wall,
-            "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 95)}
+    return {
+        "requests": requests,
+        "concurrency": concurrency,
+        "req_s": requests / wall,
+        "p50_s": statistics.median(latencies),
+        "p95_s": percentile(latencies, 95),
+    }
 
 
 ENV = {**os.environ, "VLM_CACHE_SIZE": "0"}  # no image-encoding cache: each request encodes its image
@@ -88,16 +93,40 @@ def cli_loop(args: list[str], runs: int) -> dict:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "vlmcli", *args], check=True, capture_output=True, env=ENV)
         times.append(time.perf_counter() - t0)
-    return {"requests": runs, "concurrency": 1, "req_s": 1 / statistics.median(times),
-            "p50_s": statistics.median(times), "p95_s": percentile(times, 95)}
+    return {
+        "requests": runs,
+        "concurrency": 1,
+        "req_s": 1 / statistics.median(times),
+        "p50_s": statistics.median(times),
+        "p95_s": percentile(times, 95),
+    }
 
 
 def start_server(vlm_dir: Path, clip: Path, workers: int, threads: int | None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "vlmcli", "serve", "--model", str(vlm_dir), "--model", str(clip), "--port", str(port),
-           "--workers", str(workers), "--detail", "low", "--queue", "64", "--max-n", "1", "--offline"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmcli",
+        "serve",
+        "--model",
+        str(vlm_dir),
+        "--model",
+        str(clip),
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--detail",
+        "low",
+        "--queue",
+        "64",
+        "--max-n",
+        "1",
+        "--offline",
+    ]
     cmd += ["--threads", str(threads)] if threads else []
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     base = f"http://127.0.0.1:{port}"
@@ -130,26 +159,63 @@ def main() -> None:
     cpu = cpu_description()
     print(f"CPU: {cpu}", flush=True)
     data_url = "data:image/jpeg;base64," + base64.b64encode(SAMPLE.read_bytes()).decode()
-    chat_body = {"model": vlm_dir.name, "max_tokens": args.tokens, "temperature": 0, "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": QUESTION}]}]}
+    chat_body = {
+        "model": vlm_dir.name,
+        "max_tokens": args.tokens,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": QUESTION}],
+            }
+        ],
+    }
     embed_body = {"model": clip.stem, "input": [data_url]}
 
     rows = []
-    ask = ["ask", str(SAMPLE), QUESTION, "--model", str(vlm_dir), "--detail", "low", "-n", str(args.tokens), "--offline"]
+    ask = [
+        "ask",
+        str(SAMPLE),
+        QUESTION,
+        "--model",
+        str(vlm_dir),
+        "--detail",
+        "low",
+        "-n",
+        str(args.tokens),
+        "--offline",
+    ]
     rows.append({"model": "smolvlm2-256m", "how": "vlm ask loop", **cli_loop(ask, args.cli_runs)})
-    rows.append({"model": "clip-b32", "how": "vlm embed loop", **cli_loop(["embed", str(SAMPLE), "--model", str(clip)], args.cli_runs)})
+    rows.append(
+        {
+            "model": "clip-b32",
+            "how": "vlm embed loop",
+            **cli_loop(["embed", str(SAMPLE), "--model", str(clip)], args.cli_runs),
+        }
+    )
     process, base = start_server(vlm_dir, clip, args.workers, args.threads)
     try:
-        for model, route, body in (("smolvlm2-256m", "/v1/chat/completions", chat_body), ("clip-b32", "/v1/embeddings", embed_body)):
+        for model, route, body in (
+            ("smolvlm2-256m", "/v1/chat/completions", chat_body),
+            ("clip-b32", "/v1/embeddings", embed_body),
+        ):
             for level in [int(x) for x in args.levels.split(",")]:
-                rows.append({"model": model, "how": f"serve ({args.workers} workers, {f'{args.threads} threads' if args.threads else 'shared cores'})",
-                             **load(base + route, body, args.requests, level)})
+                rows.append(
+                    {
+                        "model": model,
+                        "how": f"serve ({args.workers} workers, {f'{args.threads} threads' if args.threads else 'shared cores'})",
+                        **load(base + route, body, args.requests, level),
+                    }
+                )
     finally:
         process.terminate()
         process.wait(60)
     for r in rows:
-        print(f"{r['model']:14s} {r['how']:26s} concurrency {r['concurrency']}: {r['req_s']:.2f} req/s, "
-              f"p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s ({r['requests']} requests)", flush=True)
+        print(
+            f"{r['model']:14s} {r['how']:26s} concurrency {r['concurrency']}: {r['req_s']:.2f} req/s, "
+            f"p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s ({r['requests']} requests)",
+            flush=True,
+        )
     OUT.mkdir(parents=True, exist_ok=True)
     dest = OUT / "bench_serve.json"
     dest.write_text(json.dumps({"cpu": cpu, "tokens": args.tokens, "rows": rows}, indent=1))

@@ -53,8 +53,12 @@ def folder_of(dest: Path, n: int) -> Path:
 def run_together(commands: list[list[str]]) -> float:
     """Start the commands at once; wall seconds until the last one ends."""
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "vlmcli", *c], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-             for c in commands]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "vlmcli", *c], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV
+        )
+        for c in commands
+    ]
     for p in procs:
         _, err = p.communicate()
         if p.returncode != 0:
@@ -78,11 +82,28 @@ def main() -> None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="vlm-shared-"))
     workloads = {
-        "caption 256M low": (args.caption_images, lambda d, out: [
-            "caption", str(d), "--model", str(vlm_dir), "--detail", "low", "-n", str(args.tokens), "--offline",
-            "--out", str(out), "--redo", "--quiet"]),
-        "embed ViT-B/32 F16": (args.embed_images, lambda d, out: [
-            "embed", str(d), "--model", str(clip), "--offline", "--out", str(out), "--redo", "--quiet"]),
+        "caption 256M low": (
+            args.caption_images,
+            lambda d, out: [
+                "caption",
+                str(d),
+                "--model",
+                str(vlm_dir),
+                "--detail",
+                "low",
+                "-n",
+                str(args.tokens),
+                "--offline",
+                "--out",
+                str(out),
+                "--redo",
+                "--quiet",
+            ],
+        ),
+        "embed ViT-B/32 F16": (
+            args.embed_images,
+            lambda d, out: ["embed", str(d), "--model", str(clip), "--offline", "--out", str(out), "--redo", "--quiet"],
+        ),
     }
     scenarios = {"alone": (1, []), "shared": (2, []), f"shared, -t {cpus}": (2, ["-t", str(cpus)])}
     results: dict[str, dict[str, list[float]]] = {w: {s: [] for s in scenarios} for w in workloads}
@@ -95,7 +116,10 @@ def main() -> None:
                     cmds = [command(folders[i], work / f"out-{i}{suffix}") + extra for i in range(procs)]
                     wall = run_together(cmds)
                     results[wname][sname].append(procs * n / wall)
-                    print(f"round {r + 1}: {wname}, {sname}: {procs * n / wall:.2f} images/s in all ({wall:.1f} s)", flush=True)
+                    print(
+                        f"round {r + 1}: {wname}, {sname}: {procs * n / wall:.2f} images/s in all ({wall:.1f} s)",
+                        flush=True,
+                    )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     cpu = cpu_description()
@@ -104,7 +128,9 @@ def main() -> None:
     for wname, by in results.items():
         alone = statistics.median(by["alone"])
         table[wname] = {s: statistics.median(v) for s, v in by.items()}
-        cells = ", ".join(f"{s} {statistics.median(v):.2f} ({statistics.median(v) / alone:.2f}x)" for s, v in by.items())
+        cells = ", ".join(
+            f"{s} {statistics.median(v):.2f} ({statistics.median(v) / alone:.2f}x)" for s, v in by.items()
+        )
         print(f"{wname}: {cells}")
     OUT.mkdir(parents=True, exist_ok=True)
     dest = OUT / "bench_shared_cores.json"

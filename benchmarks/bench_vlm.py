@@ -48,7 +48,6 @@ CHAT_PROMPT = f"<|im_start|>User:<image>{PROMPT}<end_of_utterance>\nAssistant:"
 def build_model(size: str, quant: str, cache: Path) -> tuple[Path, Path]:
     """Build (once, cached) the real-size random-weight checkpoint (cache/NAMES[size]) and convert it."""
     from fixtures.smolvlm2 import build_smolvlm2_checkpoint
-
     from vlmcli.convert import convert_checkpoint
 
     name = NAMES[size]
@@ -89,26 +88,39 @@ def worker(args: argparse.Namespace) -> None:
     first_token: list[float] = []
     gen = GenerationOptions(max_tokens=args.tokens, ignore_eos=True)
     start = time.perf_counter()
-    g = next(engine.ask(image, [PROMPT], gen, on_token=lambda s: first_token.append(time.perf_counter()) if not first_token else None))
+    g = next(
+        engine.ask(
+            image,
+            [PROMPT],
+            gen,
+            on_token=lambda s: first_token.append(time.perf_counter()) if not first_token else None,
+        )
+    )
     total = time.perf_counter() - start
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = g.timings
-    print(json.dumps({
-        "load_ms": engine.load_ms,
-        "image_encode_ms": t.image_encode_ms,
-        "prefill_ms": t.prefill_ms,
-        "prefill_tokens": t.prefill_tokens,
-        "prefill_tok_s": t.prefill_tokens_per_s,
-        "decode_tok_s": t.decode_tokens_per_s,
-        "generated": g.generated_tokens,
-        "image_tokens": g.image.image_tokens,
-        "encoder_passes": g.image.encoder_passes,
-        "ttft_ms": ((first_token[0] if first_token else time.perf_counter()) - start) * 1000,
-        "image_total_s": total,
-        "peak_rss_mb": rss_mb,
-        "wall_ms": (time.perf_counter() - t0) * 1000,
-        "first_token_unix": time.time() - time.perf_counter() + (first_token[0] if first_token else time.perf_counter()),
-    }))
+    print(
+        json.dumps(
+            {
+                "load_ms": engine.load_ms,
+                "image_encode_ms": t.image_encode_ms,
+                "prefill_ms": t.prefill_ms,
+                "prefill_tokens": t.prefill_tokens,
+                "prefill_tok_s": t.prefill_tokens_per_s,
+                "decode_tok_s": t.decode_tokens_per_s,
+                "generated": g.generated_tokens,
+                "image_tokens": g.image.image_tokens,
+                "encoder_passes": g.image.encoder_passes,
+                "ttft_ms": ((first_token[0] if first_token else time.perf_counter()) - start) * 1000,
+                "image_total_s": total,
+                "peak_rss_mb": rss_mb,
+                "wall_ms": (time.perf_counter() - t0) * 1000,
+                "first_token_unix": time.time()
+                - time.perf_counter()
+                + (first_token[0] if first_token else time.perf_counter()),
+            }
+        )
+    )
 
 
 def smolvlm_processor(path: str):
@@ -127,8 +139,12 @@ def smolvlm_processor(path: str):
                 return ["image_processor", "tokenizer"]
 
         seq_len = json.loads((Path(path) / "processor_config.json").read_text())["image_seq_len"]
-        return ImageOnly(AutoImageProcessor.from_pretrained(path, backend="pil"), AutoTokenizer.from_pretrained(path),
-                         None, image_seq_len=seq_len)
+        return ImageOnly(
+            AutoImageProcessor.from_pretrained(path, backend="pil"),
+            AutoTokenizer.from_pretrained(path),
+            None,
+            image_seq_len=seq_len,
+        )
 
 
 def torch_worker(args: argparse.Namespace) -> None:
@@ -156,17 +172,31 @@ def torch_worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     inputs = processor(text=CHAT_PROMPT, images=[Image.open(args.image)], return_tensors="pt")
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                             logits_processor=LogitsProcessorList([Stamp()]))
-    print(json.dumps({
-        "load_s": load_s, "ttft_s": stamps[0] - start, "encode_s": encode[1] - encode[0],
-        "prefill_s": stamps[0] - encode[1], "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-        "generated": out.shape[1] - inputs["input_ids"].shape[1],
-        "image_tokens": int((inputs["input_ids"] == processor.image_token_id).sum()),
-        "encoder_passes": int(inputs["pixel_values"].shape[1]), "vision_calls": len(encode) // 2,
-        "first_token_unix": time.time() - time.perf_counter() + stamps[0],
-        "torch": torch.__version__, "processor": type(processor.image_processor).__name__,
-    }))
+        out = model.generate(
+            **inputs,
+            max_new_tokens=args.tokens,
+            min_new_tokens=args.tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([Stamp()]),
+        )
+    print(
+        json.dumps(
+            {
+                "load_s": load_s,
+                "ttft_s": stamps[0] - start,
+                "encode_s": encode[1] - encode[0],
+                "prefill_s": stamps[0] - encode[1],
+                "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+                "generated": out.shape[1] - inputs["input_ids"].shape[1],
+                "image_tokens": int((inputs["input_ids"] == processor.image_token_id).sum()),
+                "encoder_passes": int(inputs["pixel_values"].shape[1]),
+                "vision_calls": len(encode) // 2,
+                "first_token_unix": time.time() - time.perf_counter() + stamps[0],
+                "torch": torch.__version__,
+                "processor": type(processor.image_processor).__name__,
+            }
+        )
+    )
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> dict:
@@ -194,9 +224,14 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> dict:
         stderr = err.read()
     if os.waitstatus_to_exitcode(status):
         raise RuntimeError(f"{cmd[0]} failed ({os.waitstatus_to_exitcode(status)}):\n{stderr[-2000:]}")
-    return {"launch_unix": launch, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "stdout_unix": first[0] if first else None, "stdout": b"".join(chunks).decode(errors="replace"),
-            "stderr": stderr}
+    return {
+        "launch_unix": launch,
+        "wall_s": wall,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "stdout_unix": first[0] if first else None,
+        "stdout": b"".join(chunks).decode(errors="replace"),
+        "stderr": stderr,
+    }
 
 
 def mtmd_timings(log: str) -> dict:
@@ -210,8 +245,11 @@ def mtmd_timings(log: str) -> dict:
         raise RuntimeError("no llama_perf timings in llama-mtmd-cli's output:\n" + log[-2000:])
     runs = int(decode[2])
     return {
-        "load_s": int(loaded[1]) * 60 + int(loaded[2]) + int(loaded[3]) / 1e3 + int(loaded[4]) / 1e6 if loaded else None,
-        "encode_s": sum(numbers(r"mtmd batch encoding done in (\d+) ms") + numbers(r"slice encoded in (\d+) ms")) / 1000,
+        "load_s": int(loaded[1]) * 60 + int(loaded[2]) + int(loaded[3]) / 1e3 + int(loaded[4]) / 1e6
+        if loaded
+        else None,
+        "encode_s": sum(numbers(r"mtmd batch encoding done in (\d+) ms") + numbers(r"slice encoded in (\d+) ms"))
+        / 1000,
         "prefill_s": sum(numbers(r"image decoded \(batch \d+/\d+\) in (\d+) ms")) / 1000,  # image tokens only
         "decode_tok_s": runs / float(decode[1]) * 1000,
         "eval_runs": runs,  # the last decode is not counted: generated = runs + 1 when no EOS stopped it
@@ -229,17 +267,64 @@ def peers(args: argparse.Namespace, model: Path, mmproj: Path) -> None:
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     n, threads = str(args.tokens), str(args.threads)
     env = {**os.environ, "VLM_CACHE_SIZE": "0"}
-    commands = {"vlm": [sys.executable, __file__, "--worker", "--model", str(model), "--mmproj", str(mmproj),
-                        "--image", str(SAMPLE), "--detail", "high", "--tokens", n, "--threads", threads]}
+    commands = {
+        "vlm": [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--model",
+            str(model),
+            "--mmproj",
+            str(mmproj),
+            "--image",
+            str(SAMPLE),
+            "--detail",
+            "high",
+            "--tokens",
+            n,
+            "--threads",
+            threads,
+        ]
+    }
     mtmd = str(tool("llama-mtmd-cli"))
-    commands["llama-mtmd-cli"] = [mtmd, "-m", str(model), "--mmproj", str(mmproj), "--image", str(SAMPLE),
-                                  "-p", f"<__media__>{PROMPT}", "-n", n, "-t", threads, "--temp", "0", "-c", "8192",
-                                  "--ignore-eos", "--perf", "-lv", "4"]  # --perf, -lv 4: it prints its timings
+    commands["llama-mtmd-cli"] = [
+        mtmd,
+        "-m",
+        str(model),
+        "--mmproj",
+        str(mmproj),
+        "--image",
+        str(SAMPLE),
+        "-p",
+        f"<__media__>{PROMPT}",
+        "-n",
+        n,
+        "-t",
+        threads,
+        "--temp",
+        "0",
+        "-c",
+        "8192",
+        "--ignore-eos",
+        "--perf",
+        "-lv",
+        "4",
+    ]  # --perf, -lv 4: it prints its timings
     torch_py = torch_python(args.torch_python)
     if torch_py:
-        commands["transformers"] = [torch_py, __file__, "--torch-worker", "--model",
-                                    str(model.parent.parent / NAMES[args.size]), "--image", str(SAMPLE),
-                                    "--tokens", n, "--threads", threads]
+        commands["transformers"] = [
+            torch_py,
+            __file__,
+            "--torch-worker",
+            "--model",
+            str(model.parent.parent / NAMES[args.size]),
+            "--image",
+            str(SAMPLE),
+            "--tokens",
+            n,
+            "--threads",
+            threads,
+        ]
     runs: dict[str, list[dict]] = {name: [] for name in commands}
     for r in range(args.runs):
         for name, cmd in commands.items():
@@ -252,9 +337,13 @@ def peers(args: argparse.Namespace, model: Path, mmproj: Path) -> None:
                 row = json.loads(m["stdout"].strip().splitlines()[-1])
                 first = row["first_token_unix"]
             if name == "vlm":
-                row = {"load_s": row["load_ms"] / 1000, "encode_s": row["image_encode_ms"] / 1000,
-                       "prefill_s": row["prefill_ms"] / 1000, "ttft_s": row["ttft_ms"] / 1000,
-                       **{k: row[k] for k in ("decode_tok_s", "generated", "image_tokens", "encoder_passes")}}
+                row = {
+                    "load_s": row["load_ms"] / 1000,
+                    "encode_s": row["image_encode_ms"] / 1000,
+                    "prefill_s": row["prefill_ms"] / 1000,
+                    "ttft_s": row["ttft_ms"] / 1000,
+                    **{k: row[k] for k in ("decode_tok_s", "generated", "image_tokens", "encoder_passes")},
+                }
             row["launch_ttft_s"] = first - m["launch_unix"]
             if name == "llama-mtmd-cli":
                 row["ttft_s"] = row["launch_ttft_s"] - row["load_s"]
@@ -270,33 +359,54 @@ def peers(args: argparse.Namespace, model: Path, mmproj: Path) -> None:
         rows.append(row)
     base = rows[0]
     for row in rows:  # vlm's advantage: > 1 where vlm is faster or smaller
-        row["vlm_x"] = {"wall_s": row["wall_s"] / base["wall_s"],
-                        "launch_ttft_s": row["launch_ttft_s"] / base["launch_ttft_s"],
-                        "decode_tok_s": base["decode_tok_s"] / row["decode_tok_s"],
-                        "peak_rss_mb": row["peak_rss_mb"] / base["peak_rss_mb"]}
+        row["vlm_x"] = {
+            "wall_s": row["wall_s"] / base["wall_s"],
+            "launch_ttft_s": row["launch_ttft_s"] / base["launch_ttft_s"],
+            "decode_tok_s": base["decode_tok_s"] / row["decode_tok_s"],
+            "peak_rss_mb": row["peak_rss_mb"] / base["peak_rss_mb"],
+        }
     load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"SmolVLM2 {args.size} {args.quant} (+F16 mmproj; transformers: F32 checkpoint), random weights, "
-          f"451x300 photo, full tiling, {args.tokens} tokens (EOS ignored), greedy, {args.threads} threads; "
-          f"medians of {args.runs} interleaved runs, each a fresh process")
+    print(
+        f"SmolVLM2 {args.size} {args.quant} (+F16 mmproj; transformers: F32 checkpoint), random weights, "
+        f"451x300 photo, full tiling, {args.tokens} tokens (EOS ignored), greedy, {args.threads} threads; "
+        f"medians of {args.runs} interleaved runs, each a fresh process"
+    )
     print(f"CPU: {cpu_description()}")
-    print(f"{'peer':<16} {'wall s':>12} {'TTFT s':>12} {'decode tok/s':>14} {'peak RSS MB':>14} "
-          f"{'load s':>7} {'TTFT-load':>9} {'encode s':>8} {'prefill s':>9} {'passes':>6} {'img tok':>7} {'gen':>4}")
+    print(
+        f"{'peer':<16} {'wall s':>12} {'TTFT s':>12} {'decode tok/s':>14} {'peak RSS MB':>14} "
+        f"{'load s':>7} {'TTFT-load':>9} {'encode s':>8} {'prefill s':>9} {'passes':>6} {'img tok':>7} {'gen':>4}"
+    )
     fmt = lambda v, d: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for r in rows:
         x = r["vlm_x"]
-        print(f"{r['name']:<16} {r['wall_s']:>6.1f} x{x['wall_s']:<4.2f} {r['launch_ttft_s']:>6.1f} "
-              f"x{x['launch_ttft_s']:<4.2f} {r['decode_tok_s']:>8.1f} x{x['decode_tok_s']:<4.2f} "
-              f"{r['peak_rss_mb']:>8.0f} x{x['peak_rss_mb']:<4.2f} {fmt(r['load_s'], 2):>7} {fmt(r['ttft_s'], 1):>9} "
-              f"{fmt(r['encode_s'], 1):>8} {fmt(r['prefill_s'], 2):>9} {r.get('encoder_passes') or '-':>6} "
-              f"{r.get('image_tokens', '-'):>7} {r.get('generated', '-'):>4}")
-    print(f"(x: vlm's advantage, > 1 where vlm is faster or smaller; wall, TTFT and RSS: the whole process from "
-          f"its launch, load and imports included; TTFT-load: from the end of each one's own load; mtmd-cli's prefill: "
-          f"its image batches only; load average before {load_before}, after {load_after})")
+        print(
+            f"{r['name']:<16} {r['wall_s']:>6.1f} x{x['wall_s']:<4.2f} {r['launch_ttft_s']:>6.1f} "
+            f"x{x['launch_ttft_s']:<4.2f} {r['decode_tok_s']:>8.1f} x{x['decode_tok_s']:<4.2f} "
+            f"{r['peak_rss_mb']:>8.0f} x{x['peak_rss_mb']:<4.2f} {fmt(r['load_s'], 2):>7} {fmt(r['ttft_s'], 1):>9} "
+            f"{fmt(r['encode_s'], 1):>8} {fmt(r['prefill_s'], 2):>9} {r.get('encoder_passes') or '-':>6} "
+            f"{r.get('image_tokens', '-'):>7} {r.get('generated', '-'):>4}"
+        )
+    print(
+        f"(x: vlm's advantage, > 1 where vlm is faster or smaller; wall, TTFT and RSS: the whole process from "
+        f"its launch, load and imports included; TTFT-load: from the end of each one's own load; mtmd-cli's prefill: "
+        f"its image batches only; load average before {load_before}, after {load_after})"
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     dest = OUT / f"vlm-peers-{args.size}-{args.quant}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    dest.write_text(json.dumps({"cpu": cpu_description(), "threads": args.threads, "tokens": args.tokens,
-                                "runs": args.runs, "load_average_before": load_before,
-                                "load_average_after": load_after, "results": rows}, indent=1))
+    dest.write_text(
+        json.dumps(
+            {
+                "cpu": cpu_description(),
+                "threads": args.threads,
+                "tokens": args.tokens,
+                "runs": args.runs,
+                "load_average_before": load_before,
+                "load_average_after": load_after,
+                "results": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {dest}", file=sys.stderr)
 
 
@@ -311,8 +421,11 @@ def main() -> None:
     ap.add_argument("--images", default="small", help="small (the 451x300 sample), large (2000x1333)")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlmcli-bench"))
     ap.add_argument("--peers", action="store_true", help="compare with llama-mtmd-cli and transformers (detail high)")
-    ap.add_argument("--torch-python", help="with --peers: a Python with torch + transformers (default: this one, "
-                    "if it has them; else no transformers row)")
+    ap.add_argument(
+        "--torch-python",
+        help="with --peers: a Python with torch + transformers (default: this one, "
+        "if it has them; else no transformers row)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model")
@@ -336,9 +449,23 @@ def main() -> None:
         for detail in args.details.split(","):
             runs = []
             for _ in range(args.runs):
-                cmd = [sys.executable, __file__, "--worker", "--model", str(model), "--mmproj", str(mmproj),
-                       "--image", str(images[image_name]), "--detail", detail, "--tokens", str(args.tokens),
-                       "--threads", str(args.threads)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "--model",
+                    str(model),
+                    "--mmproj",
+                    str(mmproj),
+                    "--image",
+                    str(images[image_name]),
+                    "--detail",
+                    detail,
+                    "--tokens",
+                    str(args.tokens),
+                    "--threads",
+                    str(args.threads),
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 runs.append(json.loads(out.strip().splitlines()[-1]))
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}

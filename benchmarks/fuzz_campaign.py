@@ -39,7 +39,6 @@ import fuzzing as fz  # noqa: E402
 def build_fixtures(work: Path) -> fz.Models:
     from fixtures.clip import build_clip_checkpoint
     from fixtures.smolvlm2 import build_smolvlm2_checkpoint
-
     from vlmcli.convert.clip import convert_clip
     from vlmcli.convert.smolvlm2 import convert_smolvlm2
 
@@ -97,13 +96,24 @@ def main() -> int:
     ap.add_argument("--kinds", default="llm,mmproj,clip,tensors,image,text")
     ap.add_argument("--rlimit-gb", type=float, default=fz.DEFAULT_RLIMIT_AS / 2**30)
     ap.add_argument("--out", type=Path, default=None, help="write the report (JSON) here")
-    ap.add_argument("--engines-from", type=Path, default=None,
-                    help="a source tree whose vlmcli the children import (e.g. an older revision, to compare)")
+    ap.add_argument(
+        "--engines-from",
+        type=Path,
+        default=None,
+        help="a source tree whose vlmcli the children import (e.g. an older revision, to compare)",
+    )
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="vlm-fuzz-"))
-    report: dict = {"seed": args.seed, "per_kind": args.per_kind, "rlimit_bytes": int(args.rlimit_gb * 2**30),
-                    "counts": {}, "problems": [], "max_rss_kb": 0, "seconds": {}}
+    report: dict = {
+        "seed": args.seed,
+        "per_kind": args.per_kind,
+        "rlimit_bytes": int(args.rlimit_gb * 2**30),
+        "counts": {},
+        "problems": [],
+        "max_rss_kb": 0,
+        "seconds": {},
+    }
     try:
         models = build_fixtures(work / "fixtures")
         files = {"llm": Path(models.llm), "mmproj": Path(models.mmproj), "clip": Path(models.clip)}

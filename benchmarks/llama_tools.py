@@ -36,8 +36,22 @@ def sdist_source(cache: Path = CACHE) -> Path:
         return source
     cache.mkdir(parents=True, exist_ok=True)
     print(f"downloading the llama-cpp-python {pinned} sdist ...", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
-                    f"llama-cpp-python=={pinned}", "-d", str(cache)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            f"llama-cpp-python=={pinned}",
+            "-d",
+            str(cache),
+        ],
+        check=True,
+    )
     archive = cache / f"llama_cpp_python-{pinned}.tar.gz"
     with tarfile.open(archive) as tar:
         tar.extractall(cache, filter="data")
@@ -56,9 +70,20 @@ def build(cmake_args: tuple[str, ...] = (), cache: Path = CACHE) -> Path:
     log = build_dir / "build.log"
     print(f"building {', '.join(TOOLS)} in {build_dir} (a few minutes; output in {log}) ...", file=sys.stderr)
     with open(log, "w") as out:
-        for cmd in (["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                     "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", *cmake_args],
-                    ["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1), "--target", *TOOLS]):
+        for cmd in (
+            [
+                "cmake",
+                "-S",
+                str(source),
+                "-B",
+                str(build_dir),
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DLLAMA_CURL=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                *cmake_args,
+            ],
+            ["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1), "--target", *TOOLS],
+        ):
             if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
                 raise SystemExit(f"the llama.cpp build failed: see {log}")
     return bin_dir

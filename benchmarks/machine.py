@@ -20,7 +20,11 @@ def cpu_description() -> str:
                     break
     except OSError:
         pass
-    simd = [label for flag, label in (("avx2", "AVX2"), ("fma", "FMA"), ("f16c", "F16C"), ("avx512f", "AVX-512")) if flag in flags]
+    simd = [
+        label
+        for flag, label in (("avx2", "AVX2"), ("fma", "FMA"), ("f16c", "F16C"), ("avx512f", "AVX-512"))
+        if flag in flags
+    ]
     wide = "" if "avx512f" in flags or not flags else " (no AVX-512)"
     return f"{name}, {os.cpu_count()} cores, {' '.join(simd) or 'no x86 SIMD flags'}{wide}"
 

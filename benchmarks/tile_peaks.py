@@ -156,9 +156,11 @@ def rounding_errors() -> dict[str, float]:
     x = rng.standard_normal((m, k))
     x[:, rng.choice(k, 4, replace=False)] *= 20  # outlier channels
     ref = x @ w.T
-    schemes = {"i16 (x 13 bits / 128, w 13 bits / 128)": (4095, 128, 4095, 128),
-               "Q8_0-like (x 8 bits / 32, w 8 bits / 32)": (127, 32, 127, 32),
-               "8-bit tile (x 8 bits / 128, w 7 bits / 128)": (127, 128, 63, 128)}
+    schemes = {
+        "i16 (x 13 bits / 128, w 13 bits / 128)": (4095, 128, 4095, 128),
+        "Q8_0-like (x 8 bits / 32, w 8 bits / 32)": (127, 32, 127, 32),
+        "8-bit tile (x 8 bits / 128, w 7 bits / 128)": (127, 128, 63, 128),
+    }
     errors = {}
     for name, (xq, xb, wq, wb) in schemes.items():
         err = rounded(x, xq, xb) @ rounded(w, wq, wb).T - ref

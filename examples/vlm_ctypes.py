@@ -98,8 +98,14 @@ def make_image(path: str, rgb: bool) -> tuple[VlmImage, object]:
 
 
 def ask(lib: ctypes.CDLL, args: argparse.Namespace) -> None:
-    opts = VlmOptions(abi_version=VLM_ABI_VERSION, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                      best_of=args.best_of, select={"logprob": 0, "vote": 1}[args.select])
+    opts = VlmOptions(
+        abi_version=VLM_ABI_VERSION,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        best_of=args.best_of,
+        select={"logprob": 0, "vote": 1}[args.select],
+    )
     h = lib.vlm_open(args.model.encode(), ctypes.byref(opts))
     if h < 0:
         check(lib, h, h, "vlm_open")

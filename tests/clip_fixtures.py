@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from fixtures.clip import build_clip_checkpoint
 
 __all__ = ["clip_checkpoint", "clip_checkpoint_gelu", "clip_gguf", "clip_gguf_q8", "clip_gguf_gelu", "clip_ggufs"]
@@ -51,8 +50,14 @@ def clip_gguf_gelu(clip_checkpoint_gelu: Path, tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture(scope="session")
-def clip_ggufs(clip_checkpoint: Path, clip_checkpoint_gelu: Path, clip_gguf: Path, clip_gguf_q8: Path, clip_gguf_gelu: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+def clip_ggufs(
+    clip_checkpoint: Path,
+    clip_checkpoint_gelu: Path,
+    clip_gguf: Path,
+    clip_gguf_q8: Path,
+    clip_gguf_gelu: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[tuple[str, str], Path]:
     """(activation, type) -> a converted tiny CLIP GGUF (the ones above, plus F32 and gelu Q8_0)."""
     return {
         ("quick_gelu", "F32"): _convert(clip_checkpoint, "F32", tmp_path_factory),

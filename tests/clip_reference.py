@@ -80,7 +80,7 @@ class ReferenceClip:
         def split(y: np.ndarray) -> np.ndarray:  # (N, T, D) -> (N, H, T, hd)
             return y.reshape(n, t, heads, hd).transpose(0, 2, 1, 3)
 
-        q = split(self.linear(h, f"{prefix}.attn_q")) * hd ** -0.5
+        q = split(self.linear(h, f"{prefix}.attn_q")) * hd**-0.5
         k = split(self.linear(h, f"{prefix}.attn_k"))
         v = split(self.linear(h, f"{prefix}.attn_v"))
         scores = q @ k.transpose(0, 1, 3, 2)  # (N, H, T, T)
@@ -162,7 +162,7 @@ def texts(lengths: list[int], seed: int = 0) -> np.ndarray:
     ids = np.zeros((len(lengths), 77), np.int32)
     for row, n in enumerate(lengths):
         ids[row, 0] = BOS
-        ids[row, 1:n + 1] = rng.integers(256, 49000, n)
+        ids[row, 1 : n + 1] = rng.integers(256, 49000, n)
         ids[row, n + 1] = EOS
     return ids
 
@@ -172,7 +172,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def one_by_one(encode, inputs: np.ndarray) -> np.ndarray:
-    return np.concatenate([encode(inputs[i:i + 1]) for i in range(len(inputs))])
+    return np.concatenate([encode(inputs[i : i + 1]) for i in range(len(inputs))])
 
 
 def check_batch_independence(model, encode, inputs: np.ndarray, monkeypatch) -> np.ndarray:

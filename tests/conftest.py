@@ -18,9 +18,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from fixtures.smolvlm2 import build_smolvlm2_checkpoint  # noqa: E402
-
 from clip_fixtures import *  # noqa: E402,F401,F403  clip_checkpoint, clip_gguf, ...
+from fixtures.smolvlm2 import build_smolvlm2_checkpoint  # noqa: E402
 
 # The image-encoding cache of this test run: one fresh folder, not the user's store. Tests that
 # compare cold and warm runs give their own folder (VLM_CACHE_DIR) or --no-cache.
@@ -46,7 +45,9 @@ def smolvlm2_gguf(smolvlm2_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
     """The tiny checkpoint converted like ggml-org's files: Q8_0 model + F16 mmproj (.model, .mmproj)."""
     from vlmcli.convert.smolvlm2 import convert_smolvlm2
 
-    return convert_smolvlm2(smolvlm2_checkpoint, tmp_path_factory.mktemp("smolvlm2-gguf"), quant="Q8_0", mmproj_quant="F16")
+    return convert_smolvlm2(
+        smolvlm2_checkpoint, tmp_path_factory.mktemp("smolvlm2-gguf"), quant="Q8_0", mmproj_quant="F16"
+    )
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -33,9 +33,10 @@ import sys
 import time
 import traceback
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent
@@ -44,8 +45,16 @@ ROOT = TESTS_DIR.parent
 # GGUF layout
 
 SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-INT_TYPES = {0: (0, 255), 1: (-128, 127), 2: (0, 65535), 3: (-32768, 32767), 4: (0, 2**32 - 1),
-             5: (-(2**31), 2**31 - 1), 10: (0, 2**64 - 1), 11: (-(2**63), 2**63 - 1)}
+INT_TYPES = {
+    0: (0, 255),
+    1: (-128, 127),
+    2: (0, 65535),
+    3: (-32768, 32767),
+    4: (0, 2**32 - 1),
+    5: (-(2**31), 2**31 - 1),
+    10: (0, 2**64 - 1),
+    11: (-(2**63), 2**63 - 1),
+}
 FLOAT_TYPES = {6, 12}
 BOOL, STRING, ARRAY = 7, 8, 9
 
@@ -84,7 +93,7 @@ class Layout:
 
     @property
     def data(self) -> bytes:
-        return self.raw[self.data_start:]
+        return self.raw[self.data_start :]
 
     def kv(self, key: str) -> KV | None:
         return next((k for k in self.kvs if k.key == key), None)
@@ -102,7 +111,7 @@ def parse_gguf(raw: bytes) -> Layout:
     def string() -> str:
         nonlocal pos
         n = take("<Q")
-        s = raw[pos:pos + n].decode("utf-8", errors="replace")
+        s = raw[pos : pos + n].decode("utf-8", errors="replace")
         pos += n
         return s
 
@@ -173,7 +182,7 @@ def rebuild(layout: Layout, header: bytes) -> bytes:
 
 
 def splice(layout: Layout, start: int, end: int, new: bytes, kv_delta: int = 0) -> bytes:
-    header = layout.raw[:start] + new + layout.raw[end:layout.infos_end]
+    header = layout.raw[:start] + new + layout.raw[end : layout.infos_end]
     if kv_delta:
         n_kv = struct.unpack_from("<Q", header, 16)[0] + kv_delta
         header = header[:16] + struct.pack("<Q", n_kv) + header[24:]
@@ -185,13 +194,54 @@ def splice(layout: Layout, start: int, end: int, new: bytes, kv_delta: int = 0) 
 
 
 def hostile_ints(orig: int, lo: int, hi: int) -> list[int]:
-    cands = [0, 1, 2, 3, 5, 7, 8, 16, 100, 1000, 4096, 65535, 65536, 2**31 - 1, 2**31, 2**32 - 1, 2**63 - 1,
-             -1, -2, -(2**31), orig - 1, orig + 1, orig * 2, orig // 2, orig * 1000, orig + 3]
+    cands = [
+        0,
+        1,
+        2,
+        3,
+        5,
+        7,
+        8,
+        16,
+        100,
+        1000,
+        4096,
+        65535,
+        65536,
+        2**31 - 1,
+        2**31,
+        2**32 - 1,
+        2**63 - 1,
+        -1,
+        -2,
+        -(2**31),
+        orig - 1,
+        orig + 1,
+        orig * 2,
+        orig // 2,
+        orig * 1000,
+        orig + 3,
+    ]
     return sorted({c for c in cands if lo <= c <= hi and c != orig})
 
 
 def hostile_floats(orig: float) -> list[float]:
-    return [0.0, -0.0, -1.0, math.nan, math.inf, -math.inf, 1e-45, 1e-12, 1e30, 3.4e38, orig * 10, orig / 10, -orig, 1.0]
+    return [
+        0.0,
+        -0.0,
+        -1.0,
+        math.nan,
+        math.inf,
+        -math.inf,
+        1e-45,
+        1e-12,
+        1e30,
+        3.4e38,
+        orig * 10,
+        orig / 10,
+        -orig,
+        1.0,
+    ]
 
 
 def _float_ok(vtype: int, v: float) -> bool:
@@ -237,12 +287,30 @@ def _encode_string_array(items: list[bytes]) -> bytes:
     return struct.pack("<IIQ", ARRAY, STRING, len(items)) + b"".join(struct.pack("<Q", len(b)) + b for b in items)
 
 
-HOSTILE_STRINGS = ["", " ", "idefics3", "llama", "gpt2", "\x00", "{% if %}", "{{ messages[0]['content'][5] }}",
-                   "<__media__>", "x" * 300, "\udcff", "clip", "mlp", "none"]
+HOSTILE_STRINGS = [
+    "",
+    " ",
+    "idefics3",
+    "llama",
+    "gpt2",
+    "\x00",
+    "{% if %}",
+    "{{ messages[0]['content'][5] }}",
+    "<__media__>",
+    "x" * 300,
+    "\udcff",
+    "clip",
+    "mlp",
+    "none",
+]
 
 
 def mutate_string_kv(layout: Layout, kv: KV, rng: random.Random, kind: str) -> Mutation:
-    op = rng.choice(["value", "value", "edit", "retype", "delete"] if kv.vtype == STRING else ["item", "item", "dup", "cut", "delete"])
+    op = rng.choice(
+        ["value", "value", "edit", "retype", "delete"]
+        if kv.vtype == STRING
+        else ["item", "item", "dup", "cut", "delete"]
+    )
     if op == "delete":
         return Mutation(kind, kv.key, op, "removed", splice(layout, kv.start, kv.end, b"", kv_delta=-1))
     if kv.vtype == STRING:
@@ -251,10 +319,14 @@ def mutate_string_kv(layout: Layout, kv: KV, rng: random.Random, kind: str) -> M
             new = rng.choice(HOSTILE_STRINGS)
         elif op == "edit":  # a character inserted, removed or changed
             i = rng.randint(0, len(text))
-            new = text[:i] + rng.choice(["{", "}", "%", "'", "", "\n", "\x00"]) + text[i + rng.choice([0, 1]):]
+            new = text[:i] + rng.choice(["{", "}", "%", "'", "", "\n", "\x00"]) + text[i + rng.choice([0, 1]) :]
         else:
-            return Mutation(kind, kv.key, op, "string -> uint32", splice(layout, kv.type_at, kv.end, _encode_value(4, len(text))))
-        return Mutation(kind, kv.key, op, f"= {new[:40]!r}", splice(layout, kv.type_at, kv.end, _encode_value(STRING, new)))
+            return Mutation(
+                kind, kv.key, op, "string -> uint32", splice(layout, kv.type_at, kv.end, _encode_value(4, len(text)))
+            )
+        return Mutation(
+            kind, kv.key, op, f"= {new[:40]!r}", splice(layout, kv.type_at, kv.end, _encode_value(STRING, new))
+        )
     items = string_items(layout, kv)
     if op == "cut":
         n = rng.choice([0, 1, len(items) // 2, max(0, len(items) - 1)])
@@ -265,7 +337,7 @@ def mutate_string_kv(layout: Layout, kv: KV, rng: random.Random, kind: str) -> M
     else:
         i = rng.randrange(len(items)) if items else 0
         new = rng.choice([b"", b" ", b"\xff\xfe", b"a b c", b"x" * 1000, b"<image>"])
-        items = items[:i] + [new] + items[i + 1:]
+        items = items[:i] + [new] + items[i + 1 :]
         detail = f"[{i}] = {new[:20]!r}"
     return Mutation(kind, kv.key, op, detail, splice(layout, kv.type_at, kv.end, _encode_string_array(items)))
 
@@ -282,23 +354,45 @@ def mutate_kv(layout: Layout, kv: KV, rng: random.Random, kind: str) -> Mutation
         values = list(kv.value)
         if op == "cut":
             n = rng.choice([0, 1, max(0, len(values) - 1), len(values) // 2])
-            return Mutation(kind, kv.key, op, f"{len(values)} -> {n} items",
-                            splice(layout, kv.type_at, kv.end, _encode_array(kv.itype, values[:n])))
+            return Mutation(
+                kind,
+                kv.key,
+                op,
+                f"{len(values)} -> {n} items",
+                splice(layout, kv.type_at, kv.end, _encode_array(kv.itype, values[:n])),
+            )
         if op == "retype":
             new_itype = rng.choice([t for t in (4, 5, 6, 0, 12) if t != kv.itype])
             conv = [(_to_type(new_itype, v)) for v in values]
-            return Mutation(kind, kv.key, op, f"items {kv.itype} -> {new_itype}",
-                            splice(layout, kv.type_at, kv.end, _encode_array(new_itype, conv)))
+            return Mutation(
+                kind,
+                kv.key,
+                op,
+                f"items {kv.itype} -> {new_itype}",
+                splice(layout, kv.type_at, kv.end, _encode_array(new_itype, conv)),
+            )
         if not values:
             return Mutation(kind, kv.key, "cut", "empty stays empty", layout.raw)
         i = rng.randrange(len(values))
         values[i] = _hostile(kv.itype, values[i], rng)
-        return Mutation(kind, kv.key, op, f"[{i}] = {values[i]!r}", splice(layout, kv.type_at, kv.end, _encode_array(kv.itype, values)))
+        return Mutation(
+            kind,
+            kv.key,
+            op,
+            f"[{i}] = {values[i]!r}",
+            splice(layout, kv.type_at, kv.end, _encode_array(kv.itype, values)),
+        )
     if op == "retype":
         choices = [t for t in (0, 1, 4, 5, 6, 7, 10, 11, 12) if t != kv.vtype]
         new = rng.choice(choices)
         v = _to_type(new, kv.value)
-        return Mutation(kind, kv.key, op, f"type {kv.vtype} -> {new} ({v!r})", splice(layout, kv.type_at, kv.end, _encode_value(new, v)))
+        return Mutation(
+            kind,
+            kv.key,
+            op,
+            f"type {kv.vtype} -> {new} ({v!r})",
+            splice(layout, kv.type_at, kv.end, _encode_value(new, v)),
+        )
     v = _hostile(kv.vtype, kv.value, rng)
     return Mutation(kind, kv.key, op, f"= {v!r}", splice(layout, kv.type_at, kv.end, _encode_value(kv.vtype, v)))
 
@@ -344,12 +438,15 @@ def mutate_tensor(layout: Layout, t: TensorInfo, rng: random.Random, kind: str) 
     else:
         offset = rng.choice([offset + layout.alignment, max(0, offset - layout.alignment), offset + 1, 2**40, 0])
         detail = f"offset {t.offset} -> {offset}"
-    new = struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", ttype, offset)
+    new = (
+        struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", ttype, offset)
+    )
     return Mutation(kind, t.name, op, detail, splice(layout, t.dims_at, t.end, new))
 
 
-def metadata_mutations(layout: Layout, kind: str, rng: random.Random, per_key: int = 1,
-                       keys: list[str] | None = None) -> Iterator[Mutation]:
+def metadata_mutations(
+    layout: Layout, kind: str, rng: random.Random, per_key: int = 1, keys: list[str] | None = None
+) -> Iterator[Mutation]:
     """`per_key` mutations of every numeric key (or of `keys`)."""
     for kv in numeric_keys(layout):
         if keys is not None and kv.key not in keys:
@@ -367,7 +464,9 @@ def set_value(layout: Layout, key: str, value: Any, kind: str) -> Mutation:
     """One key set to a given value of its own type (the named cases of the issue)."""
     kv = layout.kv(key)
     assert kv is not None, key
-    return Mutation(kind, key, "value", f"= {value!r}", splice(layout, kv.type_at, kv.end, _encode_value(kv.vtype, value)))
+    return Mutation(
+        kind, key, "value", f"= {value!r}", splice(layout, kv.type_at, kv.end, _encode_value(kv.vtype, value))
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,8 +489,19 @@ def _png(width: int, height: int, idat: bytes, color_type: int = 2) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-EXTREME_SHAPES = [(1, 20000), (20000, 1), (1, 1), (2, 9000), (9000, 2), (3, 3000), (1, 2049), (2049, 1), (1, 4097),
-                  (5000, 5000), (640, 1)]
+EXTREME_SHAPES = [
+    (1, 20000),
+    (20000, 1),
+    (1, 1),
+    (2, 9000),
+    (9000, 2),
+    (3, 3000),
+    (1, 2049),
+    (2049, 1),
+    (1, 4097),
+    (5000, 5000),
+    (640, 1),
+]
 
 
 def image_mutations(seeds: list[bytes], rng: random.Random, n: int) -> Iterator[tuple[str, bytes]]:
@@ -409,9 +519,14 @@ def image_mutations(seeds: list[bytes], rng: random.Random, n: int) -> Iterator[
             yield f"{i}: cut", base[: rng.randrange(1, len(base))]
         elif op == "splice":
             j = rng.randrange(len(base))
-            yield f"{i}: splice", base[:j] + bytes(rng.randrange(256) for _ in range(rng.choice([1, 16, 256]))) + base[j:]
+            yield (
+                f"{i}: splice",
+                base[:j] + bytes(rng.randrange(256) for _ in range(rng.choice([1, 16, 256]))) + base[j:],
+            )
         elif op == "png_size":
-            w, h = rng.choice([(0, 10), (10, 0), (2**31 - 1, 1), (1, 2**31 - 1), (65535, 65535), (100000, 100000), (7, 5)])
+            w, h = rng.choice(
+                [(0, 10), (10, 0), (2**31 - 1, 1), (1, 2**31 - 1), (65535, 65535), (100000, 100000), (7, 5)]
+            )
             idat = zlib.compress(b"\0" * 64)
             yield f"{i}: png header {w}x{h}", _png(w, h, idat)
         else:
@@ -422,10 +537,42 @@ def image_mutations(seeds: list[bytes], rng: random.Random, n: int) -> Iterator[
 # --------------------------------------------------------------------------------------------------
 # Texts
 
-TEXT_PIECES = ["a", "cat", " ", "\u00a0", "\t", "\n", "\x00", "\x1b[31m", "&amp;", "&#9731;", "<|endoftext|>",
-               "<|startoftext|>", "<image>", "<__media__>", "<end_of_utterance>", "<fake_token_around_image>",
-               "<row_1_col_1>", "<global-img>", "\ufeff", "\u200b", "😂", "的", "ﬁ", "'s", "'ll", "1", "١", "é",
-               "e\u0301", "{{", "{%", "\U0010ffff", "\x85", "\u2028"]
+TEXT_PIECES = [
+    "a",
+    "cat",
+    " ",
+    "\u00a0",
+    "\t",
+    "\n",
+    "\x00",
+    "\x1b[31m",
+    "&amp;",
+    "&#9731;",
+    "<|endoftext|>",
+    "<|startoftext|>",
+    "<image>",
+    "<__media__>",
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<row_1_col_1>",
+    "<global-img>",
+    "\ufeff",
+    "\u200b",
+    "😂",
+    "的",
+    "ﬁ",
+    "'s",
+    "'ll",
+    "1",
+    "١",
+    "é",
+    "e\u0301",
+    "{{",
+    "{%",
+    "\U0010ffff",
+    "\x85",
+    "\u2028",
+]
 SURROGATES = ["\ud800", "\udfff", "\udc80"]  # what invalid UTF-8 in an argument becomes (surrogateescape)
 
 
@@ -445,8 +592,19 @@ def text_mutations(rng: random.Random, n: int) -> Iterator[str]:
         elif op == "repeat":
             yield rng.choice(TEXT_PIECES) * rng.choice([10, 1000, 20000])
         else:
-            yield "".join(chr(rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0x80, 0x3000), rng.randrange(0xE000, 0x10000),
-                                          rng.randrange(0x10000, 0x10FFFF)])) for _ in range(rng.randint(1, 200)))
+            yield "".join(
+                chr(
+                    rng.choice(
+                        [
+                            rng.randrange(0x20, 0x7F),
+                            rng.randrange(0x80, 0x3000),
+                            rng.randrange(0xE000, 0x10000),
+                            rng.randrange(0x10000, 0x10FFFF),
+                        ]
+                    )
+                )
+                for _ in range(rng.randint(1, 200))
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -484,8 +642,15 @@ class Models:
 DEFAULT_RLIMIT_AS = int(float(os.environ.get("VLM_FUZZ_RLIMIT_GB", "4")) * 2**30)
 
 
-def run_jobs(jobs: list[Job], models: Models, *, rlimit_as: int = DEFAULT_RLIMIT_AS, job_timeout: float = 120.0,
-             batch: int = 1000, env: dict[str, str] | None = None) -> tuple[list[Result], dict[str, Any]]:
+def run_jobs(
+    jobs: list[Job],
+    models: Models,
+    *,
+    rlimit_as: int = DEFAULT_RLIMIT_AS,
+    job_timeout: float = 120.0,
+    batch: int = 1000,
+    env: dict[str, str] | None = None,
+) -> tuple[list[Result], dict[str, Any]]:
     """Run the jobs in child processes (a new one after a crash or every `batch` jobs); one Result per job.
 
     Returns the results in job order and stats: children started, peak RSS of any child (KB)."""
@@ -502,7 +667,7 @@ def run_jobs(jobs: list[Job], models: Models, *, rlimit_as: int = DEFAULT_RLIMIT
         if crashed_at is not None:
             i = chunk[crashed_at]
             results[i] = Result(jobs[i], "crashed", stderr[-2000:])
-            todo = chunk[crashed_at + 1:] + todo
+            todo = chunk[crashed_at + 1 :] + todo
         else:
             missing = [k for k in range(len(chunk)) if k not in done]
             for k in missing:  # the child ended early without a crash mark: count as crashed
@@ -510,8 +675,9 @@ def run_jobs(jobs: list[Job], models: Models, *, rlimit_as: int = DEFAULT_RLIMIT
     return [results[i] for i in range(len(jobs))], stats
 
 
-def _run_child(jobs: list[Job], models: Models, rlimit_as: int, job_timeout: float, extra_env: dict[str, str]
-               ) -> tuple[dict[int, Result], int | None, int, str]:
+def _run_child(
+    jobs: list[Job], models: Models, rlimit_as: int, job_timeout: float, extra_env: dict[str, str]
+) -> tuple[dict[int, Result], int | None, int, str]:
     payload = json.dumps({"jobs": [asdict(j) for j in jobs], "models": asdict(models)})
     r_fd, w_fd = os.pipe()
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "0", **extra_env}
@@ -521,8 +687,16 @@ def _run_child(jobs: list[Job], models: Models, rlimit_as: int, job_timeout: flo
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
     code = f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); import fuzzing; fuzzing.child_main({w_fd})"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, pass_fds=(w_fd,), preexec_fn=limit, env=env, cwd=str(TESTS_DIR))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        pass_fds=(w_fd,),
+        preexec_fn=limit,
+        env=env,
+        cwd=str(TESTS_DIR),
+    )
     os.close(w_fd)
     assert proc.stdin is not None and proc.stderr is not None
     proc.stdin.write(payload.encode("utf-8", errors="surrogatepass"))

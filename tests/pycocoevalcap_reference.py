@@ -65,8 +65,13 @@ def run(tokenize: list[str] | None = None, score: tuple[list[str], list[list[str
         pytest.skip("pycocoevalcap is not installed (set VLM_PYCOCOEVALCAP_PYTHON to a Python that has it)")
     if tokenize is not None and shutil.which("java") is None:
         pytest.skip("the PTB tokenizer needs java")
-    r = subprocess.run([py, "-c", _SCRIPT], input=json.dumps({"tokenize": tokenize, "score": score}),
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [py, "-c", _SCRIPT],
+        input=json.dumps({"tokenize": tokenize, "score": score}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"pycocoevalcap failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout)

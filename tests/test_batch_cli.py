@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from photo_fixtures import photos, write_photo  # noqa: F401  (photos: a fixture)
 
 from vlmcli.cli import main
@@ -28,7 +27,9 @@ def model_args(smolvlm2_gguf) -> list[str]:
     return ["-m", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "--threads", "1", "-n", MAX_TOKENS]
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, stdin: bytes | None = None) -> tuple[int, str, str]:
+def run_cli(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, stdin: bytes | None = None
+) -> tuple[int, str, str]:
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
     with pytest.raises(SystemExit) as e:
@@ -55,7 +56,9 @@ def test_caption_folder_jsonl_to_stdout_with_a_corrupt_file(photos, model_args, 
     assert "3 done, 0 skipped, 1 failed" in err and "images/s" in err
 
 
-def test_single_image_prints_just_the_caption_and_batch_gives_the_same_text(photos, model_args, capsys, monkeypatch) -> None:
+def test_single_image_prints_just_the_caption_and_batch_gives_the_same_text(
+    photos, model_args, capsys, monkeypatch
+) -> None:
     code, out, err = run_cli(["caption", str(photos / "a.jpg"), *model_args], capsys, monkeypatch)
     assert code == 0 and out.count("\n") == 1 and "\t" not in out and "done" not in err
     code, out2, _ = run_cli(["caption", str(photos / "**" / "*.jpg"), *model_args], capsys, monkeypatch)
@@ -70,22 +73,32 @@ def test_single_bad_image_is_a_plain_error(photos, model_args, capsys, monkeypat
 
 
 def test_several_named_files_give_path_tab_caption(photos, model_args, capsys, monkeypatch) -> None:
-    code, out, _ = run_cli(["caption", str(photos / "a.jpg"), str(photos / "b b.png"), *model_args], capsys, monkeypatch)
+    code, out, _ = run_cli(
+        ["caption", str(photos / "a.jpg"), str(photos / "b b.png"), *model_args], capsys, monkeypatch
+    )
     lines = out.splitlines()
     assert code == 0 and [ln.split("\t")[0] for ln in lines] == [str(photos / "a.jpg"), str(photos / "b b.png")]
 
 
 def test_stdin_nul_separated_names_with_spaces_and_newlines(tmp_path, model_args, capsys, monkeypatch) -> None:
-    names = [write_photo(tmp_path / "x y.jpg", 4), write_photo(tmp_path / "line\nbreak.png", 5), write_photo(tmp_path / "plain.jpg", 6)]
+    names = [
+        write_photo(tmp_path / "x y.jpg", 4),
+        write_photo(tmp_path / "line\nbreak.png", 5),
+        write_photo(tmp_path / "plain.jpg", 6),
+    ]
     data = b"".join(os.fsencode(p) + b"\0" for p in names)
     code, out, _ = run_cli(["caption", "-", "-0", *model_args], capsys, monkeypatch, stdin=data)
     assert code == 0 and [r["path"] for r in jsonl(out)] == [str(p) for p in names]
     # Newline-separated, and --files-from with an --exclude.
     lst = tmp_path / "list.txt"
     lst.write_text(f"{names[0]}\n{names[2]}\n")
-    code, out, _ = run_cli(["caption", "--files-from", str(lst), "--exclude", "plain*", *model_args], capsys, monkeypatch)
+    code, out, _ = run_cli(
+        ["caption", "--files-from", str(lst), "--exclude", "plain*", *model_args], capsys, monkeypatch
+    )
     assert code == 0 and [r["path"] for r in jsonl(out)] == [str(names[0])]
-    code, out, _ = run_cli(["caption", "-", *model_args], capsys, monkeypatch, stdin=f"{names[2]}\n{names[0]}\n".encode())
+    code, out, _ = run_cli(
+        ["caption", "-", *model_args], capsys, monkeypatch, stdin=f"{names[2]}\n{names[0]}\n".encode()
+    )
     assert [r["path"] for r in jsonl(out)] == [str(names[2]), str(names[0])]
 
 
@@ -100,7 +113,9 @@ def test_csv_out_and_resume(photos, tmp_path, model_args, capsys, monkeypatch) -
     code, _, err = run_cli(["caption", str(photos), "--out", str(out_csv), *model_args], capsys, monkeypatch)
     assert code == 3 and "0 done, 3 skipped, 1 failed" in err
     # Another prompt is other task inputs: nothing is skipped.
-    code, _, err = run_cli(["caption", str(photos), "--out", str(out_csv), "-p", "Tags?", *model_args], capsys, monkeypatch)
+    code, _, err = run_cli(
+        ["caption", str(photos), "--out", str(out_csv), "-p", "Tags?", *model_args], capsys, monkeypatch
+    )
     assert "3 done, 0 skipped, 1 failed" in err
     with open(out_csv, newline="") as f:
         assert len(list(csv.DictReader(f))) == 8
@@ -139,7 +154,9 @@ def test_all_failed_exits_1(tmp_path, model_args, capsys, monkeypatch) -> None:
 
 def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "vlmcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vlmcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
 
 
 def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> int:

@@ -59,7 +59,14 @@ def test_classify_folder_csv_resume_and_exit_codes(folder: Path, tmp_path: Path,
     recs = jsonl(r.stdout)
     # Sorted by name at each level, folders in their place among the files ("deep" < "p0.jpg").
     assert [os.path.relpath(x["path"], folder) for x in recs] == [
-        "deep/p1.jpg", "deep/p3.jpg", "deep/p5.jpg", "deep/zz_bad.jpg", "p0.jpg", "p2.jpg", "p4.jpg"]
+        "deep/p1.jpg",
+        "deep/p3.jpg",
+        "deep/p5.jpg",
+        "deep/zz_bad.jpg",
+        "p0.jpg",
+        "p2.jpg",
+        "p4.jpg",
+    ]
     assert all(x["labels"][0]["label"] == x["label"] for x in recs if "error" not in x)
 
 
@@ -102,7 +109,9 @@ def test_embed_killed_mid_run_resumes_with_rows_aligned(tmp_path: Path, clip_ggu
     # Each row is the embedding of its own file: compare a few with a fresh single-image run.
     for x in (good[0], good[len(good) // 2], good[-1]):
         one = jsonl(vlm("embed", x["path"], "--model", str(clip_gguf)).stdout)[0]
-        np.testing.assert_allclose(arr[x["row"]], one["embedding"], rtol=0, atol=0.5e-7 + 2**-24)  # JSON keeps 7 decimals; float32 read back
+        np.testing.assert_allclose(
+            arr[x["row"]], one["embedding"], rtol=0, atol=0.5e-7 + 2**-24
+        )  # JSON keeps 7 decimals; float32 read back
 
 
 def test_embed_images_and_texts_resume_without_duplicates(folder: Path, tmp_path: Path, clip_gguf: Path) -> None:

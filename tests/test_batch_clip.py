@@ -107,7 +107,9 @@ def test_classify_records_match_the_engine(model, images, tmp_path: Path) -> Non
             probs = label_probabilities(expected[rec["path"]][None], labels)[0]
             best = np.argsort(-probs, kind="stable")[:2]
             assert [x["label"] for x in rec["labels"]] == [names[j] for j in best]
-            np.testing.assert_allclose([x["score"] for x in rec["labels"]], probs[best], rtol=1e-12, atol=0)  # float64 softmax
+            np.testing.assert_allclose(
+                [x["score"] for x in rec["labels"]], probs[best], rtol=1e-12, atol=0
+            )  # float64 softmax
             assert rec["label"] == names[best[0]] and rec["candidates"] == names
         else:
             assert "error" in rec and "labels" not in rec

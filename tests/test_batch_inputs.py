@@ -44,7 +44,12 @@ def _rel(paths: list[str], root: Path) -> list[str]:
 def test_folder_is_recursive_sorted_images_only_and_skips_hidden(tree: Path) -> None:
     exp = expand_inputs(InputSpec([str(tree)]))
     assert _rel(exp.paths, tree) == [
-        "a.png", "b.jpg", "broken.jpg", "no_extension", "sub/c.jpg", "sub/deeper/d.webp",
+        "a.png",
+        "b.jpg",
+        "broken.jpg",
+        "no_extension",
+        "sub/c.jpg",
+        "sub/deeper/d.webp",
     ]
     assert exp.batch_like
 
@@ -117,7 +122,11 @@ def test_stdin_newline_list(tree: Path) -> None:
 
 
 def test_stdin_nul_list_with_spaces_and_newlines_in_names(tmp_path: Path) -> None:
-    weird = [_img(tmp_path / "with space.jpg"), _img(tmp_path / "new\nline.jpg"), _img(tmp_path / "tab\tand ü.png", "PNG")]
+    weird = [
+        _img(tmp_path / "with space.jpg"),
+        _img(tmp_path / "new\nline.jpg"),
+        _img(tmp_path / "tab\tand ü.png", "PNG"),
+    ]
     data = b"\0".join(os.fsencode(p) for p in weird) + b"\0"
     exp = expand_inputs(InputSpec(["-"], null_separated=True), stdin=io.BytesIO(data))
     assert exp.paths == [str(p) for p in weird]

@@ -88,7 +88,13 @@ def test_records_in_input_order_with_errors_and_exit_code(folder: Path, tmp_path
     recs = read_jsonl(out)
     assert [r["path"] for r in recs] == paths  # one record per image, input order
     bad = {Path(r["path"]).name: r["error"] for r in recs if "error" in r}
-    assert set(bad) == {"bad0_corrupt.jpg", "bad1_truncated.jpg", "bad2_unsupported.heic", "bad3_huge.png", "bad4_dangling.png"}
+    assert set(bad) == {
+        "bad0_corrupt.jpg",
+        "bad1_truncated.jpg",
+        "bad2_unsupported.heic",
+        "bad3_huge.png",
+        "bad4_dangling.png",
+    }
     assert "pixel limit" in bad["bad3_huge.png"]
     assert "no such file" in bad["bad4_dangling.png"]
     good = [r for r in recs if "error" not in r]
@@ -332,9 +338,17 @@ def test_plain_progress_lines_and_summary_when_stderr_is_not_a_terminal(folder: 
     out, err = capsys.readouterr()
     assert out == ""  # stdout stays for results
     lines = err.splitlines()
-    assert any(line.startswith("meancolour: ") and f"/{len(paths)} images" in line and "images/s" in line for line in lines)
+    assert any(
+        line.startswith("meancolour: ") and f"/{len(paths)} images" in line and "images/s" in line for line in lines
+    )
     assert lines[-1].startswith("meancolour: 8 done, 0 skipped, 5 failed,") and "elapsed" in lines[-1]
     # --quiet: failures only.
-    run_batch(MeanColour(), paths, JsonlSink(tmp_path / "q.jsonl"), BatchOptions(handle_sigint=False), BatchProgress(quiet=True))
+    run_batch(
+        MeanColour(),
+        paths,
+        JsonlSink(tmp_path / "q.jsonl"),
+        BatchOptions(handle_sigint=False),
+        BatchProgress(quiet=True),
+    )
     err = capsys.readouterr().err
     assert all(line.startswith("vlm: error: ") for line in err.splitlines()) and err.count("\n") == 5

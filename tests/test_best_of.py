@@ -25,7 +25,9 @@ LOGPROB_ATOL = 1e-3
 
 @pytest.fixture(scope="module")
 def engine(smolvlm2_gguf):
-    with VlmEngine(smolvlm2_gguf.model, smolvlm2_gguf.mmproj, EngineOptions(n_seq_max=4, detail="low", n_threads=2)) as e:
+    with VlmEngine(
+        smolvlm2_gguf.model, smolvlm2_gguf.mmproj, EngineOptions(n_seq_max=4, detail="low", n_threads=2)
+    ) as e:
         yield e
 
 
@@ -73,8 +75,13 @@ def _candidate(text: str, mean: float) -> Candidate:
 
 
 def test_vote_counts_normalised_answers_and_breaks_ties_by_logprob() -> None:
-    cands = [_candidate("Two.", -3.0), _candidate("a cat", -0.5), _candidate("2", -2.0), _candidate("two", -2.5),
-             _candidate("The cat", -0.1)]
+    cands = [
+        _candidate("Two.", -3.0),
+        _candidate("a cat", -0.5),
+        _candidate("2", -2.0),
+        _candidate("two", -2.5),
+        _candidate("The cat", -0.1),
+    ]
     choice = best_of.by_vote(cands)
     assert choice.scores == [3.0, 2.0, 3.0, 3.0, 2.0]  # "Two." = "2" = "two"; "a cat" = "The cat"
     assert choice.index == 2  # the likeliest of the largest group
@@ -93,19 +100,35 @@ def model_args(smolvlm2_gguf) -> list[str]:
 
 def test_best_of_one_is_the_plain_answer(model_args, tmp_path: Path) -> None:
     plain = json.loads(vlm("ask", str(SAMPLE), "What is it?", *model_args, "--json", home=tmp_path).stdout)
-    one = json.loads(vlm("ask", str(SAMPLE), "What is it?", *model_args, "--json", "--best-of", "1", home=tmp_path).stdout)
+    one = json.loads(
+        vlm("ask", str(SAMPLE), "What is it?", *model_args, "--json", "--best-of", "1", home=tmp_path).stdout
+    )
     assert one["answers"] == plain["answers"] and one["options"] == plain["options"]
     assert "candidates" not in one["answers"][0]
 
 
 @pytest.mark.parametrize("select", ["logprob", "vote"])
 def test_records_carry_every_candidate_and_the_best_is_chosen(model_args, tmp_path: Path, select: str) -> None:
-    r = vlm("ask", str(SAMPLE), "What is it?", *model_args, "--json", "--best-of", "3", "--select", select, "--seed", "2",
-            home=tmp_path)
+    r = vlm(
+        "ask",
+        str(SAMPLE),
+        "What is it?",
+        *model_args,
+        "--json",
+        "--best-of",
+        "3",
+        "--select",
+        select,
+        "--seed",
+        "2",
+        home=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     (a,) = rec["answers"]
-    assert rec["options"]["best_of"] == 3 and rec["options"]["select"] == select and rec["options"]["temperature"] == 0.7
+    assert (
+        rec["options"]["best_of"] == 3 and rec["options"]["select"] == select and rec["options"]["temperature"] == 0.7
+    )
     assert a["select"] == select and len(a["candidates"]) == 3
     scores = [c["score"] for c in a["candidates"]]
     best = max(scores)
@@ -115,15 +138,38 @@ def test_records_carry_every_candidate_and_the_best_is_chosen(model_args, tmp_pa
     ties = [i for i, s in enumerate(scores) if s == best]
     assert a["candidates"][a["chosen"]]["mean_logprob"] == max(a["candidates"][i]["mean_logprob"] for i in ties)
     # Text output: the chosen answer; -v lists them all on stderr.
-    t = vlm("ask", str(SAMPLE), "What is it?", *model_args, "--best-of", "3", "--select", select, "--seed", "2", "-v",
-            home=tmp_path)
+    t = vlm(
+        "ask",
+        str(SAMPLE),
+        "What is it?",
+        *model_args,
+        "--best-of",
+        "3",
+        "--select",
+        select,
+        "--seed",
+        "2",
+        "-v",
+        home=tmp_path,
+    )
     assert t.stdout == a["answer"] + "\n"
     assert all(c["text"] in t.stderr for c in a["candidates"])
 
 
 def test_clip_rerank_picks_the_most_similar_caption(model_args, clip_gguf: Path, tmp_path: Path) -> None:
-    r = vlm("caption", str(SAMPLE), *model_args, "--json", "--best-of", "3", "--select", "clip", "--clip-model",
-            str(clip_gguf), home=tmp_path)
+    r = vlm(
+        "caption",
+        str(SAMPLE),
+        *model_args,
+        "--json",
+        "--best-of",
+        "3",
+        "--select",
+        "clip",
+        "--clip-model",
+        str(clip_gguf),
+        home=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     texts = [c["text"] for c in rec["candidates"]]

@@ -43,20 +43,38 @@ def bare_env(**extra: str) -> dict[str, str]:
 
 
 def compile_c(source: Path, out: Path, lib_dir: Path) -> Path:
-    cmd = [CC, "-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-O1", str(source), f"-I{lib_dir}", f"-L{lib_dir}",
-           "-lvlm", "-pthread", "-o", str(out)]
+    cmd = [
+        CC,
+        "-std=c11",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-g",
+        "-O1",
+        str(source),
+        f"-I{lib_dir}",
+        f"-L{lib_dir}",
+        "-lvlm",
+        "-pthread",
+        "-o",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
     return out
 
 
-def run(cmd: list[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env or bare_env(), timeout=timeout)
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "vlmcli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmcli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -71,8 +89,9 @@ def capi_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if CC is None:
         pytest.skip("no C compiler")
     out = tmp_path_factory.mktemp("libvlm") / "lib"
-    proc = subprocess.run([sys.executable, "-m", "vlmcli", "lib", "build", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmcli", "lib", "build", "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -128,8 +147,19 @@ def test_build_writes_header_and_library(capi_lib: Path) -> None:
     assert lib.is_file()
     if sys.platform.startswith("linux") and shutil.which("nm"):
         symbols = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
-        for name in ("vlm_open", "vlm_close", "vlm_ask", "vlm_ask_stream", "vlm_caption", "vlm_embed_images",
-                     "vlm_embed_texts", "vlm_classify", "vlm_last_error", "vlm_version", "vlm_abi_version"):
+        for name in (
+            "vlm_open",
+            "vlm_close",
+            "vlm_ask",
+            "vlm_ask_stream",
+            "vlm_caption",
+            "vlm_embed_images",
+            "vlm_embed_texts",
+            "vlm_classify",
+            "vlm_last_error",
+            "vlm_version",
+            "vlm_abi_version",
+        ):
             assert re.search(rf" T {name}$", symbols, re.M), name
         # glue helpers stay private
         assert " T vlm__" not in symbols
@@ -144,8 +174,9 @@ def test_c_example_ask_equals_cli(c_example: Path, vlm_model: Path, tmp_path: Pa
     c = run([str(c_example), "ask", "-n", MAX_TOKENS, str(vlm_model), str(CAT), prompt], tmp_path)
     assert c.returncode == 0, c.stderr
     # -ngl 0: the C library's zeroed options run on the CPU, the CLI's default offloads when it can
-    expected = json.loads(cli("ask", str(CAT), prompt, "-m", str(vlm_model), "-n", MAX_TOKENS, "--json", "-ngl", "0",
-                              cwd=tmp_path).stdout)
+    expected = json.loads(
+        cli("ask", str(CAT), prompt, "-m", str(vlm_model), "-n", MAX_TOKENS, "--json", "-ngl", "0", cwd=tmp_path).stdout
+    )
     answer = expected["answers"][0]["answer"]
     assert answer
     assert c.stdout == answer + "\n"
@@ -154,8 +185,25 @@ def test_c_example_ask_equals_cli(c_example: Path, vlm_model: Path, tmp_path: Pa
     sampled = ["-n", MAX_TOKENS, "-t", "0.9", "-s", "7"]
     c_sampled = run([str(c_example), "stream", *sampled, str(vlm_model.parent), str(CAT), prompt], tmp_path)
     assert c_sampled.returncode == 0, c_sampled.stderr
-    cli_sampled = json.loads(cli("ask", str(CAT), prompt, "-m", str(vlm_model), "-n", MAX_TOKENS, "--temperature", "0.9",
-                                 "--seed", "7", "--json", "-ngl", "0", cwd=tmp_path).stdout)
+    cli_sampled = json.loads(
+        cli(
+            "ask",
+            str(CAT),
+            prompt,
+            "-m",
+            str(vlm_model),
+            "-n",
+            MAX_TOKENS,
+            "--temperature",
+            "0.9",
+            "--seed",
+            "7",
+            "--json",
+            "-ngl",
+            "0",
+            cwd=tmp_path,
+        ).stdout
+    )
     assert c_sampled.stdout == cli_sampled["answers"][0]["answer"] + "\n"
 
 
@@ -171,8 +219,20 @@ def test_c_example_embed_equals_cli(c_example: Path, clip_gguf: Path, small_png,
     c = run([str(c_example), "embed", str(clip_gguf), str(CAT), str(png), "--", *texts], tmp_path)
     assert c.returncode == 0, c.stderr
     got = _parse_vectors(c.stdout)
-    records = [json.loads(line) for line in cli("embed", str(CAT), str(png), *sum((["--text", t] for t in texts), []),
-                                                 "-m", str(clip_gguf), "-ngl", "0", cwd=tmp_path).stdout.splitlines()]
+    records = [
+        json.loads(line)
+        for line in cli(
+            "embed",
+            str(CAT),
+            str(png),
+            *sum((["--text", t] for t in texts), []),
+            "-m",
+            str(clip_gguf),
+            "-ngl",
+            "0",
+            cwd=tmp_path,
+        ).stdout.splitlines()
+    ]
     assert len(records) == 4
     for r in records:
         vec = got[f"{r['kind']} {r['input']}"]
@@ -205,12 +265,29 @@ def corrupt_models(tmp_path_factory: pytest.TempPathFactory, vlm_model: Path) ->
 
 
 @needs_cc
-def test_error_paths_and_buffers(c_harness: Path, vlm_model: Path, smolvlm2_gguf, clip_gguf: Path, small_png,
-                                 corrupt_models, tmp_path: Path) -> None:
+def test_error_paths_and_buffers(
+    c_harness: Path, vlm_model: Path, smolvlm2_gguf, clip_gguf: Path, small_png, corrupt_models, tmp_path: Path
+) -> None:
     png, raw, w, h = small_png
     garbage, truncated = corrupt_models
-    r = _report(run([str(c_harness), "errors", str(vlm_model), str(clip_gguf), str(png), str(raw), str(w), str(h),
-                     str(garbage), str(truncated), str(smolvlm2_gguf.mmproj)], tmp_path))
+    r = _report(
+        run(
+            [
+                str(c_harness),
+                "errors",
+                str(vlm_model),
+                str(clip_gguf),
+                str(png),
+                str(raw),
+                str(w),
+                str(h),
+                str(garbage),
+                str(truncated),
+                str(smolvlm2_gguf.mmproj),
+            ],
+            tmp_path,
+        )
+    )
     E = runtime
 
     # Opening: bad path, corrupt files, NULL, wrong ABI, bad options, a projector instead of a model.
@@ -228,8 +305,19 @@ def test_error_paths_and_buffers(c_harness: Path, vlm_model: Path, smolvlm2_gguf
     assert r["kind_clip"] == (E.OK, str(E.KIND_CLIP))
 
     # NULL pointers and bad images are errors with a message.
-    for name in ("ask_null_image", "ask_null_prompt", "stream_null_callback", "ask_null_out_with_size", "ask_image_empty", "ask_rgb_zero_size",
-                 "embed_null_images", "embed_texts_null_entry", "embed_zero_count", "kind_null", "classify_null_labels"):
+    for name in (
+        "ask_null_image",
+        "ask_null_prompt",
+        "stream_null_callback",
+        "ask_null_out_with_size",
+        "ask_image_empty",
+        "ask_rgb_zero_size",
+        "embed_null_images",
+        "embed_texts_null_entry",
+        "embed_zero_count",
+        "kind_null",
+        "classify_null_labels",
+    ):
         assert r[name][0] == E.E_INVALID_ARGUMENT, (name, r[name])
         assert r[name][1], name
     assert r["ask_missing_image"][0] == E.E_IMAGE and "/nonexistent/cat.jpg" in r["ask_missing_image"][1]
@@ -293,19 +381,47 @@ def test_two_threads_two_handles(c_harness: Path, vlm_model: Path, clip_gguf: Pa
 def test_ctypes_script(capi_lib: Path, vlm_model: Path, clip_gguf: Path, small_png, tmp_path: Path) -> None:
     png = small_png[0]
     script = str(EXAMPLES / "vlm_ctypes.py")
-    by_path = subprocess.run([sys.executable, script, str(capi_lib), "ask", str(vlm_model), str(png), "What is it?",
-                              "-n", MAX_TOKENS], capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    by_pixels = subprocess.run([sys.executable, script, str(capi_lib), "ask", str(vlm_model), str(png), "What is it?",
-                                "-n", MAX_TOKENS, "--rgb"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    by_path = subprocess.run(
+        [sys.executable, script, str(capi_lib), "ask", str(vlm_model), str(png), "What is it?", "-n", MAX_TOKENS],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    by_pixels = subprocess.run(
+        [
+            sys.executable,
+            script,
+            str(capi_lib),
+            "ask",
+            str(vlm_model),
+            str(png),
+            "What is it?",
+            "-n",
+            MAX_TOKENS,
+            "--rgb",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert by_path.returncode == 0, by_path.stderr
     assert by_path.stdout.strip() and by_path.stdout == by_pixels.stdout
 
     labels = ["cat", "dog", "car"]
-    proc = subprocess.run([sys.executable, script, str(capi_lib), "classify", str(clip_gguf), str(png), *labels],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, script, str(capi_lib), "classify", str(clip_gguf), str(png), *labels],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     scores = {label: float(s) for s, label in (line.split("\t") for line in proc.stdout.splitlines())}
-    rec = json.loads(cli("classify", str(png), "-m", str(clip_gguf), "-l", ",".join(labels), "--json", cwd=tmp_path).stdout)
+    rec = json.loads(
+        cli("classify", str(png), "-m", str(clip_gguf), "-l", ",".join(labels), "--json", cwd=tmp_path).stdout
+    )
     for item in rec["labels"]:
         assert scores[item["label"]] == pytest.approx(item["score"], rel=1e-5, abs=1e-7)
 
@@ -315,8 +431,12 @@ def test_ctypes_script(capi_lib: Path, vlm_model: Path, clip_gguf: Path, small_p
 def test_rust_example(capi_lib: Path, c_example: Path, vlm_model: Path, small_png, tmp_path: Path) -> None:
     """examples/vlm_example.rs (the README's Rust snippet) links with -lvlm and gives the C answer."""
     exe = tmp_path / "vlm_example_rs"
-    proc = subprocess.run(["rustc", "--edition", "2021", str(EXAMPLES / "vlm_example.rs"), "-L", str(capi_lib),
-                           "-o", str(exe)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["rustc", "--edition", "2021", str(EXAMPLES / "vlm_example.rs"), "-L", str(capi_lib), "-o", str(exe)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     png = str(small_png[0])
     rust = run([str(exe), str(vlm_model), png, "What is it?"], tmp_path)
@@ -346,13 +466,23 @@ def _memcheck(cmd: list[str], tmp_path: Path, timeout: float) -> tuple[subproces
     supp = tmp_path / "vlm.supp"
     supp.write_text(VALGRIND_SUPPRESSIONS)
     log = tmp_path / "memcheck.log"
-    vg = ["valgrind", "--tool=memcheck", "--undef-value-errors=no", "--leak-check=no", "--num-callers=300",
-          f"--suppressions={supp}", f"--log-file={log}"]
+    vg = [
+        "valgrind",
+        "--tool=memcheck",
+        "--undef-value-errors=no",
+        "--leak-check=no",
+        "--num-callers=300",
+        f"--suppressions={supp}",
+        f"--log-file={log}",
+    ]
     proc = run(vg + cmd, tmp_path, timeout=timeout)
     text = log.read_text(errors="replace")
     errors = re.split(r"\n==\d+== \n", text)
-    ours = [e for e in errors if re.search(r"Invalid (read|write)", e)
-            and any(OWN_FRAME.search(line) for line in e.splitlines()[1:5])]
+    ours = [
+        e
+        for e in errors
+        if re.search(r"Invalid (read|write)", e) and any(OWN_FRAME.search(line) for line in e.splitlines()[1:5])
+    ]
     return proc, text, ours
 
 
@@ -366,17 +496,23 @@ def _valgrind_runs_ggml(tmp_path: Path) -> str | None:
         return "no ggml CPU library found to probe"
     probe = tmp_path / "probe.c"
     probe.write_text(
-        '#include <dlfcn.h>\n#include <stdio.h>\n'
-        'int main(int c, char **v) { (void)c; void *h = dlopen(v[1], RTLD_NOW); if (!h) return 2;\n'
+        "#include <dlfcn.h>\n#include <stdio.h>\n"
+        "int main(int c, char **v) { (void)c; void *h = dlopen(v[1], RTLD_NOW); if (!h) return 2;\n"
         '  void *(*init)(void) = (void *(*)(void))dlsym(h, "ggml_backend_cpu_init");\n'
-        '  return init && init() ? 0 : 3; }\n'
+        "  return init && init() ? 0 : 3; }\n"
     )
     subprocess.run([CC, str(probe), "-o", str(tmp_path / "probe"), "-ldl"], check=True, capture_output=True)
-    proc = subprocess.run(["valgrind", "--error-exitcode=0", str(tmp_path / "probe"), str(cpu)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        ["valgrind", "--error-exitcode=0", str(tmp_path / "probe"), str(cpu)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0 or "unhandled instruction" in proc.stderr or "Unrecognised instruction" in proc.stderr:
-        return (f"valgrind cannot execute this llama.cpp build's CPU code ({cpu.name}: e.g. AVX-512 instructions "
-                "valgrind does not decode), so model inference cannot run under memcheck here")
+        return (
+            f"valgrind cannot execute this llama.cpp build's CPU code ({cpu.name}: e.g. AVX-512 instructions "
+            "valgrind does not decode), so model inference cannot run under memcheck here"
+        )
     return None
 
 
@@ -402,7 +538,9 @@ def test_c_example_under_valgrind_full_run(c_example: Path, clip_gguf: Path, sma
     why_not = _valgrind_runs_ggml(tmp_path)
     if why_not:
         pytest.skip(why_not + "; test_c_example_under_address_sanitizer covers the full path instead")
-    proc, log, ours = _memcheck([str(c_example), "embed", str(clip_gguf), str(small_png[0]), "--", "a cat"], tmp_path, 1800)
+    proc, log, ours = _memcheck(
+        [str(c_example), "embed", str(clip_gguf), str(small_png[0]), "--", "a cat"], tmp_path, 1800
+    )
     assert proc.returncode == 0, proc.stderr
     assert not ours, "\n\n".join(ours)
 
@@ -431,14 +569,25 @@ int main(int argc, char **argv)
 
 
 def _asan_build(source: Path, out: Path, lib_dir: Path) -> Path | None:
-    cmd = [CC, "-g", "-fsanitize=address", "-fno-omit-frame-pointer", str(source), f"-I{lib_dir}", f"-L{lib_dir}",
-           "-lvlm", "-o", str(out)]
+    cmd = [
+        CC,
+        "-g",
+        "-fsanitize=address",
+        "-fno-omit-frame-pointer",
+        str(source),
+        f"-I{lib_dir}",
+        f"-L{lib_dir}",
+        "-lvlm",
+        "-o",
+        str(out),
+    ]
     return out if subprocess.run(cmd, capture_output=True).returncode == 0 else None
 
 
 @needs_cc
-def test_c_example_under_address_sanitizer(capi_lib: Path, vlm_model: Path, clip_gguf: Path, small_png,
-                                           tmp_path: Path) -> None:
+def test_c_example_under_address_sanitizer(
+    capi_lib: Path, vlm_model: Path, clip_gguf: Path, small_png, tmp_path: Path
+) -> None:
     """The C example built with AddressSanitizer runs the whole path (model inference included,
     which valgrind may not be able to run): no overflow of its buffers by the library. A program
     that lies about its buffer size shows the check would catch one."""
@@ -447,9 +596,11 @@ def test_c_example_under_address_sanitizer(capi_lib: Path, vlm_model: Path, clip
         pytest.skip("the C compiler cannot build with -fsanitize=address here")
     env = bare_env(ASAN_OPTIONS="detect_leaks=0")  # the embedded interpreter is never finalised
     png = str(small_png[0])
-    for cmd in ([str(example), "ask", "-n", MAX_TOKENS, str(vlm_model), png, "What is it?"],
-                [str(example), "stream", "-n", MAX_TOKENS, str(vlm_model), png, "What is it?"],
-                [str(example), "embed", str(clip_gguf), png, "--", "a cat", "a dog"]):
+    for cmd in (
+        [str(example), "ask", "-n", MAX_TOKENS, str(vlm_model), png, "What is it?"],
+        [str(example), "stream", "-n", MAX_TOKENS, str(vlm_model), png, "What is it?"],
+        [str(example), "embed", str(clip_gguf), png, "--", "a cat", "a dog"],
+    ):
         proc = run(cmd, tmp_path, env=env)
         assert proc.returncode == 0 and "AddressSanitizer" not in proc.stderr, proc.stderr[-3000:]
         assert proc.stdout.strip()
@@ -721,12 +872,49 @@ def test_best_of_through_the_c_options(capi_lib: Path, vlm_model: Path, small_pn
     png = small_png[0]
     script = str(EXAMPLES / "vlm_ctypes.py")
     for select in ("logprob", "vote"):
-        c = subprocess.run([sys.executable, script, str(capi_lib), "ask", str(vlm_model), str(png), "What is it?",
-                            "-n", MAX_TOKENS, "--best-of", "3", "--select", select, "-s", "4"],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        c = subprocess.run(
+            [
+                sys.executable,
+                script,
+                str(capi_lib),
+                "ask",
+                str(vlm_model),
+                str(png),
+                "What is it?",
+                "-n",
+                MAX_TOKENS,
+                "--best-of",
+                "3",
+                "--select",
+                select,
+                "-s",
+                "4",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=600,
+        )
         assert c.returncode == 0, c.stderr
-        rec = json.loads(cli("ask", str(png), "What is it?", "-m", str(vlm_model), "-n", MAX_TOKENS, "--best-of", "3",
-                             "--select", select, "--seed", "4", "--json", cwd=tmp_path).stdout)
+        rec = json.loads(
+            cli(
+                "ask",
+                str(png),
+                "What is it?",
+                "-m",
+                str(vlm_model),
+                "-n",
+                MAX_TOKENS,
+                "--best-of",
+                "3",
+                "--select",
+                select,
+                "--seed",
+                "4",
+                "--json",
+                cwd=tmp_path,
+            ).stdout
+        )
         (answer,) = rec["answers"]
         assert len(answer["candidates"]) == 3
         assert c.stdout == answer["answer"] + "\n"

@@ -28,8 +28,9 @@ def vlm(*args: str, cwd: Path | None = None, weights: str | None = None) -> subp
     env.pop("VLM_DEBUG", None)
     if weights:
         env["VLM_CLIP_WEIGHTS"] = weights
-    return subprocess.run([sys.executable, "-m", "vlmcli", *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "vlmcli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,7 @@ def _error_lines(stderr: str) -> list[str]:
 
 # --- tasks (in-process, real engine) ----------------------------------------------------------------------
 
+
 class ListSink(Sink):
     """Every record, in order, in a list (the runner's real output path, without a file)."""
 
@@ -80,7 +82,12 @@ def _classify(model, paths, labels, k: int, batch_size: int = 8) -> list[dict]:
     from vlmcli.tasks.runner import BatchOptions, run_batch
 
     sink = ListSink()
-    run_batch(ClassifyTask(model, labels, k, batch_size=batch_size), [str(p) for p in paths], sink, BatchOptions(handle_sigint=False))
+    run_batch(
+        ClassifyTask(model, labels, k, batch_size=batch_size),
+        [str(p) for p in paths],
+        sink,
+        BatchOptions(handle_sigint=False),
+    )
     return sink.records
 
 
@@ -94,7 +101,9 @@ def test_classify_is_softmax_of_scaled_cosines(model, images) -> None:
     pixels = np.stack([prepare_image(images["cat"], model.config), prepare_image(images["gradient"], model.config)])
     img = model.encode_images(pixels)
     img /= np.linalg.norm(img, axis=1, keepdims=True)
-    txt = model.encode_texts(default_tokenizer().tokenize([f"a photo of a {x}." for x in ["cat", "dog", "car", "tree"]])[0])
+    txt = model.encode_texts(
+        default_tokenizer().tokenize([f"a photo of a {x}." for x in ["cat", "dog", "car", "tree"]])[0]
+    )
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
     logits = 100.0 * img @ txt.T
     probs = np.exp(logits - logits.max(1, keepdims=True))
@@ -167,9 +176,19 @@ def test_batch_size_does_not_change_embeddings(model, images) -> None:
 
 # --- vlm classify -----------------------------------------------------------------------------------------
 
+
 def test_classify_table_with_a_bad_image(clip_gguf: Path, images, tmp_path: Path) -> None:
-    r = vlm("classify", str(images["cat"]), str(images["bad"]), str(images["gradient"]),
-            "--labels", "cat, dog,car", "--model", str(clip_gguf), cwd=tmp_path)
+    r = vlm(
+        "classify",
+        str(images["cat"]),
+        str(images["bad"]),
+        str(images["gradient"]),
+        "--labels",
+        "cat, dog,car",
+        "--model",
+        str(clip_gguf),
+        cwd=tmp_path,
+    )
     assert r.returncode == 3, r.stderr  # finished, but an input failed
     assert "Traceback" not in r.stderr
     assert _error_lines(r.stderr) == [f"vlm: error: {images['bad']}: not a supported image (unrecognised format)"]
@@ -186,28 +205,57 @@ def test_classify_json_labels_file_templates_top_k(clip_gguf: Path, images, mode
     labels_file = tmp_path / "labels.txt"
     labels_file.write_text("# animals\ncat\n\ndog\ncar\ntraffic light\n", encoding="utf-8")
     templates = ["a photo of a {}.", "itap of a {}."]
-    r = vlm("classify", str(images["cat"]), str(images["gradient"]), "--labels-file", str(labels_file),
-            "--template", templates[0], "--template", templates[1], "--top-k", "2", "--json",
-            "--model", str(clip_gguf), cwd=tmp_path)
+    r = vlm(
+        "classify",
+        str(images["cat"]),
+        str(images["gradient"]),
+        "--labels-file",
+        str(labels_file),
+        "--template",
+        templates[0],
+        "--template",
+        templates[1],
+        "--top-k",
+        "2",
+        "--json",
+        "--model",
+        str(clip_gguf),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     records = _json_lines(r.stdout)
     assert [rec["path"] for rec in records] == [str(images["cat"]), str(images["gradient"])]
 
     from vlmcli.tasks.classify import encode_labels
 
-    expected = _classify(model, [images["cat"], images["gradient"]],
-                         encode_labels(model, ["cat", "dog", "car", "traffic light"], templates), k=2)
+    expected = _classify(
+        model,
+        [images["cat"], images["gradient"]],
+        encode_labels(model, ["cat", "dog", "car", "traffic light"], templates),
+        k=2,
+    )
     for rec, exp in zip(records, expected):
         assert rec["model"] == clip_gguf.stem
         assert len(rec["labels"]) == 2
         assert [x["label"] for x in rec["labels"]] == [x["label"] for x in exp["labels"]]
-        np.testing.assert_allclose([x["score"] for x in rec["labels"]], [x["score"] for x in exp["labels"]], rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(
+            [x["score"] for x in rec["labels"]], [x["score"] for x in exp["labels"]], rtol=1e-3, atol=1e-6
+        )
         assert rec["labels"][0]["score"] >= rec["labels"][1]["score"]
 
 
 def test_classify_all_images_bad(clip_gguf: Path, images, tmp_path: Path) -> None:
-    r = vlm("classify", str(images["bad"]), str(images["missing"]), "--labels", "cat,dog", "--json",
-            "--model", str(clip_gguf), cwd=tmp_path)
+    r = vlm(
+        "classify",
+        str(images["bad"]),
+        str(images["missing"]),
+        "--labels",
+        "cat,dog",
+        "--json",
+        "--model",
+        str(clip_gguf),
+        cwd=tmp_path,
+    )
     assert r.returncode == 1
     assert len(_error_lines(r.stderr)) == 2 and "Traceback" not in r.stderr
     records = _json_lines(r.stdout)
@@ -215,11 +263,16 @@ def test_classify_all_images_bad(clip_gguf: Path, images, tmp_path: Path) -> Non
     assert all("error" in rec and "labels" not in rec for rec in records)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--labels", " , ,"], "label list is empty"),
-    ([], "--labels"),
-])
-def test_classify_refuses_missing_labels(clip_gguf: Path, images, tmp_path: Path, args: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--labels", " , ,"], "label list is empty"),
+        ([], "--labels"),
+    ],
+)
+def test_classify_refuses_missing_labels(
+    clip_gguf: Path, images, tmp_path: Path, args: list[str], message: str
+) -> None:
     r = vlm("classify", str(images["cat"]), *args, "--model", str(clip_gguf), cwd=tmp_path)
     assert r.returncode == 2
     assert message in r.stderr and r.stderr.startswith("vlm: error:") and "Traceback" not in r.stderr
@@ -235,10 +288,25 @@ def test_classify_empty_labels_file(clip_gguf: Path, images, tmp_path: Path) -> 
 
 # --- vlm embed --------------------------------------------------------------------------------------------
 
+
 def test_embed_npy_and_sidecar(clip_gguf: Path, images, tmp_path: Path) -> None:
     out = tmp_path / "emb" / "vectors.npy"
-    r = vlm("embed", str(images["cat"]), str(images["bad"]), str(images["gradient"]), "--text", "a photo of a cat",
-            "--text", LONG_TEXT, "--out", str(out), "--verbose", "--model", str(clip_gguf), cwd=tmp_path)
+    r = vlm(
+        "embed",
+        str(images["cat"]),
+        str(images["bad"]),
+        str(images["gradient"]),
+        "--text",
+        "a photo of a cat",
+        "--text",
+        LONG_TEXT,
+        "--out",
+        str(out),
+        "--verbose",
+        "--model",
+        str(clip_gguf),
+        cwd=tmp_path,
+    )
     assert r.returncode == 3, r.stderr
     assert _error_lines(r.stderr) == [f"vlm: error: {images['bad']}: not a supported image (unrecognised format)"]
     assert "truncated to 77 tokens" in r.stderr
@@ -276,17 +344,37 @@ def test_embed_on_this_cpus_default_kernels(clip_gguf: Path, images, tmp_path: P
     """What a user runs (VLM_CLIP_WEIGHTS unset: vlm's kernels where the CPU has them): the same rows in a
     batch as alone, and within BF16's reach of the file's own types (cosine 0.999, issue 14's bar)."""
     out = tmp_path / "auto.npy"
-    inputs = [str(images["cat"]), str(images["gradient"]), "--text", "a photo of a cat", "--text", "a gradient, blue to red"]
+    inputs = [
+        str(images["cat"]),
+        str(images["gradient"]),
+        "--text",
+        "a photo of a cat",
+        "--text",
+        "a gradient, blue to red",
+    ]
     r = vlm("embed", *inputs, "--out", str(out), "--model", str(clip_gguf), cwd=tmp_path, weights="auto")
     assert r.returncode == 0, r.stderr
     batch = np.load(out)
-    alone = vlm("embed", str(images["gradient"]), "--text", "a gradient, blue to red", "--model", str(clip_gguf),
-                cwd=tmp_path, weights="auto")
+    alone = vlm(
+        "embed",
+        str(images["gradient"]),
+        "--text",
+        "a gradient, blue to red",
+        "--model",
+        str(clip_gguf),
+        cwd=tmp_path,
+        weights="auto",
+    )
     assert alone.returncode == 0, alone.stderr
     rows = np.array([rec["embedding"] for rec in _json_lines(alone.stdout)], np.float32)
     np.testing.assert_allclose(rows, batch[[1, 3]], rtol=0, atol=JSON_ROUNDING)
     stored = tmp_path / "stored.npy"
-    assert vlm("embed", *inputs, "--out", str(stored), "--model", str(clip_gguf), cwd=tmp_path, weights="stored").returncode == 0
+    assert (
+        vlm(
+            "embed", *inputs, "--out", str(stored), "--model", str(clip_gguf), cwd=tmp_path, weights="stored"
+        ).returncode
+        == 0
+    )
     assert (np.sum(batch * np.load(stored), axis=1) >= 0.999).all()  # both L2-normalised
     from vlmcli.engines.clip import weights_layout
 
@@ -295,20 +383,30 @@ def test_embed_on_this_cpus_default_kernels(clip_gguf: Path, images, tmp_path: P
         assert not np.array_equal(batch, np.load(stored))
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "nothing to embed"),
-    (["--text", "x", "--out", "e.jsonl"], "sidecar"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "nothing to embed"),
+        (["--text", "x", "--out", "e.jsonl"], "sidecar"),
+    ],
+)
 def test_embed_usage_errors(clip_gguf: Path, tmp_path: Path, args: list[str], message: str) -> None:
     r = vlm("embed", *args, "--model", str(clip_gguf), cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_text_arguments_must_be_utf8(clip_gguf: Path, images, tmp_path: Path) -> None:
-    for option, args in (("--text", [b"embed", b"--text", b"\xffcat"]),
-                         ("--labels", [b"classify", str(images["cat"]).encode(), b"--labels", b"cat,d\xf6g"])):
-        r = subprocess.run([sys.executable.encode(), b"-m", b"vlmcli", *args, b"--model", str(clip_gguf).encode()],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    for option, args in (
+        ("--text", [b"embed", b"--text", b"\xffcat"]),
+        ("--labels", [b"classify", str(images["cat"]).encode(), b"--labels", b"cat,d\xf6g"]),
+    ):
+        r = subprocess.run(
+            [sys.executable.encode(), b"-m", b"vlmcli", *args, b"--model", str(clip_gguf).encode()],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=600,
+        )
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert r.stderr == f"vlm: error: {option}: the text is not valid UTF-8\n"
 

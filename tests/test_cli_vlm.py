@@ -14,7 +14,9 @@ SAMPLE = Path(__file__).resolve().parents[1] / "vlmcli" / "data" / "chelsea.jpg"
 
 
 def vlm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vlmcli", *args], capture_output=True, text=True, input=stdin, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "vlmcli", *args], capture_output=True, text=True, input=stdin, timeout=600
+    )
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -44,7 +46,18 @@ def test_ask_streams_an_answer(model_dir: Path) -> None:
 
 
 def test_ask_json_schema_and_determinism(smolvlm2_gguf) -> None:
-    args = ["ask", str(SAMPLE), "What is this?", "--model", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "-n", "5", "--json"]
+    args = [
+        "ask",
+        str(SAMPLE),
+        "What is this?",
+        "--model",
+        str(smolvlm2_gguf.model),
+        "--mmproj",
+        str(smolvlm2_gguf.mmproj),
+        "-n",
+        "5",
+        "--json",
+    ]
     r1, r2 = vlm(*args), vlm(*args)
     assert r1.returncode == 0, r1.stderr
     rec = json.loads(r1.stdout)
@@ -53,7 +66,11 @@ def test_ask_json_schema_and_determinism(smolvlm2_gguf) -> None:
     assert rec["model"].endswith("Q8_0.gguf") and rec["mmproj"].startswith("mmproj-") and rec["quant"]
     (answer,) = rec["answers"]
     assert answer["prompt"] == "What is this?" and answer["generated_tokens"] == 5 and answer["stop_reason"] == "length"
-    assert rec["tokens"]["generated"] == 5 and rec["tokens"]["image"] > 0 and rec["tokens"]["prompt"] > rec["tokens"]["image"]
+    assert (
+        rec["tokens"]["generated"] == 5
+        and rec["tokens"]["image"] > 0
+        and rec["tokens"]["prompt"] > rec["tokens"]["image"]
+    )
     assert set(rec["timings"]) == {"load_ms", "image_encode_ms", "prefill_ms", "decode_ms", "prepare_ms"}
     assert rec["detail"] in ("low", "high", "tiles") and rec["file"]["size"] == SAMPLE.stat().st_size
 
@@ -122,17 +139,24 @@ def test_bad_images(model_dir: Path, tmp_path: Path, case: str) -> None:
 def test_bad_models(smolvlm2_gguf, tmp_path: Path) -> None:
     model, mmproj = str(smolvlm2_gguf.model), str(smolvlm2_gguf.mmproj)
     # Missing model file.
-    assert_one_line_error(vlm("ask", str(SAMPLE), "q", "--model", str(tmp_path / "none.gguf"), "--mmproj", mmproj, "--offline"), "none.gguf")
+    assert_one_line_error(
+        vlm("ask", str(SAMPLE), "q", "--model", str(tmp_path / "none.gguf"), "--mmproj", mmproj, "--offline"),
+        "none.gguf",
+    )
     # Not a GGUF at all.
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"\x00" * 1000)
-    assert_one_line_error(vlm("ask", str(SAMPLE), "q", "--model", str(junk), "--mmproj", mmproj), "junk.gguf", "not a GGUF")
+    assert_one_line_error(
+        vlm("ask", str(SAMPLE), "q", "--model", str(junk), "--mmproj", mmproj), "junk.gguf", "not a GGUF"
+    )
     # A truncated (corrupt) GGUF.
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(Path(model).read_bytes()[: Path(model).stat().st_size // 2])
     assert_one_line_error(vlm("ask", str(SAMPLE), "q", "--model", str(cut), "--mmproj", mmproj), "cut.gguf")
     # Wrong kinds: the projector given as the model, and the model given as the projector.
-    assert_one_line_error(vlm("ask", str(SAMPLE), "q", "--model", mmproj, "--mmproj", mmproj), mmproj, "vision projector")
+    assert_one_line_error(
+        vlm("ask", str(SAMPLE), "q", "--model", mmproj, "--mmproj", mmproj), mmproj, "vision projector"
+    )
     assert_one_line_error(vlm("ask", str(SAMPLE), "q", "--model", model, "--mmproj", model), model, "language model")
 
 
@@ -151,10 +175,16 @@ def test_streamed_text_is_the_records_answer(model_dir: Path) -> None:
 
 def test_text_arguments_must_be_utf8(model_dir: Path) -> None:
     # argv bytes that are not UTF-8 (a Latin-1 shell, a script's bug): one line naming the argument.
-    for args, needle in (([b"ask", str(SAMPLE).encode(), b"caf\xe9?"], "question 1 is not valid UTF-8"),
-                         ([b"caption", str(SAMPLE).encode(), b"--prompt", b"\xff"], "--prompt: the text is not valid UTF-8")):
-        r = subprocess.run([sys.executable.encode(), b"-m", b"vlmcli", *args, b"--model", str(model_dir).encode()],
-                           capture_output=True, text=True, timeout=600)
+    for args, needle in (
+        ([b"ask", str(SAMPLE).encode(), b"caf\xe9?"], "question 1 is not valid UTF-8"),
+        ([b"caption", str(SAMPLE).encode(), b"--prompt", b"\xff"], "--prompt: the text is not valid UTF-8"),
+    ):
+        r = subprocess.run(
+            [sys.executable.encode(), b"-m", b"vlmcli", *args, b"--model", str(model_dir).encode()],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 2
         assert_one_line_error(r, needle)
 

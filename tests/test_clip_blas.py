@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from clip_reference import check_batch_independence, cosine, images, one_by_one, reference_encode_images, reference_encode_texts, texts
+from clip_reference import (
+    check_batch_independence,
+    cosine,
+    images,
+    one_by_one,
+    reference_encode_images,
+    reference_encode_texts,
+    texts,
+)
 
 from vlmcli.engines import clip_numpy
 from vlmcli.engines.clip import COMPUTE_PATH_ENV, ClipModel, choose_compute_path
@@ -19,8 +27,10 @@ def pair(clip_ggufs):
     def get(act: str = "quick_gelu", qtype: str = "F16") -> tuple[ClipModel, ClipModel]:
         if (act, qtype) not in loaded:
             path = clip_ggufs[act, qtype]
-            loaded[act, qtype] = (ClipModel.load(path, n_threads=2, compute="ggml"),
-                                  ClipModel.load(path, n_threads=2, compute="blas"))
+            loaded[act, qtype] = (
+                ClipModel.load(path, n_threads=2, compute="ggml"),
+                ClipModel.load(path, n_threads=2, compute="blas"),
+            )
         return loaded[act, qtype]
 
     yield get
@@ -29,10 +39,16 @@ def pair(clip_ggufs):
             m.close()
 
 
-@pytest.mark.parametrize("act,qtype,min_cos", [
-    ("quick_gelu", "F32", 0.99999), ("quick_gelu", "F16", 0.99999), ("quick_gelu", "Q8_0", 0.999),
-    ("gelu", "F16", 0.99999), ("gelu", "Q8_0", 0.999),
-])
+@pytest.mark.parametrize(
+    "act,qtype,min_cos",
+    [
+        ("quick_gelu", "F32", 0.99999),
+        ("quick_gelu", "F16", 0.99999),
+        ("quick_gelu", "Q8_0", 0.999),
+        ("gelu", "F16", 0.99999),
+        ("gelu", "Q8_0", 0.999),
+    ],
+)
 def test_blas_matches_ggml(pair, clip_ggufs, act, qtype, min_cos):
     """Both paths multiply the same (exactly dequantized) weights, for images and for texts of many
     lengths. ggml also rounds the activations to the weights' type (F16, Q8_0) for its dot products, so
@@ -46,11 +62,13 @@ def test_blas_matches_ggml(pair, clip_ggufs, act, qtype, min_cos):
         got, want = getattr(b, encode)(x), getattr(g, encode)(x)
         assert got.dtype == np.float32 and got.shape == want.shape
         assert cosine(got, want).min() >= min_cos
-        np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1),
-                                   rtol=1e-2 if qtype == "Q8_0" else 2e-3)
+        np.testing.assert_allclose(
+            np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1), rtol=1e-2 if qtype == "Q8_0" else 2e-3
+        )
         if qtype == "F32":  # float64 numpy of the same file; ggml's quick_gelu goes through an F16 table
             exact = (reference_encode_images if encode == "encode_images" else reference_encode_texts)(
-                clip_ggufs[act, qtype], x)
+                clip_ggufs[act, qtype], x
+            )
             np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
         elif f32 is not None:
             exact = getattr(f32, encode)(x)

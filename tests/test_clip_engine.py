@@ -10,8 +10,16 @@ import gguf
 import numpy as np
 import pytest
 from clip_reference import (
-    BOS, EOS, check_batch_independence, cosine, images, one_by_one, reference_encode_images, reference_encode_texts,
-    reference_model, texts,
+    BOS,
+    EOS,
+    check_batch_independence,
+    cosine,
+    images,
+    one_by_one,
+    reference_encode_images,
+    reference_encode_texts,
+    reference_model,
+    texts,
 )
 
 from vlmcli.engines import clip_kernels
@@ -41,10 +49,17 @@ def model(clip_ggufs):
 
 # --- agreement with the numpy reference -----------------------------------------------------------
 
-@pytest.mark.parametrize("act,qtype,min_cos", [
-    ("quick_gelu", "F32", 0.9999), ("quick_gelu", "F16", 0.9999), ("quick_gelu", "Q8_0", 0.99),
-    ("gelu", "F16", 0.9999), ("gelu", "Q8_0", 0.99),
-])
+
+@pytest.mark.parametrize(
+    "act,qtype,min_cos",
+    [
+        ("quick_gelu", "F32", 0.9999),
+        ("quick_gelu", "F16", 0.9999),
+        ("quick_gelu", "Q8_0", 0.99),
+        ("gelu", "F16", 0.9999),
+        ("gelu", "Q8_0", 0.99),
+    ],
+)
 def test_matches_numpy_reference(model, clip_ggufs, act, qtype, min_cos):
     m = model(act, qtype)
     px, ids = images(3), texts([1, 8, 40, 75])
@@ -61,8 +76,15 @@ def test_matches_numpy_reference(model, clip_ggufs, act, qtype, min_cos):
     assert cosine(img[:1], img[1:2])[0] < 0.99 and cosine(txt[:1], txt[1:2])[0] < 0.99
 
 
-@pytest.mark.parametrize("layout", ["bf16", pytest.param("vlm-bf16", marks=needs_bf16), pytest.param("vlm-f16", marks=needs_f16),
-                                    pytest.param("vlm-i16", marks=needs_f16)])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "bf16",
+        pytest.param("vlm-bf16", marks=needs_bf16),
+        pytest.param("vlm-f16", marks=needs_f16),
+        pytest.param("vlm-i16", marks=needs_f16),
+    ],
+)
 @pytest.mark.parametrize("act,qtype", [("quick_gelu", "F32"), ("quick_gelu", "F16"), ("gelu", "F16")])
 def test_bf16_weights_keep_the_quality_bar(clip_ggufs, monkeypatch, qtype, layout, act):
     """Where the CPU has AVX512_BF16, F16/F32 weights are held as BF16, packed for vlm's own kernels
@@ -74,8 +96,12 @@ def test_bf16_weights_keep_the_quality_bar(clip_ggufs, monkeypatch, qtype, layou
     monkeypatch.setenv("VLM_CLIP_WEIGHTS", layout)
     m = ClipModel.load(clip_ggufs[act, qtype])
     try:
-        assert m.weights_type == {"vlm-f16": "F16", "vlm-i16": "I16"}.get(layout, "BF16") and m.config.file_type == qtype
-        assert m.matmul_kernel == {"vlm-bf16": "vlm bf16", "vlm-f16": "vlm f16", "vlm-i16": "vlm i16"}.get(layout, "ggml")
+        assert (
+            m.weights_type == {"vlm-f16": "F16", "vlm-i16": "I16"}.get(layout, "BF16") and m.config.file_type == qtype
+        )
+        assert m.matmul_kernel == {"vlm-bf16": "vlm bf16", "vlm-f16": "vlm f16", "vlm-i16": "vlm i16"}.get(
+            layout, "ggml"
+        )
         assert m.packs_sequences == ({"t", "v"} if layout.startswith("vlm") else set())
         px, ids = images(3), texts([1, 8, 40, 75])
         img, txt = m.encode_images(px), m.encode_texts(ids)
@@ -93,12 +119,22 @@ def test_weights_type_auto_follows_the_cpu_and_keeps_quantized_files(clip_ggufs,
     from vlmcli.engines import ggml
 
     monkeypatch.setenv("VLM_CLIP_WEIGHTS", "auto")
-    first = ("vlm bf16" if clip_kernels.available("bf16") else
-             "vlm i16" if clip_kernels.available("i16") else
-             "ggml BF16" if ggml.lib().ggml_cpu_has_avx512_bf16() else "ggml F16")
+    first = (
+        "vlm bf16"
+        if clip_kernels.available("bf16")
+        else "vlm i16"
+        if clip_kernels.available("i16")
+        else "ggml BF16"
+        if ggml.lib().ggml_cpu_has_avx512_bf16()
+        else "ggml F16"
+    )
     with ClipModel.load(clip_ggufs["quick_gelu", "F16"]) as m:
-        assert (m.matmul_kernel, m.weights_type) == {"vlm bf16": ("vlm bf16", "BF16"), "vlm i16": ("vlm i16", "I16"),
-                                                     "ggml BF16": ("ggml", "BF16"), "ggml F16": ("ggml", "F16")}[first]
+        assert (m.matmul_kernel, m.weights_type) == {
+            "vlm bf16": ("vlm bf16", "BF16"),
+            "vlm i16": ("vlm i16", "I16"),
+            "ggml BF16": ("ggml", "BF16"),
+            "ggml F16": ("ggml", "F16"),
+        }[first]
     for layout, kind in (("vlm-bf16", "bf16"), ("vlm-f16", "f16"), ("vlm-i16", "i16")):
         monkeypatch.setenv("VLM_CLIP_WEIGHTS", layout)
         if not clip_kernels.available(kind):  # asking for kernels where they cannot run says why
@@ -112,8 +148,14 @@ def test_weights_type_auto_follows_the_cpu_and_keeps_quantized_files(clip_ggufs,
         ClipModel.load(clip_ggufs["quick_gelu", "F16"])
 
 
-@pytest.mark.parametrize("layout", [pytest.param("vlm-bf16", marks=needs_bf16), pytest.param("vlm-f16", marks=needs_f16),
-                                    pytest.param("vlm-i16", marks=needs_f16)])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param("vlm-bf16", marks=needs_bf16),
+        pytest.param("vlm-f16", marks=needs_f16),
+        pytest.param("vlm-i16", marks=needs_f16),
+    ],
+)
 def test_q8_0_files_run_on_vlms_kernels(clip_ggufs, monkeypatch, layout):
     """A Q8_0 weight (8-bit integers times an F16 scale per 32) goes to vlm's kernels as its values:
     the result is as near the F32 forward pass of those values as an F16 file's is to its own (the
@@ -147,9 +189,16 @@ def test_activation_flag_is_used(model, clip_ggufs):
     assert np.abs(got - right).max() * 10 < np.abs(got - wrong).max()
 
 
-@pytest.mark.parametrize("qtype,layout", [("F16", "stored"), ("Q8_0", "stored"), pytest.param("F16", "vlm-bf16", marks=needs_bf16),
-                                          pytest.param("F16", "vlm-f16", marks=needs_f16),
-                                          pytest.param("F16", "vlm-i16", marks=needs_f16)])
+@pytest.mark.parametrize(
+    "qtype,layout",
+    [
+        ("F16", "stored"),
+        ("Q8_0", "stored"),
+        pytest.param("F16", "vlm-bf16", marks=needs_bf16),
+        pytest.param("F16", "vlm-f16", marks=needs_f16),
+        pytest.param("F16", "vlm-i16", marks=needs_f16),
+    ],
+)
 def test_results_do_not_depend_on_the_batch(model, clip_ggufs, monkeypatch, qtype, layout):
     """The same bits alone, beside 77-token texts, reversed, in a batch big enough for two threads, in
     chunks of 3: ggml picks kernels (and summation orders) by shape, and no shape comes from a batch-mate.
@@ -220,18 +269,28 @@ def test_config_from_gguf(model):
 
 # --- bad input ------------------------------------------------------------------------------------
 
+
 def test_bad_pixels_and_tokens(model):
     m = model()
-    for bad in (np.zeros((1, 3, 223, 223), np.float32), np.zeros((3, 224, 224), np.float32),
-                np.zeros((1, 3, 224, 224), np.int64), [[0.0]]):
+    for bad in (
+        np.zeros((1, 3, 223, 223), np.float32),
+        np.zeros((3, 224, 224), np.float32),
+        np.zeros((1, 3, 224, 224), np.int64),
+        [[0.0]],
+    ):
         with pytest.raises(VlmError, match="pixels"):
             m.encode_images(bad)  # type: ignore[arg-type]
     nan = images(1)
     nan[0, 0, 0, 0] = np.nan
     with pytest.raises(VlmError, match="NaN"):
         m.encode_images(nan)
-    for bad in (np.full((1, 77), 49408), np.full((1, 77), -1), np.zeros((1, 78), np.int32),
-                np.zeros((1, 77), np.float32), np.zeros(77, np.int32)):
+    for bad in (
+        np.full((1, 77), 49408),
+        np.full((1, 77), -1),
+        np.zeros((1, 78), np.int32),
+        np.zeros((1, 77), np.float32),
+        np.zeros(77, np.int32),
+    ):
         with pytest.raises(VlmError, match="token"):
             m.encode_texts(bad)
     assert m.encode_images(np.zeros((0, 3, 224, 224), np.float32)).shape == (0, 32)
@@ -256,6 +315,7 @@ def test_gpu_request_without_gpu_backend_runs_on_the_cpu(novocab):
 
 
 # --- bad model files ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def parts(clip_ggufs):
@@ -299,8 +359,15 @@ def test_file_without_vocabulary_still_runs(novocab, model):
         assert np.array_equal(m.encode_texts(texts([4])), model("quick_gelu", "F32").encode_texts(texts([4])))
 
 
-def _broken(kv: dict, tensors: dict, *, drop_key: str | None = None, set_key: tuple | None = None,
-            drop_tensor: str | None = None, replace: tuple[str, object] | None = None) -> tuple[dict, dict]:
+def _broken(
+    kv: dict,
+    tensors: dict,
+    *,
+    drop_key: str | None = None,
+    set_key: tuple | None = None,
+    drop_tensor: str | None = None,
+    replace: tuple[str, object] | None = None,
+) -> tuple[dict, dict]:
     kv, tensors = dict(kv), dict(tensors)
     if drop_key:
         del kv[drop_key]
@@ -313,16 +380,19 @@ def _broken(kv: dict, tensors: dict, *, drop_key: str | None = None, set_key: tu
     return kv, tensors
 
 
-@pytest.mark.parametrize("case,change,message", [
-    ("missing-tensor", {"drop_tensor": "v.blk.1.ffn_up.weight"}, "lacks tensor v.blk.1.ffn_up.weight"),
-    ("missing-key", {"drop_key": "clip.vision.patch_size"}, "lacks clip.vision.patch_size"),
-    ("bad-heads", {"set_key": ("clip.text.attention.head_count", 5)}, "head count"),
-    ("wrong-shape", {"replace": ("v.position_embd.weight", np.zeros((49, 64), np.float32))}, "shape"),
-    ("wrong-layers", {"set_key": ("clip.text.block_count", 3)}, "lacks tensor t.blk.2"),
-    ("quantized-norm", {"replace": ("t.blk.0.ln1.weight", np.zeros(64, np.float16))}, "type F16"),
-    ("bad-mean", {"set_key": ("clip.vision.image_mean", [0.5, 0.5])}, "image_mean"),
-    ("bad-scale", {"set_key": ("clip.logit_scale", float("nan"))}, "logit_scale"),
-])
+@pytest.mark.parametrize(
+    "case,change,message",
+    [
+        ("missing-tensor", {"drop_tensor": "v.blk.1.ffn_up.weight"}, "lacks tensor v.blk.1.ffn_up.weight"),
+        ("missing-key", {"drop_key": "clip.vision.patch_size"}, "lacks clip.vision.patch_size"),
+        ("bad-heads", {"set_key": ("clip.text.attention.head_count", 5)}, "head count"),
+        ("wrong-shape", {"replace": ("v.position_embd.weight", np.zeros((49, 64), np.float32))}, "shape"),
+        ("wrong-layers", {"set_key": ("clip.text.block_count", 3)}, "lacks tensor t.blk.2"),
+        ("quantized-norm", {"replace": ("t.blk.0.ln1.weight", np.zeros(64, np.float16))}, "type F16"),
+        ("bad-mean", {"set_key": ("clip.vision.image_mean", [0.5, 0.5])}, "image_mean"),
+        ("bad-scale", {"set_key": ("clip.logit_scale", float("nan"))}, "logit_scale"),
+    ],
+)
 def test_inconsistent_clip_files_are_refused(parts, tmp_path, case, change, message):
     path = write_gguf(tmp_path / f"{case}.gguf", *_broken(*parts, **change))
     with pytest.raises(ModelError, match=message) as e:
@@ -336,7 +406,9 @@ def test_quantized_row_that_does_not_fit_is_refused(parts, tmp_path):
     from vlmcli.engines import ggml
 
     q = ggml.quantize(tensors["text_projection.weight"], "Q8_0")
-    ok = write_gguf(tmp_path / "q8proj.gguf", kv, {**tensors, "text_projection.weight": (q, gguf.GGMLQuantizationType.Q8_0)})
+    ok = write_gguf(
+        tmp_path / "q8proj.gguf", kv, {**tensors, "text_projection.weight": (q, gguf.GGMLQuantizationType.Q8_0)}
+    )
     with ClipModel.load(ok) as m:
         assert m.encode_texts(texts([3])).shape == (1, 32)
     bad_kv = dict(kv)

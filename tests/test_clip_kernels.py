@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from vlmcli.convert.safetensors_io import bf16_bits_to_float32 as from_bits
 from vlmcli.convert.safetensors_io import float32_to_bf16_bits as bf16_bits  # nearest, ties to even: as the kernel
+
 from vlmcli.engines import clip_kernels
 from vlmcli.engines.clip_kernels import pack, unpack
 from vlmcli.engines.ggml import Backend, Graph
 
-KINDS = [pytest.param("bf16", marks=pytest.mark.skipif(not clip_kernels.available("bf16"), reason="needs AVX512_BF16")),
-         pytest.param("f16", marks=pytest.mark.skipif(not clip_kernels.available("f16"), reason="needs AVX2, FMA, F16C")),
-         pytest.param("i16", marks=pytest.mark.skipif(not clip_kernels.available("i16"), reason="needs AVX2, FMA, F16C"))]
+KINDS = [
+    pytest.param("bf16", marks=pytest.mark.skipif(not clip_kernels.available("bf16"), reason="needs AVX512_BF16")),
+    pytest.param("f16", marks=pytest.mark.skipif(not clip_kernels.available("f16"), reason="needs AVX2, FMA, F16C")),
+    pytest.param("i16", marks=pytest.mark.skipif(not clip_kernels.available("i16"), reason="needs AVX2, FMA, F16C")),
+]
 needs_attention = pytest.mark.skipif(not clip_kernels.available("f16"), reason="the attention op needs AVX2")
 
 
@@ -35,7 +37,7 @@ def as_kernel_sees(a: np.ndarray, kind: str, weight: bool) -> np.ndarray:
     """float64 values of a after the kernel's rounding (bf16 and i16 round x too, f16 only w)."""
     if kind == "i16":  # rows of x are quantized as w's columns are (the same rounding, per call)
         q, scales = clip_kernels.quantize_i16(np.asarray(a, np.float32))
-        return q * np.repeat(scales.astype(np.float64), clip_kernels.I16_BLOCK, axis=1)[:, :a.shape[1]]
+        return q * np.repeat(scales.astype(np.float64), clip_kernels.I16_BLOCK, axis=1)[:, : a.shape[1]]
     if kind == "bf16":
         return from_bits(bf16_bits(a)).astype(np.float64)
     return np.asarray(a, np.float32).astype(np.float16 if weight else np.float32).astype(np.float64)
@@ -104,8 +106,15 @@ class Linear:
     """One linear layer in its own graph on a CPU backend: run(x) -> y; ln = (w, b, eps): a LayerNorm
     of x's rows in the kernel."""
 
-    def __init__(self, w: np.ndarray, bias: np.ndarray | None, act: str | None, n_threads: int, kind: str,
-                 ln: tuple[np.ndarray, np.ndarray, float] | None = None):
+    def __init__(
+        self,
+        w: np.ndarray,
+        bias: np.ndarray | None,
+        act: str | None,
+        n_threads: int,
+        kind: str,
+        ln: tuple[np.ndarray, np.ndarray, float] | None = None,
+    ):
         self.packed = pack(held(w, kind), kind)
         self.backend = Backend(n_threads=n_threads)
         self.weights = Graph(4)
@@ -202,7 +211,7 @@ def test_a_row_does_not_depend_on_its_batch_mates_or_the_threads(kind):
         full = two.run(x)
         assert np.array_equal(full, one.run(x))
         for i in (0, 5, 11, 12, 83, 84, 95, 96, 129):
-            assert np.array_equal(two.run(x[i:i + 1])[0], full[i])
+            assert np.array_equal(two.run(x[i : i + 1])[0], full[i])
         assert np.array_equal(two.run(x[::-1])[::-1], full)
     finally:
         one.close()
@@ -241,8 +250,14 @@ def test_a_layer_norm_before_and_a_residual_after_are_the_separate_steps_bit_for
 def test_the_norm_and_the_residual_must_fit(kind):
     rng = np.random.default_rng(2)
     if clip_kernels.fits(kind, 36, 32):  # (bf16 takes k in steps of 16 anyway)
-        layer = Linear(rng.standard_normal((32, 36)).astype(np.float32), None, None, 1, kind,
-                       (np.ones(36, np.float32), np.zeros(36, np.float32), 1e-5))
+        layer = Linear(
+            rng.standard_normal((32, 36)).astype(np.float32),
+            None,
+            None,
+            1,
+            kind,
+            (np.ones(36, np.float32), np.zeros(36, np.float32), 1e-5),
+        )
         try:
             with pytest.raises(ValueError, match="layer-norms rows of a multiple of 8"):
                 layer.run(rng.standard_normal((4, 36)).astype(np.float32))
@@ -258,8 +273,15 @@ def test_the_norm_and_the_residual_must_fit(kind):
 
 # --- the attention op -----------------------------------------------------------------------------
 
-def run_attention(qkv: np.ndarray, seqs: list[tuple[int, int]], n_heads: int, causal: bool, n_threads: int = 2,
-                  queries: list[tuple[int, int]] | None = None):
+
+def run_attention(
+    qkv: np.ndarray,
+    seqs: list[tuple[int, int]],
+    n_heads: int,
+    causal: bool,
+    n_threads: int = 2,
+    queries: list[tuple[int, int]] | None = None,
+):
     """qkv (m, 3 d) -> the op's (m, d) (or (len(queries), d)) in a real ggml graph."""
     backend = Backend(n_threads=n_threads)
     try:
@@ -278,16 +300,16 @@ def run_attention(qkv: np.ndarray, seqs: list[tuple[int, int]], n_heads: int, ca
 def reference_attention(qkv: np.ndarray, seqs, n_heads: int, causal: bool) -> np.ndarray:
     d = qkv.shape[1] // 3
     hd = d // n_heads
-    q, k, v = (qkv[:, i * d:(i + 1) * d].astype(np.float64) for i in range(3))
+    q, k, v = (qkv[:, i * d : (i + 1) * d].astype(np.float64) for i in range(3))
     out = np.full((len(qkv), d), np.nan)
     for first, n in seqs:
         for h in range(n_heads):
             cols = slice(h * hd, (h + 1) * hd)
-            s = q[first:first + n, cols] @ k[first:first + n, cols].T / np.sqrt(hd)
+            s = q[first : first + n, cols] @ k[first : first + n, cols].T / np.sqrt(hd)
             if causal:
                 s[np.triu_indices(n, 1)] = -np.inf
             p = np.exp(s - s.max(axis=1, keepdims=True))
-            out[first:first + n, cols] = (p / p.sum(axis=1, keepdims=True)) @ v[first:first + n, cols]
+            out[first : first + n, cols] = (p / p.sum(axis=1, keepdims=True)) @ v[first : first + n, cols]
     return out
 
 
@@ -301,16 +323,18 @@ def test_attention_matches_float64_per_packed_sequence(causal, d, n_heads):
     got = run_attention(qkv, seqs, n_heads, causal)
     want = reference_attention(qkv, seqs, n_heads, causal)
     # float32 sums of hd products and of up to 33 weighted values, an exp good to a few ulp
-    bound = 8 * (d // n_heads + 33) * 2.0**-24 * np.abs(qkv[:, 2 * d:]).max()
+    bound = 8 * (d // n_heads + 33) * 2.0**-24 * np.abs(qkv[:, 2 * d :]).max()
     assert np.abs(got - want).max() <= bound
     # each sequence sees only its own tokens: alone it gives the same bits
     first, n = seqs[2]
-    alone = run_attention(qkv[first:first + n], [(0, n)], n_heads, causal, n_threads=1)
-    assert np.array_equal(alone, got[first:first + n])
+    alone = run_attention(qkv[first : first + n], [(0, n)], n_heads, causal, n_threads=1)
+    assert np.array_equal(alone, got[first : first + n])
     if causal:  # a token never sees the ones after it
         changed = qkv.copy()
-        changed[first + 20:first + n] += 1.0
-        assert np.array_equal(run_attention(changed, seqs, n_heads, causal)[first:first + 20], got[first:first + 20])
+        changed[first + 20 : first + n] += 1.0
+        assert np.array_equal(
+            run_attention(changed, seqs, n_heads, causal)[first : first + 20], got[first : first + 20]
+        )
 
 
 @needs_attention

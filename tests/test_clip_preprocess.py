@@ -19,6 +19,7 @@ ONE_GREY_LEVEL = 1 / 255 / min(OPENAI_CLIP_STD)  # about 0.0146 in normalised un
 
 # --- an independent reference: PIL's antialiased bicubic (a = -0.5) written out in numpy ---------------
 
+
 def _bicubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
     x = np.abs(x)
     return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1, np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
@@ -62,7 +63,18 @@ def reference_clip_preprocess(a: np.ndarray, size: int = 224) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------------
 
-SIZES = [(451, 300), (300, 451), (100, 60), (640, 480), (50, 50), (1000, 999), (224, 224), (225, 224), (224, 301), (301, 224)]
+SIZES = [
+    (451, 300),
+    (300, 451),
+    (100, 60),
+    (640, 480),
+    (50, 50),
+    (1000, 999),
+    (224, 224),
+    (225, 224),
+    (224, 301),
+    (301, 224),
+]
 
 
 @pytest.mark.parametrize("w,h", SIZES)
@@ -104,7 +116,9 @@ def test_non_rgb_input_is_converted() -> None:
     grey = Image.fromarray(np.full((30, 30), 128, np.uint8), "L")
     out = preprocess(grey)
     assert out.shape == (3, 224, 224)
-    np.testing.assert_allclose(out[:, 5, 5], (128 / 255 - np.array(OPENAI_CLIP_MEAN)) / np.array(OPENAI_CLIP_STD), rtol=1e-5)
+    np.testing.assert_allclose(
+        out[:, 5, 5], (128 / 255 - np.array(OPENAI_CLIP_MEAN)) / np.array(OPENAI_CLIP_STD), rtol=1e-5
+    )
 
 
 def test_draft_size() -> None:
@@ -113,6 +127,7 @@ def test_draft_size() -> None:
 
 
 # --- JPEG draft mode: the tolerance the module documents --------------------------------------------------
+
 
 def _photo(scale: int) -> Image.Image:
     src = Image.open(SAMPLE).convert("RGB")
@@ -163,8 +178,10 @@ def test_small_jpeg_is_not_drafted(tmp_path: Path) -> None:
 
 # --- bounded preprocessing of any shape: the crop is resampled without the full resized image ------------
 
-@pytest.mark.parametrize("w,h", [(300, 451), (2000, 37), (37, 2000), (1, 300), (300, 1), (5, 7), (2, 1000), (1000, 2),
-                                 (3000, 10), (60, 100)])
+
+@pytest.mark.parametrize(
+    "w,h", [(300, 451), (2000, 37), (37, 2000), (1, 300), (300, 1), (5, 7), (2, 1000), (1000, 2), (3000, 10), (60, 100)]
+)
 def test_bounded_crop_resample_matches_resize_then_crop(w: int, h: int) -> None:
     """The path taken above MAX_RESIZED_PIXELS gives the pixels of PIL's full resize + centre crop
     (up to float rounding of filter positions); compared here on shapes the full resize can still make."""

@@ -40,7 +40,7 @@ def test_real_token_ids(tok: ClipTokenizer, case: dict) -> None:
     ids = case["ids"]
     assert rows.shape == (1, 77) and rows.dtype == np.int32
     assert rows[0, : len(ids)].tolist() == ids
-    assert not rows[0, len(ids):].any()  # zero padded
+    assert not rows[0, len(ids) :].any()  # zero padded
     assert truncated == [len(tok.encode(case["text"])) + 2 > 77]
 
 

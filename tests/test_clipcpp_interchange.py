@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fixtures.clip import OPENAI_CONFIG, VIT_L14_OVERRIDES, _deep_update, read_gguf
 from fixtures.clipcpp import (
     CLIPCPP_FILE_TYPES,
@@ -26,6 +25,7 @@ from fixtures.clipcpp import (
     write_clipcpp_gguf,
 )
 from vlmcli.convert.clip import QUANT_TYPES, convert_clip, expected_tensors, read_hparams
+
 from vlmcli.engines.clip import ClipModel
 from vlmcli.engines.clip_tokenizer import ClipTokenizer, default_tokenizer
 from vlmcli.errors import ModelError
@@ -60,8 +60,9 @@ def clipcpp_f16(clip_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="module")
 def clipcpp_f32(clip_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """... and with --use-f32."""
-    return write_clipcpp_gguf(clip_checkpoint, tmp_path_factory.mktemp("clipcpp") / "clip-tiny_ggml-model-f32.gguf",
-                              ftype="F32")
+    return write_clipcpp_gguf(
+        clip_checkpoint, tmp_path_factory.mktemp("clipcpp") / "clip-tiny_ggml-model-f32.gguf", ftype="F32"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +78,11 @@ def reference(vlm_f32: Path) -> tuple[np.ndarray, np.ndarray]:
 
 # --- vlm convert -> clip.cpp ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("quant", QUANT_TYPES)
-def test_convert_output_has_what_clipcpp_needs(clip_checkpoint: Path, clipcpp_f16: Path, tmp_path: Path,
-                                               quant: str) -> None:
+def test_convert_output_has_what_clipcpp_needs(
+    clip_checkpoint: Path, clipcpp_f16: Path, tmp_path: Path, quant: str
+) -> None:
     path = convert_clip(clip_checkpoint, tmp_path, quant)
     types = read_kv_types(path)
     kv, tensors = read_gguf(path)
@@ -113,14 +116,21 @@ def test_real_sizes_have_clipcpp_tensor_counts(tmp_path: Path, overrides: dict, 
 
 # --- clip.cpp -> vlm ----------------------------------------------------------------------------------
 
+
 def test_clipcpp_file_has_its_layout(clipcpp_f16: Path) -> None:
     """The stand-in writes what clip.cpp's converter writes: no merges, no logit scale, F16 embeddings."""
     kv, tensors = read_gguf(clipcpp_f16)
     assert "tokenizer.ggml.merges" not in kv and "clip.logit_scale" not in kv
     assert "tokenizer.ggml.bos_token_id" not in kv
     assert set(CLIPCPP_REQUIRED_KEYS) <= set(kv)
-    for name in ("t.token_embd.weight", "t.position_embd.weight", "v.position_embd.weight", "v.patch_embd.weight",
-                 "t.blk.0.attn_q.weight", "text_projection.weight"):
+    for name in (
+        "t.token_embd.weight",
+        "t.position_embd.weight",
+        "v.position_embd.weight",
+        "v.patch_embd.weight",
+        "t.blk.0.attn_q.weight",
+        "text_projection.weight",
+    ):
         assert tensors[name].type_name == "F16", name
     for name in ("v.class_embd", "t.blk.0.ln1.weight", "v.blk.1.ffn_up.bias"):
         assert tensors[name].type_name == "F32", name
@@ -158,8 +168,9 @@ def test_vlm_reads_clipcpp_f32(clipcpp_f32: Path, reference: tuple[np.ndarray, n
 
 
 @pytest.mark.parametrize("qtype,min_cosine", [("Q8_0", 0.999), ("Q5_1", 0.99), ("Q4_0", 0.95)])
-def test_vlm_reads_clipcpp_quantized(clipcpp_f16: Path, reference: tuple[np.ndarray, np.ndarray], tmp_path: Path,
-                                     qtype: str, min_cosine: float) -> None:
+def test_vlm_reads_clipcpp_quantized(
+    clipcpp_f16: Path, reference: tuple[np.ndarray, np.ndarray], tmp_path: Path, qtype: str, min_cosine: float
+) -> None:
     # clip.cpp's quantizer quantizes the token and position embeddings too
     path = quantize_like_clipcpp(clipcpp_f16, tmp_path / f"clip-tiny_ggml-model-{qtype.lower()}.gguf", qtype)
     _, tensors = read_gguf(path)
@@ -181,13 +192,17 @@ def test_missing_logit_scale_alone(clip_gguf: Path, tmp_path: Path) -> None:
         assert m.config.notes == []
 
 
-@pytest.mark.parametrize("change,message", [
-    ("swapped", "vocabulary is not CLIP's"),
-    ("renamed", "vocabulary is not CLIP's"),
-    ("shorter", "vocabulary"),  # (the header checks may refuse it first: CLIP's special ids fall outside)
-])
-def test_non_clip_vocabulary_without_merges_is_refused(clipcpp_f16: Path, tmp_path: Path, change: str,
-                                                        message: str) -> None:
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ("swapped", "vocabulary is not CLIP's"),
+        ("renamed", "vocabulary is not CLIP's"),
+        ("shorter", "vocabulary"),  # (the header checks may refuse it first: CLIP's special ids fall outside)
+    ],
+)
+def test_non_clip_vocabulary_without_merges_is_refused(
+    clipcpp_f16: Path, tmp_path: Path, change: str, message: str
+) -> None:
     tokens = list(default_tokenizer().tokens)
     if change == "swapped":  # same tokens, other ids: CLIP's merges would give wrong ids
         tokens[300], tokens[301] = tokens[301], tokens[300]
@@ -208,8 +223,13 @@ def test_vlm_embed_on_a_clipcpp_file_says_what_it_assumed(clipcpp_f16: Path, tmp
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLM_HOME": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "vlmcli", "embed", "--text", "a cat", "--model", str(clipcpp_f16)],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "vlmcli", "embed", "--text", "a cat", "--model", str(clipcpp_f16)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     notes = [line for line in r.stderr.splitlines() if line.startswith(f"vlm: note: {clipcpp_f16}: ")]
     assert len(notes) == 2 and any("logit scale" in n for n in notes) and any("merges" in n for n in notes)

@@ -13,10 +13,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
 from fixtures.clip import VIT_L14_OVERRIDES, build_clip_checkpoint, read_gguf
 from vlmcli.convert.clip import convert_clip
 from vlmcli.convert.safetensors_io import load_safetensors
+
 from vlmcli.engines.clip_tokenizer import DEFAULT_MERGES_FILE, read_merges_file, vocabulary_from_merges
 from vlmcli.engines.gguf_check import require_kind
 from vlmcli.errors import ModelError, VlmError
@@ -67,11 +67,19 @@ def test_metadata(clip_gguf: Path) -> None:
     assert kv["clip.use_gelu"] is False  # quick_gelu
     assert "clip.projector_type" not in kv
     expected = {
-        "clip.text.context_length": 77, "clip.text.embedding_length": 64, "clip.text.feed_forward_length": 256,
-        "clip.text.projection_dim": 32, "clip.text.attention.head_count": 4, "clip.text.block_count": 2,
-        "clip.vision.image_size": 224, "clip.vision.patch_size": 32, "clip.vision.embedding_length": 64,
-        "clip.vision.feed_forward_length": 256, "clip.vision.projection_dim": 32,
-        "clip.vision.attention.head_count": 4, "clip.vision.block_count": 2,
+        "clip.text.context_length": 77,
+        "clip.text.embedding_length": 64,
+        "clip.text.feed_forward_length": 256,
+        "clip.text.projection_dim": 32,
+        "clip.text.attention.head_count": 4,
+        "clip.text.block_count": 2,
+        "clip.vision.image_size": 224,
+        "clip.vision.patch_size": 32,
+        "clip.vision.embedding_length": 64,
+        "clip.vision.feed_forward_length": 256,
+        "clip.vision.projection_dim": 32,
+        "clip.vision.attention.head_count": 4,
+        "clip.vision.block_count": 2,
     }
     for key, value in expected.items():
         assert kv[key] == value, key
@@ -134,8 +142,9 @@ def test_tensor_names_shapes_and_values(clip_checkpoint: Path, f16: Path) -> Non
 
 def test_types_f16(f16: Path) -> None:
     for name, tensor in _tensors(f16).items():
-        matmul = name.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_out.weight",
-                                "ffn_up.weight", "ffn_down.weight")) or name.endswith("projection.weight")
+        matmul = name.endswith(
+            ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_out.weight", "ffn_up.weight", "ffn_down.weight")
+        ) or name.endswith("projection.weight")
         expected = "F16" if matmul or name == "v.patch_embd.weight" else "F32"  # clip.cpp's conv_2d: F16 kernel
         assert tensor.type_name == expected, name
 
@@ -178,8 +187,9 @@ def test_vit_l14_style_config(tmp_path: Path) -> None:
     overrides = json.loads(json.dumps(VIT_L14_OVERRIDES))
     overrides["text_config"]["num_hidden_layers"] = 1
     overrides["vision_config"]["num_hidden_layers"] = 1
-    ck = build_clip_checkpoint(tmp_path / "clip-vit-large-patch14", size="real", config=overrides, dtype="BF16",
-                               shards=2)
+    ck = build_clip_checkpoint(
+        tmp_path / "clip-vit-large-patch14", size="real", config=overrides, dtype="BF16", shards=2
+    )
     path = convert_clip(ck, tmp_path / "out", "Q8_0")
     assert path.name == "clip-vit-large-patch14-Q8_0.gguf"
     kv, t = read_gguf(path)
@@ -198,8 +208,9 @@ def test_bf16_weights_convert_exactly(tmp_path: Path) -> None:
     path = convert_clip(ck, tmp_path / "out", "F32")
     t = _tensors(path)
     hf = _hf(ck)  # bf16 widened to float32
-    np.testing.assert_array_equal(t["t.blk.0.attn_k.weight"].array(),
-                                  hf["text_model.encoder.layers.0.self_attn.k_proj.weight"])
+    np.testing.assert_array_equal(
+        t["t.blk.0.attn_k.weight"].array(), hf["text_model.encoder.layers.0.self_attn.k_proj.weight"]
+    )
 
 
 def test_tokenizer_from_vocab_and_merges_files(clip_checkpoint: Path, f16: Path, tmp_path: Path) -> None:
@@ -238,23 +249,34 @@ def test_missing_config_keys_take_transformers_defaults(tmp_path: Path) -> None:
 
 
 def test_hf_cache_snapshot_name(clip_checkpoint: Path, tmp_path: Path) -> None:
-    snap = tmp_path / "hub" / "models--openai--clip-vit-base-patch32" / "snapshots" / "3d74acf9a28c67741b2f4f2ea7635f0aaf6f0268"
+    snap = (
+        tmp_path
+        / "hub"
+        / "models--openai--clip-vit-base-patch32"
+        / "snapshots"
+        / "3d74acf9a28c67741b2f4f2ea7635f0aaf6f0268"
+    )
     shutil.copytree(clip_checkpoint, snap)
     assert convert_clip(snap, tmp_path / "out").name == "clip-vit-base-patch32-F16.gguf"
 
 
 def test_script_entry_point(clip_checkpoint: Path, tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, str(SCRIPT), str(clip_checkpoint), "--out", str(tmp_path), "--quant", "q4_1"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), str(clip_checkpoint), "--out", str(tmp_path), "--quant", "q4_1"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     out = Path(r.stdout.strip())
     assert out == tmp_path / "clip-tiny-Q4_1.gguf" and out.is_file()
-    bad = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "nope"), "--out", str(tmp_path)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "nope"), "--out", str(tmp_path)], capture_output=True, text=True
+    )
     assert bad.returncode == 1 and "nope" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # --- bad inputs: ModelError naming the file ----------------------------------------------------------------
+
 
 @pytest.fixture()
 def ck_copy(clip_checkpoint: Path, tmp_path: Path) -> Path:

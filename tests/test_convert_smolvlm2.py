@@ -14,7 +14,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
 from fixtures.smolvlm2 import (
     CHAT_TEMPLATE,
     END_OF_UTTERANCE_ID,
@@ -39,6 +38,7 @@ from vlmcli.convert.smolvlm2 import (
     text_hparams,
     vision_hparams,
 )
+
 from vlmcli.errors import ModelError, VlmError
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -167,8 +167,18 @@ def test_llama_cpp_loads_model_and_tokenizes_what_mtmd_inserts(smolvlm2_gguf):
             assert ids and all(0 <= i < 49280 for i in ids), text
             assert llm.detokenize(ids) == text
         assert llm.tokenize(b"\n\n", add_bos=False, special=True) == [llm.tokenize(b"\n\n", add_bos=False)[0]]
-        specials = b"<fake_token_around_image><global-img><row_1_col_1><row_6_col_6><image><end_of_utterance><|im_start|>"
-        assert llm.tokenize(specials, add_bos=False, special=True) == [49189, 49152, 49153, 49188, IMAGE_TOKEN_ID, 49279, 1]
+        specials = (
+            b"<fake_token_around_image><global-img><row_1_col_1><row_6_col_6><image><end_of_utterance><|im_start|>"
+        )
+        assert llm.tokenize(specials, add_bos=False, special=True) == [
+            49189,
+            49152,
+            49153,
+            49188,
+            IMAGE_TOKEN_ID,
+            49279,
+            1,
+        ]
         assert llm.metadata["tokenizer.chat_template"] == CHAT_TEMPLATE
         # A forward pass runs and gives finite logits.
         llm.eval(llm.tokenize(b"<|im_start|>User: Hello<end_of_utterance>\nAssistant:", add_bos=False, special=True))
@@ -272,7 +282,20 @@ def test_language_model_tensors_names_shapes_types(f16_files):
     g = Gguf(f16_files.model)
     names = {"token_embd.weight", "output_norm.weight", "output.weight"}
     for i in range(2):
-        names |= {f"blk.{i}.{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "attn_norm", "ffn_gate", "ffn_up", "ffn_down", "ffn_norm")}
+        names |= {
+            f"blk.{i}.{n}.weight"
+            for n in (
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "attn_norm",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+                "ffn_norm",
+            )
+        }
     assert set(g.tensors) == names
     # ggml shapes are (cols, rows): reversed numpy order.
     assert list(g.tensors["token_embd.weight"].shape) == [64, 49280]
@@ -306,7 +329,9 @@ def test_rope_theta_from_either_config_layout(tmp_path):
         else:
             config["text_config"]["rope_parameters"]["rope_theta"] = 123456.0
         ckpt = build_smolvlm2_checkpoint(tmp_path / layout / NAME, config, size="real")
-        assert ("rope_theta" in json.loads((ckpt / "config.json").read_text())["text_config"]) == (layout == "text_config")
+        assert ("rope_theta" in json.loads((ckpt / "config.json").read_text())["text_config"]) == (
+            layout == "text_config"
+        )
         files = _convert(ckpt, tmp_path / layout / "out")
         assert Gguf(files.model)["llama.rope.freq_base"] == pytest.approx(123456.0), layout
 
@@ -352,7 +377,14 @@ def test_mmproj_metadata(f16_files):
 
 def test_mmproj_tensors_names_shapes_types(f16_files):
     g = Gguf(f16_files.mmproj)
-    names = {"v.patch_embd.weight", "v.patch_embd.bias", "v.position_embd.weight", "v.post_ln.weight", "v.post_ln.bias", "mm.model.fc.weight"}
+    names = {
+        "v.patch_embd.weight",
+        "v.patch_embd.bias",
+        "v.position_embd.weight",
+        "v.post_ln.weight",
+        "v.post_ln.bias",
+        "mm.model.fc.weight",
+    }
     for i in range(2):
         for t in ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down"):
             names |= {f"v.blk.{i}.{t}.weight", f"v.blk.{i}.{t}.bias"}
@@ -380,7 +412,9 @@ def test_mmproj_q8_0_keeps_embeddings_norms_biases_f32(smolvlm2_checkpoint, tmp_
 def test_real_256m_mmproj_has_198_tensors(tmp_path):
     """The formula against the published count, and a real conversion with 12 vision layers."""
     config = json.loads(REAL_CONFIG_256M.read_text())
-    h = vision_hparams(config, json.loads(REAL_PREPROCESSOR.read_text()), text_hparams(config, REAL_CONFIG_256M), REAL_CONFIG_256M)
+    h = vision_hparams(
+        config, json.loads(REAL_PREPROCESSOR.read_text()), text_hparams(config, REAL_CONFIG_256M), REAL_CONFIG_256M
+    )
     assert len(expected_vision_tensors(h)) == 198
     tiny12 = make_config(size="tiny")
     tiny12["vision_config"]["num_hidden_layers"] = 12
@@ -415,7 +449,14 @@ def test_500m_config_hparams():
     t = text_hparams(config, REAL_CONFIG_500M)
     v = vision_hparams(config, json.loads(REAL_PREPROCESSOR.read_text()), t, REAL_CONFIG_500M)
     assert (t.hidden, t.layers, t.heads, t.kv_heads, t.head_dim, t.rope_theta) == (960, 32, 15, 5, 64, 100000.0)
-    assert (v.hidden, v.layers, v.image_size, v.patch_size, v.scale_factor, v.preproc_image_size) == (768, 12, 512, 16, 4, 2048)
+    assert (v.hidden, v.layers, v.image_size, v.patch_size, v.scale_factor, v.preproc_image_size) == (
+        768,
+        12,
+        512,
+        16,
+        4,
+        2048,
+    )
 
 
 # ----------------------------------------------------------------------------- inputs: shards, dtypes, vocab
@@ -436,7 +477,9 @@ def test_sharded_and_f32_checkpoints_convert_to_the_same_tensors(smolvlm2_checkp
     assert load_safetensors(smolvlm2_checkpoint)["model.text_model.norm.weight"].dtype == "BF16"
     from_f32 = Gguf(_convert(f32, tmp_path / "f32-out").model)
     # bf16 keeps 8 mantissa bits: the same weights, within bf16 rounding.
-    np.testing.assert_allclose(from_f32.array("blk.0.ffn_up.weight"), reference.array("blk.0.ffn_up.weight"), rtol=1e-2, atol=1e-4)
+    np.testing.assert_allclose(
+        from_f32.array("blk.0.ffn_up.weight"), reference.array("blk.0.ffn_up.weight"), rtol=1e-2, atol=1e-4
+    )
     hf = load_safetensors(f32)["model.text_model.layers.0.mlp.up_proj.weight"].load()
     np.testing.assert_allclose(from_f32.array("blk.0.ffn_up.weight"), hf, rtol=1e-3, atol=1e-6)
 
@@ -506,7 +549,14 @@ def _one_layer_config() -> dict:
 def wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Text rows of 256 so llama.cpp's K-quants apply without fallbacks."""
     config = make_config(size="tiny")
-    config["text_config"].update(hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    config["text_config"].update(
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
     config["vision_config"]["num_hidden_layers"] = 1
     return build_smolvlm2_checkpoint(tmp_path_factory.mktemp("wide") / NAME, config, size="real")
 
@@ -580,7 +630,9 @@ def test_bad_checkpoints_raise_errors_naming_the_file(smolvlm2_checkpoint, tmp_p
         convert_smolvlm2(other, tmp_path / "out")
 
     missing = _copy_checkpoint(smolvlm2_checkpoint, tmp_path / "missing" / NAME)
-    tensors = {n: t.load() for n, t in load_safetensors(missing).items() if n != "model.text_model.layers.1.mlp.up_proj.weight"}
+    tensors = {
+        n: t.load() for n, t in load_safetensors(missing).items() if n != "model.text_model.layers.1.mlp.up_proj.weight"
+    }
     save_safetensors(missing / "model.safetensors", tensors)
     with pytest.raises(ModelError, match="missing tensor model.text_model.layers.1.mlp.up_proj.weight") as e:
         convert_checkpoint(missing, tmp_path / "out")
@@ -629,7 +681,18 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_convert_and_quantize(smolvlm2_checkpoint, tmp_path):
-    r = _run("-m", "vlmcli", "convert", str(smolvlm2_checkpoint), "--out", str(tmp_path), "--quant", "F16", "--mmproj-quant", "Q8_0")
+    r = _run(
+        "-m",
+        "vlmcli",
+        "convert",
+        str(smolvlm2_checkpoint),
+        "--out",
+        str(tmp_path),
+        "--quant",
+        "F16",
+        "--mmproj-quant",
+        "Q8_0",
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines == [str(tmp_path / f"{NAME}-F16.gguf"), str(tmp_path / f"mmproj-{NAME}-Q8_0.gguf")]
@@ -653,6 +716,13 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_converter_runs_as_a_script(smolvlm2_checkpoint, tmp_path):
-    r = _run(str(PROJECT / "scripts" / "convert" / "smolvlm2.py"), str(smolvlm2_checkpoint), "--out", str(tmp_path), "--quant", "F16")
+    r = _run(
+        str(PROJECT / "scripts" / "convert" / "smolvlm2.py"),
+        str(smolvlm2_checkpoint),
+        "--out",
+        str(tmp_path),
+        "--quant",
+        "F16",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [str(tmp_path / f"{NAME}-F16.gguf"), str(tmp_path / f"mmproj-{NAME}-F16.gguf")]

@@ -44,8 +44,13 @@ def peer(folder: Path):
     started: list[subprocess.Popen] = []
 
     def start() -> tuple[subprocess.Popen, int]:
-        p = subprocess.Popen([sys.executable, "-c", PEER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "VLM_CORES_DIR": str(folder)})
+        p = subprocess.Popen(
+            [sys.executable, "-c", PEER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "VLM_CORES_DIR": str(folder)},
+        )
         started.append(p)
         return p, int(p.stdout.readline())
 
@@ -67,8 +72,13 @@ def age_idle_files(folder: Path) -> None:
 def counter(folder: Path):
     """Another process, started (imports done) ahead, that counts the running units on each call."""
     code = "import sys\nfrom vlmcli.engines.cores import running_units\nfor _ in sys.stdin: print(running_units(), flush=True)"
-    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "VLM_CORES_DIR": str(folder)})
+    p = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "VLM_CORES_DIR": str(folder)},
+    )
 
     def count() -> int:
         p.stdin.write("\n")

@@ -18,17 +18,29 @@ SECRET = "hf_doctorTestSecretValue_0123456789"
 
 
 def vlm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vlmcli", *args], capture_output=True, text=True, timeout=600,
-                          env={k: v for k, v in env.items() if v is not None})
+    return subprocess.run(
+        [sys.executable, "-m", "vlmcli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in env.items() if v is not None},
+    )
 
 
 @pytest.fixture()
 def env(tmp_path: Path) -> dict[str, str]:
     """An empty store, a token in the environment, a hub that is not there, offline mode on."""
     e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE", "VLM_"))}
-    return {**e, "VLM_HOME": str(tmp_path / "store"), "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": SECRET,
-            "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1", "XDG_CONFIG_HOME": str(tmp_path / "config"),
-            "VLM_CORES_DIR": str(tmp_path / "cores")}  # no other vlm work running
+    return {
+        **e,
+        "VLM_HOME": str(tmp_path / "store"),
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_TOKEN": SECRET,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_OFFLINE": "1",
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "VLM_CORES_DIR": str(tmp_path / "cores"),
+    }  # no other vlm work running
 
 
 def _keys(text: str) -> dict[str, list[str]]:
@@ -50,6 +62,7 @@ def test_json_report_agrees_with_llama_cpp_and_ggml(env: dict[str, str]) -> None
     (line,) = r.stdout.splitlines()  # one record
     rep = json.loads(line)
     import llama_cpp as package
+
     import vlmcli
 
     assert rep["versions"]["vlmcli"] == vlmcli.__version__
@@ -84,16 +97,40 @@ def test_json_report_agrees_with_llama_cpp_and_ggml(env: dict[str, str]) -> None
     from vlmcli.engines import clip_kernels
 
     bf16_ggml = ggml.lib().ggml_cpu_has_avx512_bf16()
-    assert runs["clip_cpu_kernels"] == ("vlm's BF16 kernels (AVX512_BF16)" if clip_kernels.available("bf16") else
-                                        "vlm's I16 kernels (AVX512_VNNI)" if clip_kernels.has_vnni() else
-                                        "vlm's I16 kernels (AVX2)" if clip_kernels.available("i16") else
-                                        "ggml, F16/F32 weights held as BF16" if bf16_ggml else "ggml, weights as stored")
+    assert runs["clip_cpu_kernels"] == (
+        "vlm's BF16 kernels (AVX512_BF16)"
+        if clip_kernels.available("bf16")
+        else "vlm's I16 kernels (AVX512_VNNI)"
+        if clip_kernels.has_vnni()
+        else "vlm's I16 kernels (AVX2)"
+        if clip_kernels.available("i16")
+        else "ggml, F16/F32 weights held as BF16"
+        if bf16_ggml
+        else "ggml, weights as stored"
+    )
     # store (empty, not even created), its image-encoding cache (empty), the hub settings; the token only as present
-    assert rep["store"] == {"root": env["VLM_HOME"], "exists": False, "models": [], "models_bytes": 0, "downloads_bytes": 0}
-    assert rep["image_cache"] == {"enabled": True, "path": str(Path(env["VLM_HOME"]) / "cache" / "encodings"),
-                                  "entries": 0, "bytes": 0, "max_bytes": 2 * 1024**3}
-    assert rep["hub"] == {"endpoint": "http://127.0.0.1:9", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1",
-                          "offline": True, "token": True, "token_source": "HF_TOKEN"}
+    assert rep["store"] == {
+        "root": env["VLM_HOME"],
+        "exists": False,
+        "models": [],
+        "models_bytes": 0,
+        "downloads_bytes": 0,
+    }
+    assert rep["image_cache"] == {
+        "enabled": True,
+        "path": str(Path(env["VLM_HOME"]) / "cache" / "encodings"),
+        "entries": 0,
+        "bytes": 0,
+        "max_bytes": 2 * 1024**3,
+    }
+    assert rep["hub"] == {
+        "endpoint": "http://127.0.0.1:9",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_OFFLINE": "1",
+        "offline": True,
+        "token": True,
+        "token_source": "HF_TOKEN",
+    }
     assert isinstance(rep["warnings"], list)
     if rep["llama"]["amx_compiled_in"]:
         assert any("VLM_AMX=1" in w for w in rep["warnings"]) and rep["llama"]["extra_buffers"] is False
@@ -117,9 +154,29 @@ def test_text_report_has_every_fact_and_no_token(env: dict[str, str]) -> None:
     assert SECRET not in r.stdout + r.stderr
     assert r.stderr == ""
     keys = _keys(r.stdout)
-    for key in ("vlmcli", "python", "llama-cpp-python", "llama.cpp", "ggml", "cpu", "features", "backends", "device",
-                "threads", "n-gpu-layers", "smolvlm2", "clip", "clip-cpu-kernels", "detail-auto", "extra-buffers", "store", "image-cache",
-                "hf-endpoint", "hf-offline", "hf-token"):
+    for key in (
+        "vlmcli",
+        "python",
+        "llama-cpp-python",
+        "llama.cpp",
+        "ggml",
+        "cpu",
+        "features",
+        "backends",
+        "device",
+        "threads",
+        "n-gpu-layers",
+        "smolvlm2",
+        "clip",
+        "clip-cpu-kernels",
+        "detail-auto",
+        "extra-buffers",
+        "store",
+        "image-cache",
+        "hf-endpoint",
+        "hf-offline",
+        "hf-token",
+    ):
         assert key in keys, r.stdout
     assert keys["hf-token"] == ["set (HF_TOKEN)"]
     assert keys["hf-offline"] == ["yes (HF_HUB_OFFLINE=1)"]
@@ -152,7 +209,10 @@ def test_installed_models_are_listed_without_being_loaded(env: dict[str, str], t
     store.ensure_writable()
     staging = store.new_staging_dir("clip-vit-b32")
     (staging / "m.gguf").write_bytes(b"GGUF" + b"\0" * 996)  # not a loadable model: the doctor must not load it
-    write_manifest(staging, {"name": "clip-vit-b32", "kind": "clip", "quant": "F16", "files": {"model": "m.gguf"}, "revision": "main"})
+    write_manifest(
+        staging,
+        {"name": "clip-vit-b32", "kind": "clip", "quant": "F16", "files": {"model": "m.gguf"}, "revision": "main"},
+    )
     store.install(staging, "clip-vit-b32", "F16")
     (store.downloads_dir / "smolvlm2-256m").mkdir(parents=True)
     (store.downloads_dir / "smolvlm2-256m" / "part.gguf").write_bytes(b"\0" * 500)
@@ -171,8 +231,11 @@ def test_installed_models_are_listed_without_being_loaded(env: dict[str, str], t
 def test_warnings() -> None:
     from vlmcli.tasks.system import warnings
 
-    cpu_build = {"llama": {"gpu_offload": False, "amx_compiled_in": False, "extra_buffers": True},
-                 "ggml": {"devices": [{"name": "CPU", "type": "cpu"}]}, "versions": {"llama_cpp_python": "0.3.36"}}
+    cpu_build = {
+        "llama": {"gpu_offload": False, "amx_compiled_in": False, "extra_buffers": True},
+        "ggml": {"devices": [{"name": "CPU", "type": "cpu"}]},
+        "versions": {"llama_cpp_python": "0.3.36"},
+    }
     assert warnings(cpu_build) == []
     nvidia = {**cpu_build, "gpus_visible": [{"kind": "cuda", "evidence": "/dev/nvidia0"}]}
     (w,) = warnings(nvidia)
@@ -182,8 +245,11 @@ def test_warnings() -> None:
     assert "-DGGML_HIP=on" in warnings(rocm)[0]
     mac = {**cpu_build, "gpus_visible": [{"kind": "metal", "evidence": "Apple silicon (macOS arm64)"}]}
     assert "-DGGML_METAL=on" in warnings(mac)[0]
-    cuda_build = {**nvidia, "llama": {**cpu_build["llama"], "gpu_offload": True},
-                  "ggml": {"devices": [{"name": "CPU", "type": "cpu"}, {"name": "CUDA0", "type": "gpu"}]}}
+    cuda_build = {
+        **nvidia,
+        "llama": {**cpu_build["llama"], "gpu_offload": True},
+        "ggml": {"devices": [{"name": "CPU", "type": "cpu"}, {"name": "CUDA0", "type": "gpu"}]},
+    }
     assert warnings(cuda_build) == []
     amx = {**cpu_build, "llama": {"gpu_offload": False, "amx_compiled_in": True, "extra_buffers": False}}
     assert ["VLM_AMX=1" in w for w in warnings(amx)] == [True]
@@ -196,8 +262,10 @@ def test_parse_system_info() -> None:
     from vlmcli.engines.llama_native import parse_system_info
 
     text = "CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 1 | OPENMP = 1 | REPACK = 1 | CUDA : ARCHS = 860 | USE_GRAPHS = 1 | "
-    assert parse_system_info(text) == {"CPU": {"SSE3": "1", "AVX2": "1", "AMX_INT8": "1", "OPENMP": "1", "REPACK": "1"},
-                                       "CUDA": {"ARCHS": "860", "USE_GRAPHS": "1"}}
+    assert parse_system_info(text) == {
+        "CPU": {"SSE3": "1", "AVX2": "1", "AMX_INT8": "1", "OPENMP": "1", "REPACK": "1"},
+        "CUDA": {"ARCHS": "860", "USE_GRAPHS": "1"},
+    }
     assert parse_system_info("") == {}
 
 
@@ -248,8 +316,20 @@ def test_on_a_cpu_build_the_default_gives_the_records_of_ngl_0(smolvlm2_gguf, cl
     large = tmp_path / "large.png"  # larger than a tile: --detail auto tiles it, as the CPU policy says
     Image.open(SAMPLE).convert("RGB").resize((1400, 930)).save(large)
     env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
-    ask = ["ask", str(large), "What is this?", "--model", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj),
-           "-n", "4", "--json", "-c", "2048"]
+    ask = [
+        "ask",
+        str(large),
+        "What is this?",
+        "--model",
+        str(smolvlm2_gguf.model),
+        "--mmproj",
+        str(smolvlm2_gguf.mmproj),
+        "-n",
+        "4",
+        "--json",
+        "-c",
+        "2048",
+    ]
     default, cpu = vlm(*ask, env=env), vlm(*ask, "-ngl", "0", env=env)
     assert default.returncode == 0 and cpu.returncode == 0, default.stderr + cpu.stderr
     (rec,) = _without_timings(default.stdout)

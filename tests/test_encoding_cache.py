@@ -144,13 +144,33 @@ def photo(tmp_path: Path) -> Path:
     return path
 
 
-def _ask(smolvlm2_gguf, image: Path, cache: Path, *extra: str, mmproj: Path | None = None, size: str | None = None) -> dict:
+def _ask(
+    smolvlm2_gguf, image: Path, cache: Path, *extra: str, mmproj: Path | None = None, size: str | None = None
+) -> dict:
     env = {**os.environ, "VLM_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
     env.pop("VLM_CACHE_SIZE", None)
     if size is not None:
         env["VLM_CACHE_SIZE"] = size
-    cmd = [sys.executable, "-m", "vlmcli", "ask", str(image), "What is this?", "-m", str(smolvlm2_gguf.model),
-           "--mmproj", str(mmproj or smolvlm2_gguf.mmproj), "-n", "6", "-t", "1", "--detail", "high", "--json", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmcli",
+        "ask",
+        str(image),
+        "What is this?",
+        "-m",
+        str(smolvlm2_gguf.model),
+        "--mmproj",
+        str(mmproj or smolvlm2_gguf.mmproj),
+        "-n",
+        "6",
+        "-t",
+        "1",
+        "--detail",
+        "high",
+        "--json",
+        *extra,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -221,9 +241,28 @@ def test_cli_size_bound_and_concurrent_processes(smolvlm2_gguf, tmp_path: Path) 
 
     # two processes on one image and one cache folder at once: both answer, a third gets a whole hit
     env = {**os.environ, "VLM_CACHE_DIR": str(tmp_path / "shared"), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "vlmcli", "ask", str(images[0]), "What is this?", "-m", str(smolvlm2_gguf.model),
-           "--mmproj", str(smolvlm2_gguf.mmproj), "-n", "6", "-t", "1", "--detail", "high", "--json"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmcli",
+        "ask",
+        str(images[0]),
+        "What is this?",
+        "-m",
+        str(smolvlm2_gguf.model),
+        "--mmproj",
+        str(smolvlm2_gguf.mmproj),
+        "-n",
+        "6",
+        "-t",
+        "1",
+        "--detail",
+        "high",
+        "--json",
+    ]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
     answers = {_answer(json.loads(o)) for o, _ in outs}

@@ -19,9 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import fuzzing as fz
+import pytest
 
 SEED = 11
 RLIMIT_AS = fz.DEFAULT_RLIMIT_AS
@@ -81,7 +80,10 @@ def corpus(good: fz.Models, tmp_path_factory) -> dict[str, list[fz.Job]]:
             add("keys", kind, m, f"key{i}")
         for i, m in enumerate(fz.tensor_mutations(layout, kind, rng, 4)):
             add("tensors", kind, m, f"tensor{i}")
-    seeds = [Path(good.image).read_bytes(), (Path(__file__).parents[1] / "vlmcli" / "data" / "chelsea.jpg").read_bytes()]
+    seeds = [
+        Path(good.image).read_bytes(),
+        (Path(__file__).parents[1] / "vlmcli" / "data" / "chelsea.jpg").read_bytes(),
+    ]
     shapes = [(1, 20000), (20000, 1), (1, 1)]
     for w, h in shapes:
         p = d / f"shape-{w}x{h}.png"
@@ -116,7 +118,7 @@ def _check(results: list[fz.Result]) -> None:
 def test_issue_cases_are_refused_naming_file_key_and_value(outcome) -> None:
     results = outcome[0]["issue"]
     _check(results)
-    for r, (kind, key, value, needle) in zip(results, ISSUE_CASES):
+    for r, (_kind, key, value, needle) in zip(results, ISSUE_CASES):
         assert r.outcome == "refused", (key, value, r.outcome)
         assert key in r.message and needle in r.message.lower(), r.message
         assert Path(r.job.path).name in r.message
@@ -171,8 +173,15 @@ def vlm(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (RLIMIT_AS, RLIMIT_AS))
 
-    return subprocess.run([sys.executable, "-m", "vlmcli", *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=600, preexec_fn=limit)
+    return subprocess.run(
+        [sys.executable, "-m", "vlmcli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+        preexec_fn=limit,
+    )
 
 
 def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
@@ -192,15 +201,35 @@ def test_cli_classifies_a_1x20000_image_in_bounded_memory(good, corpus, tmp_path
 
 def test_cli_full_detail_refuses_a_1x20000_image_with_its_size(good, corpus, tmp_path: Path) -> None:
     image = next(Path(j.path) for j in corpus["images"] if j.desc == "1x20000")
-    r = vlm("ask", str(image), "What is this?", "--model", good.llm, "--mmproj", good.mmproj, "--detail", "high",
-            cwd=tmp_path)
+    r = vlm(
+        "ask",
+        str(image),
+        "What is this?",
+        "--model",
+        good.llm,
+        "--mmproj",
+        good.mmproj,
+        "--detail",
+        "high",
+        cwd=tmp_path,
+    )
     line = one_error_line(r)
     assert str(image) in line and "1x20000" in line
 
 
 def test_cli_refuses_a_context_beyond_32_bits_before_allocating(good, tmp_path: Path) -> None:
-    r = vlm("ask", good.image, "What is this?", "--model", good.llm, "--mmproj", good.mmproj, "--ctx", "4294967553",
-            cwd=tmp_path)
+    r = vlm(
+        "ask",
+        good.image,
+        "What is this?",
+        "--model",
+        good.llm,
+        "--mmproj",
+        good.mmproj,
+        "--ctx",
+        "4294967553",
+        cwd=tmp_path,
+    )
     assert "--ctx" in one_error_line(r)
 
 

@@ -90,8 +90,9 @@ def test_matmul(backend):
 def test_norm_scale_add_mul(backend):
     rng = np.random.default_rng(2)
     x, w, b = rng.standard_normal((4, 16)), rng.standard_normal(16), rng.standard_normal(16)
-    got = run(backend, lambda g, t: g.scale(g.add(g.mul(g.norm(t["x"], 1e-5), t["w"]), t["b"]), 0.5),
-              {"x": x, "w": w, "b": b})
+    got = run(
+        backend, lambda g, t: g.scale(g.add(g.mul(g.norm(t["x"], 1e-5), t["w"]), t["b"]), 0.5), {"x": x, "w": w, "b": b}
+    )
     mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
     np.testing.assert_allclose(got, 0.5 * ((x - mean) / np.sqrt(var + 1e-5) * w + b), rtol=1e-5, atol=1e-5)
 
@@ -155,9 +156,14 @@ def test_python_shapes_agree_with_ggml():
         x = g.new_tensor("F32", (8, 6, 2))
         w = g.new_tensor("Q8_0", (32, 8))
         results = [
-            g.permute(x, 0, 2, 1, 3), g.transpose(g.reshape(x, 8, 12)), g.cont(g.permute(x, 1, 2, 0, 3)),
-            g.reshape(x, 2, 4, 6, 2), g.view_rows(g.reshape(x, 8, 12), 5, 3), g.concat(x, x, 2),
-            g.mul_mat(g.reshape(x, 8, 12), g.new_tensor("F32", (8, 3))), w,
+            g.permute(x, 0, 2, 1, 3),
+            g.transpose(g.reshape(x, 8, 12)),
+            g.cont(g.permute(x, 1, 2, 0, 3)),
+            g.reshape(x, 2, 4, 6, 2),
+            g.view_rows(g.reshape(x, 8, 12), 5, 3),
+            g.concat(x, x, 2),
+            g.mul_mat(g.reshape(x, 8, 12), g.new_tensor("F32", (8, 3))),
+            w,
         ]
         for t in results:
             assert L.ggml_nelements(t.ptr) == t.n_elements
@@ -191,6 +197,7 @@ def test_bad_ops_raise_instead_of_aborting():
 
 # --- quantize -------------------------------------------------------------------------------------
 
+
 def _blocks(x: np.ndarray, n: int) -> np.ndarray:
     return x.reshape(-1, n)
 
@@ -209,9 +216,13 @@ def test_quantize_round_trip(qtype):
     # half a quantization step per block; the block scale is stored as F16, whose rounding (2^-11,
     # times up to 127 steps) can add up to ~13% of a half step
     bound = {
-        "Q8_0": 0.5 * amax / 127, "Q4_0": 0.5 * amax / 8 * 2, "Q5_0": 0.5 * amax / 16 * 2,
-        "Q4_1": 0.5 * spread / 15, "Q5_1": 0.5 * spread / 31,
-        "F16": np.abs(blocks) * 2.0 ** -11, "BF16": np.abs(blocks) * 2.0 ** -8,
+        "Q8_0": 0.5 * amax / 127,
+        "Q4_0": 0.5 * amax / 8 * 2,
+        "Q5_0": 0.5 * amax / 16 * 2,
+        "Q4_1": 0.5 * spread / 15,
+        "Q5_1": 0.5 * spread / 31,
+        "F16": np.abs(blocks) * 2.0**-11,
+        "BF16": np.abs(blocks) * 2.0**-8,
     }[qtype]
     assert np.all(errs <= bound * 1.15 + 1e-7), float((errs / (bound + 1e-12)).max())
     assert err.max() > 0 or qtype in ("F16", "BF16")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fuzzing as fz
 import pytest
 
-import fuzzing as fz
 from vlmcli.engines import gguf_rules
 from vlmcli.engines.detail import VisionGeometry, check_image_shape
 from vlmcli.engines.gguf_check import inspect_gguf, require_kind
@@ -18,9 +18,14 @@ from vlmcli.errors import ImageError, InvalidOption, ModelError
 
 # Numeric keys nothing native sizes anything by (informational, or flags read as booleans).
 UNCHECKED = {
-    "general.file_type", "general.quantization_version", "tokenizer.ggml.add_space_prefix",
-    "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "clip.has_llava_projector",
-    "clip.has_text_encoder", "clip.has_vision_encoder",  # decide the kind (clip vs mmproj): require_kind
+    "general.file_type",
+    "general.quantization_version",
+    "tokenizer.ggml.add_space_prefix",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_eos_token",
+    "clip.has_llava_projector",
+    "clip.has_text_encoder",
+    "clip.has_vision_encoder",  # decide the kind (clip vs mmproj): require_kind
 }
 
 
@@ -37,7 +42,11 @@ def test_every_numeric_key_of_the_real_layouts_has_a_rule(smolvlm2_gguf, clip_gg
     """A key a converter starts writing must get a rule (or be listed as harmless here)."""
     for kind, path in _files(smolvlm2_gguf, clip_gguf).items():
         info = inspect_gguf(path)
-        ruled = {r.key.replace("{arch}", info.arch) for r in gguf_rules.rules_for(kind, info.arch) if isinstance(r, gguf_rules.Key)}
+        ruled = {
+            r.key.replace("{arch}", info.arch)
+            for r in gguf_rules.rules_for(kind, info.arch)
+            if isinstance(r, gguf_rules.Key)
+        }
         ruled |= set(gguf_rules.SPECIAL_TOKEN_KEYS)
         numeric = {k.key for k in fz.numeric_keys(fz.parse_gguf(path.read_bytes()))}
         assert numeric - ruled - UNCHECKED == set(), kind
@@ -50,26 +59,36 @@ def _mutated(path: Path, tmp_path: Path, key: str, value) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kind,key,value,reason", [
-    ("mmproj", "clip.vision.patch_size", 7, "v.patch_embd.weight has 16 x 16 patches"),
-    ("mmproj", "clip.vision.image_size", 256, "v.position_embd.weight holds 64 positions"),
-    ("mmproj", "clip.vision.attention.head_count", 5, "does not divide clip.vision.embedding_length (64)"),
-    ("mmproj", "clip.vision.projector.scale_factor", 1, "must be between 2 and 65535"),
-    ("mmproj", "clip.vision.projector.scale_factor", 1000, "does not divide the 8 x 8 patch grid"),
-    ("mmproj", "clip.vision.attention.layer_norm_epsilon", float("inf"), "must be a finite number"),
-    ("llm", "llama.block_count", 513, "must be between 1 and 512"),
-    ("llm", "llama.block_count", 1, "but the file holds tensors of block 1"),
-    ("llm", "llama.attention.head_count", 6, "blk.0.attn_q.weight has shape (64, 64), but the hyper-parameters imply (64, 96)"),
-    ("llm", "llama.attention.head_count_kv", 3, "does not divide llama.attention.head_count (4)"),
-    ("llm", "llama.attention.layer_norm_rms_epsilon", -1e-5, "must be more than 0"),
-    ("llm", "llama.rope.dimension_count", 8, "differs from the head size 16"),
-    ("llm", "tokenizer.ggml.eos_token_id", 49280, "is outside the vocabulary of 49280 tokens"),
-    ("llm", "llama.context_length", 0, "must be between 1 and"),
-    ("clip", "tokenizer.ggml.bos_token_id", 10**9, "is outside the vocabulary of 49408 tokens"),
-    ("clip", "clip.text.block_count", 2**31, "must be between 1 and 512"),
-    ("clip", "clip.vision.image_size", 4096, "must be between 1 and 1024"),
-])
-def test_refusals_name_file_key_value_and_reason(smolvlm2_gguf, clip_gguf, tmp_path: Path, kind, key, value, reason) -> None:
+@pytest.mark.parametrize(
+    "kind,key,value,reason",
+    [
+        ("mmproj", "clip.vision.patch_size", 7, "v.patch_embd.weight has 16 x 16 patches"),
+        ("mmproj", "clip.vision.image_size", 256, "v.position_embd.weight holds 64 positions"),
+        ("mmproj", "clip.vision.attention.head_count", 5, "does not divide clip.vision.embedding_length (64)"),
+        ("mmproj", "clip.vision.projector.scale_factor", 1, "must be between 2 and 65535"),
+        ("mmproj", "clip.vision.projector.scale_factor", 1000, "does not divide the 8 x 8 patch grid"),
+        ("mmproj", "clip.vision.attention.layer_norm_epsilon", float("inf"), "must be a finite number"),
+        ("llm", "llama.block_count", 513, "must be between 1 and 512"),
+        ("llm", "llama.block_count", 1, "but the file holds tensors of block 1"),
+        (
+            "llm",
+            "llama.attention.head_count",
+            6,
+            "blk.0.attn_q.weight has shape (64, 64), but the hyper-parameters imply (64, 96)",
+        ),
+        ("llm", "llama.attention.head_count_kv", 3, "does not divide llama.attention.head_count (4)"),
+        ("llm", "llama.attention.layer_norm_rms_epsilon", -1e-5, "must be more than 0"),
+        ("llm", "llama.rope.dimension_count", 8, "differs from the head size 16"),
+        ("llm", "tokenizer.ggml.eos_token_id", 49280, "is outside the vocabulary of 49280 tokens"),
+        ("llm", "llama.context_length", 0, "must be between 1 and"),
+        ("clip", "tokenizer.ggml.bos_token_id", 10**9, "is outside the vocabulary of 49408 tokens"),
+        ("clip", "clip.text.block_count", 2**31, "must be between 1 and 512"),
+        ("clip", "clip.vision.image_size", 4096, "must be between 1 and 1024"),
+    ],
+)
+def test_refusals_name_file_key_value_and_reason(
+    smolvlm2_gguf, clip_gguf, tmp_path: Path, kind, key, value, reason
+) -> None:
     path = _mutated(_files(smolvlm2_gguf, clip_gguf)[kind], tmp_path, key, value)
     with pytest.raises(InvalidModelValue) as e:
         require_kind(path, kind, keep_string_arrays=kind == "clip")
@@ -104,22 +123,27 @@ def test_duplicate_vocabulary_entry_is_refused(smolvlm2_gguf, tmp_path: Path) ->
 # --- chat templates ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("template,reason", [
-    ("{% for m in messages %}{{ m['role'] }", "syntax error on line 1"),
-    ("{{ messages[0]['content'][7]['text'] }}", "rendering failed"),
-    ("Hello", "does not place the image"),
-    ("{% for a in range(1000) %}{% for b in range(1000) %}{% endfor %}{% endfor %}", "more than 200000 steps"),
-    ("{{ 'x' * 10000000 }}", "at most 6 digits"),
-    ("{{ 'x' * 1000 * 1000 }}", "a sequence of 1000000 items"),
-    ("{{ 'x'|center(999999) * 3 }}", "a sequence of"),
-])
+@pytest.mark.parametrize(
+    "template,reason",
+    [
+        ("{% for m in messages %}{{ m['role'] }", "syntax error on line 1"),
+        ("{{ messages[0]['content'][7]['text'] }}", "rendering failed"),
+        ("Hello", "does not place the image"),
+        ("{% for a in range(1000) %}{% for b in range(1000) %}{% endfor %}{% endfor %}", "more than 200000 steps"),
+        ("{{ 'x' * 10000000 }}", "at most 6 digits"),
+        ("{{ 'x' * 1000 * 1000 }}", "a sequence of 1000000 items"),
+        ("{{ 'x'|center(999999) * 3 }}", "a sequence of"),
+    ],
+)
 def test_bad_templates_are_template_problems(template: str, reason: str) -> None:
     with pytest.raises(TemplateProblem, match=reason):
         ChatPrompt.from_template(template)
 
 
 def test_the_real_template_renders() -> None:
-    assert render_user_turn(None, "What is this?") == "<|im_start|>User:<image>What is this?<end_of_utterance>\nAssistant:"
+    assert (
+        render_user_turn(None, "What is this?") == "<|im_start|>User:<image>What is this?<end_of_utterance>\nAssistant:"
+    )
 
 
 # --- images mtmd cannot take -------------------------------------------------------------------------
@@ -147,21 +171,35 @@ def test_a_token_cap_takes_any_shape() -> None:
 # --- engine options, checked before anything is allocated ---------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,option", [
-    ({"n_ctx": 4294967553}, "n_ctx"), ({"n_ctx": -1}, "n_ctx"), ({"n_threads": 0}, "n_threads"),
-    ({"n_threads": 100000}, "n_threads"), ({"n_batch": 0}, "n_batch"), ({"n_gpu_layers": 2**32}, "n_gpu_layers"),
-    ({"max_tiles": 10**6}, "max_tiles"), ({"detail": "ultra"}, "detail"),
-])
+@pytest.mark.parametrize(
+    "kwargs,option",
+    [
+        ({"n_ctx": 4294967553}, "n_ctx"),
+        ({"n_ctx": -1}, "n_ctx"),
+        ({"n_threads": 0}, "n_threads"),
+        ({"n_threads": 100000}, "n_threads"),
+        ({"n_batch": 0}, "n_batch"),
+        ({"n_gpu_layers": 2**32}, "n_gpu_layers"),
+        ({"max_tiles": 10**6}, "max_tiles"),
+        ({"detail": "ultra"}, "detail"),
+    ],
+)
 def test_engine_options_out_of_range(kwargs: dict, option: str) -> None:
     with pytest.raises(InvalidOption) as e:
         EngineOptions(**kwargs).validate()
     assert e.value.option == option
 
 
-@pytest.mark.parametrize("kwargs,option", [
-    ({"temperature": float("nan")}, "temperature"), ({"temperature": -1.0}, "temperature"),
-    ({"top_p": 0.0}, "top_p"), ({"top_p": float("inf")}, "top_p"), ({"max_tokens": -5}, "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs,option",
+    [
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": float("inf")}, "top_p"),
+        ({"max_tokens": -5}, "max_tokens"),
+    ],
+)
 def test_generation_options_out_of_range(kwargs: dict, option: str) -> None:
     with pytest.raises(InvalidOption) as e:
         GenerationOptions(**kwargs).validate()

@@ -23,7 +23,9 @@ def _gradient(w: int = 40, h: int = 24) -> Image.Image:
     return Image.fromarray(a, "RGB")
 
 
-@pytest.mark.parametrize("fmt,ext", [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("GIF", "gif"), ("BMP", "bmp"), ("TIFF", "tif")])
+@pytest.mark.parametrize(
+    "fmt,ext", [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("GIF", "gif"), ("BMP", "bmp"), ("TIFF", "tif")]
+)
 def test_formats_load_as_rgb(tmp_path: Path, fmt: str, ext: str) -> None:
     p = tmp_path / f"img.{ext}"
     _gradient().save(p, fmt)

@@ -47,8 +47,13 @@ def test_layers_import_only_downward(layer: str) -> None:
 
 def _modules_after(code: str) -> set[str]:
     env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
-    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
-                         capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     return set(json.loads(out))
 
 
@@ -65,7 +70,8 @@ def test_ray_is_imported_only_when_a_pool_starts() -> None:
     loaded = _modules_after("import vlmcli.tasks.ray_batch")
     assert not {"ray", "numpy", "PIL", "llama_cpp"} & {m.split(".")[0] for m in loaded}
     users = sorted(
-        str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
         if any(name == "ray" or name.startswith("ray.") for name in _imports(path))
     )
     assert users == ["tasks/ray_batch.py"]
@@ -74,8 +80,24 @@ def test_ray_is_imported_only_when_a_pool_starts() -> None:
 def test_help_lists_every_command_and_llama_cpp_short_flags() -> None:
     r = subprocess.run([sys.executable, "-m", "vlmcli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
-    for command in ("ask", "caption", "classify", "embed", "pull", "models", "rm", "convert", "quantize", "lib", "doctor"):
+    for command in (
+        "ask",
+        "caption",
+        "classify",
+        "embed",
+        "pull",
+        "models",
+        "rm",
+        "convert",
+        "quantize",
+        "lib",
+        "doctor",
+    ):
         assert command in r.stdout
-    ask = subprocess.run([sys.executable, "-m", "vlmcli", "ask", "--help"], capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "200"}).stdout
+    ask = subprocess.run(
+        [sys.executable, "-m", "vlmcli", "ask", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
     assert "-t" in ask and "--threads" in ask and "--temp" in ask and "-c" in ask and "--ctx" in ask

@@ -7,34 +7,54 @@ from __future__ import annotations
 import math
 import random
 
+import pycocoevalcap_reference as reference
 import pytest
 
-import pycocoevalcap_reference as reference
 from vlmcli.metrics.caption import bleu, cider_d, rouge_l, score_captions
 
 # A fixed corpus (pre-tokenized). The expected values below were computed by running the real
 # pycocoevalcap 1.2 (Bleu(4) with option "closest", Rouge, Cider) on exactly these inputs.
-CANDS = ["a man riding a horse on a beach", "two dogs play with a ball", "a plate of food", "a red bus on a street", "a cat", ""]
-REFS = [["a man rides a horse along the beach", "a person on a horse at the beach", "horse and rider by the sea"],
-        ["two dogs playing with a ball in the grass", "dogs chase a ball"],
-        ["a plate with food on it", "a plate of food on a table", "food on a white plate", "a meal on a plate"],
-        ["a red double decker bus on a city street", "a bus driving down the street"],
-        ["a cat sitting on a couch", "a cat"],
-        ["an empty room"]]
+CANDS = [
+    "a man riding a horse on a beach",
+    "two dogs play with a ball",
+    "a plate of food",
+    "a red bus on a street",
+    "a cat",
+    "",
+]
+REFS = [
+    ["a man rides a horse along the beach", "a person on a horse at the beach", "horse and rider by the sea"],
+    ["two dogs playing with a ball in the grass", "dogs chase a ball"],
+    ["a plate with food on it", "a plate of food on a table", "food on a white plate", "a meal on a plate"],
+    ["a red double decker bus on a city street", "a bus driving down the street"],
+    ["a cat sitting on a couch", "a cat"],
+    ["an empty room"],
+]
 PYCOCOEVALCAP_BLEU = [0.8191194156590396, 0.6852231151668372, 0.47723495964304324, 0.30262308844159425]
 PYCOCOEVALCAP_ROUGE_L = 0.6453974998278795
 PYCOCOEVALCAP_ROUGE_L_EACH = [0.625, 0.782051282051282, 0.693181818181818, 0.7721518987341772, 1.0, 0.0]
 PYCOCOEVALCAP_CIDER = 2.087558610017903
-PYCOCOEVALCAP_CIDER_EACH = [1.5338064637519846, 2.388875326732203, 2.909053886703179, 2.118363519632695, 3.575252463287356, 0.0]
+PYCOCOEVALCAP_CIDER_EACH = [
+    1.5338064637519846,
+    2.388875326732203,
+    2.909053886703179,
+    2.118363519632695,
+    3.575252463287356,
+    0.0,
+]
 
 
 def test_fixed_corpus_matches_recorded_pycocoevalcap_values() -> None:
     b, _ = bleu(CANDS, REFS)
     assert b == pytest.approx(PYCOCOEVALCAP_BLEU, rel=1e-12)
     r, r_each = rouge_l(CANDS, REFS)
-    assert r == pytest.approx(PYCOCOEVALCAP_ROUGE_L, rel=1e-12) and r_each == pytest.approx(PYCOCOEVALCAP_ROUGE_L_EACH, rel=1e-12)
+    assert r == pytest.approx(PYCOCOEVALCAP_ROUGE_L, rel=1e-12) and r_each == pytest.approx(
+        PYCOCOEVALCAP_ROUGE_L_EACH, rel=1e-12
+    )
     c, c_each = cider_d(CANDS, REFS)
-    assert c == pytest.approx(PYCOCOEVALCAP_CIDER, rel=1e-12) and c_each == pytest.approx(PYCOCOEVALCAP_CIDER_EACH, rel=1e-12)
+    assert c == pytest.approx(PYCOCOEVALCAP_CIDER, rel=1e-12) and c_each == pytest.approx(
+        PYCOCOEVALCAP_CIDER_EACH, rel=1e-12
+    )
 
 
 def test_bleu_worked_example() -> None:
@@ -82,7 +102,14 @@ def test_score_captions_and_bad_inputs() -> None:
     s = score_captions(CANDS, REFS)
     d = s.to_dict()
     assert list(d) == ["CIDEr-D", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "images"] and d["images"] == 6
-    assert len(s.per_image) == 6 and set(s.per_image[0]) == {"CIDEr-D", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"}
+    assert len(s.per_image) == 6 and set(s.per_image[0]) == {
+        "CIDEr-D",
+        "BLEU-1",
+        "BLEU-2",
+        "BLEU-3",
+        "BLEU-4",
+        "ROUGE-L",
+    }
     with pytest.raises(ValueError):
         score_captions(["a"], [[]])
     with pytest.raises(ValueError):
@@ -111,4 +138,6 @@ def test_random_corpora_match_pycocoevalcap(seed: int) -> None:
     r, r_each = rouge_l(cands, refs)
     assert r == pytest.approx(ref["rouge"], rel=1e-12) and r_each == pytest.approx(ref["rouge_each"], rel=1e-12)
     c, c_each = cider_d(cands, refs)
-    assert c == pytest.approx(ref["cider"], rel=1e-12, abs=1e-15) and c_each == pytest.approx(ref["cider_each"], rel=1e-12, abs=1e-15)
+    assert c == pytest.approx(ref["cider"], rel=1e-12, abs=1e-15) and c_each == pytest.approx(
+        ref["cider_each"], rel=1e-12, abs=1e-15
+    )

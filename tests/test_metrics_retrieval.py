@@ -22,8 +22,10 @@ def _brute_force(img: np.ndarray, txt: np.ndarray, owner: list[int], ks=(1, 5, 1
     for j in range(len(txt)):
         order = sorted(range(len(img)), key=lambda i: (-sims[i, j], i))
         t2i.append(order.index(owner[j]))
-    return {"image_to_text": {f"R@{k}": 100.0 * np.mean(np.array(i2t) < k) for k in ks},
-            "text_to_image": {f"R@{k}": 100.0 * np.mean(np.array(t2i) < k) for k in ks}}
+    return {
+        "image_to_text": {f"R@{k}": 100.0 * np.mean(np.array(i2t) < k) for k in ks},
+        "text_to_image": {f"R@{k}": 100.0 * np.mean(np.array(t2i) < k) for k in ks},
+    }
 
 
 @pytest.mark.parametrize("seed", range(4))

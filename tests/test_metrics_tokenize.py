@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pycocoevalcap_reference as reference
 import pytest
 
-import pycocoevalcap_reference as reference
 from vlmcli.metrics.tokenize import ptb_tokenize
 
 # From the real tokenizer.

@@ -88,12 +88,14 @@ def test_ties_and_fewer_answers() -> None:
 
 
 def test_score_overall_and_per_type_rounded_as_the_official_tool() -> None:
-    s = score_vqa([
-        ("yes", ["yes"] * 10, "yes/no", "is this"),
-        ("no", ["yes"] * 10, "yes/no", "is this"),
-        ("2", ["2"] * 2 + ["3"] * 8, "number", "how many"),  # 0.6
-        ("red", ["red"] * 3 + ["blue"] * 7, "other", "what color"),  # 0.9
-    ])
+    s = score_vqa(
+        [
+            ("yes", ["yes"] * 10, "yes/no", "is this"),
+            ("no", ["yes"] * 10, "yes/no", "is this"),
+            ("2", ["2"] * 2 + ["3"] * 8, "number", "how many"),  # 0.6
+            ("red", ["red"] * 3 + ["blue"] * 7, "other", "what color"),  # 0.9
+        ]
+    )
     assert s.overall == round(100 * (1 + 0 + 0.6 + 0.9) / 4, 2) == 62.5
     assert s.per_answer_type == {"yes/no": 50.0, "number": 60.0, "other": 90.0}
     assert s.per_question_type == {"is this": 50.0, "how many": 60.0, "what color": 90.0}
@@ -101,7 +103,10 @@ def test_score_overall_and_per_type_rounded_as_the_official_tool() -> None:
     d = s.to_dict()
     assert d["accuracy"] == 62.5 and d["questions"] == 4
     # Rounding to 2 places of the percentage: 1/3 of the questions right -> 33.33.
-    assert score_vqa([("a", ["a"] * 10, None, None), ("b", ["a"] * 10, None, None), ("c", ["a"] * 10, None, None)]).overall == 33.33
+    assert (
+        score_vqa([("a", ["a"] * 10, None, None), ("b", ["a"] * 10, None, None), ("c", ["a"] * 10, None, None)]).overall
+        == 33.33
+    )
 
 
 def test_metrics_import_no_model_code() -> None:
@@ -114,7 +119,13 @@ def test_metrics_import_no_model_code() -> None:
     pkg = Path(__file__).resolve().parents[1] / "vlmcli" / "metrics"
     for path in pkg.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not [n for n in names if n.startswith(("vlmcli.", "llama_cpp", "PIL"))], (path.name, names)
     code = "import vlmcli.metrics.vqa, vlmcli.metrics.caption, vlmcli.metrics.tokenize, sys; print(sorted(sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import jinja2
 import pytest
-
 from fixtures.smolvlm2 import CHAT_TEMPLATE
+
 from vlmcli.engines.prompt import ChatPrompt, Turn, render_conversation
 
 SAMPLE = Path(__file__).resolve().parents[1] / "vlmcli" / "data" / "chelsea.jpg"
@@ -35,14 +35,20 @@ def test_a_history_renders_as_the_template_does() -> None:
     before, after = render_conversation(CHAT_TEMPLATE, HISTORY)
     assert before + "<image>" + after == reference(CHAT_TEMPLATE, HISTORY)
     assert before == "<|im_start|>System: You are terse.<end_of_utterance>\nUser:"
-    assert after == "Hello<end_of_utterance>\nAssistant: Hi.<end_of_utterance>\nUser: What is this?<end_of_utterance>\nAssistant:"
+    assert (
+        after
+        == "Hello<end_of_utterance>\nAssistant: Hi.<end_of_utterance>\nUser: What is this?<end_of_utterance>\nAssistant:"
+    )
 
 
-@pytest.mark.parametrize("turns", [
-    [Turn("user", ("Describe it.",), image_at=1)],  # the image after the text
-    [Turn("user", ("First", "second"), image_at=1)],  # between two texts
-    [Turn("user", ("Hi",)), Turn("assistant", ()), Turn("user", ("Now this:",), image_at=1)],  # in a later turn
-])
+@pytest.mark.parametrize(
+    "turns",
+    [
+        [Turn("user", ("Describe it.",), image_at=1)],  # the image after the text
+        [Turn("user", ("First", "second"), image_at=1)],  # between two texts
+        [Turn("user", ("Hi",)), Turn("assistant", ()), Turn("user", ("Now this:",), image_at=1)],  # in a later turn
+    ],
+)
 def test_the_image_goes_where_the_messages_put_it(turns: list[Turn]) -> None:
     before, after = render_conversation(CHAT_TEMPLATE, turns)
     assert before + "<image>" + after == reference(CHAT_TEMPLATE, turns)
@@ -52,14 +58,19 @@ def test_one_user_turn_is_the_single_question_prompt() -> None:
     chat = ChatPrompt.from_template(CHAT_TEMPLATE)
     before, after = render_conversation(CHAT_TEMPLATE, [Turn("user", ("What is this?",), image_at=0)])
     assert (before, after) == (chat.before_image, chat.after_image("What is this?"))
-    assert render_conversation(None, [Turn("user", ("q",), image_at=0)]) == render_conversation(CHAT_TEMPLATE, [Turn("user", ("q",), image_at=0)])
+    assert render_conversation(None, [Turn("user", ("q",), image_at=0)]) == render_conversation(
+        CHAT_TEMPLATE, [Turn("user", ("q",), image_at=0)]
+    )
 
 
-@pytest.mark.parametrize("turns, why", [
-    ([Turn("user", ("no image",))], "exactly one image"),
-    ([Turn("user", ("a",), image_at=0), Turn("user", ("b",), image_at=0)], "exactly one image"),
-    ([Turn("user", ("look: <image>",), image_at=0)], "may not contain"),
-])
+@pytest.mark.parametrize(
+    "turns, why",
+    [
+        ([Turn("user", ("no image",))], "exactly one image"),
+        ([Turn("user", ("a",), image_at=0), Turn("user", ("b",), image_at=0)], "exactly one image"),
+        ([Turn("user", ("look: <image>",), image_at=0)], "may not contain"),
+    ],
+)
 def test_conversations_the_split_cannot_trust_are_refused(turns: list[Turn], why: str) -> None:
     with pytest.raises(ValueError, match=why):
         render_conversation(CHAT_TEMPLATE, turns)
@@ -72,7 +83,9 @@ def test_conversations_the_split_cannot_trust_are_refused(turns: list[Turn], why
 def engine(smolvlm2_gguf):
     from vlmcli.engines.llama import EngineOptions, VlmEngine
 
-    with VlmEngine(smolvlm2_gguf.model, smolvlm2_gguf.mmproj, EngineOptions(n_threads=1, n_ctx=2048, detail="low", n_seq_max=2)) as e:
+    with VlmEngine(
+        smolvlm2_gguf.model, smolvlm2_gguf.mmproj, EngineOptions(n_threads=1, n_ctx=2048, detail="low", n_seq_max=2)
+    ) as e:
         yield e
 
 
@@ -126,5 +139,9 @@ def test_candidates_stream_their_own_text(engine, image) -> None:
 
     g = next(engine.chat_turns(image, HISTORY, opts, on_candidate_token=stop_second))
     one, zero = g.candidates[1], g.candidates[0]
-    assert one.stop_reason == "stopped" and one.tokens == plain.candidates[1].tokens[: len(one.tokens)] and len(one.tokens) < 6
+    assert (
+        one.stop_reason == "stopped"
+        and one.tokens == plain.candidates[1].tokens[: len(one.tokens)]
+        and len(one.tokens) < 6
+    )
     assert zero.tokens == plain.candidates[0].tokens

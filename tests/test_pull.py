@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from fixtures.hub_server import (
     SMOLVLM2_GGUF_REPO,
     SMOLVLM2_REPO,
@@ -27,6 +26,7 @@ from fixtures.hub_server import (
     start_fake_hub,
     vlm_command,
 )
+
 from vlmcli.engines.gguf_check import require_kind
 
 GGUF_MODEL = "SmolVLM2-256M-Video-Instruct-Q8_0.gguf"
@@ -187,7 +187,9 @@ def test_killed_pull_installs_nothing_and_the_rerun_keeps_finished_files(hub: Fa
     mmproj_blob = f"/cdn/{sha256(served[GGUF_MMPROJ])}"
     stall = hub.add_fault(mmproj_blob, "stall", after_bytes=100_000, times=1)
     env = cli_env(tmp_path, hub)
-    proc = subprocess.Popen(vlm_command("pull", "smolvlm2-256m"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        vlm_command("pull", "smolvlm2-256m"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         assert stall.started.wait(120), "the pull never reached the second file"
         proc.send_signal(signal.SIGKILL)
@@ -395,7 +397,9 @@ def test_two_pulls_at_once_keep_the_store_consistent(hub: FakeHub, content, tmp_
     hub.add_fault(blob, "slow", delay=0.01, times=None)  # about 1.3 s per download: the pulls overlap
     env = cli_env(tmp_path, hub)
     procs = [
-        subprocess.Popen(vlm_command("pull", "smolvlm2-256m"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            vlm_command("pull", "smolvlm2-256m"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -462,6 +466,6 @@ mmproj = "clip-vit-base-patch32-F16.gguf"
     assert not (tmp_path / "vlm" / "models" / "not-a-vlm").exists()
 
     # A broken user registry names its file.
-    write_user_registry(user_toml, "[models.bad]\nkind = \"llm\"\n")
+    write_user_registry(user_toml, '[models.bad]\nkind = "llm"\n')
     line = error_line(run_vlm(env, "models", "--available"))
     assert str(user_toml) in line and "kind must be one of" in line

@@ -7,7 +7,6 @@ connection) or as subprocesses joining the cluster with `--ray auto`."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import os
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import ray
 from photo_fixtures import photos, write_photo  # noqa: F401  (photos: a fixture)
 
@@ -31,8 +29,13 @@ RAY = ["--ray", "--ray-workers", "2", "--ray-cpus", "1"]
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             object_store_memory=200 * 1024 * 1024)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        object_store_memory=200 * 1024 * 1024,
+    )
     yield
     ray.shutdown()
 
@@ -55,7 +58,9 @@ def jsonl(path: Path) -> list[dict]:
 
 def _without_timings(records: list[dict]) -> list[dict]:
     # What describes the run, not the result: timings, and whether the encoding came from the cache.
-    return sorted(({k: v for k, v in r.items() if k not in ("timings", "cache")} for r in records), key=lambda r: r["path"])
+    return sorted(
+        ({k: v for k, v in r.items() if k not in ("timings", "cache")} for r in records), key=lambda r: r["path"]
+    )
 
 
 def test_caption_on_ray_writes_the_records_of_a_local_run(photos, tmp_path, vlm_args, capsys) -> None:
@@ -89,13 +94,17 @@ def test_classify_csv_and_embed_npy_on_ray(tmp_path, clip_gguf, capsys) -> None:
     runs = {}
     for where, extra in (("local", []), ("ray", RAY)):
         out = tmp_path / f"{where}.csv"
-        code, _, err = run_cli(["classify", str(root), "--labels", "cat,dog,car", "-k", "2", "--out", str(out), *model, *extra], capsys)
+        code, _, err = run_cli(
+            ["classify", str(root), "--labels", "cat,dog,car", "-k", "2", "--out", str(out), *model, *extra], capsys
+        )
         assert code == 3 and "7 done, 0 skipped, 1 failed" in err, err
         with open(out, newline="") as f:
             runs[where] = sorted(csv.DictReader(f), key=lambda r: r["path"])
     assert [r["path"] for r in runs["local"]] == [r["path"] for r in runs["ray"]]
     for x, y in zip(runs["local"], runs["ray"]):
-        assert {k: v for k, v in x.items() if k not in ("score", "top")} == {k: v for k, v in y.items() if k not in ("score", "top")}
+        assert {k: v for k, v in x.items() if k not in ("score", "top")} == {
+            k: v for k, v in y.items() if k not in ("score", "top")
+        }
         assert x["score"] == y["score"]  # CLIP results do not depend on their batch-mates: the same text
 
     texts = ["--text", "a cat", "--text", "a dog"]
@@ -110,7 +119,9 @@ def test_classify_csv_and_embed_npy_on_ray(tmp_path, clip_gguf, capsys) -> None:
     assert a.shape == b.shape == (9, a.shape[1]) and ma.keys() == mb.keys() and len(ma) == 10
     for k, r in ma.items():
         s = mb[k]
-        assert {x: v for x, v in r.items() if x not in ("row", "timings")} == {x: v for x, v in s.items() if x not in ("row", "timings")}
+        assert {x: v for x, v in r.items() if x not in ("row", "timings")} == {
+            x: v for x, v in s.items() if x not in ("row", "timings")
+        }
         assert (r["row"] is None) == (s["row"] is None)
         if r["row"] is not None:  # the engine's batch independence: the same float32 vector, bit for bit
             np.testing.assert_array_equal(a[r["row"]], b[s["row"]])
@@ -121,7 +132,9 @@ def test_classify_csv_and_embed_npy_on_ray(tmp_path, clip_gguf, capsys) -> None:
 
 def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "vlmcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vlmcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
 
 
 def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
@@ -155,7 +168,18 @@ def test_killed_driver_resumes_without_duplicates_or_gaps(tmp_path, smolvlm2_ggu
     n = 24
     folder = _many(tmp_path, n)
     out = tmp_path / "out.jsonl"
-    args = ["caption", str(folder), "--out", str(out), "-m", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "-n", "8"]
+    args = [
+        "caption",
+        str(folder),
+        "--out",
+        str(out),
+        "-m",
+        str(smolvlm2_gguf.model),
+        "--mmproj",
+        str(smolvlm2_gguf.mmproj),
+        "-n",
+        "8",
+    ]
     proc = _spawn([*args, "--ray", "auto", "--ray-workers", "2", "--ray-cpus", "1"])
     seen = _wait_for_lines(out, 3, proc)
     proc.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGINT)
@@ -191,8 +215,24 @@ def test_killed_actor_has_its_images_retried_on_another(tmp_path, smolvlm2_gguf)
     n = 24
     folder = _many(tmp_path, n)
     out = tmp_path / "out.jsonl"
-    args = ["caption", str(folder), "--out", str(out), "-m", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj),
-            "-n", "8", "--ray", "auto", "--ray-workers", "2", "--ray-cpus", "1"]
+    args = [
+        "caption",
+        str(folder),
+        "--out",
+        str(out),
+        "-m",
+        str(smolvlm2_gguf.model),
+        "--mmproj",
+        str(smolvlm2_gguf.mmproj),
+        "-n",
+        "8",
+        "--ray",
+        "auto",
+        "--ray-workers",
+        "2",
+        "--ray-cpus",
+        "1",
+    ]
     proc = _spawn(args)
     _wait_for_lines(out, 2, proc)
     pids: list[int] = []
@@ -235,8 +275,12 @@ def _vqa_dataset(root: Path) -> Path:
     write_photo(root / "imgs" / "a.png", 1)
     write_photo(root / "imgs" / "b b.png", 2)
     data = root / "vqa.jsonl"
-    rows = [("imgs/a.png", "What is it?", "cat"), ("imgs/b b.png", "Is it red?", "yes"), ("imgs/a.png", "How many?", "2"),
-            ("imgs/missing.png", "Where?", "park")]
+    rows = [
+        ("imgs/a.png", "What is it?", "cat"),
+        ("imgs/b b.png", "Is it red?", "yes"),
+        ("imgs/a.png", "How many?", "2"),
+        ("imgs/missing.png", "Where?", "park"),
+    ]
     data.write_text("".join(json.dumps({"image": i, "question": q, "answers": [a] * 10}) + "\n" for i, q, a in rows))
     return data
 
@@ -251,10 +295,23 @@ def _eval_records(path: Path) -> list[dict]:
     return out
 
 
-def test_eval_vqa_on_ray_reports_and_records_what_a_local_run_does(tmp_path, smolvlm2_gguf, capsys, monkeypatch) -> None:
+def test_eval_vqa_on_ray_reports_and_records_what_a_local_run_does(
+    tmp_path, smolvlm2_gguf, capsys, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     _vqa_dataset(tmp_path)
-    model = ["-m", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "--threads", "1", "-n", "3", "--quiet", "--json"]
+    model = [
+        "-m",
+        str(smolvlm2_gguf.model),
+        "--mmproj",
+        str(smolvlm2_gguf.mmproj),
+        "--threads",
+        "1",
+        "-n",
+        "3",
+        "--quiet",
+        "--json",
+    ]
     local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
 
     def run(out: Path, *extra: str, code: int = 3) -> dict:  # 3: the missing image's question fails, the rest is scored
@@ -272,7 +329,9 @@ def test_eval_vqa_on_ray_reports_and_records_what_a_local_run_does(tmp_path, smo
     (got,) = report["runs"]
     assert report["questions"] == 4 and report["images"] == 3
     assert got["metrics"] == want["metrics"] and (got["items"], got["failed"], got["failed_images"]) == (3, 1, 1)
-    assert {k: got[k] for k in ("model", "file", "quant", "detail", "max_tiles")} == {k: want[k] for k in ("model", "file", "quant", "detail", "max_tiles")}
+    assert {k: got[k] for k in ("model", "file", "quant", "detail", "max_tiles")} == {
+        k: want[k] for k in ("model", "file", "quant", "detail", "max_tiles")
+    }
     s = got["speed"]
     assert s["items_run"] == 2 and s["images_run"] == 1 and s["ray_workers"] == 2
     assert s["wall_s"] > 0 and s["images_per_s"] > 0 and s["ttft_s"] > 0 and s["peak_rss_mb"] is None
@@ -294,8 +353,22 @@ def test_eval_zeroshot_and_retrieval_on_ray_equal_local(tmp_path, clip_gguf, cap
     reports, records = {}, {}
     for where, extra in (("local", []), ("ray", RAY)):
         out = tmp_path / f"zs-{where}.jsonl"
-        code, stdout, err = run_cli(["eval", "zeroshot", str(root), "--template", "a photo of a {}.", "--template",
-                                     "a drawing of a {}.", "--out", str(out), *model, *extra], capsys)
+        code, stdout, err = run_cli(
+            [
+                "eval",
+                "zeroshot",
+                str(root),
+                "--template",
+                "a photo of a {}.",
+                "--template",
+                "a drawing of a {}.",
+                "--out",
+                str(out),
+                *model,
+                *extra,
+            ],
+            capsys,
+        )
         assert code == 3, err
         reports[where], records[where] = json.loads(stdout)["runs"][0], _without_timings(jsonl(out))
     assert reports["ray"]["metrics"] == reports["local"]["metrics"] and reports["ray"]["items"] == 6
@@ -306,8 +379,12 @@ def test_eval_zeroshot_and_retrieval_on_ray_equal_local(tmp_path, clip_gguf, cap
     for i in range(3):
         write_photo(tmp_path / "r" / f"{i}.png", 40 + i)
     data = tmp_path / "ret.jsonl"
-    data.write_text("".join(json.dumps({"image": f"r/{i}.png", "captions": [f"picture {i}", "a shared caption"]}) + "\n"
-                            for i in range(3)))
+    data.write_text(
+        "".join(
+            json.dumps({"image": f"r/{i}.png", "captions": [f"picture {i}", "a shared caption"]}) + "\n"
+            for i in range(3)
+        )
+    )
     metrics = {}
     for where, extra in (("local", []), ("ray", RAY)):
         out = tmp_path / f"ret-{where}.npy"
@@ -335,8 +412,24 @@ def test_eval_takes_the_ray_options(tmp_path, capsys) -> None:
 
 def test_eval_caption_best_of_rows_on_ray_equal_local(tmp_path, smolvlm2_gguf, capsys) -> None:
     # A row per N from one model load per worker (the N=2 task derived on the actors); sampling is seeded.
-    model = ["-m", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "--threads", "1", "-n", "3", "--quiet",
-             "--json", "--sample", "2", "--best-of", "1,2", "--detail", "low"]
+    model = [
+        "-m",
+        str(smolvlm2_gguf.model),
+        "--mmproj",
+        str(smolvlm2_gguf.mmproj),
+        "--threads",
+        "1",
+        "-n",
+        "3",
+        "--quiet",
+        "--json",
+        "--sample",
+        "2",
+        "--best-of",
+        "1,2",
+        "--detail",
+        "low",
+    ]
     runs = {}
     for where, extra in (("local", []), ("ray", RAY)):
         out = tmp_path / f"{where}.jsonl"

@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from fixtures.hub_server import CLIP_REPO, SMOLVLM2_GGUF_REPO, FakeHub, hub_content, start_fake_hub
+
 from vlmcli.errors import ModelError
 from vlmcli.store.resolve import ResolvedModel, resolve_model
 

@@ -48,8 +48,9 @@ class Server:
             return r.status, r.read().decode()
 
     def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
-        req = urllib.request.Request(self.url + path, data=body, method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+        req = urllib.request.Request(
+            self.url + path, data=body, method="POST", headers={"Content-Type": "application/json", **(headers or {})}
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, json.loads(r.read()), dict(r.headers)
@@ -76,10 +77,32 @@ def server(model_dir: Path, clip_gguf: Path, tmp_path_factory):
     shutil.copy(SAMPLE, allowed / "cat.jpg")
     log = open(tmp_path_factory.mktemp("serve-log") / "server.log", "w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "vlmcli", "serve", "--model", str(model_dir), "--model", str(clip_gguf), "--port", str(port),
-         "--workers", "1", "--queue", "2", "--max-n", "2", "--max-body", "2000000",  # no --threads: shared per request
-         "--allow-files", str(allowed), "--timeout", "60"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "vlmcli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--model",
+            str(clip_gguf),
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--queue",
+            "2",
+            "--max-n",
+            "2",
+            "--max-body",
+            "2000000",  # no --threads: shared per request
+            "--allow-files",
+            str(allowed),
+            "--timeout",
+            "60",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     s = Server(port, process, model_dir.name, clip_gguf.stem)
     deadline = time.monotonic() + 120
@@ -112,8 +135,15 @@ def server(model_dir: Path, clip_gguf: Path, tmp_path_factory):
 
 def _chat(server: Server, max_tokens: int = 8, image_url: str = DATA_URL, **kw):
     return server.client.chat.completions.create(
-        model=server.vlm_id, max_tokens=max_tokens, temperature=0,
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": PROMPT}]}],
+        model=server.vlm_id,
+        max_tokens=max_tokens,
+        temperature=0,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": PROMPT}],
+            }
+        ],
         **kw,
     )
 
@@ -144,7 +174,10 @@ def test_chat_equals_vlm_ask(server: Server, cli_answer: dict) -> None:
 
 HISTORY = [
     {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}, {"type": "text", "text": "Hello"}]},
+    {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}, {"type": "text", "text": "Hello"}],
+    },
     {"role": "assistant", "content": "Hi."},
     {"role": "user", "content": PROMPT},
 ]
@@ -189,17 +222,26 @@ def test_chat_history_reaches_the_model(server: Server, cli_answer: dict, direct
 
     url, path = _new_image(tmp_path)
     history = [dict(m) for m in HISTORY]
-    history[1] = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hello"}]}
+    history[1] = {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hello"}],
+    }
     passes = _counter(server, "vlm_encoder_passes_total", server.vlm_id)
     r = server.client.chat.completions.create(model=server.vlm_id, max_tokens=8, messages=history)
-    turns = [Turn("system", ("You are terse.",)), Turn("user", ("Hello",), image_at=0), Turn("assistant", ("Hi.",)),
-             Turn("user", (PROMPT,))]
+    turns = [
+        Turn("system", ("You are terse.",)),
+        Turn("user", ("Hello",), image_at=0),
+        Turn("assistant", ("Hi.",)),
+        Turn("user", (PROMPT,)),
+    ]
     want = next(direct_engine.chat_turns(load_image(path), turns, GenerationOptions(max_tokens=8)))
     assert r.choices[0].message.content == want.text.strip()
     assert r.usage.prompt_tokens == want.prompt_tokens > cli_answer["tokens"]["prompt"]  # the earlier turns were read
     assert _counter(server, "vlm_encoder_passes_total", server.vlm_id) - passes == want.image.encoder_passes >= 1
     with pytest.raises(openai.BadRequestError) as e:
-        server.client.chat.completions.create(model=server.vlm_id, max_tokens=2, messages=[*history, {"role": "tool", "content": "x"}])
+        server.client.chat.completions.create(
+            model=server.vlm_id, max_tokens=2, messages=[*history, {"role": "tool", "content": "x"}]
+        )
     assert e.value.body["param"] == "messages[4].role"
 
 
@@ -231,8 +273,17 @@ def test_stop_sequences_end_the_answer(server: Server, cli_answer: dict) -> None
 
 def test_n_returns_the_best_of_candidates(server: Server) -> None:
     r = server.client.chat.completions.create(
-        model=server.vlm_id, max_tokens=4, n=2, temperature=0.7, seed=3,
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}, {"type": "text", "text": PROMPT}]}],
+        model=server.vlm_id,
+        max_tokens=4,
+        n=2,
+        temperature=0.7,
+        seed=3,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}, {"type": "text", "text": PROMPT}],
+            }
+        ],
     )
     assert [c.index for c in r.choices] == [0, 1]
     assert all(c.message.content for c in r.choices)
@@ -243,8 +294,19 @@ def test_n_returns_the_best_of_candidates(server: Server) -> None:
 
 
 def test_streamed_choices_carry_their_index(server: Server) -> None:
-    kw = dict(model=server.vlm_id, max_tokens=4, n=2, temperature=0.7, seed=3,
-              messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}, {"type": "text", "text": PROMPT}]}])
+    kw = dict(
+        model=server.vlm_id,
+        max_tokens=4,
+        n=2,
+        temperature=0.7,
+        seed=3,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}, {"type": "text", "text": PROMPT}],
+            }
+        ],
+    )
     whole = server.client.chat.completions.create(**kw)
     chunks = list(server.client.chat.completions.create(stream=True, **kw))
     texts, finish = {0: "", 1: ""}, {}
@@ -266,8 +328,12 @@ def test_embeddings_equal_vlm_embed(server: Server, clip_gguf: Path) -> None:
     want_image = json.loads(r.stdout.splitlines()[0])["embedding"]
 
     passes = _counter(server, "vlm_encoder_passes_total", server.clip_id)
-    got = server.client.embeddings.create(model=server.clip_id, input=["a cat", "a dog", DATA_URL], encoding_format="float")
-    assert _counter(server, "vlm_encoder_passes_total", server.clip_id) == passes + 1  # one image, texts are no encoder pass
+    got = server.client.embeddings.create(
+        model=server.clip_id, input=["a cat", "a dog", DATA_URL], encoding_format="float"
+    )
+    assert (
+        _counter(server, "vlm_encoder_passes_total", server.clip_id) == passes + 1
+    )  # one image, texts are no encoder pass
     rows = [d.embedding for d in sorted(got.data, key=lambda d: d.index)]
     assert len(rows) == 3
     for row, want in zip(rows, [*want_texts, want_image]):
@@ -286,14 +352,19 @@ def test_embeddings_take_content_parts_as_chat_does(server: Server, clip_gguf: P
     image = vlm("embed", str(SAMPLE), "--model", str(clip_gguf))
     assert texts.returncode == 0 and image.returncode == 0, texts.stderr + image.stderr
     want = [json.loads(image.stdout.splitlines()[0])["embedding"], json.loads(texts.stdout)["embedding"]]
-    got = server.client.embeddings.create(model=server.clip_id, encoding_format="float", input=[
-        {"type": "image_url", "image_url": {"url": "cat.jpg"}}, {"type": "text", "text": "a cat"}, DATA_URL])
+    got = server.client.embeddings.create(
+        model=server.clip_id,
+        encoding_format="float",
+        input=[{"type": "image_url", "image_url": {"url": "cat.jpg"}}, {"type": "text", "text": "a cat"}, DATA_URL],
+    )
     rows = [d.embedding for d in sorted(got.data, key=lambda d: d.index)]
     for row, w in zip(rows, [want[0], want[1], want[0]]):
         assert row == pytest.approx(w, abs=1e-6)
     for url, code in (("https://example.com/cat.jpg", "remote_image_refused"), ("/etc/passwd", "local_image_refused")):
         with pytest.raises(openai.BadRequestError) as e:  # the same rules as chat's images
-            server.client.embeddings.create(model=server.clip_id, input=["a cat", {"type": "image_url", "image_url": {"url": url}}])
+            server.client.embeddings.create(
+                model=server.clip_id, input=["a cat", {"type": "image_url", "image_url": {"url": url}}]
+            )
         assert e.value.body["code"] == code and e.value.body["param"] == "input[1]", e.value.body
     with pytest.raises(openai.BadRequestError) as e:
         server.client.embeddings.create(model=server.clip_id, input=["a cat", {"type": "input_audio"}])
@@ -308,13 +379,27 @@ def _error(status: int, body: dict, code: int) -> dict:
 
 def test_error_statuses(server: Server) -> None:
     _error(*server.post("/v1/chat/completions", b"{not json")[:2], 400)
-    _error(*server.post("/v1/chat/completions", json.dumps({"model": server.vlm_id, "messages": "hi"}).encode())[:2], 400)
-    bad_tokens = {"model": server.vlm_id, "max_tokens": "many",
-                  "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}, {"type": "text", "text": "x"}]}]}
-    assert _error(*server.post("/v1/chat/completions", json.dumps(bad_tokens).encode())[:2], 400)["param"] == "max_tokens"
+    _error(
+        *server.post("/v1/chat/completions", json.dumps({"model": server.vlm_id, "messages": "hi"}).encode())[:2], 400
+    )
+    bad_tokens = {
+        "model": server.vlm_id,
+        "max_tokens": "many",
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}, {"type": "text", "text": "x"}],
+            }
+        ],
+    }
+    assert (
+        _error(*server.post("/v1/chat/completions", json.dumps(bad_tokens).encode())[:2], 400)["param"] == "max_tokens"
+    )
     import http.client
 
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # a body over --max-body: refused from its length
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", server.port, timeout=30
+    )  # a body over --max-body: refused from its length
     conn.putrequest("POST", "/v1/chat/completions")
     conn.putheader("Content-Type", "application/json")
     conn.putheader("Content-Length", "2100000")
@@ -362,13 +447,29 @@ def test_a_client_leaving_mid_stream_stops_its_generation(server: Server, cli_an
 def test_a_full_queue_gets_429(server: Server, cli_answer: dict) -> None:
     import threading
 
-    body = json.dumps({"model": server.vlm_id, "max_tokens": 8, "temperature": 0, "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}, {"type": "text", "text": PROMPT}]}]}).encode()
+    body = json.dumps(
+        {
+            "model": server.vlm_id,
+            "max_tokens": 8,
+            "temperature": 0,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": DATA_URL}},
+                        {"type": "text", "text": PROMPT},
+                    ],
+                }
+            ],
+        }
+    ).encode()
     stream = _chat(server, max_tokens=1200, stream=True)  # holds the only worker for a few seconds
     pieces = iter(stream)
     next(pieces)
     queued: list = []
-    threads = [threading.Thread(target=lambda: queued.append(server.post("/v1/chat/completions", body))) for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: queued.append(server.post("/v1/chat/completions", body))) for _ in range(2)
+    ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 10
@@ -380,8 +481,10 @@ def test_a_full_queue_gets_429(server: Server, cli_answer: dict) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)  # the stream goes on
     for t in threads:
         t.join(60)
-    assert [(st, b["choices"][0]["message"]["content"]) for st, b, _ in queued] == [(200, cli_answer["answers"][0]["answer"])] * 2
-    assert 'vlm_queue_depth{model="%s"} 0' % server.vlm_id in server.get("/metrics")[1]
+    assert [(st, b["choices"][0]["message"]["content"]) for st, b, _ in queued] == [
+        (200, cli_answer["answers"][0]["answer"])
+    ] * 2
+    assert f'vlm_queue_depth{{model="{server.vlm_id}"}} 0' in server.get("/metrics")[1]
 
 
 def test_a_killed_worker_is_restarted(server: Server, cli_answer: dict) -> None:
@@ -425,9 +528,34 @@ def keyed_server(model_dir: Path):
     the tiny model about 12 s here (4096 took under 4 s on an idle machine), the 504 test's margin."""
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "vlmcli", "serve", "--model", str(model_dir), "--port", str(port), "--workers", "2",
-         "--queue", "4", "--threads", "1", "--max-n", "1", "--timeout", "4", "--ctx", "8192", "--allow-remote-images", "--max-body", "2000000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "VLM_API_KEY": "sesame"},
+        [
+            sys.executable,
+            "-m",
+            "vlmcli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--queue",
+            "4",
+            "--threads",
+            "1",
+            "--max-n",
+            "1",
+            "--timeout",
+            "4",
+            "--ctx",
+            "8192",
+            "--allow-remote-images",
+            "--max-body",
+            "2000000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "VLM_API_KEY": "sesame"},
     )
     s = Server(port, process, model_dir.name, "")
     deadline = time.monotonic() + 120
@@ -465,8 +593,18 @@ def test_concurrent_clients_get_their_own_answers(keyed_server: Server) -> None:
     def ask(prompt: str):
         try:
             r = client.chat.completions.create(
-                model=keyed_server.vlm_id, max_tokens=6,
-                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}, {"type": "text", "text": prompt}]}])
+                model=keyed_server.vlm_id,
+                max_tokens=6,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": DATA_URL}},
+                            {"type": "text", "text": prompt},
+                        ],
+                    }
+                ],
+            )
             return r.choices[0].message.content
         except openai.RateLimitError:
             return 429
@@ -488,10 +626,14 @@ def test_a_request_over_the_timeout_gets_504(keyed_server: Server) -> None:
     with pytest.raises(openai.APIStatusError) as e:
         # Up to the whole 8192-token context (see keyed_server): about 3x the 4 s timeout here; random
         # weights rarely end early. A fixed 3000 tokens came in under the timeout on an idle machine.
-        client.chat.completions.create(model=keyed_server.vlm_id, max_tokens=100_000, messages=[{"role": "user", "content": content}])
+        client.chat.completions.create(
+            model=keyed_server.vlm_id, max_tokens=100_000, messages=[{"role": "user", "content": content}]
+        )
     assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
     assert time.monotonic() - t0 < 15
-    r = client.chat.completions.create(model=keyed_server.vlm_id, max_tokens=4, messages=[{"role": "user", "content": content}])
+    r = client.chat.completions.create(
+        model=keyed_server.vlm_id, max_tokens=4, messages=[{"role": "user", "content": content}]
+    )
     assert r.choices[0].message.content
     deadline = time.monotonic() + 30
     while keyed_server.health()["models"][keyed_server.vlm_id]["restarts"] < 1 and time.monotonic() < deadline:
@@ -567,14 +709,17 @@ def image_host():
     httpd.server_close()
 
 
-@pytest.mark.parametrize("path, code, words", [
-    ("/page.html", "invalid_image", "not an image"),
-    ("/big.png", "image_too_large", "2,100,008 bytes"),
-    ("/big-unsized.png", "image_too_large", "over 2,000,000"),
-    ("/loop/0", "invalid_image_url", "more than 3 redirects"),
-    ("/to-ftp", "remote_image_refused", "not http(s)"),
-    ("/missing", "invalid_image_url", "HTTP 404"),
-])
+@pytest.mark.parametrize(
+    "path, code, words",
+    [
+        ("/page.html", "invalid_image", "not an image"),
+        ("/big.png", "image_too_large", "2,100,008 bytes"),
+        ("/big-unsized.png", "image_too_large", "over 2,000,000"),
+        ("/loop/0", "invalid_image_url", "more than 3 redirects"),
+        ("/to-ftp", "remote_image_refused", "not http(s)"),
+        ("/missing", "invalid_image_url", "HTTP 404"),
+    ],
+)
 def test_fetching_refuses_what_is_not_a_small_image(image_host: str, path: str, code: str, words: str) -> None:
     from vlmcli.serve.remote import FetchError, fetch_image
 
@@ -604,8 +749,17 @@ def test_remote_images_only_with_the_flag(server: Server, keyed_server: Server, 
     client = openai.OpenAI(base_url=keyed_server.url + "/v1", api_key="sesame", max_retries=0, timeout=60)
 
     def ask(url: str) -> str | None:
-        r = client.chat.completions.create(model=keyed_server.vlm_id, max_tokens=4, temperature=0, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]}])
+        r = client.chat.completions.create(
+            model=keyed_server.vlm_id,
+            max_tokens=4,
+            temperature=0,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}],
+                }
+            ],
+        )
         return r.choices[0].message.content
 
     assert ask(image_host + "/redirect") == ask(DATA_URL)

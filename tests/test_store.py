@@ -47,7 +47,10 @@ def test_package_registry_has_the_known_models():
     smol = reg.require("smolvlm2-256m")
     assert smol.gguf is not None and smol.gguf.repo == "ggml-org/SmolVLM2-256M-Video-Instruct-GGUF"
     q8 = smol.gguf.quants["Q8_0"]
-    assert (q8.model, q8.mmproj) == ("SmolVLM2-256M-Video-Instruct-Q8_0.gguf", "mmproj-SmolVLM2-256M-Video-Instruct-f16.gguf")
+    assert (q8.model, q8.mmproj) == (
+        "SmolVLM2-256M-Video-Instruct-Q8_0.gguf",
+        "mmproj-SmolVLM2-256M-Video-Instruct-f16.gguf",
+    )
     assert smol.default_quant == "Q8_0" and smol.pick_source("Q8_0") == "gguf"
     assert smol.pick_source("Q4_K_M") == "convert"  # no ready Q4_K_M file: converted here
     assert smol.pick_source("Q8_0", prefer="convert") == "convert"
@@ -102,10 +105,16 @@ def test_toml_subset_parser_reads_what_user_files_use():
     [
         ('kind = "llm"\n[models.m.convert]\nrepo = "a/b"\n', "kind must be one of"),
         ('kind = "vlm"\n', "needs a [models.m.gguf] or [models.m.convert] source"),
-        ('kind = "vlm"\n[models.m.gguf]\nrepo = "a/b"\n[models.m.gguf.quants.Q8_0]\nmodel = "m.gguf"\n', "needs mmproj"),
-        ('kind = "clip"\ndefault_quant = "Q4_0"\n[models.m.convert]\nrepo = "a/b"\nquants = ["F16"]\n', "default_quant Q4_0"),
+        (
+            'kind = "vlm"\n[models.m.gguf]\nrepo = "a/b"\n[models.m.gguf.quants.Q8_0]\nmodel = "m.gguf"\n',
+            "needs mmproj",
+        ),
+        (
+            'kind = "clip"\ndefault_quant = "Q4_0"\n[models.m.convert]\nrepo = "a/b"\nquants = ["F16"]\n',
+            "default_quant Q4_0",
+        ),
         ('kind = "clip"\n[models.m.convert]\nquants = ["F16"]\n', "needs repo"),
-        ('kind = 3\n', "'kind' has the wrong type"),
+        ("kind = 3\n", "'kind' has the wrong type"),
     ],
 )
 def test_bad_entries_name_the_file(tmp_path: Path, body: str, message: str):
@@ -126,7 +135,9 @@ def test_user_registries_add_and_override_entries(tmp_path: Path):
         '[models.mine]\nkind = "clip"\ndescription = "from config"\n[models.mine.convert]\nrepo = "me/clip"\n'
         '[models.clip-vit-b32]\nkind = "clip"\ndescription = "my override"\n[models.clip-vit-b32.convert]\nrepo = "me/b32"\n'
     )
-    home.write_text('[models.mine]\nkind = "clip"\ndescription = "from VLM_HOME"\n[models.mine.convert]\nrepo = "me/clip2"\n')
+    home.write_text(
+        '[models.mine]\nkind = "clip"\ndescription = "from VLM_HOME"\n[models.mine.convert]\nrepo = "me/clip2"\n'
+    )
     reg = load_registry()
     assert reg.files[1:] == [cfg, home]
     assert reg.require("mine").description == "from VLM_HOME" and reg.require("mine").origin == str(home)
@@ -141,7 +152,9 @@ def test_user_registries_add_and_override_entries(tmp_path: Path):
 def _staged(store: Store, name: str, quant: str, payload: bytes = b"GGUF....") -> Path:
     staging = store.new_staging_dir(name)
     (staging / "m.gguf").write_bytes(payload)
-    write_manifest(staging, {"name": name, "kind": "clip", "quant": quant, "files": {"model": "m.gguf"}, "revision": "main"})
+    write_manifest(
+        staging, {"name": name, "kind": "clip", "quant": quant, "files": {"model": "m.gguf"}, "revision": "main"}
+    )
     return staging
 
 

@@ -25,7 +25,9 @@ def engines(smolvlm2_gguf):
     def get(detail: str = "high", max_tiles: int | None = None) -> VlmEngine:
         key = f"{detail}/{max_tiles}"
         if key not in made:
-            made[key] = VlmEngine(smolvlm2_gguf.model, smolvlm2_gguf.mmproj, EngineOptions(detail=detail, max_tiles=max_tiles, n_ctx=2048))
+            made[key] = VlmEngine(
+                smolvlm2_gguf.model, smolvlm2_gguf.mmproj, EngineOptions(detail=detail, max_tiles=max_tiles, n_ctx=2048)
+            )
         return made[key]
 
     yield get
@@ -137,7 +139,10 @@ def test_generation_stops_at_end_of_utterance(engines) -> None:
 
 def test_prompt_is_the_smolvlm2_chat_template(engines) -> None:
     e = engines()
-    assert render_user_turn(e.chat_template, "What is this?") == "<|im_start|>User:<image>What is this?<end_of_utterance>\nAssistant:"
+    assert (
+        render_user_turn(e.chat_template, "What is this?")
+        == "<|im_start|>User:<image>What is this?<end_of_utterance>\nAssistant:"
+    )
     chat = ChatPrompt.from_template(e.chat_template)
     assert chat.before_image == "<|im_start|>User:"
     g = next(e.ask(load_image(SAMPLE), ["What is this?"], GenerationOptions(max_tokens=1)))
@@ -152,13 +157,15 @@ def test_prompt_longer_than_context_is_refused(smolvlm2_gguf) -> None:
 
 def test_projector_of_another_model_is_refused(smolvlm2_gguf, tmp_path: Path) -> None:
     from fixtures.smolvlm2 import build_smolvlm2_checkpoint, make_config
-
     from vlmcli.convert.smolvlm2 import convert_smolvlm2
+
     from vlmcli.errors import ModelError
 
     config = make_config(size="tiny")
     config["text_config"]["hidden_size"] = 128  # a wider text model: its projector makes 128-wide rows
-    wider = convert_smolvlm2(build_smolvlm2_checkpoint(tmp_path / "SmolVLM2-wide", config, size="real"), tmp_path / "out", quant="F16")
+    wider = convert_smolvlm2(
+        build_smolvlm2_checkpoint(tmp_path / "SmolVLM2-wide", config, size="real"), tmp_path / "out", quant="F16"
+    )
     with pytest.raises(ModelError, match="not a pair") as e:
         VlmEngine(smolvlm2_gguf.model, wider.mmproj)
     assert str(wider.mmproj) in str(e.value)
@@ -166,6 +173,10 @@ def test_projector_of_another_model_is_refused(smolvlm2_gguf, tmp_path: Path) ->
 
 def test_encode_progress_counts_every_encoder_pass(engines) -> None:
     seen: list[tuple[int, int]] = []
-    g = next(engines("high").ask(load_image(SAMPLE), ["hi"], GenerationOptions(max_tokens=1), on_progress=lambda d, t: seen.append((d, t))))
+    g = next(
+        engines("high").ask(
+            load_image(SAMPLE), ["hi"], GenerationOptions(max_tokens=1), on_progress=lambda d, t: seen.append((d, t))
+        )
+    )
     total = g.image.encoder_passes
     assert seen == [(i, total) for i in range(total + 1)]

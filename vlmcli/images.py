@@ -8,16 +8,24 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vlmcli.defaults import DEFAULT_MAX_PIXELS
 from vlmcli.errors import ImageError
 from vlmcli.image_magic import HEAD_BYTES, is_image_header
-from vlmcli.defaults import DEFAULT_MAX_PIXELS
 
 # load_image enforces the cap above per call, before decoding; Pillow's own process-wide limit
 # would refuse images the user allowed with --max-pixels (and changing it per call races between
 # decode threads), so it is switched off once here.
 Image.MAX_IMAGE_PIXELS = None
 
-SUPPORTED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}  # image_magic.py tells them by their first bytes
+SUPPORTED_FORMATS = {
+    "JPEG",
+    "PNG",
+    "WEBP",
+    "GIF",
+    "BMP",
+    "TIFF",
+    "MPO",
+}  # image_magic.py tells them by their first bytes
 
 
 def looks_like_image(path: str | os.PathLike[str]) -> bool:

@@ -43,7 +43,9 @@ def convert_checkpoint(
         return [result.model, result.mmproj]
     if arch in CLIP_ARCHITECTURES:
         if mmproj_quant is not None:
-            raise ModelError("--mmproj-quant applies to SmolVLM2 checkpoints only, not CLIP", Path(checkpoint_dir) / "config.json")
+            raise ModelError(
+                "--mmproj-quant applies to SmolVLM2 checkpoints only, not CLIP", Path(checkpoint_dir) / "config.json"
+            )
         from vlmcli.convert.clip import convert_clip  # written separately; imported only when needed
 
         return [convert_clip(checkpoint_dir, out_dir, quant=quant or "F16")]

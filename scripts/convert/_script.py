@@ -17,7 +17,9 @@ def make_vlmcli_convert_importable() -> None:
     if root not in sys.path:
         sys.path.insert(0, root)
     if importlib.util.find_spec("vlmcli.convert") is None:
-        spec = importlib.util.spec_from_file_location("vlmcli.convert", here / "__init__.py", submodule_search_locations=[str(here)])
+        spec = importlib.util.spec_from_file_location(
+            "vlmcli.convert", here / "__init__.py", submodule_search_locations=[str(here)]
+        )
         assert spec is not None and spec.loader is not None
         sys.modules["vlmcli.convert"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["vlmcli.convert"])

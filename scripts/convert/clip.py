@@ -29,9 +29,10 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,7 @@ if __package__ in (None, ""):  # run as a script from a source tree (sys.path[0]
     _script.make_vlmcli_convert_importable()
 
 from vlmcli.convert.gguf_out import PlannedTensor, QType, declare_tensors, encode, write_gguf
+
 from vlmcli.errors import ModelError, VlmError
 
 QUANT_TYPES = ("F32", "F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")  # the types clip.cpp reads
@@ -54,12 +56,25 @@ DESCRIPTION = "two-tower CLIP model"
 
 # transformers' CLIPTextConfig / CLIPVisionConfig / CLIPConfig defaults (used for keys a config omits).
 TEXT_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
-    "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
 }
 VISION_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-    "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
 }
 PROJECTION_DIM_DEFAULT = 512
 # clip.use_gelu is one flag for both towers: true = erf gelu, false = quick_gelu (x * sigmoid(1.702 x)).
@@ -76,8 +91,16 @@ LAYER_TENSORS = {
     "mlp.fc1": "ffn_down",
     "mlp.fc2": "ffn_up",
 }
-MATMUL_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_out.weight", "ffn_up.weight",
-                   "ffn_down.weight", "text_projection.weight", "visual_projection.weight")
+MATMUL_SUFFIXES = (
+    "attn_q.weight",
+    "attn_k.weight",
+    "attn_v.weight",
+    "attn_out.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
+    "text_projection.weight",
+    "visual_projection.weight",
+)
 # Buffers some checkpoints carry that are not weights.
 IGNORED_TENSORS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
@@ -145,9 +168,14 @@ def read_hparams(checkpoint: Path) -> ClipHParams:
         act = c["hidden_act"]
         if act not in ACTIVATIONS:
             raise ModelError(f"unsupported activation {act!r} (CLIP uses quick_gelu or gelu)", path)
-        t = Tower(_int(c, "hidden_size", path), _int(c, "intermediate_size", path),
-                  _int(c, "num_hidden_layers", path), _int(c, "num_attention_heads", path),
-                  float(c["layer_norm_eps"]), act)
+        t = Tower(
+            _int(c, "hidden_size", path),
+            _int(c, "intermediate_size", path),
+            _int(c, "num_hidden_layers", path),
+            _int(c, "num_attention_heads", path),
+            float(c["layer_norm_eps"]),
+            act,
+        )
         if t.width % t.heads:
             raise ModelError(f"hidden_size {t.width} is not divisible by num_attention_heads {t.heads}", path)
         return t
@@ -156,7 +184,9 @@ def read_hparams(checkpoint: Path) -> ClipHParams:
     if text.activation != vision.activation:
         raise ModelError(
             f"the towers use different activations ({text.activation} / {vision.activation}); "
-            "the GGUF layout has one clip.use_gelu flag", path)
+            "the GGUF layout has one clip.use_gelu flag",
+            path,
+        )
     hp = ClipHParams(
         text=text,
         vision=vision,
@@ -165,7 +195,9 @@ def read_hparams(checkpoint: Path) -> ClipHParams:
         image_size=_int(vision_cfg, "image_size", path),
         patch_size=_int(vision_cfg, "patch_size", path),
         num_channels=_int(vision_cfg, "num_channels", path),
-        projection_dim=_int({"projection_dim": cfg.get("projection_dim", PROJECTION_DIM_DEFAULT)}, "projection_dim", path),
+        projection_dim=_int(
+            {"projection_dim": cfg.get("projection_dim", PROJECTION_DIM_DEFAULT)}, "projection_dim", path
+        ),
         use_gelu=ACTIVATIONS[text.activation],
     )
     if hp.image_size % hp.patch_size:
@@ -280,10 +312,14 @@ def expected_tensors(hp: ClipHParams) -> dict[str, tuple[str, tuple[int, ...]]]:
     def blocks(hf_prefix: str, gg_prefix: str, tower: Tower) -> None:
         d, f = tower.width, tower.ffn
         shapes = {
-            "self_attn.q_proj": ((d, d), (d,)), "self_attn.k_proj": ((d, d), (d,)),
-            "self_attn.v_proj": ((d, d), (d,)), "self_attn.out_proj": ((d, d), (d,)),
-            "layer_norm1": ((d,), (d,)), "layer_norm2": ((d,), (d,)),
-            "mlp.fc1": ((f, d), (f,)), "mlp.fc2": ((d, f), (d,)),
+            "self_attn.q_proj": ((d, d), (d,)),
+            "self_attn.k_proj": ((d, d), (d,)),
+            "self_attn.v_proj": ((d, d), (d,)),
+            "self_attn.out_proj": ((d, d), (d,)),
+            "layer_norm1": ((d,), (d,)),
+            "layer_norm2": ((d,), (d,)),
+            "mlp.fc1": ((f, d), (f,)),
+            "mlp.fc2": ((d, f), (d,)),
         }
         for i in range(tower.layers):
             for hf_part, gg_part in LAYER_TENSORS.items():
@@ -300,8 +336,13 @@ def expected_tensors(hp: ClipHParams) -> dict[str, tuple[str, tuple[int, ...]]]:
     out["text_model.final_layer_norm.bias"] = ("t.post_ln.bias", (t.width,))
     out["vision_model.embeddings.class_embedding"] = ("v.class_embd", (v.width,))
     out["vision_model.embeddings.patch_embedding.weight"] = (
-        "v.patch_embd.weight", (v.width, hp.num_channels, hp.patch_size, hp.patch_size))
-    out["vision_model.embeddings.position_embedding.weight"] = ("v.position_embd.weight", (hp.n_positions_vision, v.width))
+        "v.patch_embd.weight",
+        (v.width, hp.num_channels, hp.patch_size, hp.patch_size),
+    )
+    out["vision_model.embeddings.position_embedding.weight"] = (
+        "v.position_embd.weight",
+        (hp.n_positions_vision, v.width),
+    )
     out["vision_model.pre_layrnorm.weight"] = ("v.pre_ln.weight", (v.width,))
     out["vision_model.pre_layrnorm.bias"] = ("v.pre_ln.bias", (v.width,))
     blocks("vision_model", "v", v)
@@ -321,7 +362,9 @@ def _load_weights(checkpoint: Path) -> dict:
             if (checkpoint / legacy).exists():
                 raise ModelError(
                     "only safetensors weights are supported (no model.safetensors in this checkpoint; "
-                    "download the repository's safetensors files)", checkpoint / legacy)
+                    "download the repository's safetensors files)",
+                    checkpoint / legacy,
+                )
         raise ModelError("missing from the checkpoint", checkpoint / "model.safetensors")
     return load_safetensors(checkpoint)
 
@@ -390,18 +433,24 @@ def convert_clip(
         if lazy is None:
             raise ModelError(f"tensor {hf_name} is missing", weights_path)
         if tuple(lazy.shape) != shape:
-            raise ModelError(f"tensor {hf_name} has shape {list(lazy.shape)}, config.json implies {list(shape)}", lazy.path)
+            raise ModelError(
+                f"tensor {hf_name} has shape {list(lazy.shape)}, config.json implies {list(shape)}", lazy.path
+            )
         if lazy.dtype not in ("F32", "F16", "BF16", "F64"):
             raise ModelError(f"tensor {hf_name} has dtype {lazy.dtype}, expected floating point", lazy.path)
     unknown = sorted(set(weights) - set(plan) - {"logit_scale", *IGNORED_TENSORS})
     if unknown:
-        raise ModelError(f"unexpected tensor {unknown[0]} ({len(unknown)} unexpected; not a plain CLIPModel?)",
-                         weights[unknown[0]].path)
+        raise ModelError(
+            f"unexpected tensor {unknown[0]} ({len(unknown)} unexpected; not a plain CLIPModel?)",
+            weights[unknown[0]].path,
+        )
     if "logit_scale" not in weights:
         raise ModelError("tensor logit_scale is missing", weights_path)
     scale_values = weights["logit_scale"].load().astype(np.float64).reshape(-1)
     if scale_values.size != 1 or not math.isfinite(scale_values[0]):
-        raise ModelError(f"logit_scale must be one finite number, got {scale_values.tolist()}", weights["logit_scale"].path)
+        raise ModelError(
+            f"logit_scale must be one finite number, got {scale_values.tolist()}", weights["logit_scale"].path
+        )
     logit_scale = float(scale_values[0])
 
     model_name = name or output_name(checkpoint)
@@ -460,8 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Convert a Hugging Face CLIPModel checkpoint to a CLIP GGUF.")
     parser.add_argument("checkpoint", help="folder with config.json, model.safetensors and the tokenizer files")
     parser.add_argument("--out", default=".", help="output folder (default: current folder)")
-    parser.add_argument("--quant", default="F16", choices=QUANT_TYPES, type=str.upper,
-                        help="type of the matmul weights (default F16)")
+    parser.add_argument(
+        "--quant", default="F16", choices=QUANT_TYPES, type=str.upper, help="type of the matmul weights (default F16)"
+    )
     args = parser.parse_args(argv)
     try:
         path = convert_clip(args.checkpoint, args.out, args.quant)

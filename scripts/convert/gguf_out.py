@@ -9,13 +9,12 @@ needs about one tensor's worth of memory.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
 
 import gguf
+import numpy as np
 
 QType = gguf.GGMLQuantizationType
 

@@ -13,8 +13,8 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 if __package__ in (None, ""):  # run as a script from a source tree (sys.path[0] is this folder)
     import _script
@@ -87,7 +87,9 @@ def quantize_gguf(
         with _quiet_llama_log(verbose):
             rc = llama_cpp.llama_model_quantize(os.fsencode(src_path), os.fsencode(partial), params)
         if rc != 0 or not partial.is_file():
-            raise ModelError(f"llama.cpp could not quantize this file to {q} (llama_model_quantize returned {rc})", src_path)
+            raise ModelError(
+                f"llama.cpp could not quantize this file to {q} (llama_model_quantize returned {rc})", src_path
+            )
         os.replace(partial, dst_path)
     finally:
         partial.unlink(missing_ok=True)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 import numpy as np
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -31,8 +32,9 @@ if __package__ in (None, ""):  # run as a script from a source tree (sys.path[0]
     _script.make_vlmcli_convert_importable()
 
 import gguf
-
 from vlmcli.convert.checkpoint import (
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
     architecture,
     checkpoint_folder,
     read_bpe_vocab,
@@ -40,11 +42,18 @@ from vlmcli.convert.checkpoint import (
     read_config,
     read_json,
     read_preprocessor_config,
-    TOKENIZER_CONFIG_FILE,
-    TOKENIZER_FILE,
 )
-from vlmcli.convert.gguf_out import DIRECT_TYPES, FILE_TYPES, PlannedTensor, QType, declare_tensors, weight_type, write_gguf
+from vlmcli.convert.gguf_out import (
+    DIRECT_TYPES,
+    FILE_TYPES,
+    PlannedTensor,
+    QType,
+    declare_tensors,
+    weight_type,
+    write_gguf,
+)
 from vlmcli.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, LazyTensor, load_safetensors
+
 from vlmcli.errors import ModelError, VlmError
 
 ARCHITECTURES = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
@@ -125,7 +134,9 @@ def text_hparams(config: dict[str, Any], config_path: Path) -> TextHparams:
     kv_heads = _int(text, "num_key_value_heads", heads, config_path)
     head_dim = _int(text, "head_dim", hidden // heads if hidden % heads == 0 else None, config_path)
     if heads % kv_heads != 0:
-        raise ModelError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}", config_path)
+        raise ModelError(
+            f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}", config_path
+        )
     # transformers 4.x keeps rope_theta in text_config; newer versions nest it in rope_parameters.
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     theta = text.get("rope_theta", rope.get("rope_theta") if isinstance(rope, dict) else None)
@@ -145,7 +156,9 @@ def text_hparams(config: dict[str, Any], config_path: Path) -> TextHparams:
     )
 
 
-def vision_hparams(config: dict[str, Any], preprocessor: dict[str, Any], text: TextHparams, config_path: Path) -> VisionHparams:
+def vision_hparams(
+    config: dict[str, Any], preprocessor: dict[str, Any], text: TextHparams, config_path: Path
+) -> VisionHparams:
     """The vision tower's hyperparameters; transformers' SmolVLMVisionConfig defaults fill missing
     keys (hidden 1152, heads 16, ffn 3072, 12 layers, image 224, patch 32), as llama.cpp's converter does."""
     vision = config.get("vision_config")
@@ -252,7 +265,9 @@ class _Checkpoint:
         self.config = read_config(self.folder)
         arch = architecture(self.config, self.config_path)
         if arch not in ARCHITECTURES:
-            raise ModelError(f"architecture {arch} is not SmolVLM2 (expected {' or '.join(ARCHITECTURES)})", self.config_path)
+            raise ModelError(
+                f"architecture {arch} is not SmolVLM2 (expected {' or '.join(ARCHITECTURES)})", self.config_path
+            )
         for required in (TOKENIZER_FILE,):
             if not (self.folder / required).is_file():
                 raise ModelError(f"missing {required} in the checkpoint folder", self.folder / required)
@@ -286,13 +301,18 @@ class _Checkpoint:
                     raise ModelError(f"missing tensor {prefix}{name}", weights_file)
                 if tensor.shape != shape:
                     raise ModelError(
-                        f"tensor {prefix}{name} has shape {list(tensor.shape)}, config.json implies {list(shape)}", weights_file
+                        f"tensor {prefix}{name} has shape {list(tensor.shape)}, config.json implies {list(shape)}",
+                        weights_file,
                     )
                 if tensor.dtype not in ("F32", "F16", "BF16", "F64"):
-                    raise ModelError(f"tensor {prefix}{name} has dtype {tensor.dtype}, expected floating point", weights_file)
+                    raise ModelError(
+                        f"tensor {prefix}{name} has dtype {tensor.dtype}, expected floating point", weights_file
+                    )
             extra = sorted(set(found) - set(expected))
             if extra:
-                raise ModelError(f"unexpected tensor {prefix}{extra[0]} (config.json does not account for it)", weights_file)
+                raise ModelError(
+                    f"unexpected tensor {prefix}{extra[0]} (config.json does not account for it)", weights_file
+                )
 
         check(self.text_tensors, expected_text_tensors(self.text), "model.text_model.")
         check(self.vision_tensors, expected_vision_tensors(self.vision), "")
@@ -309,7 +329,9 @@ class _Checkpoint:
 # ----------------------------------------------------------------------------- planning
 
 
-def _float_loader(tensor: LazyTensor, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Callable[[], np.ndarray]:
+def _float_loader(
+    tensor: LazyTensor, transform: Callable[[np.ndarray], np.ndarray] | None = None
+) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         data = tensor.load().astype(np.float32, copy=False)
         return transform(data) if transform is not None else data

@@ -162,11 +162,20 @@ def build_library(out_dir: str | os.PathLike[str], *, relocatable: bool = False,
         else:
             shared = ["-shared", f"-Wl,-soname,{install_name}"]
         cmd = [
-            *_compiler(), *shared, "-fPIC", "-O2", "-pthread", "-fvisibility=hidden",
-            f"-I{out}", *cflags,
+            *_compiler(),
+            *shared,
+            "-fPIC",
+            "-O2",
+            "-pthread",
+            "-fvisibility=hidden",
+            f"-I{out}",
+            *cflags,
             f"-DVLM_PYTHON_EXECUTABLE={_c_string(sys.executable)}",
             f"-DVLM_PACKAGE_VERSION={_c_string(__version__)}",
-            str(c_file), "-o", str(tmp_lib), *ldflags,
+            str(c_file),
+            "-o",
+            str(tmp_lib),
+            *ldflags,
         ]
         if verbose:
             print(shlex.join(cmd), file=sys.stderr)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -82,8 +83,17 @@ class _Exports:
         # An ABI 1 caller's struct ends at max_tiles: the fields after it are not read.
         since_2 = (ptr.best_of, ptr.select) if ptr.abi_version >= 2 else (0, 0)
         return runtime.OpenOptions.from_c(
-            ptr.abi_version, ptr.n_threads, ptr.n_gpu_layers, ptr.n_ctx, ptr.seed,
-            ptr.max_tokens, ptr.temperature, ptr.top_p, ptr.detail, ptr.max_tiles, *since_2,
+            ptr.abi_version,
+            ptr.n_threads,
+            ptr.n_gpu_layers,
+            ptr.n_ctx,
+            ptr.seed,
+            ptr.max_tokens,
+            ptr.temperature,
+            ptr.top_p,
+            ptr.detail,
+            ptr.max_tiles,
+            *since_2,
         )
 
     # -- results -------------------------------------------------------------------------------
@@ -177,8 +187,17 @@ def install(ffi: Any, lib: Any) -> None:
         return runtime.OK
 
     @export("_vlm_py_ask")
-    def ask(h: int, image: Any, prompt: Any, caption: int, out: Any, out_size: int, needed: Any,
-            on_token: Any, user_data: Any) -> int:
+    def ask(
+        h: int,
+        image: Any,
+        prompt: Any,
+        caption: int,
+        out: Any,
+        out_size: int,
+        needed: Any,
+        on_token: Any,
+        user_data: Any,
+    ) -> int:
         streaming = not x.is_null(on_token)
         with handles.use(h, "vlm") as handle:
             img = x.image(image)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -44,11 +44,21 @@ DETAILS = {0: None, 1: "low", 2: "high"}
 SELECTS = {0: "logprob", 1: "vote"}  # VLM_DETAIL_AUTO: the model's registry default, else auto
 
 # Neutral option names (errors.InvalidOption.option) -> the field a C caller sets.
-FIELDS = {"n_ctx": "vlm_options.n_ctx", "detail": "vlm_options.detail", "max_tiles": "vlm_options.max_tiles",
-          "n_threads": "vlm_options.n_threads", "n_gpu_layers": "vlm_options.n_gpu_layers",
-          "max_tokens": "vlm_options.max_tokens", "temperature": "vlm_options.temperature",
-          "top_p": "vlm_options.top_p", "seed": "vlm_options.seed", "best_of": "vlm_options.best_of",
-          "select": "vlm_options.select", "model": "model", "labels": "labels"}
+FIELDS = {
+    "n_ctx": "vlm_options.n_ctx",
+    "detail": "vlm_options.detail",
+    "max_tiles": "vlm_options.max_tiles",
+    "n_threads": "vlm_options.n_threads",
+    "n_gpu_layers": "vlm_options.n_gpu_layers",
+    "max_tokens": "vlm_options.max_tokens",
+    "temperature": "vlm_options.temperature",
+    "top_p": "vlm_options.top_p",
+    "seed": "vlm_options.seed",
+    "best_of": "vlm_options.best_of",
+    "select": "vlm_options.select",
+    "model": "model",
+    "labels": "labels",
+}
 
 
 class CapiError(Exception):
@@ -95,9 +105,19 @@ class OpenOptions:
 
     @classmethod
     def from_c(
-        cls, abi_version: int, n_threads: int, n_gpu_layers: int, n_ctx: int, seed: int,
-        max_tokens: int, temperature: float, top_p: float, detail: int, max_tiles: int = 0,
-        best_of: int = 0, select: int = 0,
+        cls,
+        abi_version: int,
+        n_threads: int,
+        n_gpu_layers: int,
+        n_ctx: int,
+        seed: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        detail: int,
+        max_tiles: int = 0,
+        best_of: int = 0,
+        select: int = 0,
     ) -> OpenOptions:
         if abi_version not in ABI_VERSIONS:
             raise CapiError(
@@ -202,7 +222,9 @@ class HandleTable:
             raise CapiError(E_BUSY, f"handle {hid} is busy: called again from inside its own token callback")
         if kind is not None and h.kind != kind:
             what = {"vlm": "a SmolVLM2 (vision-language)", "clip": "a CLIP"}
-            raise CapiError(E_WRONG_KIND, f"handle {hid} holds {what[h.kind]} model; this call needs {what[kind]} model")
+            raise CapiError(
+                E_WRONG_KIND, f"handle {hid} holds {what[h.kind]} model; this call needs {what[kind]} model"
+            )
         with h.lock:
             if h.closed:
                 raise CapiError(E_INVALID_HANDLE, f"handle {hid} was closed")
@@ -223,11 +245,21 @@ class HandleTable:
 
 def open_model(spec: str, options: OpenOptions) -> OpenedModel:
     """Open `spec` as `--model` does (store name, GGUF file or folder; SmolVLM2 or CLIP)."""
-    from vlmcli.tasks.models import ModelSpec, open_model as open_task_model
+    from vlmcli.tasks.models import ModelSpec
+    from vlmcli.tasks.models import open_model as open_task_model
 
     o = options
-    return open_task_model(ModelSpec(spec, n_threads=o.n_threads, n_gpu_layers=o.n_gpu_layers, n_ctx=o.n_ctx,
-                                     detail=o.detail, max_tiles=o.max_tiles, n_sequences=o.best_of))
+    return open_task_model(
+        ModelSpec(
+            spec,
+            n_threads=o.n_threads,
+            n_gpu_layers=o.n_gpu_layers,
+            n_ctx=o.n_ctx,
+            detail=o.detail,
+            max_tiles=o.max_tiles,
+            n_sequences=o.best_of,
+        )
+    )
 
 
 # ---- images ----------------------------------------------------------------------------------
@@ -238,7 +270,9 @@ def image_from_rgb(data: bytes, width: int, height: int) -> Image.Image:
     if width <= 0 or height <= 0:
         raise CapiError(E_INVALID_ARGUMENT, f"image size {width}x{height}: width and height must be positive")
     if width * height > DEFAULT_MAX_PIXELS:
-        raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, over the {DEFAULT_MAX_PIXELS:,} pixel limit")
+        raise ImageError(
+            f"image is {width}x{height} = {width * height:,} pixels, over the {DEFAULT_MAX_PIXELS:,} pixel limit"
+        )
     if len(data) != width * height * 3:
         raise CapiError(E_INVALID_ARGUMENT, f"{len(data)} bytes of pixels for a {width}x{height} RGB image")
     return Image.frombytes("RGB", (width, height), data)
@@ -257,14 +291,18 @@ def _vlm_task(handle: Handle, prompt: str | None) -> AskTask:
     o = handle.options
     default_tokens = DEFAULT_ASK_MAX_TOKENS if prompt is not None else DEFAULT_CAPTION_MAX_TOKENS
     temperature = temperature_for(o.best_of, o.temperature or None)  # 0 = the CLI's default, as for every field
-    gen = GenerationOptions(max_tokens=o.max_tokens or default_tokens, temperature=temperature, top_p=o.top_p, seed=o.seed)
+    gen = GenerationOptions(
+        max_tokens=o.max_tokens or default_tokens, temperature=temperature, top_p=o.top_p, seed=o.seed
+    )
     engine, best = handle.engine, (o.best_of, o.select)
     if prompt is not None:
         return AskTask(engine, [prompt], gen, DEFAULT_MAX_PIXELS, *best)  # type: ignore[arg-type]
     return CaptionTask(engine, gen, n_best=best[0], select=best[1])  # type: ignore[arg-type]
 
 
-def _run_one(task: Any, image: str | Image.Image, prepare_decoded: Callable[[Image.Image], Any] | None = None) -> dict[str, Any]:
+def _run_one(
+    task: Any, image: str | Image.Image, prepare_decoded: Callable[[Image.Image], Any] | None = None
+) -> dict[str, Any]:
     """One image through the task's own batch step: the record the CLI would write."""
     prepared = task.prepare(image) if isinstance(image, str) else (prepare_decoded(image) if prepare_decoded else image)
     result = task.run([prepared])[0]
@@ -275,7 +313,9 @@ def _run_one(task: Any, image: str | Image.Image, prepare_decoded: Callable[[Ima
     return result
 
 
-def ask(handle: Handle, image: str | Image.Image, prompt: str | None, on_token: Callable[[str], bool | None] | None) -> str:
+def ask(
+    handle: Handle, image: str | Image.Image, prompt: str | None, on_token: Callable[[str], bool | None] | None
+) -> str:
     """The answer (`vlm ask IMAGE PROMPT`) or caption (`vlm caption IMAGE` when prompt is None)."""
     task = _vlm_task(handle, prompt)
     task.on_token = on_token

@@ -9,20 +9,19 @@ import traceback
 
 import typer
 
+# Importing the command modules registers their commands on `app`.
+from vlmcli.cli import batch as _batch  # noqa: E402  --ray's optional address (ray_flag)
+from vlmcli.cli import clip as _clip  # noqa: E402,F401  classify, embed
+from vlmcli.cli import convert as _convert  # noqa: E402,F401  convert, quantize
+from vlmcli.cli import doctor as _doctor  # noqa: E402,F401  doctor
+from vlmcli.cli import eval as _eval  # noqa: E402,F401  eval vqa, caption, zeroshot, retrieval
+from vlmcli.cli import lib as _lib  # noqa: E402,F401  lib build
+from vlmcli.cli import serve as _serve  # noqa: E402,F401  serve
+from vlmcli.cli import store as _store  # noqa: E402,F401  pull, models, rm
+from vlmcli.cli import vlm as _vlm  # noqa: E402,F401  ask, caption
 from vlmcli.cli.app import app, stderr
 from vlmcli.cli.messages import describe
 from vlmcli.errors import DEBUG_ENV, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, VlmError, debugging
-
-# Importing the command modules registers their commands on `app`.
-from vlmcli.cli import batch as _batch  # noqa: E402  --ray's optional address (ray_flag)
-from vlmcli.cli import vlm as _vlm  # noqa: E402,F401  ask, caption
-from vlmcli.cli import clip as _clip  # noqa: E402,F401  classify, embed
-from vlmcli.cli import store as _store  # noqa: E402,F401  pull, models, rm
-from vlmcli.cli import convert as _convert  # noqa: E402,F401  convert, quantize
-from vlmcli.cli import lib as _lib  # noqa: E402,F401  lib build
-from vlmcli.cli import eval as _eval  # noqa: E402,F401  eval vqa, caption, zeroshot, retrieval
-from vlmcli.cli import doctor as _doctor  # noqa: E402,F401  doctor
-from vlmcli.cli import serve as _serve  # noqa: E402,F401  serve
 
 __all__ = ["app", "main"]
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -26,11 +27,26 @@ app = typer.Typer(
 
 # Options every model command takes (command-specific ones live beside their commands); short
 # flags follow llama.cpp's (-t threads, -ngl GPU layers, -m model).
-ThreadsOpt = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: this process's CPUs, shared with other vlm runs computing at the same time).")
-MaxPixelsOpt = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard).")
-NoCacheOpt = typer.Option(False, "--no-cache", help="Run the vision encoder afresh: neither read nor write the store's image-encoding cache.")
+ThreadsOpt = typer.Option(
+    None,
+    "--threads",
+    "-t",
+    min=1,
+    help="CPU threads (default: this process's CPUs, shared with other vlm runs computing at the same time).",
+)
+MaxPixelsOpt = typer.Option(
+    DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard)."
+)
+NoCacheOpt = typer.Option(
+    False, "--no-cache", help="Run the vision encoder afresh: neither read nor write the store's image-encoding cache."
+)
 OfflineOpt = typer.Option(False, "--offline", help="Use only models already in the store (also HF_HUB_OFFLINE=1).")
-GpuOpt = typer.Option(DEFAULT_N_GPU_LAYERS, "--n-gpu-layers", "-ngl", help="Layers on the GPU: -1 = all when the build has a GPU backend (else the CPU), 0 = CPU only; CLIP goes whole, for any value but 0.")
+GpuOpt = typer.Option(
+    DEFAULT_N_GPU_LAYERS,
+    "--n-gpu-layers",
+    "-ngl",
+    help="Layers on the GPU: -1 = all when the build has a GPU backend (else the CPU), 0 = CPU only; CLIP goes whole, for any value but 0.",
+)
 CtxOpt = typer.Option(DEFAULT_N_CTX, "--ctx", "-c", min=256, help="SmolVLM2 context size in tokens.")
 # CLIP
 ImageBatchOpt = typer.Option(DEFAULT_IMAGE_BATCH, "--batch-size", "-b", min=1, help="Images encoded together.")

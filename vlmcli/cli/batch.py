@@ -14,9 +14,10 @@ import functools
 import inspect
 import re
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -31,32 +32,67 @@ if TYPE_CHECKING:
     from vlmcli.tasks.runner import BatchSummary, Task
     from vlmcli.tasks.sinks import Sink
 
-OutOpt = typer.Option(None, "--out", "-o", help="Write records to this file (JSONL, .csv, or .npy for embed); rerunning with it skips images already done.")
-FormatOpt = typer.Option(None, "--format", "-f", help="Output format: jsonl, csv (caption, classify), text, npy (embed). Default: from --out's extension, else jsonl for folders/globs/lists and text for named files.")
+OutOpt = typer.Option(
+    None,
+    "--out",
+    "-o",
+    help="Write records to this file (JSONL, .csv, or .npy for embed); rerunning with it skips images already done.",
+)
+FormatOpt = typer.Option(
+    None,
+    "--format",
+    "-f",
+    help="Output format: jsonl, csv (caption, classify), text, npy (embed). Default: from --out's extension, else jsonl for folders/globs/lists and text for named files.",
+)
 FilesFromOpt = typer.Option(None, "--files-from", help="Read image paths from this file, one per line ('-' = stdin).")
 NullOpt = typer.Option(False, "-0", "--null", help="Paths on stdin / in --files-from are NUL-separated (find -print0).")
 ExcludeOpt = typer.Option(None, "--exclude", help="Skip files and folders matching this glob (repeatable).")
 HiddenOpt = typer.Option(False, "--include-hidden", help="Also take hidden files and folders from folders and globs.")
 RedoOpt = typer.Option(False, "--redo", help="Process every image again, even if --out already has it.")
-HashOpt = typer.Option(False, "--hash", help="Recognise images already done by content (SHA-256) instead of path, size and mtime.")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress and no summary on stderr (failures are still reported).")
-SidecarOpt = typer.Option(False, "--sidecar", help="Write IMAGE.txt next to each image (photo.jpg -> photo.txt); images that have one are skipped.")
+HashOpt = typer.Option(
+    False, "--hash", help="Recognise images already done by content (SHA-256) instead of path, size and mtime."
+)
+QuietOpt = typer.Option(
+    False, "--quiet", "-q", help="No progress and no summary on stderr (failures are still reported)."
+)
+SidecarOpt = typer.Option(
+    False,
+    "--sidecar",
+    help="Write IMAGE.txt next to each image (photo.jpg -> photo.txt); images that have one are skipped.",
+)
 OverwriteOpt = typer.Option(False, "--overwrite", help="With --sidecar: replace existing .txt files.")
 # Batch mode on a Ray cluster (tasks/ray_batch.py); --ray alone starts a local cluster.
-RayOpt = typer.Option(None, "--ray", metavar="[ADDRESS]", help="Run on a Ray cluster: auto (the running one), HOST:PORT, ray://HOST:PORT; alone: a local cluster. Needs the ray extra: pip install 'vlmcli\\[ray]'.")
-RayWorkersOpt = typer.Option(None, "--ray-workers", min=1, help="With --ray: workers (actors), each loading the model once. Default: as many as the cluster's CPUs (or GPUs) hold.")
-RayCpusOpt = typer.Option(None, "--ray-cpus", min=0.1, help="With --ray: CPUs (and threads) per worker. Default: min(4, a node's CPUs), 1 with --ray-gpus.")
+RayOpt = typer.Option(
+    None,
+    "--ray",
+    metavar="[ADDRESS]",
+    help="Run on a Ray cluster: auto (the running one), HOST:PORT, ray://HOST:PORT; alone: a local cluster. Needs the ray extra: pip install 'vlmcli\\[ray]'.",
+)
+RayWorkersOpt = typer.Option(
+    None,
+    "--ray-workers",
+    min=1,
+    help="With --ray: workers (actors), each loading the model once. Default: as many as the cluster's CPUs (or GPUs) hold.",
+)
+RayCpusOpt = typer.Option(
+    None,
+    "--ray-cpus",
+    min=0.1,
+    help="With --ray: CPUs (and threads) per worker. Default: min(4, a node's CPUs), 1 with --ray-gpus.",
+)
 RayGpusOpt = typer.Option(0.0, "--ray-gpus", min=0.0, help="With --ray: GPUs per worker.")
-RayShipOpt = typer.Option(False, "--ray-ship-files", help="With --ray: send each image's bytes to the workers (no shared storage needed).")
+RayShipOpt = typer.Option(
+    False, "--ray-ship-files", help="With --ray: send each image's bytes to the workers (no shared storage needed)."
+)
 
 
 # Parameter name -> (type, option), in the order --help lists them.
 BATCH_OPTIONS: dict[str, tuple[Any, Any]] = {
     "out": (Optional[str], OutOpt),
     "format": (Optional[str], FormatOpt),
-    "files_from": (Optional[List[str]], FilesFromOpt),
+    "files_from": (Optional[list[str]], FilesFromOpt),
     "null": (bool, NullOpt),
-    "exclude": (Optional[List[str]], ExcludeOpt),
+    "exclude": (Optional[list[str]], ExcludeOpt),
     "include_hidden": (bool, HiddenOpt),
     "redo": (bool, RedoOpt),
     "use_hash": (bool, HashOpt),
@@ -93,7 +129,9 @@ def with_batch_options(without: tuple[str, ...] = ()) -> Callable[[Callable[...,
         signature = inspect.signature(command)
         own = [p for p in signature.parameters.values() if p.name != "batch"]
         added = [
-            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=BATCH_OPTIONS[n][1], annotation=BATCH_OPTIONS[n][0])
+            inspect.Parameter(
+                n, inspect.Parameter.KEYWORD_ONLY, default=BATCH_OPTIONS[n][1], annotation=BATCH_OPTIONS[n][0]
+            )
             for n in names
         ]
 
@@ -111,8 +149,8 @@ def with_batch_options(without: tuple[str, ...] = ()) -> Callable[[Callable[...,
 @dataclass
 class BatchArgs:
     inputs: list[str]
-    out: Optional[str] = None
-    format: Optional[str] = None
+    out: str | None = None
+    format: str | None = None
     files_from: list[str] = field(default_factory=list)
     null: bool = False
     exclude: list[str] = field(default_factory=list)
@@ -123,13 +161,13 @@ class BatchArgs:
     sidecar: bool = False
     overwrite: bool = False
     json: bool = False  # the older --json flag: JSONL on stdout
-    ray: Optional[str] = None  # --ray: None = run here; "local", "auto", an address
-    ray_workers: Optional[int] = None
-    ray_cpus: Optional[float] = None
+    ray: str | None = None  # --ray: None = run here; "local", "auto", an address
+    ray_workers: int | None = None
+    ray_cpus: float | None = None
     ray_gpus: float = 0.0
     ray_ship_files: bool = False
 
-    def for_inputs(self, inputs: List[str], **changes: Any) -> BatchArgs:
+    def for_inputs(self, inputs: list[str], **changes: Any) -> BatchArgs:
         return replace(self, inputs=list(inputs), **changes)
 
 
@@ -137,7 +175,9 @@ def expand(args: BatchArgs) -> Expansion:
     """The image paths to process; warnings go to stderr, no images at all is an error."""
     from vlmcli.tasks.inputs import InputSpec, expand_inputs
 
-    spec = InputSpec(list(args.inputs), list(args.files_from or []), args.null, list(args.exclude or []), args.include_hidden)
+    spec = InputSpec(
+        list(args.inputs), list(args.files_from or []), args.null, list(args.exclude or []), args.include_hidden
+    )
     expansion = expand_inputs(spec, stdin=sys.stdin.buffer if sys.stdin is not None else None)
     for w in expansion.warnings:
         info(f"vlm: warning: {w}")
@@ -248,8 +288,9 @@ def execute(
 
 
 @contextlib.contextmanager
-def on_ray(args: BatchArgs, name: str, build: Callable[..., Any], spec: Any,
-           build_args: tuple[Any, ...] = ()) -> Iterator[Any]:
+def on_ray(
+    args: BatchArgs, name: str, build: Callable[..., Any], spec: Any, build_args: tuple[Any, ...] = ()
+) -> Iterator[Any]:
     """With --ray: a pool of Ray workers, each building its task as `build(spec, *build_args)` (the
     function the command calls to build it here); yields the task to pass to `execute` / `run`."""
     from vlmcli.tasks.ray_batch import RayPool, TaskRecipe
@@ -266,8 +307,15 @@ def ray_options(args: BatchArgs, quiet: bool) -> Any:
         return None
     from vlmcli.tasks.ray_batch import RayOptions
 
-    return RayOptions(address=args.ray, workers=args.ray_workers, cpus=args.ray_cpus, gpus=args.ray_gpus,
-                      ship_files=args.ray_ship_files, worker_logs=debugging(), notify=None if quiet else info)
+    return RayOptions(
+        address=args.ray,
+        workers=args.ray_workers,
+        cpus=args.ray_cpus,
+        gpus=args.ray_gpus,
+        ship_files=args.ray_ship_files,
+        worker_logs=debugging(),
+        notify=None if quiet else info,
+    )
 
 
 def conclude(name: str, summary: BatchSummary, args: BatchArgs, single: bool = False) -> None:
@@ -301,12 +349,12 @@ def run(
 
 
 def batch_args(
-    inputs: List[str],
-    out: Optional[str] = None,
-    format: Optional[str] = None,
-    files_from: Optional[List[str]] = None,
+    inputs: list[str],
+    out: str | None = None,
+    format: str | None = None,
+    files_from: list[str] | None = None,
     null: bool = False,
-    exclude: Optional[List[str]] = None,
+    exclude: list[str] | None = None,
     include_hidden: bool = False,
     redo: bool = False,
     use_hash: bool = False,
@@ -314,9 +362,9 @@ def batch_args(
     sidecar: bool = False,
     overwrite: bool = False,
     json: bool = False,
-    ray: Optional[str] = None,
-    ray_workers: Optional[int] = None,
-    ray_cpus: Optional[float] = None,
+    ray: str | None = None,
+    ray_workers: int | None = None,
+    ray_cpus: float | None = None,
     ray_gpus: float = 0.0,
     ray_ship_files: bool = False,
 ) -> BatchArgs:
@@ -326,11 +374,35 @@ def batch_args(
         ray = check_address(ray) or "local"
         import_ray()  # not installed: one line saying how, before any work
     else:
-        given = [f for f, v in (("--ray-workers", ray_workers), ("--ray-cpus", ray_cpus), ("--ray-gpus", ray_gpus or None),
-                                ("--ray-ship-files", ray_ship_files or None)) if v is not None]
+        given = [
+            f
+            for f, v in (
+                ("--ray-workers", ray_workers),
+                ("--ray-cpus", ray_cpus),
+                ("--ray-gpus", ray_gpus or None),
+                ("--ray-ship-files", ray_ship_files or None),
+            )
+            if v is not None
+        ]
         if given:
             raise VlmError(f"{given[0]} goes with --ray", exit_code=EXIT_USAGE)
     return BatchArgs(
-        list(inputs), out, format, list(files_from or []), null, list(exclude or []), include_hidden, redo, use_hash,
-        quiet, sidecar, overwrite, json, ray, ray_workers, ray_cpus, ray_gpus, ray_ship_files,
+        list(inputs),
+        out,
+        format,
+        list(files_from or []),
+        null,
+        list(exclude or []),
+        include_hidden,
+        redo,
+        use_hash,
+        quiet,
+        sidecar,
+        overwrite,
+        json,
+        ray,
+        ray_workers,
+        ray_cpus,
+        ray_gpus,
+        ray_ship_files,
     )

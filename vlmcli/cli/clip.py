@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -18,11 +18,13 @@ if TYPE_CHECKING:
     from vlmcli.tasks.embed import EmbedImagesTask
     from vlmcli.tasks.models import ModelSpec, OpenedModel
 
-ModelOpt = typer.Option(None, "--model", "-m", help="Store name (see `vlm models`), a CLIP .gguf file, or a folder holding one.")
+ModelOpt = typer.Option(
+    None, "--model", "-m", help="Store name (see `vlm models`), a CLIP .gguf file, or a folder holding one."
+)
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Say more on stderr (model, truncated texts).")
 
 
-def _spec(model: Optional[str], offline: bool, threads: Optional[int], n_gpu_layers: int, device: Optional[str]) -> ModelSpec:
+def _spec(model: str | None, offline: bool, threads: int | None, n_gpu_layers: int, device: str | None) -> ModelSpec:
     from vlmcli.tasks.models import ModelSpec
 
     return ModelSpec(model, offline=offline or None, n_threads=threads, n_gpu_layers=n_gpu_layers, device=device)
@@ -42,8 +44,15 @@ def _open(spec: ModelSpec, verbose: bool) -> OpenedModel:
 
 # The model opened and the task built: here, and on each Ray worker with --ray (module-level, so
 # the workers import them by name).
-def _classify_task(spec: ModelSpec, wanted: list[str], templates: Optional[List[str]], top_k: int, batch_size: int,
-                   max_pixels: int, verbose: bool) -> ClassifyTask:
+def _classify_task(
+    spec: ModelSpec,
+    wanted: list[str],
+    templates: list[str] | None,
+    top_k: int,
+    batch_size: int,
+    max_pixels: int,
+    verbose: bool,
+) -> ClassifyTask:
     from vlmcli.tasks.classify import ClassifyTask, encode_labels
 
     opened = _open(spec, verbose)
@@ -88,19 +97,25 @@ def _table_printer() -> Any:
 @app.command()
 @batch_cli.with_batch_options(without=("sidecar", "overwrite"))
 def classify(
-    images: Optional[List[str]] = typer.Argument(None, help="Image files, folders (recursive), globs (quoted), or - for paths on stdin."),
-    labels: Optional[str] = typer.Option(None, "--labels", "-l", help='Comma-separated labels, e.g. "cat,dog,car".'),
-    labels_file: Optional[Path] = typer.Option(None, "--labels-file", help="File with one label per line (# comments)."),
-    templates: Optional[List[str]] = typer.Option(
-        None, "--template",
-        help='Prompt with {} for the label (default "a photo of a {}."); repeat to ensemble several.'),
+    images: list[str] | None = typer.Argument(
+        None, help="Image files, folders (recursive), globs (quoted), or - for paths on stdin."
+    ),
+    labels: str | None = typer.Option(None, "--labels", "-l", help='Comma-separated labels, e.g. "cat,dog,car".'),
+    labels_file: Path | None = typer.Option(None, "--labels-file", help="File with one label per line (# comments)."),
+    templates: list[str] | None = typer.Option(
+        None,
+        "--template",
+        help='Prompt with {} for the label (default "a photo of a {}."); repeat to ensemble several.',
+    ),
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Labels shown per image."),
-    json_out: bool = typer.Option(False, "--json", help="JSON lines: {path, model, label, score, labels: [{label, score}], ...}."),
-    model: Optional[str] = ModelOpt,
-    threads: Optional[int] = ThreadsOpt,
+    json_out: bool = typer.Option(
+        False, "--json", help="JSON lines: {path, model, label, score, labels: [{label, score}], ...}."
+    ),
+    model: str | None = ModelOpt,
+    threads: int | None = ThreadsOpt,
     batch_size: int = ImageBatchOpt,
     n_gpu_layers: int = GpuOpt,
-    device: Optional[str] = DeviceOpt,
+    device: str | None = DeviceOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     verbose: bool = VerboseOpt,
@@ -124,8 +139,12 @@ def classify(
     expansion = batch_cli.expand(args)
     single = batch_cli.is_single(args, expansion)
     sink = batch_cli.make_sink(
-        args, expansion, ("table", "jsonl", "csv"),
-        csv_columns=["label", "score", "top"], csv_row=classify_csv_row, table=_table_printer(),
+        args,
+        expansion,
+        ("table", "jsonl", "csv"),
+        csv_columns=["label", "score", "top"],
+        csv_row=classify_csv_row,
+        table=_table_printer(),
     )
     if single:
         batch_cli.check_single_image(expansion.paths[0], max_pixels)
@@ -146,19 +165,24 @@ def classify(
 @app.command()
 @batch_cli.with_batch_options(without=("out", "format", "sidecar", "overwrite"))  # --out is embed's own
 def embed(
-    images: Optional[List[str]] = typer.Argument(None, help="Image files, folders (recursive), globs (quoted), or - for paths on stdin."),
-    texts: Optional[List[str]] = typer.Option(None, "--text", help="A text to embed (repeatable)."),
-    text_file: Optional[Path] = typer.Option(None, "--text-file", help="File with one text per line."),
-    out: Optional[str] = typer.Option(
-        None, "--out", "-o",
+    images: list[str] | None = typer.Argument(
+        None, help="Image files, folders (recursive), globs (quoted), or - for paths on stdin."
+    ),
+    texts: list[str] | None = typer.Option(None, "--text", help="A text to embed (repeatable)."),
+    text_file: Path | None = typer.Option(None, "--text-file", help="File with one text per line."),
+    out: str | None = typer.Option(
+        None,
+        "--out",
+        "-o",
         help="Write an N x D float32 .npy here, plus OUT.jsonl records {row, input, kind, path, model, ...} "
-             "(row null for a failed image); rerunning with it appends only what is missing. "
-             "Without it, JSON lines with the vectors go to stdout."),
-    model: Optional[str] = ModelOpt,
-    threads: Optional[int] = ThreadsOpt,
+        "(row null for a failed image); rerunning with it appends only what is missing. "
+        "Without it, JSON lines with the vectors go to stdout.",
+    ),
+    model: str | None = ModelOpt,
+    threads: int | None = ThreadsOpt,
     batch_size: int = ImageBatchOpt,
     n_gpu_layers: int = GpuOpt,
-    device: Optional[str] = DeviceOpt,
+    device: str | None = DeviceOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     verbose: bool = VerboseOpt,
@@ -198,7 +222,8 @@ def embed(
     with contextlib.ExitStack() as stack:
         if args.ray:
             image_task = stack.enter_context(
-                batch_cli.on_ray(args, "embed", _embed_task, spec, (batch_size, max_pixels, verbose)))
+                batch_cli.on_ray(args, "embed", _embed_task, spec, (batch_size, max_pixels, verbose))
+            )
         else:
             image_task = _embed_task(spec, batch_size, max_pixels, verbose)
             stack.callback(image_task.model.close)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,25 +15,33 @@ _CONVERT_HELP = (
     "The written paths are printed on stdout, one per line."
 )
 
+
 @app.command(help=_CONVERT_HELP)
 def convert(
-    checkpoint_dir: Path = typer.Argument(..., metavar="CHECKPOINT_DIR", help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)."),
-    out: Path = typer.Option(Path("."), "--out", "-o", help="Folder to write the GGUF file(s) to."),
-    quant: Optional[str] = typer.Option(
-        None, "--quant", "-q", help="Model type. SmolVLM2: F16, Q8_0 (default), Q4_K_M, Q5_K_M. CLIP: F16 (default), F32, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0."
+    checkpoint_dir: Path = typer.Argument(
+        ..., metavar="CHECKPOINT_DIR", help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)."
     ),
-    mmproj_quant: Optional[str] = typer.Option(None, "--mmproj-quant", help="SmolVLM2 vision projector type: F16 (default) or Q8_0."),
+    out: Path = typer.Option(Path("."), "--out", "-o", help="Folder to write the GGUF file(s) to."),
+    quant: str | None = typer.Option(
+        None,
+        "--quant",
+        "-q",
+        help="Model type. SmolVLM2: F16, Q8_0 (default), Q4_K_M, Q5_K_M. CLIP: F16 (default), F32, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0.",
+    ),
+    mmproj_quant: str | None = typer.Option(
+        None, "--mmproj-quant", help="SmolVLM2 vision projector type: F16 (default) or Q8_0."
+    ),
 ) -> None:
-    from vlmcli.convert import checkpoint_architecture, convert_checkpoint, SMOLVLM_ARCHITECTURES
+    from vlmcli.convert import SMOLVLM_ARCHITECTURES, checkpoint_architecture, convert_checkpoint
 
     arch = checkpoint_architecture(checkpoint_dir)  # fail fast (and name config.json) before any work
     if arch in SMOLVLM_ARCHITECTURES:
-        from vlmcli.convert.smolvlm2 import convert_smolvlm2
-
         from vlmcli.cli.progress import progress
+        from vlmcli.convert.smolvlm2 import convert_smolvlm2
 
         info(f"converting {checkpoint_dir} ({arch})")
         with progress(None, "writing tensors") as bar:
+
             def on_tensor(i: int, n: int, name: str) -> None:
                 if bar is not None:
                     part = "mmproj" if name.startswith(("v.", "mm.")) else "model"
@@ -50,12 +57,15 @@ def convert(
     for p in paths:
         typer.echo(str(p))
 
-@app.command(help="Quantize a language-model GGUF with llama.cpp's quantizer (F16, Q8_0, Q4_K_M, Q5_K_M). Prints the output path.")
+
+@app.command(
+    help="Quantize a language-model GGUF with llama.cpp's quantizer (F16, Q8_0, Q4_K_M, Q5_K_M). Prints the output path."
+)
 def quantize(
     src: Path = typer.Argument(..., metavar="SRC.gguf", help="Input language-model GGUF (e.g. NAME-F16.gguf)."),
     dst: Path = typer.Argument(..., metavar="DST.gguf", help="Output GGUF path."),
     quant: str = typer.Option("Q4_K_M", "--quant", "-q", help="Target type: F16, Q8_0, Q4_K_M, Q5_K_M."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads for quantizing (default: all cores)."),
+    threads: int | None = typer.Option(None, "--threads", "-t", help="Threads for quantizing (default: all cores)."),
 ) -> None:
     from vlmcli.convert.quantize import check_quant_name, quantize_gguf
 

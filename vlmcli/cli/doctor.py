@@ -37,7 +37,9 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="One JSON record 
 def _lines(r: dict[str, Any]) -> list[tuple[str, str]]:
     from vlmcli.tasks.system import human_bytes
 
-    v, llama, ggml, cpu, runs, store, hub = (r[k] for k in ("versions", "llama", "ggml", "cpu", "runs_on", "store", "hub"))
+    v, llama, ggml, cpu, runs, store, hub = (
+        r[k] for k in ("versions", "llama", "ggml", "cpu", "runs_on", "store", "hub")
+    )
     out = [
         ("vlmcli", str(v.get("vlmcli"))),
         ("python", f"{v.get('python')} ({v.get('python_executable')})"),
@@ -58,15 +60,33 @@ def _lines(r: dict[str, Any]) -> list[tuple[str, str]]:
         flags = " ".join(k if val == "1" else f"{k}={val}" for k, val in features.items())
         out.append(("features", f"{backend}: {flags}"))
     if "backends" in ggml:
-        out.append(("backends", ", ".join(f"{b['name']} ({b['devices']} device{'s' if b['devices'] != 1 else ''})" for b in ggml["backends"])))
+        out.append(
+            (
+                "backends",
+                ", ".join(
+                    f"{b['name']} ({b['devices']} device{'s' if b['devices'] != 1 else ''})" for b in ggml["backends"]
+                ),
+            )
+        )
         for d in ggml["devices"]:
-            memory = f"{human_bytes(d['memory_total'])} ({human_bytes(d['memory_free'])} free)" if d["memory_total"] else "memory unknown"
+            memory = (
+                f"{human_bytes(d['memory_total'])} ({human_bytes(d['memory_free'])} free)"
+                if d["memory_total"]
+                else "memory unknown"
+            )
             out.append(("device", f"{d['name']}: {d['type']}, {d['description']}, {memory}"))
     if "error" not in runs:
         elsewhere = runs["running_elsewhere"]
-        shared = f", shared with {elsewhere} vlm computation{'s' if elsewhere != 1 else ''} running now" if elsewhere else ""
+        shared = (
+            f", shared with {elsewhere} vlm computation{'s' if elsewhere != 1 else ''} running now" if elsewhere else ""
+        )
         out.append(("threads", f"{runs['threads']} ({runs['cpus']} CPUs for this process{shared}; -t N to fix)"))
-        out.append(("n-gpu-layers", f"{runs['n_gpu_layers']} by default (all layers when the build has a GPU; -ngl 0 forces the CPU)"))
+        out.append(
+            (
+                "n-gpu-layers",
+                f"{runs['n_gpu_layers']} by default (all layers when the build has a GPU; -ngl 0 forces the CPU)",
+            )
+        )
         out.append(("smolvlm2", str(runs["smolvlm2"])))
         out.append(("clip", str(runs["clip"])))
         out.append(("clip-cpu-kernels", str(runs["clip_cpu_kernels"])))
@@ -80,23 +100,40 @@ def _lines(r: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("store", f"error: {store['error']}"))
     else:
         n = len(store["models"])
-        summary = f"{n} model{'s' if n != 1 else ''}, {human_bytes(store['models_bytes'])}" if store["exists"] else "not created yet"
+        summary = (
+            f"{n} model{'s' if n != 1 else ''}, {human_bytes(store['models_bytes'])}"
+            if store["exists"]
+            else "not created yet"
+        )
         out.append(("store", f"{store['root']} ({summary})"))
         for m in store["models"]:
             out.append(("model", f"{m['name']}:{m['quant']} {m['kind']} {human_bytes(m['size'])} {m['path']}"))
         if store["downloads_bytes"]:
-            out.append(("downloads", f"{human_bytes(store['downloads_bytes'])} of unfinished pulls (rerun the pull to resume)"))
+            out.append(
+                ("downloads", f"{human_bytes(store['downloads_bytes'])} of unfinished pulls (rerun the pull to resume)")
+            )
     cache = r["image_cache"]
     if "error" in cache:
         out.append(("image-cache", f"error: {cache['error']}"))
     elif not cache["enabled"]:
         out.append(("image-cache", "off (VLM_CACHE_SIZE=0)"))
     else:
-        out.append(("image-cache", f"{cache['path']} ({cache['entries']} entries, {human_bytes(cache['bytes'])} "
-                                   f"of at most {human_bytes(cache['max_bytes'])})"))
+        out.append(
+            (
+                "image-cache",
+                f"{cache['path']} ({cache['entries']} entries, {human_bytes(cache['bytes'])} "
+                f"of at most {human_bytes(cache['max_bytes'])})",
+            )
+        )
     if "error" not in hub:
         out.append(("hf-endpoint", hub["endpoint"] + ("" if hub["HF_ENDPOINT"] else " (default)")))
-        out.append(("hf-offline", ("yes" if hub["offline"] else "no") + (f" (HF_HUB_OFFLINE={hub['HF_HUB_OFFLINE']})" if hub["HF_HUB_OFFLINE"] else "")))
+        out.append(
+            (
+                "hf-offline",
+                ("yes" if hub["offline"] else "no")
+                + (f" (HF_HUB_OFFLINE={hub['HF_HUB_OFFLINE']})" if hub["HF_HUB_OFFLINE"] else ""),
+            )
+        )
         out.append(("hf-token", f"set ({hub['token_source']})" if hub["token"] else "not set"))
     for w in r.get("warnings", []):
         out.append(("warning", w))

@@ -6,12 +6,24 @@ import itertools
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from vlmcli.cli import batch as batch_cli
-from vlmcli.cli.app import CtxOpt, DeviceOpt, GpuOpt, ImageBatchOpt, MaxPixelsOpt, NoCacheOpt, OfflineOpt, ThreadsOpt, app, fill_bare_option, info
+from vlmcli.cli.app import (
+    CtxOpt,
+    DeviceOpt,
+    GpuOpt,
+    ImageBatchOpt,
+    MaxPixelsOpt,
+    NoCacheOpt,
+    OfflineOpt,
+    ThreadsOpt,
+    app,
+    fill_bare_option,
+    info,
+)
 from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, VlmError
 
 if TYPE_CHECKING:
@@ -20,32 +32,51 @@ if TYPE_CHECKING:
 
 eval_app = typer.Typer(
     help="Measure quality and speed on standard benchmarks: VQAv2 accuracy, COCO caption CIDEr-D/BLEU/ROUGE-L, "
-         "CLIP zero-shot top-1/top-5 and retrieval Recall@K.",
+    "CLIP zero-shot top-1/top-5 and retrieval Recall@K.",
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
 
-VlmModelsOpt = typer.Option(None, "--model", "-m", help="Store name (NAME[:QUANT]), GGUF file or folder; repeat to compare models side by side.")
-ClipModelsOpt = typer.Option(None, "--model", "-m", help="Store name, CLIP .gguf file or folder; repeat to compare models side by side.")
+VlmModelsOpt = typer.Option(
+    None, "--model", "-m", help="Store name (NAME[:QUANT]), GGUF file or folder; repeat to compare models side by side."
+)
+ClipModelsOpt = typer.Option(
+    None, "--model", "-m", help="Store name, CLIP .gguf file or folder; repeat to compare models side by side."
+)
 MmprojOpt = typer.Option(None, "--mmproj", help="Vision projector GGUF (when a single --model is a GGUF file).")
 DetailsOpt = typer.Option(None, "--detail", help="Image detail low | high | auto; repeat to compare.")
 MaxTilesOpt = typer.Option(None, "--max-tiles", min=0, help="Cap on image tiles; repeat to compare.")
 ImagesOpt = typer.Option(None, "--images", help="Image folder (default: the dataset file's folder).")
 SplitOpt = typer.Option("test", "--split", help="Karpathy split JSON: train, val, test, restval or all.")
 LimitOpt = typer.Option(None, "--limit", min=1, help="Evaluate only the first N items (after --sample).")
-SampleOpt = typer.Option(None, "--sample", min=1, metavar="[N]",
-                         help="Evaluate a random subset of N items (with --seed). Alone and without DATA: the sample set "
-                              "shipped with vlm (six photos; a smoke test, not a benchmark).")
+SampleOpt = typer.Option(
+    None,
+    "--sample",
+    min=1,
+    metavar="[N]",
+    help="Evaluate a random subset of N items (with --seed). Alone and without DATA: the sample set "
+    "shipped with vlm (six photos; a smoke test, not a benchmark).",
+)
 # A bare --sample (no N) is rewritten to this by sample_flag() before Typer parses the line.
 SampleSetOpt = typer.Option(False, "--sample-set", hidden=True)
 SeedOpt = typer.Option(0, "--seed", help="Seed of --sample's subset.")
-OutOpt = typer.Option(None, "--out", "-o", help="Per-item records (JSONL; retrieval: OUT.npy + OUT.jsonl); rerunning with it continues.")
+OutOpt = typer.Option(
+    None, "--out", "-o", help="Per-item records (JSONL; retrieval: OUT.npy + OUT.jsonl); rerunning with it continues."
+)
 RedoOpt = typer.Option(False, "--redo", help="Run every item again even if --out has it.")
 JsonOpt = typer.Option(False, "--json", help="The report as one JSON object on stdout.")
 FormatOpt = typer.Option(None, "--format", "-f", help="Report format: table (default), markdown, json.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
-PredictionsOpt = typer.Option(None, "--predictions", help="Score these predictions (official results JSON or vlm's --out JSONL) without running a model.")
-BestOfOpt = typer.Option("1", "--best-of", help="Candidates per answer, e.g. 1,2,4,8: a row per N (one image encoding each); with three or more the scaling law Q(N) = Q_inf - A/N^gamma is fitted.")
+PredictionsOpt = typer.Option(
+    None,
+    "--predictions",
+    help="Score these predictions (official results JSON or vlm's --out JSONL) without running a model.",
+)
+BestOfOpt = typer.Option(
+    "1",
+    "--best-of",
+    help="Candidates per answer, e.g. 1,2,4,8: a row per N (one image encoding each); with three or more the scaling law Q(N) = Q_inf - A/N^gamma is fitted.",
+)
 SelectOpt = typer.Option("logprob", "--select", help="How --best-of picks: logprob or vote.")
 
 
@@ -55,7 +86,9 @@ def _best_of(text: str, select: str) -> dict[str, Any]:
     try:
         ns = list(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))
     except ValueError:
-        raise VlmError(f"--best-of takes counts separated by commas (e.g. 1,2,4,8), not {text!r}", exit_code=EXIT_USAGE) from None
+        raise VlmError(
+            f"--best-of takes counts separated by commas (e.g. 1,2,4,8), not {text!r}", exit_code=EXIT_USAGE
+        ) from None
     if select == "clip":
         raise VlmError("--select clip is not available in vlm eval (use logprob or vote)", exit_code=EXIT_USAGE)
     for n in ns or [0]:
@@ -63,32 +96,56 @@ def _best_of(text: str, select: str) -> dict[str, Any]:
     return {"best_of": ns, "select": select}
 
 
-def _vlm_specs(models: Optional[List[str]], mmproj: Optional[str], details: Optional[List[str]], max_tiles: Optional[List[int]],
-               offline: bool, threads: Optional[int], n_gpu_layers: int, ctx: int, no_cache: bool) -> list[ModelSpec]:
+def _vlm_specs(
+    models: list[str] | None,
+    mmproj: str | None,
+    details: list[str] | None,
+    max_tiles: list[int] | None,
+    offline: bool,
+    threads: int | None,
+    n_gpu_layers: int,
+    ctx: int,
+    no_cache: bool,
+) -> list[ModelSpec]:
     from vlmcli.tasks.models import ModelSpec
 
     models = list(models or [None])  # type: ignore[list-item]
     if mmproj is not None and len(models) != 1:
         raise VlmError("--mmproj goes with a single --model", exit_code=EXIT_USAGE)
-    return [ModelSpec(m, mmproj, offline or None, threads, n_gpu_layers, ctx, d, t, cache=not no_cache)
-            for m, d, t in itertools.product(models, list(details or [None]), list(max_tiles or [None]))]
+    return [
+        ModelSpec(m, mmproj, offline or None, threads, n_gpu_layers, ctx, d, t, cache=not no_cache)
+        for m, d, t in itertools.product(models, list(details or [None]), list(max_tiles or [None]))
+    ]
 
 
-def _clip_specs(models: Optional[List[str]], offline: bool, threads: Optional[int], n_gpu_layers: int, device: Optional[str]) -> list[ModelSpec]:
+def _clip_specs(
+    models: list[str] | None, offline: bool, threads: int | None, n_gpu_layers: int, device: str | None
+) -> list[ModelSpec]:
     from vlmcli.tasks.models import ModelSpec
 
-    return [ModelSpec(m, offline=offline or None, n_threads=threads, n_gpu_layers=n_gpu_layers, device=device) for m in (models or [None])]
+    return [
+        ModelSpec(m, offline=offline or None, n_threads=threads, n_gpu_layers=n_gpu_layers, device=device)
+        for m in (models or [None])
+    ]
 
 
-def _settings(out: Optional[Path], redo: bool, quiet: bool, max_pixels: int, batch: batch_cli.BatchArgs,
-              **kwargs: Any) -> EvalSettings:
+def _settings(
+    out: Path | None, redo: bool, quiet: bool, max_pixels: int, batch: batch_cli.BatchArgs, **kwargs: Any
+) -> EvalSettings:
     from vlmcli.cli.progress import BatchProgress
     from vlmcli.tasks.evaluate import EvalSettings
 
     if out is not None and out.is_dir():
         raise VlmError("--out is a folder; give a file", out, exit_code=EXIT_USAGE)
-    return EvalSettings(out=out, redo=redo, max_pixels=max_pixels, observer_factory=lambda: BatchProgress(quiet=quiet),
-                        notify=info, ray=batch_cli.ray_options(batch, quiet), **kwargs)
+    return EvalSettings(
+        out=out,
+        redo=redo,
+        max_pixels=max_pixels,
+        observer_factory=lambda: BatchProgress(quiet=quiet),
+        notify=info,
+        ray=batch_cli.ray_options(batch, quiet),
+        **kwargs,
+    )
 
 
 def _no_ray_with_predictions(batch: batch_cli.BatchArgs) -> None:
@@ -96,14 +153,14 @@ def _no_ray_with_predictions(batch: batch_cli.BatchArgs) -> None:
         raise VlmError("--predictions scores without a model; --ray has nothing to run", exit_code=EXIT_USAGE)
 
 
-def _format(json_out: bool, fmt: Optional[str]) -> str:
+def _format(json_out: bool, fmt: str | None) -> str:
     f = "json" if json_out else (fmt or "table").lower()
     if f not in ("table", "markdown", "json"):
         raise VlmError(f"--format {f} is not available here (choose from table, markdown, json)", exit_code=EXIT_USAGE)
     return f
 
 
-def _generation(max_tokens: Optional[int]) -> Any:
+def _generation(max_tokens: int | None) -> Any:
     if max_tokens is None:
         return None
     from vlmcli.engines.llama import GenerationOptions
@@ -118,23 +175,28 @@ def sample_flag(args: list[str]) -> list[str]:
     return fill_bare_option(args, "--sample", lambda w: w.lstrip("-").isdigit(), "--sample-set")
 
 
-def _dataset(data: Optional[Path], sample_set: bool, sample: Optional[int], command: str) -> Path:
+def _dataset(data: Path | None, sample_set: bool, sample: int | None, command: str) -> Path:
     """DATA, or (with --sample, counted or not) the shipped sample set's file for this evaluation."""
     from vlmcli.tasks.eval_data import SAMPLE_FILES
 
     if data is None:
         if not sample_set and sample is None:
-            raise VlmError(f"give a dataset (see vlm eval {command} --help), or --sample for the sample set shipped with vlm",
-                           exit_code=EXIT_USAGE)
+            raise VlmError(
+                f"give a dataset (see vlm eval {command} --help), or --sample for the sample set shipped with vlm",
+                exit_code=EXIT_USAGE,
+            )
         info("vlm: the shipped sample set: a smoke test of the pipeline, not a benchmark")
         return SAMPLE_FILES[command]
     if sample_set:
-        raise VlmError(f"--sample without a count evaluates the shipped sample set, not {data}; "
-                       f"give --sample N for a random subset of it", exit_code=EXIT_USAGE)
+        raise VlmError(
+            f"--sample without a count evaluates the shipped sample set, not {data}; "
+            f"give --sample N for a random subset of it",
+            exit_code=EXIT_USAGE,
+        )
     return data
 
 
-def _subset(items: list[Any], limit: Optional[int], sample: Optional[int], seed: int) -> list[Any]:
+def _subset(items: list[Any], limit: int | None, sample: int | None, seed: int) -> list[Any]:
     from vlmcli.tasks.eval_data import select
 
     chosen = select(items, limit, sample, seed)
@@ -147,13 +209,19 @@ def _subset(items: list[Any], limit: Optional[int], sample: Optional[int], seed:
 
 
 _COLUMNS: dict[str, list[tuple[str, Any]]] = {
-    "vqa": [("accuracy", lambda m: m.get("accuracy")), ("yes/no", lambda m: (m.get("per_answer_type") or {}).get("yes/no")),
-            ("number", lambda m: (m.get("per_answer_type") or {}).get("number")),
-            ("other", lambda m: (m.get("per_answer_type") or {}).get("other"))],
+    "vqa": [
+        ("accuracy", lambda m: m.get("accuracy")),
+        ("yes/no", lambda m: (m.get("per_answer_type") or {}).get("yes/no")),
+        ("number", lambda m: (m.get("per_answer_type") or {}).get("number")),
+        ("other", lambda m: (m.get("per_answer_type") or {}).get("other")),
+    ],
     "caption": [(k, (lambda key: lambda m: m.get(key))(k)) for k in ("CIDEr-D", "BLEU-1", "BLEU-4", "ROUGE-L")],
     "zeroshot": [("top-1 %", lambda m: m.get("top1")), ("top-5 %", lambda m: m.get("top5"))],
-    "retrieval": [(f"{name} R@{k}", (lambda d, kk: lambda m: (m.get(d) or {}).get(f"R@{kk}"))(d, k))
-                  for name, d in (("I->T", "image_to_text"), ("T->I", "text_to_image")) for k in (1, 5, 10)],
+    "retrieval": [
+        (f"{name} R@{k}", (lambda d, kk: lambda m: (m.get(d) or {}).get(f"R@{kk}"))(d, k))
+        for name, d in (("I->T", "image_to_text"), ("T->I", "text_to_image"))
+        for k in (1, 5, 10)
+    ],
 }
 
 
@@ -189,8 +257,15 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 row.append(_fmt(r.get("best_of")))
         digits = 3 if kind == "caption" else 2
         row += [_fmt(f(m), digits) for _, f in cols] + [_fmt(r.get("items")), _fmt(r.get("failed"))]
-        row += [_fmt(s.get("wall_s"), 1) + " s" if s.get("wall_s") is not None else "-", _fmt(s.get("s_per_item"), 3),
-                _fmt(s.get("images_per_s"), 2)] + ([_fmt(s.get("ttft_s"), 2)] if vlm else []) + [_fmt(s.get("peak_rss_mb"), 0)]
+        row += (
+            [
+                _fmt(s.get("wall_s"), 1) + " s" if s.get("wall_s") is not None else "-",
+                _fmt(s.get("s_per_item"), 3),
+                _fmt(s.get("images_per_s"), 2),
+            ]
+            + ([_fmt(s.get("ttft_s"), 2)] if vlm else [])
+            + [_fmt(s.get("peak_rss_mb"), 0)]
+        )
         rows.append(row)
     return head, rows
 
@@ -235,9 +310,11 @@ def render(report: dict[str, Any], fmt: str) -> None:
 
 
 def _scaling_lines(report: dict[str, Any]) -> list[str]:
-    return [f"scaling, {f['model']} ({f['detail'] or 'auto'}): {f['metric']}(N) = {f['q_inf']:.4g} - {f['a']:.4g} / N^{f['gamma']:.3g}"
-            f" (rmse {f['rmse']:.2g}, N = {', '.join(str(k) for k, _ in f['points'])})"
-            for f in report.get("scaling") or []]
+    return [
+        f"scaling, {f['model']} ({f['detail'] or 'auto'}): {f['metric']}(N) = {f['q_inf']:.4g} - {f['a']:.4g} / N^{f['gamma']:.3g}"
+        f" (rmse {f['rmse']:.2g}, N = {', '.join(str(k) for k, _ in f['points'])})"
+        for f in report.get("scaling") or []
+    ]
 
 
 def _finish(report: dict[str, Any], fmt: str) -> None:
@@ -258,28 +335,41 @@ def _finish(report: dict[str, Any], fmt: str) -> None:
 @eval_app.command("vqa")
 @batch_cli.with_batch_options(without=batch_cli.RAY_ONLY)
 def vqa(
-    data: Optional[Path] = typer.Argument(None, help="VQAv2 questions JSON (with --annotations and --images), or a JSONL of {image, question, answers: [...]}."),
-    annotations: Optional[Path] = typer.Option(None, "--annotations", help="VQAv2 annotations JSON (the answers)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image folder (VQAv2: COCO_val2014_000000xxxxxx.jpg files; JSONL: paths are relative to it)."),
-    prompt_suffix: Optional[str] = typer.Option(None, "--prompt-suffix", help='Text after each question (default "Answer the question using a single word or phrase."; "" for none).'),
-    predictions: Optional[Path] = PredictionsOpt,
-    model: Optional[List[str]] = VlmModelsOpt,
-    mmproj: Optional[str] = MmprojOpt,
-    detail: Optional[List[str]] = DetailsOpt,
-    max_tiles: Optional[List[int]] = MaxTilesOpt,
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=1, help="Most tokens per answer (default 16)."),
+    data: Path | None = typer.Argument(
+        None,
+        help="VQAv2 questions JSON (with --annotations and --images), or a JSONL of {image, question, answers: [...]}.",
+    ),
+    annotations: Path | None = typer.Option(None, "--annotations", help="VQAv2 annotations JSON (the answers)."),
+    images: Path | None = typer.Option(
+        None,
+        "--images",
+        help="Image folder (VQAv2: COCO_val2014_000000xxxxxx.jpg files; JSONL: paths are relative to it).",
+    ),
+    prompt_suffix: str | None = typer.Option(
+        None,
+        "--prompt-suffix",
+        help='Text after each question (default "Answer the question using a single word or phrase."; "" for none).',
+    ),
+    predictions: Path | None = PredictionsOpt,
+    model: list[str] | None = VlmModelsOpt,
+    mmproj: str | None = MmprojOpt,
+    detail: list[str] | None = DetailsOpt,
+    max_tiles: list[int] | None = MaxTilesOpt,
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", "-n", min=1, help="Most tokens per answer (default 16)."
+    ),
     best_of: str = BestOfOpt,
     select: str = SelectOpt,
-    limit: Optional[int] = LimitOpt,
-    sample: Optional[int] = SampleOpt,
+    limit: int | None = LimitOpt,
+    sample: int | None = SampleOpt,
     sample_set: bool = SampleSetOpt,
     seed: int = SeedOpt,
-    out: Optional[Path] = OutOpt,
+    out: Path | None = OutOpt,
     redo: bool = RedoOpt,
     json_out: bool = JsonOpt,
-    fmt: Optional[str] = FormatOpt,
+    fmt: str | None = FormatOpt,
     quiet: bool = QuietOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
     n_gpu_layers: int = GpuOpt,
     ctx: int = CtxOpt,
     max_pixels: int = MaxPixelsOpt,
@@ -298,36 +388,53 @@ def vqa(
         _no_ray_with_predictions(batch)
         _finish(score_vqa_predictions(items, predictions, str(data)), f)
     specs = _vlm_specs(model, mmproj, detail, max_tiles, offline, threads, n_gpu_layers, ctx, no_cache)
-    settings = _settings(out, redo, quiet, max_pixels, batch, generation=_generation(max_tokens), prompt=prompt_suffix,
-                         **_best_of(best_of, select))
+    settings = _settings(
+        out,
+        redo,
+        quiet,
+        max_pixels,
+        batch,
+        generation=_generation(max_tokens),
+        prompt=prompt_suffix,
+        **_best_of(best_of, select),
+    )
     _finish(evaluate_vqa(items, specs, settings, str(data)), f)
 
 
 @eval_app.command("caption")
 @batch_cli.with_batch_options(without=batch_cli.RAY_ONLY)
 def caption(
-    data: Optional[Path] = typer.Argument(None, help="COCO captions annotations JSON, a Karpathy split JSON, or a JSONL of {image, captions: [...]}."),
-    images: Optional[Path] = ImagesOpt,
+    data: Path | None = typer.Argument(
+        None, help="COCO captions annotations JSON, a Karpathy split JSON, or a JSONL of {image, captions: [...]}."
+    ),
+    images: Path | None = ImagesOpt,
     split: str = SplitOpt,
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help='The instruction given with each image (default "Describe this image in one sentence.").'),
-    predictions: Optional[Path] = PredictionsOpt,
-    model: Optional[List[str]] = VlmModelsOpt,
-    mmproj: Optional[str] = MmprojOpt,
-    detail: Optional[List[str]] = DetailsOpt,
-    max_tiles: Optional[List[int]] = MaxTilesOpt,
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=1, help="Most tokens per caption (default 48)."),
+    prompt: str | None = typer.Option(
+        None,
+        "--prompt",
+        "-p",
+        help='The instruction given with each image (default "Describe this image in one sentence.").',
+    ),
+    predictions: Path | None = PredictionsOpt,
+    model: list[str] | None = VlmModelsOpt,
+    mmproj: str | None = MmprojOpt,
+    detail: list[str] | None = DetailsOpt,
+    max_tiles: list[int] | None = MaxTilesOpt,
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", "-n", min=1, help="Most tokens per caption (default 48)."
+    ),
     best_of: str = BestOfOpt,
     select: str = SelectOpt,
-    limit: Optional[int] = LimitOpt,
-    sample: Optional[int] = SampleOpt,
+    limit: int | None = LimitOpt,
+    sample: int | None = SampleOpt,
     sample_set: bool = SampleSetOpt,
     seed: int = SeedOpt,
-    out: Optional[Path] = OutOpt,
+    out: Path | None = OutOpt,
     redo: bool = RedoOpt,
     json_out: bool = JsonOpt,
-    fmt: Optional[str] = FormatOpt,
+    fmt: str | None = FormatOpt,
     quiet: bool = QuietOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
     n_gpu_layers: int = GpuOpt,
     ctx: int = CtxOpt,
     max_pixels: int = MaxPixelsOpt,
@@ -346,12 +453,20 @@ def caption(
         _no_ray_with_predictions(batch)
         _finish(score_caption_predictions(items, predictions, str(data)), f)
     specs = _vlm_specs(model, mmproj, detail, max_tiles, offline, threads, n_gpu_layers, ctx, no_cache)
-    settings = _settings(out, redo, quiet, max_pixels, batch, generation=_generation(max_tokens), prompt=prompt,
-                         **_best_of(best_of, select))
+    settings = _settings(
+        out,
+        redo,
+        quiet,
+        max_pixels,
+        batch,
+        generation=_generation(max_tokens),
+        prompt=prompt,
+        **_best_of(best_of, select),
+    )
     _finish(evaluate_captions(items, specs, settings, str(data)), f)
 
 
-def _templates(template: Optional[List[str]], templates: Optional[str]) -> Optional[list[str]]:
+def _templates(template: list[str] | None, templates: str | None) -> list[str] | None:
     from vlmcli.files import read_lines
     from vlmcli.tasks.eval_imagenet import imagenet_templates
 
@@ -364,24 +479,32 @@ def _templates(template: Optional[List[str]], templates: Optional[str]) -> Optio
 @eval_app.command("zeroshot")
 @batch_cli.with_batch_options(without=batch_cli.RAY_ONLY)
 def zeroshot(
-    root: Optional[Path] = typer.Argument(None, help="ImageFolder tree: ROOT/CLASS/image.jpg, one folder per class."),
-    classes: Optional[str] = typer.Option(None, "--classes", help='Class names: a file (one per line in sorted folder order, or FOLDER<TAB>name lines), or "imagenet" (CLIP\'s 1000 names). Default: the folder names.'),
-    template: Optional[List[str]] = typer.Option(None, "--template", help='Prompt with {} for the class name (default "a photo of a {}."); repeat to ensemble.'),
-    templates: Optional[str] = typer.Option(None, "--templates", help='A file of templates (one per line), or "imagenet" (CLIP\'s 80).'),
-    model: Optional[List[str]] = ClipModelsOpt,
-    limit: Optional[int] = LimitOpt,
-    sample: Optional[int] = SampleOpt,
+    root: Path | None = typer.Argument(None, help="ImageFolder tree: ROOT/CLASS/image.jpg, one folder per class."),
+    classes: str | None = typer.Option(
+        None,
+        "--classes",
+        help='Class names: a file (one per line in sorted folder order, or FOLDER<TAB>name lines), or "imagenet" (CLIP\'s 1000 names). Default: the folder names.',
+    ),
+    template: list[str] | None = typer.Option(
+        None, "--template", help='Prompt with {} for the class name (default "a photo of a {}."); repeat to ensemble.'
+    ),
+    templates: str | None = typer.Option(
+        None, "--templates", help='A file of templates (one per line), or "imagenet" (CLIP\'s 80).'
+    ),
+    model: list[str] | None = ClipModelsOpt,
+    limit: int | None = LimitOpt,
+    sample: int | None = SampleOpt,
     sample_set: bool = SampleSetOpt,
     seed: int = SeedOpt,
-    out: Optional[Path] = OutOpt,
+    out: Path | None = OutOpt,
     redo: bool = RedoOpt,
     json_out: bool = JsonOpt,
-    fmt: Optional[str] = FormatOpt,
+    fmt: str | None = FormatOpt,
     quiet: bool = QuietOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
     batch_size: int = ImageBatchOpt,
     n_gpu_layers: int = GpuOpt,
-    device: Optional[str] = DeviceOpt,
+    device: str | None = DeviceOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (--ray and its options: with_batch_options)
@@ -402,31 +525,44 @@ def zeroshot(
     keep = select(list(range(len(folder.paths))), limit, sample, seed)
     if not keep:
         raise VlmError("no items to evaluate")
-    folder = ImageFolder(folder.classes, folder.names, [folder.paths[i] for i in keep], [folder.labels[i] for i in keep])
-    settings = _settings(out, redo, quiet, max_pixels, batch, templates=_templates(template, templates), batch_size=batch_size)
-    _finish(evaluate_zeroshot(folder, _clip_specs(model, offline, threads, n_gpu_layers, device), settings, str(root)), f)
+    folder = ImageFolder(
+        folder.classes, folder.names, [folder.paths[i] for i in keep], [folder.labels[i] for i in keep]
+    )
+    settings = _settings(
+        out, redo, quiet, max_pixels, batch, templates=_templates(template, templates), batch_size=batch_size
+    )
+    _finish(
+        evaluate_zeroshot(folder, _clip_specs(model, offline, threads, n_gpu_layers, device), settings, str(root)), f
+    )
 
 
 @eval_app.command("retrieval")
 @batch_cli.with_batch_options(without=batch_cli.RAY_ONLY)
 def retrieval(
-    data: Optional[Path] = typer.Argument(None, help="COCO / Flickr30k Karpathy split JSON, COCO captions JSON, or a JSONL of {image, captions: [...]}."),
-    images: Optional[Path] = ImagesOpt,
+    data: Path | None = typer.Argument(
+        None, help="COCO / Flickr30k Karpathy split JSON, COCO captions JSON, or a JSONL of {image, captions: [...]}."
+    ),
+    images: Path | None = ImagesOpt,
     split: str = SplitOpt,
-    model: Optional[List[str]] = ClipModelsOpt,
-    limit: Optional[int] = LimitOpt,
-    sample: Optional[int] = SampleOpt,
+    model: list[str] | None = ClipModelsOpt,
+    limit: int | None = LimitOpt,
+    sample: int | None = SampleOpt,
     sample_set: bool = SampleSetOpt,
     seed: int = SeedOpt,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Embeddings: OUT.npy + OUT.jsonl (as `vlm embed` writes them); rerunning with it continues."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Embeddings: OUT.npy + OUT.jsonl (as `vlm embed` writes them); rerunning with it continues.",
+    ),
     redo: bool = RedoOpt,
     json_out: bool = JsonOpt,
-    fmt: Optional[str] = FormatOpt,
+    fmt: str | None = FormatOpt,
     quiet: bool = QuietOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
     batch_size: int = ImageBatchOpt,
     n_gpu_layers: int = GpuOpt,
-    device: Optional[str] = DeviceOpt,
+    device: str | None = DeviceOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (--ray and its options: with_batch_options)
@@ -441,4 +577,6 @@ def retrieval(
     data = _dataset(data, sample_set, sample, "retrieval")
     items = _subset(load_captions(data, images, split), limit, sample, seed)
     settings = _settings(out, redo, quiet, max_pixels, batch, batch_size=batch_size)
-    _finish(evaluate_retrieval(items, _clip_specs(model, offline, threads, n_gpu_layers, device), settings, str(data)), f)
+    _finish(
+        evaluate_retrieval(items, _clip_specs(model, offline, threads, n_gpu_layers, device), settings, str(data)), f
+    )

@@ -17,7 +17,9 @@ app.add_typer(lib_app, name="lib")
 
 @lib_app.command()
 def build(
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write vlm.h and libvlm.so (libvlm.dylib on macOS) into."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder to write vlm.h and libvlm.so (libvlm.dylib on macOS) into."
+    ),
     relocatable: bool = typer.Option(
         False, "--relocatable", help="Record the bare library name in linked programs (then link with -Wl,-rpath,OUT)."
     ),

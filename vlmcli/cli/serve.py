@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -14,24 +13,51 @@ from vlmcli.errors import EXIT_USAGE, VlmError
 
 @app.command()
 def serve(
-    models: List[str] = typer.Option(..., "--model", "-m", help="A model to serve (store name, GGUF file or folder); repeat for a SmolVLM2 and a CLIP."),
-    mmproj: Optional[str] = typer.Option(None, "--mmproj", help="Vision projector GGUF, when the SmolVLM2 --model is a GGUF file."),
+    models: list[str] = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="A model to serve (store name, GGUF file or folder); repeat for a SmolVLM2 and a CLIP.",
+    ),
+    mmproj: str | None = typer.Option(
+        None, "--mmproj", help="Vision projector GGUF, when the SmolVLM2 --model is a GGUF file."
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: loopback only)."),
     port: int = typer.Option(8080, "--port", min=0, max=65535),
-    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Worker processes per model, each holding the model."),
+    workers: int = typer.Option(
+        1, "--workers", "-w", min=1, help="Worker processes per model, each holding the model."
+    ),
     queue: int = typer.Option(16, "--queue", min=1, help="Requests waiting per model; more get 429."),
-    timeout: float = typer.Option(300.0, "--timeout", min=0.1, help="Seconds a request may take, queueing included (then 504)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads per worker (default: each request takes its share of the cores with the work running then)."),
+    timeout: float = typer.Option(
+        300.0, "--timeout", min=0.1, help="Seconds a request may take, queueing included (then 504)."
+    ),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        "-t",
+        min=1,
+        help="CPU threads per worker (default: each request takes its share of the cores with the work running then).",
+    ),
     n_gpu_layers: int = GpuOpt,
     ctx: int = CtxOpt,
-    detail: Optional[str] = typer.Option(None, "--detail", help="Image detail: low, high, auto."),
-    max_tiles: Optional[int] = typer.Option(None, "--max-tiles", min=0),
+    detail: str | None = typer.Option(None, "--detail", help="Image detail: low, high, auto."),
+    max_tiles: int | None = typer.Option(None, "--max-tiles", min=0),
     max_n: int = typer.Option(4, "--max-n", min=1, help="Largest `n` (best-of candidates) a chat request may ask for."),
     max_pixels: int = MaxPixelsOpt,
-    max_body: int = typer.Option(32 * 1024 * 1024, "--max-body", min=1024, help="Largest request body in bytes (then 413)."),
-    allow_files: Optional[Path] = typer.Option(None, "--allow-files", help="Let image_url name local files under this folder."),
-    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs clients name (any address this host can reach: for trusted clients)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="VLM_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/ (also VLM_API_KEY)."),
+    max_body: int = typer.Option(
+        32 * 1024 * 1024, "--max-body", min=1024, help="Largest request body in bytes (then 413)."
+    ),
+    allow_files: Path | None = typer.Option(
+        None, "--allow-files", help="Let image_url name local files under this folder."
+    ),
+    allow_remote_images: bool = typer.Option(
+        False,
+        "--allow-remote-images",
+        help="Fetch http(s) image URLs clients name (any address this host can reach: for trusted clients).",
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="VLM_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/ (also VLM_API_KEY)."
+    ),
     offline: bool = typer.Option(False, "--offline", help="Use only models already in the store."),
 ) -> None:
     """Serve the OpenAI API (chat completions with images, embeddings) from worker processes that survive crashes."""
@@ -40,7 +66,9 @@ def serve(
 
         from vlmcli.serve.app import ServeConfig, create_app
     except ImportError as e:
-        raise VlmError(f"vlm serve needs the serve extra: pip install 'vlmcli[serve]' ({e})", exit_code=EXIT_USAGE) from None
+        raise VlmError(
+            f"vlm serve needs the serve extra: pip install 'vlmcli[serve]' ({e})", exit_code=EXIT_USAGE
+        ) from None
     from vlmcli.serve.workers import ModelPool, WorkerSpec
     from vlmcli.tasks.models import detect_kind
 
@@ -52,11 +80,23 @@ def serve(
         name = _model_id(m)
         if any(s.name == name for s in specs):
             raise VlmError(f"--model {m} is given twice", exit_code=EXIT_USAGE)
-        specs.append(WorkerSpec(model=m, kind=kind, name=name, mmproj=mmproj if kind == "vlm" else None,
-                                # None: each worker takes its share of the cores per request (engines/cores.py)
-                                n_threads=threads,
-                                n_gpu_layers=n_gpu_layers, n_ctx=ctx, detail=detail, max_tiles=max_tiles, max_n=max_n,
-                                max_pixels=max_pixels, offline=offline))
+        specs.append(
+            WorkerSpec(
+                model=m,
+                kind=kind,
+                name=name,
+                mmproj=mmproj if kind == "vlm" else None,
+                # None: each worker takes its share of the cores per request (engines/cores.py)
+                n_threads=threads,
+                n_gpu_layers=n_gpu_layers,
+                n_ctx=ctx,
+                detail=detail,
+                max_tiles=max_tiles,
+                max_n=max_n,
+                max_pixels=max_pixels,
+                offline=offline,
+            )
+        )
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         info(f"vlm: warning: serving on {host} without --api-key: anyone who can reach it can use it")
     pools: dict[str, ModelPool] = {}
@@ -70,8 +110,14 @@ def serve(
             pool = ModelPool(spec, workers, queue)
             pool.start()
             pools[spec.name] = pool
-        config = ServeConfig(pools, timeout=timeout, max_body=max_body, allow_files=allow_files,
-                             allow_remote_images=allow_remote_images, api_key=api_key)
+        config = ServeConfig(
+            pools,
+            timeout=timeout,
+            max_body=max_body,
+            allow_files=allow_files,
+            allow_remote_images=allow_remote_images,
+            api_key=api_key,
+        )
         info(f"vlm: serving {', '.join(pools)} on http://{host}:{port}")
         uvicorn.run(create_app(config), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
     except RuntimeError as e:

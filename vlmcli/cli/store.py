@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-from typing import Optional
 
 import typer
 
@@ -20,7 +19,7 @@ _PULL_HELP = (
 )
 
 
-def _split_quant(name: str, quant: Optional[str]) -> tuple[str, Optional[str]]:
+def _split_quant(name: str, quant: str | None) -> tuple[str, str | None]:
     """Accept NAME:QUANT as well as NAME --quant QUANT."""
     base, sep, q = name.partition(":")
     if sep and q:
@@ -35,11 +34,17 @@ def _split_quant(name: str, quant: Optional[str]) -> tuple[str, Optional[str]]:
 @app.command(help=_PULL_HELP)
 def pull(
     name: str = typer.Argument(..., help="Model name (see `vlm models --available`), optionally NAME:QUANT."),
-    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="Quantization, e.g. Q8_0, Q4_K_M, F16 (default: the model's)."),
-    source: Optional[str] = typer.Option(
-        None, "--from", help="gguf: ready GGUF files; convert: convert the original checkpoint here (default: gguf if offered)."
+    quant: str | None = typer.Option(
+        None, "--quant", "-q", help="Quantization, e.g. Q8_0, Q4_K_M, F16 (default: the model's)."
     ),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit to download (default: the registry's)."),
+    source: str | None = typer.Option(
+        None,
+        "--from",
+        help="gguf: ready GGUF files; convert: convert the original checkpoint here (default: gguf if offered).",
+    ),
+    revision: str | None = typer.Option(
+        None, "--revision", help="Branch, tag or commit to download (default: the registry's)."
+    ),
     force: bool = typer.Option(False, "--force", help="Download and install again even if installed."),
     json_out: bool = typer.Option(False, "--json", help="Print the installed model's record as JSON."),
 ) -> None:
@@ -80,7 +85,9 @@ def _stdout_console():  # type: ignore[no-untyped-def]
 
 @app.command(name="models", help="List installed models (or, with --available, the models `vlm pull` knows).")
 def models(
-    available: bool = typer.Option(False, "--available", "-a", help="List the registry: every model `vlm pull` can install."),
+    available: bool = typer.Option(
+        False, "--available", "-a", help="List the registry: every model `vlm pull` can install."
+    ),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
 ) -> None:
     from rich.table import Table
@@ -165,7 +172,7 @@ def _user_registries() -> list[str]:
 @app.command(help="Remove an installed model (every quantization of it, or only --quant).")
 def rm(
     name: str = typer.Argument(..., help="Installed model name, optionally NAME:QUANT."),
-    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="Remove only this quantization."),
+    quant: str | None = typer.Option(None, "--quant", "-q", help="Remove only this quantization."),
 ) -> None:
     from vlmcli.errors import ModelError
     from vlmcli.store.registry import normalize_quant

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Callable, List, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import typer
 
 from vlmcli.cli import batch as batch_cli
-from vlmcli.cli.app import CtxOpt, GpuOpt, MaxPixelsOpt, NoCacheOpt, OfflineOpt, ThreadsOpt, app, info, stderr, stderr_is_terminal
+from vlmcli.cli.app import (
+    CtxOpt,
+    GpuOpt,
+    MaxPixelsOpt,
+    NoCacheOpt,
+    OfflineOpt,
+    ThreadsOpt,
+    app,
+    info,
+    stderr,
+    stderr_is_terminal,
+)
 from vlmcli.errors import EXIT_USAGE, InvalidOption, VlmError
 from vlmcli.tasks.ask import DEFAULT_ASK_MAX_TOKENS
 from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT
@@ -22,41 +34,101 @@ if TYPE_CHECKING:
 
 # Options shared by ask and caption (Typer has no option groups; these keep the two in step).
 # Short flags as llama.cpp's: -m model, -n tokens, -c context, -s seed, -ngl GPU layers.
-ModelOpt = typer.Option(None, "--model", "-m", help="Store name (see `vlm models`), a GGUF file, or a folder holding the model and its mmproj.")
+ModelOpt = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help="Store name (see `vlm models`), a GGUF file, or a folder holding the model and its mmproj.",
+)
 MmprojOpt = typer.Option(None, "--mmproj", help="Vision projector GGUF (when --model is a GGUF file).")
-TemperatureOpt = typer.Option(None, "--temperature", "--temp", min=0.0, help="Sampling temperature; 0 = greedy (deterministic). Default 0, or 0.7 with --best-of.")
+TemperatureOpt = typer.Option(
+    None,
+    "--temperature",
+    "--temp",
+    min=0.0,
+    help="Sampling temperature; 0 = greedy (deterministic). Default 0, or 0.7 with --best-of.",
+)
 TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")
 SeedOpt = typer.Option(0, "--seed", "-s", help="Random seed for sampling.")
-DetailOpt = typer.Option(None, "--detail", help="Image detail: low (one 512 px view), high (full tiling), auto (default, or the model's registry default).")
-MaxTilesOpt = typer.Option(None, "--max-tiles", min=0, help="Cap on image tiles (0 = overview only); overrides --detail.")
+DetailOpt = typer.Option(
+    None,
+    "--detail",
+    help="Image detail: low (one 512 px view), high (full tiling), auto (default, or the model's registry default).",
+)
+MaxTilesOpt = typer.Option(
+    None, "--max-tiles", min=0, help="Cap on image tiles (0 = overview only); overrides --detail."
+)
 JsonOpt = typer.Option(False, "--json", help="Print JSON records instead of text.")
-VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show every --best-of candidate (--debug: llama.cpp's own logs too).")
-BestOfOpt = typer.Option(1, "--best-of", min=1, help="Sample N candidates (one image encoding, decoded together) and keep the best.")
-SelectOpt = typer.Option("logprob", "--select", help="How --best-of chooses: logprob (mean token log-probability), vote (most frequent short answer), clip (CLIP image-text similarity).")
-ClipModelOpt = typer.Option(None, "--clip-model", help="CLIP model judging --select clip (default: the store's default CLIP).")
+VerboseOpt = typer.Option(
+    False, "--verbose", "-v", help="Show every --best-of candidate (--debug: llama.cpp's own logs too)."
+)
+BestOfOpt = typer.Option(
+    1, "--best-of", min=1, help="Sample N candidates (one image encoding, decoded together) and keep the best."
+)
+SelectOpt = typer.Option(
+    "logprob",
+    "--select",
+    help="How --best-of chooses: logprob (mean token log-probability), vote (most frequent short answer), clip (CLIP image-text similarity).",
+)
+ClipModelOpt = typer.Option(
+    None, "--clip-model", help="CLIP model judging --select clip (default: the store's default CLIP)."
+)
 
 
-def _spec(model: Optional[str], mmproj: Optional[str], offline: bool, threads: Optional[int], n_gpu_layers: int,
-          ctx: int, detail: Optional[str], max_tiles: Optional[int], n_best: int = 1,
-          no_cache: bool = False) -> ModelSpec:
+def _spec(
+    model: str | None,
+    mmproj: str | None,
+    offline: bool,
+    threads: int | None,
+    n_gpu_layers: int,
+    ctx: int,
+    detail: str | None,
+    max_tiles: int | None,
+    n_best: int = 1,
+    no_cache: bool = False,
+) -> ModelSpec:
     from vlmcli.tasks.models import ModelSpec
 
-    return ModelSpec(model, mmproj, offline or None, threads, n_gpu_layers, ctx, detail, max_tiles,
-                     n_sequences=n_best, cache=not no_cache)
+    return ModelSpec(
+        model,
+        mmproj,
+        offline or None,
+        threads,
+        n_gpu_layers,
+        ctx,
+        detail,
+        max_tiles,
+        n_sequences=n_best,
+        cache=not no_cache,
+    )
 
 
 # The model opened and the task built: here, and on each Ray worker with --ray (module-level, so
 # the workers import them by name).
-def _ask_task(spec: ModelSpec, questions: list[str], gen: GenerationOptions, max_pixels: int, n_best: int, select: str,
-              judge: Optional[ClipJudge] = None) -> AskTask:
+def _ask_task(
+    spec: ModelSpec,
+    questions: list[str],
+    gen: GenerationOptions,
+    max_pixels: int,
+    n_best: int,
+    select: str,
+    judge: ClipJudge | None = None,
+) -> AskTask:
     from vlmcli.tasks.ask import AskTask
     from vlmcli.tasks.models import open_model
 
     return AskTask(open_model(spec, "vlm", notify=info).engine, questions, gen, max_pixels, n_best, select, judge)
 
 
-def _caption_task(spec: ModelSpec, gen: GenerationOptions, prompt: str, max_pixels: int, n_best: int, select: str,
-                  judge: Optional[ClipJudge] = None) -> CaptionTask:
+def _caption_task(
+    spec: ModelSpec,
+    gen: GenerationOptions,
+    prompt: str,
+    max_pixels: int,
+    n_best: int,
+    select: str,
+    judge: ClipJudge | None = None,
+) -> CaptionTask:
     from vlmcli.tasks.caption import CaptionTask
     from vlmcli.tasks.models import open_model
 
@@ -68,8 +140,15 @@ def _check_ray(args: batch_cli.BatchArgs, n_best: int, select: str) -> None:
         raise InvalidOption("select", "clip does not run on Ray workers yet; use logprob or vote with --ray")
 
 
-def _best_of(n_best: int, select: str, clip_model: Optional[str], offline: bool, threads: Optional[int],
-             temperature: Optional[float], task_name: str) -> tuple[float, Optional[ClipJudge]]:
+def _best_of(
+    n_best: int,
+    select: str,
+    clip_model: str | None,
+    offline: bool,
+    threads: int | None,
+    temperature: float | None,
+    task_name: str,
+) -> tuple[float, ClipJudge | None]:
     """Check the --best-of options; the temperature to sample with and, for --select clip, the CLIP judge."""
     from vlmcli.tasks import best_of
 
@@ -79,7 +158,9 @@ def _best_of(n_best: int, select: str, clip_model: Optional[str], offline: bool,
     if temperature == 0:
         info(f"vlm: warning: --best-of {n_best} with --temperature 0 samples the same greedy answer {n_best} times")
     if select == "vote" and task_name == "caption":
-        info("vlm: warning: --select vote is meant for short answers; captions rarely agree word for word (try logprob or clip)")
+        info(
+            "vlm: warning: --select vote is meant for short answers; captions rarely agree word for word (try logprob or clip)"
+        )
     judge = None
     if select == "clip":
         from vlmcli.tasks.models import ModelSpec, open_model
@@ -96,7 +177,9 @@ def _print_choices(task: AskTask, verbose: bool) -> Callable[[dict], None]:
         answers = record.get("answers") or [{"prompt": task.prompts[0], "answer": record.get("caption", ""), **record}]
         for a in answers:
             if verbose and a.get("candidates"):
-                info(f"> {a['prompt']}  (--select {a['select']}: candidate {a['chosen'] + 1} of {len(a['candidates'])})")
+                info(
+                    f"> {a['prompt']}  (--select {a['select']}: candidate {a['chosen'] + 1} of {len(a['candidates'])})"
+                )
                 for i, c in enumerate(a["candidates"]):
                     mark = "*" if i == a["chosen"] else " "
                     info(f"{mark} {i + 1}. score {c['score']:.4f}, mean log-prob {c['mean_logprob']:.4f}: {c['text']}")
@@ -110,18 +193,23 @@ def _print_choices(task: AskTask, verbose: bool) -> Callable[[dict], None]:
 @batch_cli.with_batch_options()
 def ask(
     image: str = typer.Argument(..., help="Image file; or a folder, a glob, or - (paths on stdin) for batch mode."),
-    prompts: Optional[List[str]] = typer.Argument(None, help="One or more questions; the image is encoded once for all. With --files-from every argument is a question."),
-    model: Optional[str] = ModelOpt,
-    mmproj: Optional[str] = MmprojOpt,
-    max_tokens: int = typer.Option(DEFAULT_ASK_MAX_TOKENS, "--max-tokens", "-n", min=1, help="Most tokens to generate per answer."),
-    temperature: Optional[float] = TemperatureOpt,
+    prompts: list[str] | None = typer.Argument(
+        None,
+        help="One or more questions; the image is encoded once for all. With --files-from every argument is a question.",
+    ),
+    model: str | None = ModelOpt,
+    mmproj: str | None = MmprojOpt,
+    max_tokens: int = typer.Option(
+        DEFAULT_ASK_MAX_TOKENS, "--max-tokens", "-n", min=1, help="Most tokens to generate per answer."
+    ),
+    temperature: float | None = TemperatureOpt,
     top_p: float = TopPOpt,
     seed: int = SeedOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
     n_gpu_layers: int = GpuOpt,
     ctx: int = CtxOpt,
-    detail: Optional[str] = DetailOpt,
-    max_tiles: Optional[int] = MaxTilesOpt,
+    detail: str | None = DetailOpt,
+    max_tiles: int | None = MaxTilesOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     no_cache: bool = NoCacheOpt,
@@ -129,7 +217,7 @@ def ask(
     verbose: bool = VerboseOpt,
     n_best: int = BestOfOpt,
     select: str = SelectOpt,
-    clip_model: Optional[str] = ClipModelOpt,
+    clip_model: str | None = ClipModelOpt,
     batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
 ) -> None:
     """Ask SmolVLM2 about an image; the answer streams to stdout. Folders, globs and - give one JSONL record per image."""
@@ -219,19 +307,21 @@ def _stream_to_terminal(task: AskTask) -> Callable[[bool], None]:
 @app.command()
 @batch_cli.with_batch_options()
 def caption(
-    images: Optional[List[str]] = typer.Argument(None, help="Image files, folders (recursive), globs (quoted: \"photos/**/*.jpg\"), or - for paths on stdin."),
+    images: list[str] | None = typer.Argument(
+        None, help='Image files, folders (recursive), globs (quoted: "photos/**/*.jpg"), or - for paths on stdin.'
+    ),
     prompt: str = typer.Option(DEFAULT_CAPTION_PROMPT, "--prompt", "-p", help="The instruction given with each image."),
-    model: Optional[str] = ModelOpt,
-    mmproj: Optional[str] = MmprojOpt,
+    model: str | None = ModelOpt,
+    mmproj: str | None = MmprojOpt,
     max_tokens: int = typer.Option(DEFAULT_CAPTION_MAX_TOKENS, "--max-tokens", "-n", min=1),
-    temperature: Optional[float] = TemperatureOpt,
+    temperature: float | None = TemperatureOpt,
     top_p: float = TopPOpt,
     seed: int = SeedOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: int | None = ThreadsOpt,
     n_gpu_layers: int = GpuOpt,
     ctx: int = CtxOpt,
-    detail: Optional[str] = DetailOpt,
-    max_tiles: Optional[int] = MaxTilesOpt,
+    detail: str | None = DetailOpt,
+    max_tiles: int | None = MaxTilesOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     no_cache: bool = NoCacheOpt,
@@ -239,7 +329,7 @@ def caption(
     verbose: bool = VerboseOpt,
     n_best: int = BestOfOpt,
     select: str = SelectOpt,
-    clip_model: Optional[str] = ClipModelOpt,
+    clip_model: str | None = ClipModelOpt,
     batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
 ) -> None:
     """Caption images: the caption of one image, `PATH<TAB>caption` for several named files, JSONL for folders, globs and lists."""
@@ -252,8 +342,12 @@ def caption(
     expansion = batch_cli.expand(args)
     single = batch_cli.is_single(args, expansion)
     sink = batch_cli.make_sink(
-        args, expansion, ("jsonl", "csv", "text"),
-        text=caption_text, csv_columns=["caption"], csv_row=lambda r: {"caption": caption_text(r) if not r.get("error") else ""},
+        args,
+        expansion,
+        ("jsonl", "csv", "text"),
+        text=caption_text,
+        csv_columns=["caption"],
+        csv_row=lambda r: {"caption": caption_text(r) if not r.get("error") else ""},
     )
     if single:
         batch_cli.check_single_image(expansion.paths[0], max_pixels)

@@ -28,20 +28,19 @@ Shapes in comments are ggml order (innermost first): x [D, T, N] is N sequences 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from vlmcli.engines import clip_kernels, ggml
 from vlmcli.engines.clip_kernels import Norm, PackedWeight
 from vlmcli.engines.clip_numpy import NumpyClip
-from vlmcli.engines.cores import CoreShare
 from vlmcli.engines.clip_tokenizer import (
     BOS_TOKEN,
     DEFAULT_MERGES_FILE,
@@ -49,6 +48,7 @@ from vlmcli.engines.clip_tokenizer import (
     read_merges_file,
     vocabulary_from_merges,
 )
+from vlmcli.engines.cores import CoreShare
 from vlmcli.engines.ggml import Backend, Graph, Tensor
 from vlmcli.engines.gguf_check import require_kind
 from vlmcli.engines.native import NativeResource
@@ -92,8 +92,13 @@ COMPUTE_PATH_ENV = "VLM_CLIP_PATH"
 # types (chosen for size: 16-bit packing would undo it) stay with ggml.
 WEIGHTS_TYPES = ("auto", "stored", "bf16", "vlm-bf16", "vlm-f16", "vlm-i16")
 # (held type, kernel kind); "I16" is vlm's own (16-bit integers with a scale per 128 k, clip_kernels.pack)
-LAYOUTS = {"stored": (None, None), "bf16": ("BF16", None), "vlm-bf16": ("BF16", "bf16"), "vlm-f16": ("F16", "f16"),
-           "vlm-i16": ("I16", "i16")}
+LAYOUTS = {
+    "stored": (None, None),
+    "bf16": ("BF16", None),
+    "vlm-bf16": ("BF16", "bf16"),
+    "vlm-f16": ("F16", "f16"),
+    "vlm-i16": ("I16", "i16"),
+}
 WEIGHTS_TYPE_ENV = "VLM_CLIP_WEIGHTS"
 PACKED_FROM = ("F16", "F32", "Q8_0")  # the file types vlm's kernels take (see above)
 PACKED_AS_VALUES = ("I16", "BF16")  # held types packed in C straight from the file's F16 / F32 values
@@ -159,12 +164,16 @@ class ClipConfig:
         merges = get("tokenizer.ggml.merges", list, [])
         if tokens and not merges:  # clip.cpp's converter stores the vocabulary only
             merges = _shipped_merges_for(tokens, path)
-            notes.append("the file has no BPE merges (tokenizer.ggml.merges); its vocabulary is CLIP's, "
-                         "so the CLIP merges shipped with vlm are used")
+            notes.append(
+                "the file has no BPE merges (tokenizer.ggml.merges); its vocabulary is CLIP's, "
+                "so the CLIP merges shipped with vlm are used"
+            )
         if metadata.get("clip.logit_scale") is None:  # clip.cpp's converter leaves it out
             log_scale = math.log(TRAINED_LOGIT_SCALE)
-            notes.append(f"the file has no logit scale (clip.logit_scale); using trained CLIP's "
-                         f"{TRAINED_LOGIT_SCALE:g} (classify scores depend on it, embeddings do not)")
+            notes.append(
+                f"the file has no logit scale (clip.logit_scale); using trained CLIP's "
+                f"{TRAINED_LOGIT_SCALE:g} (classify scores depend on it, embeddings do not)"
+            )
         else:
             log_scale = get("clip.logit_scale", float)
         cfg = cls(
@@ -204,8 +213,20 @@ class ClipConfig:
             if not cond:
                 raise ModelError(f"inconsistent CLIP GGUF: {what}", path)
 
-        positive = ("image_size", "patch_size", "context_length", "projection_dim", "text_width", "text_layers",
-                    "text_heads", "text_ffn", "vision_width", "vision_layers", "vision_heads", "vision_ffn")
+        positive = (
+            "image_size",
+            "patch_size",
+            "context_length",
+            "projection_dim",
+            "text_width",
+            "text_layers",
+            "text_heads",
+            "text_ffn",
+            "vision_width",
+            "vision_layers",
+            "vision_heads",
+            "vision_ffn",
+        )
         for key in positive:
             need(getattr(self, key) > 0, f"{key} = {getattr(self, key)}")
         need(self.image_size % self.patch_size == 0, "image_size is not a multiple of patch_size")
@@ -232,8 +253,11 @@ def _shipped_merges_for(tokens: list[str], path: Path) -> list[str]:
         else:
             i = next(i for i, (a, b) in enumerate(zip(tokens, vocab)) if a != b)
             why = f"token {i} is {tokens[i]!r}, CLIP's is {vocab[i]!r}"
-        raise ModelError("CLIP GGUF has no BPE merges (tokenizer.ggml.merges) and its vocabulary is not "
-                         f"CLIP's ({why}), so its texts cannot be tokenized", path)
+        raise ModelError(
+            "CLIP GGUF has no BPE merges (tokenizer.ggml.merges) and its vocabulary is not "
+            f"CLIP's ({why}), so its texts cannot be tokenized",
+            path,
+        )
     return list(merges)
 
 
@@ -258,8 +282,10 @@ def choose_compute_path(requested: str | None, on_cpu: bool) -> str:
     if choice == "auto":
         choice = (os.environ.get(COMPUTE_PATH_ENV) or "auto").strip().lower()
     if choice not in COMPUTE_PATHS:
-        raise VlmError(f"unknown CLIP compute path {choice!r} (from {COMPUTE_PATH_ENV} or compute=); "
-                       f"use one of {', '.join(COMPUTE_PATHS)}")
+        raise VlmError(
+            f"unknown CLIP compute path {choice!r} (from {COMPUTE_PATH_ENV} or compute=); "
+            f"use one of {', '.join(COMPUTE_PATHS)}"
+        )
     return "blas" if choice == "blas" and on_cpu else "ggml"
 
 
@@ -274,8 +300,10 @@ def weights_layout(on_cpu: bool) -> str:
     kind = LAYOUTS.get(choice, (None, None))[1]
     if kind and not clip_kernels.available(kind):
         needs = "AVX512_BF16" if kind == "bf16" else "AVX2, FMA and F16C"
-        raise VlmError(f"{WEIGHTS_TYPE_ENV}={choice} needs vlm's {kind} kernels, which this machine lacks "
-                       f"(an x86 CPU with {needs}, and a C compiler when vlm was installed)")
+        raise VlmError(
+            f"{WEIGHTS_TYPE_ENV}={choice} needs vlm's {kind} kernels, which this machine lacks "
+            f"(an x86 CPU with {needs}, and a C compiler when vlm was installed)"
+        )
     if choice == "auto":
         if clip_kernels.available("bf16"):
             return "vlm-bf16"
@@ -289,9 +317,14 @@ def weights_layout(on_cpu: bool) -> str:
     return choice
 
 
-CPU_KERNELS = {"vlm-bf16": "vlm's BF16 kernels", "vlm-f16": "vlm's F16 kernels", "vlm-i16": "vlm's I16 kernels",
-               "bf16": "ggml, F16/F32 weights held as BF16", "stored": "ggml, weights as stored",
-               "blas": "numpy + BLAS (VLM_CLIP_PATH=blas)"}
+CPU_KERNELS = {
+    "vlm-bf16": "vlm's BF16 kernels",
+    "vlm-f16": "vlm's F16 kernels",
+    "vlm-i16": "vlm's I16 kernels",
+    "bf16": "ggml, F16/F32 weights held as BF16",
+    "stored": "ggml, weights as stored",
+    "blas": "numpy + BLAS (VLM_CLIP_PATH=blas)",
+}
 
 
 def cpu_kernels() -> str:
@@ -362,8 +395,10 @@ def _tensor_specs(cfg: ClipConfig) -> dict[str, tuple[tuple[int, ...], tuple[str
     """Every tensor the model needs: name -> (ggml shape, allowed types)."""
     f32 = ("F32",)
     specs: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
-    for prefix, d, ffn, layers in (("t", cfg.text_width, cfg.text_ffn, cfg.text_layers),
-                                   ("v", cfg.vision_width, cfg.vision_ffn, cfg.vision_layers)):
+    for prefix, d, ffn, layers in (
+        ("t", cfg.text_width, cfg.text_ffn, cfg.text_layers),
+        ("v", cfg.vision_width, cfg.vision_ffn, cfg.vision_layers),
+    ):
         for i in range(layers):
             b = f"{prefix}.blk.{i}"
             for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):
@@ -377,32 +412,42 @@ def _tensor_specs(cfg: ClipConfig) -> dict[str, tuple[tuple[int, ...], tuple[str
             specs[f"{b}.ffn_up.weight"] = ((ffn, d), MATMUL_TYPES)  # HF fc2: ffn -> d
             specs[f"{b}.ffn_up.bias"] = ((d,), f32)
     dt, dv, p = cfg.text_width, cfg.vision_width, cfg.patch_size
-    specs.update({
-        "t.token_embd.weight": ((dt, cfg.vocab_size), TOKEN_EMBEDDING_TYPES),
-        "t.position_embd.weight": ((dt, cfg.context_length), POSITION_EMBEDDING_TYPES),
-        "t.post_ln.weight": ((dt,), f32),
-        "t.post_ln.bias": ((dt,), f32),
-        "v.class_embd": ((dv,), f32),
-        "v.patch_embd.weight": ((p, p, 3, dv), EMBEDDING_TYPES),
-        "v.position_embd.weight": ((dv, cfg.n_patches + 1), POSITION_EMBEDDING_TYPES),
-        "v.pre_ln.weight": ((dv,), f32),
-        "v.pre_ln.bias": ((dv,), f32),
-        "v.post_ln.weight": ((dv,), f32),
-        "v.post_ln.bias": ((dv,), f32),
-        "text_projection.weight": ((dt, cfg.projection_dim), MATMUL_TYPES),
-        "visual_projection.weight": ((dv, cfg.projection_dim), MATMUL_TYPES),
-    })
+    specs.update(
+        {
+            "t.token_embd.weight": ((dt, cfg.vocab_size), TOKEN_EMBEDDING_TYPES),
+            "t.position_embd.weight": ((dt, cfg.context_length), POSITION_EMBEDDING_TYPES),
+            "t.post_ln.weight": ((dt,), f32),
+            "t.post_ln.bias": ((dt,), f32),
+            "v.class_embd": ((dv,), f32),
+            "v.patch_embd.weight": ((p, p, 3, dv), EMBEDDING_TYPES),
+            "v.position_embd.weight": ((dv, cfg.n_patches + 1), POSITION_EMBEDDING_TYPES),
+            "v.pre_ln.weight": ((dv,), f32),
+            "v.pre_ln.bias": ((dv,), f32),
+            "v.post_ln.weight": ((dv,), f32),
+            "v.post_ln.bias": ((dv,), f32),
+            "text_projection.weight": ((dt, cfg.projection_dim), MATMUL_TYPES),
+            "visual_projection.weight": ((dv, cfg.projection_dim), MATMUL_TYPES),
+        }
+    )
     return specs
 
 
 # --- the graphs (nanoGPT-like: a layer norm, a linear, one block shared by both towers) ------------
 
+
 def layer_norm(g: Graph, x: Tensor, norm: Norm) -> Tensor:
     return g.add(g.mul(g.norm(x, norm.eps), norm.w), norm.b)
 
 
-def linear(g: Graph, x: Tensor, w: Tensor | PackedWeight, b: Tensor | None = None, act: str | None = None,
-           norm: Norm | None = None, residual: Tensor | None = None) -> Tensor:
+def linear(
+    g: Graph,
+    x: Tensor,
+    w: Tensor | PackedWeight,
+    b: Tensor | None = None,
+    act: str | None = None,
+    norm: Norm | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
     """act(norm(x) @ w + b) + residual; act names a Graph method ("gelu_quick", "gelu_erf"). A packed
     weight runs through vlm's kernels, which do all of it but an erf GELU within the matmul's own passes
     over memory (the norm as each row is read, the rest as results leave the registers)."""
@@ -437,8 +482,16 @@ def attention(g: Graph, x: Tensor, p: _Block, norm: Norm, n_heads: int, mask: Te
     return g.reshape(g.cont(g.permute(y, 0, 2, 1, 3)), d, t, n)  # heads back side by side: [D, T, N]
 
 
-def packed_attention(g: Graph, x: Tensor, p: _Block, norm: Norm, n_heads: int, seqs: np.ndarray, causal: bool,
-                     queries: np.ndarray | None = None) -> Tensor:
+def packed_attention(
+    g: Graph,
+    x: Tensor,
+    p: _Block,
+    norm: Norm,
+    n_heads: int,
+    seqs: np.ndarray,
+    causal: bool,
+    queries: np.ndarray | None = None,
+) -> Tensor:
     """The same with vlm's kernels on x [D, M] (or [D, T, N]): q, k, v from one matmul, then one op over
     the sequences seqs ((first token, length) rows) packed into the M tokens; queries ((sequence, token
     within it) rows): only their outputs, [D, len(queries)]."""
@@ -449,8 +502,9 @@ def packed_attention(g: Graph, x: Tensor, p: _Block, norm: Norm, n_heads: int, s
 Attend = Callable[[Tensor, _Block, Norm], Tensor]  # (x, block, norm) -> attention(norm(x)), one of the two above
 
 
-def block(g: Graph, x: Tensor, p: _Block, eps: float, act: str, attend: Attend,
-          pool: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def block(
+    g: Graph, x: Tensor, p: _Block, eps: float, act: str, attend: Attend, pool: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """A pre-LN transformer block on x [D, ...]; act as for linear. With pool (x -> the rows a tower
     pools, as attend gives only theirs), only those rows go on past the attention: every later op works
     per token, so in a tower's last block the other tokens' work would be thrown away (that block's MLP
@@ -461,8 +515,16 @@ def block(g: Graph, x: Tensor, p: _Block, eps: float, act: str, attend: Attend,
     return linear(g, h, p.fc2_w, p.fc2_b, residual=x)
 
 
-def tower(g: Graph, x: Tensor, blocks: list[_Block], eps: float, act: str, attend: Attend,
-          pool: Callable[[Tensor], Tensor], pooled_attend: Attend | None = None) -> Tensor:
+def tower(
+    g: Graph,
+    x: Tensor,
+    blocks: list[_Block],
+    eps: float,
+    act: str,
+    attend: Attend,
+    pool: Callable[[Tensor], Tensor],
+    pooled_attend: Attend | None = None,
+) -> Tensor:
     """A tower's blocks on x, then the rows it pools. With pooled_attend (vlm's kernels: attention for
     the pooled tokens only, see block) the last block runs for those rows alone."""
     for blk in blocks[:-1] if pooled_attend else blocks:
@@ -471,6 +533,7 @@ def tower(g: Graph, x: Tensor, blocks: list[_Block], eps: float, act: str, atten
 
 
 # --- batch independence: ggml picks kernels by shape, so no shape may come from a batch-mate ------
+
 
 def text_lengths(n_tokens: np.ndarray, context_length: int) -> np.ndarray:
     """The graph length each text runs at: its tokens up to EOT rounded up to TEXT_LENGTH_STEP (at
@@ -491,10 +554,14 @@ def _fused_qkv_biases(cfg: ClipConfig, packed: set[str], kind: str | None) -> di
     out: dict[str, int] = {}
     if kind is None:
         return out
-    for prefix, d, heads, layers in (("t", cfg.text_width, cfg.text_heads, cfg.text_layers),
-                                     ("v", cfg.vision_width, cfg.vision_heads, cfg.vision_layers)):
+    for prefix, d, heads, layers in (
+        ("t", cfg.text_width, cfg.text_heads, cfg.text_layers),
+        ("v", cfg.vision_width, cfg.vision_heads, cfg.vision_layers),
+    ):
         blocks = [f"{prefix}.blk.{i}" for i in range(layers)]
-        if clip_kernels.attention_fits(d, heads) and all(f"{b}.attn_{x}.weight" in packed for b in blocks for x in "qkv"):
+        if clip_kernels.attention_fits(d, heads) and all(
+            f"{b}.attn_{x}.weight" in packed for b in blocks for x in "qkv"
+        ):
             out.update({f"{b}.attn_qkv.bias": 3 * d for b in blocks})
     return out
 
@@ -504,11 +571,17 @@ def _f32_values(data: np.ndarray, st: Any) -> np.ndarray:
     return data[st.offset : st.offset + st.n_bytes].view(np.float32)
 
 
-def _load_numpy(path: Path, config: ClipConfig, stored: dict[str, Any],
-                specs: dict[str, tuple[tuple[int, ...], tuple[str, ...]]], n_threads: int) -> NumpyClip:
+def _load_numpy(
+    path: Path,
+    config: ClipConfig,
+    stored: dict[str, Any],
+    specs: dict[str, tuple[tuple[int, ...], tuple[str, ...]]],
+    n_threads: int,
+) -> NumpyClip:
     """The towers as float32 numpy arrays, dequantized once from the file (the blas path). Tensors are
     read one at a time rather than mapped, so the file's pages do not add to the process's peak RSS."""
     with open(path, "rb") as f:
+
         def get(name: str) -> np.ndarray:
             st, ne = stored[name], specs[name][0]
             f.seek(st.offset)
@@ -527,9 +600,17 @@ def _load_numpy(path: Path, config: ClipConfig, stored: dict[str, Any],
 class ClipModel(NativeResource):
     """A loaded two-tower CLIP GGUF. Use `ClipModel.load(path)`; close() (or `with`) frees it."""
 
-    def __init__(self, path: Path, config: ClipConfig, backend: Backend, weights: Graph | None,
-                 tensors: dict[str, Tensor], batch_size: int, numpy_model: NumpyClip | None = None,
-                 cores: CoreShare | None = None):
+    def __init__(
+        self,
+        path: Path,
+        config: ClipConfig,
+        backend: Backend,
+        weights: Graph | None,
+        tensors: dict[str, Tensor],
+        batch_size: int,
+        numpy_model: NumpyClip | None = None,
+        cores: CoreShare | None = None,
+    ):
         self.path = path
         self.config = config
         self.backend = backend
@@ -540,31 +621,52 @@ class ClipModel(NativeResource):
         self.batch_size = batch_size
         self.weights_bytes = 0
         self.weights_type = config.file_type  # the matmul weights' type in memory (weights_layout)
-        self.matmul_kernel = "numpy" if numpy_model is not None else "ggml"  # or "vlm bf16" / "vlm f16" (clip_kernels.py)
+        self.matmul_kernel = (
+            "numpy" if numpy_model is not None else "ggml"
+        )  # or "vlm bf16" / "vlm f16" (clip_kernels.py)
         self.packs_sequences: set[str] = set()  # towers ("t", "v") whose attention runs on vlm's kernels
         self.cores = cores or CoreShare(backend.n_threads)
         self.n_threads = self.cores.most  # of the current batch (see _sharing_cores)
-        self._blocks = {prefix: [self._block_tensors(f"{prefix}.blk.{i}") for i in range(n)] if tensors else []
-                        for prefix, n in (("t", config.text_layers), ("v", config.vision_layers))}
+        self._blocks = {
+            prefix: [self._block_tensors(f"{prefix}.blk.{i}") for i in range(n)] if tensors else []
+            for prefix, n in (("t", config.text_layers), ("v", config.vision_layers))
+        }
 
     def _block_tensors(self, b: str) -> _Block:
         t = self._t
         return _Block(
-            ln1_w=t[f"{b}.ln1.weight"], ln1_b=t[f"{b}.ln1.bias"],
-            q_w=t.get(f"{b}.attn_q.weight"), q_b=t.get(f"{b}.attn_q.bias"),  # type: ignore[arg-type]
-            k_w=t.get(f"{b}.attn_k.weight"), k_b=t.get(f"{b}.attn_k.bias"),  # type: ignore[arg-type]
-            v_w=t.get(f"{b}.attn_v.weight"), v_b=t.get(f"{b}.attn_v.bias"),  # type: ignore[arg-type]
-            qkv_w=t.get(f"{b}.attn_qkv.weight"), qkv_b=t.get(f"{b}.attn_qkv.bias"),  # type: ignore[arg-type]
-            out_w=t[f"{b}.attn_out.weight"], out_b=t[f"{b}.attn_out.bias"],
-            ln2_w=t[f"{b}.ln2.weight"], ln2_b=t[f"{b}.ln2.bias"],
-            fc1_w=t[f"{b}.ffn_down.weight"], fc1_b=t[f"{b}.ffn_down.bias"],
-            fc2_w=t[f"{b}.ffn_up.weight"], fc2_b=t[f"{b}.ffn_up.bias"],
+            ln1_w=t[f"{b}.ln1.weight"],
+            ln1_b=t[f"{b}.ln1.bias"],
+            q_w=t.get(f"{b}.attn_q.weight"),
+            q_b=t.get(f"{b}.attn_q.bias"),  # type: ignore[arg-type]
+            k_w=t.get(f"{b}.attn_k.weight"),
+            k_b=t.get(f"{b}.attn_k.bias"),  # type: ignore[arg-type]
+            v_w=t.get(f"{b}.attn_v.weight"),
+            v_b=t.get(f"{b}.attn_v.bias"),  # type: ignore[arg-type]
+            qkv_w=t.get(f"{b}.attn_qkv.weight"),
+            qkv_b=t.get(f"{b}.attn_qkv.bias"),  # type: ignore[arg-type]
+            out_w=t[f"{b}.attn_out.weight"],
+            out_b=t[f"{b}.attn_out.bias"],
+            ln2_w=t[f"{b}.ln2.weight"],
+            ln2_b=t[f"{b}.ln2.bias"],
+            fc1_w=t[f"{b}.ffn_down.weight"],
+            fc1_b=t[f"{b}.ffn_down.bias"],
+            fc2_w=t[f"{b}.ffn_up.weight"],
+            fc2_b=t[f"{b}.ffn_up.bias"],
         )
 
     # --- loading
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, n_threads: int | None = None, n_gpu_layers: int = 0,
-             device: str | None = None, batch_size: int = 32, compute: str | None = None) -> ClipModel:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        device: str | None = None,
+        batch_size: int = 32,
+        compute: str | None = None,
+    ) -> ClipModel:
         """Load a two-tower CLIP GGUF. n_gpu_layers != 0 (-1 = all, as for llama.cpp) puts the whole model on the first GPU device
         (CLIP is small: all or nothing); device names a ggml device ("CPU", "CUDA0", "Vulkan0", ...).
         compute: "ggml", "blas" or None/"auto" (see COMPUTE_PATHS and choose_compute_path)."""
@@ -610,22 +712,38 @@ class ClipModel(NativeResource):
         weights = Graph(max_tensors=len(specs) + config.text_layers + config.vision_layers + 8)
         try:
             held_type, kind = LAYOUTS[weights_layout(backend.is_cpu)]
-            held = {name: "F32" if name in LOADED_AS_F32 else
-                    held_type if held_type and types is MATMUL_TYPES and stored[name].type in ("F16", "F32")
-                    else stored[name].type for name, (_, types) in specs.items()}
-            packed = {name for name, (ne, types) in specs.items() if kind and types is MATMUL_TYPES
-                      and stored[name].type in PACKED_FROM and clip_kernels.fits(kind, *ne)}
+            held = {
+                name: "F32"
+                if name in LOADED_AS_F32
+                else held_type
+                if held_type and types is MATMUL_TYPES and stored[name].type in ("F16", "F32")
+                else stored[name].type
+                for name, (_, types) in specs.items()
+            }
+            packed = {
+                name
+                for name, (ne, types) in specs.items()
+                if kind and types is MATMUL_TYPES and stored[name].type in PACKED_FROM and clip_kernels.fits(kind, *ne)
+            }
             held.update({name: held_type for name in packed})
-            held.update({name: "F32" for name, t in held.items() if t == "I16" and name not in packed})  # ggml has no I16
+            held.update(
+                {name: "F32" for name, t in held.items() if t == "I16" and name not in packed}
+            )  # ggml has no I16
             patch_ne = specs[PATCH_EMBEDDING][0]  # a matmul too (see _encode_image_batch), packed with the others
-            if packed and stored[PATCH_EMBEDDING].type in ("F16", "F32") and clip_kernels.fits(
-                    kind, math.prod(patch_ne[:-1]), patch_ne[-1]):
+            if (
+                packed
+                and stored[PATCH_EMBEDDING].type in ("F16", "F32")
+                and clip_kernels.fits(kind, math.prod(patch_ne[:-1]), patch_ne[-1])
+            ):
                 held[PATCH_EMBEDDING] = held_type
                 packed.add(PATCH_EMBEDDING)
             qkv_biases = _fused_qkv_biases(config, packed, kind)  # towers whose attention runs on vlm's kernels
             fused = {f"{b.removesuffix('.attn_qkv.bias')}.attn_{x}.bias" for b in qkv_biases for x in "qkv"}
-            tensors: dict[str, Weight] = {name: weights.new_tensor(held[name], ne, name)
-                                          for name, (ne, _) in specs.items() if name not in packed | fused}
+            tensors: dict[str, Weight] = {
+                name: weights.new_tensor(held[name], ne, name)
+                for name, (ne, _) in specs.items()
+                if name not in packed | fused
+            }
             tensors.update({name: weights.new_tensor("F32", (n,), name) for name, n in qkv_biases.items()})
             size = backend.alloc_tensors(weights)
             data = np.memmap(p, dtype=np.uint8, mode="r")
@@ -639,8 +757,13 @@ class ClipModel(NativeResource):
                 if name in packed and held[name] in PACKED_AS_VALUES:
                     raw = raw.view(np.float16 if file_type == "F16" else np.float32)
                 elif held[name] != file_type:
-                    raw = (_to_f32(raw, file_type, ne) if held[name] == "F32" else _to_bf16(raw, file_type)
-                           if held[name] == "BF16" else _to_f16(raw, file_type, name, p))
+                    raw = (
+                        _to_f32(raw, file_type, ne)
+                        if held[name] == "F32"
+                        else _to_bf16(raw, file_type)
+                        if held[name] == "BF16"
+                        else _to_f16(raw, file_type, name, p)
+                    )
                 if name in packed:  # ggml shape [k, n] ([p, p, 3, n] for the patches): n rows of k values
                     values = raw if held[name] in PACKED_AS_VALUES else raw.view(np.uint16)  # values, or F16 bits
                     tensors[name] = clip_kernels.pack(values.reshape(ne[-1], -1), kind)
@@ -652,7 +775,9 @@ class ClipModel(NativeResource):
                 parts = [f"{blk}.attn_{x}" for x in "qkv"]
                 q, k, v = (tensors.pop(f"{part}.weight") for part in parts)
                 tensors[f"{blk}.attn_qkv.weight"] = q.stacked(k, v)  # type: ignore[union-attr,arg-type]
-                backend.set(tensors[bias], np.concatenate([_f32_values(data, stored[f"{part}.bias"]) for part in parts]))
+                backend.set(
+                    tensors[bias], np.concatenate([_f32_values(data, stored[f"{part}.bias"]) for part in parts])
+                )
             del data
         except BaseException:
             weights.close()
@@ -715,8 +840,10 @@ class ClipModel(NativeResource):
         if not np.isfinite(pixels).all():
             raise VlmError("pixels contain NaN or infinity")
         with self._sharing_cores():
-            chunks = [self._encode_image_batch(pixels[i:i + self.batch_size])
-                      for i in range(0, len(pixels), self.batch_size)]
+            chunks = [
+                self._encode_image_batch(pixels[i : i + self.batch_size])
+                for i in range(0, len(pixels), self.batch_size)
+            ]
         return np.concatenate(chunks) if chunks else np.zeros((0, cfg.projection_dim), np.float32)
 
     def _encode_image_batch(self, pixels: np.ndarray) -> np.ndarray:
@@ -727,8 +854,7 @@ class ClipModel(NativeResource):
         d, t = cfg.vision_width, cfg.n_patches + 1
         # The patch-embedding convolution has stride = kernel, so it is a reshape plus a matmul; the
         # values of a patch go in the conv weight's (channel, y, x) order.
-        patches = (pixels.reshape(n, 3, grid, p, grid, p).transpose(0, 2, 4, 1, 3, 5)
-                   .reshape(n, grid * grid, 3 * p * p))
+        patches = pixels.reshape(n, 3, grid, p, grid, p).transpose(0, 2, 4, 1, 3, 5).reshape(n, grid * grid, 3 * p * p)
         pool_at = at_least_two(np.arange(n, dtype=np.int32) * t)
         with self._new_graph(cfg.vision_layers) as g:
             patches_in = g.input("F32", (3 * p * p, grid * grid, n), "patches")
@@ -745,7 +871,9 @@ class ClipModel(NativeResource):
             heads = cfg.vision_heads
             pool = lambda x: g.get_rows(g.reshape(x, d, t * n), class_rows)  # noqa: E731  the class tokens: [D, N]
             pooled_attend: Attend | None = None
-            if "v" in self.packs_sequences:  # each image a sequence of t tokens; the last block only for the class tokens
+            if (
+                "v" in self.packs_sequences
+            ):  # each image a sequence of t tokens; the last block only for the class tokens
                 seqs = np.stack([np.arange(n) * t, np.full(n, t)], axis=1)
                 queries = np.stack([pool_at // t, np.zeros_like(pool_at)], axis=1)  # (image, its class token)
                 attend: Attend = lambda x, p, norm: packed_attention(g, x, p, norm, heads, seqs, causal=False)  # noqa: E731
@@ -783,19 +911,23 @@ class ClipModel(NativeResource):
     def _encode_texts(self, tokens: np.ndarray) -> np.ndarray:
         cfg = self.config
         if self._numpy is not None:  # runs each text at its own length (no graph shapes to share)
-            chunks = [self._numpy.encode_texts(tokens[i:i + self.batch_size])
-                      for i in range(0, len(tokens), self.batch_size)]
+            chunks = [
+                self._numpy.encode_texts(tokens[i : i + self.batch_size])
+                for i in range(0, len(tokens), self.batch_size)
+            ]
             return np.concatenate(chunks) if chunks else np.zeros((0, cfg.projection_dim), np.float32)
         if "t" in self.packs_sequences:  # vlm's kernels: texts of any lengths share a batch, each at its own
-            chunks = [self._encode_text_batch(tokens[i:i + self.batch_size], packed=True)
-                      for i in range(0, len(tokens), self.batch_size)]
+            chunks = [
+                self._encode_text_batch(tokens[i : i + self.batch_size], packed=True)
+                for i in range(0, len(tokens), self.batch_size)
+            ]
             return np.concatenate(chunks) if chunks else np.zeros((0, cfg.projection_dim), np.float32)
         lengths = text_lengths(tokens.argmax(axis=1) + 1, cfg.context_length)
         out = np.zeros((len(tokens), cfg.projection_dim), np.float32)
         for t in np.unique(lengths):  # texts of one length are batched together, results put back in order
             rows = np.flatnonzero(lengths == t)
             for i in range(0, len(rows), self.batch_size):
-                chunk = rows[i:i + self.batch_size]
+                chunk = rows[i : i + self.batch_size]
                 out[chunk] = self._encode_text_batch(tokens[chunk, :t])
         return out
 

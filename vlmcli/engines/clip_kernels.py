@@ -46,9 +46,11 @@ class Kind:
     vnni_op: str | None = None  # the same results in 512-bit registers, where the CPU has AVX512_VNNI
 
 
-KINDS = {"bf16": Kind("bf16", 2, 32, 16, "vlm_bf16_matmul_op", "AVX512_BF16"),
-         "f16": Kind("f16", 1, 16, 1, "vlm_f16_matmul_op", "AVX2"),
-         "i16": Kind("i16", 1, 16, 2, "vlm_i16_matmul_op", "AVX2", "vlm_i16_vnni_matmul_op")}
+KINDS = {
+    "bf16": Kind("bf16", 2, 32, 16, "vlm_bf16_matmul_op", "AVX512_BF16"),
+    "f16": Kind("f16", 1, 16, 1, "vlm_f16_matmul_op", "AVX2"),
+    "i16": Kind("i16", 1, 16, 2, "vlm_i16_matmul_op", "AVX2", "vlm_i16_vnni_matmul_op"),
+}
 I16_BLOCK, I16_MAX = 128, 4095  # KB and QMAX in the C file: a scale per 128 values of k, |q| <= 4095
 ACTIVATIONS = {None: 0, "gelu_quick": 1}  # what the kernels can apply themselves (act in the C struct)
 # "avx2": only the AVX2 kernels, as an AVX2-only CPU runs them (benchmarks' proxy; like oneDNN's ONEDNN_MAX_CPU_ISA)
@@ -59,19 +61,38 @@ HEAD_MULTIPLE, MAX_HEAD = 8, 128  # the attention op (AVX2, both kinds): heads o
 class MatmulOp(ctypes.Structure):
     """struct vlm_matmul in _clip_kernels.c: one linear layer in one graph."""
 
-    _fields_ = [("get_data", ctypes.c_void_p), ("x", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("w", ctypes.c_void_p), ("m", ctypes.c_int64), ("k", ctypes.c_int64), ("n", ctypes.c_int64),
-                ("act", ctypes.c_int32), ("w_scales", ctypes.c_void_p), ("ln_w", ctypes.c_void_p),
-                ("ln_b", ctypes.c_void_p), ("ln_eps", ctypes.c_float), ("residual", ctypes.c_void_p)]
+    _fields_ = [
+        ("get_data", ctypes.c_void_p),
+        ("x", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("w", ctypes.c_void_p),
+        ("m", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("act", ctypes.c_int32),
+        ("w_scales", ctypes.c_void_p),
+        ("ln_w", ctypes.c_void_p),
+        ("ln_b", ctypes.c_void_p),
+        ("ln_eps", ctypes.c_float),
+        ("residual", ctypes.c_void_p),
+    ]
 
 
 class AttentionOp(ctypes.Structure):
     """struct vlm_attention in _clip_kernels.c: one layer's attention in one graph."""
 
-    _fields_ = [("get_data", ctypes.c_void_p), ("qkv", ctypes.c_void_p), ("seqs", ctypes.c_void_p),
-                ("n_seqs", ctypes.c_int64), ("d", ctypes.c_int64), ("n_heads", ctypes.c_int64),
-                ("scale", ctypes.c_float), ("causal", ctypes.c_int32), ("queries", ctypes.c_void_p),
-                ("n_queries", ctypes.c_int64)]
+    _fields_ = [
+        ("get_data", ctypes.c_void_p),
+        ("qkv", ctypes.c_void_p),
+        ("seqs", ctypes.c_void_p),
+        ("n_seqs", ctypes.c_int64),
+        ("d", ctypes.c_int64),
+        ("n_heads", ctypes.c_int64),
+        ("scale", ctypes.c_float),
+        ("causal", ctypes.c_int32),
+        ("queries", ctypes.c_void_p),
+        ("n_queries", ctypes.c_int64),
+    ]
 
 
 @functools.lru_cache(maxsize=1)
@@ -148,8 +169,7 @@ class PackedWeight:
         """This weight's outputs followed by the others' (same k): panels are whole, so they stack."""
         parts = (self, *others)
         scales = None if self.scales is None else np.concatenate([o.scales for o in parts])  # type: ignore[misc]
-        return PackedWeight(np.concatenate([o.data for o in parts]), self.k, sum(o.n for o in parts), self.kind,
-                            scales)
+        return PackedWeight(np.concatenate([o.data for o in parts]), self.k, sum(o.n for o in parts), self.kind, scales)
 
 
 def pack(rows: np.ndarray, kind: str) -> PackedWeight:
@@ -167,8 +187,9 @@ def pack(rows: np.ndarray, kind: str) -> PackedWeight:
     bits = np.ascontiguousarray(rows).view(np.uint16)
     if kind == "bf16":  # a pair of k as one item: a faster copy
         pairs = bits.view(np.uint32).reshape(n // panel, panel, k // 2).transpose(0, 2, 1)
-        return PackedWeight(np.ascontiguousarray(pairs).view(np.uint16).reshape(n // panel, k // 2, panel, 2),
-                            k, n, kind)
+        return PackedWeight(
+            np.ascontiguousarray(pairs).view(np.uint16).reshape(n // panel, k // 2, panel, 2), k, n, kind
+        )
     return PackedWeight(np.ascontiguousarray(bits.reshape(n // panel, panel, k).transpose(0, 2, 1)), k, n, kind)
 
 
@@ -180,8 +201,13 @@ def _c_pack(kind: str, rows: np.ndarray, *out: np.ndarray) -> bool:
         return False
     rows = np.ascontiguousarray(rows)
     n, k = rows.shape
-    getattr(lib, f"vlm_{kind}_pack")(ctypes.c_void_p(rows.ctypes.data), ctypes.c_int32(rows.dtype == np.float16),
-                                     ctypes.c_int64(n), ctypes.c_int64(k), *(ctypes.c_void_p(o.ctypes.data) for o in out))
+    getattr(lib, f"vlm_{kind}_pack")(
+        ctypes.c_void_p(rows.ctypes.data),
+        ctypes.c_int32(rows.dtype == np.float16),
+        ctypes.c_int64(n),
+        ctypes.c_int64(k),
+        *(ctypes.c_void_p(o.ctypes.data) for o in out),
+    )
     return True
 
 
@@ -224,8 +250,13 @@ def pack_i16_numpy(rows: np.ndarray) -> PackedWeight:
     n, k = rows.shape
     panel, blocks = KINDS["i16"].panel, -(-k // I16_BLOCK)
     q, s = quantize_i16(np.asarray(rows, np.float32))
-    return PackedWeight(np.ascontiguousarray(q.reshape(n // panel, panel, k // 2, 2).transpose(0, 2, 1, 3)), k, n,
-                        "i16", np.ascontiguousarray(s.reshape(n // panel, panel, blocks).transpose(0, 2, 1)))
+    return PackedWeight(
+        np.ascontiguousarray(q.reshape(n // panel, panel, k // 2, 2).transpose(0, 2, 1, 3)),
+        k,
+        n,
+        "i16",
+        np.ascontiguousarray(s.reshape(n // panel, panel, blocks).transpose(0, 2, 1)),
+    )
 
 
 def unpack(w: PackedWeight) -> np.ndarray:
@@ -248,8 +279,16 @@ class Norm:
 NORM_MULTIPLE = 8  # a kernel layer-norms rows of a multiple of 8 floats (CLIP's widths are multiples of 64)
 
 
-def linear(g: Graph, x: Tensor, w: PackedWeight, bias: Tensor | None = None, act: str | None = None,
-           vnni: bool | None = None, norm: Norm | None = None, residual: Tensor | None = None) -> Tensor:
+def linear(
+    g: Graph,
+    x: Tensor,
+    w: PackedWeight,
+    bias: Tensor | None = None,
+    act: str | None = None,
+    vnni: bool | None = None,
+    norm: Norm | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
     """act(norm(x) @ w.T + bias) + residual for x [k, ...] F32 contiguous -> [n, ...], on every thread
     of the graph: the norm is applied to each row of x as the kernel reads it, bias, act and the
     residual as results leave the registers (no passes of their own over memory); vnni: the kind's
@@ -265,18 +304,35 @@ def linear(g: Graph, x: Tensor, w: PackedWeight, bias: Tensor | None = None, act
     if bias is not None and (bias.type != ggml.F32 or bias.n_elements != w.n or not bias.is_contiguous()):
         raise ValueError(f"the {w.kind} kernel needs an F32 bias of {w.n}, got {bias.shape}")
     shape = (w.n, *x.ne[1:])
-    if norm is not None and (w.k % NORM_MULTIPLE or any(t.type != ggml.F32 or t.n_elements != w.k or not t.is_contiguous()
-                                                        for t in (norm.w, norm.b))):
-        raise ValueError(f"the {w.kind} kernel layer-norms rows of a multiple of {NORM_MULTIPLE} with F32 weights "
-                         f"of their width, got rows of {w.k}, weights {norm.w.shape} and {norm.b.shape}")
-    if residual is not None and (residual.type != ggml.F32 or not residual.is_contiguous()
-                                 or residual.n_elements != math.prod(shape)):
-        raise ValueError(f"the {w.kind} kernel adds an F32 residual of the output's shape {shape}, got {residual.shape}")
-    op = MatmulOp(get_data=_get_data(), x=x.ptr, bias=bias.ptr if bias is not None else None, w=w.data.ctypes.data,
-                  m=x.n_elements // w.k, k=w.k, n=w.n, act=ACTIVATIONS[act],
-                  w_scales=w.scales.ctypes.data if w.scales is not None else None,
-                  ln_w=norm.w.ptr if norm else None, ln_b=norm.b.ptr if norm else None,
-                  ln_eps=norm.eps if norm else 0.0, residual=residual.ptr if residual is not None else None)
+    if norm is not None and (
+        w.k % NORM_MULTIPLE
+        or any(t.type != ggml.F32 or t.n_elements != w.k or not t.is_contiguous() for t in (norm.w, norm.b))
+    ):
+        raise ValueError(
+            f"the {w.kind} kernel layer-norms rows of a multiple of {NORM_MULTIPLE} with F32 weights "
+            f"of their width, got rows of {w.k}, weights {norm.w.shape} and {norm.b.shape}"
+        )
+    if residual is not None and (
+        residual.type != ggml.F32 or not residual.is_contiguous() or residual.n_elements != math.prod(shape)
+    ):
+        raise ValueError(
+            f"the {w.kind} kernel adds an F32 residual of the output's shape {shape}, got {residual.shape}"
+        )
+    op = MatmulOp(
+        get_data=_get_data(),
+        x=x.ptr,
+        bias=bias.ptr if bias is not None else None,
+        w=w.data.ctypes.data,
+        m=x.n_elements // w.k,
+        k=w.k,
+        n=w.n,
+        act=ACTIVATIONS[act],
+        w_scales=w.scales.ctypes.data if w.scales is not None else None,
+        ln_w=norm.w.ptr if norm else None,
+        ln_b=norm.b.ptr if norm else None,
+        ln_eps=norm.eps if norm else 0.0,
+        residual=residual.ptr if residual is not None else None,
+    )
     op.weight = w  # the C side holds only the address of its data
     sources = [t for t in (x, bias, norm.w if norm else None, norm.b if norm else None, residual) if t is not None]
     return g.custom(shape, sources, fun, op)
@@ -288,8 +344,9 @@ def attention_fits(d: int, n_heads: int) -> bool:
     return hd > 0 and d == hd * n_heads and hd % HEAD_MULTIPLE == 0 and hd <= MAX_HEAD
 
 
-def attention(g: Graph, qkv: Tensor, seqs: np.ndarray, n_heads: int, causal: bool,
-              queries: np.ndarray | None = None) -> Tensor:
+def attention(
+    g: Graph, qkv: Tensor, seqs: np.ndarray, n_heads: int, causal: bool, queries: np.ndarray | None = None
+) -> Tensor:
     """Multi-head attention over sequences packed one after another: qkv [3 d, m] F32 holds each token's
     q, k and v (as one linear layer of 3 d outputs gives them); seqs (n, 2) int32 rows of (first token,
     length) tile the m tokens. Returns [d, m], each token's heads side by side (for the out projection);
@@ -305,13 +362,25 @@ def attention(g: Graph, qkv: Tensor, seqs: np.ndarray, n_heads: int, causal: boo
     if queries is not None:
         queries = np.ascontiguousarray(queries, dtype=np.int32)
         shaped = queries.ndim == 2 and queries.shape[1] == 2 and len(queries) > 0
-        if not shaped or queries.min() < 0 or (queries[:, 0] >= len(seqs)).any() \
-                or (queries[:, 1] >= seqs[queries[:, 0], 1]).any():
+        if (
+            not shaped
+            or queries.min() < 0
+            or (queries[:, 0] >= len(seqs)).any()
+            or (queries[:, 1] >= seqs[queries[:, 0], 1]).any()
+        ):
             raise ValueError(f"queries {queries.tolist()} are not tokens of sequences {seqs.tolist()}")
         shape = (d, len(queries))
-    op = AttentionOp(get_data=_get_data(), qkv=qkv.ptr, seqs=seqs.ctypes.data, n_seqs=len(seqs), d=d,
-                     n_heads=n_heads, scale=1.0 / math.sqrt(d // n_heads), causal=int(causal),
-                     queries=queries.ctypes.data if queries is not None else None,
-                     n_queries=len(queries) if queries is not None else 0)
+    op = AttentionOp(
+        get_data=_get_data(),
+        qkv=qkv.ptr,
+        seqs=seqs.ctypes.data,
+        n_seqs=len(seqs),
+        d=d,
+        n_heads=n_heads,
+        scale=1.0 / math.sqrt(d // n_heads),
+        causal=int(causal),
+        queries=queries.ctypes.data if queries is not None else None,
+        n_queries=len(queries) if queries is not None else 0,
+    )
     op.arrays = (seqs, queries)  # the C side holds only their addresses
     return g.custom(shape, [qkv], fun, op)

@@ -29,9 +29,9 @@ import glob
 import math
 import os
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -39,6 +39,7 @@ QUICK_GELU_ALPHA = 1.702
 
 
 # --- weights ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class Layer:
@@ -80,9 +81,11 @@ def _in_out(w: np.ndarray) -> np.ndarray:
     return w.T.astype(np.float32, order="C")
 
 
-def _tower(get: Callable[[str], np.ndarray], prefix: str, n_layers: int, heads: int, eps: float,
-           projection: str) -> Tower:
+def _tower(
+    get: Callable[[str], np.ndarray], prefix: str, n_layers: int, heads: int, eps: float, projection: str
+) -> Tower:
     """get(name) -> the tensor as float32 or float16 in numpy orientation (a matmul weight is (out, in))."""
+
     def f32(name: str) -> np.ndarray:
         return get(name).astype(np.float32)
 
@@ -95,18 +98,34 @@ def _tower(get: Callable[[str], np.ndarray], prefix: str, n_layers: int, heads: 
         qkv_w = _in_out(np.concatenate([q, get(f"{b}.attn_k.weight"), get(f"{b}.attn_v.weight")]))
         qkv_w[:, :d] *= scale
         qkv_b = np.concatenate([f32(f"{b}.attn_q.bias") * scale, f32(f"{b}.attn_k.bias"), f32(f"{b}.attn_v.bias")])
-        layers.append(Layer(
-            ln1_w=f32(f"{b}.ln1.weight"), ln1_b=f32(f"{b}.ln1.bias"), qkv_w=qkv_w, qkv_b=qkv_b,
-            out_w=_in_out(get(f"{b}.attn_out.weight")), out_b=f32(f"{b}.attn_out.bias"),
-            ln2_w=f32(f"{b}.ln2.weight"), ln2_b=f32(f"{b}.ln2.bias"),
-            fc1_w=_in_out(get(f"{b}.ffn_down.weight")), fc1_b=f32(f"{b}.ffn_down.bias"),
-            fc2_w=_in_out(get(f"{b}.ffn_up.weight")), fc2_b=f32(f"{b}.ffn_up.bias"),
-        ))
-    return Tower(layers=layers, heads=heads, eps=eps, post_ln_w=f32(f"{prefix}.post_ln.weight"),
-                 post_ln_b=f32(f"{prefix}.post_ln.bias"), projection=_in_out(get(projection)))
+        layers.append(
+            Layer(
+                ln1_w=f32(f"{b}.ln1.weight"),
+                ln1_b=f32(f"{b}.ln1.bias"),
+                qkv_w=qkv_w,
+                qkv_b=qkv_b,
+                out_w=_in_out(get(f"{b}.attn_out.weight")),
+                out_b=f32(f"{b}.attn_out.bias"),
+                ln2_w=f32(f"{b}.ln2.weight"),
+                ln2_b=f32(f"{b}.ln2.bias"),
+                fc1_w=_in_out(get(f"{b}.ffn_down.weight")),
+                fc1_b=f32(f"{b}.ffn_down.bias"),
+                fc2_w=_in_out(get(f"{b}.ffn_up.weight")),
+                fc2_b=f32(f"{b}.ffn_up.bias"),
+            )
+        )
+    return Tower(
+        layers=layers,
+        heads=heads,
+        eps=eps,
+        post_ln_w=f32(f"{prefix}.post_ln.weight"),
+        post_ln_b=f32(f"{prefix}.post_ln.bias"),
+        projection=_in_out(get(projection)),
+    )
 
 
 # --- the pieces (row-wise, in place where the input is not needed again) -----------------------------
+
 
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
     h = x - x.mean(-1, keepdims=True)
@@ -157,8 +176,9 @@ def softmax_(s: np.ndarray) -> None:
     s /= s.sum(-1, keepdims=True)
 
 
-def block(x: np.ndarray, p: Layer, heads: int, eps: float, act: Callable[[np.ndarray], None],
-          mask: np.ndarray | None) -> None:
+def block(
+    x: np.ndarray, p: Layer, heads: int, eps: float, act: Callable[[np.ndarray], None], mask: np.ndarray | None
+) -> None:
     """A pre-LN transformer block on x (N, T, D), in place; mask (T, T) added to the scores, or None."""
     n, t, d = x.shape
     hd = d // heads
@@ -191,12 +211,17 @@ def project(pooled: np.ndarray, tower: Tower) -> np.ndarray:
 
 # --- BLAS threads ---------------------------------------------------------------------------------
 
+
 class _BlasThreads:
     """numpy's OpenBLAS thread count through its own exported setter (numpy offers no API for it and
     OPENBLAS_NUM_THREADS is read only when the library loads). Does nothing for another BLAS."""
 
-    _SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
-                "openblas_set_num_threads")
+    _SETTERS = (
+        "scipy_openblas_set_num_threads64_",
+        "scipy_openblas_set_num_threads",
+        "openblas_set_num_threads64_",
+        "openblas_set_num_threads",
+    )
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -225,8 +250,10 @@ class _BlasThreads:
     def _candidates() -> list[str]:
         """numpy's OpenBLAS: bundled in the wheel, else whichever copy this process has mapped."""
         here = os.path.dirname(np.__file__)
-        found = (glob.glob(os.path.join(here, "..", "numpy.libs", "*openblas*"))  # Linux and Windows wheels
-                 + glob.glob(os.path.join(here, ".dylibs", "*openblas*")))  # macOS wheels
+        found = (
+            glob.glob(os.path.join(here, "..", "numpy.libs", "*openblas*"))  # Linux and Windows wheels
+            + glob.glob(os.path.join(here, ".dylibs", "*openblas*"))
+        )  # macOS wheels
         try:
             with open("/proc/self/maps") as f:  # a distribution's numpy links the system library
                 found += sorted({line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1]})
@@ -276,6 +303,7 @@ def blas_threads() -> _BlasThreads:
 
 # --- the model -------------------------------------------------------------------------------------
 
+
 @dataclass
 class NumpyClip:
     """CLIP's towers as float32 numpy arrays. Build with `NumpyClip.from_tensors`."""
@@ -307,13 +335,18 @@ class NumpyClip:
         return cls(
             vision=_tower(get, "v", cfg.vision_layers, cfg.vision_heads, cfg.vision_eps, "visual_projection.weight"),
             text=_tower(get, "t", cfg.text_layers, cfg.text_heads, cfg.text_eps, "text_projection.weight"),
-            patch_size=p, image_size=cfg.image_size,
+            patch_size=p,
+            image_size=cfg.image_size,
             patch_w=_in_out(get("v.patch_embd.weight").reshape(d, 3 * p * p)),
             class_embd=get("v.class_embd").astype(np.float32).reshape(d),
             vision_pos=get("v.position_embd.weight").astype(np.float32),
-            pre_ln_w=get("v.pre_ln.weight").astype(np.float32), pre_ln_b=get("v.pre_ln.bias").astype(np.float32),
-            token_embd=token_embd, text_pos=get("t.position_embd.weight").astype(np.float32),
-            use_gelu=cfg.use_gelu, n_threads=max(1, int(n_threads)), max_threads=max(1, int(n_threads)),
+            pre_ln_w=get("v.pre_ln.weight").astype(np.float32),
+            pre_ln_b=get("v.pre_ln.bias").astype(np.float32),
+            token_embd=token_embd,
+            text_pos=get("t.position_embd.weight").astype(np.float32),
+            use_gelu=cfg.use_gelu,
+            n_threads=max(1, int(n_threads)),
+            max_threads=max(1, int(n_threads)),
         )
 
     @property
@@ -356,8 +389,9 @@ class NumpyClip:
         n, p, grid = len(pixels), self.patch_size, self.image_size // self.patch_size
         tw = self.vision
         # the stride-P convolution is a reshape plus a matmul (per image, as every matmul here)
-        patches = np.ascontiguousarray(pixels.reshape(n, 3, grid, p, grid, p).transpose(0, 2, 4, 1, 3, 5)
-                                       .reshape(n, grid * grid, 3 * p * p))
+        patches = np.ascontiguousarray(
+            pixels.reshape(n, 3, grid, p, grid, p).transpose(0, 2, 4, 1, 3, 5).reshape(n, grid * grid, 3 * p * p)
+        )
         x = np.empty((n, grid * grid + 1, tw.width), np.float32)
         x[:, 0] = self.class_embd
         np.matmul(patches, self.patch_w, out=x[:, 1:])
@@ -380,7 +414,7 @@ class NumpyClip:
             rows = np.flatnonzero(n_tokens == t)
             jobs += [rows[s] for s in self._shares(len(rows))]
         flops = int(n_tokens.sum()) * self.text.flops_per_token()
-        results = self._map(lambda rows: self._text(tokens[rows, :n_tokens[rows[0]]]), jobs, flops)
+        results = self._map(lambda rows: self._text(tokens[rows, : n_tokens[rows[0]]]), jobs, flops)
         for rows, res in zip(jobs, results):
             out[rows] = res
         return out

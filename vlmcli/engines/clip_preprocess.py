@@ -8,7 +8,7 @@ floors instead, which differs by one pixel for some odd sizes - the models were 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

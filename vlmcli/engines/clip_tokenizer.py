@@ -137,10 +137,28 @@ def _build_ftfy_translation() -> dict[int, str | None]:
         table[ord(c)] = '"'
     # fix_latin_ligatures
     ligatures = {
-        "\u0132": "IJ", "\u0133": "ij", "\u0149": "\u02bcn", "\u01f1": "DZ", "\u01f2": "Dz", "\u01f3": "dz",
-        "\u01c4": "D\u017d", "\u01c5": "D\u017e", "\u01c6": "d\u017e", "\u01c7": "LJ", "\u01c8": "Lj",
-        "\u01c9": "lj", "\u01ca": "NJ", "\u01cb": "Nj", "\u01cc": "nj", "\ufb00": "ff", "\ufb01": "fi",
-        "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl", "\ufb05": "\u017ft", "\ufb06": "st",
+        "\u0132": "IJ",
+        "\u0133": "ij",
+        "\u0149": "\u02bcn",
+        "\u01f1": "DZ",
+        "\u01f2": "Dz",
+        "\u01f3": "dz",
+        "\u01c4": "D\u017d",
+        "\u01c5": "D\u017e",
+        "\u01c6": "d\u017e",
+        "\u01c7": "LJ",
+        "\u01c8": "Lj",
+        "\u01c9": "lj",
+        "\u01ca": "NJ",
+        "\u01cb": "Nj",
+        "\u01cc": "nj",
+        "\ufb00": "ff",
+        "\ufb01": "fi",
+        "\ufb02": "fl",
+        "\ufb03": "ffi",
+        "\ufb04": "ffl",
+        "\ufb05": "\u017ft",
+        "\ufb06": "st",
     }
     table.update({ord(k): v for k, v in ligatures.items()})
     # fix_character_width: fullwidth ASCII, halfwidth katakana and the ideographic space
@@ -150,8 +168,15 @@ def _build_ftfy_translation() -> dict[int, str | None]:
         if alt != chr(cp):
             table[cp] = alt
     # remove_control_chars (tab, newline, form feed and carriage return are kept)
-    for cp in [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
-               *range(0xFFF9, 0xFFFD)]:
+    for cp in [
+        *range(0x00, 0x09),
+        0x0B,
+        *range(0x0E, 0x20),
+        0x7F,
+        *range(0x206A, 0x2070),
+        0xFEFF,
+        *range(0xFFF9, 0xFFFD),
+    ]:
         table[cp] = None
     return table
 
@@ -235,7 +260,9 @@ class ClipTokenizer:
         self.tokens = list(tokens) if tokens else vocabulary_from_merges(self.merges)
         for what, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id)):
             if not 0 <= value < len(self.tokens):
-                raise ModelError(f"tokenizer.ggml.{what} = {value} is outside the vocabulary of {len(self.tokens)} tokens", path)
+                raise ModelError(
+                    f"tokenizer.ggml.{what} = {value} is outside the vocabulary of {len(self.tokens)} tokens", path
+                )
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.encoder = {t: i for i, t in enumerate(self.tokens)}
@@ -245,7 +272,7 @@ class ClipTokenizer:
         self._cache: dict[str, list[str]] = {BOS_TOKEN: [BOS_TOKEN], EOS_TOKEN: [EOS_TOKEN]}
 
     @classmethod
-    def from_merges_file(cls, path: str | os.PathLike[str] = DEFAULT_MERGES_FILE) -> "ClipTokenizer":
+    def from_merges_file(cls, path: str | os.PathLike[str] = DEFAULT_MERGES_FILE) -> ClipTokenizer:
         return cls(read_merges_file(path))
 
     @property
@@ -321,7 +348,9 @@ class ClipTokenizer:
             for piece in self.bpe(encoded):
                 token_id = self.encoder.get(piece)
                 if token_id is None:  # only with a vocabulary that does not match its merges
-                    raise ModelError(f"CLIP vocabulary has no token {piece!r} (vocabulary and merges disagree)", self.path)
+                    raise ModelError(
+                        f"CLIP vocabulary has no token {piece!r} (vocabulary and merges disagree)", self.path
+                    )
                 ids.append(token_id)
         return ids[:max_tokens] if max_tokens is not None else ids
 

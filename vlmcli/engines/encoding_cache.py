@@ -108,8 +108,10 @@ class EncodingCache:
         if len(payload) > self.max_bytes:
             return
         path = self._path(key)
-        header = json.dumps({"key": key, "meta": meta, "length": len(payload),
-                             "sha256": hashlib.sha256(payload).hexdigest()}, sort_keys=True).encode()
+        header = json.dumps(
+            {"key": key, "meta": meta, "length": len(payload), "sha256": hashlib.sha256(payload).hexdigest()},
+            sort_keys=True,
+        ).encode()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=SUFFIX)
@@ -126,7 +128,11 @@ class EncodingCache:
             return
         if self._estimate is not None:
             self._estimate += len(MAGIC) + 8 + len(header) + len(payload)
-        if self._estimate is None or self._estimate > self.max_bytes or time.monotonic() - self._scanned_at > RESCAN_SECONDS:
+        if (
+            self._estimate is None
+            or self._estimate > self.max_bytes
+            or time.monotonic() - self._scanned_at > RESCAN_SECONDS
+        ):
             self._evict()
 
     def _entries(self) -> list[tuple[float, int, Path]]:
@@ -171,7 +177,9 @@ class EncodingCache:
         memo = self.root / "files" / (_digest({"path": str(path)}) + ".json")
         try:
             doc = json.loads(memo.read_text())
-            if [doc.get("path"), doc.get("size"), doc.get("mtime_ns")] == list(memo_key) and len(doc.get("sha256", "")) == 64:
+            if [doc.get("path"), doc.get("size"), doc.get("mtime_ns")] == list(memo_key) and len(
+                doc.get("sha256", "")
+            ) == 64:
                 self._file_hashes[memo_key] = doc["sha256"]
                 return doc["sha256"]
         except (OSError, ValueError, AttributeError):

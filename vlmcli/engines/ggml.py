@@ -19,9 +19,10 @@ import ctypes
 import importlib.util
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,18 +30,63 @@ from vlmcli.errors import VlmError
 
 # enum ggml_type (ggml.h). Removed values (4, 5, 31-33, 36-38) are left out on purpose.
 GGML_TYPES: dict[str, int] = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q8_1": 9,
-    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q8_K": 15,
-    "IQ2_XXS": 16, "IQ2_XS": 17, "IQ3_XXS": 18, "IQ1_S": 19, "IQ4_NL": 20, "IQ3_S": 21, "IQ2_S": 22,
-    "IQ4_XS": 23, "I8": 24, "I16": 25, "I32": 26, "I64": 27, "F64": 28, "IQ1_M": 29, "BF16": 30,
-    "TQ1_0": 34, "TQ2_0": 35, "MXFP4": 39, "NVFP4": 40, "Q1_0": 41, "Q2_0": 42,
+    "F32": 0,
+    "F16": 1,
+    "Q4_0": 2,
+    "Q4_1": 3,
+    "Q5_0": 6,
+    "Q5_1": 7,
+    "Q8_0": 8,
+    "Q8_1": 9,
+    "Q2_K": 10,
+    "Q3_K": 11,
+    "Q4_K": 12,
+    "Q5_K": 13,
+    "Q6_K": 14,
+    "Q8_K": 15,
+    "IQ2_XXS": 16,
+    "IQ2_XS": 17,
+    "IQ3_XXS": 18,
+    "IQ1_S": 19,
+    "IQ4_NL": 20,
+    "IQ3_S": 21,
+    "IQ2_S": 22,
+    "IQ4_XS": 23,
+    "I8": 24,
+    "I16": 25,
+    "I32": 26,
+    "I64": 27,
+    "F64": 28,
+    "IQ1_M": 29,
+    "BF16": 30,
+    "TQ1_0": 34,
+    "TQ2_0": 35,
+    "MXFP4": 39,
+    "NVFP4": 40,
+    "Q1_0": 41,
+    "Q2_0": 42,
 }
 TYPE_NAMES: dict[int, str] = {v: k for k, v in GGML_TYPES.items()}
 F32, F16, I32 = GGML_TYPES["F32"], GGML_TYPES["F16"], GGML_TYPES["I32"]
 
 # Types ggml_quantize_chunk() handles without an importance matrix (its switch in ggml.c).
-QUANTIZE_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                  "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+QUANTIZE_TYPES = (
+    "F32",
+    "F16",
+    "BF16",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "IQ4_NL",
+    "IQ4_XS",
+)
 
 # enum ggml_backend_dev_type (ggml-backend.h)
 DEV_CPU, DEV_GPU, DEV_IGPU, DEV_ACCEL = 0, 1, 2, 3
@@ -54,15 +100,22 @@ class ggml_init_params(ctypes.Structure):
 
 class ggml_type_traits(ctypes.Structure):
     # struct ggml_type_traits (ggml.h); checked against ggml_blck_size / ggml_type_size before use
-    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
-                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
-                ("from_float_ref", ctypes.c_void_p)]
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
 
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)  # ggml_to_float_t
 
 
 # --- loading the library -------------------------------------------------------------------------
+
 
 def llama_cpp_lib_dir() -> Path:
     """llama_cpp/lib inside the installed llama-cpp-python, found without importing it."""
@@ -98,8 +151,14 @@ def _library_path(lib_dir: Path) -> Path:
     raise VlmError(f"no ggml library in {lib_dir}")
 
 
-_vp, _i64, _i32, _f32, _sz, _bool = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float,
-                                     ctypes.c_size_t, ctypes.c_bool)
+_vp, _i64, _i32, _f32, _sz, _bool = (
+    ctypes.c_void_p,
+    ctypes.c_int64,
+    ctypes.c_int,
+    ctypes.c_float,
+    ctypes.c_size_t,
+    ctypes.c_bool,
+)
 
 # name: (restype, argtypes). Symbols live in ggml-base (core, alloc, backend buffers), ggml-cpu (CPU
 # backend) and ggml (the backend registry); dlsym on libggml searches its dependencies too.
@@ -232,6 +291,7 @@ def lib() -> _Lib:
 
 # --- types and quantization ----------------------------------------------------------------------
 
+
 def type_id(qtype: str | int) -> int:
     if isinstance(qtype, str):
         key = qtype.upper()
@@ -294,8 +354,12 @@ def dequantize(raw: np.ndarray, qtype: str | int) -> np.ndarray:
     an F16 one's."""
     t = type_id(qtype)
     name, traits = type_name(t), lib().ggml_get_type_traits(t).contents
-    if ((traits.type_name or b"").decode().upper() != name or traits.blck_size != block_size(t)
-            or traits.type_size != type_size(t) or not traits.to_float):
+    if (
+        (traits.type_name or b"").decode().upper() != name
+        or traits.blck_size != block_size(t)
+        or traits.type_size != type_size(t)
+        or not traits.to_float
+    ):
         raise VlmError(f"ggml's type traits for {name} are not as expected: unsupported ggml version")
     data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     if data.size % traits.type_size:
@@ -307,6 +371,7 @@ def dequantize(raw: np.ndarray, qtype: str | int) -> np.ndarray:
 
 
 # --- tensors and graphs --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Tensor:
@@ -414,8 +479,9 @@ class Graph:
     def new_tensor(self, qtype: str | int, ne: Sequence[int], name: str | None = None) -> Tensor:
         t = type_id(qtype)
         ne4 = _pad4(ne)
-        _check(ne4[0] % block_size(t) == 0,
-               f"{type_name(t)} rows need a multiple of {block_size(t)} values, got {ne4[0]}")
+        _check(
+            ne4[0] % block_size(t) == 0, f"{type_name(t)} rows need a multiple of {block_size(t)} values, got {ne4[0]}"
+        )
         self._reserve()
         ptr = lib().ggml_new_tensor_4d(self.ctx, t, *ne4)
         if name:
@@ -430,16 +496,20 @@ class Graph:
     # --- ops
     def mul_mat(self, a: Tensor, b: Tensor) -> Tensor:
         """a [k, m, ...] x b [k, n, ...] -> [m, n, ...]  (a is typically a weight, nn.Linear layout)."""
-        _check(a.ne[0] == b.ne[0] and b.ne[2] % a.ne[2] == 0 and b.ne[3] % a.ne[3] == 0,
-               f"mul_mat: shapes {a.shape} and {b.shape} do not match")
+        _check(
+            a.ne[0] == b.ne[0] and b.ne[2] % a.ne[2] == 0 and b.ne[3] % a.ne[3] == 0,
+            f"mul_mat: shapes {a.shape} and {b.shape} do not match",
+        )
         _check(not a.is_transposed(), "mul_mat: first operand is transposed")
         _check(b.type == F32, "mul_mat: second operand must be F32")
         self._reserve()
         return self._made(lib().ggml_mul_mat(self.ctx, a.ptr, b.ptr), F32, (a.ne[1], b.ne[1], b.ne[2], b.ne[3]))
 
     def _binary(self, fn: Any, op: str, a: Tensor, b: Tensor) -> Tensor:
-        _check(all(b.ne[i] and a.ne[i] % b.ne[i] == 0 for i in range(4)),
-               f"{op}: {b.shape} does not broadcast to {a.shape}")
+        _check(
+            all(b.ne[i] and a.ne[i] % b.ne[i] == 0 for i in range(4)),
+            f"{op}: {b.shape} does not broadcast to {a.shape}",
+        )
         _check(a.type == F32 and b.type == F32, f"{op}: operands must be F32")
         self._reserve()
         return self._made(fn(self.ctx, a.ptr, b.ptr), a.type, a.ne)
@@ -476,9 +546,13 @@ class Graph:
         _check(a.type == F32 and a.is_contiguous(), "soft_max: operand must be contiguous F32")
         if mask is not None:
             _check(mask.type in (F32, F16) and mask.is_contiguous(), "soft_max: mask must be contiguous F32/F16")
-            _check(mask.ne[0] == a.ne[0] and mask.ne[1] >= a.ne[1]
-                   and a.ne[2] % mask.ne[2] == 0 and a.ne[3] % mask.ne[3] == 0,
-                   f"soft_max: mask {mask.shape} does not fit {a.shape}")
+            _check(
+                mask.ne[0] == a.ne[0]
+                and mask.ne[1] >= a.ne[1]
+                and a.ne[2] % mask.ne[2] == 0
+                and a.ne[3] % mask.ne[3] == 0,
+                f"soft_max: mask {mask.shape} does not fit {a.shape}",
+            )
         _check(max_bias == 0.0 or mask is not None, "soft_max: max_bias needs a mask")
         self._reserve()
         ptr = lib().ggml_soft_max_ext(self.ctx, a.ptr, mask.ptr if mask else None, float(scale), float(max_bias))
@@ -523,8 +597,10 @@ class Graph:
     def view_rows(self, a: Tensor, n_rows: int, first_row: int = 0) -> Tensor:
         """Rows [first_row, first_row + n_rows) of a contiguous 2-D tensor (a view)."""
         _check(a.is_contiguous() and a.ne[2] == a.ne[3] == 1, "view_rows: needs a contiguous 2-D tensor")
-        _check(0 <= first_row and n_rows >= 0 and first_row + n_rows <= a.ne[1],
-               f"view_rows: rows {first_row}..{first_row + n_rows} out of {a.ne[1]}")
+        _check(
+            0 <= first_row and n_rows >= 0 and first_row + n_rows <= a.ne[1],
+            f"view_rows: rows {first_row}..{first_row + n_rows} out of {a.ne[1]}",
+        )
         self._reserve()
         ptr = lib().ggml_view_2d(self.ctx, a.ptr, a.ne[0], n_rows, a.nb[1], first_row * a.nb[1])
         return self._made(ptr, a.type, (a.ne[0], n_rows), (a.nb[0], a.nb[1], a.nb[1] * n_rows, a.nb[1] * n_rows))
@@ -610,13 +686,16 @@ def devices(load_all: bool = True) -> list[DeviceInfo]:
         L.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         reg = L.ggml_backend_dev_backend_reg(dev)
         kind = L.ggml_backend_dev_type(dev)
-        out.append(DeviceInfo(
-            name=(L.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
-            description=(L.ggml_backend_dev_description(dev) or b"").decode(errors="replace").strip(),
-            type=DEVICE_TYPES.get(kind, str(kind)),
-            backend=(L.ggml_backend_reg_name(reg) or b"").decode(errors="replace") if reg else "",
-            memory_total=int(total.value), memory_free=int(free.value),
-        ))
+        out.append(
+            DeviceInfo(
+                name=(L.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
+                description=(L.ggml_backend_dev_description(dev) or b"").decode(errors="replace").strip(),
+                type=DEVICE_TYPES.get(kind, str(kind)),
+                backend=(L.ggml_backend_reg_name(reg) or b"").decode(errors="replace") if reg else "",
+                memory_total=int(total.value),
+                memory_free=int(free.value),
+            )
+        )
     return out
 
 
@@ -628,7 +707,9 @@ def backends(load_all: bool = True) -> list[tuple[str, int]]:
     out = []
     for i in range(L.ggml_backend_reg_count()):
         reg = L.ggml_backend_reg_get(i)
-        out.append(((L.ggml_backend_reg_name(reg) or b"").decode(errors="replace"), int(L.ggml_backend_reg_dev_count(reg))))
+        out.append(
+            ((L.ggml_backend_reg_name(reg) or b"").decode(errors="replace"), int(L.ggml_backend_reg_dev_count(reg)))
+        )
     return out
 
 
@@ -734,6 +815,22 @@ class Backend:
             self.ptr = None
 
 
-__all__ = ["GGML_TYPES", "QUANTIZE_TYPES", "Backend", "DeviceInfo", "Graph", "Tensor", "backends", "block_size",
-           "devices", "lib", "version",
-           "llama_cpp_lib_dir", "quantize", "row_size", "type_id", "type_name", "type_size"]
+__all__ = [
+    "GGML_TYPES",
+    "QUANTIZE_TYPES",
+    "Backend",
+    "DeviceInfo",
+    "Graph",
+    "Tensor",
+    "backends",
+    "block_size",
+    "devices",
+    "lib",
+    "version",
+    "llama_cpp_lib_dir",
+    "quantize",
+    "row_size",
+    "type_id",
+    "type_name",
+    "type_size",
+]

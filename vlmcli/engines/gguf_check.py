@@ -244,8 +244,16 @@ def inspect_gguf(
     matrix_types = {t.type for t in tensors if len(t.shape) >= 2}
     quantized = sorted(matrix_types - {"F32"})
     file_type = quantized[0] if len(quantized) == 1 else ("+".join(quantized) or "F32")
-    return GgufInfo(path=p, arch=arch, kind=kind, n_tensors=len(tensors), file_type=file_type, metadata=meta,
-                    tensors=tensors, types=types)
+    return GgufInfo(
+        path=p,
+        arch=arch,
+        kind=kind,
+        n_tensors=len(tensors),
+        file_type=file_type,
+        metadata=meta,
+        tensors=tensors,
+        types=types,
+    )
 
 
 def require_kind(path: str | os.PathLike[str], kind: ModelKind, keep_string_arrays: bool = False) -> GgufInfo:

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from vlmcli.errors import ModelError
 
@@ -49,8 +50,21 @@ class InvalidModelValue(ModelError):
 U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
 _INTS = {U8, I8, U16, I16, U32, I32, U64, I64}
 _FLOATS = {F32, F64}
-TYPE_NAMES = {U8: "uint8", I8: "int8", U16: "uint16", I16: "int16", U32: "uint32", I32: "int32", F32: "float32",
-              BOOL: "bool", STR: "string", ARR: "array", U64: "uint64", I64: "int64", F64: "float64"}
+TYPE_NAMES = {
+    U8: "uint8",
+    I8: "int8",
+    U16: "uint16",
+    I16: "int16",
+    U32: "uint32",
+    I32: "int32",
+    F32: "float32",
+    BOOL: "bool",
+    STR: "string",
+    ARR: "array",
+    U64: "uint64",
+    I64: "int64",
+    F64: "float64",
+}
 
 # Limits of vlmcli's own (stated here, as llama.cpp states its own).
 LLAMA_MAX_LAYERS = 512  # src/llama-hparams.h
@@ -160,8 +174,11 @@ class Key:
         got = TYPE_NAMES.get(vtype, str(vtype))
         if vtype == ARR:
             got = f"array of {TYPE_NAMES.get(itype, str(itype))}"
-        raise m.fail(self.key, value if vtype != ARR else None,
-                     f"has GGUF type {got}, expected {' or '.join(_type_label(o) for o in options)}")
+        raise m.fail(
+            self.key,
+            value if vtype != ARR else None,
+            f"has GGUF type {got}, expected {' or '.join(_type_label(o) for o in options)}",
+        )
 
     def _range(self, m: Model, v: Any, whole: Any) -> None:
         if self.choices is not None:
@@ -178,7 +195,11 @@ class Key:
             raise m.fail(self.key, whole, f"must be {self._range_text()}" + (f" ({self.why})" if self.why else ""))
 
     def _range_text(self) -> str:
-        lo = f"more than {self.gt:g}" if self.gt is not None else (f"at least {self.min:g}" if self.min is not None else "")
+        lo = (
+            f"more than {self.gt:g}"
+            if self.gt is not None
+            else (f"at least {self.min:g}" if self.min is not None else "")
+        )
         hi = f"at most {self.max:g}" if self.max is not None else ""
         if self.min is not None and self.max is not None and self.gt is None:
             return f"between {self.min:g} and {self.max:g}"
@@ -187,15 +208,29 @@ class Key:
 
 def _type_ok(name: str, code: int | None) -> bool:
     return {
-        "u32": code == U32, "i32": code == I32, "f32": code == F32, "bool": code == BOOL, "str": code == STR,
-        "int": code in _INTS, "float": code in _INTS | _FLOATS, "anybool": code == BOOL or code in _INTS,
+        "u32": code == U32,
+        "i32": code == I32,
+        "f32": code == F32,
+        "bool": code == BOOL,
+        "str": code == STR,
+        "int": code in _INTS,
+        "float": code in _INTS | _FLOATS,
+        "anybool": code == BOOL or code in _INTS,
     }[name]
 
 
 def _type_label(opt: str) -> str:
     base = opt[:-2] if opt.endswith("[]") else opt
-    label = {"u32": "uint32", "i32": "int32", "f32": "float32", "bool": "bool", "str": "string",
-             "int": "an integer type", "float": "a number type", "anybool": "bool"}[base]
+    label = {
+        "u32": "uint32",
+        "i32": "int32",
+        "f32": "float32",
+        "bool": "bool",
+        "str": "string",
+        "int": "an integer type",
+        "float": "a number type",
+        "anybool": "bool",
+    }[base]
     return f"array of {label}" if opt.endswith("[]") else label
 
 
@@ -245,9 +280,33 @@ def _same_shape(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
 # Relations and tensor lists (the functions the table names)
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
-MATMUL_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "IQ1_M",
-                "TQ1_0", "TQ2_0", "MXFP4")
+MATMUL_TYPES = (
+    "F32",
+    "F16",
+    "BF16",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "IQ2_XXS",
+    "IQ2_XS",
+    "IQ3_XXS",
+    "IQ1_S",
+    "IQ4_NL",
+    "IQ3_S",
+    "IQ2_S",
+    "IQ4_XS",
+    "IQ1_M",
+    "TQ1_0",
+    "TQ2_0",
+    "MXFP4",
+)
 NORM_TYPES = ("F32", "F16")
 CONV_TYPES = ("F32", "F16")  # ggml's im2col takes F32 or F16 kernels
 
@@ -291,19 +350,25 @@ def _llm_heads(m: Model) -> None:
     heads = _per_layer(m, "{arch}.attention.head_count") or []
     kv = _per_layer(m, "{arch}.attention.head_count_kv") or heads
     k_len = _int(m, "{arch}.attention.key_length")
-    v_len = _int(m, "{arch}.attention.value_length")
+    _int(m, "{arch}.attention.value_length")
     for il, (h, hk) in enumerate(zip(heads, kv)):
         where = f" (layer {il})" if isinstance(m.get("{arch}.attention.head_count"), list) else ""
         if h < 1:
             raise m.fail("{arch}.attention.head_count", h, f"must be at least 1{where}")
         if k_len is None and n_embd is not None and n_embd % h:
-            raise m.fail("{arch}.attention.head_count", h,
-                         f"does not divide {m.key('{arch}.embedding_length')} ({n_embd}){where}")
+            raise m.fail(
+                "{arch}.attention.head_count",
+                h,
+                f"does not divide {m.key('{arch}.embedding_length')} ({n_embd}){where}",
+            )
         if hk < 1:
             raise m.fail("{arch}.attention.head_count_kv", hk, f"must be at least 1{where} (llama.cpp divides by it)")
         if h % hk:
-            raise m.fail("{arch}.attention.head_count_kv", hk,
-                         f"does not divide {m.key('{arch}.attention.head_count')} ({h}){where}")
+            raise m.fail(
+                "{arch}.attention.head_count_kv",
+                hk,
+                f"does not divide {m.key('{arch}.attention.head_count')} ({h}){where}",
+            )
 
 
 def _llama_head_dims(m: Model) -> None:
@@ -314,15 +379,26 @@ def _llama_head_dims(m: Model) -> None:
     head_k = _int(m, "{arch}.attention.key_length", n_embd // heads[0])
     head_v = _int(m, "{arch}.attention.value_length", n_embd // heads[0])
     if head_v != head_k:
-        raise m.fail("{arch}.attention.value_length", head_v,
-                     f"differs from the key length {head_k} (llama's graph asserts they are equal)")
+        raise m.fail(
+            "{arch}.attention.value_length",
+            head_v,
+            f"differs from the key length {head_k} (llama's graph asserts they are equal)",
+        )
     rot = _int(m, "{arch}.rope.dimension_count", head_k)
     if rot != head_k:
-        raise m.fail("{arch}.rope.dimension_count", rot, f"differs from the head size {head_k} (llama requires n_rot = head size)")
+        raise m.fail(
+            "{arch}.rope.dimension_count",
+            rot,
+            f"differs from the head size {head_k} (llama requires n_rot = head size)",
+        )
     if head_k % 2:
-        raise m.fail("{arch}.attention.key_length" if m.get("{arch}.attention.key_length") is not None
-                     else "{arch}.attention.head_count", m.get("{arch}.attention.key_length", heads[0]),
-                     f"gives an odd head size {head_k} (rotary embeddings rotate pairs)")
+        raise m.fail(
+            "{arch}.attention.key_length"
+            if m.get("{arch}.attention.key_length") is not None
+            else "{arch}.attention.head_count",
+            m.get("{arch}.attention.key_length", heads[0]),
+            f"gives an odd head size {head_k} (rotary embeddings rotate pairs)",
+        )
 
 
 def _llm_experts(m: Model) -> None:
@@ -337,10 +413,14 @@ def _llm_experts(m: Model) -> None:
         if used == 0:
             raise m.fail("{arch}.expert_used_count", used, "must be at least 1 in a mixture-of-experts model")
         if groups >= n_expert:
-            raise m.fail("{arch}.expert_group_count", groups, f"must be less than {m.key('{arch}.expert_count')} ({n_expert})")
+            raise m.fail(
+                "{arch}.expert_group_count", groups, f"must be less than {m.key('{arch}.expert_count')} ({n_expert})"
+            )
         if groups > 1:
             if n_expert % groups:
-                raise m.fail("{arch}.expert_group_count", groups, f"does not divide {m.key('{arch}.expert_count')} ({n_expert})")
+                raise m.fail(
+                    "{arch}.expert_group_count", groups, f"does not divide {m.key('{arch}.expert_count')} ({n_expert})"
+                )
             g_used = _int(m, "{arch}.expert_group_used_count", 0) or 0
             if not 0 < g_used < groups:
                 raise m.fail("{arch}.expert_group_used_count", g_used, f"must be between 1 and {groups - 1}")
@@ -350,8 +430,26 @@ def _llm_experts(m: Model) -> None:
 
 SPECIAL_TOKEN_KEYS = tuple(
     f"tokenizer.ggml.{name}_token_id"
-    for name in ("bos", "eos", "eot", "eom", "unknown", "seperator", "padding", "mask", "cls",
-                 "fim_pre", "fim_suf", "fim_mid", "fim_pad", "fim_rep", "fim_sep", "prefix", "suffix", "middle")
+    for name in (
+        "bos",
+        "eos",
+        "eot",
+        "eom",
+        "unknown",
+        "seperator",
+        "padding",
+        "mask",
+        "cls",
+        "fim_pre",
+        "fim_suf",
+        "fim_mid",
+        "fim_pad",
+        "fim_rep",
+        "fim_sep",
+        "prefix",
+        "suffix",
+        "middle",
+    )
 )
 
 
@@ -409,7 +507,11 @@ def _clip_vocab(m: Model) -> None:
             if len(parts) != 2 or not all(parts):
                 raise m.fail("tokenizer.ggml.merges", None, f"entry {i} ({merge!r}) is not two symbols")
             if parts[0] + parts[1] not in vocab:
-                raise m.fail("tokenizer.ggml.merges", None, f"entry {i} makes {parts[0] + parts[1]!r}, which is not in tokenizer.ggml.tokens")
+                raise m.fail(
+                    "tokenizer.ggml.merges",
+                    None,
+                    f"entry {i} makes {parts[0] + parts[1]!r}, which is not in tokenizer.ggml.tokens",
+                )
 
 
 def _architecture(m: Model) -> None:
@@ -435,19 +537,33 @@ def _idefics3_geometry(m: Model) -> None:
     # The patch embedding and the position table show what the sizes were: name the key that disagrees.
     conv, pos = m.tensors.get("v.patch_embd.weight"), m.tensors.get("v.position_embd.weight")
     if conv is not None and len(conv.shape) >= 2 and conv.shape[0] == conv.shape[1] and conv.shape[0] != patch:
-        raise m.fail("clip.vision.patch_size", patch, f"but v.patch_embd.weight has {conv.shape[0]} x {conv.shape[1]} patches")
+        raise m.fail(
+            "clip.vision.patch_size", patch, f"but v.patch_embd.weight has {conv.shape[0]} x {conv.shape[1]} patches"
+        )
     if pos is not None and len(pos.shape) >= 2 and pos.shape[1] != grid * grid:
-        raise m.fail("clip.vision.image_size", size, f"gives a {grid} x {grid} patch grid (patch size {patch}), but "
-                     f"v.position_embd.weight holds {pos.shape[1]} positions")
+        raise m.fail(
+            "clip.vision.image_size",
+            size,
+            f"gives a {grid} x {grid} patch grid (patch size {patch}), but "
+            f"v.position_embd.weight holds {pos.shape[1]} positions",
+        )
     if grid * grid > MAX_PATCHES:
-        raise m.fail("clip.vision.patch_size", patch,
-                     f"makes {grid * grid} patches per {size} px tile, more than {MAX_PATCHES}")
+        raise m.fail(
+            "clip.vision.patch_size", patch, f"makes {grid * grid} patches per {size} px tile, more than {MAX_PATCHES}"
+        )
     if scale is not None and grid % scale:
-        raise m.fail("clip.vision.projector.scale_factor", scale,
-                     f"does not divide the {grid} x {grid} patch grid (clip.vision.image_size / clip.vision.patch_size)")
+        raise m.fail(
+            "clip.vision.projector.scale_factor",
+            scale,
+            f"does not divide the {grid} x {grid} patch grid (clip.vision.image_size / clip.vision.patch_size)",
+        )
     longest = _int(m, "clip.vision.preproc_image_size")
     if longest is not None and not size <= longest <= CLIP_MAX_IMAGE_SIZE:
-        raise m.fail("clip.vision.preproc_image_size", longest, f"must be between clip.vision.image_size ({size}) and {CLIP_MAX_IMAGE_SIZE}")
+        raise m.fail(
+            "clip.vision.preproc_image_size",
+            longest,
+            f"must be between clip.vision.image_size ({size}) and {CLIP_MAX_IMAGE_SIZE}",
+        )
     if m.meta.get("clip.use_gelu") is True and m.meta.get("clip.use_silu") is True:
         raise m.fail("clip.use_silu", True, "is set together with clip.use_gelu")
 
@@ -457,14 +573,22 @@ def _vision_heads(prefix: str) -> Callable[[Model], None]:
         width = _int(m, f"{prefix}.embedding_length")
         heads = _int(m, f"{prefix}.attention.head_count")
         if width and heads and width % heads:
-            raise m.fail(f"{prefix}.attention.head_count", heads,
-                         f"does not divide {prefix}.embedding_length ({width}): the head count must divide the width")
+            raise m.fail(
+                f"{prefix}.attention.head_count",
+                heads,
+                f"does not divide {prefix}.embedding_length ({width}): the head count must divide the width",
+            )
         kv = _int(m, f"{prefix}.attention.head_count_kv")
         if kv is not None and heads and (kv < 1 or heads % kv):
-            raise m.fail(f"{prefix}.attention.head_count_kv", kv, f"does not divide {prefix}.attention.head_count ({heads})")
+            raise m.fail(
+                f"{prefix}.attention.head_count_kv", kv, f"does not divide {prefix}.attention.head_count ({heads})"
+            )
         hd = _int(m, f"{prefix}.attention.head_dim")
         if hd is not None and width and heads and hd * heads != width:
-            raise m.fail(f"{prefix}.attention.head_dim", hd, f"times the head count ({heads}) is not the width ({width})")
+            raise m.fail(
+                f"{prefix}.attention.head_dim", hd, f"times the head count ({heads}) is not the width ({width})"
+            )
+
     return check
 
 
@@ -488,7 +612,9 @@ def _clip_tower_geometry(m: Model) -> None:
         if size % patch:
             raise m.fail("clip.vision.patch_size", patch, f"does not divide clip.vision.image_size ({size})")
         if (size // patch) ** 2 > MAX_PATCHES:
-            raise m.fail("clip.vision.patch_size", patch, f"makes {(size // patch) ** 2} patches, more than {MAX_PATCHES}")
+            raise m.fail(
+                "clip.vision.patch_size", patch, f"makes {(size // patch) ** 2} patches, more than {MAX_PATCHES}"
+            )
     tp = _int(m, "clip.text.projection_dim")
     vp = _int(m, "clip.vision.projection_dim")
     if tp is not None and vp is not None and tp != vp:
@@ -568,8 +694,12 @@ def _idefics3_ffn_pairs(m: Model) -> None:
     for i in range(layers):
         up, down = m.tensors.get(f"v.blk.{i}.ffn_up.weight"), m.tensors.get(f"v.blk.{i}.ffn_down.weight")
         if up is not None and down is not None and tuple(up.shape) == tuple(down.shape) and up.shape[0] != up.shape[-1]:
-            raise InvalidModelValue(m.path, f"v.blk.{i}.ffn_down.weight", None,
-                                    f"has the same shape as ffn_up {tuple(up.shape)}: one of them is the wrong way round")
+            raise InvalidModelValue(
+                m.path,
+                f"v.blk.{i}.ffn_down.weight",
+                None,
+                f"has the same shape as ffn_up {tuple(up.shape)}: one of them is the wrong way round",
+            )
 
 
 def _projector_type(m: Model) -> None:
@@ -577,10 +707,17 @@ def _projector_type(m: Model) -> None:
     if t is None:
         raise m.fail("clip.projector_type", None, "is required (which projector this is)")
     if t not in PROJECTOR_TYPES:
-        raise m.fail("clip.projector_type", t,
-                     f"is not supported (vlmcli drives SmolVLM2's projector: {', '.join(PROJECTOR_TYPES)})")
+        raise m.fail(
+            "clip.projector_type",
+            t,
+            f"is not supported (vlmcli drives SmolVLM2's projector: {', '.join(PROJECTOR_TYPES)})",
+        )
     if m.meta.get("clip.has_vision_encoder") is not True:
-        raise m.fail("clip.has_vision_encoder", m.meta.get("clip.has_vision_encoder"), "must be true: the projector has no vision encoder")
+        raise m.fail(
+            "clip.has_vision_encoder",
+            m.meta.get("clip.has_vision_encoder"),
+            "must be true: the projector has no vision encoder",
+        )
 
 
 PROJECTOR_TYPES = ("idefics3",)
@@ -601,26 +738,59 @@ RULES: list[Key | Relation | Tensors] = [
     Relation(ANY, "alignment", _alignment, "gguf.cpp refuses an alignment that is not a power of two"),
     Key(ANY, "general.name", "str", why="clip.cpp reads it with a typed getter"),
     Key(ANY, "general.description", "str", why="clip.cpp reads it with a typed getter"),
-
     # --- language model (llama.cpp: llama-model.cpp load_hparams, llama-vocab.cpp load) -------------
-    Key(LLM, "{arch}.block_count", "u32", required=True, min=1, max=LLAMA_MAX_LAYERS,
-        why=f"llama.cpp asserts 0 < n_layer <= {LLAMA_MAX_LAYERS}"),
+    Key(
+        LLM,
+        "{arch}.block_count",
+        "u32",
+        required=True,
+        min=1,
+        max=LLAMA_MAX_LAYERS,
+        why=f"llama.cpp asserts 0 < n_layer <= {LLAMA_MAX_LAYERS}",
+    ),
     Key(LLM, "{arch}.context_length", "u32", required=True, min=1, max=MAX_CONTEXT, why="the trained context"),
     Key(LLM, "{arch}.embedding_length", "u32", required=True, min=1, why="tensor sizes; 0 is a ggml assert"),
-    Key(LLM, "{arch}.feed_forward_length", "u32|u32[]", required=True, min=1, arch="llama",
-        why="tensor sizes; 0 is a ggml assert"),
-    Key(LLM, "{arch}.attention.head_count", "u32|u32[]|i32[]", required=True, min=1, arch="llama",
-        why="llama's graph divides by it"),
+    Key(
+        LLM,
+        "{arch}.feed_forward_length",
+        "u32|u32[]",
+        required=True,
+        min=1,
+        arch="llama",
+        why="tensor sizes; 0 is a ggml assert",
+    ),
+    Key(
+        LLM,
+        "{arch}.attention.head_count",
+        "u32|u32[]|i32[]",
+        required=True,
+        min=1,
+        arch="llama",
+        why="llama's graph divides by it",
+    ),
     Key(LLM, "{arch}.attention.head_count_kv", "u32|u32[]|i32[]", min=1, why="llama.cpp divides by it"),
     Key(LLM, "{arch}.attention.key_length", "u32", min=1),
     Key(LLM, "{arch}.attention.value_length", "u32", min=1),
     Key(LLM, "{arch}.rope.dimension_count", "u32", min=1),
-    Key(LLM, "{arch}.attention.layer_norm_rms_epsilon", "f32", required=True, gt=0, max=MAX_EPS, arch="llama",
-        why="ggml's rms_norm asserts eps >= 0; NaN fails it"),
+    Key(
+        LLM,
+        "{arch}.attention.layer_norm_rms_epsilon",
+        "f32",
+        required=True,
+        gt=0,
+        max=MAX_EPS,
+        arch="llama",
+        why="ggml's rms_norm asserts eps >= 0; NaN fails it",
+    ),
     Key(LLM, "{arch}.attention.layer_norm_epsilon", "f32", gt=0, max=MAX_EPS, why="ggml's norm asserts eps >= 0"),
     Key(LLM, "{arch}.rope.freq_base", "f32", gt=0, why="rotary frequencies"),
-    Key(LLM, "{arch}.rope.scaling.type", "str", choices=("none", "linear", "yarn", "longrope"),
-        why="llama.cpp asserts a known rope scaling type"),
+    Key(
+        LLM,
+        "{arch}.rope.scaling.type",
+        "str",
+        choices=("none", "linear", "yarn", "longrope"),
+        why="llama.cpp asserts a known rope scaling type",
+    ),
     Key(LLM, "{arch}.rope.scaling.factor", "f32", min=0),
     Key(LLM, "{arch}.rope.scale_linear", "f32", min=0),
     Key(LLM, "{arch}.rope.scaling.attn_factor", "f32", gt=0),
@@ -628,8 +798,14 @@ RULES: list[Key | Relation | Tensors] = [
     Key(LLM, "{arch}.expert_count", "u32", min=0, max=LLAMA_MAX_EXPERTS, why="llama.cpp asserts n_expert <= 512"),
     Key(LLM, "{arch}.expert_used_count", "u32|u32[]", min=0),
     Key(LLM, "{arch}.vocab_size", "u32", min=1),
-    Key(LLM, "tokenizer.ggml.model", "str", required=True, choices=TOKENIZER_MODELS,
-        why="llama.cpp builds no tokenizer for 'none' / 'no_vocab' and asserts when asked to tokenize"),
+    Key(
+        LLM,
+        "tokenizer.ggml.model",
+        "str",
+        required=True,
+        choices=TOKENIZER_MODELS,
+        why="llama.cpp builds no tokenizer for 'none' / 'no_vocab' and asserts when asked to tokenize",
+    ),
     Key(LLM, "tokenizer.ggml.tokens", "str[]", required=True, why="the vocabulary"),
     Key(LLM, "tokenizer.ggml.scores", "f32[]|i32[]"),
     Key(LLM, "tokenizer.ggml.token_type", "i32[]"),
@@ -638,15 +814,24 @@ RULES: list[Key | Relation | Tensors] = [
     *[Key(LLM, key, "u32") for key in SPECIAL_TOKEN_KEYS],
     Relation(LLM, "layers", _llm_layers, "per-layer arrays and blk.N tensors agree with block_count"),
     Relation(LLM, "heads", _llm_heads, "head counts divide the width and each other (llama.cpp divides by them)"),
-    Relation(LLM, "head size", _llama_head_dims, "llama's graph asserts n_embd_head_k == n_embd_head_v == n_rot",
-             arch="llama"),
+    Relation(
+        LLM,
+        "head size",
+        _llama_head_dims,
+        "llama's graph asserts n_embd_head_k == n_embd_head_v == n_rot",
+        arch="llama",
+    ),
     Relation(LLM, "experts", _llm_experts, "llama.cpp's expert-count asserts"),
     Relation(LLM, "vocabulary arrays", _vocab_arrays, "scores and token types cover the vocabulary"),
     Relation(LLM, "unique tokens", _unique_tokens, "llama-vocab.cpp asserts id_to_token.size() == token_to_id.size()"),
     Relation(LLM, "special tokens", _special_tokens, "special token ids name vocabulary entries"),
-    Tensors(LLM, "llama tensors", _llama_tensors, "token_embd, output and every block as the hyper-parameters say",
-            arch="llama"),
-
+    Tensors(
+        LLM,
+        "llama tensors",
+        _llama_tensors,
+        "token_embd, output and every block as the hyper-parameters say",
+        arch="llama",
+    ),
     # --- vision projector, idefics3 (tools/mtmd/clip.cpp load_hparams, the siglip graph, mtmd.cpp) ---
     Key(MMPROJ, "clip.projector_type", "str"),
     Key(MMPROJ, "clip.vision.projector_type", "str"),
@@ -658,8 +843,15 @@ RULES: list[Key | Relation | Tensors] = [
     Key(MMPROJ, "clip.use_silu", "bool"),
     Key(MMPROJ, "clip.minicpmv_version", "i32"),
     Key(MMPROJ, "clip.minicpmv_query_num", "u32"),
-    Key(MMPROJ, "clip.vision.image_size", "u32", required=True, min=1, max=CLIP_MAX_IMAGE_SIZE,
-        why="the tile size; mtmd divides by it"),
+    Key(
+        MMPROJ,
+        "clip.vision.image_size",
+        "u32",
+        required=True,
+        min=1,
+        max=CLIP_MAX_IMAGE_SIZE,
+        why="the tile size; mtmd divides by it",
+    ),
     Key(MMPROJ, "clip.vision.patch_size", "u32", required=True, min=1, max=CLIP_MAX_PATCH_SIZE),
     Key(MMPROJ, "clip.vision.embedding_length", "u32", required=True, min=1),
     Key(MMPROJ, "clip.vision.feed_forward_length", "u32", required=True, min=1),
@@ -668,12 +860,26 @@ RULES: list[Key | Relation | Tensors] = [
     Key(MMPROJ, "clip.vision.attention.head_count", "u32", required=True, min=1, why="the attention divides by it"),
     Key(MMPROJ, "clip.vision.attention.head_count_kv", "u32", min=1),
     Key(MMPROJ, "clip.vision.attention.head_dim", "u32", min=1),
-    Key(MMPROJ, "clip.vision.attention.layer_norm_epsilon", "f32", required=True, gt=0, max=MAX_EPS,
-        why="ggml's norm asserts eps >= 0; NaN fails it"),
+    Key(
+        MMPROJ,
+        "clip.vision.attention.layer_norm_epsilon",
+        "f32",
+        required=True,
+        gt=0,
+        max=MAX_EPS,
+        why="ggml's norm asserts eps >= 0; NaN fails it",
+    ),
     Key(MMPROJ, "clip.vision.image_mean", "f32[]"),
     Key(MMPROJ, "clip.vision.image_std", "f32[]"),
-    Key(MMPROJ, "clip.vision.projector.scale_factor", "u32", required=True, min=2, max=65535,
-        why="clip.cpp asserts scale_factor > 1 for idefics3"),
+    Key(
+        MMPROJ,
+        "clip.vision.projector.scale_factor",
+        "u32",
+        required=True,
+        min=2,
+        max=65535,
+        why="clip.cpp asserts scale_factor > 1 for idefics3",
+    ),
     Key(MMPROJ, "clip.vision.preproc_image_size", "u32", min=1, max=CLIP_MAX_IMAGE_SIZE),
     Key(MMPROJ, "clip.vision.feature_layer", "i32[]"),
     Key(MMPROJ, "clip.vision.image_grid_pinpoints", "i32[]"),
@@ -681,30 +887,55 @@ RULES: list[Key | Relation | Tensors] = [
     Key(MMPROJ, "clip.vision.image_min_pixels", "i32"),
     Key(MMPROJ, "clip.vision.image_max_pixels", "i32"),
     Relation(MMPROJ, "heads", _vision_heads("clip.vision"), "the head count divides the width"),
-    Relation(MMPROJ, "geometry", _idefics3_geometry,
-             "patches tile the image and the pixel shuffle tiles the patch grid (mtmd asserts nx > 0)"),
+    Relation(
+        MMPROJ,
+        "geometry",
+        _idefics3_geometry,
+        "patches tile the image and the pixel shuffle tiles the patch grid (mtmd asserts nx > 0)",
+    ),
     Relation(VISION, "mean/std", _mean_std, "one value per channel; pixels are divided by the std"),
-    Tensors(MMPROJ, "idefics3 tensors", _idefics3_tensors,
-            "clip.cpp checks no shapes: a wrong one is a ggml assert in the first graph"),
+    Tensors(
+        MMPROJ,
+        "idefics3 tensors",
+        _idefics3_tensors,
+        "clip.cpp checks no shapes: a wrong one is a ggml assert in the first graph",
+    ),
     Relation(MMPROJ, "ffn orientation", _idefics3_ffn_pairs, "clip.cpp tells up from down by shape"),
-
     # --- vlmcli's two-tower CLIP (engines/clip.py). Which keys must be present (and the defaults of those
     # that need not) is ClipConfig.from_gguf's business, and the tensor shapes ClipModel.load's: here only
     # the ranges of the values present.
-    Key(CLIP, "clip.vision.image_size", "int", min=1, max=CLIP_TOWER_MAX_IMAGE_SIZE,
-        why="preprocessing makes a float32 image of this size"),
+    Key(
+        CLIP,
+        "clip.vision.image_size",
+        "int",
+        min=1,
+        max=CLIP_TOWER_MAX_IMAGE_SIZE,
+        why="preprocessing makes a float32 image of this size",
+    ),
     Key(CLIP, "clip.vision.patch_size", "int", min=1),
-    Key(CLIP, "clip.text.context_length", "int", min=2, max=MAX_CONTEXT,
-        why="room for the start and end tokens"),
-    *[Key(CLIP, f"clip.{tower}.{key}", "int", min=1)
-      for tower in ("text", "vision")
-      for key in ("embedding_length", "feed_forward_length", "attention.head_count")],
-    *[Key(CLIP, f"clip.{tower}.block_count", "int", min=1, max=LLAMA_MAX_LAYERS,
-          why="the loader lists every block's tensors") for tower in ("text", "vision")],
+    Key(CLIP, "clip.text.context_length", "int", min=2, max=MAX_CONTEXT, why="room for the start and end tokens"),
+    *[
+        Key(CLIP, f"clip.{tower}.{key}", "int", min=1)
+        for tower in ("text", "vision")
+        for key in ("embedding_length", "feed_forward_length", "attention.head_count")
+    ],
+    *[
+        Key(
+            CLIP,
+            f"clip.{tower}.block_count",
+            "int",
+            min=1,
+            max=LLAMA_MAX_LAYERS,
+            why="the loader lists every block's tensors",
+        )
+        for tower in ("text", "vision")
+    ],
     Key(CLIP, "clip.vision.projection_dim", "int", min=1),
     Key(CLIP, "clip.text.projection_dim", "int", min=1),
-    *[Key(CLIP, f"clip.{tower}.attention.layer_norm_epsilon", "float", gt=0, max=MAX_EPS)
-      for tower in ("text", "vision")],
+    *[
+        Key(CLIP, f"clip.{tower}.attention.layer_norm_epsilon", "float", gt=0, max=MAX_EPS)
+        for tower in ("text", "vision")
+    ],
     Key(CLIP, "clip.logit_scale", "float", min=-20, max=20, why="stored as a log: exp() of it scales the logits"),
     Key(CLIP, "clip.vision.image_mean", "float[]"),
     Key(CLIP, "clip.vision.image_std", "float[]"),

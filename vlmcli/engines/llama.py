@@ -15,9 +15,10 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -26,11 +27,17 @@ from vlmcli.defaults import DEFAULT_N_CTX
 from vlmcli.engines import detail as detail_policy
 from vlmcli.engines.clip_tokenizer import check_text
 from vlmcli.engines.cores import CoreShare
+from vlmcli.engines.encoding_cache import EncodingCache, image_digest
 from vlmcli.engines.gguf_check import GgufInfo, require_kind
 from vlmcli.engines.llama_native import (
-    build_id, clear_native_errors, extra_buffers_allowed, llama, mtmd, native_error, quiet_native_logs,
+    build_id,
+    clear_native_errors,
+    extra_buffers_allowed,
+    llama,
+    mtmd,
+    native_error,
+    quiet_native_logs,
 )
-from vlmcli.engines.encoding_cache import EncodingCache, image_digest
 from vlmcli.engines.native import NativeResource
 from vlmcli.engines.prompt import IMAGE_TOKEN, MAX_OUTPUT_CHARS, ChatPrompt, TemplateProblem, Turn, render_conversation
 from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
@@ -99,7 +106,12 @@ class GenerationOptions:
             ("temperature", self.temperature, lambda v: v >= 0, "0 (greedy) or more"),
             ("top_p", self.top_p, lambda v: 0 < v <= 1, "more than 0 and at most 1"),
         ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not ok(value)
+            ):
                 raise InvalidOption(option, f"{value!r} is out of range: it must be {what}")
 
 
@@ -183,7 +195,12 @@ class _Chunk:
 class VlmEngine(NativeResource):
     """A loaded SmolVLM2: language model + vision projector. Not thread-safe; one call at a time."""
 
-    def __init__(self, model_path: str | os.PathLike[str], mmproj_path: str | os.PathLike[str], options: EngineOptions | None = None):
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        mmproj_path: str | os.PathLike[str],
+        options: EngineOptions | None = None,
+    ):
         self.options = options or EngineOptions()
         self.model_path = Path(model_path)
         self.mmproj_path = Path(mmproj_path)
@@ -268,7 +285,8 @@ class VlmEngine(NativeResource):
         ctx = llama.llama_init_from_model(model, cparams)
         if not ctx:
             raise ModelError(
-                _with_native_reason(f"llama.cpp could not create a context of {self.n_ctx_requested} tokens"), self.model_path
+                _with_native_reason(f"llama.cpp could not create a context of {self.n_ctx_requested} tokens"),
+                self.model_path,
             )
         self._ctx = ctx
         self.n_ctx = llama.llama_n_ctx(ctx)
@@ -409,7 +427,9 @@ class VlmEngine(NativeResource):
                 b.logits[len(part) - 1] = True
             rc = llama.llama_decode(self._ctx, b)
             if rc != 0:
-                raise VlmError(f"llama.cpp failed to decode the prompt (code {rc}; the context holds {self.n_ctx} tokens)")
+                raise VlmError(
+                    f"llama.cpp failed to decode the prompt (code {rc}; the context holds {self.n_ctx} tokens)"
+                )
         return n_past + len(tokens)
 
     def _tokenize_with_image(self, rgb: np.ndarray, prompt_text: str, max_tokens: int) -> tuple[object, list[_Chunk]]:
@@ -516,8 +536,9 @@ class VlmEngine(NativeResource):
         finally:
             mtmd.mtmd_input_chunks_free(chunks_ptr)
 
-    def _eval_image_chunk(self, chunk: _Chunk, n_past: int, timings: Timings, cap: int,
-                          key: dict[str, Any] | None) -> tuple[int, int]:
+    def _eval_image_chunk(
+        self, chunk: _Chunk, n_past: int, timings: Timings, cap: int, key: dict[str, Any] | None
+    ) -> tuple[int, int]:
         """Encode one image chunk (or take its embeddings from the cache) and decode it into the
         KV cache. Returns (n_past, encoder passes run: 0 or 1)."""
         ctx = self._mtmd_context(cap)
@@ -540,7 +561,16 @@ class VlmEngine(NativeResource):
         t1 = time.perf_counter()
         new_n_past = llama.llama_pos(n_past)
         rc = mtmd.mtmd_helper_decode_image_chunk(
-            ctx, self._ctx, chunk.ptr, embd, n_past, 0, self.options.n_batch, ctypes.byref(new_n_past), _NO_CALLBACK, None
+            ctx,
+            self._ctx,
+            chunk.ptr,
+            embd,
+            n_past,
+            0,
+            self.options.n_batch,
+            ctypes.byref(new_n_past),
+            _NO_CALLBACK,
+            None,
         )
         if rc != 0:
             raise VlmError(f"llama.cpp failed to decode the image tokens (code {rc})")
@@ -564,10 +594,22 @@ class VlmEngine(NativeResource):
             return None
         h, w = rgb.shape[:2]
         # rgb.data: hashed in place (tobytes() would copy 36 MB for a 12 MP photo on every question)
-        embd = {"v": 1, "kind": "embd", "image": image_digest(rgb.data, w, h), "mmproj": mmproj,
-                "level": level, "cap": 0 if level == "low" else cap}
-        kv = {**embd, "kind": "kv", "model": model, "prefix": prefix_text, "llama_cpp": _LLAMA_CPP_VERSION,
-              "gpu": self.uses_gpu}
+        embd = {
+            "v": 1,
+            "kind": "embd",
+            "image": image_digest(rgb.data, w, h),
+            "mmproj": mmproj,
+            "level": level,
+            "cap": 0 if level == "low" else cap,
+        }
+        kv = {
+            **embd,
+            "kind": "kv",
+            "model": model,
+            "prefix": prefix_text,
+            "llama_cpp": _LLAMA_CPP_VERSION,
+            "gpu": self.uses_gpu,
+        }
         return {"embd": embd, "kv": kv}
 
     def _restore_prefix(self, key: dict[str, Any]) -> tuple[int, ImageEncoding] | None:
@@ -631,15 +673,20 @@ class VlmEngine(NativeResource):
         pieces = len(turns) + sum(len(t.parts) for t in turns)
         if chars > MAX_OUTPUT_CHARS // 2 or pieces > self.n_ctx:
             # Past the template render's bounds (prompt.py), and far past any context: the input's fault, not the template's.
-            raise InvalidOption("messages", f"{len(turns)} messages, {pieces - len(turns)} parts, {chars:,} characters of text: "
-                                            f"far more than a context of {self.n_ctx} tokens holds")
+            raise InvalidOption(
+                "messages",
+                f"{len(turns)} messages, {pieces - len(turns)} parts, {chars:,} characters of text: "
+                f"far more than a context of {self.n_ctx} tokens holds",
+            )
         try:
             before, after = render_conversation(self.chat_template, list(turns))
         except ValueError as e:
             raise InvalidOption("messages", str(e)) from None
         except TemplateProblem as e:
             raise ModelError(f"tokenizer.chat_template cannot render this conversation: {e}", self.model_path) from None
-        return self._answers(image, before, [(after, before + IMAGE_TOKEN + after)], options, on_token, on_progress, on_candidate_token)
+        return self._answers(
+            image, before, [(after, before + IMAGE_TOKEN + after)], options, on_token, on_progress, on_candidate_token
+        )
 
     def _answers(
         self,
@@ -652,7 +699,9 @@ class VlmEngine(NativeResource):
         on_candidate_token: CandidateCallback | None,
     ) -> Iterator[Generation]:
         with self._sharing_cores():
-            yield from self._answer_all(image, before_image, suffixes, options, on_token, on_progress, on_candidate_token)
+            yield from self._answer_all(
+                image, before_image, suffixes, options, on_token, on_progress, on_candidate_token
+            )
 
     def _answer_all(
         self,
@@ -684,7 +733,9 @@ class VlmEngine(NativeResource):
                 yield self._generate(prompt, n_past, enc, options, timings, on_token)
             else:
                 stream = _CandidateStream(self, on_candidate_token) if on_candidate_token else None
-                gen = self._generate_candidates(prompt, n_past, enc, options, timings, stream.on_token if stream else None)
+                gen = self._generate_candidates(
+                    prompt, n_past, enc, options, timings, stream.on_token if stream else None
+                )
                 if stream:
                     stream.finish()
                 yield gen
@@ -741,7 +792,6 @@ class VlmEngine(NativeResource):
             timings=timings,
         )
 
-
     def _is_end(self, token: int, options: GenerationOptions) -> bool:
         return not options.ignore_eos and (token in self.eos_ids or llama.llama_vocab_is_eog(self._vocab, token))
 
@@ -752,20 +802,31 @@ class VlmEngine(NativeResource):
         return float(logits[token]) - top - math.log(float(np.exp(logits - top).sum()))
 
     def _generate_candidates(
-        self, prompt: str, n_past: int, enc: ImageEncoding, options: GenerationOptions, timings: Timings,
-        on_token: Callable[[int, int], "bool | None"] | None = None,
+        self,
+        prompt: str,
+        n_past: int,
+        enc: ImageEncoding,
+        options: GenerationOptions,
+        timings: Timings,
+        on_token: Callable[[int, int], bool | None] | None = None,
     ) -> Generation:
         """options.n continuations of one evaluated prompt. The prompt's KV cells are shared (each
         sequence is a copy of sequence 0, not a re-evaluation); each step decodes the next token of
         every unfinished sequence in one batch. Candidate i samples with seed + i."""
         n = options.n
         if n > self.options.n_seq_max:
-            raise InvalidOption("best_of", f"{n} candidates, but the model was opened for at most {self.options.n_seq_max} sequences")
+            raise InvalidOption(
+                "best_of", f"{n} candidates, but the model was opened for at most {self.options.n_seq_max} sequences"
+            )
         memory = llama.llama_get_memory(self._ctx)
         for seq in range(1, n):
             llama.llama_memory_seq_cp(memory, 0, seq, -1, -1)
-        samplers = [_make_sampler(GenerationOptions(temperature=options.temperature, top_p=options.top_p, seed=options.seed + i))
-                    for i in range(n)]
+        samplers = [
+            _make_sampler(
+                GenerationOptions(temperature=options.temperature, top_p=options.top_p, seed=options.seed + i)
+            )
+            for i in range(n)
+        ]
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
         stops = ["length"] * n
@@ -784,7 +845,9 @@ class VlmEngine(NativeResource):
                         continue
                     tokens[seq].append(tok)
                     logprobs[seq].append(self._logprob(row[seq], tok))
-                    if on_token is not None and on_token(seq, tok) is False:  # streaming: a stop sequence, a client gone
+                    if (
+                        on_token is not None and on_token(seq, tok) is False
+                    ):  # streaming: a stop sequence, a client gone
                         stops[seq] = "stopped"
                         continue
                     going.append(seq)
@@ -808,7 +871,9 @@ class VlmEngine(NativeResource):
         timings.decode_tokens = sum(len(t) for t in tokens)
         candidates = [Candidate(self.detokenize(t), t, lp, stop) for t, lp, stop in zip(tokens, logprobs, stops)]
         first = candidates[0]
-        return Generation(prompt, first.text, n_past, timings.decode_tokens, first.stop_reason, enc, timings, candidates)
+        return Generation(
+            prompt, first.text, n_past, timings.decode_tokens, first.stop_reason, enc, timings, candidates
+        )
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
@@ -866,6 +931,7 @@ def _with_native_reason(message: str) -> str:
 
 def _kv_bytes_per_token(meta: dict, arch: str) -> int:
     """Bytes of F16 KV cache one token of context takes (llama.cpp's default cache type)."""
+
     def per_layer(key: str, default: list[int]) -> list[int]:
         v = meta.get(f"{arch}.{key}")
         if v is None:

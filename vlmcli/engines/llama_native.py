@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import collections
-import os
 import ctypes
+import os
 import re
 
 from llama_cpp import llama_cpp as llama  # noqa: F401  (re-exported)

@@ -134,8 +134,16 @@ def _render_bounded(template: str, **context: Any) -> str:
         raise
     except jinja2.TemplateSyntaxError as e:
         raise TemplateProblem(f"syntax error on line {e.lineno}: {e.message}") from None
-    except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError,
-            RecursionError, MemoryError) as e:
+    except (
+        jinja2.TemplateError,
+        ArithmeticError,
+        LookupError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        RecursionError,
+        MemoryError,
+    ) as e:
         raise TemplateProblem(f"rendering failed ({type(e).__name__}: {e})") from None
 
 
@@ -159,7 +167,11 @@ class ChatPrompt:
     @classmethod
     def from_template(cls, template: str | None) -> ChatPrompt:
         rendered = render_user_turn(template, _QUESTION, _IMAGE)
-        if rendered.count(_IMAGE) != 1 or rendered.count(_QUESTION) != 1 or rendered.index(_IMAGE) > rendered.index(_QUESTION):
+        if (
+            rendered.count(_IMAGE) != 1
+            or rendered.count(_QUESTION) != 1
+            or rendered.index(_IMAGE) > rendered.index(_QUESTION)
+        ):
             # A template that puts the question before the image cannot share the image prefix.
             raise TemplateProblem("it does not place the image once, before the question, in a user turn")
         before, rest = rendered.split(_IMAGE)
@@ -209,7 +221,9 @@ def render_conversation(template: str | None, turns: list[Turn]) -> tuple[str, s
         # The split below finds the image by the token the template writes for it.
         raise ValueError(f"message texts may not contain the image token {IMAGE_TOKEN}")
     messages = [{"role": t.role, "content": t.content()} for t in turns]
-    text = _render_bounded(template or DEFAULT_TEMPLATE, messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+    text = _render_bounded(
+        template or DEFAULT_TEMPLATE, messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
+    )
     if text.count(IMAGE_TOKEN) != 1:
         raise TemplateProblem(f"it writes the image {text.count(IMAGE_TOKEN)} times, not once")
     before, after = text.split(IMAGE_TOKEN)

@@ -60,7 +60,9 @@ def _check(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> No
 # ----------------------------------------------------------------------------- BLEU
 
 
-def bleu(candidates: Sequence[str], references: Sequence[Sequence[str]], n: int = 4) -> tuple[list[float], list[list[float]]]:
+def bleu(
+    candidates: Sequence[str], references: Sequence[Sequence[str]], n: int = 4
+) -> tuple[list[float], list[list[float]]]:
     """(corpus BLEU-1..n, per-image BLEU-1..n lists [k][image]) as pycocoevalcap's Bleu(n)."""
     _check(candidates, references)
     small, tiny = 1e-9, 1e-15
@@ -136,7 +138,9 @@ def rouge_l_one(candidate: str, refs: Sequence[str], beta: float = 1.2) -> float
     return 0.0
 
 
-def rouge_l(candidates: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2) -> tuple[float, list[float]]:
+def rouge_l(
+    candidates: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2
+) -> tuple[float, list[float]]:
     """(mean ROUGE-L, per-image ROUGE-L) as pycocoevalcap's Rouge."""
     _check(candidates, references)
     scores = [rouge_l_one(c, refs, beta) for c, refs in zip(candidates, references)]
@@ -150,7 +154,9 @@ def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values)
 
 
-def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0) -> tuple[float, list[float]]:
+def cider_d(
+    candidates: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0
+) -> tuple[float, list[float]]:
     """(mean CIDEr-D, per-image CIDEr-D) as pycocoevalcap's Cider (which is CIDEr-D)."""
     _check(candidates, references)
     crefs = [[_ngrams(r.split(), n) for r in refs] for refs in references]
@@ -174,7 +180,9 @@ def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], n: i
                 length += tf
         return v, [math.sqrt(x) for x in norm], length
 
-    def sim(vh: list[dict[Ngram, float]], vr: list[dict[Ngram, float]], nh: list[float], nr: list[float], lh: int, lr: int) -> list[float]:
+    def sim(
+        vh: list[dict[Ngram, float]], vr: list[dict[Ngram, float]], nh: list[float], nr: list[float], lh: int, lr: int
+    ) -> list[float]:
         delta = float(lh - lr)
         val = [0.0] * n
         for k in range(n):

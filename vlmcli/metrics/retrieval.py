@@ -44,8 +44,13 @@ def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, 
     return {f"R@{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
 
 
-def retrieval_scores(image_vectors: np.ndarray, text_vectors: np.ndarray, text_image: Sequence[int],
-                     ks: Sequence[int] = DEFAULT_KS, chunk: int = 1024) -> dict[str, Any]:
+def retrieval_scores(
+    image_vectors: np.ndarray,
+    text_vectors: np.ndarray,
+    text_image: Sequence[int],
+    ks: Sequence[int] = DEFAULT_KS,
+    chunk: int = 1024,
+) -> dict[str, Any]:
     """Recall@K both ways from L2-normalised embeddings; text_image[j] is the image of caption j.
 
     Every image needs at least one caption. Similarities are cosines (dot products), computed in

@@ -7,8 +7,8 @@ a fine grid search (then refined), which needs no optimiser and is exact for thr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass

@@ -34,34 +34,58 @@ from collections.abc import Iterable
 __all__ = ["ptb_tokenize", "tokenize_captions", "PUNCTUATIONS"]
 
 # pycocoevalcap/tokenizer/ptbtokenizer.py's list, as written there (capitals included).
-PUNCTUATIONS = frozenset({"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
-                          ".", "?", "!", ",", ":", "-", "--", "...", ";"})
+PUNCTUATIONS = frozenset(
+    {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+)
 
-_ABBREVIATIONS = frozenset("""
+_ABBREVIATIONS = frozenset(
+    """
 mr mrs ms messrs dr prof st jr sr gen col lt sgt capt cpl maj adm rev hon gov sen rep pres supt
 mt ft ave rd blvd inc co corp ltd bros vs etc dept est
 jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thurs fri
 ala ariz calif colo conn fla ga ind kan kans ky md mich minn mo mont neb nev okla penn tenn va vt
 wis wisc wyo
-""".split())
+""".split()
+)
 
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 
-_NORMALISE = str.maketrans({
-    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
-    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2033": '"',
-    "\u00ab": '"', "\u00bb": '"',
-    "\u00a0": " ", "\u2009": " ", "\u200a": " ", "\u2002": " ", "\u2003": " ",
-})
+_NORMALISE = str.maketrans(
+    {
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201a": "'",
+        "\u201b": "'",
+        "\u2032": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u201e": '"',
+        "\u201f": '"',
+        "\u2033": '"',
+        "\u00ab": '"',
+        "\u00bb": '"',
+        "\u00a0": " ",
+        "\u2009": " ",
+        "\u200a": " ",
+        "\u2002": " ",
+        "\u2003": " ",
+    }
+)
 
-_ASSIMILATIONS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
-                  "wanna": ("wan", "na"), "lemme": ("lem", "me"), "gimme": ("gim", "me")}
+_ASSIMILATIONS = {
+    "cannot": ("can", "not"),
+    "gonna": ("gon", "na"),
+    "gotta": ("got", "ta"),
+    "wanna": ("wan", "na"),
+    "lemme": ("lem", "me"),
+    "gimme": ("gim", "me"),
+}
 _SPECIAL = {"'tis": ("'t", "is"), "'twas": ("'t", "was"), "y'all": ("y'", "all")}
 
 # Pieces split out of a whitespace-separated chunk before the word-level rules run.
 _SPLIT = re.compile(
-    r"(\.\.\.+|\u2026|--+|[\u2013\u2014\u2015]"      # ellipses and dashes
-    r"|[;\"`()\[\]{}*+=|~^<>@]"                  # always their own token (@ only when leading: see below)
+    r"(\.\.\.+|\u2026|--+|[\u2013\u2014\u2015]"  # ellipses and dashes
+    r"|[;\"`()\[\]{}*+=|~^<>@]"  # always their own token (@ only when leading: see below)
     r")"
 )
 _SENTENCE_MARKS = re.compile(r"^(.*?)([!?]+)$")

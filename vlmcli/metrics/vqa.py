@@ -35,61 +35,162 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
-    "normalize_answer", "process_punctuation", "process_digit_article", "clean_answer",
-    "vqa_accuracy", "VqaScore", "score_vqa",
+    "normalize_answer",
+    "process_punctuation",
+    "process_digit_article",
+    "clean_answer",
+    "vqa_accuracy",
+    "VqaScore",
+    "score_vqa",
 ]
 
 # vqaEval.contractions, entry for entry.
 CONTRACTIONS: dict[str, str] = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
-    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
-    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
-    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
-    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
-    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
-    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
 
 NUMBER_WORDS: dict[str, str] = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
 }
 
 ARTICLES = frozenset({"a", "an", "the"})
 
 # In the official order (the order does not change the result, but it is the reference's).
-PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
-               ">", "<", "@", "`", ",", "?", "!")
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 
-_PERIOD_STRIP = re.compile(r"(?!<=[0-9])(\.)(?![0-9])")   # the official regex, ASCII digits
+_PERIOD_STRIP = re.compile(r"(?!<=[0-9])(\.)(?![0-9])")  # the official regex, ASCII digits
 _COMMA_STRIP = re.compile(r"([0-9])(,)([0-9])")
-_PERIOD_COUNT = 32                                          # re.UNICODE passed as re.sub's count
+_PERIOD_COUNT = 32  # re.UNICODE passed as re.sub's count
 
 
 def clean_answer(text: str) -> str:
@@ -164,7 +265,7 @@ class VqaScore:
     per_question_type: dict[str, float] = field(default_factory=dict)
     count: int = 0
     counts_per_answer_type: dict[str, int] = field(default_factory=dict)
-    mean: float = 0.0   # unrounded mean accuracy in [0, 1]
+    mean: float = 0.0  # unrounded mean accuracy in [0, 1]
 
     def to_dict(self) -> dict:
         return {
@@ -177,8 +278,7 @@ class VqaScore:
         }
 
 
-def score_vqa(items: Iterable[tuple[str, Sequence[str], str | None, str | None]],
-              digits: int = 2) -> VqaScore:
+def score_vqa(items: Iterable[tuple[str, Sequence[str], str | None, str | None]], digits: int = 2) -> VqaScore:
     """Score (prediction, answers, answer_type, question_type) tuples as vqaEval.evaluate + setAccuracy.
 
     A missing type (None) is left out of that breakdown but counts in the overall accuracy.

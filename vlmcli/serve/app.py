@@ -16,9 +16,10 @@ import json
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -31,8 +32,15 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -110,10 +118,15 @@ class Metrics:
         out += [f'vlm_queue_depth{{model="{m}"}} {p.queue_depth}' for m, p in pools.items()]
         out += ["# HELP vlm_workers_busy Workers running a request.", "# TYPE vlm_workers_busy gauge"]
         out += [f'vlm_workers_busy{{model="{m}"}} {p.busy}' for m, p in pools.items()]
-        out += ["# HELP vlm_worker_restarts_total Worker processes restarted after dying.", "# TYPE vlm_worker_restarts_total counter"]
+        out += [
+            "# HELP vlm_worker_restarts_total Worker processes restarted after dying.",
+            "# TYPE vlm_worker_restarts_total counter",
+        ]
         out += [f'vlm_worker_restarts_total{{model="{m}"}} {p.restarts}' for m, p in pools.items()]
-        out += ["# HELP vlm_encoder_passes_total Vision encoder passes of completed requests (SmolVLM2 tiles + overview, CLIP images).",
-                "# TYPE vlm_encoder_passes_total counter"]
+        out += [
+            "# HELP vlm_encoder_passes_total Vision encoder passes of completed requests (SmolVLM2 tiles + overview, CLIP images).",
+            "# TYPE vlm_encoder_passes_total counter",
+        ]
         out += [f'vlm_encoder_passes_total{{model="{m}"}} {p.encoder_passes}' for m, p in pools.items()]
         return "\n".join(out) + "\n"
 
@@ -153,13 +166,19 @@ def image_bytes(url: Any, config: ServeConfig, param: str) -> bytes | RemoteImag
         return decode_data_url(url, param)
     if lower.startswith(("http://", "https://")):
         if not config.allow_remote_images:
-            raise bad("remote image URLs are refused by this server (start it with --allow-remote-images); send the image as a data: URL",
-                      param, "remote_image_refused")
+            raise bad(
+                "remote image URLs are refused by this server (start it with --allow-remote-images); send the image as a data: URL",
+                param,
+                "remote_image_refused",
+            )
         return RemoteImage(url, param)
     path_text = url[7:] if lower.startswith("file://") else url
     if config.allow_files is None:
-        raise bad("local image paths are refused by this server (start it with --allow-files DIR); send the image as a data: URL",
-                  param, "local_image_refused")
+        raise bad(
+            "local image paths are refused by this server (start it with --allow-files DIR); send the image as a data: URL",
+            param,
+            "local_image_refused",
+        )
     root = config.allow_files.resolve()
     try:
         path = (root / path_text).resolve()
@@ -214,7 +233,10 @@ def parse_chat(body: dict[str, Any], config: ServeConfig) -> dict[str, Any]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"messages[{i}] must be an object with a 'role'", f"messages[{i}]")
         if m["role"] not in ROLES:
-            raise bad(f"messages[{i}].role {m['role']!r} is not supported (system, developer, user, assistant)", f"messages[{i}].role")
+            raise bad(
+                f"messages[{i}].role {m['role']!r} is not supported (system, developer, user, assistant)",
+                f"messages[{i}].role",
+            )
         content = m.get("content")
         parts: list[Any]
         if isinstance(content, str):
@@ -239,7 +261,11 @@ def parse_chat(body: dict[str, Any], config: ServeConfig) -> dict[str, Any]:
                 image_at = len(texts)  # the image goes before the texts that follow it
         turns.append({"role": ROLES[m["role"]], "parts": texts, "image_at": image_at})
     if image is None:
-        raise bad("the request has no image: SmolVLM2 answers about one image (an image_url content part)", "messages", "missing_image")
+        raise bad(
+            "the request has no image: SmolVLM2 answers about one image (an image_url content part)",
+            "messages",
+            "missing_image",
+        )
     if not any(t["role"] == "user" for t in turns):
         raise bad("the request has no user message", "messages")
     max_tokens = _want(body, "max_completion_tokens", (int,), "an integer", None)
@@ -263,8 +289,17 @@ def parse_chat(body: dict[str, Any], config: ServeConfig) -> dict[str, Any]:
     stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
         raise bad("'stop' must be a string or an array of at most 4 non-empty strings", "stop")
-    return {"image": image, "turns": turns, "max_tokens": max_tokens, "temperature": temperature,
-            "top_p": float(top_p), "seed": seed, "n": n, "stream": stream, "stop": stop}
+    return {
+        "image": image,
+        "turns": turns,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": float(top_p),
+        "seed": seed,
+        "n": n,
+        "stream": stream,
+        "stop": stop,
+    }
 
 
 def _is_unicode(text: str) -> bool:
@@ -320,20 +355,34 @@ def create_app(config: ServeConfig) -> FastAPI:
         if model in candidates:
             return model, candidates[model]
         if model in config.pools:
-            what = "a CLIP model (use it for /v1/embeddings)" if kind == "vlm" else "a SmolVLM2 model (use it for /v1/chat/completions)"
+            what = (
+                "a CLIP model (use it for /v1/embeddings)"
+                if kind == "vlm"
+                else "a SmolVLM2 model (use it for /v1/chat/completions)"
+            )
             raise bad(f"model {model!r} is {what}", "model", "wrong_model_kind")
-        raise ApiError(404, f"the model {model!r} does not exist on this server (GET /v1/models lists them)",
-                       param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist on this server (GET /v1/models lists them)",
+            param="model",
+            code="model_not_found",
+        )
 
     async def read_json(request: Request) -> dict[str, Any]:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > config.max_body:
-            raise ApiError(413, f"the request body is over {config.max_body:,} bytes (vlm serve --max-body)", code="body_too_large")
+            raise ApiError(
+                413, f"the request body is over {config.max_body:,} bytes (vlm serve --max-body)", code="body_too_large"
+            )
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > config.max_body:
-                raise ApiError(413, f"the request body is over {config.max_body:,} bytes (vlm serve --max-body)", code="body_too_large")
+                raise ApiError(
+                    413,
+                    f"the request body is over {config.max_body:,} bytes (vlm serve --max-body)",
+                    code="body_too_large",
+                )
             chunks.append(chunk)
         try:
             body = json.loads(b"".join(chunks))
@@ -346,6 +395,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     def submit(pool: ModelPool, kind: str, payload: dict[str, Any]) -> tuple[Job, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+
         def emit(event: tuple) -> None:  # from a supervisor thread
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
@@ -379,7 +429,9 @@ def create_app(config: ServeConfig) -> FastAPI:
             given = request.headers.get("authorization", "")
             expected = f"Bearer {config.api_key}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
-                response: Response = ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key").response()
+                response: Response = ApiError(
+                    401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key"
+                ).response()
                 metrics.observe(request.url.path, 401, time.perf_counter() - t0)
                 return response
         try:
@@ -408,8 +460,14 @@ def create_app(config: ServeConfig) -> FastAPI:
         return {
             "status": "ok",
             "models": {
-                m: {"kind": p.spec.kind, "queue": p.queue_depth, "restarts": p.restarts,
-                    "workers": [{"pid": w.pid, "busy": w.current is not None, "restarts": w.restarts} for w in p.workers]}
+                m: {
+                    "kind": p.spec.kind,
+                    "queue": p.queue_depth,
+                    "restarts": p.restarts,
+                    "workers": [
+                        {"pid": w.pid, "busy": w.current is not None, "restarts": w.restarts} for w in p.workers
+                    ],
+                }
                 for m, p in config.pools.items()
             },
         }
@@ -420,8 +478,13 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "vlmcli",
-                                            "kind": p.spec.kind} for m, p in config.pools.items()]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": created, "owned_by": "vlmcli", "kind": p.spec.kind}
+                for m, p in config.pools.items()
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -441,8 +504,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         first = await next_event(job, events)  # errors before the first token keep their status
         if first[0] == "error":
             raise job_error(first[1])
-        return StreamingResponse(stream(cid, model, job, events, first, payload["n"]), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            stream(cid, model, job, events, first, payload["n"]),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
 
     async def fetch_remote(image: RemoteImage) -> bytes:
         from vlmcli.serve.remote import FETCH_TIMEOUT, FetchError, fetch_image
@@ -450,20 +516,33 @@ def create_app(config: ServeConfig) -> FastAPI:
         timeout = min(FETCH_TIMEOUT, config.timeout)
         try:
             # The fetch keeps its own deadline between reads; this one also bounds connecting and the headers.
-            return await asyncio.wait_for(asyncio.to_thread(fetch_image, image.url, config.max_body, timeout), timeout + 1)
+            return await asyncio.wait_for(
+                asyncio.to_thread(fetch_image, image.url, config.max_body, timeout), timeout + 1
+            )
         except FetchError as e:
             raise bad(e.message, image.param, e.code) from None
         except asyncio.TimeoutError:
-            raise bad(f"fetching the image URL took more than {timeout:g} s", image.param, "invalid_image_url") from None
+            raise bad(
+                f"fetching the image URL took more than {timeout:g} s", image.param, "invalid_image_url"
+            ) from None
 
-    async def stream(cid: str, model: str, job: Job, events: asyncio.Queue, first: tuple, n: int) -> AsyncIterator[bytes]:
+    async def stream(
+        cid: str, model: str, job: Job, events: asyncio.Queue, first: tuple, n: int
+    ) -> AsyncIterator[bytes]:
         """Server-sent events as OpenAI sends them; with n > 1 each chunk carries its choice's index
         (choice i is candidate i, sampled with seed + i: streamed choices are not reordered best first)."""
         created_at = int(time.time())
 
-        def chunk(delta: dict[str, Any], index: int = 0, finish_reason: str | None = None, usage: dict[str, Any] | None = None) -> bytes:
-            data: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created_at, "model": model,
-                                    "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}
+        def chunk(
+            delta: dict[str, Any], index: int = 0, finish_reason: str | None = None, usage: dict[str, Any] | None = None
+        ) -> bytes:
+            data: dict[str, Any] = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created_at,
+                "model": model,
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}],
+            }
             if usage is not None:
                 data["usage"] = usage
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
@@ -479,7 +558,12 @@ def create_app(config: ServeConfig) -> FastAPI:
                     ends = sorted(ev[1]["choices"], key=lambda c: c.get("candidate", 0))
                     for k, c in enumerate(ends):
                         last = k == len(ends) - 1
-                        yield chunk({}, c.get("candidate", 0), FINISH.get(c["stop_reason"], "stop"), usage(ev[1]) if last else None)
+                        yield chunk(
+                            {},
+                            c.get("candidate", 0),
+                            FINISH.get(c["stop_reason"], "stop"),
+                            usage(ev[1]) if last else None,
+                        )
                     break
                 elif ev[0] == "error":
                     yield f"data: {json.dumps(job_error(ev[1]).body(), ensure_ascii=False)}\n\n".encode()
@@ -511,8 +595,14 @@ def create_app(config: ServeConfig) -> FastAPI:
                 a.frombytes(raw)
                 value = a.tolist()
             data.append({"object": "embedding", "index": i, "embedding": value})
-        return JSONResponse({"object": "list", "data": data, "model": model,
-                             "usage": {"prompt_tokens": result["tokens"], "total_tokens": result["tokens"]}})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": result["tokens"], "total_tokens": result["tokens"]},
+            }
+        )
 
     return app
 
@@ -524,14 +614,27 @@ FINISH = {"eos": "stop", "length": "length", "stopped": "stop"}
 def usage(result: dict[str, Any]) -> dict[str, int]:
     t = result["tokens"]
     completion_tokens = sum(int(c["generated_tokens"] or 0) for c in result["choices"])
-    return {"prompt_tokens": int(t["prompt"]), "completion_tokens": completion_tokens, "total_tokens": int(t["prompt"]) + completion_tokens}
+    return {
+        "prompt_tokens": int(t["prompt"]),
+        "completion_tokens": completion_tokens,
+        "total_tokens": int(t["prompt"]) + completion_tokens,
+    }
 
 
 def completion(cid: str, model: str, result: dict[str, Any]) -> dict[str, Any]:
     return {
-        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
-                     "finish_reason": FINISH.get(c["stop_reason"], "stop"), "logprobs": None}
-                    for i, c in enumerate(result["choices"])],
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c["text"]},
+                "finish_reason": FINISH.get(c["stop_reason"], "stop"),
+                "logprobs": None,
+            }
+            for i, c in enumerate(result["choices"])
+        ],
         "usage": usage(result),
     }

@@ -10,7 +10,6 @@ extra needs no HTTP client; the route runs it in a thread, off the event loop.
 from __future__ import annotations
 
 import http.client
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -46,8 +45,14 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
 def _opener() -> urllib.request.OpenerDirector:
     """Only the handlers an http(s) GET needs: no file:, ftp: or data: handlers to redirect into."""
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
-                    _Redirects(), urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        _Redirects(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
         opener.add_handler(handler)
     return opener
 
@@ -63,15 +68,20 @@ def fetch_image(url: str, max_bytes: int, timeout: float = FETCH_TIMEOUT) -> byt
         with _opener().open(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
-                raise FetchError(f"the remote image is {int(length):,} bytes, over {max_bytes:,} (vlm serve --max-body)", "image_too_large")
+                raise FetchError(
+                    f"the remote image is {int(length):,} bytes, over {max_bytes:,} (vlm serve --max-body)",
+                    "image_too_large",
+                )
             data = _read_capped(response, max_bytes, deadline, timeout)
     except FetchError:
         raise
     except urllib.error.HTTPError as e:
         if 300 <= e.code < 400:  # urllib gave up following them
-            raise FetchError(f"fetching the image URL failed: more than {MAX_REDIRECTS} redirects (HTTP {e.code})") from None
+            raise FetchError(
+                f"fetching the image URL failed: more than {MAX_REDIRECTS} redirects (HTTP {e.code})"
+            ) from None
         raise FetchError(f"fetching the image URL failed: HTTP {e.code} {e.reason}") from None
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         raise FetchError(f"fetching the image URL took more than {timeout:g} s") from None
     except urllib.error.URLError as e:
         raise FetchError(f"fetching the image URL failed: {e.reason}") from None

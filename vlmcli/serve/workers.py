@@ -20,8 +20,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 # Job outcomes the front end maps to HTTP statuses.
 
@@ -101,7 +102,9 @@ def _decode_image(data: bytes, max_pixels: int) -> Any:
     return image
 
 
-def _run_chat(opened: Any, spec: WorkerSpec, job: dict[str, Any], send: Callable[[tuple], None], cancelled: threading.Event) -> dict[str, Any]:
+def _run_chat(
+    opened: Any, spec: WorkerSpec, job: dict[str, Any], send: Callable[[tuple], None], cancelled: threading.Event
+) -> dict[str, Any]:
     from vlmcli.engines.llama import GenerationOptions
     from vlmcli.errors import InvalidOption
     from vlmcli.tasks.ask import ChatTask, turns_from
@@ -109,7 +112,9 @@ def _run_chat(opened: Any, spec: WorkerSpec, job: dict[str, Any], send: Callable
 
     n = job["n"]
     if n > spec.max_n:
-        raise InvalidOption("n", f"{n} choices, but this server opened the model for at most {spec.max_n} (vlm serve --max-n)")
+        raise InvalidOption(
+            "n", f"{n} choices, but this server opened the model for at most {spec.max_n} (vlm serve --max-n)"
+        )
     image = _decode_image(job["image"], spec.max_pixels)
     temperature = temperature_for(n, job["temperature"])
     gen = GenerationOptions(max_tokens=job["max_tokens"], temperature=temperature, top_p=job["top_p"], seed=job["seed"])
@@ -121,7 +126,9 @@ def _run_chat(opened: Any, spec: WorkerSpec, job: dict[str, Any], send: Callable
         # Pieces go out as they come, held back while they may be the start of a stop sequence;
         # a stop sequence (or the client leaving) ends that answer.
         def on_piece(index: int, piece: str) -> bool | None:
-            h = held.setdefault(index, _Held(stops, (lambda text: send(("token", text, index))) if job["stream"] else None))
+            h = held.setdefault(
+                index, _Held(stops, (lambda text: send(("token", text, index))) if job["stream"] else None)
+            )
             return False if h.feed(piece) or cancelled.is_set() else None
 
         if n == 1:
@@ -142,13 +149,31 @@ def _run_chat(opened: Any, spec: WorkerSpec, job: dict[str, Any], send: Callable
     if "candidates" in answer:  # best-of: the chosen candidate first, then the others in order
         cands = answer["candidates"]
         order = [answer["chosen"]] + [i for i in range(len(cands)) if i != answer["chosen"]]
-        choices = [{"text": cands[i]["text"], "stop_reason": cands[i]["stop_reason"], "generated_tokens": cands[i]["tokens"],
-                    "score": cands[i]["score"], "candidate": i} for i in order]
+        choices = [
+            {
+                "text": cands[i]["text"],
+                "stop_reason": cands[i]["stop_reason"],
+                "generated_tokens": cands[i]["tokens"],
+                "score": cands[i]["score"],
+                "candidate": i,
+            }
+            for i in order
+        ]
     else:
-        choices = [{"text": answer["answer"], "stop_reason": answer["stop_reason"], "generated_tokens": answer["generated_tokens"],
-                    "candidate": 0}]
-    return {"choices": choices, "tokens": result["tokens"], "timings": result["timings"],
-            "encoder_passes": answers[0].generation.image.encoder_passes}
+        choices = [
+            {
+                "text": answer["answer"],
+                "stop_reason": answer["stop_reason"],
+                "generated_tokens": answer["generated_tokens"],
+                "candidate": 0,
+            }
+        ]
+    return {
+        "choices": choices,
+        "tokens": result["tokens"],
+        "timings": result["timings"],
+        "encoder_passes": answers[0].generation.image.encoder_passes,
+    }
 
 
 class _Held:
@@ -226,8 +251,12 @@ def _run_embed(opened: Any, spec: WorkerSpec, job: dict[str, Any]) -> dict[str, 
         out.append(r["embedding"].astype("<f4").tobytes())
     for _, t in text_items:
         tokens += len(t.split())  # whitespace words: a rough count for `usage` (CLIP truncates at 77 tokens)
-    return {"embeddings": out, "dim": int(rows[0]["dim"]) if rows else 0, "tokens": tokens,
-            "encoder_passes": len(image_items)}  # one vision-tower pass per image
+    return {
+        "embeddings": out,
+        "dim": int(rows[0]["dim"]) if rows else 0,
+        "tokens": tokens,
+        "encoder_passes": len(image_items),
+    }  # one vision-tower pass per image
 
 
 def _child_main(spec: WorkerSpec, conn: Any) -> None:
@@ -245,8 +274,17 @@ def _child_main(spec: WorkerSpec, conn: Any) -> None:
         from vlmcli.tasks.models import ModelSpec, open_model
 
         opened = open_model(
-            ModelSpec(spec.model, spec.mmproj, spec.offline or None, spec.n_threads, spec.n_gpu_layers, spec.n_ctx,
-                      spec.detail, spec.max_tiles, n_sequences=spec.max_n if spec.kind == "vlm" else 1),
+            ModelSpec(
+                spec.model,
+                spec.mmproj,
+                spec.offline or None,
+                spec.n_threads,
+                spec.n_gpu_layers,
+                spec.n_ctx,
+                spec.detail,
+                spec.max_tiles,
+                n_sequences=spec.max_n if spec.kind == "vlm" else 1,
+            ),
             spec.kind,  # type: ignore[arg-type]
         )
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which refuses to start
@@ -337,7 +375,9 @@ class Worker:
         """Start the process and wait for its model to load; raise RuntimeError with the child's reason."""
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
-        process = ctx.Process(target=_child_main, args=(self.pool.spec, child), name=f"vlm-serve-worker-{self.index}", daemon=True)
+        process = ctx.Process(
+            target=_child_main, args=(self.pool.spec, child), name=f"vlm-serve-worker-{self.index}", daemon=True
+        )
         process.start()
         child.close()
         if not parent.poll(timeout):
@@ -347,7 +387,9 @@ class Worker:
             message = parent.recv()
         except (EOFError, OSError):
             process.join(5)
-            raise RuntimeError(f"worker for {self.pool.spec.name} exited while loading its model (exit code {process.exitcode})") from None
+            raise RuntimeError(
+                f"worker for {self.pool.spec.name} exited while loading its model (exit code {process.exitcode})"
+            ) from None
         if message[0] != "ready":
             process.join(5)
             raise RuntimeError(message[1])

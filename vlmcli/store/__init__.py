@@ -11,10 +11,18 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "PullResult": "pull", "pull_model": "pull",
-    "DEFAULT_MODELS": "registry", "ModelEntry": "registry", "Registry": "registry", "load_registry": "registry",
-    "ResolvedModel": "resolve", "resolve_model": "resolve",
-    "InstalledModel": "store", "Store": "store", "StoreError": "store", "store_root": "store",
+    "PullResult": "pull",
+    "pull_model": "pull",
+    "DEFAULT_MODELS": "registry",
+    "ModelEntry": "registry",
+    "Registry": "registry",
+    "load_registry": "registry",
+    "ResolvedModel": "resolve",
+    "resolve_model": "resolve",
+    "InstalledModel": "store",
+    "Store": "store",
+    "StoreError": "store",
+    "store_root": "store",
 }
 
 __all__ = sorted(_WHERE)

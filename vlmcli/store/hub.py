@@ -15,9 +15,10 @@ import hashlib
 import inspect
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from vlmcli.errors import VlmError
 from vlmcli.files import sha256_file
@@ -147,7 +148,9 @@ def explain(e: BaseException, repo: str, revision: str, filename: str | None = N
         if status == 404:
             return HubError(f"not found on {host} (HTTP 404)", where)
         if status == 429:
-            return HubError(f"rate limited by {host} (HTTP 429); wait a little and retry (HF_TOKEN raises the limit)", where)
+            return HubError(
+                f"rate limited by {host} (HTTP 429); wait a little and retry (HF_TOKEN raises the limit)", where
+            )
         if status >= 500:
             return HubError(f"the Hub at {host} failed with HTTP {status} (server error); retry later", where)
         return HubError(f"the Hub at {host} answered HTTP {status}", where)
@@ -219,7 +222,9 @@ def git_blob_oid(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_file(snapshot: RepoSnapshot, name: str, dest_dir: Path, *, progress: bool | None = None) -> tuple[Path, str]:
+def download_file(
+    snapshot: RepoSnapshot, name: str, dest_dir: Path, *, progress: bool | None = None
+) -> tuple[Path, str]:
     """Download one file of the snapshot into dest_dir, verify it, return (path, sha256)."""
     from huggingface_hub import hf_hub_download
 

@@ -14,9 +14,10 @@ import fnmatch
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from vlmcli import __version__
 from vlmcli.errors import ModelError, VlmError
@@ -150,7 +151,7 @@ def _pull_locked(
             if entry.gguf.quants[quant].mmproj:
                 roles["mmproj"] = entry.gguf.quants[quant].mmproj  # type: ignore[assignment]
             sha256s = {}
-            for role, fname in roles.items():
+            for _role, fname in roles.items():
                 _link_or_move(fetched[fname][0], staging / fname)
                 sha256s[fname] = fetched[fname][1]
             _check_kinds(entry, staging, roles)

@@ -297,7 +297,9 @@ def _entry_from_table(name: str, t: dict[str, Any], path: Path) -> ModelEntry:
             mmproj = _want(files, "mmproj", str, qw, path, default=None)
             if kind == "vlm" and not mmproj:
                 raise ModelError(f"{qw}: a vlm needs mmproj = the vision projector file", path)
-            quants[normalize_quant(q)] = GgufFiles(_want(files, "model", str, qw, path), mmproj if kind == "vlm" else None)
+            quants[normalize_quant(q)] = GgufFiles(
+                _want(files, "model", str, qw, path), mmproj if kind == "vlm" else None
+            )
         if not quants:
             raise ModelError(f"{gw}: no [...quants.QUANT] tables", path)
         gguf = GgufSource(_want(g, "repo", str, gw, path), _want(g, "revision", str, gw, path, default="main"), quants)

@@ -7,9 +7,10 @@ ggml without risking an abort on a wrong or corrupt file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from vlmcli.engines.gguf_check import GgufInfo, inspect_gguf, require_kind
 from vlmcli.errors import ModelError
@@ -162,11 +163,15 @@ def _from_installed(m: InstalledModel, kind: str, mmproj: str | None) -> Resolve
         else:
             proj = m.mmproj_path
             if proj is None:
-                raise ModelError(f"installed model has no vision projector (mmproj); run: vlm pull {m.name} --force", m.path)
+                raise ModelError(
+                    f"installed model has no vision projector (mmproj); run: vlm pull {m.name} --force", m.path
+                )
             _check_installed_file(m, proj, "mmproj")
     entry = load_registry().get(m.name)
     detail = entry.detail if entry is not None else None
-    return ResolvedModel(kind=kind, name=m.name, model=m.model_path, mmproj=proj, quant=m.quant, source="store", detail=detail)
+    return ResolvedModel(
+        kind=kind, name=m.name, model=m.model_path, mmproj=proj, quant=m.quant, source="store", detail=detail
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,9 +198,7 @@ def _mmproj_beside(model: Path) -> Path:
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise ModelError(
-            "no vision projector: pass --mmproj FILE (no mmproj*.gguf file next to the model)", model
-        )
+        raise ModelError("no vision projector: pass --mmproj FILE (no mmproj*.gguf file next to the model)", model)
     # Several projectors (e.g. Q8_0 and f16): take the one named after the model, as ggml-org names them.
     paired = [p for p in candidates if p.name.lower() == f"mmproj-{model.name.lower()}"]
     if len(paired) == 1:

@@ -23,10 +23,11 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from vlmcli.errors import VlmError
 
@@ -156,7 +157,11 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    manifest = {"format": MANIFEST_FORMAT, **manifest, "installed": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        **manifest,
+        "installed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     tmp = folder / (MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)

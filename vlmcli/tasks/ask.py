@@ -8,8 +8,9 @@ ChatTask answers a whole conversation instead (`vlm serve`): its turns go throug
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from vlmcli.defaults import DEFAULT_MAX_PIXELS
 from vlmcli.errors import VlmError
@@ -19,7 +20,14 @@ from vlmcli.tasks.resume import Record
 if TYPE_CHECKING:
     from PIL import Image
 
-    from vlmcli.engines.llama import CandidateCallback, EncodeProgress, Generation, GenerationOptions, TokenCallback, VlmEngine
+    from vlmcli.engines.llama import (
+        CandidateCallback,
+        EncodeProgress,
+        Generation,
+        GenerationOptions,
+        TokenCallback,
+        VlmEngine,
+    )
     from vlmcli.engines.prompt import Turn
 
 DEFAULT_ASK_MAX_TOKENS = 256
@@ -53,8 +61,16 @@ class AskTask:
     workers = 1
     prefetch = 2
 
-    def __init__(self, engine: VlmEngine, prompts: list[str], generation: GenerationOptions, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 n_best: int = 1, select: str = "logprob", judge: best_of.ClipJudge | None = None):
+    def __init__(
+        self,
+        engine: VlmEngine,
+        prompts: list[str],
+        generation: GenerationOptions,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        n_best: int = 1,
+        select: str = "logprob",
+        judge: best_of.ClipJudge | None = None,
+    ):
         if not prompts:
             raise VlmError("no question given")
         best_of.check(n_best, select)
@@ -133,8 +149,11 @@ class AskTask:
             return self.on_candidate_token(index, piece)
 
         one = self.generation.n == 1
-        gens = self._generations(image, stream if self.on_token and one else None,
-                                 stream_candidate if self.on_candidate_token and not one else None)
+        gens = self._generations(
+            image,
+            stream if self.on_token and one else None,
+            stream_candidate if self.on_candidate_token and not one else None,
+        )
         answers = []
         for i in range(len(self.prompts)):
             if self.on_answer_start is not None:
@@ -144,7 +163,9 @@ class AskTask:
             answers.append(self._choose(image, next(gens)))
         return answers
 
-    def _generations(self, image: Image.Image, on_token: TokenCallback | None, on_candidate: CandidateCallback | None) -> Iterator[Generation]:
+    def _generations(
+        self, image: Image.Image, on_token: TokenCallback | None, on_candidate: CandidateCallback | None
+    ) -> Iterator[Generation]:
         return self.engine.ask(image, self.prompts, self.generation, on_token, self.on_progress, on_candidate)
 
     def _choose(self, image: Image.Image, gen: Generation) -> Answer:
@@ -152,11 +173,18 @@ class AskTask:
             return Answer(gen)
         if self.judge is not None:
             return Answer(gen, self.judge.choose(image, gen.candidates))
-        return Answer(gen, best_of.by_vote(gen.candidates) if self.select == "vote" else best_of.by_logprob(gen.candidates))
+        return Answer(
+            gen, best_of.by_vote(gen.candidates) if self.select == "vote" else best_of.by_logprob(gen.candidates)
+        )
 
     def _answer_fields(self, a: Answer) -> Record:
         extra = best_of.candidates_record(self.select, a.choice, a.generation.candidates) if a.choice else {}
-        return {"answer": a.text, "stop_reason": a.stop_reason, "generated_tokens": a.generation.generated_tokens, **extra}
+        return {
+            "answer": a.text,
+            "stop_reason": a.stop_reason,
+            "generated_tokens": a.generation.generated_tokens,
+            **extra,
+        }
 
     def _results(self, answers: list[Answer]) -> Record:
         return {"answers": [{"prompt": p, **self._answer_fields(a)} for p, a in zip(self.prompts, answers)]}
@@ -177,7 +205,11 @@ class AskTask:
             "detail": enc.detail,
             "tiles": enc.tiles,
             "cache": enc.cached,  # "kv" / "embd": the image's encoding came from the encoding cache
-            "tokens": {"prompt": first.prompt_tokens, "image": enc.image_tokens, "generated": sum(g.generated_tokens for g in gens)},
+            "tokens": {
+                "prompt": first.prompt_tokens,
+                "image": enc.image_tokens,
+                "generated": sum(g.generated_tokens for g in gens),
+            },
             "timings": timings,
         }
 
@@ -189,9 +221,16 @@ class ChatTask(AskTask):
 
     name = "chat"
 
-    def __init__(self, engine: VlmEngine, turns: Sequence[Turn], generation: GenerationOptions,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, n_best: int = 1, select: str = "logprob",
-                 judge: best_of.ClipJudge | None = None):
+    def __init__(
+        self,
+        engine: VlmEngine,
+        turns: Sequence[Turn],
+        generation: GenerationOptions,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        n_best: int = 1,
+        select: str = "logprob",
+        judge: best_of.ClipJudge | None = None,
+    ):
         self.turns = list(turns)
         users = [t for t in self.turns if t.role == "user"]
         question = "".join(users[-1].parts) if users else ""
@@ -200,7 +239,9 @@ class ChatTask(AskTask):
     def _inputs(self) -> dict[str, Any]:
         return {"turns": [{"role": t.role, "parts": list(t.parts), "image_at": t.image_at} for t in self.turns]}
 
-    def _generations(self, image: Image.Image, on_token: TokenCallback | None, on_candidate: CandidateCallback | None) -> Iterator[Generation]:
+    def _generations(
+        self, image: Image.Image, on_token: TokenCallback | None, on_candidate: CandidateCallback | None
+    ) -> Iterator[Generation]:
         return self.engine.chat_turns(image, self.turns, self.generation, on_token, self.on_progress, on_candidate)
 
 

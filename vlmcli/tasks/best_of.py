@@ -10,8 +10,9 @@ them together from one evaluated prompt) and a judge picks one.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from vlmcli.errors import InvalidOption
 
@@ -90,8 +91,13 @@ def candidates_record(select: str, choice: Choice, candidates: Sequence[Candidat
         "select": select,
         "chosen": choice.index,
         "candidates": [
-            {"text": c.text.strip(), "score": round(score, 6), "mean_logprob": round(c.mean_logprob, 6),
-             "tokens": len(c.tokens), "stop_reason": c.stop_reason}
+            {
+                "text": c.text.strip(),
+                "score": round(score, 6),
+                "mean_logprob": round(c.mean_logprob, 6),
+                "tokens": len(c.tokens),
+                "stop_reason": c.stop_reason,
+            }
             for c, score in zip(candidates, choice.scores)
         ],
     }

@@ -19,9 +19,16 @@ DEFAULT_CAPTION_MAX_TOKENS = 96
 class CaptionTask(AskTask):
     name = "caption"
 
-    def __init__(self, engine: VlmEngine, generation: GenerationOptions, prompt: str = DEFAULT_CAPTION_PROMPT,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, n_best: int = 1, select: str = "logprob",
-                 judge: ClipJudge | None = None):
+    def __init__(
+        self,
+        engine: VlmEngine,
+        generation: GenerationOptions,
+        prompt: str = DEFAULT_CAPTION_PROMPT,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        n_best: int = 1,
+        select: str = "logprob",
+        judge: ClipJudge | None = None,
+    ):
         super().__init__(engine, [prompt], generation, max_pixels, n_best, select, judge)
 
     def _inputs(self) -> dict[str, Any]:

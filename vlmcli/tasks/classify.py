@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class LabelEmbeddings:
 
 
 def parse_labels(text: str) -> list[str]:
-    """"cat, dog,car" -> ["cat", "dog", "car"] (blank entries dropped)."""
+    """ "cat, dog,car" -> ["cat", "dog", "car"] (blank entries dropped)."""
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
@@ -67,7 +68,10 @@ def fill_template(template: str, label: str) -> str:
 
 
 def encode_labels(
-    model: ClipModel, labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int = DEFAULT_TEXT_BATCH
+    model: ClipModel,
+    labels: Sequence[str],
+    templates: Sequence[str] | None = None,
+    batch_size: int = DEFAULT_TEXT_BATCH,
 ) -> LabelEmbeddings:
     """Text embeddings of the labels (computed once per run), ensembled over the templates."""
     labels = list(labels)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vlmcli.defaults import DEFAULT_IMAGE_BATCH, DEFAULT_MAX_PIXELS, DEFAULT_TEXT_BATCH
 from vlmcli.engines.clip_preprocess import draft_size, preprocess
 from vlmcli.engines.clip_tokenizer import ClipTokenizer
-from vlmcli.defaults import DEFAULT_IMAGE_BATCH, DEFAULT_MAX_PIXELS, DEFAULT_TEXT_BATCH
 from vlmcli.errors import ImageError, VlmError
 from vlmcli.images import load_image
 from vlmcli.tasks.resume import FileKey, Record, text_key
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
     from vlmcli.engines.clip import ClipConfig, ClipModel
 
+
 def l2_normalize(rows: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (float32); an all-zero row stays zero instead of becoming NaN."""
     rows = np.asarray(rows, dtype=np.float32)
@@ -34,7 +36,7 @@ def l2_normalize(rows: np.ndarray) -> np.ndarray:
     return (rows / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
-_tokenizers: "weakref.WeakKeyDictionary[object, ClipTokenizer]" = weakref.WeakKeyDictionary()
+_tokenizers: weakref.WeakKeyDictionary[object, ClipTokenizer] = weakref.WeakKeyDictionary()
 
 
 def tokenizer_for(model: ClipModel) -> ClipTokenizer:
@@ -55,7 +57,9 @@ def preprocess_image(image: Image.Image, config: ClipConfig, path: str | os.Path
         raise ImageError(f"cannot preprocess image ({e})", path) from None
 
 
-def prepare_image(path: str | os.PathLike[str], config: ClipConfig, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def prepare_image(
+    path: str | os.PathLike[str], config: ClipConfig, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode one file (JPEGs in draft mode) and preprocess it. Raises ImageError naming the file;
     safe in a worker thread (no model access)."""
     image = load_image(path, max_pixels=max_pixels or None, draft=draft_size(config.image_size))
@@ -67,7 +71,9 @@ def embed_pixels(model: ClipModel, pixels: np.ndarray) -> np.ndarray:
     return l2_normalize(model.encode_images(pixels))
 
 
-def embed_texts(model: ClipModel, texts: Sequence[str], batch_size: int = DEFAULT_TEXT_BATCH) -> tuple[np.ndarray, list[bool]]:
+def embed_texts(
+    model: ClipModel, texts: Sequence[str], batch_size: int = DEFAULT_TEXT_BATCH
+) -> tuple[np.ndarray, list[bool]]:
     """Texts -> (L2-normalised (N, D) embeddings, which texts were cut to the 77-token context)."""
     tok = tokenizer_for(model)
     ids, truncated = tok.tokenize(list(texts), model.config.context_length)
@@ -82,12 +88,21 @@ class ClipImagesTask:
 
     name = "embed"
 
-    def __init__(self, model: ClipModel, batch_size: int = DEFAULT_IMAGE_BATCH, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 model_name: str | None = None):
+    def __init__(
+        self,
+        model: ClipModel,
+        batch_size: int = DEFAULT_IMAGE_BATCH,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        model_name: str | None = None,
+    ):
         self.model = model
         self.batch_size = batch_size
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-        self.identity: dict[str, Any] = {"task": self.name, "model": model_name or model.path.stem, "quant": model.config.file_type}
+        self.identity: dict[str, Any] = {
+            "task": self.name,
+            "model": model_name or model.path.stem,
+            "quant": model.config.file_type,
+        }
 
     def base(self, path: str) -> Record:
         return {"path": path, "input": path, "kind": "image", **self.identity}

@@ -15,9 +15,10 @@ import json
 import os
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from vlmcli.errors import VlmError
 from vlmcli.files import read_lines
@@ -27,8 +28,12 @@ T = TypeVar("T")
 # Six public-domain / CC0 photos with hand-written questions and captions, and one folder per class:
 # what `vlm eval ... --sample` runs on out of the box. A smoke test of the pipeline, not a benchmark.
 SAMPLE_SET = Path(__file__).resolve().parent.parent / "data" / "sample"
-SAMPLE_FILES = {"vqa": SAMPLE_SET / "vqa.jsonl", "caption": SAMPLE_SET / "captions.jsonl",
-                "retrieval": SAMPLE_SET / "captions.jsonl", "zeroshot": SAMPLE_SET}
+SAMPLE_FILES = {
+    "vqa": SAMPLE_SET / "vqa.jsonl",
+    "caption": SAMPLE_SET / "captions.jsonl",
+    "retrieval": SAMPLE_SET / "captions.jsonl",
+    "zeroshot": SAMPLE_SET,
+}
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -153,14 +158,17 @@ def coco_image_index(folder: Path) -> dict[int, str]:
     return index
 
 
-def load_vqa(data: Path, annotations: Path | None = None, images: Path | None = None,
-             warn: Callable[[str], None] | None = None) -> list[VqaItem]:
+def load_vqa(
+    data: Path, annotations: Path | None = None, images: Path | None = None, warn: Callable[[str], None] | None = None
+) -> list[VqaItem]:
     """VQAv2's questions JSON + annotations JSON + image folder, or a JSONL of
     {image, question, answers: [...], question_id?, answer_type?, question_type?}."""
     warn = warn or (lambda _m: None)
     if data.suffix.lower() == ".jsonl":
         if annotations is not None:
-            raise VlmError("a JSONL dataset carries its answers; --annotations is for the VQAv2 questions JSON", annotations)
+            raise VlmError(
+                "a JSONL dataset carries its answers; --annotations is for the VQAv2 questions JSON", annotations
+            )
         base = images if images is not None else data.parent
         items = []
         seen: set[str] = set()
@@ -170,14 +178,16 @@ def load_vqa(data: Path, annotations: Path | None = None, images: Path | None = 
             if qid in seen:
                 raise VlmError(f"{where}: question_id {qid} appears twice", data)
             seen.add(qid)
-            items.append(VqaItem(
-                question_id=qid,
-                image=_image_path(_need(obj, "image", str, where, data), base),
-                question=_need(obj, "question", str, where, data),
-                answers=_strings(obj, "answers", where, data),
-                answer_type=_optional_str(obj, "answer_type"),
-                question_type=_optional_str(obj, "question_type"),
-            ))
+            items.append(
+                VqaItem(
+                    question_id=qid,
+                    image=_image_path(_need(obj, "image", str, where, data), base),
+                    question=_need(obj, "question", str, where, data),
+                    answers=_strings(obj, "answers", where, data),
+                    answer_type=_optional_str(obj, "answer_type"),
+                    question_type=_optional_str(obj, "question_type"),
+                )
+            )
         return items
     if annotations is None:
         raise VlmError("a VQAv2 questions file needs its annotations: --annotations FILE", data)
@@ -211,13 +221,23 @@ def load_vqa(data: Path, annotations: Path | None = None, images: Path | None = 
             unanswered += 1
             continue
         if a.get("image_id", image_id) != image_id:
-            raise VlmError(f"annotation of question {qid}: image_id {a.get('image_id')} differs from the question's {image_id}", annotations)
-        path = index.get(image_id) or str(images / (f"COCO_{subtype}_{image_id:012d}.jpg" if subtype else f"{image_id:012d}.jpg"))
-        items.append(VqaItem(
-            question_id=str(qid), image=path, question=text,
-            answers=[ans["answer"] for ans in a["answers"]],
-            answer_type=_optional_str(a, "answer_type"), question_type=_optional_str(a, "question_type"),
-        ))
+            raise VlmError(
+                f"annotation of question {qid}: image_id {a.get('image_id')} differs from the question's {image_id}",
+                annotations,
+            )
+        path = index.get(image_id) or str(
+            images / (f"COCO_{subtype}_{image_id:012d}.jpg" if subtype else f"{image_id:012d}.jpg")
+        )
+        items.append(
+            VqaItem(
+                question_id=str(qid),
+                image=path,
+                question=text,
+                answers=[ans["answer"] for ans in a["answers"]],
+                answer_type=_optional_str(a, "answer_type"),
+                question_type=_optional_str(a, "question_type"),
+            )
+        )
     if unanswered:
         warn(f"{data}: {unanswered} question(s) have no annotation in {annotations} and are left out")
     if not items:
@@ -237,7 +257,11 @@ def load_captions(data: Path, images: Path | None = None, split: str = "test") -
         for n, obj in read_jsonl_records(data):
             where = f"line {n}"
             image = _need(obj, "image", str, where, data)
-            out.append(CaptionItem(_image_path(image, base), str(obj.get("image_id", image)), _strings(obj, "captions", where, data)))
+            out.append(
+                CaptionItem(
+                    _image_path(image, base), str(obj.get("image_id", image)), _strings(obj, "captions", where, data)
+                )
+            )
         return out
     doc = read_json(data)
     base = images if images is not None else data.parent
@@ -246,7 +270,9 @@ def load_captions(data: Path, images: Path | None = None, split: str = "test") -
         return _coco_captions(doc, imgs, base, data)
     if imgs and isinstance(imgs[0], dict) and "sentences" in imgs[0]:
         return _karpathy(imgs, base, split, data)
-    raise VlmError("neither a COCO captions file (images + annotations) nor a Karpathy split (images with sentences)", data)
+    raise VlmError(
+        "neither a COCO captions file (images + annotations) nor a Karpathy split (images with sentences)", data
+    )
 
 
 def _coco_captions(doc: dict[str, Any], imgs: list[Any], base: Path, data: Path) -> list[CaptionItem]:
@@ -300,7 +326,9 @@ def read_class_names(path: Path) -> list[str] | dict[str, str]:
     return [ln.strip() for ln in lines]
 
 
-def load_image_folder(root: Path, names: Sequence[str] | dict[str, str] | None = None, include_hidden: bool = False) -> ImageFolder:
+def load_image_folder(
+    root: Path, names: Sequence[str] | dict[str, str] | None = None, include_hidden: bool = False
+) -> ImageFolder:
     """root/CLASS/... images (recursive inside each class folder, sorted); classes in sorted folder order."""
     if not root.is_dir():
         raise VlmError("no such folder", root)
@@ -325,8 +353,11 @@ def load_image_folder(root: Path, names: Sequence[str] | dict[str, str] | None =
         found = []
         for dirpath, dirnames, filenames in os.walk(root / c, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if include_hidden or not d.startswith("."))
-            found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                      if f.lower().endswith(IMAGE_SUFFIXES) and (include_hidden or not f.startswith("."))]
+            found += [
+                os.path.join(dirpath, f)
+                for f in sorted(filenames)
+                if f.lower().endswith(IMAGE_SUFFIXES) and (include_hidden or not f.startswith("."))
+            ]
         if not found:
             warnings.append(f"class folder {c!r} has no images")
         paths += found

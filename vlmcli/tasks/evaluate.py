@@ -30,9 +30,10 @@ import resource
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from vlmcli.errors import VlmError
 from vlmcli.tasks.ask import AskTask
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from vlmcli.engines.clip import ClipModel
-    from vlmcli.engines.llama import Generation, GenerationOptions
+    from vlmcli.engines.llama import GenerationOptions
     from vlmcli.tasks.classify import LabelEmbeddings
     from vlmcli.tasks.embed import EmbedImagesTask
     from vlmcli.tasks.models import ModelSpec, OpenedModel
@@ -96,11 +97,20 @@ def machine_info() -> dict[str, Any]:
         import subprocess
 
         try:
-            cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5).stdout.strip() or cpu
+            cpu = (
+                subprocess.run(
+                    ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+                ).stdout.strip()
+                or cpu
+            )
         except (OSError, subprocess.SubprocessError):
             pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -109,11 +119,20 @@ def peak_rss_mb() -> float:
     return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
 
 
-def _speed(summary: BatchSummary, wall_s: float, load_s: float, items_run: int, records: list[Record], task: Any) -> dict[str, Any]:
+def _speed(
+    summary: BatchSummary, wall_s: float, load_s: float, items_run: int, records: list[Record], task: Any
+) -> dict[str, Any]:
     """Wall time and rates of the run as this process saw it (over the whole cluster with --ray);
     per-item model times from the records, wherever they ran."""
-    model_ms = [sum(v for k, v in (r.get("timings") or {}).items() if k.endswith("_ms") and k not in ("load_ms",)
-                    and not k.endswith("per_s")) for r in records if not r.get("error")]
+    model_ms = [
+        sum(
+            v
+            for k, v in (r.get("timings") or {}).items()
+            if k.endswith("_ms") and k not in ("load_ms",) and not k.endswith("per_s")
+        )
+        for r in records
+        if not r.get("error")
+    ]
     out: dict[str, Any] = {
         "images_run": summary.done,
         "items_run": items_run,
@@ -164,7 +183,9 @@ class CountingSink(Sink):
         self.sink.close()
 
 
-def _records_for(identity: dict[str, Any], inputs: Sequence[str], out: Path | None, memory: MemorySink | None) -> dict[str, Record]:
+def _records_for(
+    identity: dict[str, Any], inputs: Sequence[str], out: Path | None, memory: MemorySink | None
+) -> dict[str, Record]:
     """abspath -> this task's record for each input (the file's, which includes earlier runs')."""
     wanted = {os.path.abspath(p) for p in inputs}
     source = read_jsonl(out) if out is not None and out.exists() else (memory.records if memory else [])
@@ -198,8 +219,13 @@ def _model_info(opened: OpenedModel) -> dict[str, Any]:
 def _run_info(task: Any, quant: Any, spec: ModelSpec) -> dict[str, Any]:
     info = dict(getattr(task, "run_info", None) or {})
     info.pop("text_s", None)
-    out: dict[str, Any] = {"model": info.pop("model", None), "file": info.pop("file", None), "quant": quant,
-                           "n_gpu_layers": spec.n_gpu_layers, **info}
+    out: dict[str, Any] = {
+        "model": info.pop("model", None),
+        "file": info.pop("file", None),
+        "quant": quant,
+        "n_gpu_layers": spec.n_gpu_layers,
+        **info,
+    }
     return out
 
 
@@ -213,8 +239,9 @@ def _opened(task: Any, opened: OpenedModel, **info: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _model_task(name: str, build: Callable[..., Any], spec: ModelSpec, args: tuple[Any, ...],
-                settings: EvalSettings) -> Iterator[tuple[Any, float]]:
+def _model_task(
+    name: str, build: Callable[..., Any], spec: ModelSpec, args: tuple[Any, ...], settings: EvalSettings
+) -> Iterator[tuple[Any, float]]:
     """(the task, seconds to load it): `build(spec, *args)` here, or with `settings.ray` a pool of
     Ray actors that each call it (a RemoteTask; the load time is the pool's start)."""
     t0 = time.perf_counter()
@@ -278,13 +305,17 @@ def _report(name: str, dataset: str, runs: list[dict[str, Any]], **extra: Any) -
 # ----------------------------------------------------------------------------- best-of N
 
 
-def _vlm_runs(name: str, build: Callable[..., Any], args: tuple[Any, ...], specs: Sequence[ModelSpec],
-              settings: EvalSettings) -> Iterator[tuple[ModelSpec, int, Any, float]]:
+def _vlm_runs(
+    name: str, build: Callable[..., Any], args: tuple[Any, ...], specs: Sequence[ModelSpec], settings: EvalSettings
+) -> Iterator[tuple[ModelSpec, int, Any, float]]:
     """(spec, N, task, load seconds) per row: each model opened once (here or on the Ray actors) for
     the largest N, its first row's task built by `build(spec, *args, N)`, the others derived."""
     for spec in specs:
         first = settings.best_of[0]
-        with _model_task(name, build, replace(spec, n_sequences=max(settings.best_of)), (*args, first), settings) as (base, load_s):
+        with _model_task(name, build, replace(spec, n_sequences=max(settings.best_of)), (*args, first), settings) as (
+            base,
+            load_s,
+        ):
             for i, n_best in enumerate(settings.best_of):
                 yield spec, n_best, base if i == 0 else _derive(base, BestOf(n_best)), load_s if i == 0 else 0.0
 
@@ -309,9 +340,20 @@ def _scaling(runs: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     for (model, quant, detail, max_tiles), points in groups.items():
         fit = fit_scaling_law(points)
         if fit is not None:
-            out.append({"model": model, "quant": quant, "detail": detail, "max_tiles": max_tiles, "metric": metric,
-                        "points": points, "q_inf": round(fit.q_inf, 4), "a": round(fit.a, 4),
-                        "gamma": round(fit.gamma, 4), "rmse": round(fit.rmse, 5)})
+            out.append(
+                {
+                    "model": model,
+                    "quant": quant,
+                    "detail": detail,
+                    "max_tiles": max_tiles,
+                    "metric": metric,
+                    "points": points,
+                    "q_inf": round(fit.q_inf, 4),
+                    "a": round(fit.a, 4),
+                    "gamma": round(fit.gamma, 4),
+                    "rmse": round(fit.rmse, 5),
+                }
+            )
     return out
 
 
@@ -327,8 +369,16 @@ class VqaTask(AskTask):
 
     name = "eval-vqa"
 
-    def __init__(self, engine: Any, questions: dict[str, list[VqaItem]], suffix: str, generation: GenerationOptions,
-                 max_pixels: int | None, n_best: int = 1, select: str = "logprob"):
+    def __init__(
+        self,
+        engine: Any,
+        questions: dict[str, list[VqaItem]],
+        suffix: str,
+        generation: GenerationOptions,
+        max_pixels: int | None,
+        n_best: int = 1,
+        select: str = "logprob",
+    ):
         self.suffix = suffix
         # Absolute input path -> its questions (absolute: Ray actors get absolute paths, and have
         # their own working directory).
@@ -371,8 +421,16 @@ class VqaTask(AskTask):
 
 
 # The model opened and the task built: here, or on each Ray actor (module-level: actors import them by name).
-def vqa_task(spec: ModelSpec, questions: dict[str, list[VqaItem]], suffix: str, generation: GenerationOptions,
-             max_pixels: int | None, select: str, notify: Callable[[str], None] | None, n_best: int = 1) -> VqaTask:
+def vqa_task(
+    spec: ModelSpec,
+    questions: dict[str, list[VqaItem]],
+    suffix: str,
+    generation: GenerationOptions,
+    max_pixels: int | None,
+    select: str,
+    notify: Callable[[str], None] | None,
+    n_best: int = 1,
+) -> VqaTask:
     from vlmcli.tasks.models import open_model
 
     opened = open_model(spec, "vlm", notify=notify)
@@ -406,13 +464,17 @@ def _stale_vqa_inputs(identity: dict[str, Any], by_path: dict[str, list[VqaItem]
 def _vqa_metrics(items: Sequence[VqaItem], answers: dict[str, str]) -> dict[str, Any]:
     from vlmcli.metrics.vqa import score_vqa
 
-    scored = [(answers[q.question_id], q.answers, q.answer_type, q.question_type) for q in items if q.question_id in answers]
+    scored = [
+        (answers[q.question_id], q.answers, q.answer_type, q.question_type) for q in items if q.question_id in answers
+    ]
     if not scored:
         return {"accuracy": None, "questions": 0}
     return score_vqa(scored).to_dict()
 
 
-def evaluate_vqa(items: Sequence[VqaItem], specs: Sequence[ModelSpec], settings: EvalSettings, dataset: str = "") -> dict[str, Any]:
+def evaluate_vqa(
+    items: Sequence[VqaItem], specs: Sequence[ModelSpec], settings: EvalSettings, dataset: str = ""
+) -> dict[str, Any]:
     from vlmcli.engines.llama import GenerationOptions
 
     by_path: OrderedDict[str, list[VqaItem]] = OrderedDict()
@@ -423,7 +485,14 @@ def evaluate_vqa(items: Sequence[VqaItem], specs: Sequence[ModelSpec], settings:
     gen = settings.generation or GenerationOptions(max_tokens=DEFAULT_VQA_MAX_TOKENS)
     runs = []
     # Absolute paths: the actors' working directory is not ours.
-    build = ({os.path.abspath(p): qs for p, qs in by_path.items()}, suffix, gen, settings.max_pixels, settings.select, settings.notify)
+    build = (
+        {os.path.abspath(p): qs for p, qs in by_path.items()},
+        suffix,
+        gen,
+        settings.max_pixels,
+        settings.select,
+        settings.notify,
+    )
     for spec, n_best, task, load_s in _vlm_runs("eval-vqa", vqa_task, build, specs, settings):
         shape = _describe(task)
         t0 = time.perf_counter()
@@ -455,20 +524,38 @@ def evaluate_vqa(items: Sequence[VqaItem], specs: Sequence[ModelSpec], settings:
         failed_images = sum(1 for p in inputs if (records.get(os.path.abspath(p)) or {"error": "missing"}).get("error"))
         speed = _speed(summary, wall, load_s, questions_run, list(records.values()), task)
         speed["ttft_s"] = round(sum(ttft) / len(ttft) / 1000, 4) if ttft else None
-        runs.append({
-            **_run_info(shape, quant, spec), "best_of": n_best,
-            "metrics": _vqa_metrics(items, answers),
-            "items": len(items) - len(failed), "failed": len(failed), "images": len(inputs), "failed_images": failed_images,
-            "speed": speed,
-            "summary": _summary(summary),
-        })
-    return _report("vqa", dataset, runs, questions=len(items), images=len(inputs), prompt_suffix=suffix,
-                   scaling=_scaling(runs, "accuracy"))
+        runs.append(
+            {
+                **_run_info(shape, quant, spec),
+                "best_of": n_best,
+                "metrics": _vqa_metrics(items, answers),
+                "items": len(items) - len(failed),
+                "failed": len(failed),
+                "images": len(inputs),
+                "failed_images": failed_images,
+                "speed": speed,
+                "summary": _summary(summary),
+            }
+        )
+    return _report(
+        "vqa",
+        dataset,
+        runs,
+        questions=len(items),
+        images=len(inputs),
+        prompt_suffix=suffix,
+        scaling=_scaling(runs, "accuracy"),
+    )
 
 
 def _summary(summary: BatchSummary) -> dict[str, Any]:
-    return {"done": summary.done, "skipped": summary.skipped, "failed": summary.failed, "interrupted": summary.interrupted,
-            "errors": [{"path": p, "error": e.message} for p, e in summary.errors]}
+    return {
+        "done": summary.done,
+        "skipped": summary.skipped,
+        "failed": summary.failed,
+        "interrupted": summary.interrupted,
+        "errors": [{"path": p, "error": e.message} for p, e in summary.errors],
+    }
 
 
 # ----------------------------------------------------------------------------- predictions without a model
@@ -502,15 +589,22 @@ def score_vqa_predictions(items: Sequence[VqaItem], predictions: Path, dataset: 
             raise VlmError(f"prediction {i}: needs question_id and answer (a string)", predictions)
         answers[str(p["question_id"])] = p["answer"]
     missing = sum(1 for q in items if q.question_id not in answers)
-    run = {"model": None, "predictions": str(predictions), "metrics": _vqa_metrics(items, answers),
-           "items": len(items) - missing, "failed": missing}
+    run = {
+        "model": None,
+        "predictions": str(predictions),
+        "metrics": _vqa_metrics(items, answers),
+        "items": len(items) - missing,
+        "failed": missing,
+    }
     return _report("vqa", dataset, [run], questions=len(items))
 
 
 # ----------------------------------------------------------------------------- captions
 
 
-def _caption_metrics(items: Sequence[CaptionItem], captions: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, float]]]:
+def _caption_metrics(
+    items: Sequence[CaptionItem], captions: dict[str, str]
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
     from vlmcli.metrics.caption import score_captions
     from vlmcli.metrics.tokenize import ptb_tokenize
 
@@ -535,8 +629,15 @@ def _unique_images(items: Sequence[CaptionItem], notify: Callable[[str], None] |
     return list(seen.values())
 
 
-def caption_task(spec: ModelSpec, generation: GenerationOptions, prompt: str, max_pixels: int | None, select: str,
-                 notify: Callable[[str], None] | None, n_best: int = 1) -> CaptionTask:
+def caption_task(
+    spec: ModelSpec,
+    generation: GenerationOptions,
+    prompt: str,
+    max_pixels: int | None,
+    select: str,
+    notify: Callable[[str], None] | None,
+    n_best: int = 1,
+) -> CaptionTask:
     from vlmcli.tasks.models import open_model
 
     opened = open_model(spec, "vlm", notify=notify)
@@ -549,7 +650,9 @@ def caption_task(spec: ModelSpec, generation: GenerationOptions, prompt: str, ma
     return build(n_best)
 
 
-def evaluate_captions(items: Sequence[CaptionItem], specs: Sequence[ModelSpec], settings: EvalSettings, dataset: str = "") -> dict[str, Any]:
+def evaluate_captions(
+    items: Sequence[CaptionItem], specs: Sequence[ModelSpec], settings: EvalSettings, dataset: str = ""
+) -> dict[str, Any]:
     from vlmcli.engines.llama import GenerationOptions
 
     items = _unique_images(items, settings.notify)
@@ -577,8 +680,17 @@ def evaluate_captions(items: Sequence[CaptionItem], specs: Sequence[ModelSpec], 
         metrics, _ = _caption_metrics(items, captions)
         speed = _speed(summary, wall, load_s, summary.done, list(records.values()), task)
         speed["ttft_s"] = round(sum(ttft) / len(ttft) / 1000, 4) if ttft else None
-        runs.append({**_run_info(shape, quant, spec), "best_of": n_best, "metrics": metrics, "items": len(captions),
-                     "failed": len(items) - len(captions), "speed": speed, "summary": _summary(summary)})
+        runs.append(
+            {
+                **_run_info(shape, quant, spec),
+                "best_of": n_best,
+                "metrics": metrics,
+                "items": len(captions),
+                "failed": len(items) - len(captions),
+                "speed": speed,
+                "summary": _summary(summary),
+            }
+        )
     return _report("caption", dataset, runs, images=len(items), prompt=prompt, scaling=_scaling(runs, "CIDEr-D"))
 
 
@@ -603,8 +715,13 @@ def score_caption_predictions(items: Sequence[CaptionItem], predictions: Path, d
                 captions[by_path[ap]] = p["caption"]
     items = [it for it in items]
     metrics, _ = _caption_metrics(items, captions)
-    run = {"model": None, "predictions": str(predictions), "metrics": metrics, "items": len([i for i in items if i.image_id in captions]),
-           "failed": len([i for i in items if i.image_id not in captions])}
+    run = {
+        "model": None,
+        "predictions": str(predictions),
+        "metrics": metrics,
+        "items": len([i for i in items if i.image_id in captions]),
+        "failed": len([i for i in items if i.image_id not in captions]),
+    }
     return _report("caption", dataset, [run], images=len(items))
 
 
@@ -624,7 +741,10 @@ class ZeroShotTask(ClassifyTask):
         super().__init__(model, labels, top_k, **kwargs)
         # Digests, not the lists: ImageNet's 1000 names x 80 templates in every record would be 40 kB each.
         self.identity["candidates"] = {"count": len(labels.labels), "sha256": _digest(labels.labels)}
-        self.identity["options"] = {"templates": {"count": len(labels.templates), "sha256": _digest(labels.templates)}, "top_k": top_k}
+        self.identity["options"] = {
+            "templates": {"count": len(labels.templates), "sha256": _digest(labels.templates)},
+            "top_k": top_k,
+        }
 
     def run(self, prepared: list[Any]) -> list[Record | VlmError]:
         import numpy as np
@@ -634,14 +754,27 @@ class ZeroShotTask(ClassifyTask):
 
         t0 = time.perf_counter()
         probs = label_probabilities(embed_pixels(self.model, np.stack(prepared)), self.labels)
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :self.top_k]
+        order = np.argsort(-probs, axis=1, kind="stable")[:, : self.top_k]
         per_image = round((time.perf_counter() - t0) * 1000 / len(prepared), 2)
-        return [{"classes": [int(j) for j in row], "labels": [{"label": self.labels.labels[j], "score": float(p[j])} for j in row],
-                 "timings": {"model_ms": per_image}} for p, row in zip(probs, order)]
+        return [
+            {
+                "classes": [int(j) for j in row],
+                "labels": [{"label": self.labels.labels[j], "score": float(p[j])} for j in row],
+                "timings": {"model_ms": per_image},
+            }
+            for p, row in zip(probs, order)
+        ]
 
 
-def zeroshot_task(spec: ModelSpec, names: list[str], templates: list[str], top_k: int, batch_size: int,
-                  max_pixels: int | None, notify: Callable[[str], None] | None) -> ZeroShotTask:
+def zeroshot_task(
+    spec: ModelSpec,
+    names: list[str],
+    templates: list[str],
+    top_k: int,
+    batch_size: int,
+    max_pixels: int | None,
+    notify: Callable[[str], None] | None,
+) -> ZeroShotTask:
     """The classes' text embeddings (timed: run_info's text_s) and the task, here or on a Ray actor."""
     from vlmcli.tasks.classify import encode_labels
     from vlmcli.tasks.models import open_model
@@ -651,14 +784,18 @@ def zeroshot_task(spec: ModelSpec, names: list[str], templates: list[str], top_k
         t0 = time.perf_counter()
         label_set = encode_labels(opened.engine, names, templates)
         text_s = time.perf_counter() - t0
-        task = ZeroShotTask(opened.engine, label_set, top_k, batch_size=batch_size, max_pixels=max_pixels, model_name=opened.name)
+        task = ZeroShotTask(
+            opened.engine, label_set, top_k, batch_size=batch_size, max_pixels=max_pixels, model_name=opened.name
+        )
     except BaseException:
         opened.close()
         raise
     return _opened(task, opened, text_s=round(text_s, 3))
 
 
-def evaluate_zeroshot(folder: ImageFolder, specs: Sequence[ModelSpec], settings: EvalSettings, dataset: str = "") -> dict[str, Any]:
+def evaluate_zeroshot(
+    folder: ImageFolder, specs: Sequence[ModelSpec], settings: EvalSettings, dataset: str = ""
+) -> dict[str, Any]:
     import numpy as np
 
     from vlmcli.metrics.retrieval import topk_accuracy
@@ -691,20 +828,36 @@ def evaluate_zeroshot(folder: ImageFolder, specs: Sequence[ModelSpec], settings:
         if ranks:
             # top-k from the stored ranks (records keep the top 5): the same as topk_accuracy on full scores.
             arr = np.asarray(ranks)
-            metrics = {"top1": float(100.0 * np.mean(arr < 1)), "top5": float(100.0 * np.mean(arr < 5)), "images": len(ranks)}
+            metrics = {
+                "top1": float(100.0 * np.mean(arr < 1)),
+                "top5": float(100.0 * np.mean(arr < 5)),
+                "images": len(ranks),
+            }
         text_s = (getattr(shape, "run_info", None) or {}).get("text_s") or 0.0
         speed["load_s"] = round(max(0.0, speed["load_s"] - text_s), 3)  # the builder encoded the classes too
         speed["text_s"] = text_s
-        runs.append({**_run_info(shape, quant, spec), "metrics": metrics, "items": len(ranks), "failed": len(folder.paths) - len(ranks),
-                     "speed": speed, "summary": _summary(summary)})
+        runs.append(
+            {
+                **_run_info(shape, quant, spec),
+                "metrics": metrics,
+                "items": len(ranks),
+                "failed": len(folder.paths) - len(ranks),
+                "speed": speed,
+                "summary": _summary(summary),
+            }
+        )
     _ = topk_accuracy  # the brute-force definition the stored ranks follow (tests compare both)
-    return _report("zeroshot", dataset, runs, images=len(folder.paths), classes=len(folder.names), templates=len(templates))
+    return _report(
+        "zeroshot", dataset, runs, images=len(folder.paths), classes=len(folder.names), templates=len(templates)
+    )
 
 
 # ----------------------------------------------------------------------------- CLIP retrieval
 
 
-def retrieval_task(spec: ModelSpec, batch_size: int, max_pixels: int | None, notify: Callable[[str], None] | None) -> EmbedImagesTask:
+def retrieval_task(
+    spec: ModelSpec, batch_size: int, max_pixels: int | None, notify: Callable[[str], None] | None
+) -> EmbedImagesTask:
     """The images' task (the texts' one is derived from it: EmbedTextsTask), here or on a Ray actor."""
     from vlmcli.tasks.embed import EmbedImagesTask
     from vlmcli.tasks.models import open_model
@@ -713,7 +866,9 @@ def retrieval_task(spec: ModelSpec, batch_size: int, max_pixels: int | None, not
     return _opened(EmbedImagesTask(opened.engine, batch_size, max_pixels, model_name=opened.name), opened)
 
 
-def evaluate_retrieval(items: Sequence[CaptionItem], specs: Sequence[ModelSpec], settings: EvalSettings, dataset: str = "") -> dict[str, Any]:
+def evaluate_retrieval(
+    items: Sequence[CaptionItem], specs: Sequence[ModelSpec], settings: EvalSettings, dataset: str = ""
+) -> dict[str, Any]:
     import numpy as np
 
     from vlmcli.metrics.retrieval import retrieval_scores
@@ -771,8 +926,16 @@ def evaluate_retrieval(items: Sequence[CaptionItem], specs: Sequence[ModelSpec],
         speed["image_s"] = round(image_s, 3)
         speed["texts_run"] = s2.done
         speed["texts_per_s"] = round(s2.done / (wall - image_s), 2) if s2.done and wall > image_s else None
-        runs.append({**_run_info(shape, quant, spec), "metrics": metrics, "items": len(good), "failed": len(items) - len(good),
-                     "speed": speed, "summary": _summary(s1 + s2)})
+        runs.append(
+            {
+                **_run_info(shape, quant, spec),
+                "metrics": metrics,
+                "items": len(good),
+                "failed": len(items) - len(good),
+                "speed": speed,
+                "summary": _summary(s1 + s2),
+            }
+        )
     return _report("retrieval", dataset, runs, images=len(items), captions=sum(len(it.captions) for it in items))
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Iterable, Iterator
+from typing import IO
 
 from vlmcli.errors import VlmError
 from vlmcli.images import looks_like_image
@@ -27,8 +28,23 @@ from vlmcli.images import looks_like_image
 # Extensions taken from folders even when the content does not sniff as an image, so that a
 # corrupt or unsupported photo gives an error record instead of vanishing from the run.
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo",
-     ".heic", ".heif", ".avif"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".webp",
+        ".gif",
+        ".bmp",
+        ".dib",
+        ".tif",
+        ".tiff",
+        ".mpo",
+        ".heic",
+        ".heif",
+        ".avif",
+    }
 )
 
 _GLOB_CHARS = set("*?[")
@@ -164,7 +180,9 @@ def _could_match_below(rel: list[str], pat: list[str]) -> bool:
     return len(pat) > len(rel)
 
 
-def expand_glob(pattern: str, include_hidden: bool, excluded: _Excluder, seen_dirs: set[tuple[int, int]]) -> Iterator[str]:
+def expand_glob(
+    pattern: str, include_hidden: bool, excluded: _Excluder, seen_dirs: set[tuple[int, int]]
+) -> Iterator[str]:
     """Images matching a glob, in sorted walk order. The folders under the pattern's fixed prefix
     are walked like any folder (each once, so symlink loops end; hidden ones only if asked):
     Python's glob.glob follows a symlink loop 40 levels deep and returns the same file 40 times."""

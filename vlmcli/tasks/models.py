@@ -10,9 +10,10 @@ and none otherwise, 0 = CPU; CLIP is small and goes to the GPU whole for any non
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from vlmcli.defaults import DEFAULT_N_CTX, DEFAULT_N_GPU_LAYERS
 from vlmcli.errors import EXIT_USAGE, InvalidOption, ModelError, VlmError, debugging
@@ -117,9 +118,14 @@ def _open_vlm(spec: ModelSpec, notify: Callable[[str], None] | None) -> OpenedMo
     resolved = resolve_model(spec.model, "vlm", mmproj=spec.mmproj, offline=spec.offline, notify=notify)
     assert resolved.mmproj is not None
     options = EngineOptions(
-        n_threads=spec.n_threads, n_gpu_layers=spec.n_gpu_layers, n_ctx=spec.n_ctx,
-        detail=spec.detail or resolved.detail or "auto", max_tiles=spec.max_tiles, native_logs=spec.native_logs,
-        n_seq_max=spec.n_sequences, cache=encoding_cache() if spec.cache else None,
+        n_threads=spec.n_threads,
+        n_gpu_layers=spec.n_gpu_layers,
+        n_ctx=spec.n_ctx,
+        detail=spec.detail or resolved.detail or "auto",
+        max_tiles=spec.max_tiles,
+        native_logs=spec.native_logs,
+        n_seq_max=spec.n_sequences,
+        cache=encoding_cache() if spec.cache else None,
     )
     engine = VlmEngine(resolved.model, resolved.mmproj, options)
     return OpenedModel("vlm", resolved.name, resolved.model, engine)

@@ -69,7 +69,9 @@ class NpySink(Sink):
             self._start_fresh()
             return index
         if not meta_exists:
-            raise VlmError(f"exists without its metadata {self.meta_path.name}; move it away or pass --redo", self.npy_path)
+            raise VlmError(
+                f"exists without its metadata {self.meta_path.name}; move it away or pass --redo", self.npy_path
+            )
         recover_lines(self.meta_path)
         records = read_jsonl(self.meta_path)
         other = [r for r in records if not identity_matches(r, plan.identity)]
@@ -91,7 +93,9 @@ class NpySink(Sink):
         reached = [r for r in records if r.get("row") is None or int(r["row"]) < data_rows]
         rows = sorted(int(r["row"]) for r in reached if r.get("row") is not None)
         if rows != list(range(len(rows))):
-            raise VlmError(f"rows and {self.meta_path.name} disagree (rows not 0..n-1); pass --redo to start over", self.npy_path)
+            raise VlmError(
+                f"rows and {self.meta_path.name} disagree (rows not 0..n-1); pass --redo to start over", self.npy_path
+            )
         kept = [r for r in reached if not plan.drop(r)]
         if any(r.get("row") is not None for r in reached if plan.drop(r)):
             kept = self._compact(kept)  # rows of redone / changed inputs go: every input keeps one row
@@ -125,8 +129,13 @@ class NpySink(Sink):
     def _compact(self, kept: list[Record]) -> list[Record]:
         assert self.dim is not None
         old_rows = [int(r["row"]) for r in kept if r.get("row") is not None]
-        src = np.memmap(self.npy_path, dtype="<f4", mode="r", offset=self._header_len,
-                        shape=(max(old_rows) + 1 if old_rows else 0, self.dim))
+        src = np.memmap(
+            self.npy_path,
+            dtype="<f4",
+            mode="r",
+            offset=self._header_len,
+            shape=(max(old_rows) + 1 if old_rows else 0, self.dim),
+        )
         tmp_npy, tmp_meta = self._tmp(self.npy_path), self._tmp(self.meta_path)
         with open(tmp_npy, "wb") as f:
             f.write(_npy_header(len(old_rows), self.dim))

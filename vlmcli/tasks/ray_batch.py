@@ -30,13 +30,23 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from vlmcli.errors import InvalidOption, VlmError
 from vlmcli.tasks.resume import Record
-from vlmcli.tasks.runner import BatchOptions, BatchSession, BatchSummary, Interrupts, Item, Observer, prepare_item, run_items
+from vlmcli.tasks.runner import (
+    BatchOptions,
+    BatchSession,
+    BatchSummary,
+    Interrupts,
+    Item,
+    Observer,
+    prepare_item,
+    run_items,
+)
 
 if TYPE_CHECKING:
     from vlmcli.tasks.models import ModelSpec
@@ -66,8 +76,10 @@ def check_address(address: str | None) -> str | None:
     if a == "auto" or ":" in a:
         return a
     raise InvalidOption(
-        "ray", f"{address!r} is not a cluster address (auto, local, HOST:PORT or ray://HOST:PORT); "
-        "if it is an input, put --ray after the inputs or write --ray=local")
+        "ray",
+        f"{address!r} is not a cluster address (auto, local, HOST:PORT or ray://HOST:PORT); "
+        "if it is an input, put --ray after the inputs or write --ray=local",
+    )
 
 
 @dataclass
@@ -162,7 +174,9 @@ class VlmBatchWorker:
         info = getattr(task, "run_info", None)
         return TaskShape(type(task), task.name, dict(task.identity), int(task.batch_size), dict(info) if info else None)
 
-    def run(self, variant: Any, chunk: list[tuple[int, str, bytes | None]]) -> list[tuple[int, VlmError | None, float, Record | VlmError | None]]:
+    def run(
+        self, variant: Any, chunk: list[tuple[int, str, bytes | None]]
+    ) -> list[tuple[int, VlmError | None, float, Record | VlmError | None]]:
         """Prepare and run one chunk: per input (index, prepare error, prepare ms, result fields or error)."""
         task = self._task(variant)
         items: list[Item] = []
@@ -214,8 +228,9 @@ class RemoteTask:
         """Actors in the pool now."""
         return len(self.pool.actors)
 
-    def run_batch(self, inputs: Sequence[str], sink: Sink, options: BatchOptions | None = None,
-                  observer: Observer | None = None) -> BatchSummary:
+    def run_batch(
+        self, inputs: Sequence[str], sink: Sink, options: BatchOptions | None = None, observer: Observer | None = None
+    ) -> BatchSummary:
         return self.pool.run(self.variant, inputs, sink, options or BatchOptions(), observer or Observer())
 
 
@@ -289,8 +304,12 @@ class RayPool:
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as e:
-            where = "no running Ray cluster found" if address == "auto" else f"cannot reach the Ray cluster at {address}"
-            raise VlmError(f"{where} ({e}); start one with `ray start --head`, or drop the address for a local one") from None
+            where = (
+                "no running Ray cluster found" if address == "auto" else f"cannot reach the Ray cluster at {address}"
+            )
+            raise VlmError(
+                f"{where} ({e}); start one with `ray start --head`, or drop the address for a local one"
+            ) from None
         self._started_ray = True
 
     def _resources(self) -> tuple[float, float, float]:
@@ -315,7 +334,9 @@ class RayPool:
         else:
             cpus = max(1.0, min(4.0, node_cpus))
         if cpus > max(node_cpus, 1.0) and cpus > total_cpus:
-            raise InvalidOption("ray_cpus", f"no node of the Ray cluster has {cpus:g} CPUs (the cluster has {total_cpus:g})")
+            raise InvalidOption(
+                "ray_cpus", f"no node of the Ray cluster has {cpus:g} CPUs (the cluster has {total_cpus:g})"
+            )
         if o.workers:
             workers = int(o.workers)
         elif gpus:
@@ -324,10 +345,14 @@ class RayPool:
             workers = max(1, int(total_cpus // cpus)) if cpus else 1
         fits = int(total_cpus // cpus) if cpus else workers
         if workers > fits:
-            self._notify(f"vlm: warning: the Ray cluster has CPUs for {fits} of the {workers} workers now; "
-                         "the others start when CPUs free up")
+            self._notify(
+                f"vlm: warning: the Ray cluster has CPUs for {fits} of the {workers} workers now; "
+                "the others start when CPUs free up"
+            )
         self.cpus, self.gpus = cpus, gpus
-        self._worker_class = self.ray.remote(num_cpus=cpus, num_gpus=gpus, max_concurrency=IN_FLIGHT, max_restarts=0)(VlmBatchWorker)
+        self._worker_class = self.ray.remote(num_cpus=cpus, num_gpus=gpus, max_concurrency=IN_FLIGHT, max_restarts=0)(
+            VlmBatchWorker
+        )
         self.recipe = replace(self.recipe, spec=_absolute_paths(self.recipe.spec))
         self._budget = 2 * workers + 2
         for _ in range(workers):
@@ -354,13 +379,17 @@ class RayPool:
             return True
         if self._budget > 0:
             self._budget -= 1
-            self._notify(f"vlm: warning: Ray worker {actor.number} died ({why}); its unfinished images go to the "
-                         "other workers, and a new worker starts")
+            self._notify(
+                f"vlm: warning: Ray worker {actor.number} died ({why}); its unfinished images go to the "
+                "other workers, and a new worker starts"
+            )
             self._spawn()
         elif not self.actors:
             raise VlmError(f"the Ray workers keep dying (the last: {why}); nothing more can run")
         else:
-            self._notify(f"vlm: warning: Ray worker {actor.number} died ({why}); its unfinished images go to the other workers")
+            self._notify(
+                f"vlm: warning: Ray worker {actor.number} died ({why}); its unfinished images go to the other workers"
+            )
         return True
 
     def _setup_done(self, actor: _Actor) -> None:
@@ -388,16 +417,27 @@ class RayPool:
                 self._setup_done(pending[ref])
             if not told and time.monotonic() - t0 > 20:
                 told = True
-                self._notify("vlm: waiting for a Ray worker to start (CPUs free on the cluster? the model on its nodes?)")
+                self._notify(
+                    "vlm: waiting for a Ray worker to start (CPUs free on the cluster? the model on its nodes?)"
+                )
         ready = [a for a in self.actors if a.ready]
         hosts = {a.info["host"] for a in ready if a.info}
         each = f"{self.cpus:g} CPU" + ("s" if self.cpus != 1 else "") + (f", {self.gpus:g} GPU" if self.gpus else "")
-        self._notify(f"vlm: Ray: {len(ready)} of {len(self.actors)} workers ready ({each} each) on {len(hosts)} node(s)")
+        self._notify(
+            f"vlm: Ray: {len(ready)} of {len(self.actors)} workers ready ({each} each) on {len(hosts)} node(s)"
+        )
 
     def _lost_errors(self) -> tuple[type[BaseException], ...]:
         ex = self.ray.exceptions
-        names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "ObjectLostError",
-                 "OwnerDiedError", "NodeDiedError")
+        names = (
+            "RayActorError",
+            "ActorDiedError",
+            "ActorUnavailableError",
+            "WorkerCrashedError",
+            "ObjectLostError",
+            "OwnerDiedError",
+            "NodeDiedError",
+        )
         return tuple(getattr(ex, n) for n in names if hasattr(ex, n))
 
     # -- one run
@@ -414,7 +454,9 @@ class RayPool:
             except self._lost_errors() as e:
                 self._retire(ready, _why(e))
 
-    def run(self, variant: Any, inputs: Sequence[str], sink: Sink, options: BatchOptions, observer: Observer) -> BatchSummary:
+    def run(
+        self, variant: Any, inputs: Sequence[str], sink: Sink, options: BatchOptions, observer: Observer
+    ) -> BatchSummary:
         shape = self.shape(variant)
         task = shape.stand_in()
         ship = self.options.ship_files and shape.file_inputs
@@ -427,8 +469,16 @@ class RayPool:
 class _Drive:
     """The dispatch loop of one run: chunks out to ready actors, results back to the session."""
 
-    def __init__(self, pool: RayPool, session: BatchSession, variant: Any, inputs: Sequence[str], shape: TaskShape,
-                 ship: bool, interrupts: Interrupts):
+    def __init__(
+        self,
+        pool: RayPool,
+        session: BatchSession,
+        variant: Any,
+        inputs: Sequence[str],
+        shape: TaskShape,
+        ship: bool,
+        interrupts: Interrupts,
+    ):
         self.pool, self.session, self.variant, self.inputs = pool, session, variant, inputs
         self.ray = pool.ray
         self.batch_size = max(1, shape.batch_size)

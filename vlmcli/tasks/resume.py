@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from vlmcli.files import sha256_file
 
@@ -106,7 +107,11 @@ class ResumePlan:
 
     @classmethod
     def for_inputs(
-        cls, identity: dict[str, Any], inputs: Iterable[str], redo: bool, key: Callable[[str], FileKey | None] = lambda p: file_key(p, False)
+        cls,
+        identity: dict[str, Any],
+        inputs: Iterable[str],
+        redo: bool,
+        key: Callable[[str], FileKey | None] = lambda p: file_key(p, False),
     ) -> ResumePlan:
         """`key` gives an input's key without hashing (default: the file's path, size and mtime)."""
         now: dict[str, tuple[int, int] | None] = {}

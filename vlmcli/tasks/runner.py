@@ -25,9 +25,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, VlmError
 from vlmcli.tasks.resume import FileKey, Record, ResumePlan, file_key
@@ -109,9 +110,13 @@ class BatchSummary:
     def __add__(self, other: BatchSummary) -> BatchSummary:
         """Two runs of one command (embed: images, then texts) as one."""
         return BatchSummary(
-            total=self.total + other.total, done=self.done + other.done, skipped=self.skipped + other.skipped,
-            failed=self.failed + other.failed, elapsed_s=self.elapsed_s + other.elapsed_s,
-            interrupted=self.interrupted or other.interrupted, errors=self.errors + other.errors,
+            total=self.total + other.total,
+            done=self.done + other.done,
+            skipped=self.skipped + other.skipped,
+            failed=self.failed + other.failed,
+            elapsed_s=self.elapsed_s + other.elapsed_s,
+            interrupted=self.interrupted or other.interrupted,
+            errors=self.errors + other.errors,
         )
 
 
@@ -241,7 +246,9 @@ class BatchSession:
         self.total = len(inputs)
         self.summary = BatchSummary(total=len(inputs))
         key_of = getattr(task, "key", None)
-        plan = ResumePlan.for_inputs(task.identity, inputs, options.redo, *([lambda p: key_of(p, False)] if key_of else []))
+        plan = ResumePlan.for_inputs(
+            task.identity, inputs, options.redo, *([lambda p: key_of(p, False)] if key_of else [])
+        )
         self.index = sink.open(plan, options.use_hash)
         self._t0 = time.perf_counter()
 
@@ -263,7 +270,9 @@ class BatchSession:
         try:
             key_of = getattr(task, "key", None)
             item.key = key_of(input, options.use_hash) if key_of is not None else file_key(input, options.use_hash)
-            if (not options.redo and self.index.is_done(item.key)) or (options.sidecars is not None and options.sidecars.blocks(input)):
+            if (not options.redo and self.index.is_done(item.key)) or (
+                options.sidecars is not None and options.sidecars.blocks(input)
+            ):
                 item.skipped = True
         except Exception as e:  # noqa: BLE001 - see _caught
             item.error = _caught(e)
@@ -343,7 +352,9 @@ def run_batch(
     workers = getattr(task, "workers", None) or options.workers
     window = options.prefetch or getattr(task, "prefetch", None) or max(4, 2 * batch_size)
     with BatchSession(task, inputs, sink, options, observer) as session:
-        pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vlm-prepare", initializer=_lower_priority)
+        pool = ThreadPoolExecutor(
+            max_workers=max(1, workers), thread_name_prefix="vlm-prepare", initializer=_lower_priority
+        )
         pending: collections.deque[Future[Item]] = collections.deque()
         next_index = 0
         batch: list[Item] = []  # items for one model call, in input order, with failed ones between them

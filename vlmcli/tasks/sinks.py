@@ -12,8 +12,9 @@ import io
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 import numpy as np
 
@@ -214,7 +215,13 @@ class CsvSink(LineSink):
 
     terminator = CSV_TERMINATOR.encode()
 
-    def __init__(self, path: Path | None, columns: list[str], row: Callable[[Record], dict[str, Any]], stream: IO[str] | None = None):
+    def __init__(
+        self,
+        path: Path | None,
+        columns: list[str],
+        row: Callable[[Record], dict[str, Any]],
+        stream: IO[str] | None = None,
+    ):
         super().__init__(path, stream)
         self.columns = ["path", *columns, *CSV_TRAILER]
         self.row = row

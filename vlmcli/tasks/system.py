@@ -11,14 +11,20 @@ import os
 import platform
 import shutil
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from vlmcli import __version__
 from vlmcli.defaults import DEFAULT_N_GPU_LAYERS
 from vlmcli.engines import cores  # no native code: cheap to import
 
 # The flag that builds llama.cpp (inside llama-cpp-python) with each GPU backend.
-CMAKE_FLAGS = {"cuda": "-DGGML_CUDA=on", "rocm": "-DGGML_HIP=on", "metal": "-DGGML_METAL=on", "vulkan": "-DGGML_VULKAN=on"}
+CMAKE_FLAGS = {
+    "cuda": "-DGGML_CUDA=on",
+    "rocm": "-DGGML_HIP=on",
+    "metal": "-DGGML_METAL=on",
+    "vulkan": "-DGGML_VULKAN=on",
+}
 REBUILD = 'CMAKE_ARGS="{flag}" pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python=={version}'
 GPU_DEVICE_TYPES = ("gpu", "igpu")
 
@@ -52,7 +58,9 @@ def cpu_model() -> str:
         import subprocess
 
         try:
-            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            )
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.strip()
         except (OSError, subprocess.SubprocessError):
@@ -63,7 +71,14 @@ def cpu_model() -> str:
 def visible_gpus() -> list[dict[str, str]]:
     """GPUs the machine shows whether or not this build can use them: [{kind, evidence}]."""
     found = []
-    nvidia = [e for e, ok in (("nvidia-smi on PATH", shutil.which("nvidia-smi")), ("/dev/nvidia0", os.path.exists("/dev/nvidia0"))) if ok]
+    nvidia = [
+        e
+        for e, ok in (
+            ("nvidia-smi on PATH", shutil.which("nvidia-smi")),
+            ("/dev/nvidia0", os.path.exists("/dev/nvidia0")),
+        )
+        if ok
+    ]
     if nvidia:
         found.append({"kind": "cuda", "evidence": ", ".join(nvidia)})
     if os.path.exists("/dev/kfd"):
@@ -117,8 +132,14 @@ def _ggml() -> dict[str, Any]:
         "library": str(ggml.lib().path),
         "backends": [{"name": n, "devices": d} for n, d in ggml.backends()],
         "devices": [
-            {"name": d.name, "description": d.description, "type": d.type, "backend": d.backend,
-             "memory_total": d.memory_total, "memory_free": d.memory_free}
+            {
+                "name": d.name,
+                "description": d.description,
+                "type": d.type,
+                "backend": d.backend,
+                "memory_total": d.memory_total,
+                "memory_free": d.memory_free,
+            }
             for d in ggml.devices()
         ],
     }
@@ -146,7 +167,13 @@ def _image_cache() -> dict[str, Any]:
     if cache is None:
         return {"enabled": False, "path": None, "entries": 0, "bytes": 0, "max_bytes": 0}
     stats = cache.stats()
-    return {"enabled": True, "path": str(stats.path), "entries": stats.entries, "bytes": stats.bytes, "max_bytes": stats.max_bytes}
+    return {
+        "enabled": True,
+        "path": str(stats.path),
+        "entries": stats.entries,
+        "bytes": stats.bytes,
+        "max_bytes": stats.max_bytes,
+    }
 
 
 def _hub() -> dict[str, Any]:
