@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-CONFIGS = ROOT.parent / "shared" / "data" / "configs"
+CONFIGS = ROOT / "tests" / "data" / "configs"
 OUT = ROOT / "benchmarks" / "out"
 LABELS = [
     "cat",

@@ -1,7 +1,7 @@
 """CLIP ViT-B/32 speed against what users would pick instead: transformers' CLIPModel, in one run.
 
 Builds a real-size random-weight openai/clip-vit-base-patch32 checkpoint (the cost per image and per
-text is the same as with trained weights) from ../shared/data/configs with the test fixture builder,
+text is the same as with trained weights) from tests/data/configs with the test fixture builder,
 converts it to F16 and Q8_0 with vlmcli's converter, and measures, each in a fresh process (so load
 time and peak RSS are its own) and on the same threads:
 - vlm on its ggml path (F16 and Q8_0 files; on a CPU with AVX512_BF16 also F16 held as BF16 for
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-CONFIG = ROOT.parent / "shared" / "data" / "configs" / "clip-vit-base-patch32-openai.config.json"
+CONFIG = ROOT / "tests" / "data" / "configs" / "clip-vit-base-patch32-openai.config.json"
 OUT = ROOT / "benchmarks" / "out"
 LABELS = [
     "cat",

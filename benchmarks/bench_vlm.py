@@ -1,7 +1,7 @@
 """SmolVLM2 speed and memory on llama.cpp: load, image encode, prefill, decode, peak RSS.
 
 Builds a real-size random-weight SmolVLM2 (the cost per token and per image is the same as with
-trained weights) from ../shared/data/configs, converts and quantizes it with vlmcli's converter,
+trained weights) from tests/data/configs, converts and quantizes it with vlmcli's converter,
 then runs each measurement in a fresh process (so load time and peak RSS are honest) and reports
 medians. Detail levels (issue 7) are compared in the same run.
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SAMPLE = ROOT / "vlmcli" / "data" / "chelsea.jpg"
-CONFIGS = ROOT.parent / "shared" / "data" / "configs"
+CONFIGS = ROOT / "tests" / "data" / "configs"
 OUT = ROOT / "benchmarks" / "out"
 NAMES = {"256m": "SmolVLM2-256M-Video-Instruct", "500m": "SmolVLM2-500M-Video-Instruct"}
 PROMPT = "Describe this image."

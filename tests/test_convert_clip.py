@@ -299,7 +299,7 @@ def test_missing_config(ck_copy: Path, tmp_path: Path) -> None:
 
 
 def test_not_a_clip_config(ck_copy: Path, tmp_path: Path) -> None:
-    smol = Path(__file__).resolve().parents[2] / "shared" / "data" / "configs" / "smolvlm2-256m.config.json"
+    smol = Path(__file__).resolve().parent / "data" / "configs" / "smolvlm2-256m.config.json"
     shutil.copy(smol, ck_copy / "config.json")
     e = _convert_error(ck_copy, tmp_path)
     assert e.path.endswith("config.json") and "not a CLIPModel" in e.message

@@ -1,6 +1,6 @@
 """SmolVLM2 prompts, rendered with the chat template the model file carries.
 
-The template (transformers' SmolVLM processor default, see MODELS.md) turns a user turn holding an
+The template (transformers' SmolVLM processor default, as the model repository ships it) turns a user turn holding an
 image and a question into `<|im_start|>User:<image>What is this?<end_of_utterance>\\nAssistant:`.
 We render it once with placeholders and split it there, so the part before the question is the
 same for every question about one image (and its KV cache can be reused).
