@@ -16,3 +16,6 @@ DEFAULT_N_GPU_LAYERS = -1
 
 # SmolVLM2: the context, in tokens, a model is opened with.
 DEFAULT_N_CTX = 4096
+
+# SmolVLM2: most tokens generated per answer when a request or command names no limit (ask, chat, serve).
+DEFAULT_MAX_TOKENS = 256

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from vlmcli.defaults import DEFAULT_MAX_PIXELS, DEFAULT_N_CTX
+from vlmcli.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOKENS, DEFAULT_N_CTX
 
 if TYPE_CHECKING:
     from vlmcli.tasks.ask import AskTask
@@ -284,12 +284,12 @@ def image_from_rgb(data: bytes, width: int, height: int) -> Image.Image:
 def _vlm_task(handle: Handle, prompt: str | None) -> AskTask:
     """`vlm ask` with one question, or `vlm caption` when prompt is None, with the handle's options."""
     from vlmcli.engines.llama import GenerationOptions
-    from vlmcli.tasks.ask import DEFAULT_ASK_MAX_TOKENS, AskTask
+    from vlmcli.tasks.ask import AskTask
     from vlmcli.tasks.best_of import temperature_for
     from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, CaptionTask
 
     o = handle.options
-    default_tokens = DEFAULT_ASK_MAX_TOKENS if prompt is not None else DEFAULT_CAPTION_MAX_TOKENS
+    default_tokens = DEFAULT_MAX_TOKENS if prompt is not None else DEFAULT_CAPTION_MAX_TOKENS
     temperature = temperature_for(o.best_of, o.temperature or None)  # 0 = the CLI's default, as for every field
     gen = GenerationOptions(
         max_tokens=o.max_tokens or default_tokens, temperature=temperature, top_p=o.top_p, seed=o.seed

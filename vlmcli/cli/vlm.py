@@ -21,8 +21,8 @@ from vlmcli.cli.app import (
     stderr,
     stderr_is_terminal,
 )
+from vlmcli.defaults import DEFAULT_MAX_TOKENS
 from vlmcli.errors import EXIT_USAGE, InvalidOption, VlmError
-from vlmcli.tasks.ask import DEFAULT_ASK_MAX_TOKENS
 from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def ask(
     model: str | None = ModelOpt,
     mmproj: str | None = MmprojOpt,
     max_tokens: int = typer.Option(
-        DEFAULT_ASK_MAX_TOKENS, "--max-tokens", "-n", min=1, help="Most tokens to generate per answer."
+        DEFAULT_MAX_TOKENS, "--max-tokens", "-n", min=1, help="Most tokens to generate per answer."
     ),
     temperature: float | None = TemperatureOpt,
     top_p: float = TopPOpt,

@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     )
     from vlmcli.engines.prompt import Turn
 
-DEFAULT_ASK_MAX_TOKENS = 256
-
 
 @dataclass
 class Answer:
