@@ -22,7 +22,7 @@ NPY_HEADER_BYTES = 128  # fixed, so the header (shape) can be rewritten in place
 
 
 def _npy_header(rows: int, dim: int, total: int = NPY_HEADER_BYTES) -> bytes:
-    d = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }" % (rows, dim)
+    d = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}"
     body_len = total - 10  # magic(6) + version(2) + header length(2)
     body = d.ljust(body_len - 1) + "\n"
     if len(body) != body_len:
