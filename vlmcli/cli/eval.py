@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -208,18 +209,27 @@ def _subset(items: list[Any], limit: int | None, sample: int | None, seed: int) 
 # ----------------------------------------------------------------------------- rendering
 
 
-_COLUMNS: dict[str, list[tuple[str, Any]]] = {
+def _metric(key: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda m: m.get(key)
+
+
+def _within(group: str, key: str) -> Callable[[dict[str, Any]], Any]:
+    """A metric inside a group of them (per answer type, a retrieval direction)."""
+    return lambda m: (m.get(group) or {}).get(key)
+
+
+_COLUMNS: dict[str, list[tuple[str, Callable[[dict[str, Any]], Any]]]] = {
     "vqa": [
-        ("accuracy", lambda m: m.get("accuracy")),
-        ("yes/no", lambda m: (m.get("per_answer_type") or {}).get("yes/no")),
-        ("number", lambda m: (m.get("per_answer_type") or {}).get("number")),
-        ("other", lambda m: (m.get("per_answer_type") or {}).get("other")),
+        ("accuracy", _metric("accuracy")),
+        ("yes/no", _within("per_answer_type", "yes/no")),
+        ("number", _within("per_answer_type", "number")),
+        ("other", _within("per_answer_type", "other")),
     ],
-    "caption": [(k, (lambda key: lambda m: m.get(key))(k)) for k in ("CIDEr-D", "BLEU-1", "BLEU-4", "ROUGE-L")],
-    "zeroshot": [("top-1 %", lambda m: m.get("top1")), ("top-5 %", lambda m: m.get("top5"))],
+    "caption": [(k, _metric(k)) for k in ("CIDEr-D", "BLEU-1", "BLEU-4", "ROUGE-L")],
+    "zeroshot": [("top-1 %", _metric("top1")), ("top-5 %", _metric("top5"))],
     "retrieval": [
-        (f"{name} R@{k}", (lambda d, kk: lambda m: (m.get(d) or {}).get(f"R@{kk}"))(d, k))
-        for name, d in (("I->T", "image_to_text"), ("T->I", "text_to_image"))
+        (f"{name} R@{k}", _within(direction, f"R@{k}"))
+        for name, direction in (("I->T", "image_to_text"), ("T->I", "text_to_image"))
         for k in (1, 5, 10)
     ],
 }
