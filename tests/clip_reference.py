@@ -1,9 +1,10 @@
 """A plain numpy forward pass of a two-tower CLIP GGUF: the yardstick for the ggml engine.
 
 Written from Hugging Face's CLIPModel (modeling_clip.py) semantics, independently of
-vlmcli.engines.clip: numpy shapes (HF orientation), float64 arithmetic (float32 on request, for the benchmark's baseline), weights dequantized with
-gguf.quants.dequantize, the patch embedding as a real strided convolution, the full 77-token causal
-text sequence, and final_layer_norm applied before pooling, as HF does.
+vlmcli.engines.clip: numpy shapes (HF orientation), float64 arithmetic (float32 on request, for the
+benchmark's baseline), weights dequantized with gguf.quants.dequantize, the patch embedding as a real
+strided convolution, the full 77-token causal text sequence, and final_layer_norm applied before
+pooling, as HF does.
 """
 
 from __future__ import annotations

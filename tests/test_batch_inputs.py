@@ -1,4 +1,5 @@
-"""Batch inputs: files, folders, globs, stdin lists (newline and NUL), --files-from, --exclude, hidden, symlink loops."""
+"""Batch inputs: files, folders, globs, stdin lists (newline and NUL), --files-from, --exclude, hidden files,
+symlink loops."""
 
 from __future__ import annotations
 

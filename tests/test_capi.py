@@ -632,7 +632,9 @@ static void put(const char *name, int status, const char *text)
     fflush(stdout);
 }
 static void put_err(const char *name, int status, vlm_handle h) { put(name, status, status ? vlm_last_error(h) : ""); }
-static void put_num(const char *name, int status, long long n) { char b[32]; snprintf(b, sizeof b, "%lld", n); put(name, status, b); }
+static void put_num(const char *name, int status, long long n) {
+    char b[32]; snprintf(b, sizeof b, "%lld", n); put(name, status, b);
+}
 
 static vlm_options opts(void) { vlm_options o = VLM_OPTIONS_INIT; o.max_tokens = 6; return o; }
 
@@ -648,7 +650,9 @@ static unsigned char *read_file(const char *path, size_t *n)
 }
 
 /* streaming callbacks */
-typedef struct { char text[4096]; int pieces; int stop_after; vlm_handle h; int reenter_ask; int reenter_close; } stream_state;
+typedef struct {
+    char text[4096]; int pieces; int stop_after; vlm_handle h; int reenter_ask; int reenter_close;
+} stream_state;
 static int collect(const char *piece, size_t len, void *user)
 {
     stream_state *s = user;
@@ -799,7 +803,10 @@ static int errors(char **a)
 }
 
 /* ---- threads ---- */
-typedef struct { vlm_handle h; const char *image; const char *prompt; int clip; char out[4096]; float vec[2048]; size_t dim; int status; } job;
+typedef struct {
+    vlm_handle h; const char *image; const char *prompt; int clip;
+    char out[4096]; float vec[2048]; size_t dim; int status;
+} job;
 
 static void do_job(job *j)
 {

@@ -71,7 +71,10 @@ def age_idle_files(folder: Path) -> None:
 @pytest.fixture
 def counter(folder: Path):
     """Another process, started (imports done) ahead, that counts the running units on each call."""
-    code = "import sys\nfrom vlmcli.engines.cores import running_units\nfor _ in sys.stdin: print(running_units(), flush=True)"
+    code = (
+        "import sys\nfrom vlmcli.engines.cores import running_units\n"
+        "for _ in sys.stdin: print(running_units(), flush=True)"
+    )
     p = subprocess.Popen(
         [sys.executable, "-c", code],
         stdin=subprocess.PIPE,
@@ -143,7 +146,10 @@ def test_a_finished_unit_counts_for_the_others_a_moment_then_not(folder: Path, c
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
 def test_threads_follow_the_affinity_mask(folder: Path) -> None:
     one = min(os.sched_getaffinity(0))
-    code = f"import os; os.sched_setaffinity(0, {{{one}}}); from vlmcli.engines.cores import available_cpus; print(available_cpus())"
+    code = (
+        f"import os; os.sched_setaffinity(0, {{{one}}}); "
+        "from vlmcli.engines.cores import available_cpus; print(available_cpus())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"
 

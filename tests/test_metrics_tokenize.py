@@ -18,8 +18,12 @@ PTB = {
     "A man riding a horse.": "a man riding a horse",
     "The dog's bone, isn't it?": "the dog 's bone is n't it",
     "I can't believe they wanna keep 40% of that.": "i ca n't believe they wan na keep 40 % of that",
-    "She cannot go; he's gonna stay & gotta leave, lemme gimme.": "she can not go he 's gon na stay & got ta leave lem me gim me",
-    "A (red) car [blue] {green} \"quoted\" 'single' `back`.": "a -lrb- red -rrb- car -lsb- blue -rsb- -lcb- green -rcb- quoted single back",
+    "She cannot go; he's gonna stay & gotta leave, lemme gimme.": (
+        "she can not go he 's gon na stay & got ta leave lem me gim me"
+    ),
+    "A (red) car [blue] {green} \"quoted\" 'single' `back`.": (
+        "a -lrb- red -rrb- car -lsb- blue -rsb- -lcb- green -rcb- quoted single back"
+    ),
     "black/white t-shirt 3.5 1,000 $5 #1 @home": "black/white t-shirt 3.5 1,000 $ 5 # 1 @home",
     "Mr. Smith and Dr. Jones at St. Louis.": "mr. smith and dr. jones at st. louis",
     "A U.S. flag. Mr.": "a u.s. flag mr.",

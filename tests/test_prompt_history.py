@@ -35,10 +35,8 @@ def test_a_history_renders_as_the_template_does() -> None:
     before, after = render_conversation(CHAT_TEMPLATE, HISTORY)
     assert before + "<image>" + after == reference(CHAT_TEMPLATE, HISTORY)
     assert before == "<|im_start|>System: You are terse.<end_of_utterance>\nUser:"
-    assert (
-        after
-        == "Hello<end_of_utterance>\nAssistant: Hi.<end_of_utterance>\nUser: What is this?<end_of_utterance>\nAssistant:"
-    )
+    expected = "Hello<end_of_utterance>\nAssistant: Hi.<end_of_utterance>\n"
+    assert after == expected + "User: What is this?<end_of_utterance>\nAssistant:"
 
 
 @pytest.mark.parametrize(
