@@ -1,9 +1,9 @@
 """CLIP's two towers (ViT image encoder, causal text encoder) as ggml graphs.
 
 The GGUF layout is clip.cpp's legacy two-tower one (written by scripts/convert/clip.py): note
-that HF `mlp.fc1` is stored as `ffn_down` and `fc2` as `ffn_up`. Weights are located by
-gguf_check's header parser, copied once from a memory map into a ggml backend buffer, and every call builds a small graph
-for a batch of images or texts; the graph allocator's buffer is reused across calls.
+that HF `mlp.fc1` is stored as `ffn_down` and `fc2` as `ffn_up` (vlmcli/gguf/clip_layout.py). Weights are located
+by vlmcli.gguf's header reader, copied once from a memory map into a ggml backend buffer, and every call builds a small
+graph for a batch of images or texts; the graph allocator's buffer is reused across calls.
 
 Files written by clip.cpp itself (its converter and quantizer) load too: their F16 or quantized
 position embeddings are widened to F32 when loaded, a missing logit scale falls back to trained CLIP's
@@ -53,18 +53,10 @@ from vlmcli.engines.ggml import Backend, Graph, Tensor
 from vlmcli.engines.gguf_check import require_kind
 from vlmcli.engines.native import NativeResource
 from vlmcli.errors import ModelError, VlmError
+from vlmcli.gguf.clip_layout import PATCH_EMBEDDING, tensor_specs
+from vlmcli.gguf.ggml_types import CLIP_MATMUL_TYPES
 
-# Types a 2-D matmul weight may have (ggml's CPU mul_mat handles all of them).
-MATMUL_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-EMBEDDING_TYPES = ("F32", "F16")  # the patch embedding (reshaped to a matrix for mul_mat): vlm and clip.cpp write F16
-# The token embedding is read by get_rows, which takes every type clip.cpp writes (its quantizer
-# quantizes every 2-D weight, the embeddings too).
-TOKEN_EMBEDDING_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-# The position embeddings are added in F32; clip.cpp's files store them F16 (or quantized), so any of
-# these types is accepted and converted to F32 when the model is loaded (they are small).
-POSITION_EMBEDDING_TYPES = TOKEN_EMBEDDING_TYPES
 LOADED_AS_F32 = ("t.position_embd.weight", "v.position_embd.weight")
-PATCH_EMBEDDING = "v.patch_embd.weight"  # a stride-p convolution, run as a matmul of p * p * 3 -> width
 # CLIP's training clamps the logit scale at 100; files written by clip.cpp's converter do not store it.
 TRAINED_LOGIT_SCALE = 100.0
 SMALL_GRAPH_FLOPS = 50e6  # below this a batch runs on one thread (see ClipModel._use_threads_for)
@@ -391,47 +383,6 @@ class _Block:
     fc2_b: Tensor
 
 
-def _tensor_specs(cfg: ClipConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-    """Every tensor the model needs: name -> (ggml shape, allowed types)."""
-    f32 = ("F32",)
-    specs: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
-    for prefix, d, ffn, layers in (
-        ("t", cfg.text_width, cfg.text_ffn, cfg.text_layers),
-        ("v", cfg.vision_width, cfg.vision_ffn, cfg.vision_layers),
-    ):
-        for i in range(layers):
-            b = f"{prefix}.blk.{i}"
-            for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):
-                specs[f"{b}.{proj}.weight"] = ((d, d), MATMUL_TYPES)
-                specs[f"{b}.{proj}.bias"] = ((d,), f32)
-            for ln in ("ln1", "ln2"):
-                specs[f"{b}.{ln}.weight"] = ((d,), f32)
-                specs[f"{b}.{ln}.bias"] = ((d,), f32)
-            specs[f"{b}.ffn_down.weight"] = ((d, ffn), MATMUL_TYPES)  # HF fc1: d -> ffn
-            specs[f"{b}.ffn_down.bias"] = ((ffn,), f32)
-            specs[f"{b}.ffn_up.weight"] = ((ffn, d), MATMUL_TYPES)  # HF fc2: ffn -> d
-            specs[f"{b}.ffn_up.bias"] = ((d,), f32)
-    dt, dv, p = cfg.text_width, cfg.vision_width, cfg.patch_size
-    specs.update(
-        {
-            "t.token_embd.weight": ((dt, cfg.vocab_size), TOKEN_EMBEDDING_TYPES),
-            "t.position_embd.weight": ((dt, cfg.context_length), POSITION_EMBEDDING_TYPES),
-            "t.post_ln.weight": ((dt,), f32),
-            "t.post_ln.bias": ((dt,), f32),
-            "v.class_embd": ((dv,), f32),
-            "v.patch_embd.weight": ((p, p, 3, dv), EMBEDDING_TYPES),
-            "v.position_embd.weight": ((dv, cfg.n_patches + 1), POSITION_EMBEDDING_TYPES),
-            "v.pre_ln.weight": ((dv,), f32),
-            "v.pre_ln.bias": ((dv,), f32),
-            "v.post_ln.weight": ((dv,), f32),
-            "v.post_ln.bias": ((dv,), f32),
-            "text_projection.weight": ((dt, cfg.projection_dim), MATMUL_TYPES),
-            "visual_projection.weight": ((dv, cfg.projection_dim), MATMUL_TYPES),
-        }
-    )
-    return specs
-
-
 # --- the graphs (nanoGPT-like: a layer norm, a linear, one block shared by both towers) ------------
 
 
@@ -679,7 +630,7 @@ class ClipModel(NativeResource):
         stored = {t.name: t for t in info.tensors}
         if not config.tokens and "t.token_embd.weight" in stored:  # a file without a vocabulary
             config.vocab_size = int(stored["t.token_embd.weight"].shape[1])
-        specs = _tensor_specs(config)
+        specs = tensor_specs(config)
         for name, (ne, types) in specs.items():
             st = stored.get(name)
             if st is None:
@@ -693,7 +644,7 @@ class ClipModel(NativeResource):
             if ne[0] % ggml.block_size(tname):
                 raise ModelError(f"tensor {name}: rows of {ne[0]} do not fit {tname} blocks", p)
         # The label from the matmul weights alone (the patch embedding is F16 in every file clip.cpp reads).
-        matmul_types = sorted({stored[name].type for name, (_, types) in specs.items() if types is MATMUL_TYPES})
+        matmul_types = sorted({stored[name].type for name, (_, types) in specs.items() if types is CLIP_MATMUL_TYPES})
         config.file_type = "+".join(matmul_types) or config.file_type
 
         cores = CoreShare(n_threads)
@@ -716,14 +667,17 @@ class ClipModel(NativeResource):
                 name: "F32"
                 if name in LOADED_AS_F32
                 else held_type
-                if held_type and types is MATMUL_TYPES and stored[name].type in ("F16", "F32")
+                if held_type and types is CLIP_MATMUL_TYPES and stored[name].type in ("F16", "F32")
                 else stored[name].type
                 for name, (_, types) in specs.items()
             }
             packed = {
                 name
                 for name, (ne, types) in specs.items()
-                if kind and types is MATMUL_TYPES and stored[name].type in PACKED_FROM and clip_kernels.fits(kind, *ne)
+                if kind
+                and types is CLIP_MATMUL_TYPES
+                and stored[name].type in PACKED_FROM
+                and clip_kernels.fits(kind, *ne)
             }
             held.update({name: held_type for name in packed})
             held.update(
@@ -785,7 +739,9 @@ class ClipModel(NativeResource):
             raise
         model = cls(p, config, backend, weights, tensors, batch_size, cores=cores)
         model.weights_bytes = size
-        model.weights_type = "+".join(sorted({held[n] for n, (_, types) in specs.items() if types is MATMUL_TYPES}))
+        model.weights_type = "+".join(
+            sorted({held[n] for n, (_, types) in specs.items() if types is CLIP_MATMUL_TYPES})
+        )
         model.matmul_kernel = f"vlm {kind}" if packed else "ggml"
         model.packs_sequences = {prefix for prefix in "tv" if f"{prefix}.blk.0.attn_qkv.bias" in qkv_biases}
         return model
