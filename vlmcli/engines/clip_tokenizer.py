@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmcli.errors import ModelError, VlmError
+from vlmcli.errors import ModelError
+from vlmcli.text import check_text
 
 BOS_ID = 49406
 EOS_ID = 49407
@@ -92,18 +93,6 @@ def read_merges_file(path: str | os.PathLike[str]) -> list[str]:
     if not merges or any(len(m.split(" ")) != 2 for m in merges):
         raise ModelError("not a BPE merges file (expected lines of two symbols)", p)
     return merges
-
-
-def check_text(text: str) -> None:
-    """Refuse text that is not valid Unicode (a lone surrogate: what invalid UTF-8 in a command-line
-    argument becomes in Python); it cannot be encoded to UTF-8 for the tokenizer."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise VlmError(
-            f"the text is not valid Unicode: character {e.start + 1} is a lone surrogate U+{ord(text[e.start]):04X} "
-            "(invalid UTF-8 in the input?)"
-        ) from None
 
 
 def fix_text(text: str) -> str:
