@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -39,24 +40,30 @@ def looks_like_image(path: str | os.PathLike[str]) -> bool:
 
 
 def load_image(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | BinaryIO,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     draft: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Open an image file as an upright RGB image, or raise ImageError naming the file and the cause.
+    `path` may also be an open binary file (bytes in memory as io.BytesIO: an upload); errors then name no file.
 
     `draft` lets JPEG decoding downscale by a power of two while keeping at least that size
     (much faster for CLIP's 224 px input; callers choose a size that keeps results unchanged).
     """
-    p = Path(path)
-    if not p.exists():
-        raise ImageError("no such file", p)
-    if p.is_dir():
-        raise ImageError("is a directory, not an image", p)
+    source: Path | BinaryIO
+    p: Path | None  # the file errors name
+    if isinstance(path, (str, os.PathLike)):
+        source = p = Path(path)
+        if not p.exists():
+            raise ImageError("no such file", p)
+        if p.is_dir():
+            raise ImageError("is a directory, not an image", p)
+    else:
+        source, p = path, None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(p)
+            im = Image.open(source)
             if im.format not in SUPPORTED_FORMATS:
                 raise ImageError(f"unsupported image format {im.format}", p)
             w, h = im.size

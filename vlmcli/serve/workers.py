@@ -90,16 +90,11 @@ def _classify(exc: BaseException) -> tuple[str, str, str | None]:
 
 def _decode_image(data: bytes, max_pixels: int) -> Any:
     """Image bytes -> the decoded RGB image, through vlmcli.images.load_image (formats, EXIF, pixel cap)."""
-    import tempfile
+    import io
 
     from vlmcli.images import load_image
 
-    with tempfile.NamedTemporaryFile(prefix="vlm-serve-", suffix=".img") as f:
-        f.write(data)
-        f.flush()
-        image = load_image(f.name, max_pixels=max_pixels)
-        image.load()
-    return image
+    return load_image(io.BytesIO(data), max_pixels=max_pixels)
 
 
 def _run_chat(
