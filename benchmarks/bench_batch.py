@@ -133,6 +133,7 @@ def make_folder(folder: Path, n: int) -> list[str]:
 
 def tiny_vlm(cache: Path) -> tuple[Path, Path]:
     from fixtures.smolvlm2 import build_smolvlm2_checkpoint
+
     from vlmcli.convert.smolvlm2 import convert_smolvlm2
 
     out = cache / "tiny-vlm"
@@ -148,6 +149,7 @@ def tiny_vlm(cache: Path) -> tuple[Path, Path]:
 def real_vlm(cache: Path) -> tuple[Path, Path]:
     """Real-size random-weight 256M, Q8_0 (the same cache layout as bench_vlm.py, so it is built once)."""
     from fixtures.smolvlm2 import build_smolvlm2_checkpoint
+
     from vlmcli.convert import convert_checkpoint
 
     name = "SmolVLM2-256M-Video-Instruct"
@@ -174,6 +176,7 @@ def real_vlm(cache: Path) -> tuple[Path, Path]:
 
 def real_clip(cache: Path) -> Path:
     from fixtures.clip import build_clip_checkpoint
+
     from vlmcli.convert.clip import convert_clip
 
     out = cache / "clip-b32-F16"
@@ -491,6 +494,8 @@ def main() -> None:
     ap.add_argument("--only", default="caption-tiny,caption-real,embed,classify,multiseq,mtmd-loop")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlmcli-bench"))
     args = ap.parse_args()
+    from report import print_table
+
     only = set(args.only.split(","))
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -498,13 +503,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     results: list[dict[str, Any]] = []
 
+    loop_rows: list[dict[str, Any]] = []
+
     def show(r: dict[str, Any]) -> None:
-        print(
-            f"{r['case']:<28} {r['images']:>4} images  plain {r['plain_images_per_s']:7.2f}/s  "
-            f"batch {r['batch_images_per_s']:7.2f}/s  ratio {r['ratio']:.2f}  "
-            + "  ".join(f"{k} {v:.1f}" for k, v in r["per_image_ms"].items()),
-            flush=True,
-        )
+        print(f"{r['case']}: done", file=sys.stderr, flush=True)
+        loop_rows.append(r)
         results.append(r)
 
     if "caption-tiny" in only:
@@ -533,26 +536,51 @@ def main() -> None:
                 )
             if "multiseq" in only:
                 ms = multi_sequence(model, args.threads, [1, 2, 4, 8])
-                print(
-                    "multi-sequence decode, 256M Q8_0: "
-                    + "  ".join(f"{n} seq {v['tokens_per_s']:.1f} tok/s (x{v['speedup']:.2f})" for n, v in ms.items()),
-                    flush=True,
+                print_table(
+                    "Multi-sequence decoding",
+                    ["sequences", "decode tokens/s", "vs one sequence"],
+                    [[n, f"{v['tokens_per_s']:.1f}", f"{v['speedup']:.2f}x"] for n, v in ms.items()],
+                    note=f"256M Q8_0 text model, {args.threads} threads",
                 )
                 results.append({"case": "multi-sequence decode 256M Q8_0", "threads": args.threads, "by_sequences": ms})
         if "mtmd-loop" in only:
             model, mmproj = real_vlm(cache)
             loop_paths = sample_folder(cache / f"sample-photos-{args.loop_images}", args.loop_images)
             r = mtmd_loop_case(model, mmproj, loop_paths, args.threads, args.loop_tokens, work, args.rounds)
-            print(
-                f"{r['case']}: {r['images']} images, -n {r['max_tokens']}, detail high: llama-mtmd-cli loop "
-                f"{r['plain_images_per_s']:.3f}/s, vlm caption {r['batch_images_per_s']:.3f}/s, ratio {r['ratio']:.2f}; "
+            print_table(
+                "`vlm caption FOLDER` against a loop of llama-mtmd-cli",
+                ["how", "images/s"],
+                [
+                    [
+                        "`vlm caption FOLDER` (one process, one model load)",
+                        f"{r['batch_images_per_s']:.3f} ({r['ratio']:.2f}x)",
+                    ],
+                    ["llama-mtmd-cli, one call per image", f"{r['plain_images_per_s']:.3f}"],
+                ],
+                note=f"{r['images']} photos at full tiling, {r['max_tokens']} tokens each, {args.threads} threads; "
                 f"generated tokens {r['generated_tokens']}, image tokens {r['image_tokens']}",
-                flush=True,
             )
             results.append(r)
+    if loop_rows:
+        print_table(
+            "Batch mode against a plain loop",
+            ["case", "images", "batch mode", "plain loop over the engine", "batch / plain", "per image, ms"],
+            [
+                [
+                    r["case"],
+                    r["images"],
+                    f"{r['batch_images_per_s']:.2f} img/s",
+                    f"{r['plain_images_per_s']:.2f} img/s",
+                    f"{r['ratio']:.2f}x",
+                    ", ".join(f"{k} {v:.1f}" for k, v in r["per_image_ms"].items()),
+                ]
+                for r in loop_rows
+            ],
+            note=f"{args.threads} threads, the best of {args.rounds} rounds",
+        )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench_batch.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {OUT / 'bench_batch.json'}")
+    print(f"wrote {OUT / 'bench_batch.json'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

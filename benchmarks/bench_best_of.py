@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vlm import SAMPLE, build_model  # noqa: E402
 from machine import cpu_description  # noqa: E402
+from report import print_table  # noqa: E402
 
 
 def main() -> None:
@@ -61,15 +62,8 @@ def main() -> None:
     engine.close()
     peer = {} if args.no_peer else llama_batched_bench(model, prompt_tokens, args.tokens, ns, args.threads, args.runs)
     base = statistics.median(wall[ns[0]])
-    print(
-        f"--best-of N, SmolVLM2-256M Q8_0 (+F16 mmproj) real size, random weights, low detail, {args.tokens} tokens "
-        f"per candidate, medians of {args.runs}; {cpu_description()}, {args.threads} threads"
-    )
-    print(
-        "| N | wall time | vs N=1 | decode tokens/s (all candidates) | vs one sequence | llama-batched-bench decode tokens/s |"
-    )
-    print("|---|---|---|---|---|---|")
     rows = []
+    cells = []
     for n in ns:
         w, tps = statistics.median(wall[n]), statistics.median(decode_tps[n])
         rows.append(
@@ -82,9 +76,22 @@ def main() -> None:
             }
         )
         theirs = f"{peer[n]:.0f}" if n in peer else "-"
-        print(
-            f"| {n} | {w:.2f} s | {w / base:.2f}x | {tps:.0f} | {tps / statistics.median(decode_tps[ns[0]]):.2f}x | {theirs} |"
-        )
+        one_sequence = tps / statistics.median(decode_tps[ns[0]])
+        cells.append([n, f"{w:.2f} s", f"{w / base:.2f}x", f"{tps:.0f}", f"{one_sequence:.2f}x", theirs])
+    print_table(
+        "`--best-of N`" if args.no_peer else "`--best-of N` against llama-batched-bench",
+        [
+            "N",
+            "wall time",
+            "vs N=1",
+            "decode tokens/s (all candidates)",
+            "vs one sequence",
+            "llama-batched-bench decode tokens/s",
+        ],
+        cells,
+        note=f"256M Q8_0 (+F16 mmproj) real size, low detail, {args.tokens} tokens per candidate, "
+        f"{args.threads} threads, medians of {args.runs}",
+    )
     out = Path(__file__).resolve().parent / "out"
     out.mkdir(exist_ok=True)
     (out / "best_of.json").write_text(json.dumps({"cpu": cpu_description(), "rows": rows}, indent=1))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vlm import SAMPLE, build_model, make_large_photo  # noqa: E402
-from machine import cpu_description  # noqa: E402
+from report import print_table  # noqa: E402
 
 
 def _drop_kv(root: Path) -> None:
@@ -77,7 +77,7 @@ def main() -> None:
                         image,
                         ["What is in this picture?"],
                         gen,
-                        on_token=lambda _t: first.append(time.perf_counter()) or None,
+                        on_token=lambda _t, first=first: first.append(time.perf_counter()) or None,
                     )
                 )
                 ttft = (first[0] if first else time.perf_counter()) - t0
@@ -89,16 +89,24 @@ def main() -> None:
         e.close()
     stats = EncodingCache(folder).stats()
     shutil.rmtree(folder, ignore_errors=True)
-    print(
-        f"Time to first token, SmolVLM2-256M Q8_0 (+F16 mmproj) real size, random weights, medians of {args.runs}; "
-        f"{cpu_description()}, {args.threads} threads"
-    )
-    print("| photo, detail | encoder passes | cold | embeddings cached | seen image (KV cached) | cold / seen |")
-    print("|---|---|---|---|---|---|")
+    rows = []
     for label in photos:
         cold, embd, kv = (statistics.median(times[(label, s)]) for s in ("cold", "embd", "kv"))
-        print(f"| {label} | {passes[label]} | {cold:.2f} s | {embd:.2f} s | {kv:.3f} s | {cold / kv:.0f}x |")
-    print(f"(cache folder after the last run: {stats.entries} entries, {stats.bytes / 2**20:.1f} MiB)")
+        rows.append([label, passes[label], f"{cold:.2f} s", f"{embd:.2f} s", f"{kv:.3f} s", f"{cold / kv:.0f}x"])
+    print_table(
+        "The image-encoding cache",
+        [
+            "photo, detail",
+            "encoder passes",
+            "new image",
+            "embeddings cached",
+            "seen image (KV cells cached)",
+            "new / seen",
+        ],
+        rows,
+        note=f"256M Q8_0 (+F16 mmproj) real size, time to first token, {args.threads} threads, medians of {args.runs}",
+        footer=f"(cache folder after the last run: {stats.entries} entries, {stats.bytes / 2**20:.1f} MiB)",
+    )
 
 
 if __name__ == "__main__":

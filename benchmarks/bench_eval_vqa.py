@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vlm import ROOT, build_model  # noqa: E402
-from machine import cpu_description  # noqa: E402
+from report import print_table  # noqa: E402
 
 QUESTIONS = [
     "What is in the picture?",
@@ -108,16 +108,22 @@ def main() -> None:
     report = json.loads(done.stdout)
     run = report["runs"][0]
     speed = run["speed"]
-    print(
-        f"vlm eval vqa, {report['questions']} questions over {report['images']} images, SmolVLM2-256M {args.quant} "
-        f"(+F16 mmproj) real size, random weights, low detail, answers capped at 16 tokens; "
-        f"{cpu_description()}, {args.threads} threads"
-    )
-    print("| questions | images | wall time (process) | per question | images/s | time to first token |")
-    print("|---|---|---|---|---|---|")
-    print(
-        f"| {report['questions']} | {report['images']} | {wall / 60:.1f} min | {wall / report['questions']:.2f} s "
-        f"| {speed.get('images_per_s', 0):.2f} | {speed.get('ttft_s', 0):.2f} s |"
+    questions, images = report["questions"], report["images"]
+    print_table(
+        f"`vlm eval vqa`, {questions:,} questions",
+        ["questions", "images", "wall time (process)", "per question", "images/s", "time to first token"],
+        [
+            [
+                f"{questions:,}",
+                images,
+                f"{wall / 60:.1f} min",
+                f"{wall / questions:.2f} s",
+                f"{speed.get('images_per_s', 0):.2f}",
+                f"{speed.get('ttft_s', 0):.2f} s",
+            ]
+        ],
+        note=f"256M {args.quant} (+F16 mmproj) real size, low detail, answers capped at 16 tokens, "
+        f"{args.threads} threads, a fresh `vlm eval vqa` process, model load included",
     )
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vlm import SAMPLE, build_model, make_large_photo  # noqa: E402
-from machine import cpu_description  # noqa: E402
+from report import print_table  # noqa: E402
 
 
 def q8_mmproj(cache: Path) -> Path:
@@ -89,17 +89,18 @@ def main() -> None:
                         vectors[label, t] = embeddings(Path(tmp))
     for e in engines.values():
         e.close()
-    print(
-        f"Vision projector type, SmolVLM2-256M real size, random weights, LM Q8_0, medians of {args.runs}; "
-        f"{cpu_description()}, {args.threads} threads"
-    )
-    print("| photo, detail | encoder F16 | encoder Q8_0 | Q8_0 / F16 | cosine Q8_0 to F16 (min over tokens) |")
-    print("|---|---|---|---|---|")
+    rows = []
     for label in photos:
         f16, q8 = (statistics.median(times[label, t]) for t in ("F16", "Q8_0"))
         a, b = vectors[label, "F16"], vectors[label, "Q8_0"]
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        print(f"| {label} | {f16:.2f} s | {q8:.2f} s | {q8 / f16:.2f}x | {cos.mean():.5f} ({cos.min():.5f}) |")
+        rows.append([label, f"{f16:.2f} s", f"{q8:.2f} s", f"{q8 / f16:.2f}x", f"{cos.mean():.5f} ({cos.min():.5f})"])
+    print_table(
+        "Vision projector, F16 against Q8_0",
+        ["photo, detail", "encoder F16", "encoder Q8_0", "Q8_0 / F16", "cosine Q8_0 to F16 (min over tokens)"],
+        rows,
+        note=f"256M real size, language model Q8_0, {args.threads} threads, medians of {args.runs}",
+    )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ The same images and the same task (built by the CLI's own builders) run five way
 images/s counts from the first record's dispatch to the last write (BatchSession's clock, as the
 summary line does): the actors' start and model load are reported apart (`start_s`). The overhead
 per item is (1 / ray x1 rate - 1 / local rate) at the same thread count: same CPUs, same model,
-so the difference is Ray's (dispatch, serialisation, the driver's writes). Rounds alternate local, x1, x2 so other load on the
-machine falls on all alike; medians are reported.
+so the difference is Ray's (dispatch, serialisation, the driver's writes). Rounds alternate local,
+x1, x2 so other load on the machine falls on all alike; medians are reported.
 
 Cases: caption on a real-size random-weight SmolVLM2-256M (Q8_0, --detail low, a few tokens: a
 real model's cost per image), and caption + embed on the tiny test fixtures (cheap items, where the
@@ -45,6 +45,7 @@ OUT = ROOT / "benchmarks" / "out"
 
 def tiny_clip(cache: Path) -> Path:
     from fixtures.clip import build_clip_checkpoint
+
     from vlmcli.convert.clip import convert_clip
 
     out = cache / "tiny-clip"
@@ -94,7 +95,7 @@ def run_ray(
     with RayPool(TaskRecipe(name, build, spec, args), RayOptions(workers=workers, cpus=cpus)) as pool:
         pool._wait_ready(workers)  # every actor up before the clock starts
         start = time.perf_counter() - t0
-        s = pool.task().run_batch(
+        s = pool.task().run(
             paths, JsonlSink(work / f"ray-{time.monotonic_ns()}.jsonl"), BatchOptions(handle_sigint=False)
         )
     assert s.failed == 0 and s.done == len(paths), s
@@ -143,13 +144,7 @@ def case(
             f"{cpus} threads": overhead(f"ray x1 ({cpus} CPUs)", f"local ({cpus} threads)"),
         },
     }
-    print(f"{label} ({len(paths)} images, medians of {rounds}):", flush=True)
-    for m, v in med.items():
-        print(f"  {m:<22} {v['images_per_s']:8.2f} images/s  (start {v['start_s']:.1f} s)", flush=True)
-    print(
-        "  overhead per item: " + ", ".join(f"{k} {v:+.2f} ms" for k, v in result["overhead_ms_per_item"].items()),
-        flush=True,
-    )
+    print(f"{label}: done ({len(paths)} images, {rounds} rounds)", file=sys.stderr, flush=True)
     return result
 
 
@@ -168,6 +163,7 @@ def main() -> None:
     import ray
     from bench_batch import make_folder, real_vlm, tiny_vlm
     from machine import cpu_description
+    from report import print_table
 
     from vlmcli.cli.clip import _embed_task
     from vlmcli.cli.vlm import _caption_task
@@ -183,7 +179,6 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     machine = cpu_description()
-    print(machine, f"ray {ray.__version__}", flush=True)
     gen = GenerationOptions(max_tokens=args.max_tokens, ignore_eos=True)
     caption_args = (gen, "Describe this image in one sentence.", 100_000_000, 1, "logprob")
     results = []
@@ -225,11 +220,25 @@ def main() -> None:
         )
     finally:
         ray.shutdown()
+    modes = list(results[0]["median"])
+    print_table(
+        "Batch mode on Ray",
+        ["images/s", *modes],
+        [[r["case"], *(f"{r['median'][m]['images_per_s']:.2f}" for m in modes)] for r in results],
+        note=f"Ray {ray.__version__}, a local cluster; images/s after the workers are up, medians of {args.rounds}",
+        footer="\n".join(
+            f"{r['case']} ({r['images']} images): workers up in "
+            + ", ".join(f"{m} {r['median'][m]['start_s']:.1f} s" for m in modes if m.startswith("ray"))
+            + "; Ray's cost per image: "
+            + ", ".join(f"{k} {v:+.2f} ms" for k, v in r["overhead_ms_per_item"].items())
+            for r in results
+        ),
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench_ray.json").write_text(
         json.dumps({"machine": machine, "ray": ray.__version__, "results": results}, indent=2)
     )
-    print(f"wrote {OUT / 'bench_ray.json'}")
+    print(f"wrote {OUT / 'bench_ray.json'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from machine import cpu_description  # noqa: E402
+from report import print_table  # noqa: E402
 
 SAMPLE = ROOT / "vlmcli" / "data" / "chelsea.jpg"
 OUT = ROOT / "benchmarks" / "out"
@@ -138,7 +139,7 @@ def start_server(vlm_dir: Path, clip: Path, workers: int, threads: int | None) -
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                raise SystemExit("the server did not start")
+                raise SystemExit("the server did not start") from None
             time.sleep(0.5)
 
 
@@ -157,7 +158,6 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     vlm_dir, clip = build(cache)
     cpu = cpu_description()
-    print(f"CPU: {cpu}", flush=True)
     data_url = "data:image/jpeg;base64," + base64.b64encode(SAMPLE.read_bytes()).decode()
     chat_body = {
         "model": vlm_dir.name,
@@ -199,27 +199,39 @@ def main() -> None:
             ("smolvlm2-256m", "/v1/chat/completions", chat_body),
             ("clip-b32", "/v1/embeddings", embed_body),
         ):
+            threads = f"{args.threads} threads" if args.threads else "shared cores"
             for level in [int(x) for x in args.levels.split(",")]:
                 rows.append(
                     {
                         "model": model,
-                        "how": f"serve ({args.workers} workers, {f'{args.threads} threads' if args.threads else 'shared cores'})",
+                        "how": f"serve ({args.workers} workers, {threads})",
                         **load(base + route, body, args.requests, level),
                     }
                 )
     finally:
         process.terminate()
         process.wait(60)
-    for r in rows:
-        print(
-            f"{r['model']:14s} {r['how']:26s} concurrency {r['concurrency']}: {r['req_s']:.2f} req/s, "
-            f"p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s ({r['requests']} requests)",
-            flush=True,
-        )
+    print_table(
+        "`vlm serve` against the CLI in a loop",
+        ["model", "how", "concurrency", "requests/s", "p50", "p95", "requests"],
+        [
+            [
+                r["model"],
+                r["how"],
+                r["concurrency"],
+                f"{r['req_s']:.2f}",
+                f"{r['p50_s']:.2f} s",
+                f"{r['p95_s']:.2f} s",
+                r["requests"],
+            ]
+            for r in rows
+        ],
+        note=f"the small photo as a data: URL, {args.tokens} greedy tokens; latency includes queueing",
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     dest = OUT / "bench_serve.json"
     dest.write_text(json.dumps({"cpu": cpu, "tokens": args.tokens, "rows": rows}, indent=1))
-    print(f"written to {dest}")
+    print(f"written to {dest}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from machine import cpu_description  # noqa: E402
+from report import print_table  # noqa: E402
 
 PHOTOS = sorted(p for p in (ROOT / "vlmcli" / "data" / "sample").rglob("*.jpg"))
 OUT = ROOT / "benchmarks" / "out"
@@ -118,24 +119,28 @@ def main() -> None:
                     results[wname][sname].append(procs * n / wall)
                     print(
                         f"round {r + 1}: {wname}, {sname}: {procs * n / wall:.2f} images/s in all ({wall:.1f} s)",
+                        file=sys.stderr,
                         flush=True,
                     )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     cpu = cpu_description()
-    print(f"\nCPU: {cpu}; medians of {args.rounds} rounds, total images/s of all processes")
     table = {}
+    rows = []
     for wname, by in results.items():
         alone = statistics.median(by["alone"])
         table[wname] = {s: statistics.median(v) for s, v in by.items()}
-        cells = ", ".join(
-            f"{s} {statistics.median(v):.2f} ({statistics.median(v) / alone:.2f}x)" for s, v in by.items()
-        )
-        print(f"{wname}: {cells}")
+        rows.append([wname, *(f"{m:.2f} ({m / alone:.2f}x)" for m in table[wname].values())])
+    print_table(
+        "Two processes on the same cores",
+        ["workload", "one process alone", "two, default threads (each its share)", f"two, each `-t {cpus}`"],
+        rows,
+        note=f"total images/s of all processes, load included; medians of {args.rounds} rounds",
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     dest = OUT / "bench_shared_cores.json"
     dest.write_text(json.dumps({"cpu": cpu, "rounds": args.rounds, "medians": table, "runs": results}, indent=1))
-    print(f"written to {dest}")
+    print(f"written to {dest}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ CHAT_PROMPT = f"<|im_start|>User:<image>{PROMPT}<end_of_utterance>\nAssistant:"
 def build_model(size: str, quant: str, cache: Path) -> tuple[Path, Path]:
     """Build (once, cached) the real-size random-weight checkpoint (cache/NAMES[size]) and convert it."""
     from fixtures.smolvlm2 import build_smolvlm2_checkpoint
+
     from vlmcli.convert import convert_checkpoint
 
     name = NAMES[size]
@@ -263,6 +264,7 @@ def peers(args: argparse.Namespace, model: Path, mmproj: Path) -> None:
     from bench_clip import torch_python
     from llama_tools import tool
     from machine import cpu_description
+    from report import print_table
 
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     n, threads = str(args.tokens), str(args.threads)
@@ -366,30 +368,48 @@ def peers(args: argparse.Namespace, model: Path, mmproj: Path) -> None:
             "peak_rss_mb": row["peak_rss_mb"] / base["peak_rss_mb"],
         }
     load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(
-        f"SmolVLM2 {args.size} {args.quant} (+F16 mmproj; transformers: F32 checkpoint), random weights, "
-        f"451x300 photo, full tiling, {args.tokens} tokens (EOS ignored), greedy, {args.threads} threads; "
-        f"medians of {args.runs} interleaved runs, each a fresh process"
-    )
-    print(f"CPU: {cpu_description()}")
-    print(
-        f"{'peer':<16} {'wall s':>12} {'TTFT s':>12} {'decode tok/s':>14} {'peak RSS MB':>14} "
-        f"{'load s':>7} {'TTFT-load':>9} {'encode s':>8} {'prefill s':>9} {'passes':>6} {'img tok':>7} {'gen':>4}"
-    )
     fmt = lambda v, d: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    cells = []
     for r in rows:
         x = r["vlm_x"]
-        print(
-            f"{r['name']:<16} {r['wall_s']:>6.1f} x{x['wall_s']:<4.2f} {r['launch_ttft_s']:>6.1f} "
-            f"x{x['launch_ttft_s']:<4.2f} {r['decode_tok_s']:>8.1f} x{x['decode_tok_s']:<4.2f} "
-            f"{r['peak_rss_mb']:>8.0f} x{x['peak_rss_mb']:<4.2f} {fmt(r['load_s'], 2):>7} {fmt(r['ttft_s'], 1):>9} "
-            f"{fmt(r['encode_s'], 1):>8} {fmt(r['prefill_s'], 2):>9} {r.get('encoder_passes') or '-':>6} "
-            f"{r.get('image_tokens', '-'):>7} {r.get('generated', '-'):>4}"
+        cells.append(
+            [
+                r["name"],
+                f"{r['wall_s']:.1f} s ({x['wall_s']:.2f}x vlm)",
+                f"{r['launch_ttft_s']:.1f} s",
+                f"{r['decode_tok_s']:.1f} ({x['decode_tok_s']:.2f}x)",
+                f"{r['peak_rss_mb']:,.0f} MB ({x['peak_rss_mb']:.2f}x)",
+                f"{fmt(r['load_s'], 2)} s",
+                f"{fmt(r['ttft_s'], 1)} s",
+                f"{fmt(r['encode_s'], 1)} s",
+                f"{fmt(r['prefill_s'], 2)} s",
+                r.get("encoder_passes") or "-",
+                r.get("image_tokens", "-"),
+                r.get("generated", "-"),
+            ]
         )
-    print(
-        f"(x: vlm's advantage, > 1 where vlm is faster or smaller; wall, TTFT and RSS: the whole process from "
-        f"its launch, load and imports included; TTFT-load: from the end of each one's own load; mtmd-cli's prefill: "
-        f"its image batches only; load average before {load_before}, after {load_after})"
+    print_table(
+        f"SmolVLM2 {args.size} against llama-mtmd-cli and transformers",
+        [
+            f"SmolVLM2 {args.size}, full tiling",
+            "wall (launch to exit)",
+            "time to first token (from launch)",
+            "decode tok/s",
+            "peak RSS",
+            "load",
+            "first token after load",
+            "encode",
+            "prefill",
+            "encoder passes",
+            "image tokens",
+            "generated",
+        ],
+        cells,
+        note=f"{args.quant} (+F16 mmproj; transformers: the F32 checkpoint), the small photo at full tiling, "
+        f"{args.tokens} greedy tokens (EOS ignored), {args.threads} threads, encoding cache off, "
+        f"medians of {args.runs} interleaved runs, each a fresh process",
+        footer=f"(Nx: the peer against vlm; wall, first token and RSS count the whole process from its launch; "
+        f"mtmd-cli's prefill: its image batches only; load average before {load_before}, after {load_after})",
     )
     OUT.mkdir(parents=True, exist_ok=True)
     dest = OUT / f"vlm-peers-{args.size}-{args.quant}-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -473,15 +493,52 @@ def main() -> None:
             rows.append(med)
             print(
                 f"{args.size} {args.quant} {image_name:5s} {detail:4s}: passes {med['encoder_passes']:.0f}, "
-                f"image tokens {med['image_tokens']:.0f}, load {med['load_ms']:.0f} ms, encode {med['image_encode_ms']:.0f} ms, "
+                f"image tokens {med['image_tokens']:.0f}, load {med['load_ms']:.0f} ms, "
+                f"encode {med['image_encode_ms']:.0f} ms, "
                 f"prefill {med['prefill_tok_s']:.0f} tok/s, decode {med['decode_tok_s']:.1f} tok/s, "
-                f"TTFT {med['ttft_ms']:.0f} ms, image {1 / med['image_total_s']:.3f} img/s, peak RSS {med['peak_rss_mb']:.0f} MB",
+                f"TTFT {med['ttft_ms']:.0f} ms, image {1 / med['image_total_s']:.3f} img/s, "
+                f"peak RSS {med['peak_rss_mb']:.0f} MB",
+                file=sys.stderr,
                 flush=True,
             )
+    from report import print_table
+
+    print_table(
+        "SmolVLM2 by model, photo and detail",
+        [
+            f"SmolVLM2 {args.quant} (+F16 mmproj)",
+            "detail",
+            "encoder passes",
+            "image tokens",
+            "time to first token",
+            "img/s",
+            "decode tok/s",
+            "prefill tok/s",
+            "load",
+            "peak RSS",
+        ],
+        [
+            [
+                f"{r['size'].upper()}, {r['image']}",
+                r["detail"],
+                f"{r['encoder_passes']:.0f}",
+                f"{r['image_tokens']:.0f}",
+                f"{r['ttft_ms'] / 1000:.1f} s",
+                f"{1 / r['image_total_s']:.3f}",
+                f"{r['decode_tok_s']:.0f}",
+                f"{r['prefill_tok_s']:.0f}",
+                f"{r['load_ms'] / 1000:.2f} s",
+                f"{r['peak_rss_mb'] / 1024:.2f} GB",
+            ]
+            for r in rows
+        ],
+        note=f"{args.tokens} generated tokens, {args.threads} threads, medians of {args.runs} runs, "
+        "each in a fresh process",
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     dest = OUT / f"vlm-{args.size}-{args.quant}.json"
     dest.write_text(json.dumps(rows, indent=1))
-    print(f"(medians of {args.runs} runs; written to {dest})")
+    print(f"written to {dest}", file=sys.stderr)
 
 
 if __name__ == "__main__":
