@@ -1,4 +1,4 @@
-"""The registry (models.toml, user entries, the Python 3.10 TOML subset) and the store's folders."""
+"""The registry (models.toml, user entries) and the store's folders."""
 
 from __future__ import annotations
 
@@ -11,12 +11,7 @@ from pathlib import Path
 import pytest
 
 from vlmcli.errors import ModelError
-from vlmcli.store.registry import (
-    load_registry,
-    package_registry_path,
-    parse_toml_subset,
-    read_registry_file,
-)
+from vlmcli.store.registry import load_registry, package_registry_path, read_registry_file
 from vlmcli.store.store import Store, StoreError, config_dir, store_root, write_manifest
 
 
@@ -67,37 +62,41 @@ def test_the_shipped_file_is_the_package_copy():
     assert package_registry_path().read_text() == (Path(__file__).parent.parent / "models.toml").read_text()
 
 
-def test_toml_subset_parser_matches_tomllib_on_the_registry():
-    tomllib = pytest.importorskip("tomllib")
-    text = package_registry_path().read_text(encoding="utf-8")
-    assert parse_toml_subset(text) == tomllib.loads(text)
-
-
-def test_toml_subset_parser_reads_what_user_files_use():
-    text = textwrap.dedent(
-        """
-        # comment
-        [models."my.model"]   # quoted key with a dot
-        kind = "vlm"          # trailing comment
-        note = "a # inside a string, and \\"quotes\\""
-        size_mb = 1_200
-        ratio = 0.5
-        flag = true
-        files = ["a.json", "b-*.safetensors",]
-        [models."my.model".gguf.quants.Q4_K_M]
-        model = "x.gguf"
-        """
+def test_user_files_read_as_toml(tmp_path: Path):
+    path = tmp_path / "models.toml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            # comment
+            [models."my.model"]   # quoted key with a dot
+            kind = "clip"         # trailing comment
+            description = "a # inside a string, and \\"quotes\\""
+            size_mb = 1_200
+            [models."my.model".convert]
+            repo = "me/clip"
+            files = [
+                "config.json",    # a list over several lines
+                "model.safetensors",
+            ]
+            """
+        )
     )
-    data = parse_toml_subset(text)
-    m = data["models"]["my.model"]
-    assert m["note"] == 'a # inside a string, and "quotes"'
-    assert (m["size_mb"], m["ratio"], m["flag"]) == (1200, 0.5, True)
-    assert m["files"] == ["a.json", "b-*.safetensors"]
-    assert m["gguf"]["quants"]["Q4_K_M"]["model"] == "x.gguf"
-    with pytest.raises(ModelError, match="line 2: unsupported TOML value"):
-        parse_toml_subset("[a]\nx = 2026-01-01T00:00:00\n")
-    with pytest.raises(ModelError, match="duplicate key"):
-        parse_toml_subset("x = 1\nx = 2\n")
+    entry = read_registry_file(path)["my.model"]
+    assert entry.description == 'a # inside a string, and "quotes"'
+    assert entry.size_mb == 1200.0 and entry.origin == str(path)
+    assert entry.convert is not None and entry.convert.files == ("config.json", "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [("[models.m]\nkind = clip\n", "line 2"), ("[models.m]\nkind = 1\nkind = 2\n", "line 3")],
+)
+def test_invalid_toml_names_the_file_and_line(tmp_path: Path, text: str, where: str):
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    with pytest.raises(ModelError) as e:
+        read_registry_file(path)
+    assert "invalid TOML" in str(e.value) and where in str(e.value) and str(path) in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -133,7 +132,8 @@ def test_user_registries_add_and_override_entries(tmp_path: Path):
     home.parent.mkdir(parents=True)
     cfg.write_text(
         '[models.mine]\nkind = "clip"\ndescription = "from config"\n[models.mine.convert]\nrepo = "me/clip"\n'
-        '[models.clip-vit-b32]\nkind = "clip"\ndescription = "my override"\n[models.clip-vit-b32.convert]\nrepo = "me/b32"\n'
+        '[models.clip-vit-b32]\nkind = "clip"\ndescription = "my override"\n'
+        '[models.clip-vit-b32.convert]\nrepo = "me/b32"\n'
     )
     home.write_text(
         '[models.mine]\nkind = "clip"\ndescription = "from VLM_HOME"\n[models.mine.convert]\nrepo = "me/clip2"\n'

@@ -6,7 +6,6 @@ safetensors checkpoint to convert), which quantizations exist and which one `vlm
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -15,6 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlmcli.errors import ModelError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 ModelKindName = Literal["vlm", "clip"]
 SourceName = Literal["gguf", "convert"]
@@ -144,120 +148,14 @@ class Registry:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading TOML. Python 3.11+ has tomllib; 3.10 reads the small subset models.toml uses.
+# Reading TOML: the standard library's tomllib (3.11+), its backport tomli below.
 
 
 def _parse_toml(text: str, path: Path) -> dict[str, Any]:
-    if sys.version_info >= (3, 11):
-        import tomllib
-
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ModelError(f"invalid TOML: {e}", path) from None
-    return parse_toml_subset(text, path)
-
-
-_BARE_KEY = r"[A-Za-z0-9_-]+"
-_KEY = rf'(?:{_BARE_KEY}|"[^"\\]*")'
-_KEY_PATH_RE = re.compile(rf"^\s*{_KEY}(?:\s*\.\s*{_KEY})*\s*$")
-_KEY_PART_RE = re.compile(rf'\s*({_BARE_KEY}|"[^"\\]*")\s*(?:\.|$)')
-_STRING_RE = re.compile(r'"((?:[^"\\]|\\.)*)"')
-
-
-def _split_key_path(raw: str, path: Path, lineno: int) -> list[str]:
-    if not _KEY_PATH_RE.match(raw):
-        raise ModelError(f"line {lineno}: unsupported TOML key {raw.strip()!r}", path)
-    return [p.strip('"') for p in _KEY_PART_RE.findall(raw)]
-
-
-def _strip_comment(line: str) -> str:
-    """Drop a trailing # comment that is not inside a string."""
-    in_string = False
-    escaped = False
-    for i, ch in enumerate(line):
-        if escaped:
-            escaped = False
-        elif ch == "\\" and in_string:
-            escaped = True
-        elif ch == '"':
-            in_string = not in_string
-        elif ch == "#" and not in_string:
-            return line[:i]
-    return line
-
-
-def _unescape(s: str) -> str:
-    # TOML basic-string escapes (\\ \" \n \t \uXXXX) are a subset of JSON's.
-    return json.loads(f'"{s}"') if "\\" in s else s
-
-
-def _parse_value(raw: str, path: Path, lineno: int) -> Any:
-    raw = raw.strip()
-    if raw.startswith('"'):
-        m = _STRING_RE.fullmatch(raw)
-        if not m:
-            raise ModelError(f"line {lineno}: unterminated or unsupported string", path)
-        return _unescape(m.group(1))
-    if raw in ("true", "false"):
-        return raw == "true"
-    if raw.startswith("[") and raw.endswith("]"):
-        inner = raw[1:-1].strip()
-        items: list[Any] = []
-        while inner:
-            m = _STRING_RE.match(inner)
-            if not m:
-                raise ModelError(f"line {lineno}: only one-line lists of strings are supported here", path)
-            items.append(_unescape(m.group(1)))
-            inner = inner[m.end() :].strip()
-            if inner.startswith(","):
-                inner = inner[1:].strip()
-            elif inner:
-                raise ModelError(f"line {lineno}: expected ',' in list", path)
-        return items
     try:
-        return int(raw.replace("_", ""))
-    except ValueError:
-        pass
-    try:
-        return float(raw.replace("_", ""))
-    except ValueError:
-        raise ModelError(
-            f"line {lineno}: unsupported TOML value {raw!r} (Python 3.10 reads a subset: strings, numbers, "
-            "booleans, one-line lists of strings)",
-            path,
-        ) from None
-
-
-def parse_toml_subset(text: str, path: Path = Path("models.toml")) -> dict[str, Any]:
-    """Parse [dotted.table] headers and key = value lines (string, number, bool, list of strings)."""
-    root: dict[str, Any] = {}
-    table = root
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = _strip_comment(line).strip()
-        if not line:
-            continue
-        if line.startswith("["):
-            if line.startswith("[[") or not line.endswith("]"):
-                raise ModelError(f"line {lineno}: unsupported table header {line!r}", path)
-            table = root
-            for part in _split_key_path(line[1:-1], path, lineno):
-                nxt = table.setdefault(part, {})
-                if not isinstance(nxt, dict):
-                    raise ModelError(f"line {lineno}: {part!r} is already a value", path)
-                table = nxt
-            continue
-        key, eq, value = line.partition("=")
-        if not eq:
-            raise ModelError(f"line {lineno}: expected key = value", path)
-        parts = _split_key_path(key, path, lineno)
-        target = table
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-        if parts[-1] in target:
-            raise ModelError(f"line {lineno}: duplicate key {parts[-1]!r}", path)
-        target[parts[-1]] = _parse_value(value, path, lineno)
-    return root
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ModelError(f"invalid TOML: {e}", path) from None
 
 
 # ----------------------------------------------------------------------------------------------
