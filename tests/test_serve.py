@@ -38,6 +38,8 @@ def _free_port() -> int:
 
 
 class Server:
+    allowed: Path  # the --allow-files folder, where the server has one
+
     def __init__(self, port: int, process: subprocess.Popen, vlm_id: str, clip_id: str):
         self.port, self.process, self.vlm_id, self.clip_id = port, process, vlm_id, clip_id
         self.url = f"http://127.0.0.1:{port}"
@@ -116,7 +118,7 @@ def server(model_dir: Path, clip_gguf: Path, tmp_path_factory):
                 process.kill()
                 pytest.fail(f"the server did not start:\n{log.read()}")
             time.sleep(0.2)
-    s.allowed = allowed  # type: ignore[attr-defined]
+    s.allowed = allowed
     yield s
     pids = [w["pid"] for m in s.health()["models"].values() for w in m["workers"]]
     process.send_signal(signal.SIGTERM)  # stops accepting, finishes what is in flight, stops the workers
@@ -185,7 +187,7 @@ HISTORY = [
 
 def _counter(server: Server, name: str, model: str) -> int:
     line = next(x for x in server.get("/metrics")[1].splitlines() if x.startswith(f'{name}{{model="{model}"}}'))
-    return int(line.split()[-1])
+    return int(float(line.split()[-1]))  # Prometheus writes every sample as a float ("3.0")
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +248,7 @@ def test_chat_history_reaches_the_model(server: Server, cli_answer: dict, direct
 
 
 def test_chat_with_an_allowed_file(server: Server, cli_answer: dict) -> None:
-    r = _chat(server, image_url=str(server.allowed / "cat.jpg"))  # type: ignore[attr-defined]
+    r = _chat(server, image_url=str(server.allowed / "cat.jpg"))
     assert r.choices[0].message.content == cli_answer["answers"][0]["answer"]
 
 
@@ -371,6 +373,19 @@ def test_embeddings_take_content_parts_as_chat_does(server: Server, clip_gguf: P
     assert e.value.body["param"] == "input[1]" and "input_audio" in e.value.body["message"]
 
 
+def test_embeddings_errors_name_the_failing_input(server: Server) -> None:
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"this is not an image").decode()
+    for bad_item, code in (
+        (not_an_image, "invalid_image"),  # refused by the worker that decodes it
+        ({"type": "image_url", "image_url": {"url": not_an_image}}, "invalid_image"),
+        ("data:image/png;base64,%%%", "invalid_image_url"),  # refused before any worker sees it
+        (7, None),  # a token array's item
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            server.client.embeddings.create(model=server.clip_id, input=["a cat", "a dog", bad_item])
+        assert e.value.body["param"] == "input[2]" and e.value.body["code"] == code, e.value.body
+
+
 def _error(status: int, body: dict, code: int) -> dict:
     assert status == code, body
     assert set(body["error"]) == {"message", "type", "param", "code"}
@@ -395,6 +410,23 @@ def test_error_statuses(server: Server) -> None:
     assert (
         _error(*server.post("/v1/chat/completions", json.dumps(bad_tokens).encode())[:2], 400)["param"] == "max_tokens"
     )
+    # Each field the request models refuse is named as OpenAI names it.
+    content = bad_tokens["messages"][0]["content"]
+    for field, value, param in (
+        ("temperature", "hot", "temperature"),
+        ("n", True, "n"),
+        ("stop", ["ok", ""], "stop[1]"),
+        ("messages", [{"role": "user", "content": [*content, {"type": "input_audio"}]}], "messages[0].content[2]"),
+        ("messages", [{"role": "user", "content": "\ud800"}], "messages[0].content[0].text"),
+        ("messages", [{"role": "user"}], "messages[0].content"),
+    ):
+        body = json.dumps({**bad_tokens, "max_tokens": 2, field: value}).encode()
+        assert _error(*server.post("/v1/chat/completions", body)[:2], 400)["param"] == param, field
+    # A body is JSON only when its Content-Type says so (a browser's cross-site form cannot be).
+    good = json.dumps({**bad_tokens, "max_tokens": 2}).encode()
+    assert _error(*server.post("/v1/chat/completions", good, {"Content-Type": "text/plain"})[:2], 400)["code"] == (
+        "invalid_json"
+    )
     import http.client
 
     conn = http.client.HTTPConnection(
@@ -416,7 +448,7 @@ def test_error_statuses(server: Server) -> None:
     assert e.value.body["code"] == "invalid_image"
     from PIL import Image
 
-    bomb = Path(server.allowed) / "bomb.png"  # type: ignore[attr-defined]
+    bomb = server.allowed / "bomb.png"
     Image.new("1", (9000, 9000)).save(bomb)  # 81 Mpixels in a few kB: over the 64 Mpixel cap
     with pytest.raises(openai.BadRequestError) as e:
         _chat(server, image_url="data:image/png;base64," + base64.b64encode(bomb.read_bytes()).decode())
@@ -582,6 +614,30 @@ def test_api_key_is_required(keyed_server: Server) -> None:
         keyed_server.client.models.list()
     keyed = openai.OpenAI(base_url=keyed_server.url + "/v1", api_key="sesame", max_retries=0, timeout=60)
     assert [m.id for m in keyed.models.list()] == [keyed_server.vlm_id]
+    # The scheme is case-insensitive (RFC 7235); the key is not.
+    for header, status in (("bearer sesame", 200), ("BEARER  sesame", 200), ("Bearer Sesame", 401), ("sesame", 401)):
+        req = urllib.request.Request(keyed_server.url + "/v1/models", headers={"Authorization": header})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                got = r.status
+        except urllib.error.HTTPError as e:
+            got = e.code
+        assert got == status, header
+
+
+def test_metrics_label_unknown_paths_as_one_route(keyed_server: Server) -> None:
+    """Paths a client makes up, with or without the key, add no series of their own."""
+    paths = [f"/v1/made-up-{i}" for i in range(3)]
+    for path in paths:
+        assert keyed_server.post(path, b"{}")[0] == 401  # no key
+    status, err, _ = keyed_server.post(paths[0], b"{}", {"Authorization": "Bearer sesame"})
+    assert _error(status, err, 404)["type"] == "not_found_error"
+    text = keyed_server.get("/metrics")[1]
+    assert "made-up" not in text
+    assert 'vlm_requests_total{route="other",status="401"}' in text
+    assert 'vlm_requests_total{route="other",status="404"}' in text
+    assert keyed_server.post("/v1/models", b"{}")[0] == 401  # a known route without the key keeps its name
+    assert 'vlm_requests_total{route="/v1/models",status="401"}' in keyed_server.get("/metrics")[1]
 
 
 def test_concurrent_clients_get_their_own_answers(keyed_server: Server) -> None:
@@ -671,7 +727,7 @@ def image_host():
             except OSError:  # the client stopped reading (a body over the cap)
                 pass
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             path = self.path
             if path == "/cat.jpg":
                 self.send(200, SAMPLE.read_bytes())
@@ -774,7 +830,7 @@ def test_the_most_recently_idle_worker_takes_the_next_job() -> None:
     waiting job goes to the next idle worker."""
     import threading
 
-    from vlmcli.serve.workers import ModelPool, WorkerSpec
+    from vlmcli.serve.workers import Job, ModelPool, WorkerSpec
 
     pool = ModelPool(WorkerSpec(model="m", kind="clip", name="m"), workers=2, queue_size=4)
     first, second = pool.workers
@@ -791,11 +847,12 @@ def test_the_most_recently_idle_worker_takes_the_next_job() -> None:
     b.start()
     while second not in pool._idle:
         time.sleep(0.01)
-    pool.submit("job 1")  # type: ignore[arg-type]
+    job1, job2 = (Job("embed", {}, lambda event: None, 60.0) for _ in range(2))
+    pool.submit(job1)
     b.join(5)
-    assert got == {"second": "job 1"} and a.is_alive()  # the later idle one took it
-    pool.submit("job 2")  # type: ignore[arg-type]
+    assert got == {"second": job1} and a.is_alive()  # the later idle one took it
+    pool.submit(job2)
     a.join(5)
-    assert got["first"] == "job 2"
+    assert got["first"] is job2
     pool.closing = True
     assert pool.take(first) is None

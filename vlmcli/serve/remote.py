@@ -96,7 +96,8 @@ def _read_capped(response: Any, max_bytes: int, deadline: float, timeout: float)
     """The body, refused past max_bytes or the deadline. The socket timeout bounds each read, not the
     whole (a server trickling bytes would hold the fetch forever), so read1 returns what one read
     got and the deadline is checked between reads."""
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         if time.monotonic() > deadline:
             raise FetchError(f"fetching the image URL took more than {timeout:g} s")
