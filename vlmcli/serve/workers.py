@@ -22,7 +22,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vlmcli.tasks.models import Kind
 
 # Job outcomes the front end maps to HTTP statuses.
 
@@ -54,7 +57,7 @@ class WorkerSpec:
     """What one worker opens: `vlm serve --model` with the shared options."""
 
     model: str
-    kind: str  # vlm | clip
+    kind: Kind
     name: str  # the id clients use (GET /v1/models)
     mmproj: str | None = None
     n_threads: int | None = None
@@ -70,9 +73,20 @@ class WorkerSpec:
 # ---- the child process -----------------------------------------------------------------------
 
 
+class InputFailed(Exception):
+    """One input of a request failed (an embeddings item): the failure, and the param that names the input."""
+
+    def __init__(self, param: str, error: BaseException):
+        super().__init__(f"{param}: {error}")
+        self.param, self.error = param, error
+
+
 def _classify(exc: BaseException) -> tuple[str, str, str | None]:
     from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
 
+    if isinstance(exc, InputFailed):
+        kind, message, _ = _classify(exc.error)
+        return kind, f"{exc.param}: {message}", exc.param
     if isinstance(exc, InvalidOption):
         return "option", exc.message, exc.option
     if isinstance(exc, ContextOverflow):
@@ -230,8 +244,7 @@ def _run_embed(opened: Any, spec: WorkerSpec, job: dict[str, Any]) -> dict[str, 
             try:
                 prepared.append(images.prepare_decoded(_decode_image(data, spec.max_pixels)))
             except VlmError as e:
-                e.message = f"input[{i}]: {e.message}"
-                raise
+                raise InputFailed(f"input[{i}]", e) from None
         for (i, _), r in zip(chunk, images.run(prepared)):
             rows[i] = r
     for start in range(0, len(text_items), texts.batch_size):
@@ -240,9 +253,9 @@ def _run_embed(opened: Any, spec: WorkerSpec, job: dict[str, Any]) -> dict[str, 
             rows[i] = r
     out = []
     tokens = 0
-    for r in rows:
+    for i, r in enumerate(rows):
         if isinstance(r, VlmError):
-            raise r
+            raise InputFailed(f"input[{i}]", r)
         out.append(r["embedding"].astype("<f4").tobytes())
     for _, t in text_items:
         tokens += len(t.split())  # whitespace words: a rough count for `usage` (CLIP truncates at 77 tokens)
@@ -280,9 +293,9 @@ def _child_main(spec: WorkerSpec, conn: Any) -> None:
                 spec.max_tiles,
                 n_sequences=spec.max_n if spec.kind == "vlm" else 1,
             ),
-            spec.kind,  # type: ignore[arg-type]
+            spec.kind,
         )
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which refuses to start
+    except BaseException as e:  # reported to the parent, which refuses to start
         kind, message, param = _classify(e)
         send(("failed", message))
         return
@@ -320,7 +333,7 @@ def _child_main(spec: WorkerSpec, conn: Any) -> None:
             else:
                 raise ValueError(f"unknown job kind {kind!r}")
             send(("done", result))
-        except BaseException as e:  # noqa: BLE001 - every failure becomes a reply; the worker goes on
+        except BaseException as e:  # every failure becomes a reply; the worker goes on
             ekind, emessage, param = _classify(e)
             send(("error", ekind, emessage, param))
 
@@ -431,7 +444,7 @@ class Worker:
             self.current = job
             try:
                 self._run(job)
-            except Exception as e:  # noqa: BLE001 - the supervisor must outlive any one job
+            except Exception as e:  # the supervisor must outlive any one job
                 job.emit(("error", e))
             finally:
                 self.current = None
@@ -506,7 +519,7 @@ class ModelPool:
         def start(w: Worker) -> None:
             try:
                 w.start_process()
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:  # reported by start(), which closes the pool
                 errors.append(e)
 
         threads = [threading.Thread(target=start, args=(w,)) for w in self.workers]
