@@ -63,7 +63,7 @@ def load_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(source)
+            im: Image.Image = Image.open(source)
             if im.format not in SUPPORTED_FORMATS:
                 raise ImageError(f"unsupported image format {im.format}", p)
             w, h = im.size
