@@ -14,12 +14,12 @@ import gguf
 import numpy as np
 import pytest
 from fixtures.clip import VIT_L14_OVERRIDES, build_clip_checkpoint, read_gguf
+
 from vlmcli.convert.clip import convert_clip
 from vlmcli.convert.safetensors_io import load_safetensors
-
 from vlmcli.engines.clip_tokenizer import DEFAULT_MERGES_FILE, read_merges_file, vocabulary_from_merges
-from vlmcli.engines.gguf_check import require_kind
 from vlmcli.errors import ModelError, VlmError
+from vlmcli.gguf.validate import require_kind
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert" / "clip.py"
 

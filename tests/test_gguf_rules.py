@@ -1,4 +1,4 @@
-"""The validation table (vlmcli/engines/gguf_rules.py) on the converted fixtures, and the other load-time
+"""The validation table (vlmcli/gguf/rules.py) on the converted fixtures, and the other load-time
 and use-time checks of issue 11: chat templates, image shapes mtmd cannot take, engine options."""
 
 from __future__ import annotations
@@ -8,13 +8,14 @@ from pathlib import Path
 import fuzzing as fz
 import pytest
 
-from vlmcli.engines import gguf_rules
 from vlmcli.engines.detail import VisionGeometry, check_image_shape
-from vlmcli.engines.gguf_check import inspect_gguf, require_kind
-from vlmcli.engines.gguf_rules import InvalidModelValue
 from vlmcli.engines.llama import EngineOptions, GenerationOptions
 from vlmcli.engines.prompt import ChatPrompt, TemplateProblem, render_user_turn
 from vlmcli.errors import ImageError, InvalidOption, ModelError
+from vlmcli.gguf import rules as gguf_rules
+from vlmcli.gguf.reader import inspect_gguf
+from vlmcli.gguf.rules import InvalidModelValue
+from vlmcli.gguf.validate import require_kind
 
 # Numeric keys nothing native sizes anything by (informational, or flags read as booleans).
 UNCHECKED = {

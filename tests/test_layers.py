@@ -20,6 +20,16 @@ FORBIDDEN = {
     "store": ("vlmcli.cli", "vlmcli.capi", "vlmcli.tasks"),
     "capi": ("vlmcli.cli",),
     "serve": ("vlmcli.cli", "vlmcli.capi"),
+    # pure Python under the engines and the store: reads and checks files, loads nothing native
+    "gguf": (
+        "vlmcli.cli",
+        "vlmcli.capi",
+        "vlmcli.serve",
+        "vlmcli.tasks",
+        "vlmcli.store",
+        "vlmcli.engines",
+        "vlmcli.convert",
+    ),
 }
 
 

@@ -27,7 +27,7 @@ from fixtures.hub_server import (
     vlm_command,
 )
 
-from vlmcli.engines.gguf_check import require_kind
+from vlmcli.gguf.validate import require_kind
 
 GGUF_MODEL = "SmolVLM2-256M-Video-Instruct-Q8_0.gguf"
 GGUF_MMPROJ = "mmproj-SmolVLM2-256M-Video-Instruct-f16.gguf"

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmcli.engines.gguf_check import inspect_gguf
 from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
 from vlmcli.engines.prompt import ChatPrompt, render_user_turn
 from vlmcli.errors import VlmError
+from vlmcli.gguf.reader import inspect_gguf
 from vlmcli.images import load_image
 
 SAMPLE = Path(__file__).resolve().parents[1] / "vlmcli" / "data" / "chelsea.jpg"
@@ -157,8 +157,8 @@ def test_prompt_longer_than_context_is_refused(smolvlm2_gguf) -> None:
 
 def test_projector_of_another_model_is_refused(smolvlm2_gguf, tmp_path: Path) -> None:
     from fixtures.smolvlm2 import build_smolvlm2_checkpoint, make_config
-    from vlmcli.convert.smolvlm2 import convert_smolvlm2
 
+    from vlmcli.convert.smolvlm2 import convert_smolvlm2
     from vlmcli.errors import ModelError
 
     config = make_config(size="tiny")

@@ -2,9 +2,10 @@
 
     python scripts/convert/clip.py CHECKPOINT_DIR --out DIR [--quant F16|F32|Q8_0|Q5_1|Q5_0|Q4_1|Q4_0]
 
-Layout (clip.cpp's legacy two-tower one; see the README): arch "clip" with both encoders, hyper-parameters under
+Layout (clip.cpp's legacy two-tower one): arch "clip" with both encoders, hyper-parameters under
 clip.text.* / clip.vision.*, clip.logit_scale (the stored log value), the full CLIP BPE vocabulary and
-merges under tokenizer.ggml.*, tensors t.* (text), v.* (vision), text_projection / visual_projection.
+merges under tokenizer.ggml.*, tensors t.* (text), v.* (vision), text_projection / visual_projection
+(the table in vlmcli/gguf/clip_layout.py, which the loader checks files against).
 The legacy naming quirk is kept for compatibility with clip.cpp readers: HF `mlp.fc1` (the first,
 widening linear layer) is stored as `ffn_down` and `mlp.fc2` as `ffn_up`.
 
@@ -42,8 +43,10 @@ if __package__ in (None, ""):  # run as a script from a source tree (sys.path[0]
     _script.make_vlmcli_convert_importable()
 
 from vlmcli.convert.gguf_out import PlannedTensor, QType, declare_tensors, encode, write_gguf
-
 from vlmcli.errors import ModelError, VlmError
+from vlmcli.gguf.clip_layout import PATCH_EMBEDDING, clip_tensors
+from vlmcli.gguf.ggml_types import CLIP_MATMUL_TYPES
+from vlmcli.gguf.layout import GgufTensor
 
 QUANT_TYPES = ("F32", "F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")  # the types clip.cpp reads
 QUANT_BLOCK = 32
@@ -80,27 +83,6 @@ PROJECTION_DIM_DEFAULT = 512
 # clip.use_gelu is one flag for both towers: true = erf gelu, false = quick_gelu (x * sigmoid(1.702 x)).
 ACTIVATIONS = {"quick_gelu": False, "gelu": True}
 
-# HF per-layer names -> GGUF per-layer names (note fc1 -> ffn_down, fc2 -> ffn_up: the legacy quirk).
-LAYER_TENSORS = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.out_proj": "attn_out",
-    "layer_norm1": "ln1",
-    "layer_norm2": "ln2",
-    "mlp.fc1": "ffn_down",
-    "mlp.fc2": "ffn_up",
-}
-MATMUL_SUFFIXES = (
-    "attn_q.weight",
-    "attn_k.weight",
-    "attn_v.weight",
-    "attn_out.weight",
-    "ffn_up.weight",
-    "ffn_down.weight",
-    "text_projection.weight",
-    "visual_projection.weight",
-)
 # Buffers some checkpoints carry that are not weights.
 IGNORED_TENSORS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
@@ -127,9 +109,34 @@ class ClipHParams:
     projection_dim: int
     use_gelu: bool
 
+    # The hyper-parameters vlmcli.gguf.clip_layout's table follows from (its ClipDims).
     @property
-    def n_positions_vision(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1
+    def text_width(self) -> int:
+        return self.text.width
+
+    @property
+    def text_ffn(self) -> int:
+        return self.text.ffn
+
+    @property
+    def text_layers(self) -> int:
+        return self.text.layers
+
+    @property
+    def vision_width(self) -> int:
+        return self.vision.width
+
+    @property
+    def vision_ffn(self) -> int:
+        return self.vision.ffn
+
+    @property
+    def vision_layers(self) -> int:
+        return self.vision.layers
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
 
 
 def _read_json(path: Path) -> Any:
@@ -251,7 +258,7 @@ def _tokens_in_id_order(vocab: dict[str, int], path: Path) -> list[str]:
     missing = [i for i, t in enumerate(tokens) if t is None]
     if missing:
         raise ModelError(f"vocabulary has no token for id {missing[0]} ({len(missing)} ids missing)", path)
-    return tokens  # type: ignore[return-value]
+    return [t for t in tokens if t is not None]  # all of them (checked above), typed as such
 
 
 def read_tokenizer(checkpoint: Path) -> tuple[list[str], list[str], Path]:
@@ -304,53 +311,9 @@ def check_tokenizer(tokens: list[str], merges: list[str], hp: ClipHParams, sourc
     return bos, eos
 
 
-def expected_tensors(hp: ClipHParams) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """HF name -> (GGUF name, HF shape) for every tensor the converter needs."""
-    t, v, p = hp.text, hp.vision, hp.projection_dim
-    out: dict[str, tuple[str, tuple[int, ...]]] = {}
-
-    def blocks(hf_prefix: str, gg_prefix: str, tower: Tower) -> None:
-        d, f = tower.width, tower.ffn
-        shapes = {
-            "self_attn.q_proj": ((d, d), (d,)),
-            "self_attn.k_proj": ((d, d), (d,)),
-            "self_attn.v_proj": ((d, d), (d,)),
-            "self_attn.out_proj": ((d, d), (d,)),
-            "layer_norm1": ((d,), (d,)),
-            "layer_norm2": ((d,), (d,)),
-            "mlp.fc1": ((f, d), (f,)),
-            "mlp.fc2": ((d, f), (d,)),
-        }
-        for i in range(tower.layers):
-            for hf_part, gg_part in LAYER_TENSORS.items():
-                w_shape, b_shape = shapes[hf_part]
-                base_hf = f"{hf_prefix}.encoder.layers.{i}.{hf_part}"
-                base_gg = f"{gg_prefix}.blk.{i}.{gg_part}"
-                out[f"{base_hf}.weight"] = (f"{base_gg}.weight", w_shape)
-                out[f"{base_hf}.bias"] = (f"{base_gg}.bias", b_shape)
-
-    out["text_model.embeddings.token_embedding.weight"] = ("t.token_embd.weight", (hp.vocab_size, t.width))
-    out["text_model.embeddings.position_embedding.weight"] = ("t.position_embd.weight", (hp.context_length, t.width))
-    blocks("text_model", "t", t)
-    out["text_model.final_layer_norm.weight"] = ("t.post_ln.weight", (t.width,))
-    out["text_model.final_layer_norm.bias"] = ("t.post_ln.bias", (t.width,))
-    out["vision_model.embeddings.class_embedding"] = ("v.class_embd", (v.width,))
-    out["vision_model.embeddings.patch_embedding.weight"] = (
-        "v.patch_embd.weight",
-        (v.width, hp.num_channels, hp.patch_size, hp.patch_size),
-    )
-    out["vision_model.embeddings.position_embedding.weight"] = (
-        "v.position_embd.weight",
-        (hp.n_positions_vision, v.width),
-    )
-    out["vision_model.pre_layrnorm.weight"] = ("v.pre_ln.weight", (v.width,))
-    out["vision_model.pre_layrnorm.bias"] = ("v.pre_ln.bias", (v.width,))
-    blocks("vision_model", "v", v)
-    out["vision_model.post_layernorm.weight"] = ("v.post_ln.weight", (v.width,))
-    out["vision_model.post_layernorm.bias"] = ("v.post_ln.bias", (v.width,))
-    out["text_projection.weight"] = ("text_projection.weight", (p, t.width))
-    out["visual_projection.weight"] = ("visual_projection.weight", (p, v.width))
-    return out
+def expected_tensors(hp: ClipHParams) -> dict[str, GgufTensor]:
+    """HF name -> the GGUF tensor it becomes, for every tensor the converter needs, in the file's order."""
+    return {spec.source: spec for spec in clip_tensors(hp) if spec.source is not None}
 
 
 def _load_weights(checkpoint: Path) -> dict:
@@ -377,12 +340,12 @@ def output_name(checkpoint: Path) -> str:
     return p.name
 
 
-def _target_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> str:
-    if len(shape) == 4:
+def _target_type(spec: GgufTensor, quant: str) -> str:
+    if spec.name == PATCH_EMBEDDING:
         return "F16"  # the patch-embedding conv kernel: clip.cpp's conv_2d has only an F16 kernel
-    if quant == "F32" or not gguf_name.endswith(MATMUL_SUFFIXES) or len(shape) != 2:
+    if quant == "F32" or spec.types is not CLIP_MATMUL_TYPES:
         return "F32"
-    if quant == "F16" or shape[-1] % QUANT_BLOCK:
+    if quant == "F16" or spec.shape[0] % QUANT_BLOCK:
         return "F16"
     return quant
 
@@ -428,7 +391,8 @@ def convert_clip(
     index_file = checkpoint / "model.safetensors.index.json"
     weights_path = index_file if index_file.exists() else checkpoint / "model.safetensors"
     plan = expected_tensors(hp)
-    for hf_name, (_, shape) in plan.items():
+    for hf_name, spec in plan.items():
+        shape = spec.hf_shape
         lazy = weights.get(hf_name)
         if lazy is None:
             raise ModelError(f"tensor {hf_name} is missing", weights_path)
@@ -497,8 +461,8 @@ def convert_clip(
         return load
 
     tensors = [
-        PlannedTensor(gguf_name, shape, QType[_target_type(gguf_name, shape, quant)], loader(hf_name))
-        for hf_name, (gguf_name, shape) in plan.items()
+        PlannedTensor(spec.name, spec.hf_shape, QType[_target_type(spec, quant)], loader(hf_name))
+        for hf_name, spec in plan.items()
     ]
     declare_tensors(writer, tensors)
     progress = (lambda i, n, name: on_tensor(name, i, n)) if on_tensor else None

@@ -63,7 +63,7 @@ def quantize_gguf(
     verbose: bool = False,
 ) -> Path:
     """Quantize the llama-arch GGUF `src` to `dst` as `quant` (F16, Q8_0, Q4_K_M, Q5_K_M)."""
-    from vlmcli.engines.gguf_check import require_kind
+    from vlmcli.gguf.validate import require_kind
 
     q = check_quant_name(quant)
     src_path, dst_path = Path(src), Path(dst)

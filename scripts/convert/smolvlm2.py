@@ -16,6 +16,7 @@ Run as a script: python scripts/convert/smolvlm2.py CHECKPOINT --out DIR --quant
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -32,6 +33,7 @@ if __package__ in (None, ""):  # run as a script from a source tree (sys.path[0]
     _script.make_vlmcli_convert_importable()
 
 import gguf
+
 from vlmcli.convert.checkpoint import (
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
@@ -53,8 +55,9 @@ from vlmcli.convert.gguf_out import (
     write_gguf,
 )
 from vlmcli.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, LazyTensor, load_safetensors
-
 from vlmcli.errors import ModelError, VlmError
+from vlmcli.gguf.layout import GgufTensor
+from vlmcli.gguf.smolvlm2_layout import Idefics3Dims, LlamaDims, idefics3_tensors, llama_tensors
 
 ARCHITECTURES = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
 LM_QUANTS = ("F16", "Q8_0", "Q4_K_M", "Q5_K_M")
@@ -65,6 +68,7 @@ TOKENIZER_PRE = "smollm"  # the pre-tokenizer llama.cpp's converter identifies f
 _IGNORED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 _TEXT_PREFIXES = ("model.text_model.", "model.language_model.")
 _VISION_PREFIXES = ("model.vision_model.", "model.connector.")
+LM_HEAD = "lm_head.weight"
 
 Progress = Callable[[int, int, str], None]
 
@@ -197,49 +201,44 @@ def vision_hparams(
     )
 
 
+def text_layout(h: TextHparams) -> list[GgufTensor]:
+    """The language model's GGUF tensors (vlmcli.gguf.smolvlm2_layout)."""
+    dims = LlamaDims(
+        n_embd=h.hidden,
+        n_vocab=h.vocab_size,
+        n_layer=h.layers,
+        heads=[h.heads] * h.layers,
+        kv_heads=[h.kv_heads] * h.layers,
+        ffn=[h.ffn] * h.layers,
+        head_k=h.head_dim,
+        head_v=h.head_dim,
+    )
+    return list(llama_tensors(dims))
+
+
+def vision_layout(v: VisionHparams) -> list[GgufTensor]:
+    """The projector's GGUF tensors (vlmcli.gguf.smolvlm2_layout)."""
+    dims = Idefics3Dims(
+        width=v.hidden,
+        ffn=v.ffn,
+        layers=v.layers,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        scale_factor=v.scale_factor,
+        projection_dim=v.projection_dim,
+        channels=v.channels,
+    )
+    return list(idefics3_tensors(dims))
+
+
 def expected_text_tensors(h: TextHparams) -> dict[str, tuple[int, ...]]:
-    """HF text-model tensor names (without the model.text_model. prefix) -> shapes."""
-    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (h.vocab_size, h.hidden), "norm.weight": (h.hidden,)}
-    q_rows, kv_rows = h.heads * h.head_dim, h.kv_heads * h.head_dim
-    for i in range(h.layers):
-        p = f"layers.{i}"
-        shapes[f"{p}.input_layernorm.weight"] = (h.hidden,)
-        shapes[f"{p}.self_attn.q_proj.weight"] = (q_rows, h.hidden)
-        shapes[f"{p}.self_attn.k_proj.weight"] = (kv_rows, h.hidden)
-        shapes[f"{p}.self_attn.v_proj.weight"] = (kv_rows, h.hidden)
-        shapes[f"{p}.self_attn.o_proj.weight"] = (h.hidden, q_rows)
-        shapes[f"{p}.post_attention_layernorm.weight"] = (h.hidden,)
-        shapes[f"{p}.mlp.gate_proj.weight"] = (h.ffn, h.hidden)
-        shapes[f"{p}.mlp.up_proj.weight"] = (h.ffn, h.hidden)
-        shapes[f"{p}.mlp.down_proj.weight"] = (h.hidden, h.ffn)
-    return shapes
+    """HF text-model tensor names (without the model.text_model. prefix) -> shapes; lm_head apart."""
+    return {s.source: s.hf_shape for s in text_layout(h) if s.source is not None and s.source != LM_HEAD}
 
 
 def expected_vision_tensors(v: VisionHparams) -> dict[str, tuple[int, ...]]:
     """HF vision tower + connector tensor names -> shapes."""
-    vm = "model.vision_model"
-    n_pos = (v.image_size // v.patch_size) ** 2
-    shapes: dict[str, tuple[int, ...]] = {
-        f"{vm}.embeddings.patch_embedding.weight": (v.hidden, v.channels, v.patch_size, v.patch_size),
-        f"{vm}.embeddings.patch_embedding.bias": (v.hidden,),
-        f"{vm}.embeddings.position_embedding.weight": (n_pos, v.hidden),
-    }
-    for i in range(v.layers):
-        p = f"{vm}.encoder.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[f"{p}.self_attn.{proj}.weight"] = (v.hidden, v.hidden)
-            shapes[f"{p}.self_attn.{proj}.bias"] = (v.hidden,)
-        for norm in ("layer_norm1", "layer_norm2"):
-            shapes[f"{p}.{norm}.weight"] = (v.hidden,)
-            shapes[f"{p}.{norm}.bias"] = (v.hidden,)
-        shapes[f"{p}.mlp.fc1.weight"] = (v.ffn, v.hidden)
-        shapes[f"{p}.mlp.fc1.bias"] = (v.ffn,)
-        shapes[f"{p}.mlp.fc2.weight"] = (v.hidden, v.ffn)
-        shapes[f"{p}.mlp.fc2.bias"] = (v.hidden,)
-    shapes[f"{vm}.post_layernorm.weight"] = (v.hidden,)
-    shapes[f"{vm}.post_layernorm.bias"] = (v.hidden,)
-    shapes["model.connector.modality_projection.proj.weight"] = (v.projection_dim, v.hidden * v.scale_factor**2)
-    return shapes
+    return {s.source: s.hf_shape for s in vision_layout(v) if s.source is not None}
 
 
 def permute_for_rope(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -285,7 +284,7 @@ class _Checkpoint:
         for name, tensor in self.tensors.items():
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
-            if name == "lm_head.weight":
+            if name == LM_HEAD:
                 self.lm_head = tensor
             elif name.startswith(_TEXT_PREFIXES):
                 self.text_tensors[name.split(".", 2)[2]] = tensor
@@ -317,9 +316,10 @@ class _Checkpoint:
         check(self.text_tensors, expected_text_tensors(self.text), "model.text_model.")
         check(self.vision_tensors, expected_vision_tensors(self.vision), "")
         if self.lm_head is None and not self.text.tie_embeddings:
-            raise ModelError("missing tensor lm_head.weight", weights_file)
+            raise ModelError(f"missing tensor {LM_HEAD}", weights_file)
         if self.lm_head is not None:
-            check({"lm_head.weight": self.lm_head}, {"lm_head.weight": (self.text.vocab_size, self.text.hidden)}, "")
+            head = {s.source: s.hf_shape for s in text_layout(self.text) if s.source == LM_HEAD}
+            check({LM_HEAD: self.lm_head}, head, "")
 
     @property
     def name(self) -> str:
@@ -342,21 +342,20 @@ def _float_loader(
 def plan_text_tensors(ckpt: _Checkpoint, wanted: QType) -> list[PlannedTensor]:
     """The LM's GGUF tensors in llama.cpp's naming, types as its converter picks them."""
     h = ckpt.text
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, h.layers)
+    names = {s.source: s.name for s in text_layout(h)}
     items = sorted(ckpt.text_tensors.items())
     if ckpt.lm_head is not None:
-        items.append(("lm_head.weight", ckpt.lm_head))
+        items.append((LM_HEAD, ckpt.lm_head))
     planned: list[PlannedTensor] = []
     for hf_name, tensor in items:
-        full = hf_name if hf_name == "lm_head.weight" else "model." + hf_name
-        new_name = tmap.get_name(full, try_suffixes=(".weight", ".bias"))
+        new_name = names.get(hf_name)
         if new_name is None:
             raise ModelError(f"cannot map tensor {hf_name} to a llama.cpp name", _weights_file(ckpt.folder))
         transform = None
         if hf_name.endswith("q_proj.weight"):
-            transform = lambda w: permute_for_rope(w, h.heads)  # noqa: E731
+            transform = functools.partial(permute_for_rope, n_head=h.heads)
         elif hf_name.endswith("k_proj.weight"):
-            transform = lambda w: permute_for_rope(w, h.kv_heads)  # noqa: E731
+            transform = functools.partial(permute_for_rope, n_head=h.kv_heads)
         shape = tuple(tensor.shape)
         # Norms and 1-D tensors stay F32 (llama.cpp's kernels expect it).
         qtype = QType.F32 if len(shape) <= 1 or new_name.endswith("_norm.weight") else weight_type(shape, wanted)
@@ -366,10 +365,10 @@ def plan_text_tensors(ckpt: _Checkpoint, wanted: QType) -> list[PlannedTensor]:
 
 def plan_vision_tensors(ckpt: _Checkpoint, wanted: QType) -> list[PlannedTensor]:
     """The mmproj's GGUF tensors: v.*, mm.model.fc; embeddings, norms and biases F32."""
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, ckpt.vision.layers)
+    names = {s.source: s.name for s in vision_layout(ckpt.vision)}
     planned: list[PlannedTensor] = []
     for hf_name, tensor in sorted(ckpt.vision_tensors.items()):
-        new_name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        new_name = names.get(hf_name)
         if new_name is None:
             raise ModelError(f"cannot map tensor {hf_name} to a llama.cpp name", _weights_file(ckpt.folder))
         shape = tuple(tensor.shape)

@@ -50,11 +50,11 @@ from vlmcli.engines.clip_tokenizer import (
 )
 from vlmcli.engines.cores import CoreShare
 from vlmcli.engines.ggml import Backend, Graph, Tensor
-from vlmcli.engines.gguf_check import require_kind
 from vlmcli.engines.native import NativeResource
 from vlmcli.errors import ModelError, VlmError
 from vlmcli.gguf.clip_layout import PATCH_EMBEDDING, tensor_specs
 from vlmcli.gguf.ggml_types import CLIP_MATMUL_TYPES
+from vlmcli.gguf.validate import require_kind
 
 LOADED_AS_F32 = ("t.position_embd.weight", "v.position_embd.weight")
 # CLIP's training clamps the logit scale at 100; files written by clip.cpp's converter do not store it.

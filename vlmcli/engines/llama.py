@@ -27,7 +27,6 @@ from vlmcli.defaults import DEFAULT_N_CTX
 from vlmcli.engines import detail as detail_policy
 from vlmcli.engines.cores import CoreShare
 from vlmcli.engines.encoding_cache import EncodingCache, image_digest
-from vlmcli.engines.gguf_check import GgufInfo, require_kind
 from vlmcli.engines.llama_native import (
     build_id,
     clear_native_errors,
@@ -40,6 +39,8 @@ from vlmcli.engines.llama_native import (
 from vlmcli.engines.native import NativeResource
 from vlmcli.engines.prompt import IMAGE_TOKEN, MAX_OUTPUT_CHARS, ChatPrompt, TemplateProblem, Turn, render_conversation
 from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
+from vlmcli.gguf.reader import GgufInfo
+from vlmcli.gguf.validate import require_kind
 from vlmcli.text import check_text
 
 # Called with each piece of generated text; returning False stops generation.

@@ -7,7 +7,7 @@ but errors, so any layer may use it. Dependencies run one way:
     reader              <-  rules, validate
 
 - reader.py         the header: key/values and tensor infos (inspect_gguf: read and classify a file)
-- layout.py         TensorSpec: one tensor of a layout (GGUF name, Hugging Face name, shape, types)
+- layout.py         GgufTensor: one tensor of a layout (GGUF name, Hugging Face name, shape, types)
 - ggml_types.py     the sets of ggml tensor types loaders accept
 - clip_layout.py    vlm's two-tower CLIP file
 - smolvlm2_layout.py  SmolVLM2's language model (llama) and vision projector (idefics3)

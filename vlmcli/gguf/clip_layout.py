@@ -14,7 +14,7 @@ from vlmcli.gguf.ggml_types import (
     CLIP_POSITION_EMBEDDING_TYPES,
     CLIP_TOKEN_EMBEDDING_TYPES,
 )
-from vlmcli.gguf.layout import Shape, TensorSpec
+from vlmcli.gguf.layout import GgufTensor, Shape
 
 F32 = ("F32",)
 PATCH_EMBEDDING = "v.patch_embd.weight"  # a stride-p convolution, run as a matmul of p * p * 3 -> width
@@ -47,7 +47,7 @@ class ClipDims(Protocol):
     def projection_dim(self) -> int: ...
 
 
-def _blocks(hf_prefix: str, prefix: str, d: int, ffn: int, layers: int) -> list[TensorSpec]:
+def _blocks(hf_prefix: str, prefix: str, d: int, ffn: int, layers: int) -> list[GgufTensor]:
     # (HF part, GGUF part, weight shape, weight types, bias shape), HF's order within a block
     parts: tuple[tuple[str, str, Shape, tuple[str, ...], Shape], ...] = (
         ("self_attn.q_proj", "attn_q", (d, d), CLIP_MATMUL_TYPES, (d,)),
@@ -63,24 +63,24 @@ def _blocks(hf_prefix: str, prefix: str, d: int, ffn: int, layers: int) -> list[
     for i in range(layers):
         for hf_part, part, w_shape, w_types, b_shape in parts:
             hf, gg = f"{hf_prefix}.encoder.layers.{i}.{hf_part}", f"{prefix}.blk.{i}.{part}"
-            out.append(TensorSpec(f"{gg}.weight", f"{hf}.weight", (w_shape,), w_types))
-            out.append(TensorSpec(f"{gg}.bias", f"{hf}.bias", (b_shape,), F32))
+            out.append(GgufTensor(f"{gg}.weight", f"{hf}.weight", (w_shape,), w_types))
+            out.append(GgufTensor(f"{gg}.bias", f"{hf}.bias", (b_shape,), F32))
     return out
 
 
-def _norm(name: str, source: str, d: int) -> list[TensorSpec]:
-    return [TensorSpec(f"{name}.{p}", f"{source}.{p}", ((d,),), F32) for p in ("weight", "bias")]
+def _norm(name: str, source: str, d: int) -> list[GgufTensor]:
+    return [GgufTensor(f"{name}.{p}", f"{source}.{p}", ((d,),), F32) for p in ("weight", "bias")]
 
 
-def clip_tensors(c: ClipDims) -> list[TensorSpec]:
+def clip_tensors(c: ClipDims) -> list[GgufTensor]:
     """Every tensor of the file, text tower first."""
     dt, dv, p = c.text_width, c.vision_width, c.patch_size
     te, ve = "text_model.embeddings", "vision_model.embeddings"
     return [
-        TensorSpec(
+        GgufTensor(
             "t.token_embd.weight", f"{te}.token_embedding.weight", ((dt, c.vocab_size),), CLIP_TOKEN_EMBEDDING_TYPES
         ),
-        TensorSpec(
+        GgufTensor(
             "t.position_embd.weight",
             f"{te}.position_embedding.weight",
             ((dt, c.context_length),),
@@ -88,9 +88,9 @@ def clip_tensors(c: ClipDims) -> list[TensorSpec]:
         ),
         *_blocks("text_model", "t", dt, c.text_ffn, c.text_layers),
         *_norm("t.post_ln", "text_model.final_layer_norm", dt),
-        TensorSpec("v.class_embd", f"{ve}.class_embedding", ((dv,),), F32),
-        TensorSpec(PATCH_EMBEDDING, f"{ve}.patch_embedding.weight", ((p, p, 3, dv),), CLIP_EMBEDDING_TYPES),
-        TensorSpec(
+        GgufTensor("v.class_embd", f"{ve}.class_embedding", ((dv,),), F32),
+        GgufTensor(PATCH_EMBEDDING, f"{ve}.patch_embedding.weight", ((p, p, 3, dv),), CLIP_EMBEDDING_TYPES),
+        GgufTensor(
             "v.position_embd.weight",
             f"{ve}.position_embedding.weight",
             ((dv, c.n_patches + 1),),
@@ -99,8 +99,8 @@ def clip_tensors(c: ClipDims) -> list[TensorSpec]:
         *_norm("v.pre_ln", "vision_model.pre_layrnorm", dv),
         *_blocks("vision_model", "v", dv, c.vision_ffn, c.vision_layers),
         *_norm("v.post_ln", "vision_model.post_layernorm", dv),
-        TensorSpec("text_projection.weight", "text_projection.weight", ((dt, c.projection_dim),), CLIP_MATMUL_TYPES),
-        TensorSpec(
+        GgufTensor("text_projection.weight", "text_projection.weight", ((dt, c.projection_dim),), CLIP_MATMUL_TYPES),
+        GgufTensor(
             "visual_projection.weight", "visual_projection.weight", ((dv, c.projection_dim),), CLIP_MATMUL_TYPES
         ),
     ]

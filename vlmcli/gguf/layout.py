@@ -8,7 +8,7 @@ Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class GgufTensor:
     """`shapes` are in ggml order (innermost first): the first is what the converter writes, any others
     are layouts loaders also take (files by other converters). `source` is the Hugging Face checkpoint's
     name for the tensor (None where no checkpoint tensor maps to it one to one)."""

@@ -247,7 +247,7 @@ def _link_or_move(src: Path, dst: Path) -> None:
 
 def _check_kinds(entry: ModelEntry, folder: Path, roles: dict[str, str]) -> None:
     """The files must be what the entry says: a language model + projector, or a two-tower CLIP."""
-    from vlmcli.engines.gguf_check import require_kind
+    from vlmcli.gguf.validate import require_kind
 
     if entry.kind == "vlm":
         require_kind(folder / roles["model"], "llm")
@@ -262,7 +262,7 @@ def _convert(entry: ModelEntry, checkpoint: Path, out_dir: Path, quant: str) -> 
         from vlmcli.convert import convert_checkpoint  # type: ignore[attr-defined]
     except ImportError as e:
         raise ModelError(f"the converter is not available in this installation ({e})", entry.name) from None
-    from vlmcli.engines.gguf_check import inspect_gguf
+    from vlmcli.gguf.reader import inspect_gguf
 
     outputs = [Path(p) for p in convert_checkpoint(checkpoint, out_dir, quant)]
     roles: dict[str, str] = {}

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from vlmcli.engines.gguf_check import GgufInfo, inspect_gguf, require_kind
 from vlmcli.errors import ModelError
+from vlmcli.gguf.reader import GgufInfo, inspect_gguf
+from vlmcli.gguf.validate import require_kind
 from vlmcli.store.registry import DEFAULT_MODELS, env_flag, load_registry, normalize_quant
 from vlmcli.store.store import MANIFEST, InstalledModel, Store, read_manifest
 

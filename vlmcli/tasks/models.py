@@ -58,7 +58,7 @@ class OpenedModel:
 
 def detect_kind(spec: str) -> Kind | None:
     """'vlm' or 'clip' for a GGUF file, a folder or a registered store name; None if unknown."""
-    from vlmcli.engines.gguf_check import inspect_gguf
+    from vlmcli.gguf.reader import inspect_gguf
 
     path = Path(spec).expanduser()
     if path.is_file():

@@ -1,9 +1,10 @@
-"""Validate a GGUF file and tell what kind of model it holds, before a native library sees it.
+"""Read a GGUF header and tell what kind of model it holds, before a native library sees it.
 
 llama.cpp and ggml abort the whole process on some malformed files, so every model path goes
-through `inspect_gguf` first. It parses the header itself (the format is small: key/values, then
-tensor infos) rather than with gguf-py's GGUFReader, which builds a numpy view for every one of the
-~100k vocabulary strings and takes seconds; here string arrays are skipped unless asked for.
+through `inspect_gguf` first (validate.require_kind: then the rules). It parses the header itself (the
+format is small: key/values, then tensor infos) rather than with gguf-py's GGUFReader, which builds a
+numpy view for every one of the ~100k vocabulary strings and takes seconds; here string arrays are
+skipped unless asked for.
 """
 
 from __future__ import annotations
@@ -17,18 +18,12 @@ from typing import Any, Literal
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from vlmcli.engines.gguf_rules import check_model
 from vlmcli.errors import ModelError
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
 ModelKind = Literal["llm", "mmproj", "clip"]
-KIND_NAMES = {
-    "llm": "a language model GGUF",
-    "mmproj": "a vision projector (mmproj) GGUF",
-    "clip": "a two-tower CLIP GGUF",
-}
 
 # GGUF value types -> struct format (scalars); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -254,15 +249,3 @@ def inspect_gguf(
         tensors=tensors,
         types=types,
     )
-
-
-def require_kind(path: str | os.PathLike[str], kind: ModelKind, keep_string_arrays: bool = False) -> GgufInfo:
-    """inspect_gguf, refuse a file of the wrong kind (a text model passed as mmproj and the reverse),
-    then apply the validation table of gguf_rules (values native code would assert on)."""
-    # The language model's vocabulary is read whole: llama.cpp aborts on a duplicate token.
-    keep = frozenset({"tokenizer.ggml.tokens"}) if kind == "llm" else frozenset()
-    info = inspect_gguf(path, keep_string_arrays, keep)
-    if info.kind != kind:
-        raise ModelError(f"this is {KIND_NAMES[info.kind]}, expected {KIND_NAMES[kind]}", path)
-    check_model(info)
-    return info

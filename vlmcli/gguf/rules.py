@@ -24,12 +24,12 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vlmcli.errors import ModelError
-
-if TYPE_CHECKING:
-    from vlmcli.engines.gguf_check import GgufInfo
+from vlmcli.gguf.layout import GgufTensor
+from vlmcli.gguf.reader import GgufInfo
+from vlmcli.gguf.smolvlm2_layout import Idefics3Dims, LlamaDims, idefics3_tensors, llama_tensors
 
 
 class InvalidModelValue(ModelError):
@@ -171,9 +171,9 @@ class Key:
                     return value
             elif _type_ok(opt, vtype):
                 return [value]
-        got = TYPE_NAMES.get(vtype, str(vtype))
+        got = _type_name(vtype)
         if vtype == ARR:
-            got = f"array of {TYPE_NAMES.get(itype, str(itype))}"
+            got = f"array of {_type_name(itype)}"
         raise m.fail(
             self.key,
             value if vtype != ARR else None,
@@ -204,6 +204,10 @@ class Key:
         if self.min is not None and self.max is not None and self.gt is None:
             return f"between {self.min:g} and {self.max:g}"
         return " and ".join(p for p in (lo, hi) if p)
+
+
+def _type_name(code: int | None) -> str:
+    return TYPE_NAMES[code] if code is not None and code in TYPE_NAMES else str(code)
 
 
 def _type_ok(name: str, code: int | None) -> bool:
@@ -247,28 +251,30 @@ class Relation:
 
 @dataclass(frozen=True)
 class Tensors:
-    """The tensors the hyper-parameters imply: `expected(m)` yields (name, shape or shapes, types, required)."""
+    """The tensors the hyper-parameters imply: `expected(m)` yields them from the model's layout table."""
 
     kinds: tuple[str, ...]
     name: str
-    expected: Callable[[Model], Iterator[tuple[str, tuple | list[tuple], tuple[str, ...], bool]]]
+    expected: Callable[[Model], Iterator[GgufTensor]]
     why: str = ""
     arch: str | None = None
 
     def check(self, m: Model) -> None:
-        for name, shapes, types, required in self.expected(m):
+        for spec in self.expected(m):
+            name = spec.name
             t = m.tensors.get(name)
             if t is None:
-                if required:
+                if spec.required:
                     raise InvalidModelValue(m.path, name, None, "is required: the file lacks this tensor")
                 continue
-            options = shapes if isinstance(shapes, list) else [shapes]
             got = tuple(int(d) for d in t.shape)
-            if not any(_same_shape(got, s) for s in options):
-                want = " or ".join(str(tuple(s)) for s in options)
+            if not any(_same_shape(got, s) for s in spec.shapes):
+                want = " or ".join(str(tuple(s)) for s in spec.shapes)
                 raise InvalidModelValue(m.path, name, None, f"has shape {got}, but the hyper-parameters imply {want}")
-            if t.type not in types:
-                raise InvalidModelValue(m.path, name, None, f"has type {t.type}, expected one of {', '.join(types)}")
+            if t.type not in spec.types:
+                raise InvalidModelValue(
+                    m.path, name, None, f"has type {t.type}, expected one of {', '.join(spec.types)}"
+                )
 
 
 def _same_shape(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
@@ -278,37 +284,6 @@ def _same_shape(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
 
 # ----------------------------------------------------------------------------------------------------
 # Relations and tensor lists (the functions the table names)
-
-FLOAT_TYPES = ("F32", "F16", "BF16")
-MATMUL_TYPES = (
-    "F32",
-    "F16",
-    "BF16",
-    "Q4_0",
-    "Q4_1",
-    "Q5_0",
-    "Q5_1",
-    "Q8_0",
-    "Q2_K",
-    "Q3_K",
-    "Q4_K",
-    "Q5_K",
-    "Q6_K",
-    "IQ2_XXS",
-    "IQ2_XS",
-    "IQ3_XXS",
-    "IQ1_S",
-    "IQ4_NL",
-    "IQ3_S",
-    "IQ2_S",
-    "IQ4_XS",
-    "IQ1_M",
-    "TQ1_0",
-    "TQ2_0",
-    "MXFP4",
-)
-NORM_TYPES = ("F32", "F16")
-CONV_TYPES = ("F32", "F16")  # ggml's im2col takes F32 or F16 kernels
 
 
 def _int(m: Model, key: str, default: int | None = None) -> int | None:
@@ -378,6 +353,8 @@ def _llama_head_dims(m: Model) -> None:
         return
     head_k = _int(m, "{arch}.attention.key_length", n_embd // heads[0])
     head_v = _int(m, "{arch}.attention.value_length", n_embd // heads[0])
+    if head_k is None:  # not a number: its Key rule has refused the file already
+        return
     if head_v != head_k:
         raise m.fail(
             "{arch}.attention.value_length",
@@ -621,39 +598,32 @@ def _clip_tower_geometry(m: Model) -> None:
         raise m.fail("clip.text.projection_dim", tp, f"differs from clip.vision.projection_dim ({vp})")
 
 
-def _llama_tensors(m: Model) -> Iterator[tuple[str, Any, tuple[str, ...], bool]]:
+def _llama_tensors(m: Model) -> Iterator[GgufTensor]:
     n_embd = _int(m, "{arch}.embedding_length")
     n_layer = _int(m, "{arch}.block_count")
     n_vocab = m.n_tokens()
     heads = _per_layer(m, "{arch}.attention.head_count")
-    if None in (n_embd, n_layer, n_vocab) or not heads or _int(m, "{arch}.expert_count", 0):
+    if n_embd is None or n_layer is None or n_vocab is None or not heads or _int(m, "{arch}.expert_count", 0):
         return
-    kv = _per_layer(m, "{arch}.attention.head_count_kv") or heads
-    ff = _per_layer(m, "{arch}.feed_forward_length") or [0] * n_layer
     head_k = _int(m, "{arch}.attention.key_length", n_embd // heads[0])
     head_v = _int(m, "{arch}.attention.value_length", n_embd // heads[0])
-    yield "token_embd.weight", (n_embd, n_vocab), MATMUL_TYPES, True
-    yield "output_norm.weight", (n_embd,), NORM_TYPES, True
-    yield "output.weight", (n_embd, n_vocab), MATMUL_TYPES, False
-    for i in range(n_layer):
-        b = f"blk.{i}"
-        q, k, v = head_k * heads[i], head_k * kv[i], head_v * kv[i]
-        fused = f"{b}.attn_qkv.weight" in m.tensors
-        yield f"{b}.attn_norm.weight", (n_embd,), NORM_TYPES, True
-        if fused:
-            yield f"{b}.attn_qkv.weight", (n_embd, q + k + v), MATMUL_TYPES, True
-        else:
-            yield f"{b}.attn_q.weight", (n_embd, q), MATMUL_TYPES, True
-            yield f"{b}.attn_k.weight", (n_embd, k), MATMUL_TYPES, True
-            yield f"{b}.attn_v.weight", (n_embd, v), MATMUL_TYPES, True
-        yield f"{b}.attn_output.weight", (head_v * heads[i], n_embd), MATMUL_TYPES, True
-        yield f"{b}.ffn_norm.weight", (n_embd,), NORM_TYPES, True
-        yield f"{b}.ffn_gate.weight", (n_embd, ff[i]), MATMUL_TYPES, True
-        yield f"{b}.ffn_up.weight", (n_embd, ff[i]), MATMUL_TYPES, True
-        yield f"{b}.ffn_down.weight", (ff[i], n_embd), MATMUL_TYPES, True
+    if head_k is None or head_v is None:
+        return
+    dims = LlamaDims(
+        n_embd=n_embd,
+        n_vocab=n_vocab,
+        n_layer=n_layer,
+        heads=heads,
+        kv_heads=_per_layer(m, "{arch}.attention.head_count_kv") or heads,
+        ffn=_per_layer(m, "{arch}.feed_forward_length") or [0] * n_layer,
+        head_k=head_k,
+        head_v=head_v,
+    )
+    fused = {i for i in range(n_layer) if f"blk.{i}.attn_qkv.weight" in m.tensors}
+    yield from llama_tensors(dims, fused)
 
 
-def _idefics3_tensors(m: Model) -> Iterator[tuple[str, Any, tuple[str, ...], bool]]:
+def _idefics3_tensors(m: Model) -> Iterator[GgufTensor]:
     d = _int(m, "clip.vision.embedding_length")
     ffn = _int(m, "clip.vision.feed_forward_length")
     layers = _int(m, "clip.vision.block_count")
@@ -661,28 +631,9 @@ def _idefics3_tensors(m: Model) -> Iterator[tuple[str, Any, tuple[str, ...], boo
     patch = _int(m, "clip.vision.patch_size")
     scale = _int(m, "clip.vision.projector.scale_factor")
     proj = _int(m, "clip.vision.projection_dim")
-    if None in (d, ffn, layers, size, patch, scale, proj) or not patch:
+    if d is None or ffn is None or layers is None or size is None or scale is None or proj is None or not patch:
         return
-    f32 = ("F32",)
-    yield "v.patch_embd.weight", (patch, patch, 3, d), CONV_TYPES, True
-    yield "v.patch_embd.bias", (d,), f32, False
-    yield "v.position_embd.weight", (d, (size // patch) ** 2), FLOAT_TYPES, True
-    for i in range(layers):
-        b = f"v.blk.{i}"
-        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            yield f"{b}.{name}.weight", (d, d), MATMUL_TYPES, True
-            yield f"{b}.{name}.bias", (d,), f32, False
-        for name in ("ln1", "ln2"):
-            yield f"{b}.{name}.weight", (d,), NORM_TYPES, True
-            yield f"{b}.{name}.bias", (d,), NORM_TYPES, False
-        # clip.cpp swaps up/down when a file has them the legacy way round (ffn_down's rows = width)
-        yield f"{b}.ffn_up.weight", [(d, ffn), (ffn, d)], MATMUL_TYPES, True
-        yield f"{b}.ffn_down.weight", [(ffn, d), (d, ffn)], MATMUL_TYPES, True
-        yield f"{b}.ffn_up.bias", [(ffn,), (d,)], f32, False
-        yield f"{b}.ffn_down.bias", [(d,), (ffn,)], f32, False
-    yield "v.post_ln.weight", (d,), NORM_TYPES, False
-    yield "v.post_ln.bias", (d,), NORM_TYPES, False
-    yield "mm.model.fc.weight", (d * scale * scale, proj), MATMUL_TYPES, True
+    yield from idefics3_tensors(Idefics3Dims(d, ffn, layers, size, patch, scale, proj))
 
 
 def _idefics3_ffn_pairs(m: Model) -> None:
@@ -902,8 +853,8 @@ RULES: list[Key | Relation | Tensors] = [
     ),
     Relation(MMPROJ, "ffn orientation", _idefics3_ffn_pairs, "clip.cpp tells up from down by shape"),
     # --- vlmcli's two-tower CLIP (engines/clip.py). Which keys must be present (and the defaults of those
-    # that need not) is ClipConfig.from_gguf's business, and the tensor shapes ClipModel.load's: here only
-    # the ranges of the values present.
+    # that need not) is ClipConfig.from_gguf's business, and the tensor shapes ClipModel.load's (from
+    # clip_layout.py): here only the ranges of the values present.
     Key(
         CLIP,
         "clip.vision.image_size",
