@@ -4,9 +4,8 @@ Builds a real-size random-weight openai/clip-vit-base-patch32 checkpoint (the co
 text is the same as with trained weights) from tests/data/configs with the test fixture builder,
 converts it to F16 and Q8_0 with vlmcli's converter, and measures, each in a fresh process (so load
 time and peak RSS are its own) and on the same threads:
-- vlm on its ggml path (F16 and Q8_0 files; on a CPU with AVX512_BF16 also F16 held as BF16 for
-  ggml's mul_mat; where the CPU runs them, vlm's own kernels, BF16 (AVX512_BF16) and F16 (AVX2), the
-  first of them vlm's default; VLM_CLIP_WEIGHTS) and on its BLAS path (numpy + OpenBLAS; VLM_CLIP_PATH; --skip-blas);
+- vlm (F16 and Q8_0 files) on ggml's ops and on each form of its own kernels the CPU runs (bf16 with
+  AVX512_BF16, i16 with AVX512_VNNI or AVX2; the first of them vlm's default), by VLM_CLIP_KERNELS;
 - transformers' CLIPModel (PyTorch CPU, torch.set_num_threads) on the checkpoint the GGUFs came from;
 - open_clip's ViT-B-32-quickgelu (where open_clip installs: --open-clip-python), the same architecture
   with open_clip's own random initialisation (it reads only its own weight format), texts at the 77
@@ -15,9 +14,6 @@ images/s at batch 1 and 32, texts/s at batch 32 (32 prompts, padded to the longe
 with padding=True does). Every variant runs once per round and the rounds are interleaved, so a
 neighbour's load hits them alike; the figures are medians over rounds. Each variant's embeddings are
 compared with transformers' (cosine; F32 weights there) as a quality check.
-
-OpenBLAS picks its kernels at load from the CPU, or from OPENBLAS_CORETYPE when it is set (this
-workplace sets Haswell); with it set, the BLAS rows are measured both with it and without it.
 
 PyTorch and transformers are benchmark-only (the `bench` extra, or a separate venv via --torch-python);
 without them the transformers rows are left out.
@@ -93,6 +89,7 @@ def peak_rss_mb() -> float:
 def build_models(work: Path) -> tuple[Path, dict[str, Path]]:
     """The real-size checkpoint (built once into work/) and its F16 and Q8_0 conversions."""
     from fixtures.clip import build_clip_checkpoint
+
     from vlmcli.convert.clip import convert_clip
 
     ckpt = work / "clip-vit-base-patch32"
@@ -131,13 +128,13 @@ def timed(fn, runs: int) -> float:
 
 
 # --isa avx2: PyTorch's kernels held to AVX2 (ATen's vectorised ops, MKL's sgemm, oneDNN), vlm to its AVX2
-# kernels (f16, i16; no BF16 rows). ggml's other ops (norms, adds: a few % of a batch) keep the build's ISA.
+# kernels (i16-avx2; no BF16 or VNNI rows). ggml's other ops (norms, adds: a few % of a batch) keep the build's ISA.
 # A proxy for an AVX2-only CPU, not one: clock, caches and the execution ports stay this CPU's.
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def worker(kind: str, model: Path, inputs: Path, runs: int, threads: int, embeddings: Path) -> dict:
-    """Runs in its own process (kind: ggml, blas or torch); prints one JSON object."""
+    """Runs in its own process (kind: vlm, torch or open_clip); prints one JSON object."""
     data = np.load(inputs)
     pixels, tokens = data["pixels"], data["tokens"]
     extra = {}
@@ -188,9 +185,8 @@ def worker(kind: str, model: Path, inputs: Path, runs: int, threads: int, embedd
         }
     else:
         from vlmcli.engines.clip import ClipModel
-        from vlmcli.engines.clip_numpy import blas_threads
 
-        m = ClipModel.load(model, n_threads=threads, compute=kind)
+        m = ClipModel.load(model, n_threads=threads)  # on what VLM_CLIP_KERNELS says
 
         def images(n: int) -> np.ndarray:
             return m.encode_images(pixels[:n])
@@ -198,9 +194,7 @@ def worker(kind: str, model: Path, inputs: Path, runs: int, threads: int, embedd
         def texts() -> np.ndarray:
             return m.encode_texts(tokens.astype(np.int32))
 
-        extra = {"compute_path": m.compute_path, "weights_mb": m.weights_bytes / 2**20}
-        if kind == "blas":
-            extra["blas"] = blas_threads().describe()
+        extra = {"kernels": m.kernels.describe(), "weights_mb": m.weights_bytes / 2**20}
     load_s = time.perf_counter() - t0
     one = timed(lambda: images(1), runs)
     batch = timed(lambda: images(BATCH), runs)
@@ -248,7 +242,6 @@ def main() -> int:
         default=[],
         help="another CLIP GGUF of the same checkpoint to measure too (e.g. a BF16 conversion)",
     )
-    ap.add_argument("--skip-blas", action="store_true", help="only the ggml path (and transformers)")
     ap.add_argument(
         "--isa",
         choices=["native", "avx2"],
@@ -256,10 +249,10 @@ def main() -> int:
         help="avx2: an AVX2-only CPU's choices on an AVX-512 one (a proxy, see AVX2_ONLY)",
     )
     ap.add_argument(
-        "--only", default=None, help='comma-separated parts of variant labels to run, e.g. "kernels,ggml Q8_0"'
+        "--only", default=None, help='comma-separated parts of variant labels to run, e.g. "kernels,Q8_0 on ggml"'
     )
     ap.add_argument("--open-clip-python", default=None, help="a Python with torch + open_clip (default: this one)")
-    ap.add_argument("--worker", choices=["ggml", "blas", "torch", "open_clip"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["vlm", "torch", "open_clip"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--embeddings", type=Path, help=argparse.SUPPRESS)
@@ -271,44 +264,26 @@ def main() -> int:
 
     from machine import cpu_description
 
-    if args.isa == "avx2":  # vlm's kernels in their AVX2 forms (no VNNI or BF16 ones), here and in every worker
-        os.environ["VLM_CLIP_MAX_ISA"] = "avx2"
+    from vlmcli.engines import clip_kernels
+    from vlmcli.engines.clip_path import KERNELS_ENV, PACKED_FROM, choose_path
+
+    forms = [f for f in clip_kernels.FORMS if clip_kernels.available(f) and (f == "i16-avx2" or args.isa == "native")]
+    if args.isa == "avx2" and forms:  # the header names what an AVX2-only CPU runs by default
+        os.environ[KERNELS_ENV] = "i16-avx2"
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-clip-"))
     try:
         ckpt, models = build_models(work)
         inputs = work / "inputs.npz"
         write_inputs(inputs)
-        coretype = os.environ.get("OPENBLAS_CORETYPE")
         # (label, kind, model, environment changes): None removes the variable for that worker
         variants = []
         for extra in args.extra:
             models[extra.stem.rsplit("-", 1)[-1]] = extra
-        from vlmcli.engines import clip_kernels, ggml
-        from vlmcli.engines.clip import PACKED_FROM
-
-        bf16_cpu = bool(ggml.lib().ggml_cpu_has_avx512_bf16()) and args.isa == "native"
         for q in models:
-            variants.append(
-                (
-                    f"vlm ggml {q}{' as stored' if bf16_cpu and q in ('F16', 'F32') else ''}",
-                    "ggml",
-                    models[q],
-                    {"VLM_CLIP_WEIGHTS": "stored"},
-                )
-            )
-            if bf16_cpu and q in ("F16", "F32"):  # held as BF16 for ggml's own mul_mat
-                variants.append((f"vlm ggml {q} held as BF16", "ggml", models[q], {"VLM_CLIP_WEIGHTS": "bf16"}))
-            for kind in ("bf16", "f16", "i16"):  # vlm's own kernels where the CPU runs them (the default: the first)
-                if clip_kernels.available(kind) and q in PACKED_FROM and (kind != "bf16" or args.isa == "native"):
-                    variants.append(
-                        (f"vlm {q} on vlm's {kind} kernels", "ggml", models[q], {"VLM_CLIP_WEIGHTS": f"vlm-{kind}"})
-                    )
-            if args.skip_blas:
-                continue
-            variants.append((f"vlm blas {q}", "blas", models[q], {}))
-            if coretype:
-                variants.append((f"vlm blas {q} (CPU's kernels)", "blas", models[q], {"OPENBLAS_CORETYPE": None}))
+            variants.append((f"vlm {q} on ggml", "vlm", models[q], {KERNELS_ENV: "ggml"}))
+            for form in forms if q in PACKED_FROM else []:  # vlm's own kernels (the default: the first)
+                variants.append((f"vlm {q} on vlm's {form} kernels", "vlm", models[q], {KERNELS_ENV: form}))
         pythons = {
             "torch": python_with("torch, transformers", args.torch_python),
             "open_clip": python_with("torch, open_clip", args.open_clip_python),
@@ -353,8 +328,6 @@ def main() -> int:
         keys = ("load_s", "images_per_s_batch1", "images_per_s_batch32", "texts_per_s_batch32", "peak_rss_mb")
         for label, rs in runs.items():
             row = {**rs[0], "name": label, "rounds": len(rs)}
-            if row.get("blas"):  # which kernels OpenBLAS picked
-                row["name"] = f"{label.split(' (')[0]} ({row['blas'].split('(')[-1].rstrip(')')})"
             for key in keys:
                 row[key] = statistics.median(x[key] for x in rs)
                 row[f"{key}_all"] = [x[key] for x in rs]
@@ -381,12 +354,10 @@ def main() -> int:
         f"CLIP ViT-B/32, real size, random weights; {args.threads} threads; medians of {args.rounds} "
         f"interleaved rounds ({args.runs} timed calls each)"
     )
-    from vlmcli.engines.clip import cpu_kernels
-
     print(
-        f"CPU: {cpu_description()}; OPENBLAS_CORETYPE={coretype or '(unset)'}; "
+        f"CPU: {cpu_description()}; "
         f"{'AVX2 proxy (' + ' '.join(f'{k}={v}' for k, v in AVX2_ONLY.items()) + '); ' if args.isa == 'avx2' else ''}"
-        f"vlm's default for F16 here: {cpu_kernels()}"
+        f"vlm's default for F16 here: {choose_path(on_cpu=True).describe()}"
     )
     print(
         f"{'variant':<34} {'load s':>6} {'img/s b1':>12} {'img/s b32':>12} {'texts/s b32':>12} "
@@ -403,7 +374,7 @@ def main() -> int:
         )
     print(
         f"(x: against transformers; cos: the lowest cosine to transformers' embeddings; texts: 32 prompts "
-        f"'a photo of a <label>.', {rows[0]['text_positions']} positions; blas rows name OpenBLAS's kernels; "
+        f"'a photo of a <label>.', {rows[0]['text_positions']} positions; "
         f"load average before {load_before}, after {load_after})"
     )
     OUT.mkdir(parents=True, exist_ok=True)
@@ -413,7 +384,6 @@ def main() -> int:
             {
                 "model": "clip-vit-base-patch32 (random weights)",
                 "cpu": cpu_description(),
-                "openblas_coretype": coretype,
                 "threads": args.threads,
                 "rounds": args.rounds,
                 "isa": args.isa,

@@ -6,9 +6,10 @@ same threads (medians of --runs calls after a warm-up):
 - ggml's CPU mul_mat through vlm's own bindings (engines/ggml.py), weights F32, F16, BF16, Q8_0 and
   Q4_0 / IQ4_NL; the 4-bit ones also in ggml's CPU_REPACK buffer (its interleaved AVX2 / NEON
   kernels, what llama.cpp uses for them), with the cosine of each result to the F32 product;
-- vlm's own kernels (engines/clip_kernels.py: bf16 where the CPU has AVX512_BF16, f16 and i16 with AVX2,
-  i16 also in its AVX512_VNNI form) in the same graphs;
-- numpy's sgemm (OpenBLAS), and PyTorch's (torch.matmul) when --torch-python or this Python has it.
+- vlm's own kernels (engines/clip_kernels.py: bf16 where the CPU has AVX512_BF16, i16 in its AVX2 form
+  and, where the CPU has AVX512_VNNI, its 512-bit form) in the same graphs;
+- numpy's sgemm (its BLAS, on --threads through OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS),
+  and PyTorch's (torch.matmul) when --torch-python or this Python has it; each in a process of its own.
 Shapes (k, m, n): the attention projections (768 -> 768), fc1 (768 -> 3072) and fc2 (3072 -> 768) of
 a batch of 32 images (1600 tokens), and a text tower's fc1 (512 -> 2048) on 32 texts of 11 tokens.
 The last lines turn the rates into images/s bounds: FLOP per image / GFLOPS, nothing else counted.
@@ -84,14 +85,12 @@ def ggml_rate(
     threads: int,
     runs: int,
     buft: int | None,
-    kind: str | None = None,
-    vnni: bool | None = None,
+    form: str | None = None,
 ) -> tuple[float, float]:
     """(GFLOPS, cosine to the F32 product) of W [m, k] (qtype) times X [k, n] through ggml's mul_mat,
-    or through vlm's kernel of that kind (qtype BF16 for bf16, F16 for f16 and i16, which quantizes the F16
-    values; vnni: the i16 kernel's form) in the same graph machinery."""
+    or through vlm's kernel of that form (qtype BF16 for bf16, F16 for the i16 forms, which quantize the
+    F16 values) in the same graph machinery."""
     from vlmcli.engines import clip_kernels, ggml
-    from vlmcli.engines.clip import _to_bf16
     from vlmcli.engines.ggml import Backend, Graph
 
     rng = np.random.default_rng(0)
@@ -108,14 +107,12 @@ def ggml_rate(
             raw = w32
         elif qtype == "F16":
             raw = w32.astype(np.float16)
-        elif qtype == "BF16":
-            raw = _to_bf16(w32, "F32")  # the conversion vlm's CLIP loader uses
         else:
-            raw = ggml.quantize(w32, qtype)
+            raw = ggml.quantize(w32, qtype)  # BF16 too, rounded to nearest even as vlm's bf16 packing rounds
         xin = g.input("F32", (k, n), "x")
-        if kind:  # vlm's own kernel (engines/clip_kernels.py)
-            values = raw.reshape(m, k) if kind == "i16" else raw.view(np.uint16).reshape(m, k)  # i16: from F16 values
-            y = g.output(clip_kernels.linear(g, xin, clip_kernels.pack(values, kind), vnni=vnni))
+        if form:  # vlm's own kernel (engines/clip_kernels.py)
+            values = raw.view(np.uint16).reshape(m, k) if form == "bf16" else raw.reshape(m, k)  # i16: F16 values
+            y = g.output(clip_kernels.linear(g, xin, clip_kernels.pack(values, form)))
         else:
             backend.set(w, raw)
             y = g.output(g.mul_mat(w, xin))
@@ -127,7 +124,7 @@ def ggml_rate(
     return 2 * k * m * n / seconds / 1e9, float(cosine(got, ref))
 
 
-def blas_rates(runs: int, torch: bool, threads: int) -> dict[str, float]:
+def sgemm_rates(runs: int, torch: bool, threads: int) -> dict[str, float]:
     """sgemm GFLOPS per shape: numpy's BLAS, or torch.matmul (run in the torch Python)."""
     if torch:
         import torch as th
@@ -139,9 +136,9 @@ def blas_rates(runs: int, torch: bool, threads: int) -> dict[str, float]:
         b = np.random.default_rng(2).standard_normal((k, m)).astype(np.float32)
         if torch:
             ta, tb = th.from_numpy(a), th.from_numpy(b)
-            rates[name] = 2 * k * m * n / timed(lambda: th.matmul(ta, tb), runs) / 1e9
+            rates[name] = 2 * k * m * n / timed(lambda ta=ta, tb=tb: th.matmul(ta, tb), runs) / 1e9
         else:
-            rates[name] = 2 * k * m * n / timed(lambda: a @ b, runs) / 1e9
+            rates[name] = 2 * k * m * n / timed(lambda a=a, b=b: a @ b, runs) / 1e9
     return rates
 
 
@@ -156,18 +153,12 @@ def main() -> int:
         default="native",
         help="avx2: PyTorch held to AVX2 and no BF16 rows (bench_clip.AVX2_ONLY: a proxy for an AVX2-only CPU)",
     )
-    ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sgemm-worker", choices=["numpy", "torch"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.torch_worker:
-        print(json.dumps(blas_rates(args.runs, True, args.threads)))
+    if args.sgemm_worker:
+        print(json.dumps(sgemm_rates(args.runs, args.sgemm_worker == "torch", args.threads)))
         return 0
     from machine import cpu_description
-
-    from vlmcli.engines.clip_numpy import blas_threads
-
-    blas = blas_threads()
-    if blas.controllable:  # numpy's OpenBLAS on the same threads as the others
-        blas.set(args.threads)
 
     rows: dict[str, dict[str, float]] = {}
     cosines: dict[str, float] = {}
@@ -184,34 +175,31 @@ def main() -> int:
             cosines[label] = min(r[1] for r in results.values())
     from vlmcli.engines import clip_kernels
 
-    vnni = clip_kernels.has_vnni() and args.isa == "native"
-    for kind, qtype, form in (
-        ("bf16", "BF16", None),
-        ("f16", "F16", None),
-        ("i16", "F16", False),
-        ("i16", "F16", True),
-    ):
-        if clip_kernels.available(kind) and (kind != "bf16" or args.isa == "native") and (not form or vnni):
-            label = f"vlm {kind} kernel{' (AVX2 form)' if form is False else ' (AVX512_VNNI)' if form else ''}"
+    for form, spec in clip_kernels.FORMS.items():
+        if clip_kernels.available(form) and (form == "i16-avx2" or args.isa == "native"):
+            label = f"vlm {form} kernel ({spec.isa})"
             print(f"{label} ...", file=sys.stderr)
+            qtype = "BF16" if form == "bf16" else "F16"
             results = {
-                name: ggml_rate(qtype, *shape, args.threads, args.runs, None, kind, form)
-                for name, shape in SHAPES.items()
+                name: ggml_rate(qtype, *shape, args.threads, args.runs, None, form) for name, shape in SHAPES.items()
             }
             rows[label] = {name: r[0] for name, r in results.items()}
             cosines[label] = min(r[1] for r in results.values())
-    rows[f"numpy sgemm ({blas.describe()})"] = blas_rates(args.runs, False, args.threads)
-    torch_py = args.torch_python or sys.executable
-    done = subprocess.run(
-        [torch_py, __file__, "--torch-worker", "--runs", str(args.runs), "--threads", str(args.threads)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(AVX2_ONLY if args.isa == "avx2" else {})},
-    )
-    if done.returncode == 0:
-        rows["torch.matmul"] = json.loads(done.stdout.strip().splitlines()[-1])
-    else:
-        print(f"no torch in {torch_py}: the torch row is left out", file=sys.stderr)
+    threads = {var: str(args.threads) for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    for label, worker, python in (
+        ("numpy sgemm", "numpy", sys.executable),
+        ("torch.matmul", "torch", args.torch_python or sys.executable),
+    ):
+        done = subprocess.run(
+            [python, __file__, "--sgemm-worker", worker, "--runs", str(args.runs), "--threads", str(args.threads)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **threads, **(AVX2_ONLY if args.isa == "avx2" else {})},
+        )
+        if done.returncode == 0:
+            rows[label] = json.loads(done.stdout.strip().splitlines()[-1])
+        else:
+            print(f"{label} failed in {python}: its row is left out", file=sys.stderr)
 
     flops = vit_b32_flops_per_image()
     print(

@@ -47,7 +47,8 @@ __attribute__((target("avx2"))) static double i16_tile(long reps) {
         for (int p = 0; p < STEPS; p++, w += 64, a += 24) {
             const __m256i w0 = _mm256_load_si256((const void *)w), w1 = _mm256_load_si256((const void *)(w + 32));
             __m256i x, u;
-#define ROW(i) "vpbroadcastd " #i "*4(%[a]), %[x]\n\tvpmaddwd %[w0], %[x], %[u]\n\tvpaddd %[u], %[c" #i "0], %[c" #i "0]\n\t" \
+#define ROW(i) "vpbroadcastd " #i "*4(%[a]), %[x]\n\t" \
+               "vpmaddwd %[w0], %[x], %[u]\n\tvpaddd %[u], %[c" #i "0], %[c" #i "0]\n\t" \
                "vpmaddwd %[w1], %[x], %[u]\n\tvpaddd %[u], %[c" #i "1], %[c" #i "1]\n\t"
 #define THREE(p0, p1, p2, p3, p4, p5, rows) \
             __asm__(ROW(0) ROW(1) ROW(2) : [c00] "+x"(p0), [c01] "+x"(p1), [c10] "+x"(p2), [c11] "+x"(p3), \
@@ -107,8 +108,10 @@ __attribute__((target("avx2"))) static double i8_tile(long reps) {
             const __m256i w0 = _mm256_load_si256((const void *)w), w1 = _mm256_load_si256((const void *)(w + 32));
             __m256i x, u;
 #define ROW(i) "vpbroadcastd " #i "*4(%[a]), %[x]\n\t" \
-               "vpmaddubsw %[w0], %[x], %[u]\n\tvpmaddwd %[one], %[u], %[u]\n\tvpaddd %[u], %[c" #i "0], %[c" #i "0]\n\t" \
-               "vpmaddubsw %[w1], %[x], %[u]\n\tvpmaddwd %[one], %[u], %[u]\n\tvpaddd %[u], %[c" #i "1], %[c" #i "1]\n\t"
+               "vpmaddubsw %[w0], %[x], %[u]\n\tvpmaddwd %[one], %[u], %[u]\n\t" \
+               "vpaddd %[u], %[c" #i "0], %[c" #i "0]\n\t" \
+               "vpmaddubsw %[w1], %[x], %[u]\n\tvpmaddwd %[one], %[u], %[u]\n\t" \
+               "vpaddd %[u], %[c" #i "1], %[c" #i "1]\n\t"
             __asm__(ROW(0) ROW(1) ROW(2) ROW(3) ROW(4)
                     : [c00] "+x"(c0), [c01] "+x"(c1), [c10] "+x"(c2), [c11] "+x"(c3), [c20] "+x"(c4), [c21] "+x"(c5),
                       [c30] "+x"(c6), [c31] "+x"(c7), [c40] "+x"(c8), [c41] "+x"(c9), [x] "=&x"(x), [u] "=&x"(u)

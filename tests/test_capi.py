@@ -34,8 +34,9 @@ needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler (cc, gcc or clan
 def bare_env(**extra: str) -> dict[str, str]:
     """What a user's shell gives a C program: no venv activation, no Python variables."""
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "HF_HUB_OFFLINE": "1"}
-    # keep the test run's model store, if it set one, and its settings from conftest (caches, CLIP weights)
-    for key in ("VLM_HOME", "XDG_CACHE_HOME", "VLM_CACHE_DIR", "VLM_CORES_DIR", "VLM_CLIP_WEIGHTS"):
+    # keep the test run's model store, if it set one, its settings from conftest (caches, thread shares) and
+    # a CLIP kernels override (clip_path.py) the run was started with
+    for key in ("VLM_HOME", "XDG_CACHE_HOME", "VLM_CACHE_DIR", "VLM_CORES_DIR", "VLM_CLIP_KERNELS"):
         if key in os.environ:
             env[key] = os.environ[key]
     env.update(extra)

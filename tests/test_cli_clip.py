@@ -21,13 +21,12 @@ JSON_ROUNDING = 0.5e-7 + 2**-24  # JSON rounds components to 7 decimals (tasks/s
 LONG_TEXT = " ".join(["a very long caption"] * 40)  # well over 77 tokens
 
 
-def vlm(*args: str, cwd: Path | None = None, weights: str | None = None) -> subprocess.CompletedProcess:
-    """The CLI; weights sets VLM_CLIP_WEIGHTS ("auto": what a user's machine runs; the suite's default is
-    "stored", the same kernels on every CPU)."""
+def vlm(*args: str, cwd: Path | None = None, kernels: str | None = None) -> subprocess.CompletedProcess:
+    """The CLI; kernels sets VLM_CLIP_KERNELS ("auto": what a user's machine runs, the default)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLM_HOME": str(cwd or Path.cwd())}
     env.pop("VLM_DEBUG", None)
-    if weights:
-        env["VLM_CLIP_WEIGHTS"] = weights
+    if kernels:
+        env["VLM_CLIP_KERNELS"] = kernels
     return subprocess.run(
         [sys.executable, "-m", "vlmcli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
     )
@@ -341,8 +340,8 @@ def test_embed_npy_and_sidecar(clip_gguf: Path, images, tmp_path: Path) -> None:
 
 
 def test_embed_on_this_cpus_default_kernels(clip_gguf: Path, images, tmp_path: Path, monkeypatch) -> None:
-    """What a user runs (VLM_CLIP_WEIGHTS unset: vlm's kernels where the CPU has them): the same rows in a
-    batch as alone, and within BF16's reach of the file's own types (cosine 0.999, issue 14's bar)."""
+    """What a user runs (VLM_CLIP_KERNELS unset: vlm's kernels where the CPU has them): the same rows in a
+    batch as alone, and within BF16's reach of ggml's ops on the file's own types (cosine 0.999, issue 14's bar)."""
     out = tmp_path / "auto.npy"
     inputs = [
         str(images["cat"]),
@@ -352,7 +351,7 @@ def test_embed_on_this_cpus_default_kernels(clip_gguf: Path, images, tmp_path: P
         "--text",
         "a gradient, blue to red",
     ]
-    r = vlm("embed", *inputs, "--out", str(out), "--model", str(clip_gguf), cwd=tmp_path, weights="auto")
+    r = vlm("embed", *inputs, "--out", str(out), "--model", str(clip_gguf), cwd=tmp_path, kernels="auto")
     assert r.returncode == 0, r.stderr
     batch = np.load(out)
     alone = vlm(
@@ -363,23 +362,19 @@ def test_embed_on_this_cpus_default_kernels(clip_gguf: Path, images, tmp_path: P
         "--model",
         str(clip_gguf),
         cwd=tmp_path,
-        weights="auto",
+        kernels="auto",
     )
     assert alone.returncode == 0, alone.stderr
     rows = np.array([rec["embedding"] for rec in _json_lines(alone.stdout)], np.float32)
     np.testing.assert_allclose(rows, batch[[1, 3]], rtol=0, atol=JSON_ROUNDING)
-    stored = tmp_path / "stored.npy"
-    assert (
-        vlm(
-            "embed", *inputs, "--out", str(stored), "--model", str(clip_gguf), cwd=tmp_path, weights="stored"
-        ).returncode
-        == 0
-    )
+    stored = tmp_path / "ggml.npy"
+    r = vlm("embed", *inputs, "--out", str(stored), "--model", str(clip_gguf), cwd=tmp_path, kernels="ggml")
+    assert r.returncode == 0, r.stderr
     assert (np.sum(batch * np.load(stored), axis=1) >= 0.999).all()  # both L2-normalised
-    from vlmcli.engines.clip import weights_layout
+    from vlmcli.engines.clip_path import choose_path
 
-    monkeypatch.setenv("VLM_CLIP_WEIGHTS", "auto")
-    if weights_layout(on_cpu=True) != "stored":  # other kernels ran than ggml's on the file's types: other bits
+    monkeypatch.delenv("VLM_CLIP_KERNELS", raising=False)
+    if choose_path(on_cpu=True).form is not None:  # vlm's kernels ran, not ggml's ops: other bits
         assert not np.array_equal(batch, np.load(stored))
 
 

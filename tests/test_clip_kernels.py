@@ -1,46 +1,43 @@
 """vlm's CLIP kernels (engines/clip_kernels.py, _clip_kernels.c) in real ggml graphs, against float64.
 
-Three kinds: bf16 (x86 CPUs with AVX512_BF16), f16 and i16 (AVX2, FMA, F16C); a test of a kind the CPU
-lacks skips (the packing runs anywhere). Tolerances come from the formats: inputs are compared after
-rounding them exactly as the kernel does (bf16: x and w to BF16; f16: w to F16, x stays F32; i16: x and w
-to 16-bit integers with a scale per 128 of k), so what is left is float32 accumulation: at most k * 2^-24
-of the sum of |x w| (i16: its integer sums are exact, then (blocks + 4) roundings of float32).
+Three forms: bf16 (x86-64 CPUs with AVX512_BF16), i16-vnni (AVX512_VNNI) and i16-avx2 (AVX2, FMA, F16C);
+a test of a form the CPU lacks skips (the packing runs anywhere). Tolerances come from the formats:
+inputs are compared after rounding them exactly as the kernel does (bf16: x and w to BF16; i16: x and w
+to 16-bit integers with a scale per 128 of k), so what is left is float32 accumulation: at most
+k * 2^-24 of the sum of |x w| (i16: its integer sums are exact, then (blocks + 4) roundings of float32).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+
 from vlmcli.convert.safetensors_io import bf16_bits_to_float32 as from_bits
 from vlmcli.convert.safetensors_io import float32_to_bf16_bits as bf16_bits  # nearest, ties to even: as the kernel
-
 from vlmcli.engines import clip_kernels
 from vlmcli.engines.clip_kernels import pack, unpack
 from vlmcli.engines.ggml import Backend, Graph
 
-KINDS = [
-    pytest.param("bf16", marks=pytest.mark.skipif(not clip_kernels.available("bf16"), reason="needs AVX512_BF16")),
-    pytest.param("f16", marks=pytest.mark.skipif(not clip_kernels.available("f16"), reason="needs AVX2, FMA, F16C")),
-    pytest.param("i16", marks=pytest.mark.skipif(not clip_kernels.available("i16"), reason="needs AVX2, FMA, F16C")),
+FORMS = [
+    pytest.param(form, marks=pytest.mark.skipif(not clip_kernels.available(form), reason=f"needs {spec.isa}"))
+    for form, spec in clip_kernels.FORMS.items()
 ]
-needs_attention = pytest.mark.skipif(not clip_kernels.available("f16"), reason="the attention op needs AVX2")
+needs_attention = pytest.mark.skipif(not clip_kernels.attention_available(), reason="the attention op needs AVX2")
 
 
-def held(a: np.ndarray, kind: str) -> np.ndarray:
-    """What pack takes for a weight: its bits as the kernel holds them (i16: its float32 values)."""
-    if kind == "i16":
-        return np.asarray(a, np.float32)
-    return bf16_bits(a) if kind == "bf16" else np.asarray(a, np.float32).astype(np.float16).view(np.uint16)
+def held(a: np.ndarray, form: str) -> np.ndarray:
+    """What pack takes for a weight: its float32 values (bf16: its BF16 bits, as the kernel holds them)."""
+    return bf16_bits(a) if form == "bf16" else np.asarray(a, np.float32)
 
 
-def as_kernel_sees(a: np.ndarray, kind: str, weight: bool) -> np.ndarray:
-    """float64 values of a after the kernel's rounding (bf16 and i16 round x too, f16 only w)."""
-    if kind == "i16":  # rows of x are quantized as w's columns are (the same rounding, per call)
-        q, scales = clip_kernels.quantize_i16(np.asarray(a, np.float32))
-        return q * np.repeat(scales.astype(np.float64), clip_kernels.I16_BLOCK, axis=1)[:, : a.shape[1]]
-    if kind == "bf16":
+def as_kernel_sees(a: np.ndarray, form: str) -> np.ndarray:
+    """float64 values of a (x or w) after the kernel's rounding."""
+    if form == "bf16":
         return from_bits(bf16_bits(a)).astype(np.float64)
-    return np.asarray(a, np.float32).astype(np.float16 if weight else np.float32).astype(np.float64)
+    q, scales = clip_kernels.quantize_i16(np.asarray(a, np.float32))  # rows of x as w's columns (the same rounding)
+    return q * np.repeat(scales.astype(np.float64), clip_kernels.I16_BLOCK, axis=1)[:, : a.shape[1]]
 
 
 def test_packing_round_trips_and_puts_what_a_step_reads_side_by_side():
@@ -49,17 +46,12 @@ def test_packing_round_trips_and_puts_what_a_step_reads_side_by_side():
     assert w.data.shape == (2, 24, 32, 2) and (w.k, w.n) == (48, 64)
     assert w.data[1, 5, 3].tolist() == [rows[32 + 3, 10], rows[32 + 3, 11]]
     assert np.array_equal(unpack(w), rows)
-    h = pack(rows, "f16")  # one k for 16 outputs
-    assert h.data.shape == (4, 48, 16) and h.data[2, 7, 5] == rows[32 + 5, 7]
-    assert np.array_equal(unpack(h), rows)
     assert np.array_equal(unpack(w.stacked(w)), np.concatenate([rows, rows]))
     with pytest.raises(ValueError, match="does not fit"):
         pack(rows[:40], "bf16")  # 40 outputs: not whole panels of 32
-    with pytest.raises(ValueError, match="does not fit"):
-        pack(rows[:40], "f16")
     values = np.random.default_rng(1).standard_normal((32, 300)).astype(np.float32)  # k = 300: blocks 128, 128, 44
     values[3, 130] = -9.0  # the largest of column 3's second block: it becomes -4095
-    i = pack(values, "i16")  # a pair of k for 16 outputs, and a scale per output and block
+    i = pack(values, "i16-avx2")  # a pair of k for 16 outputs, and a scale per output and block
     q, scales = clip_kernels.quantize_i16(values)
     assert i.data.shape == (2, 150, 16, 2) and i.data.dtype == np.int16 and i.scales.shape == (2, 3, 16)
     assert i.data[0, 65, 3].tolist() == [q[3, 130], q[3, 131]] and q[3, 130] == -clip_kernels.I16_MAX
@@ -68,10 +60,10 @@ def test_packing_round_trips_and_puts_what_a_step_reads_side_by_side():
     assert np.array_equal(i.stacked(i).scales, np.concatenate([i.scales, i.scales]))
     assert np.abs(q * np.repeat(scales, 128, axis=1)[:, :300] - values).max() <= 0.5 * scales.max() * (1 + 1e-6)
     with pytest.raises(ValueError, match="does not fit"):
-        pack(values[:, :299], "i16")  # k in pairs
+        pack(values[:, :299], "i16-vnni")  # k in pairs
 
 
-@pytest.mark.skipif(not clip_kernels.available("i16"), reason="needs AVX2, FMA, F16C")
+@pytest.mark.skipif(not clip_kernels.available("i16-avx2"), reason="needs AVX2, FMA, F16C")
 def test_the_kernels_quantization_is_numpys_bit_for_bit():
     """The C packing (its quantizer is the one the kernel applies to x) against the numpy one the tests'
     references use, from F32 and from F16: ties, a block of zeros, huge and tiny values, a short last block."""
@@ -79,12 +71,12 @@ def test_the_kernels_quantization_is_numpys_bit_for_bit():
     w = (rng.standard_normal((48, 300)) * np.logspace(-20, 20, 48)[:, None]).astype(np.float32)
     w[1, :128] = 0.0
     w[2, 7], w[2, 0] = 4095 * 0.5, 4095.0  # a tie with a scale of 1 (the block's largest is 4095)
-    c, ref = pack(w, "i16"), clip_kernels.pack_i16_numpy(w)
+    c, ref = pack(w, "i16-avx2"), clip_kernels.pack_i16_numpy(w)
     assert np.array_equal(c.data, ref.data) and np.array_equal(c.scales, ref.scales)
     q = unpack(c)
     assert q[2, 7] == 2048 and q[1, :128].max() == 0 and c.scales[0, 0, 1] == 0  # ties to even; zeros stay zero
     h = (rng.standard_normal((16, 300)) * 3).astype(np.float16)  # F16 values, widened in C as they are packed
-    c, ref = pack(h, "i16"), clip_kernels.pack_i16_numpy(h.astype(np.float32))
+    c, ref = pack(h, "i16-avx2"), clip_kernels.pack_i16_numpy(h.astype(np.float32))
     assert np.array_equal(c.data, ref.data) and np.array_equal(c.scales, ref.scales)
 
 
@@ -112,10 +104,10 @@ class Linear:
         bias: np.ndarray | None,
         act: str | None,
         n_threads: int,
-        kind: str,
+        form: str,
         ln: tuple[np.ndarray, np.ndarray, float] | None = None,
     ):
-        self.packed = pack(held(w, kind), kind)
+        self.packed = pack(held(w, form), form)
         self.backend = Backend(n_threads=n_threads)
         self.weights = Graph(4)
         values = {"bias": bias, "ln_w": ln[0] if ln else None, "ln_b": ln[1] if ln else None}
@@ -128,11 +120,13 @@ class Linear:
         self.norm = clip_kernels.Norm(tensors["ln_w"], tensors["ln_b"], ln[2]) if ln else None
         self.act = act
 
-    def run(self, x: np.ndarray, vnni: bool | None = None, residual: np.ndarray | None = None) -> np.ndarray:
+    def run(self, x: np.ndarray, form: str | None = None, residual: np.ndarray | None = None) -> np.ndarray:
+        """y for x; form: another form of the same packing than the layer's."""
+        w = dataclasses.replace(self.packed, form=form) if form else self.packed
         with Graph(8, 8) as g:
             xi = g.input("F32", (x.shape[1], x.shape[0]))
             ri = g.input("F32", (residual.shape[1], residual.shape[0])) if residual is not None else None
-            out = g.output(clip_kernels.linear(g, xi, self.packed, self.bias, self.act, vnni, self.norm, ri))
+            out = g.output(clip_kernels.linear(g, xi, w, self.bias, self.act, self.norm, ri))
             self.backend.allocate(g)
             self.backend.set(xi, x)
             if ri is not None:
@@ -145,11 +139,11 @@ class Linear:
         self.backend.close()
 
 
-def reference(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, act: str | None, kind: str):
+def reference(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, act: str | None, form: str):
     """(float64 result on the inputs as the kernel rounds them, its accumulation error bound)."""
-    xb, wb = as_kernel_sees(x, kind, weight=False), as_kernel_sees(w, kind, weight=True)
+    xb, wb = as_kernel_sees(x, form), as_kernel_sees(w, form)
     y = xb @ wb.T + (bias if bias is not None else 0)
-    terms = -(-x.shape[1] // clip_kernels.I16_BLOCK) + 4 if kind == "i16" else x.shape[1]
+    terms = x.shape[1] if form == "bf16" else -(-x.shape[1] // clip_kernels.I16_BLOCK) + 4
     bound = terms * 2.0**-24 * (np.abs(xb) @ np.abs(wb).T) + 2.0**-24 * np.abs(y)
     if act == "gelu_quick":  # the derivative of x * sigmoid(1.702 x) stays below 1.1 in magnitude; the sigmoid
         # to 8 ulp: e^-|z| to 2, 1 / (1 + e) from a 12-bit reciprocal and a Newton step to 4.5, then products
@@ -157,23 +151,23 @@ def reference(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, act: str | 
     return y, bound
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("k,n,rows", [(768, 96, 200), (64, 32, 1), (512, 64, 13), (3072, 32, 50), (588, 32, 9)])
 @pytest.mark.parametrize("act", [None, "gelu_quick"])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_matches_float64_within_float32_accumulation(k, n, rows, act, n_threads, kind):
-    if not clip_kernels.fits(kind, k, n):
-        pytest.skip(f"k = {k} (the patches of a 14 px ViT) is not whole steps of the {kind} kernel")
+def test_matches_float64_within_float32_accumulation(k, n, rows, act, n_threads, form):
+    if not clip_kernels.fits(form, k, n):
+        pytest.skip(f"k = {k} (the patches of a 14 px ViT) is not whole steps of the {form} kernel")
     rng = np.random.default_rng(k + n + rows)
     x = rng.standard_normal((rows, k)).astype(np.float32) * 2
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
-    layer = Linear(w, bias, act, n_threads, kind)
+    layer = Linear(w, bias, act, n_threads, form)
     try:
         got = layer.run(x)
     finally:
         layer.close()
-    want, bound = reference(x, w, bias, act, kind)
+    want, bound = reference(x, w, bias, act, form)
     assert got.shape == (rows, n) and got.dtype == np.float32
     assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
     # the comparison can tell the rounding apart: the product on unrounded inputs is further off
@@ -182,31 +176,31 @@ def test_matches_float64_within_float32_accumulation(k, n, rows, act, n_threads,
         assert np.abs(got - want).max() < np.abs(exact - want).max()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_without_a_bias_and_with_huge_and_tiny_activations(kind):
+@pytest.mark.parametrize("form", FORMS)
+def test_without_a_bias_and_with_huge_and_tiny_activations(form):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((24, 64)).astype(np.float32)
     x[0] *= 1e4  # quick GELU far out on both sides: x on the right, 0 on the left, no NaN
     w = (rng.standard_normal((32, 64)) / 8).astype(np.float32)
-    layer = Linear(w, None, "gelu_quick", 2, kind)
+    layer = Linear(w, None, "gelu_quick", 2, form)
     try:
         got = layer.run(x)
     finally:
         layer.close()
-    want, bound = reference(x, w, None, "gelu_quick", kind)
+    want, bound = reference(x, w, None, "gelu_quick", form)
     assert np.isfinite(got).all()
     assert np.all(np.abs(got - want) <= bound)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_row_does_not_depend_on_its_batch_mates_or_the_threads(kind):
+@pytest.mark.parametrize("form", FORMS)
+def test_a_row_does_not_depend_on_its_batch_mates_or_the_threads(form):
     """Tiles of 12 (6) rows, blocks of 96 (84) rows, rows or panels shared between threads: each
     output is summed in one fixed order whatever surrounds it."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((130, 256)).astype(np.float32)
     w = (rng.standard_normal((128, 256)) / 16).astype(np.float32)
     bias = rng.standard_normal(128).astype(np.float32)
-    one, two = Linear(w, bias, None, 1, kind), Linear(w, bias, None, 2, kind)
+    one, two = Linear(w, bias, None, 1, form), Linear(w, bias, None, 2, form)
     try:
         full = two.run(x)
         assert np.array_equal(full, one.run(x))
@@ -218,10 +212,10 @@ def test_a_row_does_not_depend_on_its_batch_mates_or_the_threads(kind):
         two.close()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("eps", [0.0, 0.75])
 @pytest.mark.parametrize("act", [None, "gelu_quick"])
-def test_a_layer_norm_before_and_a_residual_after_are_the_separate_steps_bit_for_bit(kind, eps, act):
+def test_a_layer_norm_before_and_a_residual_after_are_the_separate_steps_bit_for_bit(form, eps, act):
     """norm(x) @ w + bias (act) + residual in one op against the kernel on numpy's LayerNorm with numpy's
     F32 add after it. Each row is a + s or a - s, as many of each, so the mean (a), the variance (s^2) and
     1 / sqrt(variance + eps) are exact in F32 and both LayerNorms give b +- g / 2 or b +- g, rounded once:
@@ -235,7 +229,7 @@ def test_a_layer_norm_before_and_a_residual_after_are_the_separate_steps_bit_for
     w = (rng.standard_normal((n, k)) / 16).astype(np.float32)
     bias, residual = rng.standard_normal(n).astype(np.float32), rng.standard_normal((rows, n)).astype(np.float32)
     for threads in (1, 2):
-        fused, plain = Linear(w, bias, act, threads, kind, (ln_w, ln_b, eps)), Linear(w, bias, act, threads, kind)
+        fused, plain = Linear(w, bias, act, threads, form, (ln_w, ln_b, eps)), Linear(w, bias, act, threads, form)
         try:
             got = fused.run(x, residual=residual)
             want = plain.run(normed) + residual
@@ -246,16 +240,16 @@ def test_a_layer_norm_before_and_a_residual_after_are_the_separate_steps_bit_for
             plain.close()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_the_norm_and_the_residual_must_fit(kind):
+@pytest.mark.parametrize("form", FORMS)
+def test_the_norm_and_the_residual_must_fit(form):
     rng = np.random.default_rng(2)
-    if clip_kernels.fits(kind, 36, 32):  # (bf16 takes k in steps of 16 anyway)
+    if clip_kernels.fits(form, 36, 32):  # (bf16 takes k in steps of 16 anyway)
         layer = Linear(
             rng.standard_normal((32, 36)).astype(np.float32),
             None,
             None,
             1,
-            kind,
+            form,
             (np.ones(36, np.float32), np.zeros(36, np.float32), 1e-5),
         )
         try:
@@ -263,7 +257,7 @@ def test_the_norm_and_the_residual_must_fit(kind):
                 layer.run(rng.standard_normal((4, 36)).astype(np.float32))
         finally:
             layer.close()
-    layer = Linear(rng.standard_normal((32, 64)).astype(np.float32), None, None, 1, kind)
+    layer = Linear(rng.standard_normal((32, 64)).astype(np.float32), None, None, 1, form)
     try:
         with pytest.raises(ValueError, match="residual of the output's shape"):
             layer.run(rng.standard_normal((4, 64)).astype(np.float32), residual=np.zeros((4, 16), np.float32))
@@ -366,7 +360,7 @@ def test_attention_refuses_what_it_cannot_run():
                 clip_kernels.attention(g, y, np.array([(0, 5)]), 1, False, np.array(queries).reshape(-1, 2))
 
 
-@pytest.mark.skipif(not clip_kernels.has_vnni(), reason="the i16 kernel's 512-bit form needs AVX512_VNNI")
+@pytest.mark.skipif(not clip_kernels.available("i16-vnni"), reason="the i16 kernel's 512-bit form needs AVX512_VNNI")
 @pytest.mark.parametrize("k,n,rows", [(768, 96, 200), (64, 48, 1), (512, 64, 13), (3072, 32, 50)])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_i16_vnni_form_gives_the_avx2_forms_bits(k, n, rows, n_threads):
@@ -374,9 +368,9 @@ def test_i16_vnni_form_gives_the_avx2_forms_bits(k, n, rows, n_threads):
     x = rng.standard_normal((rows, k)).astype(np.float32)
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
-    layer = Linear(w, bias, "gelu_quick", n_threads, "i16")
+    layer = Linear(w, bias, "gelu_quick", n_threads, "i16-avx2")
     try:
-        avx2, vnni = layer.run(x, vnni=False), layer.run(x, vnni=True)
+        avx2, vnni = layer.run(x), layer.run(x, form="i16-vnni")
     finally:
         layer.close()
     assert np.array_equal(avx2, vnni)

@@ -96,17 +96,14 @@ def test_json_report_agrees_with_llama_cpp_and_ggml(env: dict[str, str]) -> None
     assert runs["detail_auto"] == ("full tiling" if on_gpu else "at most 4 tiles")
     from vlmcli.engines import clip_kernels
 
-    bf16_ggml = ggml.lib().ggml_cpu_has_avx512_bf16()
     assert runs["clip_cpu_kernels"] == (
         "vlm's BF16 kernels (AVX512_BF16)"
         if clip_kernels.available("bf16")
         else "vlm's I16 kernels (AVX512_VNNI)"
-        if clip_kernels.has_vnni()
+        if clip_kernels.available("i16-vnni")
         else "vlm's I16 kernels (AVX2)"
-        if clip_kernels.available("i16")
-        else "ggml, F16/F32 weights held as BF16"
-        if bf16_ggml
-        else "ggml, weights as stored"
+        if clip_kernels.available("i16-avx2")
+        else "ggml"
     )
     # store (empty, not even created), its image-encoding cache (empty), the hub settings; the token only as present
     assert rep["store"] == {
@@ -137,15 +134,20 @@ def test_json_report_agrees_with_llama_cpp_and_ggml(env: dict[str, str]) -> None
     assert not Path(env["VLM_HOME"]).exists()  # a doctor looks, it does not create the store
 
 
-def test_clip_kernels_held_to_avx2_are_the_i16_ones(env: dict[str, str]) -> None:
-    """VLM_CLIP_MAX_ISA=avx2 makes an AVX-512 CPU choose what an AVX2-only one does: vlm's i16 kernels."""
+def test_clip_kernels_override_names_what_runs(env: dict[str, str]) -> None:
+    """VLM_CLIP_KERNELS=i16-avx2 makes an AVX-512 CPU run what an AVX2-only one does; ggml, ggml's ops; a bad
+    value is said, not raised."""
     from vlmcli.engines import clip_kernels
 
-    if not clip_kernels.available("i16"):
-        pytest.skip("vlm's kernels were not built here, or this CPU lacks AVX2")
-    r = vlm("doctor", "--json", env={**env, "VLM_CLIP_MAX_ISA": "avx2"})
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["runs_on"]["clip_cpu_kernels"] == "vlm's I16 kernels (AVX2)"
+    def kernels(value: str) -> str:
+        r = vlm("doctor", "--json", env={**env, "VLM_CLIP_KERNELS": value})
+        assert r.returncode == 0, r.stderr
+        return str(json.loads(r.stdout)["runs_on"]["clip_cpu_kernels"])
+
+    assert kernels("ggml") == "ggml"
+    assert kernels("fast").startswith("error: unknown VLM_CLIP_KERNELS 'fast'")
+    if clip_kernels.available("i16-avx2"):
+        assert kernels("i16-avx2") == "vlm's I16 kernels (AVX2)"
 
 
 def test_text_report_has_every_fact_and_no_token(env: dict[str, str]) -> None:

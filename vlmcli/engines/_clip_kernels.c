@@ -1,17 +1,16 @@
-/* CLIP's two hot ops for ggml's CPU graphs on x86 CPUs (engines/clip_kernels.py), each a ggml custom
-   op (ggml_custom_4d) run on ggml's own threads.
+/* CLIP's two hot ops for ggml's CPU graphs on x86-64 CPUs (engines/clip_kernels.py), each a ggml
+   custom op (ggml_custom_4d) run on ggml's own threads. A plain shared library (no Python in it),
+   opened with ctypes.
 
    The matmul: y[m][n] = act(sum_k norm(x[m])[k] w[n][k] + bias[n]) + residual[m][n], x F32
    activations, norm none or a LayerNorm applied to each row as it is read, w packed once at load, y
    F32, act none or quick GELU, residual none or F32; bias, act and residual are applied as a tile
-   leaves the registers, so none of them makes a pass of its own over memory. Three of them:
+   leaves the registers, so none of them makes a pass of its own over memory. Two kinds of weights,
+   three forms:
    - BF16 (AVX512_BF16): x rounded to BF16 as ggml does for a BF16 weight, VDPBF16PS (32
-     multiply-adds) per step, 12 x 32 tiles of y in 24 registers; 380-400 GFLOPS on ViT-B/32's
-     shapes on a 2-core Zen 4 EPYC, where ggml's BF16 mul_mat gave 165-280;
-   - F16 (AVX2, FMA, F16C): w widened to F32 as it is loaded, x and the sums F32, 6 x 16 tiles in
-     12 of the 16 registers;
-   - I16 (AVX2): x and w as 16-bit integers with a scale per 128 k, VPMADDWD (16 multiply-adds) and
-     an integer add per step, the same 6 x 16 tiles: 1.5x the F16 kernel's rate on a Zen 4; with
+     multiply-adds) per step, 12 x 32 tiles of y in 24 registers;
+   - I16 (AVX2): x and w as 16-bit integers with a scale per 128 k, VPMADDWD (16 multiply-adds, twice
+     an F32 FMA's) and an integer add per step, 6 x 16 tiles in 12 of the 16 registers; with
      AVX512_VNNI the same bits from VPDPWSSD (32 multiply-adds and the add) in 12 x 32 tiles.
    Why not ggml's mul_mat: its tinyBLAS kernel computes each output as a dot product along k and
    reduces every accumulator horizontally at the end. These are outer products: a tile of y stays
@@ -20,28 +19,30 @@
    Each y[m][n] is summed in one fixed order (k ascending) whatever the tile, the thread or the
    number of rows, so a row's result never depends on the rows batched with it.
 
-   Packed w (done in numpy): panels of 32 (BF16) or 16 (F16) output columns; in a panel, for each
-   step of k (a pair of k for BF16 and I16), the columns' values side by side: [n / 32][k / 2][32][2],
-   [n / 16][k][16] and [n / 16][k / 2][16][2].
+   Packed w (vlm_bf16_pack and vlm_i16_pack, from the file's F16 or F32 values at load): panels of 32
+   (BF16) or 16 (I16) output columns; in a panel, for each pair of k, the columns' values side by
+   side: [n / 32][k / 2][32][2] and [n / 16][k / 2][16][2].
 
-   The attention (AVX2, for both) replaces ggml's eight ops per layer (permutes, copies, two
-   mul_mats, a soft max and the zero padding that lets att @ v use tinyBLAS), which took 12% of a
-   ViT-B/32 batch once the matmuls were fast; it also lets texts of different lengths share a
-   batch, each at its own length. */
+   The attention (AVX2, for both kinds) replaces ggml's eight ops per layer (permutes, copies, two
+   mul_mats, a soft max and the zero padding that lets att @ v use tinyBLAS); it also lets texts of
+   different lengths share a batch, each at its own length. */
 
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* vlm_clip_kernels_cpu's flags (clip_kernels.Form.needs). */
+#define VLM_CPU_AVX2 1        /* AVX2, FMA and F16C */
+#define VLM_CPU_AVX512_BF16 2
+#define VLM_CPU_AVX512_VNNI 4
 
 /* Mirrored by clip_kernels.MatmulOp (ctypes). */
 struct vlm_matmul {
     void *(*get_data)(const void *tensor); /* ggml_get_data: tensors get their memory after this op is built */
     const void *x;                         /* ggml tensor, F32, k x m, contiguous */
     const void *bias;                      /* ggml tensor, F32, n; or NULL */
-    const uint16_t *w;                     /* packed BF16 or F16 weights */
+    const uint16_t *w;                     /* packed BF16 or I16 weights */
     int64_t m, k, n;
     int32_t act;                           /* 0: none, 1: quick GELU, x * sigmoid(1.702 x) */
     const float *w_scales;                 /* I16 only: a scale per column and block of KB k, [n / 16][blocks][16] */
@@ -90,8 +91,8 @@ static struct tail tail_at(const struct vlm_matmul *op, const struct io *io, int
    AVX512_BF16 CPU has): the layer norm, then bias, quick GELU and the residual */
 
 #define TARGET2 __attribute__((target("avx2,fma,f16c")))
-#define NR2 16  /* two vectors of 8 floats */
-#define MR2 6   /* 12 accumulators, 2 weight vectors and a broadcast fit 16 registers */
+#define NR2 16  /* output columns per AVX2 tile (and I16 panel): two vectors of 8 */
+#define MR2 6   /* rows per AVX2 tile: 12 accumulators, 2 weight vectors and a broadcast fit 16 registers */
 
 TARGET2 static inline float hsum8(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -173,7 +174,6 @@ TARGET2 static const float *input_row(const struct vlm_matmul *op, const struct 
 /* What each ggml thread keeps between ops, one room per use. */
 enum room {
     ROOM_ROW,      /* one layer-normed row (F32) */
-    ROOM_ROWS,     /* a block of them, for the F16 matmul, which reads x in place */
     ROOM_BF16,     /* a block of rows rounded to BF16 */
     ROOM_Q,        /* a block of rows quantized to I16, interleaved for the tiles */
     ROOM_Q_SCALES, /* their scales */
@@ -257,66 +257,10 @@ TARGET static void run(const struct vlm_matmul *op, const struct io *io, int64_t
     }
 }
 
-/* --- AVX2: the F16 matmul (F32 arithmetic) and the attention (for both kinds) ------------------------ */
-
-/* One mr x 16 tile: x rows as they are (F32), w converted from F16 as it is loaded. */
-TARGET2 static inline __attribute__((always_inline)) void tile2(const int mr, const float *a, int64_t lda,
-        const uint16_t *panel, int64_t k, float *y, int64_t ldy, struct tail t) {
-    __m256 acc[MR2][2];
-#pragma GCC unroll 8
-    for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    for (int64_t p = 0; p < k; p++) {
-        __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(panel + p * NR2)));
-        __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(panel + p * NR2 + 8)));
-#pragma GCC unroll 8
-        for (int i = 0; i < mr; i++) {
-            __m256 x = _mm256_broadcast_ss(a + i * lda + p);
-            acc[i][0] = _mm256_fmadd_ps(x, w0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(x, w1, acc[i][1]);
-        }
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < mr; i++) {
-        _mm256_storeu_ps(y + i * ldy, acc[i][0]);
-        _mm256_storeu_ps(y + i * ldy + 8, acc[i][1]);
-    }
-    finish_rows(y, ldy, mr, NR2, t);
-}
-
-TARGET2 static void tile2_rows(int mr, const float *a, int64_t lda, const uint16_t *panel, int64_t k, float *y,
-                               int64_t ldy, struct tail t) {
-    switch (mr) {
-#define CASE(r) case r: tile2(r, a, lda, panel, k, y, ldy, t); break;
-    CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) CASE(1)
-#undef CASE
-    }
-}
-
-/* Rows [m0, m1) and panels [p0, p1) of y, in blocks of rows that stay in L2 (256 KB of x) while
-   every panel of the thread passes over them. */
+/* Rows of x held in L2 while the panels pass over them. */
 static int64_t l2_rows(int64_t row_bytes, int64_t mr) { /* whole tiles of mr rows in 256 KB, at least one */
     const int64_t rows = (256 * 1024 / row_bytes) / mr * mr;
     return rows < mr ? mr : rows;
-}
-
-static int64_t f16_block(int64_t k) { return l2_rows(4 * k, MR2); }
-
-TARGET2 static void run_f16(const struct vlm_matmul *op, const struct io *io, int64_t m0, int64_t m1, int64_t p0,
-                            int64_t p1) {
-    const int64_t k = op->k, n = op->n, mb_rows = f16_block(k);
-    for (int64_t mb = m0; mb < m1; mb += mb_rows) {
-        const int64_t rows = m1 - mb < mb_rows ? m1 - mb : mb_rows;
-        const float *x = io->x + mb * k;
-        if (io->ln_w) { /* the block's rows layer-normed, read in place from there */
-            float *normed = thread_room(ROOM_ROWS, (size_t)mb_rows * k * sizeof(float));
-            for (int64_t r = 0; r < rows; r++) input_row(op, io, mb + r, normed + r * k);
-            x = normed;
-        }
-        for (int64_t p = p0; p < p1; p++)
-            for (int64_t r = 0; r < rows; r += MR2)
-                tile2_rows(rows - r < MR2 ? (int)(rows - r) : MR2, x + r * k, k, op->w + p * NR2 * k, k,
-                           io->y + (mb + r) * n + p * NR2, n, tail_at(op, io, mb + r, p * NR2));
-    }
 }
 
 /* --- AVX2: the I16 matmul (integer multiply-adds) ----------------------------------------------- */
@@ -693,38 +637,27 @@ static void share_attention(void *dst, int ith, int nth, const struct vlm_attent
     }
 }
 
-static int cpu_has_vnni(void) {
+/* What this CPU runs, as vlm_clip_kernels_cpu() reports it. */
+static int cpu_features(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-}
-
-static int cpu_level(void) {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16"))
-        return 2;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512vl");
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return (avx2 ? VLM_CPU_AVX2 : 0) |
+           (avx2 && avx512 && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16")
+                ? VLM_CPU_AVX512_BF16 : 0) |
+           (avx2 && avx512 && __builtin_cpu_supports("avx512vnni") ? VLM_CPU_AVX512_VNNI : 0);
 }
 #else
 #define HAVE_KERNEL 0
 #endif
 
-/* Which kernels this build has and the CPU runs: 2 the BF16 ones (AVX512_BF16) and the F16 ones,
-   1 only the F16 ones (AVX2, FMA, F16C), 0 none. */
-int vlm_clip_kernels_level(void) {
+/* Which forms this build has and the CPU runs (VLM_CPU_* flags; 0 where the build has none): AVX2
+   the I16 matmul and the attention, AVX512_BF16 the BF16 matmul, AVX512_VNNI the I16 matmul's
+   512-bit form. clip_kernels.FORMS mirrors the flags. */
+int vlm_clip_kernels_cpu(void) {
 #if HAVE_KERNEL
-    return cpu_level();
-#else
-    return 0;
-#endif
-}
-
-/* Whether the I16 kernels' 512-bit form (AVX512_VNNI) runs here: vlm_i16_vnni_matmul_op. */
-int vlm_clip_kernels_vnni(void) {
-#if HAVE_KERNEL
-    return cpu_has_vnni();
+    return cpu_features();
 #else
     return 0;
 #endif
@@ -732,7 +665,7 @@ int vlm_clip_kernels_vnni(void) {
 
 #if HAVE_KERNEL
 /* A weight's n rows of k F32 or F16 values, each quantized as quantize_row does x and written straight
-   into the packed layout (in numpy the conversions and transposes took 1 s at load for ViT-B/32). */
+   into the packed layout: one pass at load, no F32 copy of a whole F16 weight. */
 TARGET2 static void pack_i16(const void *w, int f16, int64_t n, int64_t k, int16_t *packed, float *scales) {
     const int64_t blocks = (k + KB - 1) / KB;
     float *row = malloc(k * sizeof(float)), *row_scales = malloc(blocks * sizeof(float));
@@ -758,8 +691,7 @@ TARGET2 static void pack_i16(const void *w, int f16, int64_t n, int64_t k, int16
 }
 
 /* A weight's n rows of k F32 or F16 values (k a multiple of 16) rounded to BF16 (nearest even, as the
-   activations are) and written straight into the BF16 kernel's layout: in numpy, through ggml's
-   conversions and transposes, this took 0.45 s of a ViT-B/32's load. */
+   activations are) and written straight into the BF16 kernel's layout, in one pass at load. */
 TARGET static void pack_bf16(const void *w, int f16, int64_t n, int64_t k, uint16_t *packed) {
     uint32_t *pairs = malloc(k / 2 * sizeof(uint32_t)); /* a row's BF16 values, a pair of k to an item */
     if (!pairs) abort();
@@ -780,7 +712,7 @@ TARGET static void pack_bf16(const void *w, int f16, int64_t n, int64_t k, uint1
    [n / 32][k / 2][32][2] (clip_kernels.pack). Returns -1 where the CPU lacks AVX512_BF16. */
 int vlm_bf16_pack(const void *w, int32_t f16, int64_t n, int64_t k, uint16_t *packed) {
 #if HAVE_KERNEL
-    if (cpu_level() < 2) return -1;
+    if (!(cpu_features() & VLM_CPU_AVX512_BF16)) return -1;
     pack_bf16(w, f16, n, k, packed);
     return 0;
 #else
@@ -793,7 +725,7 @@ int vlm_bf16_pack(const void *w, int32_t f16, int64_t n, int64_t k, uint16_t *pa
    and scales [n / 16][blocks][16] (clip_kernels.pack). Returns -1 where the CPU lacks AVX2. */
 int vlm_i16_pack(const void *w, int32_t f16, int64_t n, int64_t k, int16_t *packed, float *scales) {
 #if HAVE_KERNEL
-    if (cpu_level() < 1) return -1;
+    if (!(cpu_features() & VLM_CPU_AVX2)) return -1;
     pack_i16(w, f16, n, k, packed, scales);
     return 0;
 #else
@@ -802,21 +734,14 @@ int vlm_i16_pack(const void *w, int32_t f16, int64_t n, int64_t k, int16_t *pack
 #endif
 }
 
-/* The ggml custom ops (ggml_custom_op_t); Python never builds one into a graph above the level. */
+/* The ggml custom ops (ggml_custom_op_t); Python builds one into a graph only where the CPU runs it. */
 #if HAVE_KERNEL
 #define OP(name, body) void name(void *dst, int ith, int nth, void *userdata) { body; }
 #else
 #define OP(name, body) void name(void *dst, int ith, int nth, void *userdata) { (void)dst; (void)ith; (void)nth; (void)userdata; abort(); }
 #endif
 OP(vlm_bf16_matmul_op, share_matmul(dst, ith, nth, userdata, MR, NR, MB, run))
-OP(vlm_f16_matmul_op, share_matmul(dst, ith, nth, userdata, MR2, NR2, f16_block(((const struct vlm_matmul *)userdata)->k), run_f16))
 OP(vlm_i16_matmul_op, share_matmul(dst, ith, nth, userdata, MR2, NR2, i16_block(((const struct vlm_matmul *)userdata)->k, MR2), run_i16))
 OP(vlm_i16_vnni_matmul_op, share_matmul(dst, ith, nth, userdata, MR, NR2, i16_block(((const struct vlm_matmul *)userdata)->k, MR), run_vnni))
 OP(vlm_attention_op, share_attention(dst, ith, nth, userdata))
 #undef OP
-
-/* A Python extension only so that setuptools builds and installs it; Python calls it through ctypes. */
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_clip_kernels",
-                                    .m_doc = "vlm's CLIP kernels (loaded with ctypes, see clip_kernels.py)", .m_size = -1};
-
-PyMODINIT_FUNC PyInit__clip_kernels(void) { return PyModule_Create(&module); }

@@ -1,22 +1,19 @@
-"""vlm's own CPU kernels for CLIP (_clip_kernels.c) as ops in ggml graphs.
+"""vlm's own CPU kernels for CLIP (_clip_kernels.c) as ops in ggml graphs, on x86-64 CPUs.
 
-Three kinds, by what the CPU has:
-- "bf16" (AVX512_BF16): matmul weights held as BF16, activations rounded to BF16, F32 sums (VDPBF16PS
-  does 32 multiply-adds per instruction). ggml's own BF16 mul_mat reaches 165-250 GFLOPS on ViT-B/32's
-  shapes on a 2-core AVX-512 EPYC, this kernel 360-410 (benchmarks/bench_matmul.py).
-- "i16" (AVX2, FMA, F16C): weights and activations as 16-bit integers with a scale per 128 values of k
-  (a column of w, a row of x), |q| <= 4095, exact 32-bit integer sums (VPMADDWD, 16 multiply-adds per
-  instruction) scaled into F32 per block: 1.4-1.5x the f16 kernel's rate on a Zen 4 held to AVX2, a
-  cosine to F32 of 0.999995 and more on ViT-B/32. Where the CPU has AVX512_VNNI the same numbers, bit
-  for bit, come from a 512-bit form (VPDPWSSD: 32 multiply-adds and the add in one instruction).
-- "f16" (AVX2, FMA, F16C): weights held as F16, everything else F32 (more exact than ggml's F16
-  mul_mat, which rounds the activations to F16 too).
+Two kinds of packed weights, three forms of the matmul (FORMS), by what the CPU has:
+- "bf16" (AVX512_BF16): matmul weights held as BF16, activations rounded to BF16, F32 sums (VDPBF16PS:
+  32 multiply-adds per instruction).
+- "i16-avx2" (AVX2, FMA, F16C): weights and activations as 16-bit integers with a scale per 128 values
+  of k (a column of w, a row of x), |q| <= 4095, exact 32-bit integer sums (VPMADDWD: 16 multiply-adds
+  per instruction, twice an F32 FMA's) scaled into F32 per block.
+- "i16-vnni" (AVX512_VNNI): the same weights and the same numbers, bit for bit, in 512-bit registers
+  (VPDPWSSD: 32 multiply-adds and the add in one instruction).
 The weights are packed for the kernel when the model loads (`pack`); every linear layer of a graph
 runs through it (`linear`), with its bias (and a quick GELU after fc1) applied as the results leave
-the registers, and `attention` runs a layer's attention in one op over sequences packed one after
-another (no padding between texts of different lengths). It is a C extension built when vlm is
-installed; where it did not build or the CPU lacks the instructions, `available()` is False and
-CLIP keeps ggml's own ops.
+the registers, and `attention` (AVX2) runs a layer's attention in one op over sequences packed one
+after another (no padding between texts of different lengths). The C file is built at install as a
+plain shared library (setup.py) and opened here with ctypes; where it did not build or the CPU lacks
+the instructions, `available()` is False and CLIP keeps ggml's own ops (engines/clip_path.py).
 """
 
 from __future__ import annotations
@@ -24,37 +21,41 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from vlmcli.engines import ggml
 from vlmcli.engines.ggml import Graph, Tensor
 
+# vlm_clip_kernels_cpu()'s flags: what the CPU runs (0: the library has no kernels, not x86-64)
+CPU_AVX2, CPU_AVX512_BF16, CPU_AVX512_VNNI = 1, 2, 4
+LIBRARY = "libvlm_clip_kernels" + (".dll" if sys.platform == "win32" else ".so")  # beside this file (setup.py)
+
 
 @dataclass(frozen=True)
-class Kind:
-    """One set of kernels: its packing and the C ops that run it (NR, NR2 ... in the C file)."""
+class Form:
+    """One form of the kernels: the weights' packing and the C op that multiplies by them."""
 
     name: str
-    level: int  # vlm_clip_kernels_level() at which the CPU runs it
+    packing: str  # "bf16" or "i16": the layout pack() writes (both i16 forms read the same one)
     panel: int  # output columns per packed panel
     k_multiple: int  # rows of k must be a multiple of this
     matmul_op: str
     isa: str  # what matmul_op runs on
-    vnni_op: str | None = None  # the same results in 512-bit registers, where the CPU has AVX512_VNNI
+    needs: int  # CPU_* flags
 
 
-KINDS = {
-    "bf16": Kind("bf16", 2, 32, 16, "vlm_bf16_matmul_op", "AVX512_BF16"),
-    "f16": Kind("f16", 1, 16, 1, "vlm_f16_matmul_op", "AVX2"),
-    "i16": Kind("i16", 1, 16, 2, "vlm_i16_matmul_op", "AVX2", "vlm_i16_vnni_matmul_op"),
+FORMS = {
+    "bf16": Form("bf16", "bf16", 32, 16, "vlm_bf16_matmul_op", "AVX512_BF16", CPU_AVX512_BF16),
+    "i16-vnni": Form("i16-vnni", "i16", 16, 2, "vlm_i16_vnni_matmul_op", "AVX512_VNNI", CPU_AVX512_VNNI),
+    "i16-avx2": Form("i16-avx2", "i16", 16, 2, "vlm_i16_matmul_op", "AVX2", CPU_AVX2),
 }
+PACKINGS = {"bf16": FORMS["bf16"], "i16": FORMS["i16-avx2"]}  # a form of each packing (its panel, k_multiple)
 I16_BLOCK, I16_MAX = 128, 4095  # KB and QMAX in the C file: a scale per 128 values of k, |q| <= 4095
 ACTIVATIONS = {None: 0, "gelu_quick": 1}  # what the kernels can apply themselves (act in the C struct)
-# "avx2": only the AVX2 kernels, as an AVX2-only CPU runs them (benchmarks' proxy; like oneDNN's ONEDNN_MAX_CPU_ISA)
-MAX_ISA_ENV = "VLM_CLIP_MAX_ISA"
 HEAD_MULTIPLE, MAX_HEAD = 8, 128  # the attention op (AVX2, both kinds): heads of hd floats, 8 to a register
 
 
@@ -97,68 +98,58 @@ class AttentionOp(ctypes.Structure):
 
 @functools.lru_cache(maxsize=1)
 def _library() -> tuple[ctypes.CDLL | None, int]:
-    """(the kernels' library, the level this CPU runs), or (None, 0) where it was not built."""
+    """(the kernels' library, the CPU_* flags of what runs here), or (None, 0) where it was not built."""
     try:
-        from vlmcli.engines import _clip_kernels  # type: ignore[attr-defined]
-    except ImportError:  # not built here (no compiler at install, not x86): ggml's ops do the work
+        lib = ctypes.CDLL(str(Path(__file__).with_name(LIBRARY)))
+        features = int(lib.vlm_clip_kernels_cpu())
+    except (OSError, AttributeError):  # not built here (no compiler at install): ggml's ops do the work
         return None, 0
-    lib = ctypes.CDLL(_clip_kernels.__file__)
-    lib.vlm_clip_kernels_level.restype = ctypes.c_int
-    level = int(lib.vlm_clip_kernels_level())
-    return lib, min(level, 1) if _held_to_avx2() else level
+    return lib, features
 
 
-def _held_to_avx2() -> bool:
-    return os.environ.get(MAX_ISA_ENV, "").strip().lower() == "avx2"
+def available(form: str) -> bool:
+    """Whether a form of the kernels (a key of FORMS) was built and this CPU runs it."""
+    needs = FORMS[form].needs
+    return (_library()[1] & needs) == needs
 
 
-@functools.lru_cache(maxsize=1)
-def has_vnni() -> bool:
-    """Whether this CPU runs the kernels' 512-bit forms (AVX512_VNNI: the i16 kind's vnni_op)."""
+def attention_available() -> bool:
+    """Whether the attention op runs here (AVX2: wherever any form does)."""
+    return (_library()[1] & CPU_AVX2) != 0
+
+
+def _op(name: str) -> int:
+    """The address of a C op (the caller checked that the CPU runs it)."""
     lib = _library()[0]
-    return lib is not None and not _held_to_avx2() and bool(lib.vlm_clip_kernels_vnni())
-
-
-def isa(kind: str) -> str:
-    """The instruction set a kind's matmul runs on here: its VNNI form where the CPU has it."""
-    spec = KINDS[kind]
-    return "AVX512_VNNI" if spec.vnni_op is not None and has_vnni() else spec.isa
-
-
-def available(kind: str) -> bool:
-    """Whether the kernels of a kind ("bf16", "f16", "i16") were built and this CPU runs them."""
-    return _library()[1] >= KINDS[kind].level
-
-
-@functools.cache
-def _op(name: str, level: int) -> int:
-    """The address of a C op that needs the CPU to run kernels of `level`."""
-    lib, have = _library()
-    if lib is None or have < level:
+    if lib is None:
         raise RuntimeError(f"vlm's CLIP kernel {name} is not available on this machine")
-    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value  # type: ignore[return-value]
+    address = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+    assert address is not None
+    return address
 
 
 @functools.cache
 def _get_data() -> int:
-    return ctypes.cast(ggml.lib().ggml_get_data, ctypes.c_void_p).value  # type: ignore[return-value]
+    address = ctypes.cast(ggml.lib().cdll.ggml_get_data, ctypes.c_void_p).value
+    assert address is not None
+    return address
 
 
-def fits(kind: str, k: int, n: int) -> bool:
-    """Whether a k -> n weight can be packed for a kind (CLIP's widths are multiples of 64)."""
-    spec = KINDS[kind]
+def fits(form: str, k: int, n: int) -> bool:
+    """Whether a k -> n weight can be packed for a form (CLIP's widths are multiples of 64)."""
+    spec = FORMS[form]
     return k > 0 and n > 0 and k % spec.k_multiple == 0 and n % spec.panel == 0
 
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A k -> n weight in a kind's layout: bf16 [n / 32][k / 2][32][2], f16 [n / 16][k][16] (uint16),
-    i16 [n / 16][k / 2][16][2] (int16) with scales [n / 16][blocks of 128 k][16] (float32)."""
+    """A k -> n weight packed for a form: bf16 [n / 32][k / 2][32][2] (BF16 bits, uint16), i16 [n / 16]
+    [k / 2][16][2] (int16) with scales [n / 16][blocks of 128 k][16] (float32)."""
 
     data: np.ndarray
     k: int
     n: int
-    kind: str
+    form: str  # a key of FORMS: the op linear() runs it with
     scales: np.ndarray | None = None
 
     @property
@@ -168,40 +159,36 @@ class PackedWeight:
     def stacked(self, *others: PackedWeight) -> PackedWeight:
         """This weight's outputs followed by the others' (same k): panels are whole, so they stack."""
         parts = (self, *others)
-        scales = None if self.scales is None else np.concatenate([o.scales for o in parts])  # type: ignore[misc]
-        return PackedWeight(np.concatenate([o.data for o in parts]), self.k, sum(o.n for o in parts), self.kind, scales)
+        scales = None
+        if self.scales is not None:
+            scales = np.concatenate([o.scales for o in parts if o.scales is not None])
+        return PackedWeight(np.concatenate([o.data for o in parts]), self.k, sum(o.n for o in parts), self.form, scales)
 
 
-def pack(rows: np.ndarray, kind: str) -> PackedWeight:
-    """A weight's BF16 (kind bf16) or F16 (kind f16) bits (uint16), or its float16 / float32 values
-    (kinds i16 and bf16: rounded as the kernel rounds its activations), (n, k) in numpy order (HF's
-    nn.Linear layout) -> the kernel's layout."""
+def pack(rows: np.ndarray, form: str) -> PackedWeight:
+    """A weight (n, k) in numpy order (HF's nn.Linear layout) -> the form's layout: its float16 / float32
+    values (rounded as the kernel rounds its activations), or for bf16 also its BF16 bits (uint16)."""
     n, k = rows.shape
-    if not fits(kind, k, n):
-        raise ValueError(f"a {k} -> {n} weight does not fit the {kind} kernel")
-    panel = KINDS[kind].panel
-    if kind == "i16":
-        return _pack_i16(rows)
-    if kind == "bf16" and rows.dtype != np.uint16:
+    if not fits(form, k, n):
+        raise ValueError(f"a {k} -> {n} weight does not fit the {form} kernel")
+    if FORMS[form].packing == "i16":
+        return _pack_i16(rows, form)
+    if rows.dtype != np.uint16:
         return _pack_bf16_values(rows)
-    bits = np.ascontiguousarray(rows).view(np.uint16)
-    if kind == "bf16":  # a pair of k as one item: a faster copy
-        pairs = bits.view(np.uint32).reshape(n // panel, panel, k // 2).transpose(0, 2, 1)
-        return PackedWeight(
-            np.ascontiguousarray(pairs).view(np.uint16).reshape(n // panel, k // 2, panel, 2), k, n, kind
-        )
-    return PackedWeight(np.ascontiguousarray(bits.reshape(n // panel, panel, k).transpose(0, 2, 1)), k, n, kind)
+    panel = FORMS[form].panel  # BF16 bits: a pair of k as one item, a faster copy
+    pairs = rows.view(np.uint32).reshape(n // panel, panel, k // 2).transpose(0, 2, 1)
+    return PackedWeight(np.ascontiguousarray(pairs).view(np.uint16).reshape(n // panel, k // 2, panel, 2), k, n, form)
 
 
-def _c_pack(kind: str, rows: np.ndarray, *out: np.ndarray) -> bool:
-    """vlm_<kind>_pack: F16 or F32 values (n, k) into the kernel's layout in one pass, from F16 without a
+def _c_pack(packing: str, rows: np.ndarray, *out: np.ndarray) -> bool:
+    """vlm_<packing>_pack: F16 or F32 values (n, k) into the kernel's layout in one pass, from F16 without a
     copy in F32. False (nothing written) where it cannot run here."""
-    lib, level = _library()
-    if lib is None or level < KINDS[kind].level or rows.dtype not in (np.float16, np.float32):
+    lib = _library()[0]
+    if lib is None or not available(PACKINGS[packing].name) or rows.dtype not in (np.float16, np.float32):
         return False
     rows = np.ascontiguousarray(rows)
     n, k = rows.shape
-    getattr(lib, f"vlm_{kind}_pack")(
+    getattr(lib, f"vlm_{packing}_pack")(
         ctypes.c_void_p(rows.ctypes.data),
         ctypes.c_int32(rows.dtype == np.float16),
         ctypes.c_int64(n),
@@ -215,7 +202,7 @@ def _pack_bf16_values(rows: np.ndarray) -> PackedWeight:
     """F16 or F32 values (n, k) -> BF16, rounded to nearest even (as the kernel rounds x), in C. Only where
     the bf16 kernels run (elsewhere pass bits)."""
     n, k = rows.shape
-    panel = KINDS["bf16"].panel
+    panel = FORMS["bf16"].panel
     data = np.empty((n // panel, k // 2, panel, 2), np.uint16)
     if not _c_pack("bf16", rows, data):
         raise ValueError(f"BF16 packing from {rows.dtype} values needs vlm's bf16 kernels (AVX512_BF16)")
@@ -237,34 +224,32 @@ def quantize_i16(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(n, -1)[:, :k], scales
 
 
-def _pack_i16(rows: np.ndarray) -> PackedWeight:
-    """F32 or F16 values (n, k) -> i16, in C where the kernels run (ten times numpy's speed), else in numpy."""
+def _pack_i16(rows: np.ndarray, form: str) -> PackedWeight:
+    """F32 or F16 values (n, k) -> i16, in C where the kernels run (far faster), else in numpy."""
     n, k = rows.shape
-    panel, blocks = KINDS["i16"].panel, -(-k // I16_BLOCK)
+    panel, blocks = FORMS[form].panel, -(-k // I16_BLOCK)
     data, scales = np.empty((n // panel, k // 2, panel, 2), np.int16), np.empty((n // panel, blocks, panel), np.float32)
-    return PackedWeight(data, k, n, "i16", scales) if _c_pack("i16", rows, data, scales) else pack_i16_numpy(rows)
+    return PackedWeight(data, k, n, form, scales) if _c_pack("i16", rows, data, scales) else pack_i16_numpy(rows, form)
 
 
-def pack_i16_numpy(rows: np.ndarray) -> PackedWeight:
+def pack_i16_numpy(rows: np.ndarray, form: str = "i16-avx2") -> PackedWeight:
     """The i16 packing in numpy: the same bits as vlm_i16_pack (tested)."""
     n, k = rows.shape
-    panel, blocks = KINDS["i16"].panel, -(-k // I16_BLOCK)
+    panel, blocks = FORMS[form].panel, -(-k // I16_BLOCK)
     q, s = quantize_i16(np.asarray(rows, np.float32))
     return PackedWeight(
         np.ascontiguousarray(q.reshape(n // panel, panel, k // 2, 2).transpose(0, 2, 1, 3)),
         k,
         n,
-        "i16",
+        form,
         np.ascontiguousarray(s.reshape(n // panel, panel, blocks).transpose(0, 2, 1)),
     )
 
 
 def unpack(w: PackedWeight) -> np.ndarray:
-    """The (n, k) bits back, for i16 the int16 values (for tests)."""
-    panel = KINDS[w.kind].panel
-    if w.kind in ("bf16", "i16"):
-        return w.data.reshape(w.n // panel, w.k // 2, panel, 2).transpose(0, 2, 1, 3).reshape(w.n, w.k)
-    return w.data.transpose(0, 2, 1).reshape(w.n, w.k)
+    """The (n, k) BF16 bits back, for i16 the int16 values (for tests)."""
+    panel = FORMS[w.form].panel
+    return w.data.reshape(w.n // panel, w.k // 2, panel, 2).transpose(0, 2, 1, 3).reshape(w.n, w.k)
 
 
 @dataclass(frozen=True)
@@ -285,38 +270,33 @@ def linear(
     w: PackedWeight,
     bias: Tensor | None = None,
     act: str | None = None,
-    vnni: bool | None = None,
     norm: Norm | None = None,
     residual: Tensor | None = None,
 ) -> Tensor:
     """act(norm(x) @ w.T + bias) + residual for x [k, ...] F32 contiguous -> [n, ...], on every thread
     of the graph: the norm is applied to each row of x as the kernel reads it, bias, act and the
-    residual as results leave the registers (no passes of their own over memory); vnni: the kind's
-    512-bit form (None: wherever the CPU has it)."""
-    spec = KINDS[w.kind]
-    if vnni is None:
-        vnni = spec.vnni_op is not None and has_vnni()
-    if vnni and (spec.vnni_op is None or not has_vnni()):
-        raise RuntimeError(f"vlm's {w.kind} kernel has no 512-bit form on this machine")
-    fun = _op(spec.vnni_op if vnni else spec.matmul_op, spec.level)
+    residual as results leave the registers (no passes of their own over memory); w's form picks the op."""
+    if not available(w.form):
+        raise RuntimeError(f"vlm's {w.form} kernel does not run on this machine (it needs {FORMS[w.form].isa})")
+    fun = _op(FORMS[w.form].matmul_op)
     if x.type != ggml.F32 or not x.is_contiguous() or x.ne[0] != w.k:
-        raise ValueError(f"the {w.kind} kernel needs contiguous F32 rows of {w.k}, got {x.shape}")
+        raise ValueError(f"the {w.form} kernel needs contiguous F32 rows of {w.k}, got {x.shape}")
     if bias is not None and (bias.type != ggml.F32 or bias.n_elements != w.n or not bias.is_contiguous()):
-        raise ValueError(f"the {w.kind} kernel needs an F32 bias of {w.n}, got {bias.shape}")
+        raise ValueError(f"the {w.form} kernel needs an F32 bias of {w.n}, got {bias.shape}")
     shape = (w.n, *x.ne[1:])
     if norm is not None and (
         w.k % NORM_MULTIPLE
         or any(t.type != ggml.F32 or t.n_elements != w.k or not t.is_contiguous() for t in (norm.w, norm.b))
     ):
         raise ValueError(
-            f"the {w.kind} kernel layer-norms rows of a multiple of {NORM_MULTIPLE} with F32 weights "
+            f"the {w.form} kernel layer-norms rows of a multiple of {NORM_MULTIPLE} with F32 weights "
             f"of their width, got rows of {w.k}, weights {norm.w.shape} and {norm.b.shape}"
         )
     if residual is not None and (
         residual.type != ggml.F32 or not residual.is_contiguous() or residual.n_elements != math.prod(shape)
     ):
         raise ValueError(
-            f"the {w.kind} kernel adds an F32 residual of the output's shape {shape}, got {residual.shape}"
+            f"the {w.form} kernel adds an F32 residual of the output's shape {shape}, got {residual.shape}"
         )
     op = MatmulOp(
         get_data=_get_data(),
@@ -351,7 +331,9 @@ def attention(
     q, k and v (as one linear layer of 3 d outputs gives them); seqs (n, 2) int32 rows of (first token,
     length) tile the m tokens. Returns [d, m], each token's heads side by side (for the out projection);
     with queries ((sequence, token within it) rows) only theirs, [d, len(queries)]."""
-    fun = _op("vlm_attention_op", KINDS["f16"].level)  # AVX2: any CPU that runs any kind
+    if not attention_available():
+        raise RuntimeError("vlm's attention op does not run on this machine (it needs AVX2)")
+    fun = _op("vlm_attention_op")
     d, m = qkv.ne[0] // 3, qkv.n_elements // qkv.ne[0]
     if qkv.type != ggml.F32 or not qkv.is_contiguous() or qkv.ne[0] != 3 * d or not attention_fits(d, n_heads):
         raise ValueError(f"the attention op needs contiguous F32 q, k, v of {n_heads} heads, got {qkv.shape}")

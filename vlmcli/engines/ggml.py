@@ -241,8 +241,6 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_cpu_set_n_threads": (None, [_vp, _i32]),
     "ggml_cpu_has_avx512": (_i32, []),
     "ggml_cpu_has_avx512_bf16": (_i32, []),
-    "ggml_cpu_fp16_to_fp32": (None, [_vp, _vp, _i64]),
-    "ggml_cpu_fp32_to_bf16": (None, [_vp, _vp, _i64]),
     "ggml_backend_name": (ctypes.c_char_p, [_vp]),
     "ggml_backend_free": (None, [_vp]),
     "ggml_backend_supports_op": (_bool, [_vp, _vp]),

@@ -212,12 +212,13 @@ def _runs_on(llama: dict[str, Any], ggml: dict[str, Any]) -> dict[str, Any]:
 
 
 def _clip_cpu_kernels() -> str:
-    from vlmcli.engines.clip import cpu_kernels
+    """What runs a CLIP F16 file on the CPU here by default (or as VLM_CLIP_KERNELS says)."""
+    from vlmcli.engines.clip_path import choose_path
     from vlmcli.errors import VlmError
 
     try:
-        return cpu_kernels()
-    except VlmError as e:  # a bad VLM_CLIP_WEIGHTS / VLM_CLIP_PATH
+        return choose_path(on_cpu=True).describe()
+    except VlmError as e:  # a bad VLM_CLIP_KERNELS
         return f"error: {e}"
 
 
