@@ -24,9 +24,6 @@ from fixtures.smolvlm2 import build_smolvlm2_checkpoint  # noqa: E402
 # The image-encoding cache of this test run: one fresh folder, not the user's store. Tests that
 # compare cold and warm runs give their own folder (VLM_CACHE_DIR) or --no-cache.
 os.environ.setdefault("VLM_CACHE_DIR", tempfile.mkdtemp(prefix="vlm-test-encodings-"))
-# CLIP's F16/F32 weights as stored, not BF16 on AVX512_BF16 CPUs: the numeric tolerances of the CLIP tests
-# are F16's, on every CPU kind; test_clip_engine tests the BF16 default itself.
-os.environ.setdefault("VLM_CLIP_WEIGHTS", "stored")
 # Thread shares (engines/cores.py) among this run's processes only, not other vlm work on the machine.
 os.environ.setdefault("VLM_CORES_DIR", tempfile.mkdtemp(prefix="vlm-test-cores-"))
 
