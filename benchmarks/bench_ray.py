@@ -71,8 +71,7 @@ def run_local(
             task, paths, JsonlSink(work / f"local-{time.monotonic_ns()}.jsonl"), BatchOptions(handle_sigint=False)
         )
     finally:
-        getattr(task, "model", None) and task.model.close()
-        getattr(task, "engine", None) and task.engine.close()
+        task.close()
     assert s.failed == 0 and s.done == len(paths), s
     return {"start_s": start, "images_per_s": s.images_per_s}
 

@@ -22,9 +22,10 @@ from vlmcli.tasks.npy import NpySink, read_npy_header
 from vlmcli.tasks.runner import BatchOptions, exit_code, run_batch
 from vlmcli.tasks.sidecars import Sidecars
 from vlmcli.tasks.sinks import CsvSink, JsonlSink, TextSink, read_jsonl
+from vlmcli.tasks.task import Task
 
 
-class MeanColour:
+class MeanColour(Task):
     """A real, tiny task: the mean RGB of each image (as an 'embedding') and a text for it."""
 
     name = "meancolour"

@@ -207,6 +207,21 @@ def test_vqa_predictions_in_the_official_results_format(vqa_official, tmp_path, 
     )
 
 
+def test_vqa_predictions_score_without_the_images(vqa_official, tmp_path, capsys) -> None:
+    # Scoring reads no image (the official evaluation needs none): --images is not asked for.
+    preds = tmp_path / "results.json"
+    preds.write_text(json.dumps([{"question_id": 1, "answer": "red"}, {"question_id": 3, "answer": "yes"}]))
+    questions, annotations = str(vqa_official["questions"]), str(vqa_official["annotations"])
+    code, stdout, _ = run_cli(
+        ["eval", "vqa", questions, "--annotations", annotations, "--predictions", str(preds), "--json"], capsys
+    )
+    run = json.loads(stdout)["runs"][0]
+    assert code == 3 and run["items"] == 2 and run["failed"] == 2 and run["metrics"]["accuracy"] == 100.0
+    # Running a model still needs them.
+    code, _, err = run_cli(["eval", "vqa", questions, "--annotations", annotations], capsys)
+    assert code != 0 and "--images" in err
+
+
 def test_vqa_jsonl_side_by_side_details_and_limit(tmp_path, vlm_args, capsys) -> None:
     _img(tmp_path / "imgs" / "a.png", 1)
     _img(tmp_path / "imgs" / "b.png", 2)
@@ -510,7 +525,7 @@ def test_vqa_resume_redoes_an_image_whose_questions_grew(tmp_path, vlm_args, cap
 
 
 def test_shipped_imagenet_prompt_set_and_licence() -> None:
-    from vlmcli.tasks.eval_imagenet import DATA, imagenet_classes, imagenet_templates
+    from vlmcli.tasks.eval.imagenet import DATA, imagenet_classes, imagenet_templates
 
     classes, templates = imagenet_classes(), imagenet_templates()
     assert len(classes) == 1000 and len(templates) == 80 and len(set(templates)) == 80
@@ -523,7 +538,7 @@ def test_shipped_imagenet_prompt_set_and_licence() -> None:
 
 
 def test_select_sample_and_limit() -> None:
-    from vlmcli.tasks.eval_data import select
+    from vlmcli.tasks.eval.data import select
 
     items = list(range(100))
     a = select(items, sample=10, seed=3)
@@ -588,7 +603,7 @@ def test_shipped_sample_set_is_complete_and_licensed() -> None:
     """Every file the sample set names exists and decodes, each photo has its licence line, VQA items
     carry 10 answers and a VQAv2 answer type, and the class folders double as a zero-shot tree."""
     from vlmcli.images import load_image
-    from vlmcli.tasks.eval_data import SAMPLE_FILES, SAMPLE_SET, load_captions, load_image_folder, load_vqa
+    from vlmcli.tasks.eval.data import SAMPLE_FILES, SAMPLE_SET, load_captions, load_image_folder, load_vqa
 
     vqa = load_vqa(SAMPLE_FILES["vqa"])
     captions = load_captions(SAMPLE_FILES["caption"])
@@ -606,7 +621,7 @@ def test_shipped_sample_set_is_complete_and_licensed() -> None:
 
 def test_eval_sample_flag_runs_the_shipped_set(vlm_args, clip_gguf, tmp_path, capsys) -> None:
     """`--sample` alone (no count, no DATA) evaluates the shipped set; `--sample N` still subsets it."""
-    from vlmcli.tasks.eval_data import SAMPLE_FILES, load_vqa
+    from vlmcli.tasks.eval.data import SAMPLE_FILES, load_vqa
 
     code, stdout, err = run_cli(["eval", "vqa", "--sample", "--json", *vlm_args], capsys)
     assert code == 0, err

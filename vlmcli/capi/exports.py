@@ -154,7 +154,7 @@ def install(ffi: Any, lib: Any) -> None:
                 err = args[-1]
                 try:
                     return fn(*args[:-1])
-                except BaseException as e:  # noqa: BLE001 - nothing may escape into C
+                except BaseException as e:  # nothing may escape into C
                     status, message = runtime.status_of(e)
                     if debug or status == runtime.E_RUNTIME:
                         traceback.print_exc(file=sys.stderr)

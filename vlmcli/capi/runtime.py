@@ -17,11 +17,14 @@ import numpy as np
 from PIL import Image
 
 from vlmcli.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOKENS, DEFAULT_N_CTX
+from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
 
 if TYPE_CHECKING:
     from vlmcli.tasks.ask import AskTask
+    from vlmcli.tasks.classify import LabelEmbeddings
     from vlmcli.tasks.models import OpenedModel
-from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
+    from vlmcli.tasks.resume import Record
+    from vlmcli.tasks.task import Task
 
 # vlm_status (vlm.h)
 OK = 0
@@ -168,13 +171,14 @@ class OpenOptions:
 class Handle:
     id: int
     kind: str  # "vlm" | "clip"
-    engine: object  # VlmEngine | ClipModel
+    engine: Any  # VlmEngine (kind "vlm") | ClipModel (kind "clip"), as OpenedModel.engine
     options: OpenOptions
     name: str
     lock: threading.Lock = field(default_factory=threading.Lock)
     owner: int | None = None  # the thread running a call on this handle
     closed: bool = False
-    cache: dict[str, object] = field(default_factory=dict)  # per-model results worth keeping (label embeddings)
+    # The last classify call's labels and their embeddings: callers pass the same labels call after call.
+    labels: tuple[tuple[str, ...], LabelEmbeddings] | None = None
 
     @property
     def kind_code(self) -> int:
@@ -211,7 +215,7 @@ class HandleTable:
             del self._handles[hid]
         with h.lock:  # waits for a call running in another thread
             h.closed = True
-            h.engine.close()  # type: ignore[attr-defined]
+            h.engine.close()
 
     @contextlib.contextmanager
     def use(self, hid: int, kind: str | None = None) -> Iterator[Handle]:
@@ -296,16 +300,18 @@ def _vlm_task(handle: Handle, prompt: str | None) -> AskTask:
     )
     engine, best = handle.engine, (o.best_of, o.select)
     if prompt is not None:
-        return AskTask(engine, [prompt], gen, DEFAULT_MAX_PIXELS, *best)  # type: ignore[arg-type]
-    return CaptionTask(engine, gen, n_best=best[0], select=best[1])  # type: ignore[arg-type]
+        return AskTask(engine, [prompt], gen, DEFAULT_MAX_PIXELS, *best)
+    return CaptionTask(engine, gen, n_best=best[0], select=best[1])
 
 
 def _run_one(
-    task: Any, image: str | Image.Image, prepare_decoded: Callable[[Image.Image], Any] | None = None
-) -> dict[str, Any]:
+    task: Task, image: str | Image.Image, prepare_decoded: Callable[[Image.Image], Any] | None = None
+) -> Record:
     """One image through the task's own batch step: the record the CLI would write."""
+    from vlmcli.tasks.runner import run_prepared
+
     prepared = task.prepare(image) if isinstance(image, str) else (prepare_decoded(image) if prepare_decoded else image)
-    result = task.run([prepared])[0]
+    result = run_prepared(task, [prepared])[0]
     if isinstance(result, VlmError):
         if isinstance(image, str) and result.path is None:
             result.path = image
@@ -327,21 +333,20 @@ def ask(
 
 
 def embedding_size(handle: Handle) -> int:
-    return int(handle.engine.config.projection_dim)  # type: ignore[attr-defined]
+    return int(handle.engine.config.projection_dim)
 
 
 def embed_images(handle: Handle, images: list[str | Image.Image]) -> np.ndarray:
     """(N, D) L2-normalised image embeddings, as `vlm embed` computes them, in its batches."""
     from vlmcli.tasks.embed import EmbedImagesTask
+    from vlmcli.tasks.runner import run_prepared
 
-    task = EmbedImagesTask(handle.engine, model_name=handle.name)  # type: ignore[arg-type]
+    task = EmbedImagesTask(handle.engine, model_name=handle.name)
     prepared = [task.prepare(im) if isinstance(im, str) else task.prepare_decoded(im) for im in images]
-    step = task.batch_size
-    rows = [_vector(r) for i in range(0, len(prepared), step) for r in task.run(prepared[i : i + step])]
-    return np.stack(rows)
+    return np.stack([_vector(r) for r in run_prepared(task, prepared)])
 
 
-def _vector(result: Any) -> np.ndarray:
+def _vector(result: Record | VlmError) -> np.ndarray:
     if isinstance(result, VlmError):
         raise result
     return result["embedding"]
@@ -350,9 +355,10 @@ def _vector(result: Any) -> np.ndarray:
 def embed_texts(handle: Handle, texts: list[str]) -> np.ndarray:
     """(N, D) L2-normalised text embeddings (texts over 77 tokens are truncated, as in the CLI)."""
     from vlmcli.tasks.embed import EmbedImagesTask, EmbedTextsTask
+    from vlmcli.tasks.runner import run_prepared
 
-    task = EmbedTextsTask(EmbedImagesTask(handle.engine, model_name=handle.name))  # type: ignore[arg-type]
-    return np.stack([_vector(r) for r in task.run(texts)])
+    task = EmbedTextsTask(EmbedImagesTask(handle.engine, model_name=handle.name))
+    return np.stack([_vector(r) for r in run_prepared(task, texts)])
 
 
 def classify(handle: Handle, image: str | Image.Image, labels: list[str]) -> np.ndarray:
@@ -360,11 +366,9 @@ def classify(handle: Handle, image: str | Image.Image, labels: list[str]) -> np.
     from vlmcli.tasks.classify import ClassifyTask, encode_labels
 
     key = tuple(labels)
-    cached = handle.cache.get("labels")
-    if cached is None or cached[0] != key:  # the same labels call after call: encode them once
-        cached = (key, encode_labels(handle.engine, labels))  # type: ignore[arg-type]
-        handle.cache["labels"] = cached
-    task = ClassifyTask(handle.engine, cached[1], top_k=len(labels), model_name=handle.name)  # type: ignore[arg-type]
+    if handle.labels is None or handle.labels[0] != key:  # the same labels call after call: encode them once
+        handle.labels = (key, encode_labels(handle.engine, labels))
+    task = ClassifyTask(handle.engine, handle.labels[1], top_k=len(labels), model_name=handle.name)
     record = _run_one(task, image, task.prepare_decoded)
     score = {x["label"]: x["score"] for x in record["labels"]}
     return np.array([score[label] for label in labels], dtype=np.float64)

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, cast
 
 import typer
 
@@ -28,9 +28,12 @@ from vlmcli.errors import EXIT_OK, EXIT_USAGE, VlmError, debugging
 # when one runs, so `vlm --help` stays fast.
 if TYPE_CHECKING:
     from vlmcli.tasks.inputs import Expansion
+    from vlmcli.tasks.models import ModelSpec
+    from vlmcli.tasks.ray_batch import RayOptions
     from vlmcli.tasks.resume import Record
-    from vlmcli.tasks.runner import BatchSummary, Task
+    from vlmcli.tasks.runner import BatchSummary, Executor
     from vlmcli.tasks.sinks import Sink
+    from vlmcli.tasks.task import Task
 
 OutOpt = typer.Option(
     None,
@@ -42,7 +45,8 @@ FormatOpt = typer.Option(
     None,
     "--format",
     "-f",
-    help="Output format: jsonl, csv (caption, classify), text, npy (embed). Default: from --out's extension, else jsonl for folders/globs/lists and text for named files.",
+    help="Output format: jsonl, csv (caption, classify), text, npy (embed). Default: from --out's extension, "
+    "else jsonl for folders/globs/lists and text for named files.",
 )
 FilesFromOpt = typer.Option(None, "--files-from", help="Read image paths from this file, one per line ('-' = stdin).")
 NullOpt = typer.Option(False, "-0", "--null", help="Paths on stdin / in --files-from are NUL-separated (find -print0).")
@@ -66,13 +70,15 @@ RayOpt = typer.Option(
     None,
     "--ray",
     metavar="[ADDRESS]",
-    help="Run on a Ray cluster: auto (the running one), HOST:PORT, ray://HOST:PORT; alone: a local cluster. Needs the ray extra: pip install 'vlmcli\\[ray]'.",
+    help="Run on a Ray cluster: auto (the running one), HOST:PORT, ray://HOST:PORT; alone: a local cluster. "
+    "Needs the ray extra: pip install 'vlmcli\\[ray]'.",
 )
 RayWorkersOpt = typer.Option(
     None,
     "--ray-workers",
     min=1,
-    help="With --ray: workers (actors), each loading the model once. Default: as many as the cluster's CPUs (or GPUs) hold.",
+    help="With --ray: workers (actors), each loading the model once. "
+    "Default: as many as the cluster's CPUs (or GPUs) hold.",
 )
 RayCpusOpt = typer.Option(
     None,
@@ -88,20 +94,20 @@ RayShipOpt = typer.Option(
 
 # Parameter name -> (type, option), in the order --help lists them.
 BATCH_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "out": (Optional[str], OutOpt),
-    "format": (Optional[str], FormatOpt),
-    "files_from": (Optional[list[str]], FilesFromOpt),
+    "out": (str | None, OutOpt),
+    "format": (str | None, FormatOpt),
+    "files_from": (list[str] | None, FilesFromOpt),
     "null": (bool, NullOpt),
-    "exclude": (Optional[list[str]], ExcludeOpt),
+    "exclude": (list[str] | None, ExcludeOpt),
     "include_hidden": (bool, HiddenOpt),
     "redo": (bool, RedoOpt),
     "use_hash": (bool, HashOpt),
     "quiet": (bool, QuietOpt),
     "sidecar": (bool, SidecarOpt),
     "overwrite": (bool, OverwriteOpt),
-    "ray": (Optional[str], RayOpt),
-    "ray_workers": (Optional[int], RayWorkersOpt),
-    "ray_cpus": (Optional[float], RayCpusOpt),
+    "ray": (str | None, RayOpt),
+    "ray_workers": (int | None, RayWorkersOpt),
+    "ray_cpus": (float | None, RayCpusOpt),
     "ray_gpus": (float, RayGpusOpt),
     "ray_ship_files": (bool, RayShipOpt),
 }
@@ -140,7 +146,7 @@ def with_batch_options(without: tuple[str, ...] = ()) -> Callable[[Callable[...,
             batch = batch_args([], **{n: kwargs.pop(n) for n in names})
             return command(batch=batch, **kwargs)
 
-        with_batch.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
+        cast(Any, with_batch).__signature__ = signature.replace(parameters=own + added)  # what Typer reads
         return with_batch
 
     return decorate
@@ -262,46 +268,46 @@ def make_sink(
 
 
 def execute(
-    task: Task,
+    work: Task | Executor,
     args: BatchArgs,
     inputs: list[str],
     sink: Sink,
     sidecar_text: Callable[[Record], str] | None = None,
     single: bool = False,
 ) -> BatchSummary:
-    """Run one batch (no summary, no exit): for commands that run several, e.g. embed's images then texts."""
+    """Run one batch (no summary, no exit): for commands that run several, e.g. embed's images then
+    texts. `work` is a task (its model here) or an executor (`on_ray`'s: the model on Ray workers)."""
     from vlmcli.cli.progress import BatchProgress
-    from vlmcli.tasks.runner import BatchOptions, Observer, run_batch
+    from vlmcli.tasks.runner import BatchOptions, LocalExecutor, Observer
     from vlmcli.tasks.sidecars import Sidecars
+    from vlmcli.tasks.task import Task
 
+    executor = LocalExecutor(work) if isinstance(work, Task) else work
     sidecars = Sidecars(overwrite=args.overwrite) if args.sidecar else None
     if sidecars is not None and sidecar_text is None:
-        raise VlmError(f"--sidecar is not available for {task.name}", exit_code=EXIT_USAGE)
+        raise VlmError(f"--sidecar is not available for {executor.name}", exit_code=EXIT_USAGE)
     options = BatchOptions(redo=args.redo, use_hash=args.use_hash, sidecars=sidecars, sidecar_text=sidecar_text)
     # One named image: no progress; its failure becomes the command's error (see conclude).
     observer = Observer() if single else BatchProgress(quiet=args.quiet)
-    from vlmcli.tasks.ray_batch import RemoteTask
-
-    if isinstance(task, RemoteTask):  # the model on Ray workers; the rest as below (see on_ray)
-        return task.run_batch(inputs, sink, options, observer)
-    return run_batch(task, inputs, sink, options, observer)
+    return executor.run(inputs, sink, options, observer)
 
 
 @contextlib.contextmanager
 def on_ray(
-    args: BatchArgs, name: str, build: Callable[..., Any], spec: Any, build_args: tuple[Any, ...] = ()
-) -> Iterator[Any]:
+    args: BatchArgs, name: str, build: Callable[..., Task], spec: ModelSpec, build_args: tuple[Any, ...] = ()
+) -> Iterator[Executor]:
     """With --ray: a pool of Ray workers, each building its task as `build(spec, *build_args)` (the
-    function the command calls to build it here); yields the task to pass to `execute` / `run`."""
-    from vlmcli.tasks.ray_batch import RayPool, TaskRecipe
+    function the command calls to build it here); yields the executor to pass to `execute` / `run`."""
+    from vlmcli.tasks.execution import open_executor
+    from vlmcli.tasks.task import TaskRecipe
 
     options = ray_options(args, args.quiet)
     assert options is not None
-    with RayPool(TaskRecipe(name, build, spec, tuple(build_args)), options) as pool:
-        yield pool.task()
+    with open_executor(TaskRecipe(name, build, spec, tuple(build_args)), options) as executor:
+        yield executor
 
 
-def ray_options(args: BatchArgs, quiet: bool) -> Any:
+def ray_options(args: BatchArgs, quiet: bool) -> RayOptions | None:
     """The RayOptions of --ray and its companions; None without --ray."""
     if not args.ray:
         return None
@@ -336,7 +342,7 @@ def conclude(name: str, summary: BatchSummary, args: BatchArgs, single: bool = F
 
 
 def run(
-    task: Task,
+    work: Task | Executor,
     args: BatchArgs,
     expansion: Expansion,
     sink: Sink,
@@ -344,8 +350,8 @@ def run(
     single: bool = False,
 ) -> None:
     """Run the batch, print the summary, and exit with the batch's status."""
-    summary = execute(task, args, expansion.paths, sink, sidecar_text, single)
-    conclude(task.name, summary, args, single)
+    summary = execute(work, args, expansion.paths, sink, sidecar_text, single)
+    conclude(work.name, summary, args, single)
 
 
 def batch_args(

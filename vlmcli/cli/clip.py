@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from vlmcli.tasks.classify import ClassifyTask
     from vlmcli.tasks.embed import EmbedImagesTask
     from vlmcli.tasks.models import ModelSpec, OpenedModel
+    from vlmcli.tasks.runner import Executor
 
 ModelOpt = typer.Option(
     None, "--model", "-m", help="Store name (see `vlm models`), a CLIP .gguf file, or a folder holding one."
@@ -119,9 +120,11 @@ def classify(
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     verbose: bool = VerboseOpt,
-    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
+    *,
+    batch: batch_cli.BatchArgs,  # given by with_batch_options, not an option of its own
 ) -> None:
-    """Zero-shot classification: score each image against your labels (no training). Tables for named files, JSONL for folders, globs and lists."""
+    """Zero-shot classification: score each image against your labels (no training). Tables for named
+    files, JSONL for folders, globs and lists."""
     from vlmcli.tasks.classify import check_templates, classify_csv_row, parse_labels, read_labels_file, unique_labels
 
     if labels is None and labels_file is None:
@@ -186,12 +189,13 @@ def embed(
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     verbose: bool = VerboseOpt,
-    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
+    *,
+    batch: batch_cli.BatchArgs,  # given by with_batch_options, not an option of its own
 ) -> None:
     """CLIP embeddings (L2-normalised) of images and texts; rows: images first, then texts."""
     from vlmcli.tasks.embed import EmbedTextsTask
     from vlmcli.tasks.npy import NpySink
-    from vlmcli.tasks.runner import BatchSummary
+    from vlmcli.tasks.runner import BatchSummary, LocalExecutor
     from vlmcli.tasks.sinks import JsonlSink, Sink
 
     all_texts = list(texts or [])
@@ -220,23 +224,26 @@ def embed(
 
     spec = _spec(model, offline, threads, n_gpu_layers, device)
     with contextlib.ExitStack() as stack:
+        image_task: EmbedImagesTask | None = None  # the model here (without --ray)
         if args.ray:
-            image_task = stack.enter_context(
+            on_images: Executor = stack.enter_context(
                 batch_cli.on_ray(args, "embed", _embed_task, spec, (batch_size, max_pixels, verbose))
             )
         else:
             image_task = _embed_task(spec, batch_size, max_pixels, verbose)
-            stack.callback(image_task.model.close)
+            stack.callback(image_task.close)
+            on_images = LocalExecutor(image_task)
         summary = BatchSummary()
         if paths:
-            summary = batch_cli.execute(image_task, args, paths, sink(), single=single)
+            summary = batch_cli.execute(on_images, args, paths, sink(), single=single)
         if all_texts and not summary.interrupted:
-            text_task = image_task.derive(EmbedTextsTask) if args.ray else EmbedTextsTask(image_task)
+            text_task = EmbedTextsTask(image_task) if image_task is not None else None
             text_args = args.for_inputs(args.inputs, redo=args.redo and not paths)
-            summary = summary + batch_cli.execute(text_task, text_args, all_texts, sink(), single=single)
-            if verbose and not args.ray:
+            on_texts = text_task if text_task is not None else on_images.derive(EmbedTextsTask)
+            summary = summary + batch_cli.execute(on_texts, text_args, all_texts, sink(), single=single)
+            if verbose and text_task is not None:
                 for t in text_task.truncated:
-                    info(f"vlm: note: text truncated to {image_task.model.config.context_length} tokens: {t}")
+                    info(f"vlm: note: text truncated to {text_task.model.config.context_length} tokens: {t}")
     if out and out != "-" and not args.quiet and summary.done:
         info(f"vlm: embeddings in {out} (rows described in {Path(out).with_suffix('.jsonl')})")
     batch_cli.conclude("embed", summary, args, single)

@@ -28,7 +28,7 @@ from vlmcli.cli.app import (
 from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, VlmError
 
 if TYPE_CHECKING:
-    from vlmcli.tasks.evaluate import EvalSettings
+    from vlmcli.tasks.eval.runs import EvalSettings
     from vlmcli.tasks.models import ModelSpec
 
 eval_app = typer.Typer(
@@ -76,7 +76,8 @@ PredictionsOpt = typer.Option(
 BestOfOpt = typer.Option(
     "1",
     "--best-of",
-    help="Candidates per answer, e.g. 1,2,4,8: a row per N (one image encoding each); with three or more the scaling law Q(N) = Q_inf - A/N^gamma is fitted.",
+    help="Candidates per answer, e.g. 1,2,4,8: a row per N (one image encoding each); "
+    "with three or more the scaling law Q(N) = Q_inf - A/N^gamma is fitted.",
 )
 SelectOpt = typer.Option("logprob", "--select", help="How --best-of picks: logprob or vote.")
 
@@ -110,12 +111,14 @@ def _vlm_specs(
 ) -> list[ModelSpec]:
     from vlmcli.tasks.models import ModelSpec
 
-    models = list(models or [None])  # type: ignore[list-item]
-    if mmproj is not None and len(models) != 1:
+    names: list[str | None] = [*models] if models else [None]  # no --model: the default model
+    if mmproj is not None and len(names) != 1:
         raise VlmError("--mmproj goes with a single --model", exit_code=EXIT_USAGE)
+    levels: list[str | None] = [*details] if details else [None]
+    caps: list[int | None] = [*max_tiles] if max_tiles else [None]
     return [
         ModelSpec(m, mmproj, offline or None, threads, n_gpu_layers, ctx, d, t, cache=not no_cache)
-        for m, d, t in itertools.product(models, list(details or [None]), list(max_tiles or [None]))
+        for m, d, t in itertools.product(names, levels, caps)
     ]
 
 
@@ -124,9 +127,10 @@ def _clip_specs(
 ) -> list[ModelSpec]:
     from vlmcli.tasks.models import ModelSpec
 
+    names: list[str | None] = [*models] if models else [None]  # no --model: the default model
     return [
         ModelSpec(m, offline=offline or None, n_threads=threads, n_gpu_layers=n_gpu_layers, device=device)
-        for m in (models or [None])
+        for m in names
     ]
 
 
@@ -134,7 +138,7 @@ def _settings(
     out: Path | None, redo: bool, quiet: bool, max_pixels: int, batch: batch_cli.BatchArgs, **kwargs: Any
 ) -> EvalSettings:
     from vlmcli.cli.progress import BatchProgress
-    from vlmcli.tasks.evaluate import EvalSettings
+    from vlmcli.tasks.eval.runs import EvalSettings
 
     if out is not None and out.is_dir():
         raise VlmError("--out is a folder; give a file", out, exit_code=EXIT_USAGE)
@@ -178,7 +182,7 @@ def sample_flag(args: list[str]) -> list[str]:
 
 def _dataset(data: Path | None, sample_set: bool, sample: int | None, command: str) -> Path:
     """DATA, or (with --sample, counted or not) the shipped sample set's file for this evaluation."""
-    from vlmcli.tasks.eval_data import SAMPLE_FILES
+    from vlmcli.tasks.eval.data import SAMPLE_FILES
 
     if data is None:
         if not sample_set and sample is None:
@@ -198,7 +202,7 @@ def _dataset(data: Path | None, sample_set: bool, sample: int | None, command: s
 
 
 def _subset(items: list[Any], limit: int | None, sample: int | None, seed: int) -> list[Any]:
-    from vlmcli.tasks.eval_data import select
+    from vlmcli.tasks.eval.data import select
 
     chosen = select(items, limit, sample, seed)
     if not chosen:
@@ -321,7 +325,8 @@ def render(report: dict[str, Any], fmt: str) -> None:
 
 def _scaling_lines(report: dict[str, Any]) -> list[str]:
     return [
-        f"scaling, {f['model']} ({f['detail'] or 'auto'}): {f['metric']}(N) = {f['q_inf']:.4g} - {f['a']:.4g} / N^{f['gamma']:.3g}"
+        f"scaling, {f['model']} ({f['detail'] or 'auto'}): "
+        f"{f['metric']}(N) = {f['q_inf']:.4g} - {f['a']:.4g} / N^{f['gamma']:.3g}"
         f" (rmse {f['rmse']:.2g}, N = {', '.join(str(k) for k, _ in f['points'])})"
         for f in report.get("scaling") or []
     ]
@@ -385,15 +390,20 @@ def vqa(
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     no_cache: bool = NoCacheOpt,
-    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (--ray and its options: with_batch_options)
+    *,
+    batch: batch_cli.BatchArgs,  # --ray and its options, given by with_batch_options
 ) -> None:
     """VQAv2 accuracy exactly as the official evaluation computes it (overall and per answer type), with speed."""
-    from vlmcli.tasks.eval_data import load_vqa
-    from vlmcli.tasks.evaluate import evaluate_vqa, score_vqa_predictions
+    from vlmcli.tasks.eval.data import load_vqa
+    from vlmcli.tasks.eval.vqa import evaluate_vqa, score_vqa_predictions
 
     f = _format(json_out, fmt)
     data = _dataset(data, sample_set, sample, "vqa")
-    items = _subset(load_vqa(data, annotations, images, warn=lambda m: info(f"vlm: warning: {m}")), limit, sample, seed)
+
+    def warn(message: str) -> None:
+        info(f"vlm: warning: {message}")
+
+    items = _subset(load_vqa(data, annotations, images, warn, need_images=predictions is None), limit, sample, seed)
     if predictions is not None:
         _no_ray_with_predictions(batch)
         _finish(score_vqa_predictions(items, predictions, str(data)), f)
@@ -450,11 +460,12 @@ def caption(
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     no_cache: bool = NoCacheOpt,
-    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (--ray and its options: with_batch_options)
+    *,
+    batch: batch_cli.BatchArgs,  # --ray and its options, given by with_batch_options
 ) -> None:
     """COCO-style captioning: CIDEr-D, BLEU-1..4 and ROUGE-L as pycocoevalcap computes them, with speed."""
-    from vlmcli.tasks.eval_data import load_captions
-    from vlmcli.tasks.evaluate import evaluate_captions, score_caption_predictions
+    from vlmcli.tasks.eval.captions import evaluate_captions, score_caption_predictions
+    from vlmcli.tasks.eval.data import load_captions
 
     f = _format(json_out, fmt)
     data = _dataset(data, sample_set, sample, "caption")
@@ -478,7 +489,7 @@ def caption(
 
 def _templates(template: list[str] | None, templates: str | None) -> list[str] | None:
     from vlmcli.files import read_lines
-    from vlmcli.tasks.eval_imagenet import imagenet_templates
+    from vlmcli.tasks.eval.imagenet import imagenet_templates
 
     out = list(template or [])
     if templates is not None:
@@ -493,7 +504,8 @@ def zeroshot(
     classes: str | None = typer.Option(
         None,
         "--classes",
-        help='Class names: a file (one per line in sorted folder order, or FOLDER<TAB>name lines), or "imagenet" (CLIP\'s 1000 names). Default: the folder names.',
+        help="Class names: a file (one per line in sorted folder order, or FOLDER<TAB>name lines), "
+        'or "imagenet" (CLIP\'s 1000 names). Default: the folder names.',
     ),
     template: list[str] | None = typer.Option(
         None, "--template", help='Prompt with {} for the class name (default "a photo of a {}."); repeat to ensemble.'
@@ -517,12 +529,13 @@ def zeroshot(
     device: str | None = DeviceOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
-    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (--ray and its options: with_batch_options)
+    *,
+    batch: batch_cli.BatchArgs,  # --ray and its options, given by with_batch_options
 ) -> None:
     """CLIP zero-shot classification: top-1 / top-5 accuracy over an ImageFolder tree, with speed."""
-    from vlmcli.tasks.eval_data import ImageFolder, load_image_folder, read_class_names, select
-    from vlmcli.tasks.eval_imagenet import imagenet_classes
-    from vlmcli.tasks.evaluate import evaluate_zeroshot
+    from vlmcli.tasks.eval.data import ImageFolder, load_image_folder, read_class_names, select
+    from vlmcli.tasks.eval.imagenet import imagenet_classes
+    from vlmcli.tasks.eval.zeroshot import evaluate_zeroshot
 
     f = _format(json_out, fmt)
     root = _dataset(root, sample_set, sample, "zeroshot")
@@ -575,11 +588,12 @@ def retrieval(
     device: str | None = DeviceOpt,
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
-    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (--ray and its options: with_batch_options)
+    *,
+    batch: batch_cli.BatchArgs,  # --ray and its options, given by with_batch_options
 ) -> None:
     """CLIP image-to-text and text-to-image Recall@1/5/10, as in the CLIP paper, with speed."""
-    from vlmcli.tasks.eval_data import load_captions
-    from vlmcli.tasks.evaluate import evaluate_retrieval
+    from vlmcli.tasks.eval.data import load_captions
+    from vlmcli.tasks.eval.retrieval import evaluate_retrieval
 
     f = _format(json_out, fmt)
     if out is not None and out.suffix.lower() != ".npy":

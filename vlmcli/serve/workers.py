@@ -231,26 +231,23 @@ def _cut_at_stop(text: str, stops: list[str]) -> str:
 def _run_embed(opened: Any, spec: WorkerSpec, job: dict[str, Any]) -> dict[str, Any]:
     from vlmcli.errors import VlmError
     from vlmcli.tasks.embed import EmbedImagesTask, EmbedTextsTask
+    from vlmcli.tasks.runner import run_prepared
 
     images = EmbedImagesTask(opened.engine, max_pixels=spec.max_pixels, model_name=opened.name)
     texts = EmbedTextsTask(images)
     rows: list[Any] = [None] * len(job["items"])
     image_items = [(i, data) for i, (kind, data) in enumerate(job["items"]) if kind == "image"]
     text_items = [(i, data) for i, (kind, data) in enumerate(job["items"]) if kind == "text"]
-    for start in range(0, len(image_items), images.batch_size):
-        chunk = image_items[start : start + images.batch_size]
-        prepared = []
-        for i, data in chunk:
-            try:
-                prepared.append(images.prepare_decoded(_decode_image(data, spec.max_pixels)))
-            except VlmError as e:
-                raise InputFailed(f"input[{i}]", e) from None
-        for (i, _), r in zip(chunk, images.run(prepared)):
-            rows[i] = r
-    for start in range(0, len(text_items), texts.batch_size):
-        chunk = text_items[start : start + texts.batch_size]
-        for (i, _), r in zip(chunk, texts.run([t for _, t in chunk])):
-            rows[i] = r
+    prepared = []
+    for i, data in image_items:
+        try:
+            prepared.append(images.prepare_decoded(_decode_image(data, spec.max_pixels)))
+        except VlmError as e:
+            raise InputFailed(f"input[{i}]", e) from None
+    for (i, _), r in zip(image_items, run_prepared(images, prepared)):
+        rows[i] = r
+    for (i, _), r in zip(text_items, run_prepared(texts, [t for _, t in text_items])):
+        rows[i] = r
     out = []
     tokens = 0
     for i, r in enumerate(rows):

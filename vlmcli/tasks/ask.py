@@ -8,14 +8,16 @@ ChatTask answers a whole conversation instead (`vlm serve`): its turns go throug
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vlmcli.defaults import DEFAULT_MAX_PIXELS
 from vlmcli.errors import VlmError
 from vlmcli.tasks import best_of
 from vlmcli.tasks.resume import Record
+from vlmcli.tasks.task import Task
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
         VlmEngine,
     )
     from vlmcli.engines.prompt import Turn
+
+VlmT = TypeVar("VlmT", bound="VlmTask")
 
 
 @dataclass
@@ -49,15 +53,15 @@ class Answer:
         return g.candidates[self.choice.index].stop_reason if self.choice else g.stop_reason
 
 
-class AskTask:
-    """Several questions per image; records carry "answers": [{prompt, answer, stop_reason, generated_tokens}]."""
+class VlmTask(Task):
+    """SmolVLM2 answering prompts about one image from one encoding: the settings, identity,
+    generation (streaming, best-of) and record that ask, caption, chat and eval's VQA share."""
 
-    name = "ask"
     batch_size = 1  # see benchmarks/bench_batch.py: multi-sequence decoding is measured there
     # One image decoded ahead is enough to hide decoding behind an answer (a second or more per
     # image); more decode threads only take CPU from llama.cpp's own threads.
-    workers = 1
-    prefetch = 2
+    workers: int | None = 1
+    prefetch: int | None = 2
 
     def __init__(
         self,
@@ -84,8 +88,12 @@ class AskTask:
         self.on_answer_start: Callable[[int], None] | None = None  # before answer i
         self.on_progress: EncodeProgress | None = None  # vision encoder passes done / in all
         self.on_candidate_token: CandidateCallback | None = None  # best-of streaming: (candidate, piece)
-        g, opts = generation, engine.options
-        self.identity: dict[str, Any] = {
+        self.n_best = n_best
+        self.identity: dict[str, Any] = self._identity()
+
+    def _identity(self) -> dict[str, Any]:
+        g, opts, engine, n_best = self.generation, self.engine.options, self.engine, self.n_best
+        return {
             "task": self.name,
             "model": engine.model_path.name,
             "mmproj": engine.mmproj_path.name,
@@ -99,27 +107,32 @@ class AskTask:
                 "detail": opts.detail,
                 "max_tiles": opts.max_tiles,
                 # Only with best-of, so that records of plain runs stay reusable on resume.
-                **({"best_of": n_best, "select": select} if n_best > 1 else {}),
+                **({"best_of": n_best, "select": self.select} if n_best > 1 else {}),
                 **({"judge": self.judge.name} if n_best > 1 and self.judge else {}),
             },
         }
 
+    def with_best_of(self: VlmT, n_best: int) -> VlmT:
+        """This task over the same model, sampling `n_best` candidates per answer at the temperature
+        best_of.temperature_for gives (eval: a row per N)."""
+        best_of.check(n_best, self.select)
+        task = copy.copy(self)
+        temperature = best_of.temperature_for(n_best, self.generation.temperature or None)
+        task.generation = replace(self.generation, n=n_best, temperature=temperature)
+        task.n_best = n_best
+        task.identity = task._identity()
+        return task
+
+    def close(self) -> None:
+        self.engine.close()
+
     def _inputs(self) -> dict[str, Any]:
         return {"prompts": self.prompts}
 
-    def prepare(self, path: str) -> Image.Image:
+    def load(self, path: str) -> Image.Image:
         from vlmcli.images import load_image
 
         return load_image(path, max_pixels=self.max_pixels)
-
-    def run(self, prepared: list[Image.Image]) -> list[Record | VlmError]:
-        out: list[Record | VlmError] = []
-        for image in prepared:
-            try:
-                out.append(self.record(self.generate(image)))
-            except VlmError as e:
-                out.append(e)
-        return out
 
     def generate(self, image: Image.Image) -> list[Answer]:
         """Every prompt answered about one decoded image (with best-of: the chosen candidate)."""
@@ -210,6 +223,24 @@ class AskTask:
             },
             "timings": timings,
         }
+
+
+class AskTask(VlmTask):
+    """Several questions per image; records carry "answers": [{prompt, answer, stop_reason, generated_tokens}]."""
+
+    name = "ask"
+
+    def prepare(self, path: str) -> Image.Image:
+        return self.load(path)
+
+    def run(self, prepared: list[Image.Image]) -> list[Record | VlmError]:
+        out: list[Record | VlmError] = []
+        for image in prepared:
+            try:
+                out.append(self.record(self.generate(image)))
+            except VlmError as e:
+                out.append(e)
+        return out
 
 
 class ChatTask(AskTask):

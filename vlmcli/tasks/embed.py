@@ -22,6 +22,7 @@ from vlmcli.engines.clip_tokenizer import ClipTokenizer
 from vlmcli.errors import ImageError, VlmError
 from vlmcli.images import load_image
 from vlmcli.tasks.resume import FileKey, Record, text_key
+from vlmcli.tasks.task import Task
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -83,7 +84,7 @@ def embed_texts(
     return l2_normalize(vectors), truncated
 
 
-class ClipImagesTask:
+class ClipImagesTask(Task):
     """What embed and classify share: CLIP's identity, image records and preprocessing."""
 
     name = "embed"
@@ -114,6 +115,9 @@ class ClipImagesTask:
         """An image a caller decoded itself (the C library's pixel buffers)."""
         return preprocess_image(image, self.model.config)
 
+    def close(self) -> None:
+        self.model.close()
+
 
 class EmbedImagesTask(ClipImagesTask):
     def __init__(self, *args: Any, **kwargs: Any):
@@ -127,12 +131,14 @@ class EmbedImagesTask(ClipImagesTask):
         return [{"dim": int(v.shape[0]), "embedding": v, "timings": {"model_ms": per_image}} for v in vectors]
 
 
-class EmbedTextsTask:
-    """embed --text: texts as inputs, encoded in batches; same identity as the images' task."""
+class EmbedTextsTask(Task):
+    """embed --text: texts as inputs, encoded in batches; same identity as the images' task. It
+    shares the images' task's model (and leaves closing it to that task)."""
 
     name = "embed"
-    workers = 1
-    prefetch = 256
+    workers: int | None = 1
+    prefetch: int | None = 256
+    file_inputs = False
 
     def __init__(self, images: EmbedImagesTask, batch_size: int = DEFAULT_TEXT_BATCH):
         self.model = images.model

@@ -81,7 +81,9 @@ def detect_kind(spec: str) -> Kind | None:
     from vlmcli.store.registry import load_registry
 
     entry = load_registry().get(spec.partition(":")[0].lower())
-    return entry.kind if entry is not None else None
+    if entry is None:
+        return None
+    return "clip" if entry.kind == "clip" else "vlm"
 
 
 def open_model(spec: ModelSpec, kind: Kind | None = None, notify: Callable[[str], None] | None = None) -> OpenedModel:
@@ -100,9 +102,10 @@ def open_model(spec: ModelSpec, kind: Kind | None = None, notify: Callable[[str]
 
 def _first_that_opens(spec: ModelSpec, notify: Callable[[str], None] | None) -> OpenedModel:
     first_error: ModelError | None = None
-    for kind in ("vlm", "clip"):
+    kinds: tuple[Kind, ...] = ("vlm", "clip")
+    for kind in kinds:
         try:
-            return open_model(spec, kind, notify)  # type: ignore[arg-type]
+            return open_model(spec, kind, notify)
         except ModelError as e:
             first_error = first_error or e
     assert first_error is not None

@@ -47,6 +47,7 @@ from vlmcli.tasks.runner import (
     prepare_item,
     run_items,
 )
+from vlmcli.tasks.task import Task, TaskRecipe, TaskShape, Variant
 
 if TYPE_CHECKING:
     from vlmcli.tasks.models import ModelSpec
@@ -93,43 +94,6 @@ class RayOptions:
     notify: Callable[[str], None] | None = None  # notices for the user (pool size, lost workers)
 
 
-@dataclass
-class TaskRecipe:
-    """How an actor builds its task: `build(spec, *args)`, with the actor's CPUs as `spec.n_threads`
-    unless the spec sets them. `build` is a module-level function (actors import it by name), the
-    same one the front end calls to build the task locally."""
-
-    name: str
-    build: Callable[..., Any]
-    spec: ModelSpec
-    args: tuple[Any, ...] = ()
-
-
-@dataclass
-class TaskShape:
-    """What the driver needs of a task built on an actor: its class and identity, not its model."""
-
-    cls: type
-    name: str
-    identity: dict[str, Any]
-    batch_size: int
-    run_info: dict[str, Any] | None = None  # the task's `run_info` (eval: the model's file, detail, ...)
-
-    def stand_in(self) -> Any:
-        """An instance of the task's class without a model: `base` and `key` (what the driver calls,
-        through BatchSession) use only the identity. `prepare` / `run` are never called on it."""
-        task = self.cls.__new__(self.cls)
-        task.__dict__.update(name=self.name, identity=self.identity, batch_size=self.batch_size)
-        if self.run_info is not None:
-            task.run_info = self.run_info
-        return task
-
-    @property
-    def file_inputs(self) -> bool:
-        """Inputs are files (not texts, which have their own `key`)."""
-        return not hasattr(self.cls, "key")
-
-
 # ----------------------------------------------------------------------------- the actor
 
 
@@ -140,8 +104,8 @@ class VlmBatchWorker:
     def __init__(self, recipe: TaskRecipe, threads: int | None):
         self.recipe = recipe
         self.threads = threads
-        self.base: Any = None
-        self.tasks: dict[Any, Any] = {}
+        self.base: Task | None = None
+        self.tasks: dict[Variant, Task] = {}
         self.model_lock = threading.Lock()
         self.setup_lock = threading.Lock()
 
@@ -154,14 +118,15 @@ class VlmBatchWorker:
         try:
             with self.setup_lock:
                 if self.base is None:
-                    self.base = self.recipe.build(spec, *self.recipe.args)
+                    self.base = replace(self.recipe, spec=spec)()
         except VlmError as e:
             return e
         import socket
 
         return {"pid": os.getpid(), "host": socket.gethostname(), "threads": spec.n_threads}
 
-    def _task(self, variant: Any) -> Any:
+    def _task(self, variant: Variant | None) -> Task:
+        assert self.base is not None, "setup() builds the task first"
         if variant is None:
             return self.base
         with self.setup_lock:
@@ -169,13 +134,11 @@ class VlmBatchWorker:
                 self.tasks[variant] = variant(self.base)
             return self.tasks[variant]
 
-    def shape(self, variant: Any) -> TaskShape:
-        task = self._task(variant)
-        info = getattr(task, "run_info", None)
-        return TaskShape(type(task), task.name, dict(task.identity), int(task.batch_size), dict(info) if info else None)
+    def shape(self, variant: Variant | None) -> TaskShape:
+        return TaskShape.of(self._task(variant))
 
     def run(
-        self, variant: Any, chunk: list[tuple[int, str, bytes | None]]
+        self, variant: Variant | None, chunk: list[tuple[int, str, bytes | None]]
     ) -> list[tuple[int, VlmError | None, float, Record | VlmError | None]]:
         """Prepare and run one chunk: per input (index, prepare error, prepare ms, result fields or error)."""
         task = self._task(variant)
@@ -206,29 +169,31 @@ class VlmBatchWorker:
 
 
 class RemoteTask:
-    """The driver's handle on a task that runs on the pool's actors: front ends pass it where they
-    would pass a task and call `run_batch` on it. `derive(variant)` is a task built on the actors
-    from this one by `variant(task)` (embed: EmbedTextsTask over the images' task, same model)."""
+    """The driver's handle on a task that runs on the pool's actors: an Executor (runner.py), as
+    LocalExecutor is for a task here. `derive(variant)` is a task built on the actors from this one
+    by `variant(task)` (embed: EmbedTextsTask over the images' task, same model)."""
 
-    def __init__(self, pool: RayPool, variant: Any = None):
+    def __init__(self, pool: RayPool, variant: Variant | None = None):
         self.pool = pool
         self.variant = variant
-        self.name = pool.recipe.name
-
-    def derive(self, variant: Any) -> RemoteTask:
-        return RemoteTask(self.pool, variant)
-
-    def describe(self) -> Any:
-        """The task as the actors built it, without its model (TaskShape.stand_in): its identity,
-        batch size and `run_info`, for a driver that reports on the run (eval)."""
-        return self.pool.shape(self.variant).stand_in()
 
     @property
-    def workers(self) -> int:
+    def name(self) -> str:
+        return self.pool.recipe.name
+
+    @property
+    def workers(self) -> int | None:
         """Actors in the pool now."""
         return len(self.pool.actors)
 
-    def run_batch(
+    def shape(self) -> TaskShape:
+        """The task as the actors built it, without its model."""
+        return self.pool.shape(self.variant)
+
+    def derive(self, variant: Variant) -> RemoteTask:
+        return RemoteTask(self.pool, variant)
+
+    def run(
         self, inputs: Sequence[str], sink: Sink, options: BatchOptions | None = None, observer: Observer | None = None
     ) -> BatchSummary:
         return self.pool.run(self.variant, inputs, sink, options or BatchOptions(), observer or Observer())
@@ -279,7 +244,7 @@ class RayPool:
         for a in self.actors:
             try:
                 ray.kill(a.handle, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
+            except Exception:  # already gone
                 pass
         self.actors.clear()
         if self._started_ray:
@@ -373,7 +338,7 @@ class RayPool:
         self.actors.remove(actor)
         try:
             self.ray.kill(actor.handle, no_restart=True)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         if not replace:
             return True
@@ -442,7 +407,7 @@ class RayPool:
 
     # -- one run
 
-    def shape(self, variant: Any) -> TaskShape:
+    def shape(self, variant: Variant | None) -> TaskShape:
         """The task's shape, from a ready actor (another one if that one died meanwhile)."""
         while True:
             ready = next((a for a in self.actors if a.ready), None)
@@ -455,7 +420,7 @@ class RayPool:
                 self._retire(ready, _why(e))
 
     def run(
-        self, variant: Any, inputs: Sequence[str], sink: Sink, options: BatchOptions, observer: Observer
+        self, variant: Variant | None, inputs: Sequence[str], sink: Sink, options: BatchOptions, observer: Observer
     ) -> BatchSummary:
         shape = self.shape(variant)
         task = shape.stand_in()
@@ -473,7 +438,7 @@ class _Drive:
         self,
         pool: RayPool,
         session: BatchSession,
-        variant: Any,
+        variant: Variant | None,
         inputs: Sequence[str],
         shape: TaskShape,
         ship: bool,
@@ -518,7 +483,7 @@ class _Drive:
         for ref in list(self.in_flight):
             try:
                 self.ray.cancel(ref)
-            except Exception:  # noqa: BLE001 - running, or already done
+            except Exception:  # running, or already done
                 pass
         while self.in_flight:
             done, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=0.5)
@@ -567,7 +532,7 @@ class _Drive:
         except lost as e:
             self._lost(actor, chunk, e, requeue)
             return
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if cancelled is not None and (isinstance(e, cancelled) or isinstance(getattr(e, "cause", None), cancelled)):
                 return  # cancelled after Ctrl-C before it started: not written, the next run does it
             if isinstance(e, self.ray.exceptions.RayTaskError):  # a bug in the task: as locally, it ends the run
@@ -587,7 +552,8 @@ class _Drive:
         self.pool._retire(actor, _why(error), replace=requeue)
         if not requeue:
             return  # interrupted: not written, so the next run does them
-        retry, failed = [], []
+        retry: list[Item] = []
+        failed: list[Item] = []
         for it in chunk:
             n = self.attempts[it.index] = self.attempts.get(it.index, 0) + 1
             (retry if n < MAX_ATTEMPTS else failed).append(it)
@@ -606,9 +572,8 @@ def _why(error: BaseException) -> str:
 def _absolute_paths(spec: ModelSpec) -> ModelSpec:
     """Model paths the driver can see, made absolute (the actors' working directory is not ours);
     store names stay names, resolved in each node's own store."""
-    changes: dict[str, str] = {}
-    for name in ("model", "mmproj"):
-        value = getattr(spec, name)
-        if value and Path(value).expanduser().exists():
-            changes[name] = str(Path(value).expanduser().resolve())
-    return replace(spec, **changes) if changes else spec
+
+    def absolute(value: str | None) -> str | None:
+        return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
+
+    return replace(spec, model=absolute(spec.model), mmproj=absolute(spec.mmproj))

@@ -13,6 +13,9 @@ records; an `Observer` supplied by the front end hears about progress and failur
 records, sink, sidecars, summary, observer); `prepare_item` and `run_items` are what runs next to
 the model. ray_batch.py runs the same three pieces with the model on Ray workers.
 
+`Executor` is what a front end runs a task through, wherever its model is: `LocalExecutor` (here,
+run_batch) and ray_batch.RemoteTask (a Ray pool) implement it; `execution.open_executor` picks one.
+
 Ctrl-C: the first one finishes the batch in the model, writes its records and stops; a second one
 stops at once (what is written is still whole: see sinks.py). Exit status from `exit_code(summary)`:
 0 all done, EXIT_PARTIAL (3) some failed, EXIT_ERROR (1) all failed, 130 Ctrl-C.
@@ -31,34 +34,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, VlmError
-from vlmcli.tasks.resume import FileKey, Record, ResumePlan, file_key
+from vlmcli.tasks.resume import FileKey, Record, ResumePlan
+from vlmcli.tasks.task import Task, TaskShape, Variant
 
 if TYPE_CHECKING:
     from vlmcli.tasks.sidecars import Sidecars
     from vlmcli.tasks.sinks import Sink
-
-
-class Task(Protocol):
-    """What a task plugs into run_batch."""
-
-    name: str  # "caption", "ask", "classify", "embed"
-    identity: dict[str, Any]  # written into every record; resume reuses records whose fields are equal
-    batch_size: int  # inputs per model call (CLIP: many; the VLM: 1)
-
-    def prepare(self, input: str) -> Any:
-        """Decode + preprocess one input (runs in a worker thread; raise VlmError for a bad one)."""
-        ...
-
-    def run(self, prepared: list[Any]) -> list[Record | VlmError]:
-        """The model on a batch of prepared inputs (main thread): result fields per input."""
-        ...
-
-    # Optional (looked up with getattr):
-    #   base(input) -> Record: the fields every record of this input starts with (default {"path": input, **identity});
-    #   key(input, use_hash) -> FileKey | None: the resume key (default: the file's, resume.file_key);
-    #   workers / prefetch: decode threads and inputs prepared ahead, instead of BatchOptions'.
-    #   prepare_from(input, source): prepare `input` from a copy of its bytes at `source` (Ray's
-    #       --ray-ship-files); default prepare(source).
 
 
 class Observer:
@@ -178,14 +159,27 @@ def prepare_item(task: Task, item: Item, source: str | None = None) -> None:
     """task.prepare on one item (reading `source`, default the input itself); a failure becomes its error."""
     t0 = time.perf_counter()
     try:
-        if source is None:
-            item.data = task.prepare(item.input)
-        else:
-            prepare_from = getattr(task, "prepare_from", None)  # a task whose result depends on the input's name
-            item.data = prepare_from(item.input, source) if prepare_from is not None else task.prepare(source)
-    except Exception as e:  # noqa: BLE001 - see _caught
+        item.data = task.prepare(item.input) if source is None else task.prepare_from(item.input, source)
+    except Exception as e:  # a decoder bug on one file must not end the batch (see _caught)
         item.error = _caught(e)
     item.prepare_ms += (time.perf_counter() - t0) * 1000
+
+
+def run_prepared(task: Task, prepared: Sequence[Any]) -> list[Record | VlmError]:
+    """The model on inputs a front end prepared itself (the server, the C library), `task.batch_size`
+    at a time as run_batch groups them: result fields or error per input, in order."""
+    step = max(1, int(task.batch_size))
+    out: list[Record | VlmError] = []
+    for start in range(0, len(prepared), step):
+        chunk = list(prepared[start : start + step])
+        try:
+            results = list(task.run(chunk))
+        except VlmError as e:
+            results = [e] * len(chunk)
+        if len(results) != len(chunk):
+            raise RuntimeError(f"{task.name}: {len(results)} results for {len(chunk)} inputs")
+        out += results
+    return out
 
 
 def run_items(task: Task, items: Sequence[Item]) -> dict[int, Record | VlmError]:
@@ -231,11 +225,6 @@ Interrupts = _Interrupts
 # ----------------------------------------------------------------------------- the run
 
 
-def base_record(task: Task, input: str) -> Record:
-    base = getattr(task, "base", None)
-    return dict(base(input)) if base is not None else {"path": input, **task.identity}
-
-
 class BatchSession:
     """One run's bookkeeping around the model, the same wherever the model runs (run_batch below, or
     Ray workers: ray_batch.py): the resume index, which inputs are skipped, the records of finished
@@ -245,10 +234,7 @@ class BatchSession:
         self.task, self.sink, self.options, self.observer = task, sink, options, observer
         self.total = len(inputs)
         self.summary = BatchSummary(total=len(inputs))
-        key_of = getattr(task, "key", None)
-        plan = ResumePlan.for_inputs(
-            task.identity, inputs, options.redo, *([lambda p: key_of(p, False)] if key_of else [])
-        )
+        plan = ResumePlan.for_inputs(task.identity, inputs, options.redo, lambda p: task.key(p, False))
         self.index = sink.open(plan, options.use_hash)
         self._t0 = time.perf_counter()
 
@@ -268,13 +254,12 @@ class BatchSession:
         task, options = self.task, self.options
         item = Item(index, input)
         try:
-            key_of = getattr(task, "key", None)
-            item.key = key_of(input, options.use_hash) if key_of is not None else file_key(input, options.use_hash)
+            item.key = task.key(input, options.use_hash)
             if (not options.redo and self.index.is_done(item.key)) or (
                 options.sidecars is not None and options.sidecars.blocks(input)
             ):
                 item.skipped = True
-        except Exception as e:  # noqa: BLE001 - see _caught
+        except Exception as e:  # a decoder bug on one file must not end the batch (see _caught)
             item.error = _caught(e)
         return item
 
@@ -291,14 +276,14 @@ class BatchSession:
         for it in items:
             it.data = None  # free decoded pixels now
             r = results.get(it.index)
-            rec = base_record(self.task, it.input)
+            rec = dict(self.task.base(it.input))
             if isinstance(r, VlmError):
                 it.error = r
             elif r is not None:
                 rec.update(r)
                 it.error = self._write_sidecar(it.input, rec)
             if it.error is not None:
-                rec = {**base_record(self.task, it.input), "error": it.error.message}
+                rec = {**self.task.base(it.input), "error": it.error.message}
                 self._failed(it)
             else:
                 n_done += 1
@@ -349,8 +334,8 @@ def run_batch(
     observer = observer or Observer()
     batch_size = max(1, int(task.batch_size))
     # A task may ask for fewer decode threads / a shorter window (the VLM: its model uses every core).
-    workers = getattr(task, "workers", None) or options.workers
-    window = options.prefetch or getattr(task, "prefetch", None) or max(4, 2 * batch_size)
+    workers = task.workers or options.workers
+    window = options.prefetch or task.prefetch or max(4, 2 * batch_size)
     with BatchSession(task, inputs, sink, options, observer) as session:
         pool = ThreadPoolExecutor(
             max_workers=max(1, workers), thread_name_prefix="vlm-prepare", initializer=_lower_priority
@@ -391,3 +376,54 @@ def run_batch(
                 f.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
     return session.summary
+
+
+# ----------------------------------------------------------------------------- executors
+
+
+class Executor(Protocol):
+    """A task bound to where its model runs: here (LocalExecutor) or on a Ray pool (ray_batch.RemoteTask).
+    Front ends and eval run every batch through this, never asking which one they hold."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def workers(self) -> int | None:
+        """Ray actors running the model now; None here (the model's memory is this process's)."""
+
+    def shape(self) -> TaskShape:
+        """The task's name, identity, batch size and run_info, without its model."""
+
+    def derive(self, variant: Variant) -> Executor:
+        """`variant(task)`: another task over the same model, run the same way."""
+
+    def run(
+        self, inputs: Sequence[str], sink: Sink, options: BatchOptions | None = None, observer: Observer | None = None
+    ) -> BatchSummary: ...
+
+
+class LocalExecutor:
+    """The model in this process: run_batch."""
+
+    def __init__(self, task: Task):
+        self.task = task
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    @property
+    def workers(self) -> int | None:
+        return None
+
+    def shape(self) -> TaskShape:
+        return TaskShape.of(self.task)
+
+    def derive(self, variant: Variant) -> LocalExecutor:
+        return LocalExecutor(variant(self.task))
+
+    def run(
+        self, inputs: Sequence[str], sink: Sink, options: BatchOptions | None = None, observer: Observer | None = None
+    ) -> BatchSummary:
+        return run_batch(self.task, inputs, sink, options, observer)

@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 # Six public-domain / CC0 photos with hand-written questions and captions, and one folder per class:
 # what `vlm eval ... --sample` runs on out of the box. A smoke test of the pipeline, not a benchmark.
-SAMPLE_SET = Path(__file__).resolve().parent.parent / "data" / "sample"
+SAMPLE_SET = Path(__file__).resolve().parents[2] / "data" / "sample"
 SAMPLE_FILES = {
     "vqa": SAMPLE_SET / "vqa.jsonl",
     "caption": SAMPLE_SET / "captions.jsonl",
@@ -159,10 +159,15 @@ def coco_image_index(folder: Path) -> dict[int, str]:
 
 
 def load_vqa(
-    data: Path, annotations: Path | None = None, images: Path | None = None, warn: Callable[[str], None] | None = None
+    data: Path,
+    annotations: Path | None = None,
+    images: Path | None = None,
+    warn: Callable[[str], None] | None = None,
+    need_images: bool = True,
 ) -> list[VqaItem]:
     """VQAv2's questions JSON + annotations JSON + image folder, or a JSONL of
-    {image, question, answers: [...], question_id?, answer_type?, question_type?}."""
+    {image, question, answers: [...], question_id?, answer_type?, question_type?}. Scoring
+    predictions reads no image (need_images False): without a folder, VQAv2 items name bare files."""
     warn = warn or (lambda _m: None)
     if data.suffix.lower() == ".jsonl":
         if annotations is not None:
@@ -191,7 +196,7 @@ def load_vqa(
         return items
     if annotations is None:
         raise VlmError("a VQAv2 questions file needs its annotations: --annotations FILE", data)
-    if images is None:
+    if images is None and need_images:
         raise VlmError("a VQAv2 questions file needs the image folder: --images DIR", data)
     qdoc = read_json(data)
     questions = _need(qdoc, "questions", list, "top level", data)
@@ -208,7 +213,7 @@ def load_vqa(
             _need(ans, "answer", str, f"{where}.answers[{j}]", annotations)
         by_qid[qid] = a
     subtype = qdoc.get("data_subtype") if isinstance(qdoc, dict) else None
-    index = coco_image_index(images)
+    index = coco_image_index(images) if images is not None else {}
     items = []
     unanswered = 0
     for i, q in enumerate(questions):
@@ -225,9 +230,8 @@ def load_vqa(
                 f"annotation of question {qid}: image_id {a.get('image_id')} differs from the question's {image_id}",
                 annotations,
             )
-        path = index.get(image_id) or str(
-            images / (f"COCO_{subtype}_{image_id:012d}.jpg" if subtype else f"{image_id:012d}.jpg")
-        )
+        name = f"COCO_{subtype}_{image_id:012d}.jpg" if subtype else f"{image_id:012d}.jpg"
+        path = index.get(image_id) or str(images / name if images is not None else name)
         items.append(
             VqaItem(
                 question_id=str(qid),

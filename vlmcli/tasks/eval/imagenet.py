@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vlmcli.files import read_lines
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 def imagenet_classes() -> list[str]:
