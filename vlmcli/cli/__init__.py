@@ -15,6 +15,7 @@ from vlmcli.cli import clip as _clip  # noqa: E402,F401  classify, embed
 from vlmcli.cli import convert as _convert  # noqa: E402,F401  convert, quantize
 from vlmcli.cli import doctor as _doctor  # noqa: E402,F401  doctor
 from vlmcli.cli import eval as _eval  # noqa: E402,F401  eval vqa, caption, zeroshot, retrieval
+from vlmcli.cli import index as _index  # noqa: E402,F401  index, search, dupes
 from vlmcli.cli import lib as _lib  # noqa: E402,F401  lib build
 from vlmcli.cli import serve as _serve  # noqa: E402,F401  serve
 from vlmcli.cli import store as _store  # noqa: E402,F401  pull, models, rm
