@@ -12,9 +12,10 @@ from vlmcli.engines.detail import VisionGeometry, check_image_shape
 from vlmcli.engines.llama import EngineOptions, GenerationOptions
 from vlmcli.engines.prompt import ChatPrompt, TemplateProblem, render_user_turn
 from vlmcli.errors import ImageError, InvalidOption, ModelError
-from vlmcli.gguf import rules as gguf_rules
 from vlmcli.gguf.reader import inspect_gguf
-from vlmcli.gguf.rules import InvalidModelValue
+from vlmcli.gguf.relations import SPECIAL_TOKEN_KEYS
+from vlmcli.gguf.rule_kinds import InvalidModelValue, Key
+from vlmcli.gguf.rules import rules_for
 from vlmcli.gguf.validate import require_kind
 
 # Numeric keys nothing native sizes anything by (informational, or flags read as booleans).
@@ -43,12 +44,8 @@ def test_every_numeric_key_of_the_real_layouts_has_a_rule(smolvlm2_gguf, clip_gg
     """A key a converter starts writing must get a rule (or be listed as harmless here)."""
     for kind, path in _files(smolvlm2_gguf, clip_gguf).items():
         info = inspect_gguf(path)
-        ruled = {
-            r.key.replace("{arch}", info.arch)
-            for r in gguf_rules.rules_for(kind, info.arch)
-            if isinstance(r, gguf_rules.Key)
-        }
-        ruled |= set(gguf_rules.SPECIAL_TOKEN_KEYS)
+        ruled = {r.key.replace("{arch}", info.arch) for r in rules_for(kind, info.arch) if isinstance(r, Key)}
+        ruled |= set(SPECIAL_TOKEN_KEYS)
         numeric = {k.key for k in fz.numeric_keys(fz.parse_gguf(path.read_bytes()))}
         assert numeric - ruled - UNCHECKED == set(), kind
 
