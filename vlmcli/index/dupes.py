@@ -33,20 +33,23 @@ class DupeGroup:
     pairs: list[Pair]
     keeper: int  # index into files
 
+    def file_records(self) -> list[dict[str, object]]:
+        return [
+            {
+                "path": f.path,
+                "bytes": f.size,
+                "width": s[0] if s else None,
+                "height": s[1] if s else None,
+                "keeper": i == self.keeper,
+            }
+            for i, (f, s) in enumerate(zip(self.files, self.sizes))
+        ]
+
     def record(self, number: int) -> dict[str, object]:
         return {
             "group": number,
             "keeper": self.files[self.keeper].path,
-            "files": [
-                {
-                    "path": f.path,
-                    "bytes": f.size,
-                    "width": s[0] if s else None,
-                    "height": s[1] if s else None,
-                    "keeper": i == self.keeper,
-                }
-                for i, (f, s) in enumerate(zip(self.files, self.sizes))
-            ],
+            "files": self.file_records(),
             "pairs": [
                 {"a": self.files[p.a].path, "b": self.files[p.b].path, "score": round(p.score, 6)} for p in self.pairs
             ],
