@@ -24,8 +24,8 @@ from fixtures.clipcpp import (
     rewrite_gguf,
     write_clipcpp_gguf,
 )
-from vlmcli.convert.clip import QUANT_TYPES, convert_clip, expected_tensors, read_hparams
 
+from vlmcli.convert.clip import QUANT_TYPES, convert_clip, expected_tensors, read_hparams
 from vlmcli.engines.clip import ClipModel
 from vlmcli.engines.clip_tokenizer import ClipTokenizer, default_tokenizer
 from vlmcli.errors import ModelError

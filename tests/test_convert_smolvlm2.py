@@ -24,6 +24,7 @@ from fixtures.smolvlm2 import (
     build_smolvlm2_checkpoint,
     make_config,
 )
+
 from vlmcli.convert import convert_checkpoint
 from vlmcli.convert.quantize import quantize_gguf
 from vlmcli.convert.safetensors_io import (
@@ -38,7 +39,6 @@ from vlmcli.convert.smolvlm2 import (
     text_hparams,
     vision_hparams,
 )
-
 from vlmcli.errors import ModelError, VlmError
 
 PROJECT = Path(__file__).resolve().parents[1]
