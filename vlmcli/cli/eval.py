@@ -28,6 +28,7 @@ from vlmcli.cli.app import (
 from vlmcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, VlmError
 
 if TYPE_CHECKING:
+    from vlmcli.engines.llama import GenerationOptions
     from vlmcli.tasks.eval.runs import EvalSettings
     from vlmcli.tasks.models import ModelSpec
 
@@ -165,7 +166,7 @@ def _format(json_out: bool, fmt: str | None) -> str:
     return f
 
 
-def _generation(max_tokens: int | None) -> Any:
+def _generation(max_tokens: int | None) -> GenerationOptions | None:
     if max_tokens is None:
         return None
     from vlmcli.engines.llama import GenerationOptions
