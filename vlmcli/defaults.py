@@ -19,3 +19,7 @@ DEFAULT_N_CTX = 4096
 
 # SmolVLM2: most tokens generated per answer when a request or command names no limit (ask, chat, serve).
 DEFAULT_MAX_TOKENS = 256
+
+# SmolVLM2 captions: the instruction given with each image, and the most tokens of a caption.
+DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
+DEFAULT_CAPTION_MAX_TOKENS = 96

@@ -2,41 +2,38 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import traceback
 
 import typer
 
-# Importing the command modules registers their commands on `app`.
-from vlmcli.cli import batch as _batch  # noqa: E402  --ray's optional address (ray_flag)
-from vlmcli.cli import clip as _clip  # noqa: E402,F401  classify, embed
-from vlmcli.cli import convert as _convert  # noqa: E402,F401  convert, quantize
-from vlmcli.cli import doctor as _doctor  # noqa: E402,F401  doctor
-from vlmcli.cli import eval as _eval  # noqa: E402,F401  eval vqa, caption, zeroshot, retrieval
-from vlmcli.cli import index as _index  # noqa: E402,F401  index, search, dupes
-from vlmcli.cli import lib as _lib  # noqa: E402,F401  lib build
-from vlmcli.cli import serve as _serve  # noqa: E402,F401  serve
-from vlmcli.cli import store as _store  # noqa: E402,F401  pull, models, rm
-from vlmcli.cli import vlm as _vlm  # noqa: E402,F401  ask, caption
-from vlmcli.cli.app import app, stderr
+from vlmcli.cli import batch, clip, convert, doctor, eval, index, lib, serve, store, vlm
+from vlmcli.cli.app import app, lighten_help_flags, stderr
 from vlmcli.cli.messages import describe
 from vlmcli.errors import DEBUG_ENV, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, VlmError, debugging
 
 __all__ = ["app", "main"]
 
+# Importing the command modules registered their commands on `app`, in the order `vlm --help` lists
+# them: classify, embed (clip); convert, quantize; doctor; eval vqa, caption, zeroshot, retrieval;
+# index, search, dupes; lib build; serve; pull, models, rm (store); ask, caption (vlm).
+COMMAND_MODULES = (clip, convert, doctor, eval, index, lib, serve, store, vlm)
+lighten_help_flags(app)
 
-def _cli_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+_Kinds = tuple[type[BaseException], ...]
+
+
+def _cli_exceptions() -> tuple[_Kinds, _Kinds, _Kinds]:
     """(exit, abort, usage-error) exception types. Newer Typer releases carry their own copy of
-    Click (and no longer depend on Click itself); older ones raise Click's: catch whichever exist."""
-    exits: list[type] = [typer.Exit]
-    aborts: list[type] = [typer.Abort, KeyboardInterrupt]
-    usage: list[type] = []
+    Click (and no longer depend on Click itself); older ones raise Click's: catch whichever Typer
+    loaded (looked up, not imported: importing Click for nothing costs start-up time)."""
+    exits: list[type[BaseException]] = [typer.Exit]
+    aborts: list[type[BaseException]] = [typer.Abort, KeyboardInterrupt]
+    usage: list[type[BaseException]] = []
     for name in ("typer._click.exceptions", "click.exceptions"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
+        mod = sys.modules.get(name)
+        if mod is None:
             continue
         usage.append(mod.ClickException)
         exits += [mod.Exit] if hasattr(mod, "Exit") else []
@@ -86,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     debug = debugging()
     args = [a for a in args if a != "--debug"]
     _check_text_arguments(args)
-    args = _eval.sample_flag(args)
-    args = _batch.ray_flag(args)
+    args = eval.sample_flag(args)
+    args = batch.ray_flag(args)
     try:
         rc = app(args=args, prog_name="vlm", standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
@@ -108,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         _fail(describe(e), e.exit_code)
-    except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback unless --debug
+    except Exception as e:  # the last line of defence: no traceback unless --debug
         if debug:
             traceback.print_exc()
         _fail(f"{type(e).__name__}: {e} (run with --debug for details)", EXIT_ERROR)

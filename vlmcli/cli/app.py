@@ -13,10 +13,44 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
 from vlmcli.defaults import DEFAULT_IMAGE_BATCH, DEFAULT_MAX_PIXELS, DEFAULT_N_CTX, DEFAULT_N_GPU_LAYERS
 
+
+def _help_flag_off(option: Any) -> Any:
+    """Typer (0.2x) declares -h/--help without a default: absent, it reads None, which Typer coerces
+    through pydantic, and importing pydantic costs more than the rest of `vlm models` together.
+    Absent means False, which Typer passes through as it is."""
+    if option is not None and option.default is None:
+        option.default = False
+    return option
+
+
+class LightHelpCommand(TyperCommand):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _help_flag_off(super().get_help_option(ctx))
+
+
+class LightHelpGroup(TyperGroup):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _help_flag_off(super().get_help_option(ctx))
+
+
+def lighten_help_flags(typer_app: typer.Typer) -> None:
+    """Build every command and group registered on `typer_app` so far with the classes above."""
+    for command in typer_app.registered_commands:
+        if command.cls in (None, TyperCommand):
+            command.cls = LightHelpCommand
+    for group in typer_app.registered_groups:
+        if not isinstance(group.cls, type):  # not chosen by the group's module: Typer's default
+            group.cls = LightHelpGroup
+        if group.typer_instance is not None:
+            lighten_help_flags(group.typer_instance)
+
+
 app = typer.Typer(
+    cls=LightHelpGroup,
     name="vlm",
     help="Local vision-language inference: SmolVLM2 on llama.cpp, CLIP on ggml.",
     no_args_is_help=True,
@@ -45,7 +79,8 @@ GpuOpt = typer.Option(
     DEFAULT_N_GPU_LAYERS,
     "--n-gpu-layers",
     "-ngl",
-    help="Layers on the GPU: -1 = all when the build has a GPU backend (else the CPU), 0 = CPU only; CLIP goes whole, for any value but 0.",
+    help="Layers on the GPU: -1 = all when the build has a GPU backend (else the CPU), 0 = CPU only; "
+    "CLIP goes whole, for any value but 0.",
 )
 CtxOpt = typer.Option(DEFAULT_N_CTX, "--ctx", "-c", min=256, help="SmolVLM2 context size in tokens.")
 # CLIP

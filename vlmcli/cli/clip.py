@@ -95,7 +95,10 @@ def _table_printer() -> Any:
     return lambda record: _print_table(console, record)
 
 
-@app.command()
+@app.command(
+    help="Zero-shot classification: score each image against your labels (no training). "
+    "Tables for named files, JSONL for folders, globs and lists."
+)
 @batch_cli.with_batch_options(without=("sidecar", "overwrite"))
 def classify(
     images: list[str] | None = typer.Argument(
@@ -123,8 +126,7 @@ def classify(
     *,
     batch: batch_cli.BatchArgs,  # given by with_batch_options, not an option of its own
 ) -> None:
-    """Zero-shot classification: score each image against your labels (no training). Tables for named
-    files, JSONL for folders, globs and lists."""
+    """Zero-shot classification (the command's help is above: one line, as `vlm --help` lists it)."""
     from vlmcli.tasks.classify import check_templates, classify_csv_row, parse_labels, read_labels_file, unique_labels
 
     if labels is None and labels_file is None:

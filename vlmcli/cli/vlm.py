@@ -21,9 +21,8 @@ from vlmcli.cli.app import (
     stderr,
     stderr_is_terminal,
 )
-from vlmcli.defaults import DEFAULT_MAX_TOKENS
+from vlmcli.defaults import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_TOKENS
 from vlmcli.errors import EXIT_USAGE, InvalidOption, VlmError
-from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT
 
 if TYPE_CHECKING:
     from vlmcli.engines.llama import GenerationOptions
@@ -68,7 +67,8 @@ BestOfOpt = typer.Option(
 SelectOpt = typer.Option(
     "logprob",
     "--select",
-    help="How --best-of chooses: logprob (mean token log-probability), vote (most frequent short answer), clip (CLIP image-text similarity).",
+    help="How --best-of chooses: logprob (mean token log-probability), vote (most frequent short answer), "
+    "clip (CLIP image-text similarity).",
 )
 ClipModelOpt = typer.Option(
     None, "--clip-model", help="CLIP model judging --select clip (default: the store's default CLIP)."
@@ -159,7 +159,8 @@ def _best_of(
         info(f"vlm: warning: --best-of {n_best} with --temperature 0 samples the same greedy answer {n_best} times")
     if select == "vote" and task_name == "caption":
         info(
-            "vlm: warning: --select vote is meant for short answers; captions rarely agree word for word (try logprob or clip)"
+            "vlm: warning: --select vote is meant for short answers; captions rarely agree word for word "
+            "(try logprob or clip)"
         )
     judge = None
     if select == "clip":
@@ -189,13 +190,17 @@ def _print_choices(task: AskTask, verbose: bool) -> Callable[[dict], None]:
     return emit
 
 
-@app.command()
+@app.command(
+    help="Ask SmolVLM2 about an image; the answer streams to stdout. "
+    "Folders, globs and - give one JSONL record per image."
+)
 @batch_cli.with_batch_options()
 def ask(
     image: str = typer.Argument(..., help="Image file; or a folder, a glob, or - (paths on stdin) for batch mode."),
     prompts: list[str] | None = typer.Argument(
         None,
-        help="One or more questions; the image is encoded once for all. With --files-from every argument is a question.",
+        help="One or more questions; the image is encoded once for all. "
+        "With --files-from every argument is a question.",
     ),
     model: str | None = ModelOpt,
     mmproj: str | None = MmprojOpt,
@@ -218,9 +223,10 @@ def ask(
     n_best: int = BestOfOpt,
     select: str = SelectOpt,
     clip_model: str | None = ClipModelOpt,
-    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
+    *,
+    batch: batch_cli.BatchArgs,  # given by with_batch_options, not an option of its own
 ) -> None:
-    """Ask SmolVLM2 about an image; the answer streams to stdout. Folders, globs and - give one JSONL record per image."""
+    """Ask SmolVLM2 about an image (the command's help is above: one line, as `vlm --help` lists it)."""
     from vlmcli.engines.llama import GenerationOptions
     from vlmcli.tasks.ask import answers_text
 
@@ -259,7 +265,7 @@ def ask(
         sink = NullSink()  # the answers stream to stdout instead of a text record
         end = _stream_to_terminal(task)
         summary = batch_cli.execute(task, args, expansion.paths, sink, single=True)
-        end(answered=summary.done > 0)
+        end(summary.done > 0)
         batch_cli.conclude(task.name, summary, args, single=True)
         return
     batch_cli.run(task, args, expansion, sink, sidecar_text=answers_text, single=single)
@@ -304,7 +310,10 @@ def _stream_to_terminal(task: AskTask) -> Callable[[bool], None]:
     return end
 
 
-@app.command()
+@app.command(
+    help="Caption images: the caption of one image, `PATH<TAB>caption` for several named files, "
+    "JSONL for folders, globs and lists."
+)
 @batch_cli.with_batch_options()
 def caption(
     images: list[str] | None = typer.Argument(
@@ -330,9 +339,10 @@ def caption(
     n_best: int = BestOfOpt,
     select: str = SelectOpt,
     clip_model: str | None = ClipModelOpt,
-    batch: batch_cli.BatchArgs = None,  # type: ignore[assignment]  (given by with_batch_options)
+    *,
+    batch: batch_cli.BatchArgs,  # given by with_batch_options, not an option of its own
 ) -> None:
-    """Caption images: the caption of one image, `PATH<TAB>caption` for several named files, JSONL for folders, globs and lists."""
+    """Caption images (the command's help is above: one line, as `vlm --help` lists it)."""
     from vlmcli.engines.llama import GenerationOptions
     from vlmcli.tasks.caption import caption_text
 

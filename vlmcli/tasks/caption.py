@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from vlmcli.defaults import DEFAULT_MAX_PIXELS
+from vlmcli.defaults import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_PIXELS
 from vlmcli.tasks.ask import Answer, AskTask
 from vlmcli.tasks.resume import Record
 
@@ -12,8 +12,7 @@ if TYPE_CHECKING:
     from vlmcli.engines.llama import GenerationOptions, VlmEngine
     from vlmcli.tasks.best_of import ClipJudge
 
-DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
-DEFAULT_CAPTION_MAX_TOKENS = 96
+__all__ = ["DEFAULT_CAPTION_MAX_TOKENS", "DEFAULT_CAPTION_PROMPT", "CaptionTask", "caption_text"]
 
 
 class CaptionTask(AskTask):
