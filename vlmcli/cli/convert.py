@@ -26,7 +26,8 @@ def convert(
         None,
         "--quant",
         "-q",
-        help="Model type. SmolVLM2: F16, Q8_0 (default), Q4_K_M, Q5_K_M. CLIP: F16 (default), F32, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0.",
+        help="Model type. SmolVLM2: F16, Q8_0 (default), Q4_K_M, Q5_K_M. "
+        "CLIP: F16 (default), F32, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0.",
     ),
     mmproj_quant: str | None = typer.Option(
         None, "--mmproj-quant", help="SmolVLM2 vision projector type: F16 (default) or Q8_0."
@@ -59,7 +60,8 @@ def convert(
 
 
 @app.command(
-    help="Quantize a language-model GGUF with llama.cpp's quantizer (F16, Q8_0, Q4_K_M, Q5_K_M). Prints the output path."
+    help="Quantize a language-model GGUF with llama.cpp's quantizer (F16, Q8_0, Q4_K_M, Q5_K_M). "
+    "Prints the output path."
 )
 def quantize(
     src: Path = typer.Argument(..., metavar="SRC.gguf", help="Input language-model GGUF (e.g. NAME-F16.gguf)."),

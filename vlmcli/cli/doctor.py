@@ -12,7 +12,8 @@ from vlmcli.errors import EXIT_ERROR
 _HELP = (
     "Show what will run and how: versions (vlmcli, llama-cpp-python, llama.cpp, ggml), llama.cpp's system info "
     "(AVX2, AVX-512, F16C, FMA, BLAS, AMX...), the ggml backends and devices with their memory, the threads vlm "
-    "uses, where SmolVLM2 and CLIP run by default (and which kernels run CLIP on the CPU), the store (models, sizes), HF_ENDPOINT / HF_HUB_OFFLINE / "
+    "uses, where SmolVLM2 and CLIP run by default (and which kernels run CLIP on the CPU), the store (models, sizes), "
+    "HF_ENDPOINT / HF_HUB_OFFLINE / "
     "whether a Hugging Face token is set (never its value), and warnings such as a CPU-only build on a machine "
     "with a GPU. Loads no model and needs no network.\n\n"
     "Text is one `key  value` line per fact (keys may repeat: device, model, warning); --json prints one record. "

@@ -673,7 +673,8 @@ class VlmEngine(NativeResource):
         chars = sum(len(p) for t in turns for p in t.parts)
         pieces = len(turns) + sum(len(t.parts) for t in turns)
         if chars > MAX_OUTPUT_CHARS // 2 or pieces > self.n_ctx:
-            # Past the template render's bounds (prompt.py), and far past any context: the input's fault, not the template's.
+            # Past the template render's bounds (prompt.py), and far past any context: the input's fault,
+            # not the template's.
             raise InvalidOption(
                 "messages",
                 f"{len(turns)} messages, {pieces - len(turns)} parts, {chars:,} characters of text: "

@@ -198,7 +198,8 @@ def _files_to_fetch(entry: ModelEntry, quant: str, src: str, snapshot: hub.RepoS
         if missing:
             ggufs = sorted(f for f in snapshot.files if f.endswith(".gguf"))
             raise hub.HubError(
-                f"file not found at revision {snapshot.revision} (the repository has: {', '.join(ggufs) or 'no .gguf files'})",
+                f"file not found at revision {snapshot.revision} "
+                f"(the repository has: {', '.join(ggufs) or 'no .gguf files'})",
                 f"{snapshot.repo}/{missing[0]}",
             )
         return names

@@ -147,7 +147,8 @@ def _check_installed_file(m: InstalledModel, path: Path, role_kind: str) -> None
         require_kind(path, role_kind)  # type: ignore[arg-type]  # a manifest without sizes: check the file itself
     elif actual != size:
         raise ModelError(
-            f"installed file changed size ({actual} bytes, installed {size}); run: vlm pull {m.name} --quant {m.quant} --force",
+            f"installed file changed size ({actual} bytes, installed {size}); "
+            f"run: vlm pull {m.name} --quant {m.quant} --force",
             path,
         )
 
