@@ -1,6 +1,6 @@
 """Session-scoped pytest fixtures for CLIP: tiny checkpoints in the real HF layout and their GGUFs.
 
-tests/conftest.py does `from clip_fixtures import *`; modules may also import these names directly.
+tests/conftest.py registers this module as a pytest plugin (pytest_plugins), so every test sees them.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 once per test run; tests of the engines and the CLI reuse them.
 
 Fixture modules live beside this file (tests/ is put on sys.path so `fixtures.*` and the
-`*_fixtures` modules import the same way under every pytest import mode).
+`*_fixtures` modules import the same way under every pytest import mode); the `*_fixtures` modules
+are plugins, so every test sees their fixtures without importing them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,8 +21,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from clip_fixtures import *  # noqa: E402,F401,F403  clip_checkpoint, clip_gguf, ...
-from fixtures.smolvlm2 import build_smolvlm2_checkpoint  # noqa: E402
+pytest_plugins = ["clip_fixtures", "photo_fixtures"]  # clip_checkpoint, clip_gguf, ...; photos
 
 # The image-encoding cache of this test run: one fresh folder, not the user's store. Tests that
 # compare cold and warm runs give their own folder (VLM_CACHE_DIR) or --no-cache.
@@ -34,6 +36,8 @@ SMOLVLM2_NAME = "SmolVLM2-256M-Video-Instruct"
 @pytest.fixture(scope="session")
 def smolvlm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SmolVLM2 checkpoint folder in the real HF layout (bf16 weights, real tokenizer ids)."""
+    from fixtures.smolvlm2 import build_smolvlm2_checkpoint
+
     return build_smolvlm2_checkpoint(tmp_path_factory.mktemp("smolvlm2-hf") / SMOLVLM2_NAME, seed=0)
 
 
@@ -48,7 +52,7 @@ def smolvlm2_gguf(smolvlm2_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _llama_class_follows_the_engine_on_extra_buffers():
+def _llama_class_follows_the_engine_on_extra_buffers() -> Iterator[None]:
     """Tests that load converter output through llama-cpp-python's own `Llama` class get the rule the
     engine applies to llama.cpp's extra CPU buffer types (engines/llama_native.extra_buffers_allowed:
     AMX kernels fault with SIGILL in some VMs that advertise AMX)."""
@@ -58,7 +62,7 @@ def _llama_class_follows_the_engine_on_extra_buffers():
 
     default_params = llama_class_module.llama_cpp.llama_model_default_params
 
-    def params():  # type: ignore[no-untyped-def]
+    def params() -> Any:
         p = default_params()
         p.use_extra_bufts = extra_buffers_allowed()
         return p

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from photo_fixtures import photos, write_photo  # noqa: F401  (photos: a fixture)
+from photo_fixtures import write_photo
 
 from vlmcli.cli import main
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from photo_fixtures import photos, write_photo  # noqa: F401  (photos: a fixture)
+from photo_fixtures import write_photo
 
 from vlmcli.cli import main
 
