@@ -207,3 +207,31 @@ def test_kill_9_during_a_run_loses_nothing_and_the_rerun_finishes_without_duplic
     images, q = _embed(clip_gguf, tmp_path, root)
     got = _lines(vlm("search", QUERY, "--db", str(db), "-n", "240", "--json", home=tmp_path).stdout)
     _check_ranking(got, _expected_order(images, q))
+
+
+def test_captions_are_stored_once_per_content_and_searchable_as_full_text(
+    clip_gguf: Path, smolvlm2_gguf, tmp_path: Path
+) -> None:
+    root = tmp_path / "few"
+    for i in range(3):
+        write_photo(root / f"c{i}.jpg", 400 + i, (64, 48))
+    shutil.copy(root / "c0.jpg", root / "c0 copy.jpg")
+    db = str(tmp_path / "index.sqlite")
+    vlm_folder = str(Path(smolvlm2_gguf.model).parent)
+    args = ["index", str(root), "--db", db, "-m", str(clip_gguf), "--captions", "--caption-model", vlm_folder]
+    first = vlm(*args, "--threads", "1", home=tmp_path)
+    assert "captioning 3 images" in first.stderr  # the copy shares its original's caption
+    with sqlite3.connect(db) as c:
+        rows = c.execute("SELECT sha256, model, detail, text FROM captions").fetchall()
+    assert len(rows) == 3 and {r[2] for r in rows} == {"auto"}
+    again = vlm(*args, "--threads", "1", home=tmp_path)
+    assert "captioning" not in again.stderr
+
+    sha, _, _, text = next(r for r in rows if any(ch.isalnum() for ch in r[3]))
+    word = next(w for w in text.split() if any(ch.isalnum() for ch in w))
+    got = _lines(vlm("search", word, "--db", db, "-n", "10", "--json", home=tmp_path).stdout)
+    matched = [r for r in got if r.get("text_score")]
+    assert matched, got
+    for r in got:
+        assert r["score"] == pytest.approx(r["clip_score"] + 0.1 * r["text_score"], abs=2e-6)
+        assert "caption" in r

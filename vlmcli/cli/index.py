@@ -24,12 +24,13 @@ from vlmcli.cli.app import (
     print_json,
 )
 from vlmcli.cli.clip import ModelOpt, VerboseOpt
+from vlmcli.defaults import DEFAULT_MAX_PIXELS
 from vlmcli.errors import EXIT_USAGE, VlmError
 
 if TYPE_CHECKING:
     from vlmcli.index.db import IndexDB, ModelRef
     from vlmcli.index.search import Searcher
-    from vlmcli.tasks.runner import Executor
+    from vlmcli.tasks.runner import BatchSummary, Executor
 
 DbOpt = typer.Option(
     None, "--db", help="The index file (SQLite). Default: STORE/index/photos.sqlite (see `vlm doctor` for the store)."
@@ -69,6 +70,13 @@ def index_command(
     max_pixels: int = MaxPixelsOpt,
     offline: bool = OfflineOpt,
     verbose: bool = VerboseOpt,
+    captions: bool = typer.Option(
+        False, "--captions", help="Also caption each image with SmolVLM2, searchable as full text (slow: seconds each)."
+    ),
+    caption_model: str | None = typer.Option(
+        None, "--caption-model", help="With --captions: the SmolVLM2 model (store name, GGUF or folder)."
+    ),
+    detail: str | None = typer.Option(None, "--detail", help="With --captions: image detail, low, high or auto."),
     *,
     batch: batch_cli.BatchArgs,  # given by with_batch_options, not an option of its own
 ) -> None:
@@ -105,9 +113,56 @@ def index_command(
             # Keyed by content: the sink files each vector under its SHA-256, hashed in the decode threads.
             summary = batch_cli.execute(executor, args.for_inputs(args.inputs, use_hash=True), plan.embed, sink)
         index.prune()
+        if captions and not summary.interrupted:
+            summary = summary + _caption(index, args, found, caption_model, detail, offline, threads, n_gpu_layers)
     summary.total += plan.unchanged + plan.relinked
     summary.skipped += plan.unchanged + plan.relinked
     batch_cli.conclude("index", summary, args)
+
+
+def _caption(
+    index: IndexDB,
+    args: batch_cli.BatchArgs,
+    paths: list[str],
+    model: str | None,
+    detail: str | None,
+    offline: bool,
+    threads: int | None,
+    n_gpu_layers: int,
+) -> BatchSummary:
+    """Caption the indexed contents among `paths` that have no caption of this model and detail yet,
+    through the runner (`vlm caption`'s task and builder; --ray: the same pool)."""
+    from vlmcli.cli.vlm import _caption_task
+    from vlmcli.cli.vlm import _spec as vlm_spec
+    from vlmcli.defaults import DEFAULT_N_CTX
+    from vlmcli.engines.detail import validate as validate_detail
+    from vlmcli.engines.llama import GenerationOptions
+    from vlmcli.store.resolve import resolve_model
+    from vlmcli.tasks.caption import DEFAULT_CAPTION_MAX_TOKENS, DEFAULT_CAPTION_PROMPT
+    from vlmcli.tasks.index import CaptionSink, contents_to_caption
+    from vlmcli.tasks.runner import BatchSummary, LocalExecutor
+
+    validate_detail(detail or "auto", None)
+    spec = vlm_spec(model, None, offline, threads, n_gpu_layers, DEFAULT_N_CTX, detail, None)
+    name = resolve_model(model, "vlm", offline=spec.offline, notify=info).name
+    key = detail or "auto"
+    todo = contents_to_caption(index, paths, name, key)
+    if not todo:
+        return BatchSummary()
+    if not args.quiet:
+        info(f"vlm: captioning {len(todo)} images with {name} (detail {key})")
+    gen = GenerationOptions(max_tokens=DEFAULT_CAPTION_MAX_TOKENS)
+    build = (gen, DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_PIXELS, 1, "logprob")
+    sink = CaptionSink(index, name, key)
+    run_args = args.for_inputs(args.inputs, use_hash=True)
+    if args.ray:
+        with batch_cli.on_ray(args, "caption", _caption_task, spec, build) as executor:
+            return batch_cli.execute(executor, run_args, todo, sink)
+    task = _caption_task(spec, *build)
+    try:
+        return batch_cli.execute(LocalExecutor(task), run_args, todo, sink)
+    finally:
+        task.close()
 
 
 def _time_ns(value: str | None, flag: str) -> int | None:

@@ -245,3 +245,38 @@ def check_model_in_index(db: IndexDB, model: ModelRef) -> None:
             f"the index has no vectors of {model.name} (it has: {have}); index with --model {model.name} first",
             db.path,
         )
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def contents_to_caption(db: IndexDB, paths: Sequence[str], model: str, detail: str) -> list[str]:
+    """One path per indexed content among `paths` that has no caption of (model, detail) yet."""
+    done = db.caption_shas(model, detail)
+    wanted: dict[str, str] = {}
+    for p in paths:
+        row = db.file(os.path.abspath(p))
+        if row is not None and row.sha256 not in done:
+            wanted.setdefault(row.sha256, row.path)
+    return list(wanted.values())
+
+
+class CaptionSink(Sink):
+    """Caption records into the index's captions (and their full-text index), one transaction per batch."""
+
+    resumable = True
+
+    def __init__(self, db: IndexDB, model: str, detail: str):
+        self.db, self.model, self.detail = db, model, detail
+
+    def open(self, plan: ResumePlan, with_hash: bool) -> ResumeIndex:
+        return ResumeIndex(plan.identity, with_hash)  # contents_to_caption left out what is done
+
+    def write_batch(self, records: list[Record]) -> None:
+        with self.db.transaction() as c:
+            for rec in records:
+                f = rec.get("file")
+                text = rec.get("caption")
+                if rec.get("error") or not isinstance(text, str) or not isinstance(f, dict) or not f.get("sha256"):
+                    continue
+                IndexDB.put_caption(c, str(f["sha256"]), self.model, self.detail, " ".join(text.split()))
