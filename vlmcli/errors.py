@@ -8,6 +8,8 @@ vlm_options field names. Anything else is a bug.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 # Exit codes (documented in the README).
 EXIT_OK = 0
@@ -36,13 +38,13 @@ class VlmError(Exception):
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[Callable[..., VlmError], tuple[type[VlmError], str, dict[str, Any]]]:
         # Rebuilt from its fields, not from its constructor's arguments (subclasses take others), so
         # an error crosses a process boundary whole (Ray workers: tasks/ray_batch.py).
         return (_rebuild_error, (type(self), self.message, dict(self.__dict__)))
 
 
-def _rebuild_error(cls: type[VlmError], message: str, state: dict) -> VlmError:  # type: ignore[type-arg]
+def _rebuild_error(cls: type[VlmError], message: str, state: dict[str, Any]) -> VlmError:
     error = cls.__new__(cls)
     Exception.__init__(error, message)
     error.__dict__.update(state)

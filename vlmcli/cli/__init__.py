@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from typing import Protocol, cast
 
 import typer
 
@@ -22,6 +23,16 @@ COMMAND_MODULES = (clip, convert, doctor, eval, index, lib, serve, store, vlm)
 lighten_help_flags(app)
 
 _Kinds = tuple[type[BaseException], ...]
+
+
+class _ExitRequest(Protocol):
+    """What Typer's and Click's Exit and ClickException carry (their classes differ by release)."""
+
+    exit_code: int
+
+
+class _UsageError(_ExitRequest, Protocol):
+    def show(self) -> None: ...
 
 
 def _cli_exceptions() -> tuple[_Kinds, _Kinds, _Kinds]:
@@ -89,10 +100,11 @@ def main(argv: list[str] | None = None) -> None:
         rc = app(args=args, prog_name="vlm", standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except _EXIT as e:
-        sys.exit(e.exit_code)
+        sys.exit(cast(_ExitRequest, e).exit_code)
     except _USAGE as e:
-        e.show()
-        sys.exit(e.exit_code)
+        usage = cast(_UsageError, e)
+        usage.show()
+        sys.exit(usage.exit_code)
     except _ABORT:
         if debug:
             traceback.print_exc()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import shutil
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 
 from vlmcli.cli.app import app, info, print_json
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _PULL_HELP = (
     "Download a model by name into the local store, ready for `vlm ask` / `vlm classify`.\n\n"
@@ -75,7 +79,7 @@ def _human_size(n: float | None) -> str:
     return f"{n:.0f} GB"
 
 
-def _stdout_console():  # type: ignore[no-untyped-def]
+def _stdout_console() -> Console:
     from rich.console import Console
 
     # Piped output keeps whole rows (rich would otherwise wrap at 80 columns).

@@ -24,16 +24,16 @@ import contextlib
 import itertools
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-try:
+# Windows has no advisory locks: there every process takes all its CPUs.
+if sys.platform != "win32":
     import fcntl
-except ImportError:  # Windows: no advisory locks here, every process takes all its CPUs
-    fcntl = None  # type: ignore[assignment]
 
 LINGER_S = 0.5  # a finished unit counts this long for the others (see above)
 
@@ -66,7 +66,7 @@ def folder() -> Path:
 def running_units(skip: Path | None = None) -> int:
     """Units of work holding a lock in the folder now, or idle for less than LINGER_S (not counting
     `skip` nor this process's idle ones); stale files are removed."""
-    if fcntl is None:
+    if sys.platform == "win32":
         return 0
     d = folder()
     try:
@@ -122,19 +122,20 @@ class CoreShare:
         if getattr(_held, "threads", None) is not None:  # nested in a unit of this thread
             yield _held.threads
             return
-        path, fd = self._announce()
+        announced = self._announce()
         try:
-            _held.threads = self.fixed or share(self.cpus, running_units(skip=path))
+            _held.threads = self.fixed or share(self.cpus, running_units(skip=announced[0] if announced else None))
             yield _held.threads
         finally:
             _held.threads = None
-            if fd is not None:
-                self._finish(path, fd)
+            if announced is not None:
+                self._finish(*announced)
 
     @staticmethod
-    def _announce() -> tuple[Path | None, int | None]:
-        if fcntl is None:
-            return None, None
+    def _announce() -> tuple[Path, int] | None:
+        """The unit's file, locked, and its descriptor; None where units cannot be shared."""
+        if sys.platform == "win32":
+            return None
         d = folder()
         with _idle_lock:
             while _idle:  # take back the file of an earlier unit, emptied: running again
@@ -153,7 +154,7 @@ class CoreShare:
             name = f"{os.getpid()}-{next(_units)}"
             fd = os.open(d / f"{name}.new", os.O_CREAT | os.O_RDWR, 0o644)
         except OSError:
-            return None, None  # no folder to share through: run as if alone
+            return None  # no folder to share through: run as if alone
         # Locked before it takes the name others count, so no one sees it unlocked and removes it.
         fcntl.flock(fd, fcntl.LOCK_EX)
         path = d / f"{name}.lock"

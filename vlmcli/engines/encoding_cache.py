@@ -136,7 +136,7 @@ class EncodingCache:
             self._evict()
 
     def _entries(self) -> list[tuple[float, int, Path]]:
-        out = []
+        out: list[tuple[float, int, Path]] = []
         if not self.root.is_dir():
             return out
         for sub in self.root.iterdir():

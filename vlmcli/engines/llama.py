@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
@@ -218,7 +218,7 @@ class VlmEngine(NativeResource):
         self._ctx = None
         # (image_max_tokens (-1 = model default), threads) -> mtmd context: both are fixed per context in mtmd
         self._mtmd: dict[tuple[int, int], object] = {}
-        self._batch = None
+        self._batch: llama.llama_batch | None = None
         t0 = time.perf_counter()
         if not self.options.native_logs:
             quiet_native_logs()
@@ -410,17 +410,23 @@ class VlmEngine(NativeResource):
             n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
+    def _token_batch(self) -> llama.llama_batch:
+        """The batch of tokens each decode call fills (allocated with the context, freed by close)."""
+        assert self._batch is not None, "the engine is closed"
+        return self._batch
+
     # -- prompt evaluation ---------------------------------------------------------------------
 
     def _decode_tokens(self, tokens: list[int], n_past: int, logits_last: bool) -> int:
-        b = self._batch
+        b = self._token_batch()
+        pos = _positions(b)
         step = self.options.n_batch
         for start in range(0, len(tokens), step):
             part = tokens[start : start + step]
             b.n_tokens = len(part)
             for i, tok in enumerate(part):
                 b.token[i] = tok
-                b.pos[i] = n_past + start + i
+                pos[i] = n_past + start + i
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = 0
                 b.logits[i] = False
@@ -835,7 +841,8 @@ class VlmEngine(NativeResource):
         row = [-1] * n  # each sequence's logits row in the last batch (-1: the prompt's last token)
         active = list(range(n))
         budget = min(options.max_tokens, (self.n_ctx - n_past) // n)
-        b = self._batch
+        b = self._token_batch()
+        pos = _positions(b)
         t0 = time.perf_counter()
         try:
             for step in range(max(0, budget)):
@@ -858,7 +865,7 @@ class VlmEngine(NativeResource):
                     break
                 b.n_tokens = len(active)
                 for i, seq in enumerate(active):
-                    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tokens[seq][-1], n_past + step, 1, True
+                    b.token[i], pos[i], b.n_seq_id[i], b.logits[i] = tokens[seq][-1], n_past + step, 1, True
                     b.seq_id[i][0] = seq
                     row[seq] = i
                 rc = llama.llama_decode(self._ctx, b)
@@ -889,12 +896,13 @@ class VlmEngine(NativeResource):
         n_prefix, _ = self._eval_image_prefix(image, chat.before_image, Timings())
         n_past = self._decode_tokens(self.tokenize(chat.after_image(prompt)), n_prefix, logits_last=True)
         out = [self._logprob(-1, tokens[0])] if tokens else []
-        b = self._batch
+        b = self._token_batch()
+        pos = _positions(b)
         for start in range(0, len(tokens) - 1, self.options.n_batch):
             part = tokens[start : min(start + self.options.n_batch, len(tokens) - 1)]
             b.n_tokens = len(part)
             for i, tok in enumerate(part):
-                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, n_past + start + i, 1, True
+                b.token[i], pos[i], b.n_seq_id[i], b.logits[i] = tok, n_past + start + i, 1, True
                 b.seq_id[i][0] = 0
             if llama.llama_decode(self._ctx, b) != 0:
                 raise VlmError("llama.cpp failed to decode the answer being scored")
@@ -923,6 +931,11 @@ class _CandidateStream:
 _NO_CALLBACK = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
 # Part of the KV cache entries' key: llama.cpp's per-sequence state layout may change between builds.
 _LLAMA_CPP_VERSION = build_id()
+
+
+def _positions(batch: llama.llama_batch) -> ctypes.Array[ctypes.c_int32]:
+    """The batch's token positions, one llama_pos each (llama-cpp-python annotates them one level too deep)."""
+    return cast("ctypes.Array[ctypes.c_int32]", batch.pos)
 
 
 def _with_native_reason(message: str) -> str:

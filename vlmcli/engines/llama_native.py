@@ -7,8 +7,8 @@ import ctypes
 import os
 import re
 
-from llama_cpp import llama_cpp as llama  # noqa: F401  (re-exported)
-from llama_cpp import mtmd_cpp as mtmd  # noqa: F401
+from llama_cpp import llama_cpp as llama  # also imported from here by the engine
+from llama_cpp import mtmd_cpp as mtmd
 
 _initialised = False
 

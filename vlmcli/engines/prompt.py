@@ -71,9 +71,9 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             raise TemplateProblem(f"the template makes a sequence of {len(result)} items")
         return result
 
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         _check_numbers(args, kwargs)
-        return super().call(__context, __obj, *args, **kwargs)
+        return super().call(context, obj, *args, **kwargs)
 
     def __init__(self, **options: Any):
         super().__init__(**options)

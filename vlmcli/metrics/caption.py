@@ -126,12 +126,13 @@ def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
 
 def rouge_l_one(candidate: str, refs: Sequence[str], beta: float = 1.2) -> float:
     cand = candidate.split(" ")
-    precisions, recalls = [], []
+    precisions: list[float] = []
+    recalls: list[float] = []
     for ref in refs:
-        r = ref.split(" ")
-        lcs = _lcs(r, cand)
+        ref_words = ref.split(" ")
+        lcs = _lcs(ref_words, cand)
         precisions.append(lcs / float(len(cand)))
-        recalls.append(lcs / float(len(r)))
+        recalls.append(lcs / float(len(ref_words)))
     p, r = max(precisions), max(recalls)
     if p != 0 and r != 0:
         return ((1 + beta**2) * p * r) / float(r + beta**2 * p)

@@ -46,6 +46,7 @@ def fit_scaling_law(points: Sequence[tuple[float, float]]) -> ScalingFit | None:
             q_inf, a, rmse = _linear_fit(ks, qs, g)
             if best is None or rmse < best[3] - 1e-15:
                 best = (q_inf, a, g, rmse)
+        assert best is not None  # the grid has at least one point
         span = (hi - lo) / steps
         lo, hi = max(0.001, best[2] - 2 * span), best[2] + 2 * span
     assert best is not None

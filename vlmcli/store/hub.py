@@ -170,7 +170,7 @@ def hub_errors(repo: str, revision: str, filename: str | None = None) -> Iterato
         yield
     except VlmError:
         raise
-    except Exception as e:  # noqa: BLE001 - every Hub/network failure becomes one line
+    except Exception as e:  # every Hub/network failure becomes one line
         err = explain(e, repo, revision, filename)
         if err is None:
             raise
@@ -205,7 +205,7 @@ def _tqdm_class(progress: bool) -> Any:
         return None
     from huggingface_hub.utils import tqdm as hf_tqdm
 
-    class _Silent(hf_tqdm):  # type: ignore[misc, valid-type]
+    class _Silent(hf_tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)

@@ -83,7 +83,10 @@ def pull_model(
         raise VlmError(f"cannot pull {entry.name}: offline mode is on (HF_HUB_OFFLINE=1)", entry.name)
 
     store.ensure_writable()
-    waiting = lambda: say(f"waiting for another pull of {entry.name} to finish...")  # noqa: E731
+
+    def waiting() -> None:
+        say(f"waiting for another pull of {entry.name} to finish...")
+
     with store.lock(entry.name, on_wait=waiting):
         # Another pull may have installed it while we waited for the lock.
         have = store.find(entry.name, quant)
@@ -147,9 +150,10 @@ def _pull_locked(
     try:
         if src == "gguf":
             assert entry.gguf is not None
-            roles = {"model": entry.gguf.quants[quant].model}
-            if entry.gguf.quants[quant].mmproj:
-                roles["mmproj"] = entry.gguf.quants[quant].mmproj  # type: ignore[assignment]
+            files = entry.gguf.quants[quant]
+            roles = {"model": files.model}
+            if files.mmproj:
+                roles["mmproj"] = files.mmproj
             sha256s = {}
             for _role, fname in roles.items():
                 _link_or_move(fetched[fname][0], staging / fname)
@@ -260,7 +264,7 @@ def _check_kinds(entry: ModelEntry, folder: Path, roles: dict[str, str]) -> None
 def _convert(entry: ModelEntry, checkpoint: Path, out_dir: Path, quant: str) -> dict[str, str]:
     """Run the project's converter and name the roles of what it wrote."""
     try:
-        from vlmcli.convert import convert_checkpoint  # type: ignore[attr-defined]
+        from vlmcli.convert import convert_checkpoint
     except ImportError as e:
         raise ModelError(f"the converter is not available in this installation ({e})", entry.name) from None
     from vlmcli.gguf.reader import inspect_gguf

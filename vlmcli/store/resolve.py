@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from vlmcli.errors import ModelError
-from vlmcli.gguf.reader import GgufInfo, inspect_gguf
+from vlmcli.gguf.reader import GgufInfo, ModelKind, inspect_gguf
 from vlmcli.gguf.validate import require_kind
 from vlmcli.store.registry import DEFAULT_MODELS, env_flag, load_registry, normalize_quant
 from vlmcli.store.store import MANIFEST, InstalledModel, Store, read_manifest
@@ -30,7 +30,7 @@ class ResolvedModel:
     detail: str | None = None  # the registry's default image detail for this model, if it sets one
 
 
-_ENGINE_KIND = {"vlm": "llm", "clip": "clip"}  # gguf_check's name for the main file of each kind
+_ENGINE_KIND: dict[str, ModelKind] = {"vlm": "llm", "clip": "clip"}  # gguf_check's name for the main file of each kind
 
 
 def resolve_model(
@@ -135,7 +135,7 @@ def _resolve_store(
     return _from_installed(installed, kind, mmproj)
 
 
-def _check_installed_file(m: InstalledModel, path: Path, role_kind: str) -> None:
+def _check_installed_file(m: InstalledModel, path: Path, role_kind: ModelKind) -> None:
     """Installed files had their GGUF kind checked by the pull (parsing a GGUF with a real vocabulary
     takes seconds); here only a cheap check that the file is still the one installed: its size."""
     size = (m.manifest.get("sizes") or {}).get(path.name)
@@ -144,7 +144,7 @@ def _check_installed_file(m: InstalledModel, path: Path, role_kind: str) -> None
     except OSError:
         raise ModelError(f"installed file is missing; run: vlm pull {m.name} --quant {m.quant} --force", path) from None
     if size is None:
-        require_kind(path, role_kind)  # type: ignore[arg-type]  # a manifest without sizes: check the file itself
+        require_kind(path, role_kind)  # a manifest without sizes: check the file itself
     elif actual != size:
         raise ModelError(
             f"installed file changed size ({actual} bytes, installed {size}); "
@@ -185,7 +185,7 @@ def _resolve_file(path: Path, kind: str, mmproj: str | None) -> ResolvedModel:
         require_kind(path, "llm")  # a projector given as the model: say so, not "no projector"
     # Find the projector first: a missing one is reported before the (slower) GGUF parsing.
     proj = (Path(mmproj).expanduser() if mmproj else _mmproj_beside(path)) if kind == "vlm" else None
-    info = require_kind(path, _ENGINE_KIND[kind])  # type: ignore[arg-type]
+    info = require_kind(path, _ENGINE_KIND[kind])
     if proj is not None:
         require_kind(proj, "mmproj")
     return ResolvedModel(kind=kind, name=path.stem, model=path, mmproj=proj, quant=info.file_type, source="file")
