@@ -190,3 +190,36 @@ def test_near_duplicate_groups_and_the_largest_keeper() -> None:
     first = groups[0].record(1)
     assert first["keeper"] == "/p/2.jpg"
     assert first["pairs"][0] == {"a": "/p/0.jpg", "b": "/p/1.jpg", "score": 1.0}
+
+
+def test_the_approximate_index_serves_large_collections_while_fresh(tmp_path: Path) -> None:
+    pytest.importorskip("faiss", reason="the approximate index needs faiss-cpu (the index extra)")
+    from vlmcli.index import ann
+
+    rng = np.random.default_rng(6)
+    centres = _unit(rng, 40, 32)
+    m = np.stack([centres[i % 40] + 0.15 * rng.standard_normal(32) for i in range(4000)]).astype(np.float32)
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    paths = [f"/p/{i:05d}.jpg" for i in range(4000)]
+    with IndexDB(tmp_path / "i.sqlite") as db:
+        _fill(db, paths, m)
+        assert ann.refresh(db, MODEL.hash, min_rows=10**6) is None  # small: exact search only
+        assert ann.refresh(db, MODEL.hash, min_rows=1000) == 4000
+        assert ann.refresh(db, MODEL.hash, min_rows=1000) is None  # fresh: not rebuilt
+        queries = _unit(rng, 20, 32)
+        table = {f"q{i}": q for i, q in enumerate(queries)}
+        approximate = Searcher(db, FixedEncoder(table))
+        exact = Searcher(db, FixedEncoder(table), approximate=False)
+        assert approximate._fresh_ann() is not None
+        found = 0
+        for name in table:
+            want = {h.path for h in exact.search([Term(1.0, text=name)], 10)}
+            got = approximate.search([Term(1.0, text=name)], 10)
+            found += len(want & {h.path for h in got})
+            assert all(abs(h.score - h.clip_score) < 1e-6 for h in got)
+        assert found >= 0.95 * 10 * len(table)
+        # Any write makes it stale: searches are exact until `vlm index` rebuilds it.
+        with db.transaction() as c:
+            IndexDB.delete_files(c, [paths[0]])
+        assert approximate._fresh_ann() is None
+        assert paths[0] not in {h.path for h in approximate.search([Term(1.0, text="q0")], 4000)}

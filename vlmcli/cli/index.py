@@ -113,6 +113,12 @@ def index_command(
             # Keyed by content: the sink files each vector under its SHA-256, hashed in the decode threads.
             summary = batch_cli.execute(executor, args.for_inputs(args.inputs, use_hash=True), plan.embed, sink)
         index.prune()
+        if not summary.interrupted:
+            from vlmcli.index.ann import refresh
+
+            built = refresh(index, ref.hash)  # large collections: an approximate index for fast queries
+            if built and not args.quiet:
+                info(f"vlm: approximate vector index of {built} images rebuilt")
         if captions and not summary.interrupted:
             summary = summary + _caption(index, args, found, caption_model, detail, offline, threads, n_gpu_layers)
     summary.total += plan.unchanged + plan.relinked

@@ -161,14 +161,25 @@ class IndexDB:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: all of it is committed, or (an error, a killed process) none of it."""
+        """One write transaction: all of it is committed, or (an error, a killed process) none of it.
+        One that changed anything raises the index's generation (what files derived from it check)."""
         self.conn.execute("BEGIN IMMEDIATE")
+        before = self.conn.total_changes
         try:
             yield self.conn
+            if self.conn.total_changes != before:
+                self.conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('generation', '1') "
+                    "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+                )
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+
+    def generation(self) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+        return int(row[0]) if row else 0
 
     # ------------------------------------------------------------------------- models
 
@@ -180,6 +191,9 @@ class IndexDB:
         return str(row[0]) if row else None
 
     def put_model(self, model: ModelRef, size: int | None = None, mtime_ns: int | None = None) -> None:
+        row = self.conn.execute("SELECT name, path, size, mtime_ns FROM models WHERE hash=?", (model.hash,)).fetchone()
+        if row is not None and tuple(row) == (model.name, model.path, size, mtime_ns):
+            return
         with self.transaction() as c:
             c.execute(
                 "INSERT INTO models (hash, name, path, size, mtime_ns) VALUES (?, ?, ?, ?, ?) "
@@ -277,6 +291,15 @@ class IndexDB:
         }
 
     # ------------------------------------------------------------------------- vectors
+
+    def files_with_vectors(self, model_hash: str) -> list[FileRow]:
+        """The files that have a vector of the model, in the order `vectors` gives their rows."""
+        rows = self.conn.execute(
+            "SELECT f.path, f.size, f.mtime_ns, f.sha256 FROM files f JOIN vectors v ON v.sha256 = f.sha256 "
+            "WHERE v.model_hash = ? ORDER BY f.path",
+            (model_hash,),
+        )
+        return [FileRow(*r) for r in rows]
 
     def vectors(
         self,

@@ -19,7 +19,9 @@ from typing import Protocol
 import numpy as np
 
 from vlmcli.errors import EXIT_USAGE, VlmError
-from vlmcli.index.db import IndexDB, ModelRef, Vectors
+from vlmcli.index import ann
+from vlmcli.index.ann import IvfIndex
+from vlmcli.index.db import FileRow, IndexDB, ModelRef, Vectors
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".avif"})
 DEFAULT_CAPTION_WEIGHT = 0.1
@@ -171,9 +173,25 @@ class Searcher:
     """Search one index with one model. The rows are read once and kept until the file changes
     (SQLite's data_version), so a long-lived page answers from memory."""
 
-    def __init__(self, db: IndexDB, encoder: QueryEncoder, caption_weight: float = DEFAULT_CAPTION_WEIGHT):
+    def __init__(
+        self,
+        db: IndexDB,
+        encoder: QueryEncoder,
+        caption_weight: float = DEFAULT_CAPTION_WEIGHT,
+        approximate: bool = True,
+    ):
         self.db, self.encoder, self.caption_weight = db, encoder, caption_weight
+        self.approximate = approximate  # use the saved approximate index where it is fresh (see ann.py)
         self._cache: tuple[tuple[object, ...], Vectors] | None = None
+        self._ann: tuple[int, tuple[IvfIndex, list[FileRow]] | None] | None = None
+
+    def _fresh_ann(self) -> tuple[IvfIndex, list[FileRow]] | None:
+        if not self.approximate:
+            return None
+        generation = self.db.generation()
+        if self._ann is None or self._ann[0] != generation:
+            self._ann = (generation, ann.load_fresh(self.db, self.model.hash))
+        return self._ann[1]
 
     @property
     def model(self) -> ModelRef:
@@ -189,14 +207,20 @@ class Searcher:
 
     def search(self, terms: Sequence[Term], n: int | None = 20, filters: Filters | None = None) -> list[Hit]:
         filters = filters or Filters()
+        text = " ".join(str(t.text) for t in terms if t.text is not None and t.weight > 0)
+        matches = self.db.caption_matches(text) if text and self.caption_weight else {}
+        fresh = self._fresh_ann() if n is not None and not matches and filters.key() == Filters().key() else None
+        if fresh is not None and n is not None:
+            index, files = fresh
+            q = query_vector(terms, self.encoder)
+            ids, scores = index.search(q, n)
+            return [self._hit_of(files[int(i)], float(s), float(s), None) for i, s in zip(ids, scores)]
         vectors = self.rows(filters)
         if len(vectors) == 0:
             return []
         q = query_vector(terms, self.encoder)
         if vectors.matrix.shape[1] != q.shape[0]:
             raise VlmError(f"the index's vectors have {vectors.matrix.shape[1]} dimensions, the query {q.shape[0]}")
-        text = " ".join(str(t.text) for t in terms if t.text is not None and t.weight > 0)
-        matches = self.db.caption_matches(text) if text and self.caption_weight else {}
         if not matches:
             order, scores = rank(vectors.matrix, q, n)
             return [self._hit(vectors, int(i), float(s), float(s), None) for i, s in zip(order, scores)]
@@ -207,7 +231,9 @@ class Searcher:
         return [self._hit(vectors, int(i), float(s), float(clip[i]), float(bonus[i])) for i, s in zip(order, scores)]
 
     def _hit(self, vectors: Vectors, i: int, score: float, clip: float, text: float | None) -> Hit:
-        f = vectors.files[i]
+        return self._hit_of(vectors.files[i], score, clip, text)
+
+    def _hit_of(self, f: FileRow, score: float, clip: float, text: float | None) -> Hit:
         return Hit(f.path, score, self.model.name, f.size, f.mtime_ns, f.sha256, clip, text)
 
     def with_captions(self, hits: list[Hit]) -> list[Hit]:
