@@ -11,6 +11,7 @@ machine it moves less. Compare two source trees in one run with --against.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import resource
 import statistics
@@ -31,6 +32,12 @@ COMMANDS = {
     "vlm ask --help": ["ask", "--help"],
     "vlm rm (not installed)": ["rm", "no-such-model"],
     "vlm pull --from bad": ["pull", "smolvlm2-256m", "--from", "nowhere"],
+}
+# What Typer itself adds to the floor for any CLI: its rich help renderer (every --help) and, in releases
+# that coerce values through pydantic, that coercion (every command given a value that is not a flag).
+TYPER_PARTS = {
+    "typer's help renderer": "typer.rich_utils",
+    "typer's value coercion (pydantic)": "typer._adapters",
 }
 
 
@@ -53,6 +60,9 @@ def main() -> None:
     args = ap.parse_args()
     trees = {"this tree": ROOT} | ({"other": args.against.resolve()} if args.against else {})
     cases: list[tuple[str, list[str], Path]] = [(FLOOR, [sys.executable, "-c", "import typer, rich"], ROOT)]
+    for label, module in TYPER_PARTS.items():
+        if importlib.util.find_spec(module) is not None:
+            cases.append((f"{label}: +import {module}", [sys.executable, "-c", f"import typer, rich, {module}"], ROOT))
     for label, words in COMMANDS.items():
         cases += [(f"{label} [{name}]", [sys.executable, "-m", "vlmcli", *words], tree) for name, tree in trees.items()]
     walls: dict[str, list[float]] = {label: [] for label, _, _ in cases}
