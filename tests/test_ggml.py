@@ -283,3 +283,9 @@ def test_quantize_refuses_bad_input():
 def test_backend_refuses_unknown_device():
     with pytest.raises(VlmError, match="no ggml device"):
         Backend(device="NoSuchGPU0")
+
+
+def test_every_bound_function_is_declared():
+    # The class declarations are what mypy checks; _SIGNATURES is what gets bound. They must agree.
+    declared = {name for name in ggml._Lib.__annotations__ if name.startswith("ggml_")}
+    assert declared == set(ggml._SIGNATURES)

@@ -19,7 +19,7 @@ import ctypes
 import importlib.util
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,8 +258,102 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 }
 
 
+_CFunction = Callable[..., Any]  # a ctypes function; its argtypes and restype come from _SIGNATURES
+
+
 class _Lib:
-    """The ggml functions, with argtypes/restype set, as attributes: lib.ggml_init(...)."""
+    """The ggml functions, with argtypes/restype set, as attributes: lib.ggml_init(...).
+
+    Each is declared below so that mypy catches a misspelt name; tests/test_ggml.py checks the
+    declarations and _SIGNATURES name the same functions.
+    """
+
+    ggml_type_name: _CFunction
+    ggml_blck_size: _CFunction
+    ggml_type_size: _CFunction
+    ggml_row_size: _CFunction
+    ggml_quantize_chunk: _CFunction
+    ggml_quantize_requires_imatrix: _CFunction
+    ggml_get_type_traits: _CFunction
+    ggml_tensor_overhead: _CFunction
+    ggml_graph_overhead_custom: _CFunction
+    ggml_init: _CFunction
+    ggml_free: _CFunction
+    ggml_new_tensor_1d: _CFunction
+    ggml_new_tensor_2d: _CFunction
+    ggml_new_tensor_3d: _CFunction
+    ggml_new_tensor_4d: _CFunction
+    ggml_set_name: _CFunction
+    ggml_set_input: _CFunction
+    ggml_set_output: _CFunction
+    ggml_nbytes: _CFunction
+    ggml_nelements: _CFunction
+    ggml_nrows: _CFunction
+    ggml_is_contiguous: _CFunction
+    ggml_is_transposed: _CFunction
+    ggml_get_data: _CFunction
+    ggml_custom_4d: _CFunction
+    ggml_mul_mat: _CFunction
+    ggml_add: _CFunction
+    ggml_mul: _CFunction
+    ggml_norm: _CFunction
+    ggml_gelu: _CFunction
+    ggml_gelu_erf: _CFunction
+    ggml_gelu_quick: _CFunction
+    ggml_soft_max_ext: _CFunction
+    ggml_scale: _CFunction
+    ggml_reshape_2d: _CFunction
+    ggml_reshape_3d: _CFunction
+    ggml_reshape_4d: _CFunction
+    ggml_permute: _CFunction
+    ggml_transpose: _CFunction
+    ggml_cont: _CFunction
+    ggml_view_2d: _CFunction
+    ggml_view_3d: _CFunction
+    ggml_get_rows: _CFunction
+    ggml_concat: _CFunction
+    ggml_pad: _CFunction
+    ggml_repeat_4d: _CFunction
+    ggml_new_graph_custom: _CFunction
+    ggml_build_forward_expand: _CFunction
+    ggml_graph_n_nodes: _CFunction
+    ggml_graph_node: _CFunction
+    ggml_backend_load_all: _CFunction
+    ggml_backend_dev_count: _CFunction
+    ggml_backend_dev_get: _CFunction
+    ggml_backend_dev_by_name: _CFunction
+    ggml_backend_dev_by_type: _CFunction
+    ggml_backend_dev_name: _CFunction
+    ggml_backend_dev_description: _CFunction
+    ggml_backend_dev_type: _CFunction
+    ggml_backend_dev_init: _CFunction
+    ggml_backend_dev_memory: _CFunction
+    ggml_backend_dev_backend_reg: _CFunction
+    ggml_backend_reg_count: _CFunction
+    ggml_backend_reg_get: _CFunction
+    ggml_backend_reg_name: _CFunction
+    ggml_backend_reg_dev_count: _CFunction
+    ggml_version: _CFunction
+    ggml_commit: _CFunction
+    ggml_backend_cpu_init: _CFunction
+    ggml_backend_is_cpu: _CFunction
+    ggml_backend_cpu_set_n_threads: _CFunction
+    ggml_cpu_has_avx512: _CFunction
+    ggml_cpu_has_avx512_bf16: _CFunction
+    ggml_backend_name: _CFunction
+    ggml_backend_free: _CFunction
+    ggml_backend_supports_op: _CFunction
+    ggml_backend_get_default_buffer_type: _CFunction
+    ggml_backend_alloc_ctx_tensors: _CFunction
+    ggml_backend_buffer_free: _CFunction
+    ggml_backend_buffer_get_size: _CFunction
+    ggml_backend_tensor_set: _CFunction
+    ggml_backend_tensor_get: _CFunction
+    ggml_backend_graph_compute: _CFunction
+    ggml_gallocr_new: _CFunction
+    ggml_gallocr_free: _CFunction
+    ggml_gallocr_alloc_graph: _CFunction
+    ggml_gallocr_get_buffer_size: _CFunction
 
     def __init__(self, path: Path):
         self.path = path
