@@ -59,6 +59,9 @@ def serve(
         None, "--api-key", envvar="VLM_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/ (also VLM_API_KEY)."
     ),
     offline: bool = typer.Option(False, "--offline", help="Use only models already in the store."),
+    index: Path | None = typer.Option(
+        None, "--index", help="A photo index (`vlm index --db FILE`) for POST /v1/search, with a CLIP --model."
+    ),
 ) -> None:
     """Serve the OpenAI API (chat completions with images, embeddings) from worker processes that survive crashes."""
     try:
@@ -117,6 +120,7 @@ def serve(
             allow_files=allow_files,
             allow_remote_images=allow_remote_images,
             api_key=api_key,
+            index=index,
         )
         info(f"vlm: serving {', '.join(pools)} on http://{host}:{port}")
         uvicorn.run(create_app(config), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from vlmcli.serve import chat, embeddings, status
+from vlmcli.serve import chat, embeddings, search, status
 from vlmcli.serve.errors import install_error_handlers
 from vlmcli.serve.metrics import ServerMetrics
 from vlmcli.serve.middleware import LimitBody, ObserveRequests, RequireApiKey
@@ -23,7 +23,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     app = FastAPI(title="vlm serve", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ServerMetrics(config.pools)
     app.state.server = ServerState(config, metrics)
-    routers = (status.router, chat.router, embeddings.router)
+    routers = (status.router, chat.router, embeddings.router, search.router)
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)

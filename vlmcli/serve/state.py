@@ -22,6 +22,7 @@ class ServeConfig:
     allow_files: Path | None = None
     allow_remote_images: bool = False
     api_key: str | None = None
+    index: Path | None = None  # `--index`: the photo index POST /v1/search ranks (vlmcli/index)
 
 
 @dataclass

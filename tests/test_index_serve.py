@@ -1,0 +1,122 @@
+"""POST /v1/search on a real `vlm serve --index` (a subprocess with its CLIP worker): the same ranking
+as `vlm search` on the same index."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from photo_fixtures import write_photo
+
+pytest.importorskip("fastapi", reason="vlm serve needs the serve extra")
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLM_HOME": str(home)}
+    env.pop("VLM_DEBUG", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(clip_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    home = tmp_path_factory.mktemp("index-serve")
+    photos = home / "photos"
+    for i in range(6):
+        write_photo(photos / ("sub" if i % 2 else "") / f"s{i}.jpg", 700 + i, (56, 40))
+    db = home / "index.sqlite"
+    subprocess.run(
+        [sys.executable, "-m", "vlmcli", "index", str(photos), "--db", str(db), "-m", str(clip_gguf), "-q"],
+        env=_env(home),
+        check=True,
+        timeout=600,
+    )
+    port = _free_port()
+    log = open(home / "server.log", "w+")
+    cmd = ["serve", "--model", str(clip_gguf), "--port", str(port), "--workers", "1", "--index", str(db)]
+    process = subprocess.Popen([sys.executable, "-m", "vlmcli", *cmd], env=_env(home), stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5).read()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                log.seek(0)
+                pytest.fail(f"the server did not start:\n{log.read()}")
+            time.sleep(0.2)
+    try:
+        yield url, db, photos
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url + "/v1/search", json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _cli(db: Path, *args: str) -> list[dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "vlmcli", "search", *args, "--db", str(db), "--json", "-n", "50"],
+        env=_env(db.parent),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_search_as_json_ranks_as_the_cli_does(served) -> None:
+    url, db, photos = served
+    status, body = _post(url, {"query": "dog + beach - night", "n": 50})
+    assert status == 200, body
+    cli = _cli(db, "dog + beach - night")
+    assert [r["path"] for r in body["data"]] == [r["path"] for r in cli]
+    for a, b in zip(body["data"], cli):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+    image = photos / "s0.jpg"
+    data_url = "data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()
+    status, body = _post(url, {"images": [data_url], "n": 3, "in": [str(photos)]})
+    assert status == 200 and body["data"][0]["path"] == str(image)
+    assert body["data"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+    status, body = _post(url, {"query": "x", "in": [str(photos / "sub")], "n": 50})
+    assert status == 200 and {Path(r["path"]).parent.name for r in body["data"]} == {"sub"}
+
+
+def test_search_errors_in_the_openai_shape(served) -> None:
+    url, _, _ = served
+    status, body = _post(url, {"query": "  "})
+    assert status == 400 and body["error"]["param"] == "query"
+    status, body = _post(url, {"query": "x", "since": "yesterday"})
+    assert status == 400 and body["error"]["param"] == "since"
+    status, body = _post(url, {"query": "x", "n": 0})
+    assert status == 400
