@@ -188,24 +188,65 @@ class ChatPrompt:
 # ---- conversations ---------------------------------------------------------------------------
 
 IMAGE_TOKEN = "<image>"  # what SmolVLM2's template writes for an image part
+VIDEO_TOKEN = "<video>"  # ... and for a video part
+MEDIA_TOKENS = {"image": IMAGE_TOKEN, "video": VIDEO_TOKEN}
+_MEDIA_SPLIT = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
 
 
 @dataclass(frozen=True)
 class Turn:
-    """One message of a conversation: its role, its texts in order, and where the image goes in them
-    (`image_at` = the index among `parts` it comes before; None = no image in this turn)."""
+    """One message of a conversation: its role, its texts in order, and where its images and videos go
+    among them. `media` holds (index among `parts` the item comes before, "image" | "video") in order;
+    `image_at` is the older one-image form (an image before parts[image_at]), used when `media` is empty."""
 
     role: str  # system | user | assistant (the template capitalizes it: "User:")
     parts: tuple[str, ...] = ()
     image_at: int | None = None
+    media: tuple[tuple[int, str], ...] = ()
+
+    def slots(self) -> tuple[tuple[int, str], ...]:
+        """This turn's media, in order: (the index among parts it comes before, its kind)."""
+        if self.media:
+            return self.media
+        return ((self.image_at, "image"),) if self.image_at is not None else ()
 
     def content(self) -> list[dict[str, str]]:
         """The message content as transformers' chat templates read it."""
-        items: list[dict[str, str]] = [{"type": "text", "text": t} for t in self.parts]
-        if self.image_at is not None:
-            items.insert(self.image_at, {"type": "image"})
+        items: list[dict[str, str]] = []
+        slots = list(self.slots())
+        for i, text in enumerate(self.parts):
+            while slots and slots[0][0] <= i:
+                items.append({"type": slots.pop(0)[1]})
+            items.append({"type": "text", "text": text})
+        items += [{"type": kind} for _, kind in slots]
         # SmolVLM2's template reads content[0]: an empty message (an assistant turn with no text) is one empty text.
         return items or [{"type": "text", "text": ""}]
+
+
+def render_turns(template: str | None, turns: list[Turn]) -> str:
+    """The whole prompt for the next assistant turn, each image and video written as the template writes
+    it (<image>, <video>). Raises TemplateProblem for a template fault."""
+    messages = [{"role": t.role, "content": t.content()} for t in turns]
+    return _render_bounded(
+        template or DEFAULT_TEMPLATE, messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
+    )
+
+
+def split_media(template: str | None, turns: list[Turn]) -> tuple[list[str], list[str]]:
+    """The rendered prompt cut at its media: (texts, kinds), len(texts) == len(kinds) + 1, the prompt being
+    texts[0] + <kinds[0]> + texts[1] + ... Raises ValueError for texts holding a media token (the cut finds
+    media by them), TemplateProblem when the template does not write each item once, in order."""
+    for t in turns:
+        for p in t.parts:
+            for token in MEDIA_TOKENS.values():
+                if token in p:
+                    raise ValueError(f"message texts may not contain the {token.strip('<>')} token {token}")
+    kinds = [kind for t in turns for _, kind in t.slots()]
+    pieces = _MEDIA_SPLIT.split(render_turns(template, turns))
+    texts, written = pieces[0::2], [p.strip("<>") for p in pieces[1::2]]
+    if written != kinds:
+        raise TemplateProblem(f"it writes the media as {written}, not as the messages give them ({kinds})")
+    return texts, kinds
 
 
 def render_conversation(template: str | None, turns: list[Turn]) -> tuple[str, str]:
@@ -214,17 +255,54 @@ def render_conversation(template: str | None, turns: list[Turn]) -> tuple[str, s
     `before + "<image>" + after` is exactly what the template renders for these messages with the
     generation cue. Raises TemplateProblem for a template fault, ValueError for a conversation that
     is not one image plus texts the split can trust."""
-    with_image = [t for t in turns if t.image_at is not None]
-    if len(with_image) != 1:
-        raise ValueError(f"a conversation needs exactly one image (it has {len(with_image)})")
+    kinds = [kind for t in turns for _, kind in t.slots()]
+    if kinds.count("image") != 1 or len(kinds) != 1:
+        raise ValueError(f"a conversation needs exactly one image (it has {len(kinds)})")
     if any(IMAGE_TOKEN in p for t in turns for p in t.parts):
-        # The split below finds the image by the token the template writes for it.
         raise ValueError(f"message texts may not contain the image token {IMAGE_TOKEN}")
-    messages = [{"role": t.role, "content": t.content()} for t in turns]
-    text = _render_bounded(
-        template or DEFAULT_TEMPLATE, messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
+    texts, _ = split_media(template, turns)
+    return texts[0], texts[1]
+
+
+# ---- video -----------------------------------------------------------------------------------
+# The text transformers' SmolVLM processor writes around a video's frames (processing_smolvlm.py,
+# video_processing_smolvlm.py): an intro with the frame count in words and the duration as H:MM:SS,
+# "\nFrame from MM:SS:" before each frame (an unsplit image), and a blank line after the last.
+
+MEDIA_OUTRO = "\n\n"
+
+
+def video_intro(n_frames: int, duration_s: float) -> str:
+    d = int(duration_s)
+    return (
+        f"You are provided the following series of {number_words(n_frames)} frames from a "
+        f"{d // 3600}:{d // 60 % 60:02d}:{d % 60:02d} [H:MM:SS] video.\n"
     )
-    if text.count(IMAGE_TOKEN) != 1:
-        raise TemplateProblem(f"it writes the image {text.count(IMAGE_TOKEN)} times, not once")
-    before, after = text.split(IMAGE_TOKEN)
-    return before, after
+
+
+def frame_label(seconds: float) -> str:
+    return f"\nFrame from {int(seconds // 60):02d}:{int(seconds % 60):02d}:"
+
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+_ONES += "seventeen eighteen nineteen"
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety"
+
+
+def number_words(n: int) -> str:
+    """A count in English words as num2words writes it ("sixty-four", "one hundred and five")."""
+    ones, tens = _ONES.split(), _TENS.split()
+    if n < 0:
+        return "minus " + number_words(-n)
+    if n < 20:
+        return ones[n]
+    if n < 100:
+        return tens[n // 10] + ("-" + ones[n % 10] if n % 10 else "")
+    if n < 1000:
+        rest = n % 100
+        return ones[n // 100] + " hundred" + (" and " + number_words(rest) if rest else "")
+    rest = n % 1000
+    head = number_words(n // 1000) + " thousand"
+    if not rest:
+        return head
+    return head + (" and " if rest < 100 else ", ") + number_words(rest)
