@@ -1,0 +1,180 @@
+"""Sampling under a grammar, finished inside the token budget.
+
+llama.cpp's grammar sampler masks the tokens a grammar does not allow next. Alone it cannot keep
+an answer complete: a model (a random-weight one above all) can stay inside a JSON string until
+--max-tokens cuts it, and a cut answer does not parse. So each sequence also follows its bytes
+with gbnf.Recognizer and keeps this invariant: the shortest completion of what it has written
+fits in the tokens it has left. A sampled token that would break it is not taken; the sequence
+writes that completion instead (each of its tokens checked against llama.cpp's grammar first) and
+ends with stop reason "closed". Completions are written with the vocabulary's longest pieces.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+
+import numpy as np
+
+from vlmcli.engines.gbnf import Grammar, GrammarError, Recognizer, State
+from vlmcli.engines.json_schema import Constraint
+from vlmcli.engines.llama_native import llama
+from vlmcli.errors import InvalidOption
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama.llama_token_data)
+
+
+class Pieces:
+    """The vocabulary's pieces as bytes, for writing a completion with as few tokens as it takes."""
+
+    def __init__(self, n_vocab: int, piece: Callable[[int], bytes], usable: Callable[[int], bool]):
+        self.by_bytes: dict[bytes, int] = {}
+        for tok in range(n_vocab):
+            data = piece(tok)
+            if data and usable(tok) and data not in self.by_bytes:
+                self.by_bytes[data] = tok
+        self.longest = max((len(b) for b in self.by_bytes), default=1)
+
+    def tokens(self, data: bytes) -> list[int] | None:
+        """`data` as tokens, longest piece first; None when some byte has no piece."""
+        out, i = [], 0
+        while i < len(data):
+            for n in range(min(self.longest, len(data) - i), 0, -1):
+                tok = self.by_bytes.get(data[i : i + n])
+                if tok is not None:
+                    out.append(tok)
+                    i += n
+                    break
+            else:
+                return None
+        return out
+
+
+class ConstrainedSampler:
+    """One sequence's sampler: llama.cpp's grammar sampler before the sampling chain, and the closing
+    described above (when the grammar is one gbnf.py can follow)."""
+
+    def __init__(
+        self,
+        vocab: object,
+        ctx: object,
+        n_vocab: int,
+        chain: object,
+        constraint: Constraint,
+        grammar: Grammar | None,
+        pieces: Pieces | None,
+        piece: Callable[[int], bytes],
+        budget: int,
+    ):
+        self.ctx, self.n_vocab, self.chain, self.piece, self._vocab = ctx, n_vocab, chain, piece, vocab
+        self.grammar = llama.llama_sampler_init_grammar(vocab, constraint.gbnf.encode("utf-8"), b"root")
+        if not self.grammar:
+            llama.llama_sampler_free(chain)
+            raise InvalidOption("grammar", "llama.cpp cannot parse this grammar")
+        self.recognizer = Recognizer(grammar) if grammar is not None and pieces is not None else None
+        self.pieces = pieces
+        self.state: State | None = self.recognizer.initial() if self.recognizer else None
+        self.left = budget  # tokens this sequence may still write
+        self.forced: list[int] | None = None  # closing: the completion's tokens still to write
+        self.closed = False  # the completion was written: the answer is complete
+        self._data = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._one = np.zeros(1, dtype=_TOKEN_DATA)
+        if self.state is not None:
+            need = self._need(self.state)
+            if need is None or need > budget:
+                self.free()
+                shortest = "" if need is None else f" (the shortest takes {need} tokens)"
+                raise InvalidOption(
+                    "max_tokens", f"{budget} tokens cannot hold a complete answer to this {constraint.kind}{shortest}"
+                )
+
+    def sample(self, row: int) -> int | None:
+        """The next token (accepted by the grammar), or None when the answer was closed."""
+        if self.forced is not None:
+            return self._next_forced()
+        tok = self._sample_free(row)
+        if llama.llama_vocab_is_eog(self._vocab, tok):
+            return tok  # the grammar allows an end only where the answer is complete
+        if self.state is not None and self.recognizer is not None:
+            after = self.recognizer.advance(self.state, self.piece(tok))
+            need = self._need(after) if after is not None else None
+            if need is None or need > self.left - 1:
+                # Taking it could leave the answer unfinished: write the shortest completion instead.
+                completion = self.recognizer.completion(self.state)
+                self.forced = self.pieces.tokens(completion) if completion is not None and self.pieces else None
+                if self.forced is not None:
+                    return self._next_forced()
+                self.state = None  # cannot close: sample on under the grammar alone
+            else:
+                self.state = after
+        self._accept(tok)
+        return tok
+
+    def _sample_free(self, row: int) -> int:
+        logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+        data = self._data
+        data["id"] = self._ids
+        data["logit"] = logits
+        data["p"] = 0.0
+        arr = llama.llama_token_data_array(
+            data.ctypes.data_as(ctypes.POINTER(llama.llama_token_data)), self.n_vocab, -1, False
+        )
+        llama.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        llama.llama_sampler_apply(self.chain, ctypes.byref(arr))
+        return int(arr.data[arr.selected].id)
+
+    def _allowed(self, tok: int) -> bool:
+        one = self._one
+        one["id"], one["logit"], one["p"] = tok, 0.0, 0.0
+        arr = llama.llama_token_data_array(one.ctypes.data_as(ctypes.POINTER(llama.llama_token_data)), 1, -1, False)
+        llama.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        return bool(np.isfinite(one["logit"][0]))
+
+    def _next_forced(self) -> int | None:
+        assert self.forced is not None
+        if not self.forced or not self._allowed(self.forced[0]):
+            # Done; or (never expected) llama.cpp's grammar disagrees: stop before it would throw.
+            self.closed = not self.forced
+            return None
+        tok = self.forced.pop(0)
+        self._accept(tok)
+        return tok
+
+    def _accept(self, tok: int) -> None:
+        llama.llama_sampler_accept(self.grammar, tok)
+        llama.llama_sampler_accept(self.chain, tok)
+        self.left -= 1
+
+    def _need(self, state: State) -> int | None:
+        """Tokens the shortest completion from `state` takes (None: it cannot be written)."""
+        assert self.recognizer is not None and self.pieces is not None
+        completion = self.recognizer.completion(state)
+        if completion is None:
+            return None
+        if len(completion) < self.left:  # a token is at least a byte: no need to count
+            return len(completion)
+        toks = self.pieces.tokens(completion)
+        return None if toks is None else len(toks)
+
+    def free(self) -> None:
+        """Both samplers (the chain is this object's from construction on)."""
+        if self.grammar:
+            llama.llama_sampler_free(self.grammar)
+            self.grammar = None
+        if self.chain:
+            llama.llama_sampler_free(self.chain)
+            self.chain = None
+
+
+def parse_for_closing(constraint: Constraint) -> Grammar | None:
+    """The grammar gbnf.py follows for closing, or None (a --grammar it cannot follow: no closing)."""
+    if not constraint.closable:
+        return None
+    try:
+        return Grammar.parse(constraint.gbnf)
+    except (GrammarError, RecursionError):
+        if constraint.kind != "grammar":
+            raise
+        return None
