@@ -71,8 +71,8 @@ class InvalidOption(VlmError):
 class ContextOverflow(VlmError):
     """The prompt, image tokens included, does not fit the context the model was opened with."""
 
-    def __init__(self, needed: int, available: int, image_tokens: int | None = None):
-        for_image = f" ({image_tokens} for the image)" if image_tokens else ""
+    def __init__(self, needed: int, available: int, image_tokens: int | None = None, media: str = "the image"):
+        for_image = f" ({image_tokens} for {media})" if image_tokens else ""
         super().__init__(f"the prompt needs {needed} tokens{for_image}, more than the context of {available}")
         self.needed = needed
         self.available = available

@@ -11,11 +11,10 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
-import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -25,6 +24,7 @@ from PIL import Image
 
 from vlmcli.defaults import DEFAULT_N_CTX
 from vlmcli.engines import detail as detail_policy
+from vlmcli.engines import media_plan
 from vlmcli.engines.cores import CoreShare
 from vlmcli.engines.encoding_cache import EncodingCache, image_digest
 from vlmcli.engines.llama_native import (
@@ -36,8 +36,17 @@ from vlmcli.engines.llama_native import (
     native_error,
     quiet_native_logs,
 )
+from vlmcli.engines.media import Media, VideoFrames, kind_of
 from vlmcli.engines.native import NativeResource
-from vlmcli.engines.prompt import IMAGE_TOKEN, MAX_OUTPUT_CHARS, ChatPrompt, TemplateProblem, Turn, render_conversation
+from vlmcli.engines.prompt import (
+    MAX_OUTPUT_CHARS,
+    MEDIA_TOKENS,
+    ChatPrompt,
+    TemplateProblem,
+    Turn,
+    question_layout,
+    split_media,
+)
 from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
 from vlmcli.gguf.reader import GgufInfo
 from vlmcli.gguf.validate import require_kind
@@ -70,6 +79,9 @@ class EngineOptions:
     native_logs: bool = False  # let llama.cpp print its own logs
     n_seq_max: int = 1  # sequences decoded together (best-of candidates share the prompt's KV cells)
     cache: EncodingCache | None = None  # image encodings on disk (encoding_cache.py); None: encode every time
+    # Keep the last prompt's KV cells for the next call's shared prefix (a conversation's history). Off: each
+    # call starts from an empty cache, as a batch of unrelated images wants; the questions of one call share anyway.
+    reuse_kv: bool = False
 
     def validate(self) -> None:
         """Ranges that need no model file (see VlmEngine for the context against the model's)."""
@@ -181,6 +193,7 @@ class Generation:
     image: ImageEncoding
     timings: Timings = field(default_factory=Timings)
     candidates: list[Candidate] = field(default_factory=list)  # options.n > 1: all of them (text = the first's)
+    media: list[ImageEncoding] = field(default_factory=list)  # each image and video of the prompt, in order
 
 
 @dataclass
@@ -191,6 +204,133 @@ class _Chunk:
     tokens: list[int]
     ptr: object = None  # the mtmd chunk, for images
     n_tokens: int = 0
+
+
+_TEXT, _IMAGE = 0, 1
+_KEEP_TOKENIZED = 8  # views whose mtmd chunks stay in memory between planning and evaluation (more: tokenized again)
+
+
+@dataclass
+class _PlannedView:
+    """One view of the prompt's media: its level, pixels, digest, the tokens of the text before it, and
+    (while kept) mtmd's chunks for it."""
+
+    view: media_plan.View
+    level: str
+    cap: int
+    rgb: np.ndarray
+    digest: str
+    before: list[int]
+    seq: list[_Chunk] | None = None
+    ptr: object = None  # mtmd's chunk list holding seq's image chunks
+    image_tokens: int = 0
+    tiles: int = 0
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            mtmd.mtmd_input_chunks_free(self.ptr)
+        self.ptr, self.seq = None, None
+
+
+@dataclass
+class _Plan:
+    """A prompt's media laid out: the views, the KV entries up to the last one (`entries`, each with
+    its action: (_TEXT,) or (_IMAGE, view, chunk in the view's sequence, image chunk ordinal)), and the
+    text left over for the suffix (a video's closing blank line)."""
+
+    media: list[Media]
+    carry: str
+    views: list[_PlannedView] = field(default_factory=list)
+    entries: list[media_plan.Entry] = field(default_factory=list)
+    actions: list[tuple[int, ...]] = field(default_factory=list)
+
+    def add_view(self, index: int) -> None:
+        pv = self.views[index]
+        seq = pv.seq
+        assert seq is not None, "a view is tokenized before it is added"
+        for t in pv.before:
+            self._text(t)
+        ordinal = 0
+        for c, chunk in enumerate(seq):
+            if chunk.kind == "text":
+                for t in chunk.tokens:
+                    self._text(t)
+            else:
+                self.entries.append(media_plan.Entry((pv.digest, pv.level, pv.cap, ordinal), chunk.n_tokens))
+                self.actions.append((_IMAGE, index, c, ordinal))
+                ordinal += 1
+        pv.image_tokens = sum(c.n_tokens for c in seq if c.kind == "image")
+        pv.tiles = 0 if pv.level == "low" else ordinal - 1
+
+    def _text(self, token: int) -> None:
+        self.entries.append(media_plan.Entry(token))
+        self.actions.append((_TEXT,))
+
+    @property
+    def prefix_end(self) -> int:
+        """Entries up to and including the last image chunk."""
+        return max((i + 1 for i, a in enumerate(self.actions) if a[0] == _IMAGE), default=0)
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(pv.image_tokens for pv in self.views)
+
+    def what(self) -> str:
+        """The media, as an error message names them."""
+        return _count_media([kind_of(m) for m in self.media]) if len(self.media) > 1 or self.carry else "the image"
+
+    def encodings(self, passes: list[int], evaluated: list[int], restored: bool) -> list[ImageEncoding]:
+        out = []
+        for i, item in enumerate(self.media):
+            views = [pv for pv in self.views if pv.view.item == i]
+            chunks = sum(1 for a in self.actions if a[0] == _IMAGE and self.views[a[1]].view.item == i)
+            if evaluated[i] == 0:
+                cached: str | None = "kv"  # kept in the KV cache, or its cells restored from the encoding cache
+            else:
+                cached = "embd" if passes[i] < evaluated[i] or evaluated[i] < chunks else None
+            if isinstance(item, VideoFrames):
+                w, h, level, tiles = item.width, item.height, "video", 0
+            else:
+                w, h, level, tiles = item.width, item.height, views[0].level, views[0].tiles
+            out.append(ImageEncoding(w, h, level, tiles, sum(pv.image_tokens for pv in views), passes[i], cached))
+        return out
+
+    def free(self) -> None:
+        for pv in self.views:
+            pv.free()
+
+
+def _media_list(image: Media | Sequence[Media] | None) -> list[Media]:
+    if image is None:
+        return []
+    if isinstance(image, (list, tuple)):
+        return list(image)
+    return [cast("Media", image)]
+
+
+def _count_media(kinds: list[str]) -> str:
+    """ "2 images and 1 video", "no image"."""
+    parts = [f"{kinds.count(k)} {k}{'s' if kinds.count(k) != 1 else ''}" for k in ("image", "video") if k in kinds]
+    return " and ".join(parts) or "no image"
+
+
+def _summary(encodings: list[ImageEncoding]) -> ImageEncoding:
+    """One ImageEncoding for a prompt's media (records of one image keep its own)."""
+    if len(encodings) == 1:
+        return encodings[0]
+    if not encodings:
+        return ImageEncoding(0, 0, "none", 0, 0, 0)
+    levels = {e.detail for e in encodings}
+    caches = {e.cached for e in encodings}
+    return ImageEncoding(
+        width=encodings[0].width,
+        height=encodings[0].height,
+        detail=levels.pop() if len(levels) == 1 else "mixed",
+        tiles=sum(e.tiles for e in encodings),
+        image_tokens=sum(e.image_tokens for e in encodings),
+        encoder_passes=sum(e.encoder_passes for e in encodings),
+        cached=caches.pop() if len(caches) == 1 else "embd",
+    )
 
 
 class VlmEngine(NativeResource):
@@ -219,6 +359,7 @@ class VlmEngine(NativeResource):
         # (image_max_tokens (-1 = model default), threads) -> mtmd context: both are fixed per context in mtmd
         self._mtmd: dict[tuple[int, int], object] = {}
         self._batch: llama.llama_batch | None = None
+        self._kv: list[media_plan.Entry] = []  # what sequence 0 of the KV cache holds (reused by the next prompt)
         t0 = time.perf_counter()
         if not self.options.native_logs:
             quiet_native_logs()
@@ -472,76 +613,190 @@ class VlmEngine(NativeResource):
                 raise VlmError("unexpected non-image media chunk")
         return chunks_ptr, chunks
 
-    def _eval_image_prefix(
-        self, image: Image.Image, prefix_text: str, timings: Timings, on_progress: EncodeProgress | None = None
-    ) -> tuple[int, ImageEncoding]:
-        """Evaluate the prompt up to (and including) the image; returns n_past and how the image went in."""
-        level, max_tiles = detail_policy.choose(
-            image.width, image.height, self.vision, self.options.detail, self.options.max_tiles, self.uses_gpu
-        )
+    # -- the prompt's media ----------------------------------------------------------------------
+
+    def _plan(self, media: Sequence[Media], texts: Sequence[str]) -> _Plan:
+        """Every view of the media tokenized (the image chunks of few views kept for evaluation), with
+        the entries the prompt up to its last view puts in the KV cache."""
+        views, carry = media_plan.views(media, texts)
+        keep = len(views) <= _KEEP_TOKENIZED
+        plan = _Plan(media=list(media), carry=carry)
+        try:
+            for v in views:
+                plan.views.append(self._plan_view(v))
+                plan.add_view(len(plan.views) - 1)
+                if not keep:
+                    plan.views[-1].free()
+        except BaseException:
+            plan.free()
+            raise
+        return plan
+
+    def _plan_view(self, view: media_plan.View) -> _PlannedView:
+        image = view.image
+        if view.frame is not None:
+            level, max_tiles = "low", 1  # frames go in unsplit, as transformers' video processor sends them
+        else:
+            level, max_tiles = detail_policy.choose(
+                image.width, image.height, self.vision, self.options.detail, self.options.max_tiles, self.uses_gpu
+            )
         cap = self._token_cap(max_tiles)
         if level == "low" and cap not in {c for c, _ in self._mtmd}:
             # Only the overview is used, and every context makes the same one: reuse an open context's cap.
             cap = next(iter(self._mtmd))[0]
         rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-        keys = self._cache_keys(rgb, level, cap, prefix_text)
-        restored = self._restore_prefix(keys["kv"]) if keys else None
-        if restored is not None:
-            return restored
+        h, w = rgb.shape[:2]
+        # rgb.data: hashed in place (tobytes() would copy 36 MB for a 12 MP photo on every question)
+        pv = _PlannedView(view, level, cap, rgb, image_digest(rgb.data, w, h), self.tokenize(view.before))
+        self._tokenize_view(pv)
+        return pv
+
+    def _tokenize_view(self, pv: _PlannedView) -> list[_Chunk]:
+        """The view's chunks as the model reads them at its level (mtmd's, or the overview alone)."""
+        if pv.seq is not None:
+            return pv.seq
         marker = mtmd.mtmd_default_marker().decode()
-        chunks_ptr, chunks = self._tokenize_with_image(rgb, prefix_text + marker, cap)
-        try:
-            images = [c for c in chunks if c.kind == "image"]
-            if level == "low":
-                # The overview only, laid out as the model's unsplit image (as transformers writes
-                # an image that is not split): <fake><global-img> 64 x <image> <fake>.
-                overview = images[-1]
-                before = prefix_text
-                seq: list[_Chunk] = [
-                    _Chunk("text", self.tokenize(before + "<fake_token_around_image><global-img>")),
-                    overview,
-                    _Chunk("text", self.tokenize("<fake_token_around_image>")),
-                ]
-                tiles = 0
+        pv.ptr, chunks = self._tokenize_with_image(pv.rgb, marker, pv.cap)
+        images = [c for c in chunks if c.kind == "image"]
+        if pv.level == "low":
+            # The overview only, laid out as the model's unsplit image (as transformers writes an image
+            # that is not split): <fake><global-img> 64 x <image> <fake>.
+            pv.seq = [
+                _Chunk("text", self.tokenize("<fake_token_around_image><global-img>")),
+                images[-1],
+                _Chunk("text", self.tokenize("<fake_token_around_image>")),
+            ]
+        else:
+            pv.seq = [c for c in chunks if c.kind == "image" or c.tokens]
+        return pv.seq
+
+    def _prefill(
+        self, plan: _Plan, suffix_text: str, timings: Timings, on_progress: EncodeProgress | None = None
+    ) -> tuple[int, list[ImageEncoding]]:
+        """Evaluate the plan's media and then `suffix_text` (with the logits of its last token). KV cells of
+        the longest prefix the cache already holds are kept; the media prefix may come whole from the
+        encoding cache. Returns n_past and how each media item went in."""
+        suffix = self.tokenize(plan.carry + suffix_text)
+        entries = plan.entries + [media_plan.Entry(t) for t in suffix]
+        total = sum(e.size for e in entries)
+        if total + 1 > self.n_ctx:
+            raise ContextOverflow(total, self.n_ctx, plan.image_tokens or None, plan.what())
+        memory = llama.llama_get_memory(self._ctx)
+        keep = media_plan.common_prefix(self._kv, entries)
+        restored_from_disk = False
+        kv_key = self._kv_key(plan) if plan.views else None
+        if kv_key is not None and keep < plan.prefix_end and self._restore_prefix(kv_key, plan):
+            keep, restored_from_disk = plan.prefix_end, True
+        n_past = sum(e.size for e in entries[:keep])
+        llama.llama_memory_seq_rm(memory, 0, n_past, -1)
+        self._kv = entries[:keep]
+        passes = [0] * len(plan.media)
+        evaluated = [0] * len(plan.media)
+        todo = sum(1 for e in entries[keep:] if not isinstance(e.what, int))
+        done = 0
+        if on_progress is not None and todo:
+            on_progress(0, todo)
+        i = keep
+        while i < len(entries):
+            action = plan.actions[i] if i < len(plan.actions) else None
+            if action is None or action[0] == _TEXT:
+                j = i
+                while j < len(entries) and (j >= len(plan.actions) or plan.actions[j][0] == _TEXT):
+                    j += 1
+                t0 = time.perf_counter()
+                tokens = [cast(int, e.what) for e in entries[i:j]]
+                n_past = self._decode_tokens(tokens, n_past, logits_last=j == len(entries))
+                timings.prefill_ms += (time.perf_counter() - t0) * 1000
+                timings.prefill_tokens += j - i
             else:
-                seq = chunks
-                tiles = len(images) - 1
-            used = [c for c in seq if c.kind == "image"]
-            n_image_tokens = sum(c.n_tokens for c in used)
-            n_total = sum(len(c.tokens) if c.kind == "text" else c.n_tokens for c in seq)
-            if n_total + 8 > self.n_ctx:
-                raise ContextOverflow(n_total, self.n_ctx, n_image_tokens)
-            n_past = 0
-            done = passes = 0
-            if on_progress is not None:
-                on_progress(0, len(used))
-            for c in seq:
-                if c.kind == "text":
-                    t0 = time.perf_counter()
-                    n_past = self._decode_tokens(c.tokens, n_past, logits_last=False)
-                    timings.prefill_ms += (time.perf_counter() - t0) * 1000
-                    timings.prefill_tokens += len(c.tokens)
-                else:
-                    key = {**keys["embd"], "chunk": done} if keys else None
-                    n_past, encoded = self._eval_image_chunk(c, n_past, timings, cap, key)
-                    passes += encoded
-                    done += 1
-                    if on_progress is not None:
-                        on_progress(done, len(used))
-            enc = ImageEncoding(
-                width=image.width,
-                height=image.height,
-                detail=level,
-                tiles=tiles,
-                image_tokens=n_image_tokens,
-                encoder_passes=passes,
-                cached="embd" if passes < len(used) else None,
-            )
-            if keys:
-                self._save_prefix(keys["kv"], n_past, enc)
-            return n_past, enc
-        finally:
-            mtmd.mtmd_input_chunks_free(chunks_ptr)
+                _, v, c, ordinal = action
+                pv = plan.views[v]
+                chunk = self._tokenize_view(pv)[c]
+                embd = self._embd_key(pv)
+                key = {**embd, "chunk": ordinal} if embd is not None else None
+                n_past, encoded = self._eval_image_chunk(chunk, n_past, timings, pv.cap, key)
+                item = pv.view.item
+                passes[item] += encoded
+                evaluated[item] += 1
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, todo)
+                j = i + 1
+            self._kv = entries[:j]
+            if kv_key is not None and j == plan.prefix_end and not restored_from_disk and any(passes):
+                self._save_prefix(kv_key, n_past, plan)
+            i = j
+        return n_past, plan.encodings(passes, evaluated, restored_from_disk)
+
+    # -- the encoding cache ----------------------------------------------------------------------
+
+    def _embd_key(self, pv: _PlannedView) -> dict[str, Any] | None:
+        """A view's encoder output in the cache (its chunk's index added per chunk); None without a cache."""
+        if self.options.cache is None:
+            return None
+        try:
+            mmproj = self.options.cache.file_sha256(self.mmproj_path)
+        except OSError:
+            return None
+        level = pv.level
+        return {
+            "v": 1,
+            "kind": "embd",
+            "image": pv.digest,
+            "mmproj": mmproj,
+            "level": level,
+            "cap": 0 if level == "low" else pv.cap,
+        }
+
+    def _kv_key(self, plan: _Plan) -> dict[str, Any] | None:
+        """The KV cells of the prompt up to its last view in the cache: every view and the texts between."""
+        cache = self.options.cache
+        if cache is None:
+            return None
+        try:
+            views = [{"image": pv.digest, "level": pv.level, "cap": pv.cap} for pv in plan.views]
+            return {
+                "v": 2,
+                "kind": "kv",
+                "mmproj": cache.file_sha256(self.mmproj_path),
+                "model": cache.file_sha256(self.model_path),
+                "views": views,
+                "texts": [pv.view.before for pv in plan.views],
+                "llama_cpp": _LLAMA_CPP_VERSION,
+                "gpu": self.uses_gpu,
+            }
+        except OSError:
+            return None
+
+    def _restore_prefix(self, key: dict[str, Any], plan: _Plan) -> bool:
+        """The prompt's media prefix from the cache into sequence 0 (then it is not evaluated)."""
+        assert self.options.cache is not None
+        hit = self.options.cache.get(key)
+        if hit is None:
+            return False
+        try:
+            n_past = int(hit.meta["n_past"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        if n_past != sum(e.size for e in plan.entries[: plan.prefix_end]) or not 0 < n_past < self.n_ctx:
+            return False
+        memory = llama.llama_get_memory(self._ctx)
+        llama.llama_memory_seq_rm(memory, 0, -1, -1)
+        self._kv = []
+        buf = (ctypes.c_uint8 * len(hit.payload)).from_buffer_copy(hit.payload)
+        if llama.llama_state_seq_set_data(self._ctx, buf, len(hit.payload), 0) != len(hit.payload):
+            # llama.cpp refused it (another layout): start clean and evaluate the prefix
+            llama.llama_memory_clear(memory, True)
+            return False
+        return True
+
+    def _save_prefix(self, key: dict[str, Any], n_past: int, plan: _Plan) -> None:
+        assert self.options.cache is not None
+        size = llama.llama_state_seq_get_size(self._ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data(self._ctx, buf, size, 0)
+        if written:
+            self.options.cache.put(key, {"n_past": n_past}, bytes(buf)[:written])
 
     def _eval_image_chunk(
         self, chunk: _Chunk, n_past: int, timings: Timings, cap: int, key: dict[str, Any] | None
@@ -587,95 +842,44 @@ class VlmEngine(NativeResource):
         timings.prefill_tokens += chunk.n_tokens
         return int(new_n_past.value), passes
 
-    # -- the encoding cache ----------------------------------------------------------------------
-
-    def _cache_keys(self, rgb: np.ndarray, level: str, cap: int, prefix_text: str) -> dict[str, dict[str, Any]] | None:
-        """The cache keys of this image's prefix: "embd" (a chunk's key without its index) and "kv"."""
-        cache = self.options.cache
-        if cache is None:
-            return None
-        try:
-            mmproj = cache.file_sha256(self.mmproj_path)
-            model = cache.file_sha256(self.model_path)
-        except OSError:
-            return None
-        h, w = rgb.shape[:2]
-        # rgb.data: hashed in place (tobytes() would copy 36 MB for a 12 MP photo on every question)
-        embd = {
-            "v": 1,
-            "kind": "embd",
-            "image": image_digest(rgb.data, w, h),
-            "mmproj": mmproj,
-            "level": level,
-            "cap": 0 if level == "low" else cap,
-        }
-        kv = {
-            **embd,
-            "kind": "kv",
-            "model": model,
-            "prefix": prefix_text,
-            "llama_cpp": _LLAMA_CPP_VERSION,
-            "gpu": self.uses_gpu,
-        }
-        return {"embd": embd, "kv": kv}
-
-    def _restore_prefix(self, key: dict[str, Any]) -> tuple[int, ImageEncoding] | None:
-        """The prompt prefix's KV cells from the cache into sequence 0, or None (then it is evaluated)."""
-        assert self.options.cache is not None
-        hit = self.options.cache.get(key)
-        if hit is None:
-            return None
-        try:
-            enc = ImageEncoding(**{**hit.meta["image"], "encoder_passes": 0, "cached": "kv"})
-            n_past = int(hit.meta["n_past"])
-        except (KeyError, TypeError, ValueError):
-            return None
-        if not 0 < n_past < self.n_ctx:
-            return None
-        buf = (ctypes.c_uint8 * len(hit.payload)).from_buffer_copy(hit.payload)
-        if llama.llama_state_seq_set_data(self._ctx, buf, len(hit.payload), 0) != len(hit.payload):
-            # llama.cpp refused it (another layout): start clean and evaluate the prefix
-            llama.llama_memory_clear(llama.llama_get_memory(self._ctx), True)
-            return None
-        return n_past, enc
-
-    def _save_prefix(self, key: dict[str, Any], n_past: int, enc: ImageEncoding) -> None:
-        assert self.options.cache is not None
-        size = llama.llama_state_seq_get_size(self._ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        written = llama.llama_state_seq_get_data(self._ctx, buf, size, 0)
-        if written:
-            image = {k: v for k, v in dataclasses.asdict(enc).items() if k not in ("encoder_passes", "cached")}
-            self.options.cache.put(key, {"n_past": n_past, "image": image}, bytes(buf)[:written])
-
     # -- generation ----------------------------------------------------------------------------
 
     def ask(
         self,
-        image: Image.Image,
+        image: Media | Sequence[Media] | None,
         prompts: list[str],
         options: GenerationOptions | None = None,
         on_token: TokenCallback | None = None,
         on_progress: EncodeProgress | None = None,
         on_candidate_token: CandidateCallback | None = None,
     ) -> Iterator[Generation]:
-        """Answer each prompt about one image. The image is encoded once; its KV cache is reused."""
-        chat = self.chat
-        suffixes = [(chat.after_image(p), chat.full(p)) for p in prompts]
-        return self._answers(image, chat.before_image, suffixes, options, on_token, on_progress, on_candidate_token)
+        """Answer each prompt about the media: one image, several images and videos in order (one user turn
+        of them, then the question), or none (a text-only prompt). Each image is encoded once; the KV cells
+        of the media are reused for every prompt."""
+        media = _media_list(image)
+        kinds = [kind_of(m) for m in media]
+        try:
+            texts, head, tail = question_layout(self.chat_template, kinds)
+        except TemplateProblem as e:
+            raise ModelError(f"tokenizer.chat_template cannot be used: {e}", self.model_path) from None
+        shown = "".join(t + MEDIA_TOKENS[k] for t, k in zip(texts, kinds))
+        suffixes = [(head + p + tail, shown + head + p + tail) for p in prompts]
+        return self._answers(media, texts, suffixes, options, on_token, on_progress, on_candidate_token)
 
     def chat_turns(
         self,
-        image: Image.Image,
+        image: Media | Sequence[Media] | None,
         turns: list[Turn],
         options: GenerationOptions | None = None,
         on_token: TokenCallback | None = None,
         on_progress: EncodeProgress | None = None,
         on_candidate_token: CandidateCallback | None = None,
     ) -> Iterator[Generation]:
-        """The next assistant turn of a conversation (system, user, assistant turns, one image
-        somewhere in them), rendered whole by the model's chat template. One user turn with the
-        image first is the same prompt, token for token, as `ask` with its text."""
+        """The next assistant turn of a conversation (system, user, assistant turns; images and videos
+        anywhere in them, `image` holding them in the order the turns place them), rendered whole by the
+        model's chat template. One user turn with the image first is the same prompt, token for token,
+        as `ask` with its text."""
+        media = _media_list(image)
         chars = sum(len(p) for t in turns for p in t.parts)
         pieces = len(turns) + sum(len(t.parts) for t in turns)
         if chars > MAX_OUTPUT_CHARS // 2 or pieces > self.n_ctx:
@@ -687,34 +891,39 @@ class VlmEngine(NativeResource):
                 f"far more than a context of {self.n_ctx} tokens holds",
             )
         try:
-            before, after = render_conversation(self.chat_template, list(turns))
+            texts, kinds = split_media(self.chat_template, list(turns))
         except ValueError as e:
             raise InvalidOption("messages", str(e)) from None
         except TemplateProblem as e:
             raise ModelError(f"tokenizer.chat_template cannot render this conversation: {e}", self.model_path) from None
+        given = [kind_of(m) for m in media]
+        if kinds != given:
+            raise InvalidOption(
+                "messages",
+                f"the messages place {_count_media(kinds)} but {_count_media(given)} came with them",
+            )
+        whole = "".join(t + MEDIA_TOKENS[k] for t, k in zip(texts, kinds)) + texts[-1]
         return self._answers(
-            image, before, [(after, before + IMAGE_TOKEN + after)], options, on_token, on_progress, on_candidate_token
+            media, texts[:-1], [(texts[-1], whole)], options, on_token, on_progress, on_candidate_token
         )
 
     def _answers(
         self,
-        image: Image.Image,
-        before_image: str,
-        suffixes: list[tuple[str, str]],  # (the text after the image, the whole prompt for the record)
+        media: list[Media],
+        texts: list[str],  # the text before each media item
+        suffixes: list[tuple[str, str]],  # (the text after the last item, the whole prompt for the record)
         options: GenerationOptions | None,
         on_token: TokenCallback | None,
         on_progress: EncodeProgress | None,
         on_candidate_token: CandidateCallback | None,
     ) -> Iterator[Generation]:
         with self._sharing_cores():
-            yield from self._answer_all(
-                image, before_image, suffixes, options, on_token, on_progress, on_candidate_token
-            )
+            yield from self._answer_all(media, texts, suffixes, options, on_token, on_progress, on_candidate_token)
 
     def _answer_all(
         self,
-        image: Image.Image,
-        before_image: str,
+        media: list[Media],
+        texts: list[str],
         suffixes: list[tuple[str, str]],
         options: GenerationOptions | None,
         on_token: TokenCallback | None,
@@ -724,29 +933,27 @@ class VlmEngine(NativeResource):
         options = options or GenerationOptions()
         options.validate()
         first = Timings(load_ms=self.load_ms)
-        memory = llama.llama_get_memory(self._ctx)
-        llama.llama_memory_clear(memory, True)
-        n_prefix, enc = self._eval_image_prefix(image, before_image, first, on_progress)
-        for i, (after_image, prompt) in enumerate(suffixes):
-            timings = first if i == 0 else Timings()
-            llama.llama_memory_seq_rm(memory, 0, n_prefix, -1)
-            suffix = self.tokenize(after_image)
-            if n_prefix + len(suffix) + 1 > self.n_ctx:
-                raise ContextOverflow(n_prefix + len(suffix), self.n_ctx)
-            t0 = time.perf_counter()
-            n_past = self._decode_tokens(suffix, n_prefix, logits_last=True)
-            timings.prefill_ms += (time.perf_counter() - t0) * 1000
-            timings.prefill_tokens += len(suffix)
-            if options.n == 1:
-                yield self._generate(prompt, n_past, enc, options, timings, on_token)
-            else:
-                stream = _CandidateStream(self, on_candidate_token) if on_candidate_token else None
-                gen = self._generate_candidates(
-                    prompt, n_past, enc, options, timings, stream.on_token if stream else None
-                )
-                if stream:
-                    stream.finish()
+        if not self.options.reuse_kv:
+            self._kv = []
+        plan = self._plan(media, texts)
+        try:
+            for i, (after_media, prompt) in enumerate(suffixes):
+                timings = first if i == 0 else Timings()
+                n_past, encodings = self._prefill(plan, after_media, timings, on_progress if i == 0 else None)
+                enc = _summary(encodings)
+                if options.n == 1:
+                    gen = self._generate(prompt, n_past, enc, options, timings, on_token)
+                else:
+                    stream = _CandidateStream(self, on_candidate_token) if on_candidate_token else None
+                    gen = self._generate_candidates(
+                        prompt, n_past, enc, options, timings, stream.on_token if stream else None
+                    )
+                    if stream:
+                        stream.finish()
+                gen.media = encodings
                 yield gen
+        finally:
+            plan.free()
 
     def _generate(
         self,
@@ -891,10 +1098,13 @@ class VlmEngine(NativeResource):
         """Teacher forcing: the model's log-probability of each of `tokens` as the answer to `prompt`
         about `image` (the prompt evaluated as `ask` does, the answer in one batch)."""
         chat = self.chat
-        memory = llama.llama_get_memory(self._ctx)
-        llama.llama_memory_clear(memory, True)
-        n_prefix, _ = self._eval_image_prefix(image, chat.before_image, Timings())
-        n_past = self._decode_tokens(self.tokenize(chat.after_image(prompt)), n_prefix, logits_last=True)
+        if not self.options.reuse_kv:
+            self._kv = []
+        plan = self._plan([image], [chat.before_image])
+        try:
+            n_past, _ = self._prefill(plan, chat.after_image(prompt), Timings())
+        finally:
+            plan.free()
         out = [self._logprob(-1, tokens[0])] if tokens else []
         b = self._token_batch()
         pos = _positions(b)

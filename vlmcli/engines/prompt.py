@@ -264,6 +264,17 @@ def render_conversation(template: str | None, turns: list[Turn]) -> tuple[str, s
     return texts[0], texts[1]
 
 
+def question_layout(template: str | None, kinds: list[str]) -> tuple[list[str], str, str]:
+    """One user turn of media (of these kinds, in order) and then a question: (the texts before each
+    item, the text between the last item and the question, the text after the question)."""
+    texts, _ = split_media(template, [Turn("user", (_QUESTION,), media=tuple((0, k) for k in kinds))])
+    last = texts[-1]
+    if last.count(_QUESTION) != 1 or any(_QUESTION in t for t in texts[:-1]):
+        raise TemplateProblem("it does not place the question once, after the images")
+    head, tail = last.split(_QUESTION)
+    return texts[:-1], head, tail
+
+
 # ---- video -----------------------------------------------------------------------------------
 # The text transformers' SmolVLM processor writes around a video's frames (processing_smolvlm.py,
 # video_processing_smolvlm.py): an intro with the frame count in words and the duration as H:MM:SS,
