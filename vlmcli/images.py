@@ -18,6 +18,12 @@ from vlmcli.image_magic import HEAD_BYTES, is_image_header
 # decode threads), so it is switched off once here.
 Image.MAX_IMAGE_PIXELS = None
 
+# Pillow keeps a pointer and an aligned allocation per row, so a 1-pixel-wide strip costs several times
+# its pixels (1 x 64,000,000: over 1.5 GB decoded as RGB), and every model shrinks it to a square or a
+# few tiles anyway. Sides differing more than this are refused before decoding; within it, rows stay
+# under sqrt(max_pixels x ratio) (2 million at the default cap), so decoding costs about its pixels.
+MAX_ASPECT_RATIO = 65536
+
 SUPPORTED_FORMATS = {
     "JPEG",
     "PNG",
@@ -73,11 +79,17 @@ def load_image(
                     "(raise it with --max-pixels)",
                     p,
                 )
+            if min(w, h) > 0 and max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+                raise ImageError(
+                    f"image is {w}x{h} pixels, a strip whose sides differ more than {MAX_ASPECT_RATIO:,}:1 "
+                    "(no model here can use it)",
+                    p,
+                )
             if draft and im.format == "JPEG":
                 im.draft("RGB", draft)
             im.seek(0)  # GIF / multi-page TIFF: the first frame
             im.load()
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # a copy otherwise, even with nothing to turn
             return to_rgb(im)
     except ImageError:
         raise

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlmcli.errors import ImageError, InvalidOption, ModelError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DETAIL_LEVELS = ("low", "high", "auto")
 AUTO_CPU_MAX_TILES = 4
@@ -91,6 +94,33 @@ def check_image_shape(width: int, height: int, geo: VisionGeometry, image_max_to
                 f"be resized to {tw}x{th} (its sides may differ at most {longest}:1, this one is {ratio:.0f}:1; "
                 "a capped or lower detail level can take it)"
             )
+
+
+def bounded_size(width: int, height: int, geo: VisionGeometry) -> tuple[int, int] | None:
+    """The size to scale an image to before mtmd sees it, or None to hand it over as it is.
+
+    mtmd never uses more than the preprocessor's longest edge (or one tile) of the longest side, but
+    under a token cap it works on the bitmap as given, at hundreds of bytes per pixel of the longest
+    side (a 1 x 262,144 strip: 100 MB, growing without bound). Beyond twice that edge the image is
+    scaled down to it, the aspect ratio kept (a side at least 1 px), so mtmd's own resize still has
+    the detail it would have had.
+    """
+    bound = 2 * max(geo.longest_edge, geo.tile_size)
+    longest = max(width, height)
+    if longest <= bound:
+        return None
+    return max(1, round(width * bound / longest)), max(1, round(height * bound / longest))
+
+
+def mtmd_input(image: Image.Image, geo: VisionGeometry, image_max_tokens: int) -> Image.Image:
+    """The image mtmd is given: checked at its own size (check_image_shape), then bounded (bounded_size)."""
+    from PIL.Image import Resampling
+
+    check_image_shape(image.width, image.height, geo, image_max_tokens)
+    size = bounded_size(image.width, image.height, geo)
+    if size is None:
+        return image
+    return image.resize(size, Resampling.BICUBIC, reducing_gap=3.0)
 
 
 def validate(detail: str, max_tiles: int | None) -> None:

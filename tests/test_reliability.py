@@ -1,0 +1,111 @@
+"""Reliability, second round (issue 36): what a fault campaign found, each through the real `vlm` CLI.
+
+Images of any shape in bounded memory and time; errors one line, naming the file; a NUL byte in a
+path list; a full disk. The server's supervisor is tested in tests/test_reliability_serve.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fuzzing as fz
+import pytest
+
+# Peak resident memory of the `vlm` child, read by a small parent of its own (RUSAGE_CHILDREN of this
+# test process would hold the peak of every child the test run has waited for).
+_MEASURE = (
+    "import resource, subprocess, sys\n"
+    "r = subprocess.run(sys.argv[1:])\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(r.returncode)\n"
+)
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLM_HOME": str(home)}
+    env.pop("VLM_DEBUG", None)
+    return env
+
+
+def vlm(*args: str, cwd: Path, stdin: str | None = None, **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vlmcli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=_env(cwd),
+        input=stdin,
+        timeout=300,
+        **kw,
+    )
+
+
+def vlm_measured(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str], int, float]:
+    """The run, the child's peak RSS in bytes, and its wall time."""
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-c", _MEASURE, sys.executable, "-m", "vlmcli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=_env(cwd),
+        timeout=300,
+    )
+    seconds = time.monotonic() - t0
+    *lines, peak = r.stderr.rstrip("\n").split("\n")
+    r.stderr = "\n".join(lines)
+    return r, int(peak) * 1024, seconds
+
+
+def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode > 0, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vlm: error: "), r.stderr
+    return lines[0]
+
+
+MB = 2**20
+
+
+@pytest.fixture(scope="module")
+def strips(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("strips")
+    out = {}
+    for name, (w, h) in {"1x64000000": (1, 64_000_000), "16x1000000": (16, 1_000_000)}.items():
+        out[name] = d / f"{name}.png"
+        out[name].write_bytes(fz.gray_png(w, h))
+    return out
+
+
+# --- 1. any image shape in bounded memory and time ----------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["ask", "classify"])
+def test_a_1x64000000_png_is_refused_at_once_naming_its_shape(command, strips, smolvlm2_gguf, clip_gguf, tmp_path):
+    """110 bytes of PNG, exactly the default pixel cap: 4.5 GB and 16-20 s in mtmd before (1.4 GB in classify)."""
+    image = strips["1x64000000"]
+    if command == "ask":
+        model = ["--model", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "--detail", "low"]
+        r, peak, seconds = vlm_measured("ask", str(image), "What is this?", *model, cwd=tmp_path)
+    else:
+        model = ["--model", str(clip_gguf)]
+        r, peak, seconds = vlm_measured("classify", str(image), "--labels", "a,b", *model, cwd=tmp_path)
+    line = one_error_line(r)
+    assert str(image) in line and "1x64000000" in line and "65,536:1" in line
+    assert peak < 400 * MB, peak
+    assert seconds < 30
+
+
+def test_a_16x1000000_strip_is_scaled_down_before_mtmd(strips, smolvlm2_gguf, tmp_path):
+    """16 M pixels within every limit: mtmd was handed the whole strip (about 500 MB more, at a low detail
+    that uses one 512 px overview); it now gets it scaled to what its resize keeps."""
+    image = strips["16x1000000"]
+    model = ["--model", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj)]
+    r, peak, _ = vlm_measured("ask", str(image), "What?", *model, "--detail", "low", "--max-tokens", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert peak < 450 * MB, peak
