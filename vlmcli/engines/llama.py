@@ -907,6 +907,25 @@ class VlmEngine(NativeResource):
             media, texts[:-1], [(texts[-1], whole)], options, on_token, on_progress, on_candidate_token
         )
 
+    def layout(self, image: Media | Sequence[Media] | None, prompt: str) -> list[int]:
+        """The token ids `ask` feeds the model for `prompt` about the media, each image chunk written as
+        its n <image> ids, as transformers' processor writes them (for comparing layouts; encodes nothing)."""
+        media = _media_list(image)
+        texts, head, tail = question_layout(self.chat_template, [kind_of(m) for m in media])
+        plan = self._plan(media, texts)
+        try:
+            image_id = self._token_id("<image>")
+            ids: list[int] = []
+            for e in plan.entries:
+                ids += (
+                    [cast(int, e.what)]
+                    if isinstance(e.what, int)
+                    else [image_id if image_id is not None else -1] * e.size
+                )
+            return ids + self.tokenize(plan.carry + head + prompt + tail)
+        finally:
+            plan.free()
+
     def _answers(
         self,
         media: list[Media],
