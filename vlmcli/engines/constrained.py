@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -23,6 +24,33 @@ from vlmcli.errors import InvalidOption
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama.llama_token_data)
+
+
+class Sampler(Protocol):
+    """One sequence's sampler as the engine's decoding loops use it."""
+
+    closed: bool  # the answer was completed at the budget (sample returned None)
+
+    def sample(self, row: int) -> int | None: ...
+
+    def free(self) -> None: ...
+
+
+class ChainSampler:
+    """llama.cpp's sampling chain alone (no grammar)."""
+
+    closed = False
+
+    def __init__(self, chain: object, ctx: object):
+        self.chain, self.ctx = chain, ctx
+
+    def sample(self, row: int) -> int | None:
+        return int(llama.llama_sampler_sample(self.chain, self.ctx, row))
+
+    def free(self) -> None:
+        if self.chain:
+            llama.llama_sampler_free(self.chain)
+            self.chain = None
 
 
 class Pieces:
@@ -77,7 +105,6 @@ class ConstrainedSampler:
         self.state: State | None = self.recognizer.initial() if self.recognizer else None
         self.left = budget  # tokens this sequence may still write
         self.forced: list[int] | None = None  # closing: the completion's tokens still to write
-        self.closed = False  # the completion was written: the answer is complete
         self._data = np.zeros(n_vocab, dtype=_TOKEN_DATA)
         self._ids = np.arange(n_vocab, dtype=np.int32)
         self._one = np.zeros(1, dtype=_TOKEN_DATA)
@@ -105,6 +132,8 @@ class ConstrainedSampler:
                 completion = self.recognizer.completion(self.state)
                 self.forced = self.pieces.tokens(completion) if completion is not None and self.pieces else None
                 if self.forced is not None:
+                    for t in self.forced:  # follow it, so that `closed` can say the answer is complete
+                        self.state = self.recognizer.advance(self.state, self.piece(t)) if self.state else None
                     return self._next_forced()
                 self.state = None  # cannot close: sample on under the grammar alone
             else:
@@ -112,7 +141,22 @@ class ConstrainedSampler:
         self._accept(tok)
         return tok
 
+    @property
+    def closed(self) -> bool:
+        """The answer is complete: its completion was written, or it ended complete at the budget."""
+        if self.forced is not None:
+            return not self.forced and self.state is not None
+        return self.state is not None and self.state.complete
+
     def _sample_free(self, row: int) -> int:
+        """A token the grammar allows, from the chain's distribution masked by the grammar. As
+        llama.cpp's common sampler does: the chain first on every token, and the grammar over the whole
+        vocabulary (the costly part) only when the grammar refuses that token. Drawing again from the
+        masked distribution after a refusal gives the masked distribution exactly."""
+        tok = self._apply(row, with_grammar=False)
+        return tok if self._allowed(tok) else self._apply(row, with_grammar=True)
+
+    def _apply(self, row: int, with_grammar: bool) -> int:
         logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
         data = self._data
         data["id"] = self._ids
@@ -121,7 +165,8 @@ class ConstrainedSampler:
         arr = llama.llama_token_data_array(
             data.ctypes.data_as(ctypes.POINTER(llama.llama_token_data)), self.n_vocab, -1, False
         )
-        llama.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        if with_grammar:
+            llama.llama_sampler_apply(self.grammar, ctypes.byref(arr))
         llama.llama_sampler_apply(self.chain, ctypes.byref(arr))
         return int(arr.data[arr.selected].id)
 
@@ -136,7 +181,8 @@ class ConstrainedSampler:
         assert self.forced is not None
         if not self.forced or not self._allowed(self.forced[0]):
             # Done; or (never expected) llama.cpp's grammar disagrees: stop before it would throw.
-            self.closed = not self.forced
+            if self.forced:
+                self.state = None
             return None
         tok = self.forced.pop(0)
         self._accept(tok)
