@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     _check_text_arguments(args)
     args = eval.sample_flag(args)
     args = batch.ray_flag(args)
+    args = batch.sidecar_flag(args)
     try:
         rc = app(args=args, prog_name="vlm", standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)

@@ -60,11 +60,15 @@ QuietOpt = typer.Option(
     False, "--quiet", "-q", help="No progress and no summary on stderr (failures are still reported)."
 )
 SidecarOpt = typer.Option(
-    False,
+    None,
     "--sidecar",
-    help="Write IMAGE.txt next to each image (photo.jpg -> photo.txt); images that have one are skipped.",
+    metavar="[txt|xmp]",
+    help="Write a sidecar next to each image: photo.txt (alone or txt), or photo.xmp (xmp: the caption as "
+    "dc:description, a schema's string lists as dc:subject keywords). Images that have one are skipped.",
 )
-OverwriteOpt = typer.Option(False, "--overwrite", help="With --sidecar: replace existing .txt files.")
+OverwriteOpt = typer.Option(
+    False, "--overwrite", help="With --sidecar: replace existing .txt files; merge into existing .xmp files."
+)
 # Batch mode on a Ray cluster (tasks/ray_batch.py); --ray alone starts a local cluster.
 RayOpt = typer.Option(
     None,
@@ -103,7 +107,7 @@ BATCH_OPTIONS: dict[str, tuple[Any, Any]] = {
     "redo": (bool, RedoOpt),
     "use_hash": (bool, HashOpt),
     "quiet": (bool, QuietOpt),
-    "sidecar": (bool, SidecarOpt),
+    "sidecar": (str | None, SidecarOpt),
     "overwrite": (bool, OverwriteOpt),
     "ray": (str | None, RayOpt),
     "ray_workers": (int | None, RayWorkersOpt),
@@ -120,6 +124,14 @@ RAY_ONLY = tuple(n for n in BATCH_OPTIONS if not n.startswith("ray"))
 def ray_flag(args: list[str]) -> list[str]:
     """`--ray` followed by no address (nothing, an option or an input) means a local cluster."""
     return fill_bare_option(args, "--ray", _is_address, "--ray=local")
+
+
+def sidecar_flag(args: list[str]) -> list[str]:
+    """`--sidecar` followed by no form (txt, xmp) means txt."""
+    return fill_bare_option(args, "--sidecar", lambda w: w in SIDECAR_FORMS, "--sidecar=txt")
+
+
+SIDECAR_FORMS = ("txt", "xmp")
 
 
 def _is_address(word: str) -> bool:
@@ -164,7 +176,7 @@ class BatchArgs:
     redo: bool = False
     use_hash: bool = False
     quiet: bool = False
-    sidecar: bool = False
+    sidecar: str | None = None  # txt | xmp
     overwrite: bool = False
     json: bool = False  # the older --json flag: JSONL on stdout
     ray: str | None = None  # --ray: None = run here; "local", "auto", an address
@@ -283,7 +295,7 @@ def execute(
     from vlmcli.tasks.task import Task
 
     executor = LocalExecutor(work) if isinstance(work, Task) else work
-    sidecars = Sidecars(overwrite=args.overwrite) if args.sidecar else None
+    sidecars = Sidecars(overwrite=args.overwrite, form=args.sidecar) if args.sidecar else None
     if sidecars is not None and sidecar_text is None:
         raise VlmError(f"--sidecar is not available for {executor.name}", exit_code=EXIT_USAGE)
     options = BatchOptions(redo=args.redo, use_hash=args.use_hash, sidecars=sidecars, sidecar_text=sidecar_text)
@@ -365,7 +377,7 @@ def batch_args(
     redo: bool = False,
     use_hash: bool = False,
     quiet: bool = False,
-    sidecar: bool = False,
+    sidecar: str | bool | None = None,
     overwrite: bool = False,
     json: bool = False,
     ray: str | None = None,
@@ -374,6 +386,10 @@ def batch_args(
     ray_gpus: float = 0.0,
     ray_ship_files: bool = False,
 ) -> BatchArgs:
+    if sidecar is True:
+        sidecar = "txt"
+    if sidecar is not None and sidecar is not False and sidecar not in SIDECAR_FORMS:
+        raise VlmError(f"--sidecar {sidecar}: choose {' or '.join(SIDECAR_FORMS)}", exit_code=EXIT_USAGE)
     if ray is not None:
         from vlmcli.tasks.ray_batch import check_address, import_ray
 
@@ -403,7 +419,7 @@ def batch_args(
         redo,
         use_hash,
         quiet,
-        sidecar,
+        sidecar if isinstance(sidecar, str) else None,
         overwrite,
         json,
         ray,

@@ -296,7 +296,7 @@ class BatchSession:
         o = self.options
         if o.sidecars is None or o.sidecar_text is None:
             return None
-        problem = o.sidecars.write(input, o.sidecar_text(rec))
+        problem = o.sidecars.write(input, o.sidecar_text(rec), rec)
         return VlmError(problem) if problem else None
 
     def _failed(self, it: Item) -> None:
