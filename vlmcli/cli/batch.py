@@ -189,12 +189,12 @@ class BatchArgs:
         return replace(self, inputs=list(inputs), **changes)
 
 
-def expand(args: BatchArgs) -> Expansion:
-    """The image paths to process; warnings go to stderr, no images at all is an error."""
+def expand(args: BatchArgs, videos: bool = False) -> Expansion:
+    """The image paths to process (and videos: ask, caption); warnings go to stderr, no images at all is an error."""
     from vlmcli.tasks.inputs import InputSpec, expand_inputs
 
     spec = InputSpec(
-        list(args.inputs), list(args.files_from or []), args.null, list(args.exclude or []), args.include_hidden
+        list(args.inputs), list(args.files_from or []), args.null, list(args.exclude or []), args.include_hidden, videos
     )
     expansion = expand_inputs(spec, stdin=sys.stdin.buffer if sys.stdin is not None else None)
     for w in expansion.warnings:

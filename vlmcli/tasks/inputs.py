@@ -7,7 +7,7 @@ Rules (the same for caption, ask, classify and embed):
   are skipped unless include_hidden; a folder reached twice within one input (symlink loops, links
   to a sibling) is walked once. From folders and globs only images are taken: a file with an image
   extension (so a broken photo.jpg is reported, not silently dropped) or whose first bytes are an
-  image's.
+  image's; for ask and caption (InputSpec.videos) videos too, by extension or content.
 - A glob (`photos/**/*.jpg`; `**` matches any number of folders) is expanded in sorted walk order.
 - --exclude GLOB drops files and prunes folders: a pattern without "/" matches the name, one with
   "/" matches the path as found (fnmatch rules, `*` also crosses "/").
@@ -59,6 +59,7 @@ class InputSpec:
     null_separated: bool = False  # stdin / --files-from lists are NUL-separated (find -print0)
     exclude: list[str] = field(default_factory=list)
     include_hidden: bool = False
+    videos: bool = False  # folders and globs yield videos too (SmolVLM2's ask and caption)
 
 
 @dataclass
@@ -76,9 +77,16 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") and name not in (".", "..")
 
 
-def wants_image(path: str) -> bool:
-    """A file worth taking from a folder or glob: an image extension, or image content."""
-    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS or looks_like_image(path)
+def wants_image(path: str, videos: bool = False) -> bool:
+    """A file worth taking from a folder or glob: an image extension, or image content (with `videos`,
+    a video's extension or content as well)."""
+    if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS or looks_like_image(path):
+        return True
+    if not videos:
+        return False
+    from vlmcli.tasks.video import has_video_extension, is_video
+
+    return has_video_extension(path) or is_video(path)
 
 
 def read_path_list(stream: IO[str] | IO[bytes], null_separated: bool) -> list[str]:
@@ -131,7 +139,9 @@ def _entries_once(folder: str, seen_dirs: set[tuple[int, int]]) -> list[os.DirEn
         return []
 
 
-def walk_folder(root: str, include_hidden: bool, excluded: _Excluder, seen_dirs: set[tuple[int, int]]) -> Iterator[str]:
+def walk_folder(
+    root: str, include_hidden: bool, excluded: _Excluder, seen_dirs: set[tuple[int, int]], videos: bool = False
+) -> Iterator[str]:
     """Image files under root, depth first in sorted order, each folder once (symlink-loop safe)."""
     for entry in _entries_once(root, seen_dirs):
         if not include_hidden and is_hidden(entry.name):
@@ -144,7 +154,7 @@ def walk_folder(root: str, include_hidden: bool, excluded: _Excluder, seen_dirs:
         except OSError:
             is_dir = False
         if is_dir:
-            yield from walk_folder(path, include_hidden, excluded, seen_dirs)
+            yield from walk_folder(path, include_hidden, excluded, seen_dirs, videos)
         else:
             try:
                 if not entry.is_file(follow_symlinks=True):
@@ -155,7 +165,7 @@ def walk_folder(root: str, include_hidden: bool, excluded: _Excluder, seen_dirs:
                     continue
             except OSError:
                 continue
-            if wants_image(path):
+            if wants_image(path, videos):
                 yield path
 
 
@@ -181,7 +191,7 @@ def _could_match_below(rel: list[str], pat: list[str]) -> bool:
 
 
 def expand_glob(
-    pattern: str, include_hidden: bool, excluded: _Excluder, seen_dirs: set[tuple[int, int]]
+    pattern: str, include_hidden: bool, excluded: _Excluder, seen_dirs: set[tuple[int, int]], videos: bool = False
 ) -> Iterator[str]:
     """Images matching a glob, in sorted walk order. The folders under the pattern's fixed prefix
     are walked like any folder (each once, so symlink loops end; hidden ones only if asked):
@@ -209,12 +219,12 @@ def expand_glob(
                 is_dir = False
             if is_dir:
                 if _match_parts(sub, pat):
-                    yield from walk_folder(path, include_hidden, excluded, seen_dirs)
+                    yield from walk_folder(path, include_hidden, excluded, seen_dirs, videos)
                 elif _could_match_below(sub, pat):
                     yield from walk(path, sub)
             elif _match_parts(sub, pat):
                 try:
-                    if entry.is_file(follow_symlinks=True) and wants_image(path):
+                    if entry.is_file(follow_symlinks=True) and wants_image(path, videos):
                         yield path
                 except OSError:
                     continue
@@ -247,12 +257,12 @@ def expand_inputs(spec: InputSpec, stdin: IO[bytes] | IO[str] | None = None) -> 
                 return
             # Folders already walked are remembered per input (loops end there); files given twice
             # are dropped by add().
-            for p in walk_folder(path, spec.include_hidden, excluded, set()):
+            for p in walk_folder(path, spec.include_hidden, excluded, set(), spec.videos):
                 add(p)
         elif not from_list and is_glob(path) and not os.path.lexists(path):
             batch_like = True
             taken = 0
-            for m in expand_glob(path, spec.include_hidden, excluded, set()):
+            for m in expand_glob(path, spec.include_hidden, excluded, set(), spec.videos):
                 add(m)
                 taken += 1
             if not taken:
