@@ -14,6 +14,8 @@ FLAGS = {
     "n_threads": "--threads",
     "n_gpu_layers": "--n-gpu-layers",
     "max_tokens": "--max-tokens",
+    "json_schema": "--json-schema",
+    "grammar": "--grammar",
     "labels": "--labels",
     "templates": "--template",
     "best_of": "--best-of",

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from vlmcli.tasks.best_of import ClipJudge
     from vlmcli.tasks.caption import CaptionTask
     from vlmcli.tasks.models import ModelSpec
+    from vlmcli.tasks.structured import Structure
 
 # Options shared by ask and caption (Typer has no option groups; these keep the two in step).
 # Short flags as llama.cpp's: -m model, -n tokens, -c context, -s seed, -ngl GPU layers.
@@ -73,6 +74,16 @@ SelectOpt = typer.Option(
 ClipModelOpt = typer.Option(
     None, "--clip-model", help="CLIP model judging --select clip (default: the store's default CLIP)."
 )
+JsonSchemaOpt = typer.Option(
+    None,
+    "--json-schema",
+    metavar="FILE|JSON",
+    help="Answers follow this JSON schema (a file, or the schema inline); records carry the parsed object "
+    'as "json". See docs/structured-output.md.',
+)
+GrammarOpt = typer.Option(
+    None, "--grammar", metavar="FILE", help="Answers follow this GBNF grammar (llama.cpp's grammar format)."
+)
 
 
 def _spec(
@@ -112,12 +123,14 @@ def _ask_task(
     max_pixels: int,
     n_best: int,
     select: str,
+    structure: Structure | None = None,
     judge: ClipJudge | None = None,
 ) -> AskTask:
     from vlmcli.tasks.ask import AskTask
     from vlmcli.tasks.models import open_model
 
-    return AskTask(open_model(spec, "vlm", notify=info).engine, questions, gen, max_pixels, n_best, select, judge)
+    engine = open_model(spec, "vlm", notify=info).engine
+    return AskTask(engine, questions, gen, max_pixels, n_best, select, judge, structure)
 
 
 def _caption_task(
@@ -127,12 +140,23 @@ def _caption_task(
     max_pixels: int,
     n_best: int,
     select: str,
+    structure: Structure | None = None,
     judge: ClipJudge | None = None,
 ) -> CaptionTask:
     from vlmcli.tasks.caption import CaptionTask
     from vlmcli.tasks.models import open_model
 
-    return CaptionTask(open_model(spec, "vlm", notify=info).engine, gen, prompt, max_pixels, n_best, select, judge)
+    engine = open_model(spec, "vlm", notify=info).engine
+    return CaptionTask(engine, gen, prompt, max_pixels, n_best, select, judge, structure)
+
+
+def _structure(json_schema: str | None, grammar: str | None) -> Structure | None:
+    """--json-schema / --grammar checked and converted before any model loads."""
+    if json_schema is None and grammar is None:
+        return None
+    from vlmcli.tasks.structured import load
+
+    return load(json_schema, grammar)
 
 
 def _check_ray(args: batch_cli.BatchArgs, n_best: int, select: str) -> None:
@@ -223,6 +247,8 @@ def ask(
     n_best: int = BestOfOpt,
     select: str = SelectOpt,
     clip_model: str | None = ClipModelOpt,
+    json_schema: str | None = JsonSchemaOpt,
+    grammar: str | None = GrammarOpt,
     *,
     batch: batch_cli.BatchArgs,  # given by with_batch_options, not an option of its own
 ) -> None:
@@ -242,19 +268,30 @@ def ask(
     if args.sidecar and len(questions) != 1:
         raise VlmError("--sidecar takes one question per image", exit_code=EXIT_USAGE)
     single = batch_cli.is_single(args, expansion)
-    sink = batch_cli.make_sink(args, expansion, ("jsonl", "text"), text=answers_text)
+    structure = _structure(json_schema, grammar)
+    if structure is not None and structure.is_json and len(questions) == 1:
+        sink = batch_cli.make_sink(
+            args,
+            expansion,
+            ("jsonl", "csv", "text"),
+            text=answers_text,
+            csv_columns=structure.csv_columns(),
+            csv_row=lambda r: structure.csv_row(r["answers"][0].get("json")) if not r.get("error") else {},
+        )
+    else:
+        sink = batch_cli.make_sink(args, expansion, ("jsonl", "text"), text=answers_text)
     if single:
         batch_cli.check_single_image(expansion.paths[0], max_pixels)
     _check_ray(args, n_best, select)
     temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "ask")
     spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, n_best, no_cache)
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    build = (questions, gen, max_pixels, n_best, select)
+    build = (questions, gen, max_pixels, n_best, select, structure)
     if args.ray:
         with batch_cli.on_ray(args, "ask", _ask_task, spec, build) as remote:
             batch_cli.run(remote, args, expansion, sink, sidecar_text=answers_text, single=single)
         return
-    task = _ask_task(spec, *build, judge)
+    task = _ask_task(spec, *build, judge=judge)
     if single and not json_out and n_best > 1:
         from vlmcli.tasks.sinks import CallbackSink
 
@@ -339,6 +376,8 @@ def caption(
     n_best: int = BestOfOpt,
     select: str = SelectOpt,
     clip_model: str | None = ClipModelOpt,
+    json_schema: str | None = JsonSchemaOpt,
+    grammar: str | None = GrammarOpt,
     *,
     batch: batch_cli.BatchArgs,  # given by with_batch_options, not an option of its own
 ) -> None:
@@ -351,26 +390,37 @@ def caption(
     args = batch.for_inputs(list(images or []), json=json_out)
     expansion = batch_cli.expand(args)
     single = batch_cli.is_single(args, expansion)
-    sink = batch_cli.make_sink(
-        args,
-        expansion,
-        ("jsonl", "csv", "text"),
-        text=caption_text,
-        csv_columns=["caption"],
-        csv_row=lambda r: {"caption": caption_text(r) if not r.get("error") else ""},
-    )
+    structure = _structure(json_schema, grammar)
+    if structure is not None and structure.is_json:
+        sink = batch_cli.make_sink(
+            args,
+            expansion,
+            ("jsonl", "csv", "text"),
+            text=caption_text,
+            csv_columns=structure.csv_columns(),
+            csv_row=lambda r: structure.csv_row(r.get("json")) if not r.get("error") else {},
+        )
+    else:
+        sink = batch_cli.make_sink(
+            args,
+            expansion,
+            ("jsonl", "csv", "text"),
+            text=caption_text,
+            csv_columns=["caption"],
+            csv_row=lambda r: {"caption": caption_text(r) if not r.get("error") else ""},
+        )
     if single:
         batch_cli.check_single_image(expansion.paths[0], max_pixels)
     _check_ray(args, n_best, select)
     temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "caption")
     spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, n_best, no_cache)
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    build = (gen, prompt, max_pixels, n_best, select)
+    build = (gen, prompt, max_pixels, n_best, select, structure)
     if args.ray:
         with batch_cli.on_ray(args, "caption", _caption_task, spec, build) as remote:
             batch_cli.run(remote, args, expansion, sink, sidecar_text=caption_text, single=single)
         return
-    task = _caption_task(spec, *build, judge)
+    task = _caption_task(spec, *build, judge=judge)
     from vlmcli.tasks.sinks import CallbackSink, TextSink
 
     if single and verbose and n_best > 1 and isinstance(sink, TextSink):

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         VlmEngine,
     )
     from vlmcli.engines.prompt import Turn
+    from vlmcli.tasks.structured import Structure
 
 VlmT = TypeVar("VlmT", bound="VlmTask")
 
@@ -72,6 +73,7 @@ class VlmTask(Task):
         n_best: int = 1,
         select: str = "logprob",
         judge: best_of.ClipJudge | None = None,
+        structure: Structure | None = None,
     ):
         if not prompts:
             raise VlmError("no question given")
@@ -80,7 +82,9 @@ class VlmTask(Task):
             raise VlmError("selecting by CLIP needs a CLIP model")
         self.engine = engine
         self.prompts = list(prompts)
-        self.generation = replace(generation, n=n_best)  # the engine samples n_best candidates per prompt
+        self.structure = structure  # --json-schema / --grammar: what the answers follow (tasks/structured.py)
+        # The engine samples n_best candidates per prompt, under the structure's grammar.
+        self.generation = replace(generation, n=n_best, constraint=structure.constraint() if structure else None)
         self.max_pixels = max_pixels
         self.select = select
         self.judge = judge if select == "clip" else None
@@ -109,6 +113,7 @@ class VlmTask(Task):
                 # Only with best-of, so that records of plain runs stay reusable on resume.
                 **({"best_of": n_best, "select": self.select} if n_best > 1 else {}),
                 **({"judge": self.judge.name} if n_best > 1 and self.judge else {}),
+                **(self.structure.identity() if self.structure else {}),
             },
         }
 
@@ -184,9 +189,9 @@ class VlmTask(Task):
             return Answer(gen)
         if self.judge is not None:
             return Answer(gen, self.judge.choose(image, gen.candidates))
-        return Answer(
-            gen, best_of.by_vote(gen.candidates) if self.select == "vote" else best_of.by_logprob(gen.candidates)
-        )
+        if self.select == "vote":
+            return Answer(gen, best_of.by_vote(gen.candidates, self.structure.vote_key if self.structure else None))
+        return Answer(gen, best_of.by_logprob(gen.candidates))
 
     def _answer_fields(self, a: Answer) -> Record:
         extra = best_of.candidates_record(self.select, a.choice, a.generation.candidates) if a.choice else {}
@@ -194,6 +199,7 @@ class VlmTask(Task):
             "answer": a.text,
             "stop_reason": a.stop_reason,
             "generated_tokens": a.generation.generated_tokens,
+            **(self.structure.answer_fields(a.text) if self.structure else {}),
             **extra,
         }
 
@@ -259,11 +265,12 @@ class ChatTask(AskTask):
         n_best: int = 1,
         select: str = "logprob",
         judge: best_of.ClipJudge | None = None,
+        structure: Structure | None = None,
     ):
         self.turns = list(turns)
         users = [t for t in self.turns if t.role == "user"]
         question = "".join(users[-1].parts) if users else ""
-        super().__init__(engine, [question], generation, max_pixels, n_best, select, judge)
+        super().__init__(engine, [question], generation, max_pixels, n_best, select, judge, structure)
 
     def _inputs(self) -> dict[str, Any]:
         return {"turns": [{"role": t.role, "parts": list(t.parts), "image_at": t.image_at} for t in self.turns]}

@@ -10,7 +10,7 @@ them together from one evaluated prompt) and a judge picks one.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,10 +54,12 @@ def by_logprob(candidates: Sequence[Candidate]) -> Choice:
     return Choice(max(range(len(scores)), key=lambda i: (scores[i], -i)), scores)
 
 
-def by_vote(candidates: Sequence[Candidate]) -> Choice:
+def by_vote(candidates: Sequence[Candidate], key: Callable[[str], str] | None = None) -> Choice:
+    """The most frequent answer: compared after VQA normalisation, or by `key` (structured answers:
+    their parsed objects as canonical JSON)."""
     from vlmcli.metrics.vqa import normalize_answer
 
-    answers = [normalize_answer(c.text) for c in candidates]
+    answers = [(key or normalize_answer)(c.text.strip()) for c in candidates]
     votes = Counter(answers)
     scores = [float(votes[a]) for a in answers]
     best = max(range(len(candidates)), key=lambda i: (scores[i], candidates[i].mean_logprob, -i))

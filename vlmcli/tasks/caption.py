@@ -11,6 +11,7 @@ from vlmcli.tasks.resume import Record
 if TYPE_CHECKING:
     from vlmcli.engines.llama import GenerationOptions, VlmEngine
     from vlmcli.tasks.best_of import ClipJudge
+    from vlmcli.tasks.structured import Structure
 
 __all__ = ["DEFAULT_CAPTION_MAX_TOKENS", "DEFAULT_CAPTION_PROMPT", "CaptionTask", "caption_text"]
 
@@ -27,8 +28,9 @@ class CaptionTask(AskTask):
         n_best: int = 1,
         select: str = "logprob",
         judge: ClipJudge | None = None,
+        structure: Structure | None = None,
     ):
-        super().__init__(engine, [prompt], generation, max_pixels, n_best, select, judge)
+        super().__init__(engine, [prompt], generation, max_pixels, n_best, select, judge, structure)
 
     def _inputs(self) -> dict[str, Any]:
         return {"prompt": self.prompts[0]}
