@@ -16,6 +16,7 @@ from vlmcli.defaults import DEFAULT_MAX_TOKENS
 from vlmcli.serve.errors import bad
 from vlmcli.serve.image_urls import RemoteImage, fetch_remote, part_value
 from vlmcli.serve.jobs import RunningJob, pool_for
+from vlmcli.serve.response import logprobs_content, response_options
 from vlmcli.serve.schemas import ChatRequest
 from vlmcli.serve.state import ServeConfig, State
 
@@ -23,7 +24,8 @@ router = APIRouter()
 
 # OpenAI's roles -> the template's.
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-FINISH = {"eos": "stop", "length": "length", "stopped": "stop"}
+# "closed": a constrained answer completed inside max_tokens (a whole JSON value): it ended, it was not cut.
+FINISH = {"eos": "stop", "length": "length", "stopped": "stop", "closed": "stop"}
 
 
 def chat_job(request: ChatRequest, config: ServeConfig) -> dict[str, Any]:
@@ -63,6 +65,7 @@ def chat_job(request: ChatRequest, config: ServeConfig) -> dict[str, Any]:
         "n": request.n or 1,
         "stream": bool(request.stream),
         "stop": request.stop or [],
+        **response_options(request),  # response_format, logprobs; unsupported fields refused
     }
 
 
@@ -97,14 +100,21 @@ async def stream(cid: str, model: str, running: RunningJob, first: tuple[Any, ..
     created = int(time.time())
 
     def chunk(
-        delta: dict[str, Any], index: int = 0, finish_reason: str | None = None, usage: dict[str, Any] | None = None
+        delta: dict[str, Any],
+        index: int = 0,
+        finish_reason: str | None = None,
+        usage: dict[str, Any] | None = None,
+        logprobs: dict[str, Any] | None = None,
     ) -> bytes:
+        choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+        if logprobs is not None:
+            choice["logprobs"] = logprobs
         data: dict[str, Any] = {
             "id": cid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}],
+            "choices": [choice],
         }
         if usage is not None:
             data["usage"] = usage
@@ -126,6 +136,7 @@ async def stream(cid: str, model: str, running: RunningJob, first: tuple[Any, ..
                         c.get("candidate", 0),
                         FINISH.get(c["stop_reason"], "stop"),
                         usage(event[1]) if last else None,
+                        logprobs_content(c.get("logprobs")),  # the whole answer's, on its last chunk
                     )
                 break
             elif event[0] == "error":
@@ -158,7 +169,7 @@ def completion(cid: str, model: str, result: dict[str, Any]) -> dict[str, Any]:
                 "index": i,
                 "message": {"role": "assistant", "content": c["text"]},
                 "finish_reason": FINISH.get(c["stop_reason"], "stop"),
-                "logprobs": None,
+                "logprobs": logprobs_content(c.get("logprobs")),
             }
             for i, c in enumerate(result["choices"])
         ],

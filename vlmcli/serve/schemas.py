@@ -1,8 +1,9 @@
 """The OpenAI request bodies `vlm serve` takes, as Pydantic models.
 
-Types are strict, as OpenAI's API is (a string is not a number, true is not 1). Fields this server does
-not implement are ignored, as OpenAI-compatible servers do, except where ignoring one would change the
-answer (`dimensions`). Checks that need the server's settings (which models, which image sources)
+Types are strict, as OpenAI's API is (a string is not a number, true is not 1). A chat request's
+fields this server does not implement are refused by name, or accepted where they are harmless
+(serve/response.py); elsewhere they are ignored, except where ignoring one would change the answer
+(`dimensions`). Checks that need the server's settings (which models, which image sources)
 are the routes'.
 """
 
@@ -100,7 +101,23 @@ StopSequences = Annotated[
 ]
 
 
+class JsonSchemaFormat(_Request):
+    name: StrictStr = Field(min_length=1, max_length=64)
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatRequest(_Request):
+    # Fields beyond these are kept, so that the route can accept the harmless ones and refuse the
+    # rest by name (serve/response.py) instead of ignoring them.
+    model_config = ConfigDict(extra="allow")
+
     model: StrictStr | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1)
@@ -111,6 +128,9 @@ class ChatRequest(_Request):
     n: StrictInt | None = Field(None, ge=1)
     stream: StrictBool | None = None
     stop: StopSequences | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
 
 
 def _input_item(value: Any) -> Any:

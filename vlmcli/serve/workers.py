@@ -126,8 +126,22 @@ def _run_chat(
         )
     image = _decode_image(job["image"], spec.max_pixels)
     temperature = temperature_for(n, job["temperature"])
-    gen = GenerationOptions(max_tokens=job["max_tokens"], temperature=temperature, top_p=job["top_p"], seed=job["seed"])
-    task = ChatTask(opened.engine, turns_from(job["turns"]), gen, spec.max_pixels, n_best=n, select="logprob")
+    gen = GenerationOptions(
+        max_tokens=job["max_tokens"],
+        temperature=temperature,
+        top_p=job["top_p"],
+        seed=job["seed"],
+        logprobs=job.get("logprobs"),
+    )
+    task = ChatTask(
+        opened.engine,
+        turns_from(job["turns"]),
+        gen,
+        spec.max_pixels,
+        n_best=n,
+        select="logprob",
+        structure=job.get("structure"),
+    )
     send(("accepted",))
     stops: list[str] = job.get("stop") or []
     held: dict[int, _Held] = {}
@@ -175,6 +189,7 @@ def _run_chat(
                 "stop_reason": answer["stop_reason"],
                 "generated_tokens": answer["generated_tokens"],
                 "candidate": 0,
+                **({"logprobs": _token_logprobs(answers[0])} if job.get("logprobs") is not None else {}),
             }
         ]
     return {
@@ -183,6 +198,10 @@ def _run_chat(
         "timings": result["timings"],
         "encoder_passes": answers[0].generation.image.encoder_passes,
     }
+
+
+def _token_logprobs(answer: Any) -> list[dict[str, Any]]:
+    return [{"piece": t.piece, "logprob": t.logprob, "top": t.top} for t in answer.generation.logprobs]
 
 
 class _Held:
