@@ -893,6 +893,10 @@ def _vlm_options(detail: str = "auto"):
 # Checking results
 
 
+# A refusal quotes what it is about, not the file's contents (a misread name was once 29 MB of stderr).
+MAX_MESSAGE_CHARS = 1000
+
+
 def problems(results: list[Result]) -> list[str]:
     """What is wrong with a list of results: bugs, crashes, and refusals that are not one named line."""
     bad = []
@@ -903,7 +907,9 @@ def problems(results: list[Result]) -> list[str]:
             bad.append(f"{where}: {r.outcome}: {r.message.strip()[-1500:]}")
         elif r.outcome == "refused":
             if "\n" in r.message.strip() or not r.message.strip():
-                bad.append(f"{where}: refusal is not one line: {r.message!r}")
+                bad.append(f"{where}: refusal is not one line: {r.message[:2000]!r}")
+            elif len(r.message) > MAX_MESSAGE_CHARS:
+                bad.append(f"{where}: refusal is {len(r.message):,} characters: {r.message[:300]!r}")
             elif j.kind in ("llm", "mmproj", "clip", "image") and Path(j.path).name not in r.message:
                 bad.append(f"{where}: refusal does not name {Path(j.path).name}: {r.message!r}")
     return bad

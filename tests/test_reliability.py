@@ -7,6 +7,7 @@ path list; a full disk. The server's supervisor is tested in tests/test_reliabil
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -109,3 +110,33 @@ def test_a_16x1000000_strip_is_scaled_down_before_mtmd(strips, smolvlm2_gguf, tm
     r, peak, _ = vlm_measured("ask", str(image), "What?", *model, "--detail", "low", "--max-tokens", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert peak < 450 * MB, peak
+
+
+# --- 2. errors quote a short prefix of what a file holds ----------------------------------------------
+
+
+def _misread(clip_gguf: Path, how: str, out: Path) -> Path:
+    layout = fz.parse_gguf(clip_gguf.read_bytes())
+    if how == "n_dims":  # one dimension fewer: the next tensor's name is read from tensor data
+        t = layout.tensors[2]
+        data = fz.splice(layout, t.dims_at, t.dims_at + 4, struct.pack("<I", len(t.dims) - 1))
+    else:  # a key's length: its name runs through the rest of the header
+        kv = layout.kvs[3]
+        size = struct.pack("<Q", len(layout.raw) // 2)
+        data = fz.rebuild(layout, layout.raw[: kv.start] + size + layout.raw[kv.start + 8 : layout.infos_end])
+    out.write_bytes(data)
+    return out
+
+
+@pytest.mark.parametrize("how", ["n_dims", "key_length"])
+def test_a_misread_name_is_not_quoted_whole(how, strips, clip_gguf, tmp_path):
+    """A tensor's n_dims one off made the error quote the next 'name': 27 MB of tensor data on stderr
+    in 10-20 s and 600 MB of memory, for a CLIP file of a few MB."""
+    bad = _misread(Path(clip_gguf), how, tmp_path / "bad-clip.gguf")
+    image = tmp_path / "small.png"
+    image.write_bytes(fz.png_bytes(8, 8))
+    r, peak, seconds = vlm_measured("classify", str(image), "--labels", "a,b", "--model", str(bad), cwd=tmp_path)
+    line = one_error_line(r)
+    assert "bad-clip.gguf" in line and "corrupt" in line
+    assert len(r.stderr) < 300, len(r.stderr)
+    assert seconds < 30 and peak < 400 * MB, (seconds, peak)

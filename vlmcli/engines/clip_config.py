@@ -21,6 +21,7 @@ from vlmcli.engines.clip_tokenizer import (
     vocabulary_from_merges,
 )
 from vlmcli.errors import ModelError
+from vlmcli.gguf.reader import quote
 
 # CLIP's training clamps the logit scale at 100; files written by clip.cpp's converter do not store it.
 TRAINED_LOGIT_SCALE = 100.0
@@ -79,7 +80,7 @@ class ClipConfig:
                     return list(value)
                 return kind(value)
             except (TypeError, ValueError):
-                raise ModelError(f"CLIP GGUF has a bad {key}: {value!r}", path) from None
+                raise ModelError(f"CLIP GGUF has a bad {key}: {quote(repr(value))}", path) from None
 
         notes: list[str] = []
         tokens = get("tokenizer.ggml.tokens", list, [])
@@ -174,7 +175,7 @@ def _shipped_merges_for(tokens: list[str], path: Path) -> list[str]:
             why = f"{len(tokens)} tokens, CLIP has {len(vocab)}"
         else:
             i = next(i for i, (a, b) in enumerate(zip(tokens, vocab)) if a != b)
-            why = f"token {i} is {tokens[i]!r}, CLIP's is {vocab[i]!r}"
+            why = f"token {i} is {tokens[i][:40]!r}, CLIP's is {vocab[i]!r}"
         raise ModelError(
             "CLIP GGUF has no BPE merges (tokenizer.ggml.merges) and its vocabulary is not "
             f"CLIP's ({why}), so its texts cannot be tokenized",

@@ -56,9 +56,23 @@ class _Corrupt(Exception):
     pass
 
 
+# A file may hold anything where a name or string should be (a corrupt length reads megabytes of
+# tensor data as one name): messages quote at most this much of any text read from a file.
+QUOTE_CHARS = 60
+GGUF_MAX_KEY = 65535  # the GGUF specification's bound on a key's length
+GGML_MAX_NAME = 64  # ggml.h: a tensor name and its terminating NUL; gguf.cpp refuses longer ones
+
+
+def quote(text: str, limit: int = QUOTE_CHARS) -> str:
+    """Text read from a file, for a one-line message: a short prefix, control characters escaped."""
+    short = text if len(text) <= limit else text[:limit]
+    shown = short if short.isprintable() else repr(short)
+    return shown if short is text else f"{shown}... ({len(text):,} characters)"
+
+
 def _p(name: str) -> str:
-    """A key or tensor name for a one-line message (control characters escaped)."""
-    return name if name.isprintable() else repr(name)
+    """A key or tensor name for a one-line message."""
+    return quote(name)
 
 
 class _Reader:
@@ -87,8 +101,11 @@ class _Reader:
         self.pos += n
         return v
 
-    def string(self) -> str:
-        return self.read(self.unpack("<Q")).decode("utf-8", errors="replace")
+    def string(self, max_bytes: int | None = None, what: str = "string") -> str:
+        n = self.unpack("<Q")
+        if max_bytes is not None and n > max_bytes:
+            raise _Corrupt(f"a {what} {n:,} bytes long (at most {max_bytes:,})")
+        return self.read(n).decode("utf-8", errors="replace")
 
     def value(self, vtype: int, keep_strings: bool) -> Any:
         if vtype in _SCALARS:
@@ -155,7 +172,7 @@ def read_gguf(
             raise _Corrupt("implausible tensor or key count")
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
-            key = r.string()
+            key = r.string(GGUF_MAX_KEY, "key")
             if key in meta:
                 raise _Corrupt(f"key {_p(key)} appears twice")
             vtype = r.unpack("<I")
@@ -165,7 +182,7 @@ def read_gguf(
                 types[key] = (vtype, r.item_type)
         raw = []
         for _ in range(n_tensors):
-            name = r.string()
+            name = r.string(GGML_MAX_NAME - 1, "tensor name")
             n_dims = r.unpack("<I")
             if n_dims > 4:  # GGML_MAX_DIMS
                 raise _Corrupt(f"tensor {_p(name)} has {n_dims} dimensions")

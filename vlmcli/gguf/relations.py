@@ -188,7 +188,7 @@ def unique_tokens(m: Model) -> None:
     for i, t in enumerate(tokens):
         t = t or f"[EMPTY_{i}]"  # what llama.cpp makes of an empty token
         if t in seen:
-            raise m.fail("tokenizer.ggml.tokens", None, f"holds {t!r} twice (the second at id {i})")
+            raise m.fail("tokenizer.ggml.tokens", None, f"holds {t[:40]!r} twice (the second at id {i})")
         seen.add(t)
 
 
@@ -210,12 +210,12 @@ def clip_vocab(m: Model) -> None:
         for i, merge in enumerate(merges):
             parts = merge.split(" ")
             if len(parts) != 2 or not all(parts):
-                raise m.fail("tokenizer.ggml.merges", None, f"entry {i} ({merge!r}) is not two symbols")
+                raise m.fail("tokenizer.ggml.merges", None, f"entry {i} ({merge[:40]!r}) is not two symbols")
             if parts[0] + parts[1] not in vocab:
                 raise m.fail(
                     "tokenizer.ggml.merges",
                     None,
-                    f"entry {i} makes {parts[0] + parts[1]!r}, which is not in tokenizer.ggml.tokens",
+                    f"entry {i} makes {(parts[0] + parts[1])[:40]!r}, which is not in tokenizer.ggml.tokens",
                 )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from vlmcli.errors import ModelError
 from vlmcli.gguf.layout import GgufTensor
-from vlmcli.gguf.reader import GgufInfo
+from vlmcli.gguf.reader import GgufInfo, quote
 
 
 class InvalidModelValue(ModelError):
@@ -19,7 +19,7 @@ class InvalidModelValue(ModelError):
     `key` is the GGUF key or tensor name, `value` the offending value (None if missing)."""
 
     def __init__(self, path: Any, key: str, value: Any, reason: str):
-        name = key if key.isprintable() else repr(key)  # one line, whatever the file holds
+        name = quote(key)  # one short line, whatever the file holds
         message = f"{name} {reason}" if value is None else f"{name} = {_show(value)}: {reason}"
         super().__init__(message, path)
         self.key = key
@@ -53,6 +53,8 @@ def _show(value: Any) -> str:
         return repr(value) if not math.isfinite(value) else f"{value:g}"
     if isinstance(value, str):
         return repr(value if len(value) <= 40 else value[:40] + "...")  # repr: control characters escaped
+    if isinstance(value, bytes):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_show(v) for v in list(value)[:4]) + (", ...]" if len(value) > 4 else "]")
     return str(value)
