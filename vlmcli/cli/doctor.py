@@ -91,6 +91,7 @@ def _lines(r: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("smolvlm2", str(runs["smolvlm2"])))
         out.append(("clip", str(runs["clip"])))
         out.append(("clip-cpu-kernels", str(runs["clip_cpu_kernels"])))
+        out.append(("smolvlm2-vision", str(runs["smolvlm2_vision"])))
         out.append(("detail-auto", str(runs["detail_auto"])))
     if "extra_buffers" in llama:
         why = " (AMX compiled in)" if llama["amx_compiled_in"] and not llama["extra_buffers"] else ""

@@ -4,7 +4,7 @@
 
    The matmul: y[m][n] = act(sum_k norm(x[m])[k] w[n][k] + bias[n]) + residual[m][n], x F32
    activations, norm none or a LayerNorm applied to each row as it is read, w packed once at load, y
-   F32, act none or quick GELU, residual none or F32; bias, act and residual are applied as a tile
+   F32, act none, quick GELU or GELU's tanh form, residual none or F32; bias, act and residual are applied as a tile
    leaves the registers, so none of them makes a pass of its own over memory. Two kinds of weights,
    three forms:
    - BF16 (AVX512_BF16): x rounded to BF16 as ggml does for a BF16 weight, VDPBF16PS (32
@@ -44,7 +44,7 @@ struct vlm_matmul {
     const void *bias;                      /* ggml tensor, F32, n; or NULL */
     const uint16_t *w;                     /* packed BF16 or I16 weights */
     int64_t m, k, n;
-    int32_t act;                           /* 0: none, 1: quick GELU, x * sigmoid(1.702 x) */
+    int32_t act;                           /* 0: none, 1: quick GELU, x * sigmoid(1.702 x), 2: GELU (tanh form) */
     const float *w_scales;                 /* I16 only: a scale per column and block of KB k, [n / 16][blocks][16] */
     const void *ln_w, *ln_b;               /* ggml tensors, F32, k: each row of x is layer-normed first; or NULL */
     float ln_eps;
@@ -124,9 +124,8 @@ TARGET2 static inline __m256 exp_neg8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(scale)); /* n >= -126: a normal power of two */
 }
 
-/* y * sigmoid(1.702 y) from e^(-1.702 |y|): 1 / (1 + e) for y >= 0, 1 - that for y < 0 (no overflow) */
-TARGET2 static inline __m256 quick_gelu8(__m256 y) {
-    __m256 z = _mm256_mul_ps(y, _mm256_set1_ps(-1.702f));
+/* y * sigmoid(-z) from e^(-|z|): 1 / (1 + e) for z <= 0, 1 - that for z > 0 (no overflow) */
+TARGET2 static inline __m256 times_sigmoid8(__m256 y, __m256 z) {
     __m256 pos = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ);
     __m256 e = exp_neg8(_mm256_blendv_ps(z, _mm256_sub_ps(_mm256_setzero_ps(), z), pos));
     __m256 one = _mm256_set1_ps(1.0f);
@@ -135,15 +134,28 @@ TARGET2 static inline __m256 quick_gelu8(__m256 y) {
     return _mm256_mul_ps(y, _mm256_blendv_ps(s, _mm256_sub_ps(one, s), pos));
 }
 
+/* quick GELU (CLIP): y * sigmoid(1.702 y) */
+TARGET2 static inline __m256 quick_gelu8(__m256 y) {
+    return times_sigmoid8(y, _mm256_mul_ps(y, _mm256_set1_ps(-1.702f)));
+}
+
+/* GELU in its tanh form (SigLIP, ggml_gelu): 0.5 y (1 + tanh(c (y + 0.044715 y^3))) = y * sigmoid(2 c (y +
+   0.044715 y^3)), c = sqrt(2 / pi) */
+TARGET2 static inline __m256 tanh_gelu8(__m256 y) {
+    const __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(y, y), _mm256_set1_ps(0.044715f), _mm256_set1_ps(1.0f));
+    return times_sigmoid8(y, _mm256_mul_ps(_mm256_mul_ps(y, _mm256_set1_ps(-1.5957691216057308f)), inner));
+}
+
 /* The end of a tile for every matmul: rows of y (mr rows of n floats, stride ldy) get the bias, act
    and the residual in place, while they are still in L1. */
 TARGET2 static void finish_rows(float *y, int64_t ldy, int mr, int n, struct tail t) {
-    if (!t.bias && t.act != 1 && !t.res) return;
+    if (!t.bias && !t.act && !t.res) return;
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < n; j += 8) {
             __m256 v = _mm256_loadu_ps(y + i * ldy + j);
             if (t.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(t.bias + j));
             if (t.act == 1) v = quick_gelu8(v);
+            else if (t.act == 2) v = tanh_gelu8(v);
             if (t.res) v = _mm256_add_ps(v, _mm256_loadu_ps(t.res + i * ldy + j));
             _mm256_storeu_ps(y + i * ldy + j, v);
         }

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from vlmcli.engines.clip_config import ClipConfig
-from vlmcli.engines.clip_graphs import TowerGraph, Weight, block_weights, text_graph, text_lengths, vision_graph
+from vlmcli.engines.clip_graphs import TowerGraph, text_graph, text_lengths, vision_graph
 from vlmcli.engines.clip_load import check_tensors, load_weights, matmul_weights
 from vlmcli.engines.clip_path import GGML, ClipPath, choose_path
 from vlmcli.engines.cores import CoreShare
 from vlmcli.engines.ggml import Backend, Graph
 from vlmcli.engines.native import NativeResource
+from vlmcli.engines.vit import Weight, block_weights
 from vlmcli.errors import VlmError
 from vlmcli.gguf.clip_layout import tensor_specs
 from vlmcli.gguf.validate import require_kind

@@ -55,7 +55,7 @@ FORMS = {
 }
 PACKINGS = {"bf16": FORMS["bf16"], "i16": FORMS["i16-avx2"]}  # a form of each packing (its panel, k_multiple)
 I16_BLOCK, I16_MAX = 128, 4095  # KB and QMAX in the C file: a scale per 128 values of k, |q| <= 4095
-ACTIVATIONS = {None: 0, "gelu_quick": 1}  # what the kernels can apply themselves (act in the C struct)
+ACTIVATIONS = {None: 0, "gelu_quick": 1, "gelu": 2}  # what the kernels apply themselves (act in the C struct)
 HEAD_MULTIPLE, MAX_HEAD = 8, 128  # the attention op (AVX2, both kinds): heads of hd floats, 8 to a register
 
 

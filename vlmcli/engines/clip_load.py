@@ -19,9 +19,9 @@ import numpy as np
 
 from vlmcli.engines import clip_kernels, ggml
 from vlmcli.engines.clip_config import ClipConfig
-from vlmcli.engines.clip_graphs import Weight
 from vlmcli.engines.clip_path import GGML, PACKED_FROM, ClipPath
 from vlmcli.engines.ggml import Backend, Graph
+from vlmcli.engines.vit import Weight
 from vlmcli.errors import ModelError
 from vlmcli.gguf.clip_layout import PATCH_EMBEDDING
 from vlmcli.gguf.ggml_types import CLIP_MATMUL_TYPES

@@ -207,6 +207,7 @@ def _runs_on(llama: dict[str, Any], ggml: dict[str, Any]) -> dict[str, Any]:
         "smolvlm2": smolvlm2 if offload else "CPU",
         "clip": gpus[0]["name"] if gpus else "CPU",
         "clip_cpu_kernels": _clip_cpu_kernels(),
+        "smolvlm2_vision": "mtmd (GPU)" if offload else _smolvlm2_vision(),
         "detail_auto": "full tiling" if offload else f"at most {AUTO_CPU_MAX_TILES} tiles",
     }
 
@@ -219,6 +220,18 @@ def _clip_cpu_kernels() -> str:
     try:
         return choose_path(on_cpu=True).describe()
     except VlmError as e:  # a bad VLM_CLIP_KERNELS
+        return f"error: {e}"
+
+
+def _smolvlm2_vision() -> str:
+    """What encodes SmolVLM2's images on the CPU here by default (or as VLM_VISION_KERNELS says), for an
+    idefics3 projector the kernels take (engines/vision_path.py; others keep mtmd's encoder)."""
+    from vlmcli.engines.vision_path import choose_vision_path
+    from vlmcli.errors import VlmError
+
+    try:
+        return choose_vision_path(on_cpu=True).describe()
+    except VlmError as e:  # a bad VLM_VISION_KERNELS
         return f"error: {e}"
 
 
