@@ -50,6 +50,7 @@ from vlmcli.engines.prompt import (
     question_layout,
     split_media,
 )
+from vlmcli.engines.siglip_chunks import ChunkEncoder, MtmdEncoder, open_chunk_encoder
 from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
 from vlmcli.gguf.reader import GgufInfo
 from vlmcli.gguf.validate import require_kind
@@ -377,6 +378,7 @@ class VlmEngine(NativeResource):
         # (image_max_tokens (-1 = model default), threads) -> mtmd context: both are fixed per context in mtmd
         self._mtmd: dict[tuple[int, int], object] = {}
         self.image_encoder: ChunkEncoder = MtmdEncoder()  # what encodes image chunks (siglip_chunks.py)
+        self.image_encoder: ChunkEncoder = MtmdEncoder()  # what encodes image chunks (siglip_chunks.py)
         self._grammars: dict[str, Grammar | None] = {}  # constraints' grammars as gbnf.py follows them
         self._pieces: Pieces | None = None  # the vocabulary's pieces, read at the first constrained answer
         self._batch: llama.llama_batch | None = None
@@ -464,6 +466,7 @@ class VlmEngine(NativeResource):
         # Open the projector now, so a bad mmproj fails at load, not at the first image; with the
         # token cap this engine's detail setting uses most (each cap costs a copy of its weights).
         self._mtmd_context(self._token_cap(self._usual_max_tiles()))
+        self.image_encoder = open_chunk_encoder(self.mmproj_path, self.mmproj_info, not self.uses_gpu, self.n_threads)
 
     def _usual_max_tiles(self) -> int | None:
         """The tile cap most images get under the configured detail (None = the model's full tiling)."""
@@ -531,6 +534,7 @@ class VlmEngine(NativeResource):
         return self.options.n_gpu_layers != 0 and bool(llama.llama_supports_gpu_offload())
 
     def close(self) -> None:
+        self.image_encoder.close()
         for ctx in self._mtmd.values():
             mtmd.mtmd_free(ctx)
         self._mtmd.clear()
@@ -834,13 +838,11 @@ class VlmEngine(NativeResource):
             embd = ctypes.cast(cached, ctypes.POINTER(ctypes.c_float))
             passes = 0
         else:
-            rc = mtmd.mtmd_encode_chunk(ctx, chunk.ptr)
-            if rc != 0:
-                raise VlmError(f"the vision encoder failed (code {rc})")
-            embd = mtmd.mtmd_get_output_embd(ctx)
+            encoded = self.image_encoder.encode(ctx, chunk.ptr, chunk.n_tokens, width, self.n_threads)
+            embd = encoded.ctypes.data_as(ctypes.POINTER(ctypes.c_float))  # alive until decoded below
             passes = 1
             if key is not None and self.options.cache is not None and size:
-                self.options.cache.put(key, {"tokens": chunk.n_tokens, "width": width}, ctypes.string_at(embd, size))
+                self.options.cache.put(key, {"tokens": chunk.n_tokens, "width": width}, encoded.tobytes())
         t1 = time.perf_counter()
         new_n_past = llama.llama_pos(n_past)
         rc = mtmd.mtmd_helper_decode_image_chunk(
