@@ -131,6 +131,8 @@ def plan_index(
             plan.embed.append(ap)  # the runner reports it (no such file, permission denied)
         elif row is not None and (row.size, row.mtime_ns) == st and row.sha256 in have:
             plan.unchanged += 1
+        elif row is not None and (row.size, row.mtime_ns) == st:
+            plan.embed.append(ap)  # unchanged, but no vector of this model yet (or --redo)
         elif not redo and st[0] in sizes:
             to_hash.append((ap, *st))  # may be content the index has: hash before embedding
         else:
