@@ -6,6 +6,7 @@ path list; a full disk. The server's supervisor is tested in tests/test_reliabil
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -140,3 +141,40 @@ def test_a_misread_name_is_not_quoted_whole(how, strips, clip_gguf, tmp_path):
     assert "bad-clip.gguf" in line and "corrupt" in line
     assert len(r.stderr) < 300, len(r.stderr)
     assert seconds < 30 and peak < 400 * MB, (seconds, peak)
+
+
+# --- 3. a NUL byte in a newline-separated path list -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command,via",
+    [("ask", "stdin"), ("caption", "files-from"), ("embed", "stdin"), ("embed", "files-from")],
+)
+def test_a_nul_byte_in_a_path_list_fails_that_line_only(command, via, smolvlm2_gguf, clip_gguf, tmp_path):
+    """It stopped the whole batch with `vlm: error: ValueError: embedded null byte`, naming nothing; a
+    leading NUL made ask and caption read the line as a group of files."""
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(fz.png_bytes(16, 12))
+    listing = "a.png\nbad\0name.png\n\0b.png\nb.png\n"
+    vlm_model = ["--model", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "--max-tokens", "1"]
+    args = {
+        "ask": ["ask", "-", "What?", *vlm_model, "--out", "out.jsonl"],
+        "caption": ["caption", *vlm_model, "--out", "out.jsonl"],
+        "embed": ["embed", "--model", str(clip_gguf), "--out", "out.npy"],
+    }[command]
+    if via == "stdin":
+        if command != "ask":
+            args.insert(1, "-")
+        r = vlm(*args, cwd=tmp_path, stdin=listing)
+    else:
+        (tmp_path / "list.txt").write_text(listing)
+        r = vlm(*args, "--files-from", "list.txt", cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "ValueError" not in r.stderr, r.stderr
+    where = "standard input" if via == "stdin" else "list.txt"
+    assert f"{where} line 2: the path holds a NUL byte" in r.stderr
+    assert f"{where} line 3: the path holds a NUL byte" in r.stderr
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    by_path = {rec["path"]: rec for rec in records}
+    assert set(by_path) == {"a.png", "bad\u2400name.png", "\u2400b.png", "b.png"}
+    assert "error" not in by_path["a.png"] and "error" not in by_path["b.png"]
+    assert by_path["bad\u2400name.png"]["error"] == by_path["\u2400b.png"]["error"] == "no such file"

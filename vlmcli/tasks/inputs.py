@@ -95,20 +95,31 @@ def read_path_list(stream: IO[str] | IO[bytes], null_separated: bool) -> list[st
     Bytes are decoded with the filesystem encoding and surrogateescape, so any file name
     round-trips; with -0 names may hold newlines.
     """
+    return [p for _, p in numbered_path_list(stream, null_separated)]
+
+
+def numbered_path_list(stream: IO[str] | IO[bytes], null_separated: bool) -> list[tuple[int, str]]:
+    """read_path_list's paths with their line numbers (with NUL separators: their ordinals)."""
     data = stream.read()
     if isinstance(data, str):
         text = data
     else:
         text = os.fsdecode(data)
     if null_separated:
-        return [p for p in text.split("\0") if p]
+        return [(n, p) for n, p in enumerate(text.split("\0"), 1) if p]
     out = []
-    for line in text.split("\n"):
+    for n, line in enumerate(text.split("\n"), 1):
         if line.endswith("\r"):
             line = line[:-1]
         if line.strip():
-            out.append(line)
+            out.append((n, line))
     return out
+
+
+# A NUL byte cannot be in a file name, and a path holding one breaks every call that opens it (and the
+# runner's several-files inputs are NUL-joined): in a newline-separated list it is shown as this symbol
+# instead, so the line's record says no such file and the batch goes on.
+NUL_SHOWN = "\u2400"
 
 
 class _Excluder:
@@ -274,7 +285,14 @@ def expand_inputs(spec: InputSpec, stdin: IO[bytes] | IO[str] | None = None) -> 
     def from_stream(stream: IO[bytes] | IO[str] | None, label: str) -> None:
         if stream is None:
             raise VlmError("no standard input to read paths from", label)
-        for p in read_path_list(stream, spec.null_separated):
+        for n, p in numbered_path_list(stream, spec.null_separated):
+            if "\0" in p:
+                p = p.replace("\0", NUL_SHOWN)
+                where = "standard input" if label == "-" else label
+                warnings.append(
+                    f"{where} line {n}: the path holds a NUL byte (shown as {NUL_SHOWN}), which no file name can: "
+                    "its record says no such file (a list of NUL-separated paths needs -0)"
+                )
             named(p, from_list=True)
 
     for p in spec.paths:
