@@ -245,7 +245,8 @@ def warnings(report: dict[str, Any]) -> list[str]:
         if not has_gpu:
             flag = CMAKE_FLAGS.get(gpu["kind"], "")
             out.append(
-                f"this llama-cpp-python build is CPU-only, but a {gpu['kind'].upper()} GPU is visible ({gpu['evidence']}): "
+                f"this llama-cpp-python build is CPU-only, but a {gpu['kind'].upper()} GPU is visible "
+                f"({gpu['evidence']}): "
                 f"rebuild it with {REBUILD.format(flag=flag, version=version)}"
             )
     if llama.get("amx_compiled_in") and not llama.get("extra_buffers"):
