@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -172,14 +171,14 @@ def _caption(
 
 
 def _time_ns(value: str | None, flag: str) -> int | None:
+    from vlmcli.index.search import date_ns
+
     if value is None:
         return None
     try:
-        when = datetime.fromisoformat(value)
+        return date_ns(value)
     except ValueError:
         raise VlmError(f"{flag}: not a date (YYYY-MM-DD, or YYYY-MM-DDTHH:MM)", exit_code=EXIT_USAGE) from None
-    limit = 2**63 - 1  # SQLite's integers: dates past 2262 compare as the end of time
-    return max(-limit, min(limit, int(when.timestamp() * 1_000_000_000)))
 
 
 def _searcher(

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 import numpy as np
@@ -41,6 +42,13 @@ class Term:
     def describe(self) -> str:
         what = self.text if self.text is not None else (self.image if isinstance(self.image, str) else "<image>")
         return f"{self.weight:+g}*{what}"
+
+
+def date_ns(value: str) -> int:
+    """A date (YYYY-MM-DD, optionally with a time; local time) as nanoseconds since the epoch, within
+    SQLite's integers; ValueError when it is not one (each front end words that its own way)."""
+    limit = 2**63 - 1
+    return max(-limit, min(limit, int(datetime.fromisoformat(value).timestamp() * 1_000_000_000)))
 
 
 def _looks_like_image_file(word: str) -> bool:

@@ -23,7 +23,6 @@ import mimetypes
 import os
 import threading
 from collections.abc import Callable
-from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from vlmcli.errors import VlmError
 from vlmcli.index.dupes import DEFAULT_THRESHOLD, find_duplicates
-from vlmcli.index.search import Filters, Searcher, Term, parse_query
+from vlmcli.index.search import Filters, Searcher, Term, date_ns, parse_query
 
 THUMB_SIZE = 256
 MAX_UPLOAD = 50 << 20
@@ -65,9 +64,9 @@ def _date_ns(value: str | None) -> int | None:
     if not value:
         return None
     try:
-        return int(datetime.fromisoformat(value).timestamp() * 1_000_000_000)
+        return date_ns(value)
     except ValueError:
-        raise VlmError(f"not a date: {value}") from None
+        raise VlmError(f"not a date: {value} (YYYY-MM-DD)") from None
 
 
 class SearchPage:

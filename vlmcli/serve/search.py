@@ -13,7 +13,6 @@ from __future__ import annotations
 import array
 import asyncio
 import threading
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from vlmcli.errors import VlmError
 from vlmcli.index.db import IndexDB, ModelRef
-from vlmcli.index.search import Filters, Searcher, Term, parse_query
+from vlmcli.index.search import Filters, Searcher, Term, date_ns, parse_query
 from vlmcli.serve.errors import ApiError, bad
 from vlmcli.serve.image_urls import RemoteImage, fetch_remote, image_source
 from vlmcli.serve.jobs import RunningJob, pool_for
@@ -110,7 +109,7 @@ def _date_ns(value: str | None, param: str) -> int | None:
     if value is None:
         return None
     try:
-        return int(datetime.fromisoformat(value).timestamp() * 1_000_000_000)
+        return date_ns(value)
     except ValueError:
         raise bad(f"not a date: {value!r} (YYYY-MM-DD)", param) from None
 
