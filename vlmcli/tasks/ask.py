@@ -1,4 +1,5 @@
-"""`ask`: questions about an image, answered by SmolVLM2; one record per image.
+"""`ask`: questions about an image, answered by SmolVLM2; one record per image (or per video, per
+group of images and videos given together, per video segment, or per text-only prompt: media_inputs.py).
 
 The image is decoded in a worker thread, encoded once, and every question is answered from the
 same KV cache (engines/llama.py). A front end that streams sets `on_token` / `on_answer_start` /
@@ -16,8 +17,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from vlmcli.defaults import DEFAULT_MAX_PIXELS
 from vlmcli.errors import VlmError
 from vlmcli.tasks import best_of
-from vlmcli.tasks.resume import Record
+from vlmcli.tasks.media_inputs import MediaInput, PreparedMedia, load_media, sampling_identity
+from vlmcli.tasks.resume import FileKey, Record
 from vlmcli.tasks.task import Task
+from vlmcli.tasks.video import Sampling, is_video
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
         TokenCallback,
         VlmEngine,
     )
+    from vlmcli.engines.media import Media
     from vlmcli.engines.prompt import Turn
     from vlmcli.tasks.structured import Structure
 
@@ -63,6 +67,7 @@ class VlmTask(Task):
     # image); more decode threads only take CPU from llama.cpp's own threads.
     workers: int | None = 1
     prefetch: int | None = 2
+    sampling = Sampling()  # how videos' frames are taken (with_sampling: --fps, --max-frames)
 
     def __init__(
         self,
@@ -113,6 +118,7 @@ class VlmTask(Task):
                 # Only with best-of, so that records of plain runs stay reusable on resume.
                 **({"best_of": n_best, "select": self.select} if n_best > 1 else {}),
                 **({"judge": self.judge.name} if n_best > 1 and self.judge else {}),
+                **sampling_identity(self.sampling),
                 **(self.structure.identity() if self.structure else {}),
             },
         }
@@ -128,8 +134,27 @@ class VlmTask(Task):
         task.identity = task._identity()
         return task
 
+    def with_sampling(self: VlmT, sampling: Sampling) -> VlmT:
+        """This task taking videos' frames by `sampling` (--fps, --max-frames)."""
+        self.sampling = sampling
+        self.identity = self._identity()
+        return self
+
     def close(self) -> None:
         self.engine.close()
+
+    def base(self, input: str) -> Record:
+        return {**MediaInput.parse(input).base(), **self.identity}
+
+    def key(self, input: str, use_hash: bool) -> FileKey | None:
+        return MediaInput.parse(input).key(use_hash)
+
+    def load_input(self, input: str) -> Image.Image | PreparedMedia:
+        """A plain image as ever; a video, several files, a segment or no file as PreparedMedia."""
+        item = MediaInput.parse(input)
+        if item.plain and not is_video(item.paths[0]):
+            return self.load(item.paths[0])
+        return PreparedMedia(item, load_media(item, self.max_pixels, self.engine.vision.tile_size, self.sampling))
 
     def _inputs(self) -> dict[str, Any]:
         return {"prompts": self.prompts}
@@ -139,8 +164,9 @@ class VlmTask(Task):
 
         return load_image(path, max_pixels=self.max_pixels)
 
-    def generate(self, image: Image.Image) -> list[Answer]:
-        """Every prompt answered about one decoded image (with best-of: the chosen candidate)."""
+    def generate(self, image: Media | Sequence[Media] | None) -> list[Answer]:
+        """Every prompt answered about a decoded image, or several images and videos in order, or none
+        (with best-of: the chosen candidate)."""
         started = False  # per answer: the stream starts at its first non-blank piece, as the record's text does
 
         def stream(piece: str) -> bool | None:
@@ -180,15 +206,18 @@ class VlmTask(Task):
         return answers
 
     def _generations(
-        self, image: Image.Image, on_token: TokenCallback | None, on_candidate: CandidateCallback | None
+        self,
+        image: Media | Sequence[Media] | None,
+        on_token: TokenCallback | None,
+        on_candidate: CandidateCallback | None,
     ) -> Iterator[Generation]:
         return self.engine.ask(image, self.prompts, self.generation, on_token, self.on_progress, on_candidate)
 
-    def _choose(self, image: Image.Image, gen: Generation) -> Answer:
+    def _choose(self, image: Media | Sequence[Media] | None, gen: Generation) -> Answer:
         if not gen.candidates:
             return Answer(gen)
         if self.judge is not None:
-            return Answer(gen, self.judge.choose(image, gen.candidates))
+            return Answer(gen, self.judge.choose(_still(image), gen.candidates))
         if self.select == "vote":
             return Answer(gen, best_of.by_vote(gen.candidates, self.structure.vote_key if self.structure else None))
         return Answer(gen, best_of.by_logprob(gen.candidates))
@@ -206,7 +235,8 @@ class VlmTask(Task):
     def _results(self, answers: list[Answer]) -> Record:
         return {"answers": [{"prompt": p, **self._answer_fields(a)} for p, a in zip(self.prompts, answers)]}
 
-    def record(self, answers: list[Answer]) -> Record:
+    def record(self, answers: list[Answer], prepared: PreparedMedia | None = None) -> Record:
+        """The record of one input's answers; with `prepared` (anything but one plain image) its media listed."""
         gens = [a.generation for a in answers]
         first = gens[0]
         enc = first.image
@@ -216,7 +246,7 @@ class VlmTask(Task):
                 if k.endswith("_ms"):
                     timings[k] = round(timings.get(k, 0.0) + v, 2)
         timings["load_ms"] = 0.0  # the model loads once per run, not per image
-        return {
+        record: Record = {
             **self._results(answers),
             "image_size": [enc.width, enc.height],
             "detail": enc.detail,
@@ -229,6 +259,9 @@ class VlmTask(Task):
             },
             "timings": timings,
         }
+        if prepared is not None:
+            record["media"] = prepared.describe(first.media)
+        return record
 
 
 class AskTask(VlmTask):
@@ -236,23 +269,27 @@ class AskTask(VlmTask):
 
     name = "ask"
 
-    def prepare(self, path: str) -> Image.Image:
-        return self.load(path)
+    def prepare(self, path: str) -> Image.Image | PreparedMedia:
+        return self.load_input(path)
 
-    def run(self, prepared: list[Image.Image]) -> list[Record | VlmError]:
+    def run(self, prepared: list[Image.Image | PreparedMedia]) -> list[Record | VlmError]:
         out: list[Record | VlmError] = []
-        for image in prepared:
+        for item in prepared:
             try:
-                out.append(self.record(self.generate(image)))
+                if isinstance(item, PreparedMedia):
+                    out.append(self.record(self.generate(item.media), item))
+                else:
+                    out.append(self.record(self.generate(item)))
             except VlmError as e:
                 out.append(e)
         return out
 
 
 class ChatTask(AskTask):
-    """One conversation about one image (system, user and assistant turns; the image in any of
-    them), answered as its next assistant turn: the whole history goes through the chat template.
-    The record is AskTask's, its one prompt being the last user turn's text."""
+    """One conversation (system, user and assistant turns; images and videos anywhere in them, or none),
+    answered as its next assistant turn: the whole history goes through the chat template, and the KV
+    cells of the history the last turn shares with this one are kept. The record is AskTask's, its one
+    prompt being the last user turn's text."""
 
     name = "chat"
 
@@ -268,24 +305,48 @@ class ChatTask(AskTask):
         structure: Structure | None = None,
     ):
         self.turns = list(turns)
+        # A conversation's next turn shares its history with the last: keep the KV cells between calls.
+        engine.options.reuse_kv = True
         users = [t for t in self.turns if t.role == "user"]
         question = "".join(users[-1].parts) if users else ""
         super().__init__(engine, [question], generation, max_pixels, n_best, select, judge, structure)
 
     def _inputs(self) -> dict[str, Any]:
-        return {"turns": [{"role": t.role, "parts": list(t.parts), "image_at": t.image_at} for t in self.turns]}
+        turns = [{"role": t.role, "parts": list(t.parts), "media": [list(m) for m in t.slots()]} for t in self.turns]
+        return {"turns": turns}
 
     def _generations(
-        self, image: Image.Image, on_token: TokenCallback | None, on_candidate: CandidateCallback | None
+        self,
+        image: Media | Sequence[Media] | None,
+        on_token: TokenCallback | None,
+        on_candidate: CandidateCallback | None,
     ) -> Iterator[Generation]:
         return self.engine.chat_turns(image, self.turns, self.generation, on_token, self.on_progress, on_candidate)
 
 
 def turns_from(messages: Sequence[dict[str, Any]]) -> list[Turn]:
-    """A front end's parsed messages, {"role", "parts": [texts], "image_at": index or None}, as ChatTask's turns."""
+    """A front end's parsed messages, {"role", "parts": [texts], "media": [[index, "image" | "video"], ...]}
+    (or the one-image form "image_at": index), as ChatTask's turns."""
     from vlmcli.engines.prompt import Turn  # here, not at the top: the CLI imports this module for its defaults
 
-    return [Turn(m["role"], tuple(m["parts"]), m.get("image_at")) for m in messages]
+    return [
+        Turn(m["role"], tuple(m["parts"]), m.get("image_at"), tuple((int(i), str(k)) for i, k in m.get("media", ())))
+        for m in messages
+    ]
+
+
+def _still(media: Media | Sequence[Media] | None) -> Image.Image:
+    """The picture a CLIP judge compares answers with: the first image, or a video's middle frame."""
+    from vlmcli.engines.media import VideoFrames
+
+    items = list(media) if isinstance(media, (list, tuple)) else ([] if media is None else [media])
+    for item in items:
+        if isinstance(item, VideoFrames):
+            if item.frames:
+                return item.frames[len(item.frames) // 2]
+        else:
+            return item
+    raise VlmError("--select clip compares answers with an image; this prompt has none")
 
 
 def answers_text(record: Record) -> str:

@@ -16,8 +16,6 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from vlmcli.errors import ImageError, VlmError
 
 if TYPE_CHECKING:
@@ -60,6 +58,8 @@ def sample_indices(
     total_frames: int, video_fps: float, duration: float, fps: float, max_frames: int, skip_s: float = SKIP_SECONDS
 ) -> list[int]:
     """The frame indices SmolVLM2's processor takes from a video (see the module doc)."""
+    import numpy as np  # here: the CLI imports this module for its defaults
+
     if total_frames <= 0:
         return []
     wanted = max(1, min(int(round(fps * duration)), max_frames))
