@@ -25,8 +25,11 @@ from PIL import Image
 from vlmcli.defaults import DEFAULT_N_CTX
 from vlmcli.engines import detail as detail_policy
 from vlmcli.engines import media_plan
+from vlmcli.engines.constrained import ChainSampler, ConstrainedSampler, Pieces, Sampler, parse_for_closing
 from vlmcli.engines.cores import CoreShare
 from vlmcli.engines.encoding_cache import EncodingCache, image_digest
+from vlmcli.engines.gbnf import Grammar
+from vlmcli.engines.json_schema import Constraint
 from vlmcli.engines.llama_native import (
     build_id,
     clear_native_errors,
@@ -47,6 +50,7 @@ from vlmcli.engines.prompt import (
     question_layout,
     split_media,
 )
+from vlmcli.engines.siglip_chunks import ChunkEncoder, MtmdEncoder, open_chunk_encoder
 from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
 from vlmcli.gguf.reader import GgufInfo
 from vlmcli.gguf.validate import require_kind
@@ -66,6 +70,7 @@ MAX_BATCH = 8192  # llama.cpp reserves compute buffers (logits included) for a w
 MAX_TILES = 1024  # far beyond any model's tiling; keeps mtmd's int32 token cap from overflowing
 UINT32_MAX = 2**32 - 1  # llama_context_params.n_ctx is a uint32_t
 MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 
 @dataclass
@@ -111,9 +116,13 @@ class GenerationOptions:
     seed: int = 0
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
     n: int = 1  # candidates: n sequences from one prompt evaluation, decoded in one batch per step
+    constraint: Constraint | None = None  # a grammar the answer follows, closed inside max_tokens (constrained.py)
+    logprobs: int | None = None  # n = 1: each token's log-probability and this many alternatives (0-20)
 
     def validate(self) -> None:
         _need_int("max_tokens", self.max_tokens, 0, UINT32_MAX, "a token count")
+        if self.logprobs is not None:
+            _need_int("top_logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS, "a count of alternatives")
         _need_int("seed", self.seed, -(2**63), 2**64 - 1, "a seed")
         for option, value, ok, what in (
             ("temperature", self.temperature, lambda v: v >= 0, "0 (greedy) or more"),
@@ -170,6 +179,15 @@ class ImageEncoding:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's bytes and natural-log probability under the model, with the likeliest alternatives."""
+
+    piece: bytes
+    logprob: float
+    top: list[tuple[bytes, float]]
+
+
+@dataclass
 class Candidate:
     """One of n sampled continuations, with the model's log-probability of each of its tokens."""
 
@@ -189,10 +207,11 @@ class Generation:
     text: str
     prompt_tokens: int
     generated_tokens: int
-    stop_reason: str  # eos | length | stopped
+    stop_reason: str  # eos | length | stopped | closed (a constrained answer completed at the token budget)
     image: ImageEncoding
     timings: Timings = field(default_factory=Timings)
     candidates: list[Candidate] = field(default_factory=list)  # options.n > 1: all of them (text = the first's)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # options.logprobs set: one per generated token
     media: list[ImageEncoding] = field(default_factory=list)  # each image and video of the prompt, in order
 
 
@@ -358,6 +377,10 @@ class VlmEngine(NativeResource):
         self._ctx = None
         # (image_max_tokens (-1 = model default), threads) -> mtmd context: both are fixed per context in mtmd
         self._mtmd: dict[tuple[int, int], object] = {}
+        self.image_encoder: ChunkEncoder = MtmdEncoder()  # what encodes image chunks (siglip_chunks.py)
+        self.image_encoder: ChunkEncoder = MtmdEncoder()  # what encodes image chunks (siglip_chunks.py)
+        self._grammars: dict[str, Grammar | None] = {}  # constraints' grammars as gbnf.py follows them
+        self._pieces: Pieces | None = None  # the vocabulary's pieces, read at the first constrained answer
         self._batch: llama.llama_batch | None = None
         self._kv: list[media_plan.Entry] = []  # what sequence 0 of the KV cache holds (reused by the next prompt)
         t0 = time.perf_counter()
@@ -443,6 +466,7 @@ class VlmEngine(NativeResource):
         # Open the projector now, so a bad mmproj fails at load, not at the first image; with the
         # token cap this engine's detail setting uses most (each cap costs a copy of its weights).
         self._mtmd_context(self._token_cap(self._usual_max_tiles()))
+        self.image_encoder = open_chunk_encoder(self.mmproj_path, self.mmproj_info, not self.uses_gpu, self.n_threads)
 
     def _usual_max_tiles(self) -> int | None:
         """The tile cap most images get under the configured detail (None = the model's full tiling)."""
@@ -510,6 +534,7 @@ class VlmEngine(NativeResource):
         return self.options.n_gpu_layers != 0 and bool(llama.llama_supports_gpu_offload())
 
     def close(self) -> None:
+        self.image_encoder.close()
         for ctx in self._mtmd.values():
             mtmd.mtmd_free(ctx)
         self._mtmd.clear()
@@ -815,13 +840,11 @@ class VlmEngine(NativeResource):
             embd = ctypes.cast(cached, ctypes.POINTER(ctypes.c_float))
             passes = 0
         else:
-            rc = mtmd.mtmd_encode_chunk(ctx, chunk.ptr)
-            if rc != 0:
-                raise VlmError(f"the vision encoder failed (code {rc})")
-            embd = mtmd.mtmd_get_output_embd(ctx)
+            encoded = self.image_encoder.encode(ctx, chunk.ptr, chunk.n_tokens, width, self.n_threads)
+            embd = encoded.ctypes.data_as(ctypes.POINTER(ctypes.c_float))  # alive until decoded below
             passes = 1
             if key is not None and self.options.cache is not None and size:
-                self.options.cache.put(key, {"tokens": chunk.n_tokens, "width": width}, ctypes.string_at(embd, size))
+                self.options.cache.put(key, {"tokens": chunk.n_tokens, "width": width}, encoded.tobytes())
         t1 = time.perf_counter()
         new_n_past = llama.llama_pos(n_past)
         rc = mtmd.mtmd_helper_decode_image_chunk(
@@ -985,21 +1008,26 @@ class VlmEngine(NativeResource):
         timings: Timings,
         on_token: TokenCallback | None,
     ) -> Generation:
-        sampler = _make_sampler(options)
+        budget = min(options.max_tokens, self.n_ctx - n_past)
+        sampler = self._sampler(options, options.seed, budget)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
+        logprobs: list[TokenLogprob] = []
         n_prompt = n_past
         stop = "length"
         generated = 0
         t0 = time.perf_counter()
         try:
-            budget = min(options.max_tokens, self.n_ctx - n_past)
             for _ in range(max(0, budget)):
-                tok = llama.llama_sampler_sample(sampler, self._ctx, -1)
+                tok = sampler.sample(-1)
+                if tok is None:
+                    break  # closed (or, never expected, the grammar could not be followed): see below
                 if not options.ignore_eos and (tok in self.eos_ids or llama.llama_vocab_is_eog(self._vocab, tok)):
                     stop = "eos"
                     break
                 generated += 1
+                if options.logprobs is not None:
+                    logprobs.append(self._token_logprob(tok, options.logprobs))
                 text = decoder.decode(self._piece(tok))
                 if text:
                     pieces.append(text)
@@ -1009,8 +1037,10 @@ class VlmEngine(NativeResource):
                 if generated >= budget:
                     break
                 n_past = self._decode_tokens([tok], n_past, logits_last=True)
+            if stop == "length" and sampler.closed:
+                stop = "closed"
         finally:
-            llama.llama_sampler_free(sampler)
+            sampler.free()
         tail = decoder.decode(b"", final=True)
         if tail:
             pieces.append(tail)
@@ -1026,6 +1056,35 @@ class VlmEngine(NativeResource):
             stop_reason=stop,
             image=enc,
             timings=timings,
+            logprobs=logprobs,
+        )
+
+    def _sampler(self, options: GenerationOptions, seed: int, budget: int) -> Sampler:
+        """One sequence's sampler: the sampling chain, under the options' grammar when there is one."""
+        chain = _make_sampler(GenerationOptions(temperature=options.temperature, top_p=options.top_p, seed=seed))
+        if options.constraint is None:
+            return ChainSampler(chain, self._ctx)
+        c = options.constraint
+        if c.gbnf not in self._grammars:
+            self._grammars[c.gbnf] = parse_for_closing(c)
+        grammar = self._grammars[c.gbnf]
+        if grammar is not None and self._pieces is None:
+            self._pieces = Pieces(self.n_vocab, self._piece, lambda t: not llama.llama_vocab_is_eog(self._vocab, t))
+        return ConstrainedSampler(
+            self._vocab, self._ctx, self.n_vocab, chain, c, grammar, self._pieces, self._piece, budget
+        )
+
+    def _token_logprob(self, token: int, top: int) -> TokenLogprob:
+        """The last logits row's log-probability of `token` and its `top` most likely alternatives."""
+        logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
+        peak = float(logits.max())
+        norm = peak + math.log(float(np.exp(logits - peak).sum()))
+        best = np.argpartition(-logits, top)[:top] if top else np.zeros(0, dtype=np.int64)
+        best = best[np.argsort(-logits[best], kind="stable")]
+        return TokenLogprob(
+            self._piece(token),
+            float(logits[token]) - norm,
+            [(self._piece(int(t)), float(logits[t]) - norm) for t in best],
         )
 
     def _is_end(self, token: int, options: GenerationOptions) -> bool:
@@ -1057,18 +1116,20 @@ class VlmEngine(NativeResource):
         memory = llama.llama_get_memory(self._ctx)
         for seq in range(1, n):
             llama.llama_memory_seq_cp(memory, 0, seq, -1, -1)
-        samplers = [
-            _make_sampler(
-                GenerationOptions(temperature=options.temperature, top_p=options.top_p, seed=options.seed + i)
-            )
-            for i in range(n)
-        ]
+        budget = min(options.max_tokens, (self.n_ctx - n_past) // n)
+        samplers: list[Sampler] = []
+        try:
+            for i in range(n):
+                samplers.append(self._sampler(options, options.seed + i, budget))
+        except VlmError:
+            for sampler in samplers:
+                sampler.free()
+            raise
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
         stops = ["length"] * n
         row = [-1] * n  # each sequence's logits row in the last batch (-1: the prompt's last token)
         active = list(range(n))
-        budget = min(options.max_tokens, (self.n_ctx - n_past) // n)
         b = self._token_batch()
         pos = _positions(b)
         t0 = time.perf_counter()
@@ -1076,7 +1137,9 @@ class VlmEngine(NativeResource):
             for step in range(max(0, budget)):
                 going = []
                 for seq in active:
-                    tok = llama.llama_sampler_sample(samplers[seq], self._ctx, row[seq])
+                    tok = samplers[seq].sample(row[seq])
+                    if tok is None:
+                        continue  # closed: see below
                     if self._is_end(tok, options):
                         stops[seq] = "eos"
                         continue
@@ -1099,9 +1162,10 @@ class VlmEngine(NativeResource):
                 rc = llama.llama_decode(self._ctx, b)
                 if rc != 0:
                     raise VlmError(f"llama.cpp failed to decode {len(active)} candidates (code {rc})")
+            stops = ["closed" if s == "length" and sampler.closed else s for s, sampler in zip(stops, samplers)]
         finally:
             for sampler in samplers:
-                llama.llama_sampler_free(sampler)
+                sampler.free()
             for seq in range(1, n):
                 llama.llama_memory_seq_rm(memory, seq, -1, -1)
         timings.decode_ms = (time.perf_counter() - t0) * 1000
