@@ -113,11 +113,13 @@ def index_command(
             summary = batch_cli.execute(executor, args.for_inputs(args.inputs, use_hash=True), plan.embed, sink)
         index.prune()
         if not summary.interrupted:
-            from vlmcli.index.ann import refresh
+            from vlmcli.index import ann
 
-            built = refresh(index, ref.hash)  # large collections: an approximate index for fast queries
+            built = ann.refresh(index, ref.hash)  # large collections: an approximate index for fast queries
             if built and not args.quiet:
                 info(f"vlm: approximate vector index of {built} images rebuilt")
+            elif not ann.available() and not args.quiet and ann.count_rows(index, ref.hash) >= ann.MIN_ROWS:
+                info("vlm: note: searches of this many images are faster with pip install 'vlmcli[index]' (faiss)")
         if captions and not summary.interrupted:
             summary = summary + _caption(index, args, found, caption_model, detail, offline, threads, n_gpu_layers)
     summary.total += plan.unchanged + plan.relinked

@@ -92,6 +92,12 @@ class IvfIndex:
         return ids[0][keep].astype(np.int64), scores[0][keep].astype(np.float32)
 
 
+def count_rows(db: IndexDB, model_hash: str) -> int:
+    """Searchable rows of the model: files with a vector of it."""
+    sql = "SELECT COUNT(*) FROM files f JOIN vectors v ON v.sha256 = f.sha256 WHERE v.model_hash = ?"
+    return int(db.conn.execute(sql, (model_hash,)).fetchone()[0])
+
+
 def refresh(db: IndexDB, model_hash: str, min_rows: int = MIN_ROWS) -> int | None:
     """Build the model's index if the collection is large enough and the saved one is stale; the
     number of rows indexed, or None when nothing was built (small, fresh, or faiss missing)."""
@@ -99,9 +105,7 @@ def refresh(db: IndexDB, model_hash: str, min_rows: int = MIN_ROWS) -> int | Non
         return None
     generation = db.generation()
     path = ann_path(db.path, model_hash)
-    rows = db.conn.execute(
-        "SELECT COUNT(*) FROM files f JOIN vectors v ON v.sha256 = f.sha256 WHERE v.model_hash = ?", (model_hash,)
-    ).fetchone()[0]
+    rows = count_rows(db, model_hash)
     if rows < min_rows:
         for stale in (path, path.with_suffix(".json")):
             stale.unlink(missing_ok=True)
