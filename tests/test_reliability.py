@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import struct
 import subprocess
 import sys
@@ -178,3 +179,82 @@ def test_a_nul_byte_in_a_path_list_fails_that_line_only(command, via, smolvlm2_g
     assert set(by_path) == {"a.png", "bad\u2400name.png", "\u2400b.png", "b.png"}
     assert "error" not in by_path["a.png"] and "error" not in by_path["b.png"]
     assert by_path["bad\u2400name.png"]["error"] == by_path["\u2400b.png"]["error"] == "no such file"
+
+
+# --- 4. a full disk names the file, and the run resumes after it -------------------------------------
+
+
+class SmallDisk:
+    """A 64 KB tmpfs with 12 KB free (root), or else the child's file-size limit at 4 KB (EFBIG, which
+    the sinks take as they take ENOSPC; VLM_TEST_NO_MOUNT=1 tries it as root). `free()` makes room for the
+    resumed run."""
+
+    def __init__(self, root: Path):
+        self.dir = root / "small"
+        self.dir.mkdir()
+        mounted = (
+            os.geteuid() == 0
+            and not os.environ.get("VLM_TEST_NO_MOUNT")
+            and (
+                subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(self.dir)], capture_output=True)
+            ).returncode
+            == 0
+        )
+        self.mounted = mounted
+        self.limit: int | None = None
+        if mounted:
+            (self.dir / "filler").write_bytes(b"\0" * 52 * 1024)
+        else:
+            self.limit = 4096
+
+    def preexec(self) -> None:
+        if self.limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self.limit))
+
+    def free(self) -> None:
+        if self.mounted:
+            (self.dir / "filler").unlink()
+        self.limit = None
+
+    def close(self) -> None:
+        if self.mounted:
+            subprocess.run(["umount", str(self.dir)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = SmallDisk(tmp_path)
+    yield disk
+    disk.close()
+
+
+@pytest.mark.parametrize("out", ["out.npy", "out.jsonl"])
+def test_a_full_disk_names_the_file_and_the_resume_loses_nothing(out, small_disk, clip_gguf, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(60):
+        (images / f"{i:02d}.png").write_bytes(fz.png_bytes(16, 12, seed=i))
+    target = small_disk.dir / out
+    command = ["embed"] if out.endswith(".npy") else ["classify", "--labels", "a,b"]
+    args = [*command, str(images), "--model", str(clip_gguf), "--out", str(target), "--batch-size", "4"]
+    r = vlm(*args, cwd=tmp_path, preexec_fn=small_disk.preexec)
+    line = one_error_line(r)
+    assert "No space left on device" in line or "File too large" in line, line
+    assert str(small_disk.dir) in line and "kept" in line and "run the same command again" in line
+    meta = target.with_suffix(".jsonl")
+    first = meta.read_bytes()
+    assert first.endswith(b"\n")  # the batch that did not fit was cut: no torn line
+    done_first = {json.loads(x)["path"] for x in first.splitlines()}
+    assert 0 < len(done_first) < 60
+
+    small_disk.free()
+    r = vlm(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(x) for x in meta.read_bytes().splitlines()]
+    paths = [rec["path"] for rec in records]
+    assert sorted(paths) == sorted(str(p) for p in images.iterdir())  # none lost, none twice
+    assert done_first <= set(paths) and not any("error" in rec for rec in records)
+    if out.endswith(".npy"):
+        import numpy as np
+
+        assert np.load(target).shape[0] == 60 and sorted(rec["row"] for rec in records) == list(range(60))

@@ -7,6 +7,7 @@ metadata pointing past the .npy's rows is dropped. So Ctrl-C or a crash never le
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import IO
@@ -16,7 +17,7 @@ import numpy as np
 from vlmcli.errors import VlmError
 from vlmcli.files import atomic_write
 from vlmcli.tasks.resume import Record, ResumeIndex, ResumePlan, identity_matches
-from vlmcli.tasks.sinks import LineFile, Sink, read_jsonl, recover_lines, to_json_line
+from vlmcli.tasks.sinks import LineFile, Sink, read_jsonl, recover_lines, to_json_line, write_failed
 
 NPY_HEADER_BYTES = 128  # fixed, so the header (shape) can be rewritten in place as rows are appended
 
@@ -86,7 +87,7 @@ class NpySink(Sink):
                 self.npy_path,
             )
         data_rows = 0
-        if npy_exists:
+        if npy_exists and self.npy_path.stat().st_size >= NPY_HEADER_BYTES:  # shorter: a full disk cut its header
             _, self.dim, self._header_len = read_npy_header(self.npy_path)
             data_rows = (self.npy_path.stat().st_size - self._header_len) // (4 * self.dim) if self.dim else 0
         # The metadata is the truth, but only for rows that reached the .npy.
@@ -183,14 +184,17 @@ class NpySink(Sink):
                 self.dim = int(block.shape[1])
             if block.shape[1] != self.dim:
                 raise VlmError(f"embedding width {block.shape[1]} differs from the file's {self.dim}", self.npy_path)
-            if self._npy is None:
-                self._npy = open(self.npy_path, "w+b")
-                self._header_len = NPY_HEADER_BYTES
-                self._write_header()
-            # Rows first, then the header, then the metadata that points at them (see module doc).
-            self._npy.seek(self._header_len + self.rows * 4 * self.dim)
-            self._npy.write(block.tobytes())
-            self._npy.flush()
+            try:
+                if self._npy is None:
+                    self._npy = open(self.npy_path, "w+b")
+                    self._header_len = NPY_HEADER_BYTES
+                    self._write_header()
+                # Rows first, then the header, then the metadata that points at them (see module doc).
+                self._npy.seek(self._header_len + self.rows * 4 * self.dim)
+                self._npy.write(block.tobytes())
+                self._npy.flush()
+            except OSError as e:  # a full disk: the rows of this batch have no records, so resume redoes them
+                raise write_failed(e, self.npy_path, self._kept()) from None
         row = self.rows
         for r in records:
             r.pop(self.vector_key, None)
@@ -205,9 +209,19 @@ class NpySink(Sink):
         self._meta.append(b"".join(to_json_line(r) for r in records))
 
     def close(self) -> None:
-        if self._npy is not None:
-            self._npy.flush()
-            os.fsync(self._npy.fileno())
-            self._npy.close()
-            self._npy = None
-        self._meta.close()
+        try:
+            if self._npy is not None:
+                try:
+                    self._npy.flush()
+                    os.fsync(self._npy.fileno())
+                except OSError as e:  # rows a full disk did not take: their records were never written
+                    raise write_failed(e, self.npy_path, self._kept()) from None
+                finally:
+                    with contextlib.suppress(OSError):
+                        self._npy.close()
+                    self._npy = None
+        finally:
+            self._meta.close()
+
+    def _kept(self) -> str:
+        return f"the rows before this batch and their records in {self.meta_path.name} are kept"

@@ -7,6 +7,7 @@ before appending (`recover_lines`). The .npy embedding sink is in npy.py.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -95,6 +96,15 @@ def recover_lines(path: Path, terminator: bytes = b"\n") -> None:
         f.truncate(keep)
 
 
+def write_failed(error: OSError, path: Path, kept: str) -> VlmError:
+    """An output file that could not be written, named, with what it keeps and how to go on."""
+    return VlmError(
+        f"cannot write ({error.strerror or error}): {kept}; free space (or raise the limit) and run the same "
+        "command again to go on from there",
+        path,
+    )
+
+
 class LineFile:
     """An append-only file of records, one complete record per write()."""
 
@@ -108,10 +118,22 @@ class LineFile:
 
     def append(self, data: bytes) -> None:
         assert self._fd is not None
+        try:
+            start: int | None = os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError:  # a pipe or terminal: nothing to cut
+            start = None
         view = memoryview(data)
-        while view:  # write() to a regular file writes everything; loop for the odd short write
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            while view:  # write() to a regular file writes everything; loop for the odd short write
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as e:
+            # A full disk (ENOSPC, EDQUOT) or file-size limit (EFBIG): cut what this batch got onto the
+            # disk, so the file ends on its last whole record, and say which file and what it keeps.
+            if start is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)
+            raise write_failed(e, self.path, "every record written before this batch is kept") from None
 
     def close(self) -> None:
         if self._fd is not None:
