@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from vlmcli.cli import batch as batch_cli
+from vlmcli.cli import media_options as media_cli
 from vlmcli.cli.app import (
     CtxOpt,
     GpuOpt,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from vlmcli.tasks.caption import CaptionTask
     from vlmcli.tasks.models import ModelSpec
     from vlmcli.tasks.structured import Structure
+    from vlmcli.tasks.video import Sampling
 
 # Options shared by ask and caption (Typer has no option groups; these keep the two in step).
 # Short flags as llama.cpp's: -m model, -n tokens, -c context, -s seed, -ngl GPU layers.
@@ -124,13 +126,15 @@ def _ask_task(
     n_best: int,
     select: str,
     structure: Structure | None = None,
+    sampling: Sampling | None = None,
     judge: ClipJudge | None = None,
 ) -> AskTask:
     from vlmcli.tasks.ask import AskTask
     from vlmcli.tasks.models import open_model
 
     engine = open_model(spec, "vlm", notify=info).engine
-    return AskTask(engine, questions, gen, max_pixels, n_best, select, judge, structure)
+    task = AskTask(engine, questions, gen, max_pixels, n_best, select, judge, structure)
+    return task.with_sampling(sampling) if sampling is not None else task
 
 
 def _caption_task(
@@ -141,13 +145,15 @@ def _caption_task(
     n_best: int,
     select: str,
     structure: Structure | None = None,
+    sampling: Sampling | None = None,
     judge: ClipJudge | None = None,
 ) -> CaptionTask:
     from vlmcli.tasks.caption import CaptionTask
     from vlmcli.tasks.models import open_model
 
     engine = open_model(spec, "vlm", notify=info).engine
-    return CaptionTask(engine, gen, prompt, max_pixels, n_best, select, judge, structure)
+    task = CaptionTask(engine, gen, prompt, max_pixels, n_best, select, judge, structure)
+    return task.with_sampling(sampling) if sampling is not None else task
 
 
 def _structure(json_schema: str | None, grammar: str | None) -> Structure | None:
@@ -215,17 +221,23 @@ def _print_choices(task: AskTask, verbose: bool) -> Callable[[dict], None]:
 
 
 @app.command(
-    help="Ask SmolVLM2 about an image; the answer streams to stdout. "
-    "Folders, globs and - give one JSONL record per image."
+    help="Ask SmolVLM2 about an image or video (several with -i, none with --no-image); the answer streams to "
+    "stdout. Folders, globs and - give one JSONL record per file."
 )
 @batch_cli.with_batch_options()
 def ask(
-    image: str = typer.Argument(..., help="Image file; or a folder, a glob, or - (paths on stdin) for batch mode."),
+    image: str | None = typer.Argument(
+        None, help="Image or video file; or a folder, a glob, or - (paths on stdin) for batch mode."
+    ),
     prompts: list[str] | None = typer.Argument(
         None,
         help="One or more questions; the image is encoded once for all. "
-        "With --files-from every argument is a question.",
+        "With --files-from, -i or --no-image every argument is a question.",
     ),
+    images: list[str] | None = media_cli.ImagesOpt,
+    no_image: bool = media_cli.NoImageOpt,
+    fps: float | None = media_cli.FpsOpt,
+    max_frames: int | None = media_cli.MaxFramesOpt,
     model: str | None = ModelOpt,
     mmproj: str | None = MmprojOpt,
     max_tokens: int = typer.Option(
@@ -257,14 +269,19 @@ def ask(
     from vlmcli.tasks.ask import answers_text
 
     questions = list(prompts or [])
-    inputs = [image]
-    if batch.files_from:
-        questions.insert(0, image)
+    inputs = [image] if image is not None else []
+    together = bool(images) or no_image
+    if images and no_image:
+        raise VlmError("--image and --no-image exclude each other", exit_code=EXIT_USAGE)
+    if batch.files_from or together:
+        questions = inputs + questions
         inputs = []
     if not questions:
         raise VlmError("give at least one question after the image", exit_code=EXIT_USAGE)
     args = batch.for_inputs(inputs, json=json_out)
-    expansion = batch_cli.expand(args)
+    if together and (args.files_from or args.sidecar):
+        raise VlmError("-i and --no-image make one prompt: no --files-from or --sidecar", exit_code=EXIT_USAGE)
+    expansion = media_cli.together(list(images or [])) if together else batch_cli.expand(args, videos=True)
     if args.sidecar and len(questions) != 1:
         raise VlmError("--sidecar takes one question per image", exit_code=EXIT_USAGE)
     single = batch_cli.is_single(args, expansion)
@@ -281,12 +298,12 @@ def ask(
     else:
         sink = batch_cli.make_sink(args, expansion, ("jsonl", "text"), text=answers_text)
     if single:
-        batch_cli.check_single_image(expansion.paths[0], max_pixels)
+        media_cli.check_single(expansion.paths[0], max_pixels)
     _check_ray(args, n_best, select)
     temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "ask")
     spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, n_best, no_cache)
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    build = (questions, gen, max_pixels, n_best, select, structure)
+    build = (questions, gen, max_pixels, n_best, select, structure, media_cli.sampling(fps, max_frames))
     if args.ray:
         with batch_cli.on_ray(args, "ask", _ask_task, spec, build) as remote:
             batch_cli.run(remote, args, expansion, sink, sidecar_text=answers_text, single=single)
@@ -325,14 +342,14 @@ def _stream_to_terminal(task: AskTask) -> Callable[[bool], None]:
             stderr.print(Text(f"> {task.prompts[i]}", style="bold"))
 
     # The vision encoder can take many seconds before the first token: show it on a terminal.
-    status = stderr.status("encoding the image") if stderr_is_terminal() else None
+    status = stderr.status("encoding the media") if stderr_is_terminal() else None
 
     def encoding(done: int, total: int) -> None:
         if status is None:
             return
         if done == 0:
             status.start()
-        status.update(f"encoding the image: {done}/{total} views")
+        status.update(f"encoding the media: {done}/{total} views")
         if done == total:
             status.stop()
 
@@ -348,14 +365,18 @@ def _stream_to_terminal(task: AskTask) -> Callable[[bool], None]:
 
 
 @app.command(
-    help="Caption images: the caption of one image, `PATH<TAB>caption` for several named files, "
+    help="Caption images and videos: the caption of one, `PATH<TAB>caption` for several named files, "
     "JSONL for folders, globs and lists."
 )
 @batch_cli.with_batch_options()
 def caption(
     images: list[str] | None = typer.Argument(
-        None, help='Image files, folders (recursive), globs (quoted: "photos/**/*.jpg"), or - for paths on stdin.'
+        None,
+        help='Image and video files, folders (recursive), globs (quoted: "photos/**/*.jpg"), or - for paths on stdin.',
     ),
+    fps: float | None = media_cli.FpsOpt,
+    max_frames: int | None = media_cli.MaxFramesOpt,
+    segments: str | None = media_cli.SegmentsOpt,
     prompt: str = typer.Option(DEFAULT_CAPTION_PROMPT, "--prompt", "-p", help="The instruction given with each image."),
     model: str | None = ModelOpt,
     mmproj: str | None = MmprojOpt,
@@ -388,7 +409,11 @@ def caption(
     if not images and not batch.files_from:
         raise VlmError("give image files, folders, globs, - or --files-from", exit_code=EXIT_USAGE)
     args = batch.for_inputs(list(images or []), json=json_out)
-    expansion = batch_cli.expand(args)
+    expansion = batch_cli.expand(args, videos=True)
+    if segments is not None:
+        if args.sidecar:
+            raise VlmError("--segments makes several records per video: no --sidecar", exit_code=EXIT_USAGE)
+        expansion = media_cli.in_segments(expansion, segments)
     single = batch_cli.is_single(args, expansion)
     structure = _structure(json_schema, grammar)
     if structure is not None and structure.is_json:
@@ -410,12 +435,12 @@ def caption(
             csv_row=lambda r: {"caption": caption_text(r) if not r.get("error") else ""},
         )
     if single:
-        batch_cli.check_single_image(expansion.paths[0], max_pixels)
+        media_cli.check_single(expansion.paths[0], max_pixels)
     _check_ray(args, n_best, select)
     temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "caption")
     spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, n_best, no_cache)
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    build = (gen, prompt, max_pixels, n_best, select, structure)
+    build = (gen, prompt, max_pixels, n_best, select, structure, media_cli.sampling(fps, max_frames))
     if args.ray:
         with batch_cli.on_ray(args, "caption", _caption_task, spec, build) as remote:
             batch_cli.run(remote, args, expansion, sink, sidecar_text=caption_text, single=single)

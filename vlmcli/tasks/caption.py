@@ -1,4 +1,5 @@
-"""`caption`: SmolVLM2 describes each image: `ask` with one fixed instruction; records carry "caption"."""
+"""`caption`: SmolVLM2 describes each image or video (or video segment): `ask` with one fixed instruction;
+records carry "caption"."""
 
 from __future__ import annotations
 
@@ -42,5 +43,14 @@ class CaptionTask(AskTask):
 
 
 def caption_text(record: Record) -> str:
-    """A caption on one line (text output, CSV, sidecars)."""
-    return " ".join(str(record.get("caption", "")).split())
+    """A caption on one line (text output, CSV, sidecars); a video segment's after its times."""
+    text = " ".join(str(record.get("caption", "")).split())
+    segment = record.get("segment")
+    if isinstance(segment, dict):
+        return f"[{_clock(segment.get('start', 0))}-{_clock(segment.get('end', 0))}] {text}"
+    return text
+
+
+def _clock(seconds: Any) -> str:
+    s = int(float(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
