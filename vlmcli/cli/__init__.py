@@ -9,7 +9,7 @@ from typing import Protocol, cast
 
 import typer
 
-from vlmcli.cli import batch, clip, convert, doctor, eval, index, lib, serve, store, vlm
+from vlmcli.cli import batch, chat, clip, convert, doctor, eval, index, lib, serve, store, vlm
 from vlmcli.cli.app import app, lighten_help_flags, stderr
 from vlmcli.cli.messages import describe
 from vlmcli.errors import DEBUG_ENV, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, VlmError, debugging
@@ -19,7 +19,7 @@ __all__ = ["app", "main"]
 # Importing the command modules registered their commands on `app`, in the order `vlm --help` lists
 # them: classify, embed (clip); convert, quantize; doctor; eval vqa, caption, zeroshot, retrieval;
 # index, search, dupes; lib build; serve; pull, models, rm (store); ask, caption (vlm).
-COMMAND_MODULES = (clip, convert, doctor, eval, index, lib, serve, store, vlm)
+COMMAND_MODULES = (chat, clip, convert, doctor, eval, index, lib, serve, store, vlm)
 lighten_help_flags(app)
 
 _Kinds = tuple[type[BaseException], ...]
