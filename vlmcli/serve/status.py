@@ -22,7 +22,10 @@ async def health(state: State) -> dict[str, Any]:
                 "kind": p.spec.kind,
                 "queue": p.queue_depth,
                 "restarts": p.restarts,
-                "workers": [{"pid": w.pid, "busy": w.current is not None, "restarts": w.restarts} for w in p.workers],
+                "workers": [
+                    {"pid": w.pid, "alive": w.alive, "busy": w.current is not None, "restarts": w.restarts}
+                    for w in p.workers
+                ],
             }
             for m, p in state.config.pools.items()
         },

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import threading
@@ -111,6 +112,17 @@ def _decode_image(data: bytes, max_pixels: int) -> Any:
     return load_image(io.BytesIO(data), max_pixels=max_pixels)
 
 
+def _decode_media(kind: str, data: bytes, max_pixels: int, frame_size: int) -> Any:
+    """A request's image (decoded as any image) or video (its frames sampled as the CLI samples them)."""
+    import io
+
+    if kind == "video":
+        from vlmcli.tasks.video import load_video
+
+        return load_video(io.BytesIO(data), frame_size)
+    return _decode_image(data, max_pixels)
+
+
 def _run_chat(
     opened: Any, spec: WorkerSpec, job: dict[str, Any], send: Callable[[tuple], None], cancelled: threading.Event
 ) -> dict[str, Any]:
@@ -124,7 +136,7 @@ def _run_chat(
         raise InvalidOption(
             "n", f"{n} choices, but this server opened the model for at most {spec.max_n} (vlm serve --max-n)"
         )
-    image = _decode_image(job["image"], spec.max_pixels)
+    media = [_decode_media(kind, data, spec.max_pixels, opened.engine.vision.tile_size) for kind, data in job["media"]]
     temperature = temperature_for(n, job["temperature"])
     gen = GenerationOptions(
         max_tokens=job["max_tokens"],
@@ -158,7 +170,7 @@ def _run_chat(
             task.on_token = lambda piece: on_piece(0, piece)
         else:
             task.on_candidate_token = on_piece
-    answers = task.generate(image)  # the task's record, and the encoder passes the engine ran (for /metrics)
+    answers = task.generate(media)  # the task's record, and the encoder passes the engine ran (for /metrics)
     result = task.record(answers)
     for h in held.values():
         h.flush()  # what was held back at the end, when no stop sequence came
@@ -395,6 +407,17 @@ class Worker:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def _watch(self, process: Any) -> None:
+        """Wake the supervisor the moment `process` exits, idle or not: it restarts the worker at once,
+        so /health never lists a dead one for long and no job is sent to it."""
+        multiprocessing.connection.wait([process.sentinel])
+        with self.pool._idle_changed:
+            self.pool._idle_changed.notify_all()
+
     def start_process(self, timeout: float = 600.0) -> None:
         """Start the process and wait for its model to load; raise RuntimeError with the child's reason."""
         ctx = multiprocessing.get_context("spawn")
@@ -419,6 +442,7 @@ class Worker:
             raise RuntimeError(message[1])
         self.info = message[1]
         self.process, self.conn = process, parent
+        threading.Thread(target=self._watch, args=(process,), name=f"{self.thread.name}-watch", daemon=True).start()
 
     def _stop_process(self) -> None:
         if self.process is None:
@@ -449,9 +473,12 @@ class Worker:
     def _loop(self) -> None:
         pool = self.pool
         while not pool.closing:
+            if not self.alive:
+                self._restart()  # it died while idle (take() returned when it did)
+                continue
             job = pool.take(self)
             if job is None:
-                return
+                continue  # closing, or the process exited while it waited
             if job.cancelled:
                 continue
             if time.monotonic() >= job.deadline:
@@ -466,6 +493,8 @@ class Worker:
                 self.current = None
 
     def _run(self, job: Job) -> None:
+        if not self.alive:  # died between taking the job and now: the job goes to its replacement
+            self._restart()
         conn = self.conn
         try:
             conn.send(("job", job.kind, job.payload))
@@ -558,11 +587,12 @@ class ModelPool:
             self._idle_changed.notify_all()
 
     def take(self, worker: Worker) -> Job | None:
-        """The next job for `worker` once it is the most recently idle worker; None when closing."""
+        """The next job for `worker` once it is the most recently idle worker; None when closing or when
+        the worker's process has exited (its watcher wakes this wait)."""
         with self._idle_changed:
             self._idle.append(worker)
             try:
-                while not self.closing:
+                while not self.closing and worker.alive:
                     if self._idle[-1] is worker:
                         try:
                             return self.queue.get_nowait()
