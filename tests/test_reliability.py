@@ -258,3 +258,35 @@ def test_a_full_disk_names_the_file_and_the_resume_loses_nothing(out, small_disk
         import numpy as np
 
         assert np.load(target).shape[0] == 60 and sorted(rec["row"] for rec in records) == list(range(60))
+
+
+# --- 6. library warnings only under --debug -----------------------------------------------------------
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def _bad_exif_jpeg(path: Path) -> Path:
+    """A JPEG whose EXIF block points past its end: Pillow warns 'Tag data larger than file'."""
+    from PIL import Image
+
+    ifd = struct.pack("<IH", 8, 2) + struct.pack("<HHII", 0x010F, 2, 64, 1000) + struct.pack("<HHII", 0x0112, 3, 1, 1)
+    Image.new("RGB", (32, 24), (200, 30, 60)).save(path, "JPEG", exif=b"Exif\0\0II*\0" + ifd + b"\0\0\0\0")
+    return path
+
+
+def test_a_corrupt_tiff_is_one_error_line_libtiff_only_under_debug(clip_gguf, tmp_path):
+    """libtiff printed 'tempfile.tif: Using code not yet in table.' on stderr before vlm's own line."""
+    image = DATA / "corrupt-lzw.tif"  # an LZW TIFF with 8 bits flipped
+    args = ["classify", str(image), "--labels", "a,b", "--model", str(clip_gguf)]
+    line = one_error_line(vlm(*args, cwd=tmp_path))
+    assert str(image) in line and "cannot decode" in line
+    debug = vlm("--debug", *args, cwd=tmp_path)
+    assert "Using code not yet in table" in debug.stderr
+
+
+def test_a_pillow_warning_is_shown_only_under_debug(clip_gguf, tmp_path):
+    image = _bad_exif_jpeg(tmp_path / "bad-exif.jpg")
+    args = ["classify", str(image), "--labels", "a,b", "--model", str(clip_gguf)]
+    r = vlm(*args, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "Tag data larger than file" in vlm("--debug", *args, cwd=tmp_path).stderr

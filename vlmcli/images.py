@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import BinaryIO
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmcli.defaults import DEFAULT_MAX_PIXELS
-from vlmcli.errors import ImageError
+from vlmcli.errors import ImageError, debugging
 from vlmcli.image_magic import HEAD_BYTES, is_image_header
 
 # load_image enforces the cap above per call, before decoding; Pillow's own process-wide limit
@@ -45,6 +47,41 @@ def looks_like_image(path: str | os.PathLike[str]) -> bool:
     return is_image_header(head)
 
 
+@functools.cache
+def quiet_libtiff() -> None:
+    """Stop libtiff printing its errors and warnings on stderr (once per process; not under --debug).
+
+    Pillow reads TIFFs through libtiff, whose default handlers print lines such as "LZWDecode: Not
+    enough data at scanline 0" before Pillow raises: an image error then read as two lines. Pillow
+    checks libtiff's return codes, not its messages. The library is found among the process's mapped
+    files (Linux: the copy Pillow loaded, bundled or the system's); elsewhere nothing is changed.
+    """
+    if debugging():
+        return
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split(None, 5)[5].strip() for line in maps if line.count(" ") >= 5 and "/libtiff" in line}
+    except OSError:
+        return
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in (
+            "TIFFSetErrorHandler",
+            "TIFFSetErrorHandlerExt",
+            "TIFFSetWarningHandler",
+            "TIFFSetWarningHandlerExt",
+        ):
+            try:
+                setter = lib[name]
+            except AttributeError:  # an older libtiff without the Ext forms
+                continue
+            setter.restype, setter.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+            setter(None)  # no handler: libtiff prints nothing
+
+
 def load_image(
     path: str | os.PathLike[str] | BinaryIO,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -66,6 +103,7 @@ def load_image(
             raise ImageError("is a directory, not an image", p)
     else:
         source, p = path, None
+    quiet_libtiff()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

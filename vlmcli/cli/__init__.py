@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 from typing import Protocol, cast
 
 import typer
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" in args:  # in the environment, so the engines and Ray's workers see it too
         os.environ[DEBUG_ENV] = "1"
     debug = debugging()
+    if not debug:  # libraries' warnings (Pillow's on a corrupt EXIF block...) are internals, as tracebacks are
+        warnings.simplefilter("ignore")
     args = [a for a in args if a != "--debug"]
     _check_text_arguments(args)
     args = eval.sample_flag(args)
