@@ -39,6 +39,7 @@ import fuzzing as fz  # noqa: E402
 def build_fixtures(work: Path) -> fz.Models:
     from fixtures.clip import build_clip_checkpoint
     from fixtures.smolvlm2 import build_smolvlm2_checkpoint
+
     from vlmcli.convert.clip import convert_clip
     from vlmcli.convert.smolvlm2 import convert_smolvlm2
 
