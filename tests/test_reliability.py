@@ -34,13 +34,15 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def vlm(*args: str, cwd: Path, stdin: str | None = None, **kw) -> subprocess.CompletedProcess[str]:
+def vlm(
+    *args: str, cwd: Path, stdin: str | None = None, env: dict[str, str] | None = None, **kw
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vlmcli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=_env(cwd),
+        env=env or _env(cwd),
         input=stdin,
         timeout=300,
         **kw,
@@ -290,3 +292,40 @@ def test_a_pillow_warning_is_shown_only_under_debug(clip_gguf, tmp_path):
     r = vlm(*args, cwd=tmp_path)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "Tag data larger than file" in vlm("--debug", *args, cwd=tmp_path).stderr
+
+
+# --- 7. a damaged encoding-cache entry is recomputed, and -v says so ---------------------------------
+
+
+def test_a_damaged_cache_entry_is_recomputed_and_noted_under_verbose(smolvlm2_gguf, tmp_path):
+    image = tmp_path / "photo.png"
+    image.write_bytes(fz.png_bytes(64, 48, seed=3))
+    cache = tmp_path / "cache"
+    env = {"VLM_CACHE_DIR": str(cache)}
+    model = ["--model", str(smolvlm2_gguf.model), "--mmproj", str(smolvlm2_gguf.mmproj), "--max-tokens", "4"]
+    args = ["ask", str(image), "What is this?", *model, "--json"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return vlm(*args, *extra, cwd=tmp_path, env={**_env(tmp_path), **env})
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    entries = sorted(cache.rglob("*.enc"))
+    assert entries
+
+    def damage() -> None:
+        for p in cache.rglob("*.enc"):
+            data = bytearray(p.read_bytes())
+            data[-1] ^= 0xFF  # the payload no longer matches its checksum
+            p.write_bytes(bytes(data))
+
+    damage()
+    quiet = run()
+    assert quiet.returncode == 0 and "note" not in quiet.stderr, quiet.stderr
+    damage()
+    noted = run("-v")
+    assert noted.returncode == 0, noted.stderr
+    notes = [line for line in noted.stderr.splitlines() if line.startswith("vlm: note: encoding cache entry")]
+    assert notes and all("damaged" in line and "encoded again" in line for line in notes), noted.stderr
+    answer = [json.loads(r.stdout)["answers"][0]["answer"] for r in (first, quiet, noted)]
+    assert answer[0] == answer[1] == answer[2]

@@ -6,6 +6,7 @@ commands import the tasks and engines they need inside their bodies.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -104,6 +105,18 @@ def print_json(record: dict[str, Any]) -> None:
 def info(message: str) -> None:
     """A notice for the user on stderr (kept out of stdout so results stay parseable)."""
     stderr.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+@functools.cache  # one handler, however often a command asks
+def show_notes() -> None:
+    """-v: what the layers below log at INFO (a damaged cache entry recomputed, ...) as `vlm: note:` lines."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("vlm: note: %(message)s"))
+    logger = logging.getLogger("vlmcli")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def fill_bare_option(args: list[str], flag: str, takes: Callable[[str], bool], bare: str) -> list[str]:

@@ -19,6 +19,7 @@ from vlmcli.cli.app import (
     ThreadsOpt,
     app,
     info,
+    show_notes,
     stderr,
     stderr_is_terminal,
 )
@@ -62,7 +63,11 @@ MaxTilesOpt = typer.Option(
 )
 JsonOpt = typer.Option(False, "--json", help="Print JSON records instead of text.")
 VerboseOpt = typer.Option(
-    False, "--verbose", "-v", help="Show every --best-of candidate (--debug: llama.cpp's own logs too)."
+    False,
+    "--verbose",
+    "-v",
+    help="Show every --best-of candidate, and notes such as a damaged cache entry encoded again "
+    "(--debug: llama.cpp's own logs too).",
 )
 BestOfOpt = typer.Option(
     1, "--best-of", min=1, help="Sample N candidates (one image encoding, decoded together) and keep the best."
@@ -302,6 +307,8 @@ def ask(
     _check_ray(args, n_best, select)
     temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "ask")
     spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, n_best, no_cache)
+    if verbose:
+        show_notes()
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     build = (questions, gen, max_pixels, n_best, select, structure, media_cli.sampling(fps, max_frames))
     if args.ray:
@@ -439,6 +446,8 @@ def caption(
     _check_ray(args, n_best, select)
     temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "caption")
     spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, n_best, no_cache)
+    if verbose:
+        show_notes()
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     build = (gen, prompt, max_pixels, n_best, select, structure, media_cli.sampling(fps, max_frames))
     if args.ray:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import struct
 import tempfile
@@ -35,6 +36,9 @@ MAGIC = b"VLMENC1\n"
 SUFFIX = ".enc"
 DEFAULT_MAX_BYTES = 2 * 1024**3
 RESCAN_SECONDS = 30.0
+
+# Notes for `-v` (cli/app.show_notes): INFO, so nothing is printed unless a front end asks for it.
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,6 +102,9 @@ class EncodingCache:
         if hit is None:
             with contextlib.suppress(OSError):
                 path.unlink()  # corrupt or foreign: recomputed by the caller, rewritten by put()
+            _log.info(
+                "encoding cache entry %s was damaged (or another key's): removed, the image is encoded again", path
+            )
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # least recently used = oldest mtime
