@@ -508,9 +508,11 @@ static void run_vnni(const struct vlm_matmul *op, const struct io *io, int64_t m
 #define KEY_BLOCK 64 /* keys scored at once: up to 8 vectors of 8 scores accumulate in registers */
 
 /* Room attend needs for a sequence of len tokens and heads of hd floats. */
+#define QUERY_BLOCK 6 /* queries of a non-causal sequence scored and weighed together (see attend_block) */
+
 static int64_t attend_scratch(int64_t len, int64_t hd) {
     const int64_t width = (len + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
-    return (hd + 1) * width;
+    return (hd + QUERY_BLOCK) * width;
 }
 
 /* out[0 : 8 n] = sum_j p_j inv v_j[0 : 8 n] for j < keys (v_j at v + j * stride), n a constant after
@@ -572,6 +574,100 @@ TARGET2 static __m256 score_keys(int n, const float *q, const float *kt, int64_t
     return top;
 }
 
+/* score, for QUERY_BLOCK queries (rows qstride apart) at once: each load of the keys feeds QUERY_BLOCK
+   FMAs instead of one (a long sequence's keys do not stay in L1), every score summed as score sums it
+   (the same bits); their scores go to rows width apart, tops[r] their running maxima. n <= 2. */
+TARGET2 static inline __attribute__((always_inline)) void score_block(const int n, const float *q, int64_t qstride,
+        const float *kt, int64_t width, int64_t hd, float scale, int64_t live, float *scores, __m256 *tops) {
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), minus_inf = _mm256_set1_ps(-INFINITY);
+    __m256 acc[QUERY_BLOCK][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < QUERY_BLOCK; r++)
+#pragma GCC unroll 2
+        for (int v = 0; v < n; v++) acc[r][v] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < hd; c++) {
+        __m256 kc[2];
+#pragma GCC unroll 2
+        for (int v = 0; v < n; v++) kc[v] = _mm256_loadu_ps(kt + c * width + 8 * v);
+#pragma GCC unroll 6
+        for (int r = 0; r < QUERY_BLOCK; r++) {
+            const __m256 qc = _mm256_broadcast_ss(q + r * qstride + c);
+#pragma GCC unroll 2
+            for (int v = 0; v < n; v++) acc[r][v] = _mm256_fmadd_ps(qc, kc[v], acc[r][v]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < QUERY_BLOCK; r++)
+#pragma GCC unroll 2
+        for (int v = 0; v < n; v++) {
+            const __m256 in = _mm256_cmp_ps(lane, _mm256_set1_ps((float)(live - 8 * v)), _CMP_LT_OQ);
+            const __m256 sv = _mm256_blendv_ps(minus_inf, _mm256_mul_ps(acc[r][v], _mm256_set1_ps(scale)), in);
+            _mm256_storeu_ps(scores + r * width + 8 * v, sv);
+            tops[r] = _mm256_max_ps(tops[r], sv);
+        }
+}
+
+/* weigh, for QUERY_BLOCK queries (probabilities, already times inv, in rows width apart, outputs d apart) and 8 n floats of
+   the head (n <= 2): each load of v feeds QUERY_BLOCK FMAs, each output summed as weigh sums it. */
+TARGET2 static inline __attribute__((always_inline)) void weigh_block(const int n, const float *v, int64_t stride,
+        const float *p, int64_t width, int64_t keys, float *out, int64_t d) {
+    __m256 o[QUERY_BLOCK][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < QUERY_BLOCK; r++)
+#pragma GCC unroll 2
+        for (int u = 0; u < n; u++) o[r][u] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < keys; j++) {
+        __m256 vj[2];
+#pragma GCC unroll 2
+        for (int u = 0; u < n; u++) vj[u] = _mm256_loadu_ps(v + j * stride + 8 * u);
+#pragma GCC unroll 6
+        for (int r = 0; r < QUERY_BLOCK; r++) {
+            const __m256 pj = _mm256_broadcast_ss(p + r * width + j); /* p_j inv, as weigh rounds it */
+#pragma GCC unroll 2
+            for (int u = 0; u < n; u++) o[r][u] = _mm256_fmadd_ps(pj, vj[u], o[r][u]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < QUERY_BLOCK; r++)
+#pragma GCC unroll 2
+        for (int u = 0; u < n; u++) _mm256_storeu_ps(out + r * d + 8 * u, o[r][u]);
+}
+
+/* QUERY_BLOCK queries from row i of a non-causal sequence of len keys: their scores, softmax and
+   weighted values, with the same bits as attend's one query at a time. */
+TARGET2 static void attend_block(const float *qkv, float *out, int64_t len, int64_t i, int64_t d, int64_t hd,
+                                 float scale, const float *kt, int64_t width, float *scores) {
+    const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+    const int64_t scored = (len + 7) / 8 * 8;
+    __m256 tops[QUERY_BLOCK];
+    for (int r = 0; r < QUERY_BLOCK; r++) tops[r] = minus_inf;
+    for (int64_t j0 = 0; j0 < scored; j0 += 16) {
+        if (scored - j0 >= 16)
+            score_block(2, qkv + i * 3 * d, 3 * d, kt + j0, width, hd, scale, len - j0, scores + j0, tops);
+        else
+            score_block(1, qkv + i * 3 * d, 3 * d, kt + j0, width, hd, scale, len - j0, scores + j0, tops);
+    }
+    for (int r = 0; r < QUERY_BLOCK; r++) {
+        float *row = scores + r * width;
+        const __m256 peak = _mm256_set1_ps(hmax8(tops[r]));
+        __m256 total = _mm256_setzero_ps();
+        for (int64_t j = 0; j < scored; j += 8) {
+            const __m256 sv = _mm256_loadu_ps(row + j);
+            const __m256 e = _mm256_and_ps(exp_neg8(_mm256_sub_ps(sv, peak)), _mm256_cmp_ps(sv, minus_inf, _CMP_NEQ_OQ));
+            _mm256_storeu_ps(row + j, e);
+            total = _mm256_add_ps(total, e);
+        }
+        const float inv = 1.0f / hsum8(total);
+        for (int64_t j = 0; j < len; j++) row[j] *= inv;
+    }
+    for (int64_t c0 = 0; c0 < hd; c0 += 16) {
+        if (hd - c0 >= 16)
+            weigh_block(2, qkv + 2 * d + c0, 3 * d, scores, width, len, out + c0, d);
+        else
+            weigh_block(1, qkv + 2 * d + c0, 3 * d, scores, width, len, out + c0, d);
+    }
+}
+
 /* Attention of one head over one sequence, in F32: out_i = sum_j softmax_j(scale q_i . k_j) v_j, with
    j <= i when causal, for the queries i in [q0, q1) (out starts at query q0's row). qkv holds each
    token's q, k and v side by side (stride 3 d), out each token's heads side by side (stride d); hd is
@@ -588,7 +684,11 @@ TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t q0
         for (int64_t j = len; j < width; j++) kt[c * width + j] = 0.0f;
     }
     const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
-    for (int64_t i = q0; i < q1; i++) {
+    int64_t i = q0;
+    if (!causal) /* a long sequence's keys and values fall out of L1: several queries share each load */
+        for (; i + QUERY_BLOCK <= q1; i += QUERY_BLOCK)
+            attend_block(qkv, out + (i - q0) * d, len, i, d, hd, scale, kt, width, scores);
+    for (; i < q1; i++) {
         const float *q = qkv + i * 3 * d;
         const int64_t keys = causal ? i + 1 : len, scored = (keys + 7) / 8 * 8;
         __m256 top = minus_inf;

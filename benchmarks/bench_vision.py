@@ -1,0 +1,97 @@
+"""SmolVLM2's vision encoder: one 512 px pass on vlm's kernels against mtmd's, on the same mmproj and tile.
+
+Builds (once, cached) the real-size random-weight SmolVLM2 as bench_vlm.py does, opens it in vlm's
+engine, lets mtmd preprocess the sample photo at full detail, and encodes the same tile (one image
+chunk: 1024 patches, 64 tokens) with mtmd_encode_chunk and with vlm's SigLIP encoder, rounds
+interleaved, in one process and at one thread count. Reports the medians, their ratio and the lowest
+per-token cosine between the two encoders' embeddings over every chunk of the photo.
+
+    python benchmarks/bench_vision.py --threads 2 --runs 7
+    VLM_VISION_KERNELS=i16-avx2 python benchmarks/bench_vision.py     # a given form of vlm's kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+SAMPLE = ROOT / "vlmcli" / "data" / "chelsea.jpg"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="256m", choices=("256m", "500m"))
+    ap.add_argument("--quant", default="Q8_0")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlmcli-bench"))
+    args = ap.parse_args()
+
+    from bench_vlm import build_model
+
+    from vlmcli.engines.llama import EngineOptions, VlmEngine
+    from vlmcli.engines.llama_native import mtmd
+    from vlmcli.engines.siglip_chunks import MtmdEncoder, VlmEncoder
+    from vlmcli.engines.vision_path import choose_vision_path
+    from vlmcli.images import load_image
+
+    model, mmproj = build_model(args.size, args.quant, Path(args.cache))
+    engine = VlmEngine(model, mmproj, EngineOptions(detail="high", n_threads=args.threads, n_ctx=4096))
+    path = choose_vision_path(True, engine.mmproj_info)
+    if path.form is None:
+        sys.exit(f"vlm's kernels do not run this projector here: {path.reason}")
+    ours = VlmEncoder.load(mmproj, engine.mmproj_info, path.form, args.threads)
+    theirs = MtmdEncoder()
+    width = ours.siglip.config.projection_dim
+    rgb = np.ascontiguousarray(np.asarray(load_image(SAMPLE).convert("RGB"), dtype=np.uint8))
+    ctx = engine._mtmd_context(-1)
+    chunks_ptr, chunks = engine._tokenize_with_image(rgb, "User:" + mtmd.mtmd_default_marker().decode(), -1)
+    images = [c for c in chunks if c.kind == "image"]
+
+    lowest = 1.0
+    for c in images:
+        a = theirs.encode(ctx, c.ptr, c.n_tokens, width, args.threads)
+        b = ours.encode(ctx, c.ptr, c.n_tokens, width, args.threads)
+        lowest = min(lowest, float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()))
+
+    tile = images[0]
+    times: dict[str, list[float]] = {"mtmd": [], "vlm": []}
+    for _ in range(args.runs):
+        for name, enc in (("mtmd", theirs), ("vlm", ours)):
+            t0 = time.perf_counter()
+            enc.encode(ctx, tile.ptr, tile.n_tokens, width, args.threads)
+            times[name].append(time.perf_counter() - t0)
+    mtmd.mtmd_input_chunks_free(chunks_ptr)
+    ours.close()
+    engine.close()
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        json.dumps(
+            {
+                "model": Path(mmproj).name,
+                "vlm_form": path.form,
+                "threads": args.threads,
+                "runs": args.runs,
+                "chunks": len(images),
+                "median_s": {k: round(v, 3) for k, v in medians.items()},
+                "speedup": round(medians["mtmd"] / medians["vlm"], 2),
+                "lowest_token_cosine": lowest,
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
