@@ -12,6 +12,7 @@ ends with stop reason "closed". Completions are written with the vocabulary's lo
 from __future__ import annotations
 
 import ctypes
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
@@ -22,6 +23,8 @@ from vlmcli.engines.json_schema import Constraint
 from vlmcli.engines.llama_native import llama
 from vlmcli.errors import InvalidOption
 
+MAX_MASKS = 4096  # grammar masks kept per grammar (a packed bit per token: 6 KiB each for 49,152 tokens)
+_MASKS: weakref.WeakKeyDictionary[Grammar, dict[State, np.ndarray]] = weakref.WeakKeyDictionary()
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama.llama_token_data)
 
@@ -102,7 +105,14 @@ class ConstrainedSampler:
             raise InvalidOption("grammar", "llama.cpp cannot parse this grammar")
         self.recognizer = Recognizer(grammar) if grammar is not None and pieces is not None else None
         self.pieces = pieces
-        self.state: State | None = self.recognizer.initial() if self.recognizer else None
+        # Masks by state, shared by every sequence sampling under this grammar.
+        self._masks: dict[State, np.ndarray] = _MASKS.setdefault(grammar, {}) if grammar is not None else {}
+        self.state: State | None = None
+        if self.recognizer is not None:
+            try:
+                self.state = self.recognizer.initial()
+            except GrammarError:  # one gbnf.py cannot follow (left recursion): no closing
+                self.recognizer = None
         self.left = budget  # tokens this sequence may still write
         self.forced: list[int] | None = None  # closing: the completion's tokens still to write
         self._data = np.zeros(n_vocab, dtype=_TOKEN_DATA)
@@ -124,22 +134,40 @@ class ConstrainedSampler:
         tok = self._sample_free(row)
         if llama.llama_vocab_is_eog(self._vocab, tok):
             return tok  # the grammar allows an end only where the answer is complete
-        if self.state is not None and self.recognizer is not None:
-            after = self.recognizer.advance(self.state, self.piece(tok))
-            need = self._need(after) if after is not None else None
-            if need is None or need > self.left - 1:
-                # Taking it could leave the answer unfinished: write the shortest completion instead.
-                completion = self.recognizer.completion(self.state)
-                self.forced = self.pieces.tokens(completion) if completion is not None and self.pieces else None
-                if self.forced is not None:
-                    for t in self.forced:  # follow it, so that `closed` can say the answer is complete
-                        self.state = self.recognizer.advance(self.state, self.piece(t)) if self.state else None
-                    return self._next_forced()
-                self.state = None  # cannot close: sample on under the grammar alone
-            else:
-                self.state = after
+        if self.state is not None and not self._fits_after(tok):
+            # Taking it could leave the answer unfinished: write the shortest completion instead.
+            self.forced = self._completion_tokens()
+            if self.forced is not None:
+                return self._next_forced()
+            self.state = None  # (never expected) it cannot be written: sample on under the grammar alone
         self._accept(tok)
         return tok
+
+    def _fits_after(self, tok: int) -> bool:
+        """Whether the answer can still be completed in budget after `tok`; if so the state moves past it."""
+        assert self.recognizer is not None and self.state is not None
+        try:
+            after = self.recognizer.advance(self.state, self.piece(tok))
+        except GrammarError:  # too ambiguous to follow from here: no closing
+            self.state = None
+            return True
+        need = self._need(after) if after is not None else None
+        if need is None or need > self.left - 1:
+            return False
+        self.state = after
+        return True
+
+    def _completion_tokens(self) -> list[int] | None:
+        """The shortest completion's tokens; the state follows them, so that `closed` can tell."""
+        assert self.recognizer is not None and self.state is not None and self.pieces is not None
+        completion = self.recognizer.completion(self.state)
+        tokens = self.pieces.tokens(completion) if completion is not None else None
+        if tokens is not None:
+            state: State | None = self.state
+            for t in tokens:
+                state = self.recognizer.advance(state, self.piece(t)) if state is not None else None
+            self.state = state
+        return tokens
 
     @property
     def closed(self) -> bool:
@@ -152,21 +180,34 @@ class ConstrainedSampler:
         """A token the grammar allows, from the chain's distribution masked by the grammar. As
         llama.cpp's common sampler does: the chain first on every token, and the grammar over the whole
         vocabulary (the costly part) only when the grammar refuses that token. Drawing again from the
-        masked distribution after a refusal gives the masked distribution exactly."""
-        tok = self._apply(row, with_grammar=False)
-        return tok if self._allowed(tok) else self._apply(row, with_grammar=True)
+        masked distribution after a refusal gives the masked distribution exactly. The grammar's mask
+        is kept per gbnf.py state: states recur (every character of a string is the same state), and a
+        known state's mask is a numpy operation instead of llama.cpp's pass over the vocabulary."""
+        tok = self._apply(row, None)
+        if self._allowed(tok):
+            return tok
+        known = self._masks.get(self.state) if self.state is not None else None
+        if known is not None:
+            tok = self._apply(row, np.unpackbits(known, count=self.n_vocab).astype(bool))
+            if self._allowed(tok):
+                return tok
+        return self._apply(row, True)
 
-    def _apply(self, row: int, with_grammar: bool) -> int:
+    def _apply(self, row: int, mask: np.ndarray | bool | None) -> int:
+        """The chain's token over the row's logits: all of them (None), those `mask` allows, or those
+        llama.cpp's grammar allows (True; the mask it leaves is kept for this state)."""
         logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
         data = self._data
         data["id"] = self._ids
-        data["logit"] = logits
+        data["logit"] = logits if not isinstance(mask, np.ndarray) else np.where(mask, logits, -np.inf)
         data["p"] = 0.0
         arr = llama.llama_token_data_array(
             data.ctypes.data_as(ctypes.POINTER(llama.llama_token_data)), self.n_vocab, -1, False
         )
-        if with_grammar:
+        if mask is True:
             llama.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+            if self.state is not None and len(self._masks) < MAX_MASKS:
+                self._masks[self.state] = np.packbits(np.isfinite(data["logit"]))
         llama.llama_sampler_apply(self.chain, ctypes.byref(arr))
         return int(arr.data[arr.selected].id)
 
