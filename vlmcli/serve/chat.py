@@ -1,5 +1,5 @@
-"""POST /v1/chat/completions: a checked ChatRequest becomes a worker job (the image, the turns, the
-sampling options); its result an OpenAI completion, or server-sent chunks as it is generated."""
+"""POST /v1/chat/completions: a checked ChatRequest becomes a worker job (its images and videos, the turns,
+the sampling options); its result an OpenAI completion, or server-sent chunks as it is generated."""
 
 from __future__ import annotations
 
@@ -26,37 +26,35 @@ router = APIRouter()
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # "closed": a constrained answer completed inside max_tokens (a whole JSON value): it ended, it was not cut.
 FINISH = {"eos": "stop", "length": "length", "stopped": "stop", "closed": "stop"}
+# Far more than any context holds (each image is 64 tokens or more); bounds the work of a hostile request.
+MAX_MEDIA = 256
 
 
 def chat_job(request: ChatRequest, config: ServeConfig) -> dict[str, Any]:
-    """The worker's job: the one image, the turns (role, texts, where the image is), the options."""
-    image: bytes | RemoteImage | None = None
+    """The worker's job: the images and videos of every message in order ("media": [kind, bytes or a
+    RemoteImage]), the turns (role, texts, where each item goes among them), the options. A request
+    without any is a text-only prompt."""
+    media: list[list[Any]] = []
     turns: list[dict[str, Any]] = []
     for i, message in enumerate(request.messages):
         texts: list[str] = []
-        image_at: int | None = None
+        slots: list[list[Any]] = []
         for j, part in enumerate(message.content or []):
             where = f"messages[{i}].content[{j}]"
-            _, value = part_value(part, config, where)
+            kind, value = part_value(part, config, where, videos=True)
             if isinstance(value, str):
                 texts.append(value)
                 continue
-            if image is not None:
-                raise bad("this server takes one image per request", where, "too_many_images")
-            image = value
-            image_at = len(texts)  # the image goes before the texts that follow it
-        turns.append({"role": ROLES[message.role], "parts": texts, "image_at": image_at})
-    if image is None:
-        raise bad(
-            "the request has no image: SmolVLM2 answers about one image (an image_url content part)",
-            "messages",
-            "missing_image",
-        )
+            if len(media) >= MAX_MEDIA:
+                raise bad(f"a request takes at most {MAX_MEDIA} images and videos", where, "too_many_images")
+            media.append([kind, value])
+            slots.append([len(texts), kind])  # before the texts that follow it
+        turns.append({"role": ROLES[message.role], "parts": texts, "media": slots})
     if not any(t["role"] == "user" for t in turns):
         raise bad("the request has no user message", "messages")
     max_tokens = request.max_tokens or request.max_completion_tokens or DEFAULT_MAX_TOKENS
     return {
-        "image": image,
+        "media": media,
         "turns": turns,
         "max_tokens": max_tokens,
         "temperature": request.temperature,
@@ -74,8 +72,9 @@ async def chat_completions(request: ChatRequest, state: State) -> Response:
     config = state.config
     model, pool = pool_for(config, request.model, "vlm")
     job = chat_job(request, config)
-    if isinstance(job["image"], RemoteImage):
-        job["image"] = await fetch_remote(job["image"], config)
+    for item in job["media"]:
+        if isinstance(item[1], RemoteImage):
+            item[1] = await fetch_remote(item[1], config)
     running = RunningJob(pool, "chat", job, config.timeout, image_param="messages")
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     if not job["stream"]:

@@ -1,6 +1,6 @@
-"""Where a request's images come from: a data: URL, a file under --allow-files, or an http(s) URL
-(--allow-remote-images, fetched off the event loop by remote.py). The bytes go to a worker, which
-decodes them with the pixel cap as any image."""
+"""Where a request's images and videos come from: a data: URL, a file under --allow-files, or (images
+only) an http(s) URL (--allow-remote-images, fetched off the event loop by remote.py). The bytes go to a
+worker, which decodes them with the pixel cap as any image, or samples a video's frames."""
 
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ class RemoteImage:
     param: str
 
 
-def decode_data_url(url: str, param: str) -> bytes:
-    """data:[<type>][;base64],<data> -> bytes (base64 only: images are binary)."""
+def decode_data_url(url: str, param: str, what: str = "image") -> bytes:
+    """data:[<type>][;base64],<data> -> bytes (base64 only: images and videos are binary)."""
     head, sep, data = url.partition(",")
+    example = "data:image/png;base64,..." if what == "image" else "data:video/mp4;base64,..."
     if not sep or not head.startswith("data:"):
-        raise bad("malformed data: URL (expected data:image/...;base64,...)", param, "invalid_image_url")
+        raise bad(f"malformed data: URL (expected {example})", param, f"invalid_{what}_url")
     if not head.endswith(";base64"):
-        raise bad("data: URLs of images must be base64-encoded (data:image/png;base64,...)", param, "invalid_image_url")
+        raise bad(f"data: URLs of {what}s must be base64-encoded ({example})", param, f"invalid_{what}_url")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
@@ -71,11 +72,34 @@ def image_source(url: str, config: ServeConfig, param: str) -> bytes | RemoteIma
         raise bad(f"cannot read image file ({e.strerror or e})", param, "invalid_image_url") from None
 
 
-def part_value(part: ContentPart, config: ServeConfig, param: str) -> tuple[str, str | bytes | RemoteImage]:
-    """("text", str) or ("image", bytes | RemoteImage) for a checked content part."""
+def part_value(
+    part: ContentPart, config: ServeConfig, param: str, videos: bool = False
+) -> tuple[str, str | bytes | RemoteImage]:
+    """("text", str), ("image", bytes | RemoteImage) or, where `videos` are taken, ("video", bytes) for a
+    checked content part."""
     if part.image_url is not None:
         return "image", image_source(part.image_url.url, config, param)
+    if part.video_url is not None:
+        if not videos:
+            raise bad("video_url parts are not taken here", param, "unsupported_content")
+        return "video", video_source(part.video_url.url, config, param)
     return "text", part.text or ""
+
+
+def video_source(url: str, config: ServeConfig, param: str) -> bytes:
+    """The bytes a video_url names: a data: URL, or a file under --allow-files (never fetched from the web)."""
+    if url[:16].lower().startswith(("http://", "https://")):
+        raise bad(
+            "remote video URLs are refused by this server; send the video as a data: URL (or a path under "
+            "--allow-files)",
+            param,
+            "remote_video_refused",
+        )
+    if url[:5].lower() == "data:":
+        return decode_data_url(url, param, "video")
+    data = image_source(url, config, param)
+    assert isinstance(data, bytes)  # not http(s): refused above
+    return data
 
 
 async def fetch_remote(image: RemoteImage, config: ServeConfig) -> bytes:

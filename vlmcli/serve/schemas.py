@@ -46,12 +46,13 @@ def _url_object(value: Any) -> Any:
 
 
 class ContentPart(_Request):
-    """A text or an image_url part: chat messages' content, and embeddings' input items. After
-    validation exactly the field its type names is set."""
+    """A text, image_url or video_url part (vLLM's name for a video): chat messages' content, and
+    embeddings' input items (no videos there). After validation exactly the field its type names is set."""
 
     type: StrictStr
     text: StrictStr | None = None
     image_url: Annotated[ImageURL, BeforeValidator(_url_object)] | None = None
+    video_url: Annotated[ImageURL, BeforeValidator(_url_object)] | None = None
 
     @field_validator("text")
     @classmethod
@@ -65,15 +66,19 @@ class ContentPart(_Request):
         if self.type == "text":
             if self.text is None:
                 raise PydanticCustomError("missing", "a text part needs a string 'text'")
-            self.image_url = None
+            self.image_url = self.video_url = None
         elif self.type == "image_url":
             if self.image_url is None:
                 raise PydanticCustomError("missing", "an image_url part needs 'image_url' with a 'url'")
-            self.text = None
+            self.text = self.video_url = None
+        elif self.type == "video_url":
+            if self.video_url is None:
+                raise PydanticCustomError("missing", "a video_url part needs 'video_url' with a 'url'")
+            self.text = self.image_url = None
         else:
             raise PydanticCustomError(
                 "unsupported_content",
-                "content type '{type}' is not supported (text, image_url)",
+                "content type '{type}' is not supported (text, image_url, video_url)",
                 {"type": self.type},
             )
         return self

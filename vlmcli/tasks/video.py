@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from vlmcli.errors import ImageError, VlmError
 
@@ -81,13 +81,15 @@ def _av() -> Any:
 
 
 class _Opened:
-    """An open container and its first video stream; refuses files with none (audio only) or no frames."""
+    """An open container and its first video stream; refuses files with none (audio only) or no frames.
+    `source` is a path, or an open binary file (a server's upload); errors name the path, if any."""
 
-    def __init__(self, path: str):
+    def __init__(self, source: str | IO[bytes]):
         av = _av()
         self.av = av
+        path = source if isinstance(source, str) else None
         try:
-            self.container = av.open(path)
+            self.container = av.open(source)
         except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
             raise ImageError(f"cannot read this video ({_reason(e)})", path) from None
         try:
@@ -133,13 +135,18 @@ def probe(path: str) -> VideoInfo:
 
 
 def load_video(
-    path: str, size: int, sampling: Sampling = Sampling(), start: float | None = None, end: float | None = None
+    source: str | IO[bytes],
+    size: int,
+    sampling: Sampling = Sampling(),
+    start: float | None = None,
+    end: float | None = None,
 ) -> VideoFrames:
     """The frames SmolVLM2 reads of a video (or of its segment start..end seconds), size x size pixels each,
-    with their times from the start of the segment."""
+    with their times from the start of the segment. `source`: a path or an open binary file."""
     from vlmcli.engines.media import VideoFrames
 
-    opened = _Opened(path)
+    path = source if isinstance(source, str) else None
+    opened = _Opened(source)
     try:
         info = opened.info
         first = 0 if start is None else max(0, int(round(start * info.fps)))
@@ -155,7 +162,7 @@ def load_video(
     return VideoFrames(frames, times, n / info.fps, info.width, info.height)
 
 
-def _decode(opened: _Opened, picks: list[int], size: int, path: str) -> list[Image.Image]:
+def _decode(opened: _Opened, picks: list[int], size: int, path: str | None) -> list[Image.Image]:
     """The frames at `picks` (indices), each scaled to size x size as it leaves the decoder."""
     av, stream, container = opened.av, opened.stream, opened.container
     fps = opened.info.fps
