@@ -215,6 +215,38 @@ def install(ffi: Any, lib: Any) -> None:
             runtime.ask(handle, img, text_prompt, forward)
             return runtime.OK
 
+    @export("_vlm_py_ask_media")
+    def ask_media(
+        h: int,
+        media: Any,
+        n_media: int,
+        prompt: Any,
+        out: Any,
+        out_size: int,
+        needed: Any,
+        on_token: Any,
+        user_data: Any,
+    ) -> int:
+        streaming = not x.is_null(on_token)
+        with handles.use(h, "vlm") as handle:
+            count = x.count(n_media, "n_media") if n_media else 0  # none: a text-only prompt
+            if count:
+                x.need(media, "media")
+            items = [x.image(media + i, f"media[{i}]") for i in range(count)]
+            text_prompt = x.text(prompt, "prompt")
+            if not streaming:
+                if x.is_null(out) and out_size:
+                    raise CapiError(runtime.E_INVALID_ARGUMENT, "out is NULL but out_size is not 0")
+                return x.write_text(runtime.ask_media(handle, items, text_prompt, None), out, out_size, needed)
+
+            def forward(piece: str) -> bool | None:
+                data = piece.encode("utf-8")
+                keep_going = on_token(ffi.new("char[]", data), len(data), user_data) == 0
+                return None if keep_going else False
+
+            runtime.ask_media(handle, items, text_prompt, forward)
+            return runtime.OK
+
     @export("_vlm_py_embedding_size")
     def embedding_size(h: int, dim: Any) -> int:
         x.need(dim, "dim")

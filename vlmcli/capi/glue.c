@@ -33,6 +33,9 @@ int32_t _vlm_py_kind(vlm_handle h, int32_t *kind, char *err);
 int32_t _vlm_py_ask(vlm_handle h, const vlm_image *image, const char *prompt, int32_t caption,
                     char *out, size_t out_size, size_t *needed,
                     vlm_token_callback on_token, void *user_data, char *err);
+int32_t _vlm_py_ask_media(vlm_handle h, const vlm_image *media, size_t n_media, const char *prompt,
+                          char *out, size_t out_size, size_t *needed,
+                          vlm_token_callback on_token, void *user_data, char *err);
 int32_t _vlm_py_embedding_size(vlm_handle h, size_t *dim, char *err);
 int32_t _vlm_py_embed_images(vlm_handle h, const vlm_image *images, size_t n, float *out,
                              size_t out_len, size_t *needed, char *err);
@@ -264,6 +267,14 @@ VLM_EXPORT vlm_status vlm_caption(vlm_handle handle, const vlm_image *image,
                                   char *out, size_t out_size, size_t *needed)
 {
     VLM__CALL(handle, _vlm_py_ask(handle, image, NULL, 1, out, out_size, needed, NULL, NULL, err));
+}
+
+VLM_EXPORT vlm_status vlm_ask_media(vlm_handle handle, const vlm_image *media, size_t n_media, const char *prompt,
+                                    char *out, size_t out_size, size_t *needed,
+                                    vlm_token_callback on_token, void *user_data)
+{
+    VLM__CALL(handle, _vlm_py_ask_media(handle, media, n_media, prompt, out, out_size, needed, on_token,
+                                        user_data, err));
 }
 
 VLM_EXPORT vlm_status vlm_embedding_size(vlm_handle handle, size_t *dim)

@@ -329,6 +329,25 @@ def ask(
     return record["answers"][0]["answer"] if prompt is not None else record["caption"]
 
 
+def ask_media(
+    handle: Handle, items: list[str | Image.Image], prompt: str, on_token: Callable[[str], bool | None] | None
+) -> str:
+    """The answer about several images and videos in order (`vlm ask -i A -i B PROMPT`), or none."""
+    from vlmcli.tasks.media_inputs import MediaInput, load_media
+    from vlmcli.tasks.video import Sampling
+
+    task = _vlm_task(handle, prompt)
+    task.on_token = on_token
+    media = []
+    for item in items:
+        if isinstance(item, str):
+            media += load_media(MediaInput((item,)), DEFAULT_MAX_PIXELS, handle.engine.vision.tile_size, Sampling())
+        else:
+            media.append(item)
+    answers = task.generate(media)
+    return task.record(answers)["answers"][0]["answer"]
+
+
 # ---- CLIP ------------------------------------------------------------------------------------
 
 

@@ -157,6 +157,15 @@ vlm_status vlm_ask_stream(vlm_handle handle, const vlm_image *image, const char 
 vlm_status vlm_caption(vlm_handle handle, const vlm_image *image,
                        char *out, size_t out_size, size_t *needed);
 
+/* Answer `prompt` about several images and videos, in order, as `vlm ask -i A -i B PROMPT` does
+ * (n_media 0, media may be NULL: a text-only prompt). A path may name a video (told by its content;
+ * frames taken as `vlm ask` takes them: 1 per second, at most 64); packed pixels are an image.
+ * The answer goes to out[out_size] as with vlm_ask, or, when on_token is not NULL, to on_token as it
+ * is generated (out may then be NULL). A new function: no struct changed, so no ABI version bump. */
+vlm_status vlm_ask_media(vlm_handle handle, const vlm_image *media, size_t n_media, const char *prompt,
+                         char *out, size_t out_size, size_t *needed,
+                         vlm_token_callback on_token, void *user_data);
+
 /* ---- CLIP ------------------------------------------------------------------------------------ */
 
 /* *dim = the length of one embedding. */
