@@ -378,7 +378,6 @@ class VlmEngine(NativeResource):
         # (image_max_tokens (-1 = model default), threads) -> mtmd context: both are fixed per context in mtmd
         self._mtmd: dict[tuple[int, int], object] = {}
         self.image_encoder: ChunkEncoder = MtmdEncoder()  # what encodes image chunks (siglip_chunks.py)
-        self.image_encoder: ChunkEncoder = MtmdEncoder()  # what encodes image chunks (siglip_chunks.py)
         self._grammars: dict[str, Grammar | None] = {}  # constraints' grammars as gbnf.py follows them
         self._pieces: Pieces | None = None  # the vocabulary's pieces, read at the first constrained answer
         self._batch: llama.llama_batch | None = None
@@ -659,9 +658,8 @@ class VlmEngine(NativeResource):
 
     def _plan_view(self, view: media_plan.View) -> _PlannedView:
         image = view.image
-        if view.frame is not None:
-            level, max_tiles = "low", 1  # frames go in unsplit, as transformers' video processor sends them
-        else:
+        level, max_tiles = "low", cast("int | None", 1)  # a video's frames go in unsplit, as transformers sends them
+        if view.frame is None:
             level, max_tiles = detail_policy.choose(
                 image.width, image.height, self.vision, self.options.detail, self.options.max_tiles, self.uses_gpu
             )
@@ -669,6 +667,7 @@ class VlmEngine(NativeResource):
         if level == "low" and cap not in {c for c, _ in self._mtmd}:
             # Only the overview is used, and every context makes the same one: reuse an open context's cap.
             cap = next(iter(self._mtmd))[0]
+        image = detail_policy.mtmd_input(image, self.vision, cap)
         rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
         h, w = rgb.shape[:2]
         # rgb.data: hashed in place (tobytes() would copy 36 MB for a 12 MP photo on every question)
@@ -942,11 +941,7 @@ class VlmEngine(NativeResource):
             image_id = self._token_id("<image>")
             ids: list[int] = []
             for e in plan.entries:
-                ids += (
-                    [cast(int, e.what)]
-                    if isinstance(e.what, int)
-                    else [image_id if image_id is not None else -1] * e.size
-                )
+                ids += [e.what] if isinstance(e.what, int) else [image_id if image_id is not None else -1] * e.size
             return ids + self.tokenize(plan.carry + head + prompt + tail)
         finally:
             plan.free()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from vlmcli.defaults import DEFAULT_MAX_PIXELS
 from vlmcli.errors import VlmError
@@ -339,7 +339,11 @@ def _still(media: Media | Sequence[Media] | None) -> Image.Image:
     """The picture a CLIP judge compares answers with: the first image, or a video's middle frame."""
     from vlmcli.engines.media import VideoFrames
 
-    items = list(media) if isinstance(media, (list, tuple)) else ([] if media is None else [media])
+    items: list[Media] = []
+    if isinstance(media, (list, tuple)):
+        items = list(media)
+    elif media is not None:
+        items = [cast("Media", media)]
     for item in items:
         if isinstance(item, VideoFrames):
             if item.frames:
