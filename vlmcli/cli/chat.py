@@ -19,7 +19,7 @@ from vlmcli.cli import media_options as media_cli
 from vlmcli.cli.app import CtxOpt, GpuOpt, MaxPixelsOpt, NoCacheOpt, OfflineOpt, ThreadsOpt, app, info
 from vlmcli.cli.messages import describe
 from vlmcli.cli.vlm import DetailOpt, MaxTilesOpt, MmprojOpt, ModelOpt, SeedOpt, TemperatureOpt, TopPOpt
-from vlmcli.defaults import DEFAULT_MAX_TOKENS
+from vlmcli.defaults import DEFAULT_MAX_TOKENS, DEFAULT_N_CTX
 from vlmcli.errors import ContextOverflow, VlmError
 
 if TYPE_CHECKING:
@@ -164,6 +164,8 @@ def chat(
 
     for path in images or []:
         media_cli.check_single(path, max_pixels)  # a bad file fails before the model loads
+    # A conversation grows and may take videos at any turn: the model's own context unless --ctx says.
+    ctx = 0 if ctx == DEFAULT_N_CTX else ctx
     spec = ModelSpec(model, mmproj, offline or None, threads, n_gpu_layers, ctx, detail, max_tiles, cache=not no_cache)
     engine = open_model(spec, "vlm", notify=info).engine
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature or 0.0, top_p=top_p, seed=seed)

@@ -57,6 +57,24 @@ def check_single(input: str, max_pixels: int | None) -> None:
             load_image(path, max_pixels=max_pixels)
 
 
+VIDEO_SNIFF_LIMIT = 1000  # named inputs looked at for a video (folders of a million files are not read twice)
+
+
+def context_for(ctx: int, inputs: list[str]) -> int:
+    """The context to open the model with: the model's own (0: SmolVLM2's 8192) instead of the default
+    4096 when a named input holds a video, whose 64 frames at the default sampling need ~4,700 tokens."""
+    from vlmcli.defaults import DEFAULT_N_CTX
+    from vlmcli.tasks.media_inputs import MediaInput
+    from vlmcli.tasks.video import is_video
+
+    if ctx != DEFAULT_N_CTX:
+        return ctx
+    for input in inputs[:VIDEO_SNIFF_LIMIT]:
+        if any(is_video(p) for p in MediaInput.parse(input).paths):
+            return 0
+    return ctx
+
+
 def _exists(path: str) -> bool:
     import os
 

@@ -306,6 +306,7 @@ def ask(
         media_cli.check_single(expansion.paths[0], max_pixels)
     _check_ray(args, n_best, select)
     temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "ask")
+    ctx = media_cli.context_for(ctx, expansion.paths)
     spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, n_best, no_cache)
     if verbose:
         show_notes()
@@ -445,6 +446,7 @@ def caption(
         media_cli.check_single(expansion.paths[0], max_pixels)
     _check_ray(args, n_best, select)
     temperature, judge = _best_of(n_best, select, clip_model, offline, threads, temperature, "caption")
+    ctx = media_cli.context_for(ctx, expansion.paths)
     spec = _spec(model, mmproj, offline, threads, n_gpu_layers, ctx, detail, max_tiles, n_best, no_cache)
     if verbose:
         show_notes()
