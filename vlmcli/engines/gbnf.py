@@ -238,6 +238,8 @@ class _Parser:
                 if len(digits) != sizes[e] or any(d not in "0123456789abcdefABCDEF" for d in digits):
                     raise self.error(f"expecting {sizes[e]} hex digits")
                 self.i += 2 + sizes[e]
+                if int(digits, 16) > 0x10FFFF:
+                    raise self.error("not a Unicode code point")
                 return int(digits, 16)
             simple = {"t": 9, "r": 13, "n": 10, "\\": 92, '"': 34, "[": 91, "]": 93, "-": 45}
             if e not in simple:
@@ -277,6 +279,8 @@ class _Parser:
                         self.i += 1
                         hi = self.char()
                     ranges.append((lo, hi))
+                if not negated and not any(a <= b for a, b in ranges):  # [] or [z-a]: nothing can follow it
+                    raise self.error("a character class that matches no character")
                 self.i += 1
                 last = len(seq)
                 seq.append(("chars", tuple(ranges), negated))
@@ -307,14 +311,13 @@ class _Parser:
             elif c in "*+?":
                 self.i += 1
                 self.space(nested)
-                lo, hi = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
-                seq = self.repeat(name, seq, last, lo, hi)
+                seq = self.repeat(name, seq, last, *{"*": (0, None), "+": (1, None), "?": (0, 1)}[c])
             elif c == "{":
                 self.i += 1
                 self.space(nested)
                 lo = self.integer()
                 self.space(nested)
-                hi: int | None
+                hi: int | None = None
                 if self.peek() == "}":
                     hi = lo
                 elif self.peek() == ",":

@@ -185,7 +185,7 @@ def _schema_value(value: str) -> Any:
     text = value if value.lstrip().startswith("{") else _read(value, "json_schema")
     try:
         return json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the decoder goes
         raise InvalidOption("json_schema", f"not JSON: {e}") from None
 
 
