@@ -178,11 +178,11 @@ def usearch_exact_f16(data: np.ndarray) -> tuple[Searcher, float, int]:
     return search, build, half.nbytes
 
 
-def faiss_ivf(kind: str, nprobe: int) -> Callable[[np.ndarray], tuple[Searcher, float, int]]:
+def faiss_ivf(kind: str, nprobe: int, factor: float) -> Callable[[np.ndarray], tuple[Searcher, float, int]]:
     def build(data: np.ndarray) -> tuple[Searcher, float, int]:
         import faiss
 
-        lists = int(4 * np.sqrt(len(data)))  # faiss's rule of thumb: 4 to 16 x sqrt(n) lists
+        lists = max(1, int(factor * np.sqrt(len(data))))
         quantizer = faiss.IndexFlatIP(data.shape[1])
         qtype = faiss.ScalarQuantizer.QT_fp16 if kind == "f16" else faiss.ScalarQuantizer.QT_8bit
         index = faiss.IndexIVFScalarQuantizer(quantizer, data.shape[1], lists, qtype, faiss.METRIC_INNER_PRODUCT)
@@ -201,7 +201,7 @@ def faiss_ivf(kind: str, nprobe: int) -> Callable[[np.ndarray], tuple[Searcher, 
     return build
 
 
-def methods(ef: int, nprobe: int) -> dict[str, Callable[[np.ndarray], tuple[Searcher, float, int]]]:
+def methods(ef: int, nprobe: int, factor: float) -> dict[str, Callable[[np.ndarray], tuple[Searcher, float, int]]]:
     return {
         "exact-f32": exact_f32,
         "exact-f16": exact_f16,
@@ -209,8 +209,8 @@ def methods(ef: int, nprobe: int) -> dict[str, Callable[[np.ndarray], tuple[Sear
         "usearch-f16": usearch_index("f16", ef),
         "usearch-i8": usearch_index("i8", ef),
         "faiss-hnsw-sq8": faiss_hnsw_sq8(ef),
-        "faiss-ivf-f16": faiss_ivf("f16", nprobe),
-        "faiss-ivf-sq8": faiss_ivf("sq8", nprobe),
+        "faiss-ivf-f16": faiss_ivf("f16", nprobe, factor),
+        "faiss-ivf-sq8": faiss_ivf("sq8", nprobe, factor),
     }
 
 
@@ -339,6 +339,7 @@ def main() -> None:
     )
     ap.add_argument("--ef", type=int, default=64, help="HNSW: the search breadth (expansion).")
     ap.add_argument("--nprobe", type=int, default=16, help="IVF: lists searched per query.")
+    ap.add_argument("--lists", type=float, default=4.0, help="IVF: lists per sqrt(n) (vlmcli/index/ann.py: 1).")
     args = ap.parse_args()
     if args.throughput or args.reindex:
         work = Path(tempfile.mkdtemp(prefix="bench-index-"))
@@ -350,7 +351,7 @@ def main() -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return
-    table = methods(args.ef, args.nprobe)
+    table = methods(args.ef, args.nprobe, args.lists)
     rows = []
     for n in [int(x) for x in args.n.split(",")]:
         data, queries = make_data(n, args.dim, args.data, args.queries)
@@ -365,7 +366,7 @@ def main() -> None:
         ["vectors", "method", "query p50", "query p95", "build", "memory", "recall@10"],
         rows,
         note=f"{args.queries} single queries after one warm-up; HNSW: M=16, build breadth 128, search breadth "
-        f"{args.ef}; IVF: 4 sqrt(n) lists, {args.nprobe} searched; recall@10 against exact float32",
+        f"{args.ef}; IVF: {args.lists:g} sqrt(n) lists, {args.nprobe} searched; recall@10 against exact float32",
     )
 
 
