@@ -508,11 +508,12 @@ static void run_vnni(const struct vlm_matmul *op, const struct io *io, int64_t m
 #define KEY_BLOCK 64 /* keys scored at once: up to 8 vectors of 8 scores accumulate in registers */
 
 /* Room attend needs for a sequence of len tokens and heads of hd floats. */
+#define KT_PAD 16     /* see attend */
 #define QUERY_BLOCK 6 /* queries of a non-causal sequence scored and weighed together (see attend_block) */
 
 static int64_t attend_scratch(int64_t len, int64_t hd) {
     const int64_t width = (len + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
-    return (hd + QUERY_BLOCK) * width;
+    return hd * (width + KT_PAD) + (hd + QUERY_BLOCK) * width;
 }
 
 /* out[0 : 8 n] = sum_j p_j inv v_j[0 : 8 n] for j < keys (v_j at v + j * stride), n a constant after
@@ -578,7 +579,8 @@ TARGET2 static __m256 score_keys(int n, const float *q, const float *kt, int64_t
    FMAs instead of one (a long sequence's keys do not stay in L1), every score summed as score sums it
    (the same bits); their scores go to rows width apart, tops[r] their running maxima. n <= 2. */
 TARGET2 static inline __attribute__((always_inline)) void score_block(const int n, const float *q, int64_t qstride,
-        const float *kt, int64_t width, int64_t hd, float scale, int64_t live, float *scores, __m256 *tops) {
+        const float *kt, int64_t ldk, int64_t width, int64_t hd, float scale, int64_t live, float *scores,
+        __m256 *tops) {
     const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), minus_inf = _mm256_set1_ps(-INFINITY);
     __m256 acc[QUERY_BLOCK][2];
 #pragma GCC unroll 6
@@ -588,7 +590,7 @@ TARGET2 static inline __attribute__((always_inline)) void score_block(const int 
     for (int64_t c = 0; c < hd; c++) {
         __m256 kc[2];
 #pragma GCC unroll 2
-        for (int v = 0; v < n; v++) kc[v] = _mm256_loadu_ps(kt + c * width + 8 * v);
+        for (int v = 0; v < n; v++) kc[v] = _mm256_loadu_ps(kt + c * ldk + 8 * v);
 #pragma GCC unroll 6
         for (int r = 0; r < QUERY_BLOCK; r++) {
             const __m256 qc = _mm256_broadcast_ss(q + r * qstride + c);
@@ -636,16 +638,17 @@ TARGET2 static inline __attribute__((always_inline)) void weigh_block(const int 
 /* QUERY_BLOCK queries from row i of a non-causal sequence of len keys: their scores, softmax and
    weighted values, with the same bits as attend's one query at a time. */
 TARGET2 static void attend_block(const float *qkv, float *out, int64_t len, int64_t i, int64_t d, int64_t hd,
-                                 float scale, const float *kt, int64_t width, float *scores) {
+                                 float scale, const float *kt, int64_t ldk, const float *vs, int64_t width,
+                                 float *scores) {
     const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
     const int64_t scored = (len + 7) / 8 * 8;
     __m256 tops[QUERY_BLOCK];
     for (int r = 0; r < QUERY_BLOCK; r++) tops[r] = minus_inf;
     for (int64_t j0 = 0; j0 < scored; j0 += 16) {
         if (scored - j0 >= 16)
-            score_block(2, qkv + i * 3 * d, 3 * d, kt + j0, width, hd, scale, len - j0, scores + j0, tops);
+            score_block(2, qkv + i * 3 * d, 3 * d, kt + j0, ldk, width, hd, scale, len - j0, scores + j0, tops);
         else
-            score_block(1, qkv + i * 3 * d, 3 * d, kt + j0, width, hd, scale, len - j0, scores + j0, tops);
+            score_block(1, qkv + i * 3 * d, 3 * d, kt + j0, ldk, width, hd, scale, len - j0, scores + j0, tops);
     }
     for (int r = 0; r < QUERY_BLOCK; r++) {
         float *row = scores + r * width;
@@ -662,9 +665,9 @@ TARGET2 static void attend_block(const float *qkv, float *out, int64_t len, int6
     }
     for (int64_t c0 = 0; c0 < hd; c0 += 16) {
         if (hd - c0 >= 16)
-            weigh_block(2, qkv + 2 * d + c0, 3 * d, scores, width, len, out + c0, d);
+            weigh_block(2, vs + c0, hd, scores, width, len, out + c0, d);
         else
-            weigh_block(1, qkv + 2 * d + c0, 3 * d, scores, width, len, out + c0, d);
+            weigh_block(1, vs + c0, hd, scores, width, len, out + c0, d);
     }
 }
 
@@ -678,22 +681,30 @@ TARGET2 static void attend_block(const float *qkv, float *out, int64_t len, int6
 TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t q0, int64_t q1, int64_t d,
                            int64_t hd, float scale, int causal, float *scratch) {
     const int64_t nv = hd / 8, width = (len + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
-    float *kt = scratch, *scores = scratch + hd * width; /* kt[c][j] = k_j[c], zero past len */
-    for (int64_t c = 0; c < hd; c++) {
-        for (int64_t j = 0; j < len; j++) kt[c * width + j] = qkv[j * 3 * d + d + c];
-        for (int64_t j = len; j < width; j++) kt[c * width + j] = 0.0f;
-    }
+    /* kt's rows are KT_PAD floats longer than width: rows a power of two apart (1024 keys: 4 KiB) would all
+       fall in one set of the L1 cache as the scores walk down them */
+    const int64_t ldk = width + KT_PAD;
+    float *kt = scratch, *scores = scratch + hd * ldk; /* kt[c][j] = k_j[c], zero past len */
+    for (int64_t j = 0; j < len; j++) /* a key at a time: its row is read once (rows are 3 d apart) */
+        for (int64_t c = 0; c < hd; c++) kt[c * ldk + j] = qkv[j * 3 * d + d + c];
+    for (int64_t c = 0; c < hd; c++)
+        for (int64_t j = len; j < width; j++) kt[c * ldk + j] = 0.0f;
     const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
     int64_t i = q0;
-    if (!causal) /* a long sequence's keys and values fall out of L1: several queries share each load */
+    if (!causal && q1 - q0 >= QUERY_BLOCK) { /* a long sequence's keys and values fall out of L1: several
+        queries share each load, and the head's values are copied together first (rows 3 d apart cost a
+        TLB walk each) */
+        float *vs = scores + QUERY_BLOCK * width; /* vs[j][c] = v_j[c] */
+        for (int64_t j = 0; j < len; j++) memcpy(vs + j * hd, qkv + j * 3 * d + 2 * d, hd * sizeof(float));
         for (; i + QUERY_BLOCK <= q1; i += QUERY_BLOCK)
-            attend_block(qkv, out + (i - q0) * d, len, i, d, hd, scale, kt, width, scores);
+            attend_block(qkv, out + (i - q0) * d, len, i, d, hd, scale, kt, ldk, vs, width, scores);
+    }
     for (; i < q1; i++) {
         const float *q = qkv + i * 3 * d;
         const int64_t keys = causal ? i + 1 : len, scored = (keys + 7) / 8 * 8;
         __m256 top = minus_inf;
         for (int64_t j0 = 0; j0 < scored; j0 += KEY_BLOCK) /* keys past `keys` (causal, or padding) get -inf */
-            top = score_keys(scored - j0 < KEY_BLOCK ? (int)(scored - j0) / 8 : KEY_BLOCK / 8, q, kt + j0, width, hd,
+            top = score_keys(scored - j0 < KEY_BLOCK ? (int)(scored - j0) / 8 : KEY_BLOCK / 8, q, kt + j0, ldk, hd,
                              scale, keys - j0, scores + j0, top);
         const __m256 peak = _mm256_set1_ps(hmax8(top));
         __m256 total = _mm256_setzero_ps();
