@@ -32,7 +32,10 @@ assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama.llama_token_data)
 class Sampler(Protocol):
     """One sequence's sampler as the engine's decoding loops use it."""
 
-    closed: bool  # the answer was completed at the budget (sample returned None)
+    @property
+    def closed(self) -> bool:
+        """The answer was completed at the budget (sample returned None, or it ended complete)."""
+        ...
 
     def sample(self, row: int) -> int | None: ...
 

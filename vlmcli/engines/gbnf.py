@@ -271,14 +271,14 @@ class _Parser:
                     self.i += 1
                 ranges = []
                 while self.peek() != "]":
-                    lo = self.char()
-                    hi = lo
+                    first = self.char()
+                    last_char = first
                     if self.peek() == "-" and self.peek(1) != "]":
                         if not self.peek(1):
                             raise self.error("unexpected end of input")
                         self.i += 1
-                        hi = self.char()
-                    ranges.append((lo, hi))
+                        last_char = self.char()
+                    ranges.append((first, last_char))
                 if not negated and not any(a <= b for a, b in ranges):  # [] or [z-a]: nothing can follow it
                     raise self.error("a character class that matches no character")
                 self.i += 1
@@ -317,9 +317,9 @@ class _Parser:
                 self.space(nested)
                 lo = self.integer()
                 self.space(nested)
-                hi: int | None = None
+                hi: int | None = lo
                 if self.peek() == "}":
-                    hi = lo
+                    pass
                 elif self.peek() == ",":
                     self.i += 1
                     self.space(nested)

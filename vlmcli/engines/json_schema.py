@@ -112,7 +112,7 @@ def _walk(node: Any, where: str, option: str) -> None:
         raise _refuse(option, where, "enum", "an empty enum matches nothing")
     if "prefixItems" in node and any(k in node for k in ("items", "minItems", "maxItems")):
         raise _refuse(option, where, "prefixItems", "give prefixItems alone (a fixed tuple)")
-    props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+    props: dict[str, Any] = node["properties"] if isinstance(node.get("properties"), dict) else {}
     missing = [r for r in node.get("required", []) if r not in props]
     if missing:
         raise _refuse(option, where, "required", f"{missing[0]!r} is required but not under properties")
