@@ -6,15 +6,23 @@ chunk: 1024 patches, 64 tokens) with mtmd_encode_chunk and with vlm's SigLIP enc
 interleaved, in one process and at one thread count. Reports the medians, their ratio and the lowest
 per-token cosine between the two encoders' embeddings over every chunk of the photo.
 
+--ask compares whole commands instead, each run a fresh process, rounds interleaved: `vlm ask` at full
+detail (encoding cache off), the same with VLM_VISION_KERNELS=mtmd (llama.cpp's encoder in vlm), and
+llama.cpp's `llama-mtmd-cli` (built by llama_tools.py from the pinned llama-cpp-python), on the same
+GGUFs, photo, prompt, threads and token budget, greedy.
+
     python benchmarks/bench_vision.py --threads 2 --runs 7
     VLM_VISION_KERNELS=i16-avx2 python benchmarks/bench_vision.py     # a given form of vlm's kernels
+    python benchmarks/bench_vision.py --ask --threads 2 --runs 3 --tokens 32
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +35,41 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 SAMPLE = ROOT / "vlmcli" / "data" / "chelsea.jpg"
+PROMPT = "Describe this image."
+
+
+def ask_commands(model: Path, mmproj: Path, threads: int, tokens: int, home: Path) -> dict[str, tuple[list[str], dict]]:
+    """name -> (command, environment) for --ask."""
+    from llama_tools import tool
+
+    vlm = str(Path(sys.executable).with_name("vlm"))
+    ask = [vlm, "ask", "-i", str(SAMPLE), PROMPT, "-m", str(model), "--mmproj", str(mmproj), "--detail", "high"]
+    ask += ["-t", str(threads), "-n", str(tokens), "--no-cache", "-q"]
+    env = {**os.environ, "VLM_HOME": str(home)}
+    env.pop("VLM_VISION_KERNELS", None)
+    cli = [str(tool("llama-mtmd-cli")), "-m", str(model), "--mmproj", str(mmproj), "--image", str(SAMPLE)]
+    cli += ["-p", f"<__media__>{PROMPT}", "-n", str(tokens), "-t", str(threads), "--temp", "0", "-c", "8192"]
+    return {
+        "vlm ask": (ask, env),
+        "vlm ask, VLM_VISION_KERNELS=mtmd": (ask, {**env, "VLM_VISION_KERNELS": "mtmd"}),
+        "llama-mtmd-cli": (cli, env),
+    }
+
+
+def ask_walls(args: argparse.Namespace, model: Path, mmproj: Path) -> None:
+    commands = ask_commands(model, mmproj, args.threads, args.tokens, Path(args.cache) / "vlm-home")
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(args.runs):
+        for name, (cmd, env) in commands.items():
+            t0 = time.perf_counter()
+            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            walls[name].append(time.perf_counter() - t0)
+    medians = {name: statistics.median(v) for name, v in walls.items()}
+    peer = medians["llama-mtmd-cli"]
+    for name, (cmd, _env) in commands.items():
+        ratio = peer / medians[name]
+        print(f"{name:36s} median {medians[name]:7.2f} s  ({ratio:.2f}x llama-mtmd-cli)  runs {walls[name]}")
+        print("   ", " ".join(cmd))
 
 
 def main() -> None:
@@ -36,6 +79,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlmcli-bench"))
+    ap.add_argument("--ask", action="store_true", help="whole commands: vlm ask against llama-mtmd-cli")
+    ap.add_argument("--tokens", type=int, default=32, help="with --ask: most tokens generated")
     args = ap.parse_args()
 
     from bench_vlm import build_model
@@ -47,6 +92,8 @@ def main() -> None:
     from vlmcli.images import load_image
 
     model, mmproj = build_model(args.size, args.quant, Path(args.cache))
+    if args.ask:
+        return ask_walls(args, model, mmproj)
     engine = VlmEngine(model, mmproj, EngineOptions(detail="high", n_threads=args.threads, n_ctx=4096))
     path = choose_vision_path(True, engine.mmproj_info)
     if path.form is None:
