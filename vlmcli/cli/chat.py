@@ -18,7 +18,18 @@ import typer
 from vlmcli.cli import media_options as media_cli
 from vlmcli.cli.app import CtxOpt, GpuOpt, MaxPixelsOpt, NoCacheOpt, OfflineOpt, ThreadsOpt, app, info
 from vlmcli.cli.messages import describe
-from vlmcli.cli.vlm import DetailOpt, MaxTilesOpt, MmprojOpt, ModelOpt, SeedOpt, TemperatureOpt, TopPOpt
+from vlmcli.cli.vlm import (
+    DetailOpt,
+    GrammarOpt,
+    JsonSchemaOpt,
+    MaxTilesOpt,
+    MmprojOpt,
+    ModelOpt,
+    SeedOpt,
+    TemperatureOpt,
+    TopPOpt,
+    structure_of,
+)
 from vlmcli.defaults import DEFAULT_MAX_TOKENS, DEFAULT_N_CTX
 from vlmcli.errors import ContextOverflow, VlmError
 
@@ -26,6 +37,7 @@ if TYPE_CHECKING:
     from vlmcli.engines.llama import GenerationOptions, VlmEngine
     from vlmcli.engines.media import Media
     from vlmcli.engines.prompt import Turn
+    from vlmcli.tasks.structured import Structure
     from vlmcli.tasks.video import Sampling
 
 HELP = "/image PATH, /video PATH: add to your next message   /clear: start over   /exit: end"
@@ -71,8 +83,10 @@ class Session:
         sampling: Sampling,
         system: str | None,
         verbose: bool = False,
+        structure: Structure | None = None,
     ):
         self.engine, self.gen, self.max_pixels, self.sampling = engine, gen, max_pixels, sampling
+        self.structure = structure  # --json-schema / --grammar: what every answer follows
         self.conversation = Conversation(system)
         self.verbose = verbose
 
@@ -93,7 +107,7 @@ class Session:
 
         c = self.conversation
         turns = c.user(text)
-        task = ChatTask(self.engine, turns, self.gen, self.max_pixels)
+        task = ChatTask(self.engine, turns, self.gen, self.max_pixels, structure=self.structure)
         started = False
 
         def stream(piece: str) -> None:
@@ -157,11 +171,14 @@ def chat(
     verbose: bool = typer.Option(
         False, "--verbose", "-v", help="After each answer: prompt tokens, those evaluated now, encoder passes."
     ),
+    json_schema: str | None = JsonSchemaOpt,
+    grammar: str | None = GrammarOpt,
 ) -> None:
     """Chat with SmolVLM2 (the command's help is above: one line, as `vlm --help` lists it)."""
     from vlmcli.engines.llama import GenerationOptions
     from vlmcli.tasks.models import ModelSpec, open_model
 
+    structure = structure_of(json_schema, grammar)
     for path in images or []:
         media_cli.check_single(path, max_pixels)  # a bad file fails before the model loads
     # A conversation grows and may take videos at any turn: the model's own context unless --ctx says.
@@ -169,7 +186,7 @@ def chat(
     spec = ModelSpec(model, mmproj, offline or None, threads, n_gpu_layers, ctx, detail, max_tiles, cache=not no_cache)
     engine = open_model(spec, "vlm", notify=info).engine
     gen = GenerationOptions(max_tokens=max_tokens, temperature=temperature or 0.0, top_p=top_p, seed=seed)
-    session = Session(engine, gen, max_pixels, media_cli.sampling(fps, max_frames), system, verbose)
+    session = Session(engine, gen, max_pixels, media_cli.sampling(fps, max_frames), system, verbose, structure)
     for path in images or []:
         session.add(path)
     interactive = sys.stdin.isatty()

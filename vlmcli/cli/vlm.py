@@ -161,7 +161,7 @@ def _caption_task(
     return task.with_sampling(sampling) if sampling is not None else task
 
 
-def _structure(json_schema: str | None, grammar: str | None) -> Structure | None:
+def structure_of(json_schema: str | None, grammar: str | None) -> Structure | None:
     """--json-schema / --grammar checked and converted before any model loads."""
     if json_schema is None and grammar is None:
         return None
@@ -290,7 +290,7 @@ def ask(
     if args.sidecar and len(questions) != 1:
         raise VlmError("--sidecar takes one question per image", exit_code=EXIT_USAGE)
     single = batch_cli.is_single(args, expansion)
-    structure = _structure(json_schema, grammar)
+    structure = structure_of(json_schema, grammar)
     if structure is not None and structure.is_json and len(questions) == 1:
         sink = batch_cli.make_sink(
             args,
@@ -423,7 +423,7 @@ def caption(
             raise VlmError("--segments makes several records per video: no --sidecar", exit_code=EXIT_USAGE)
         expansion = media_cli.in_segments(expansion, segments)
     single = batch_cli.is_single(args, expansion)
-    structure = _structure(json_schema, grammar)
+    structure = structure_of(json_schema, grammar)
     if structure is not None and structure.is_json:
         sink = batch_cli.make_sink(
             args,
