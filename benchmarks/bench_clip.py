@@ -263,6 +263,7 @@ def main() -> int:
         return 0
 
     from machine import cpu_description
+    from report import print_table
 
     from vlmcli.engines import clip_kernels
     from vlmcli.engines.clip_path import KERNELS_ENV, PACKED_FROM, choose_path
@@ -346,36 +347,43 @@ def main() -> int:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    def ratio(r: dict, key: str) -> str:
-        return f"x{r[key + '_vs_transformers']:<4.2f}" if base is not None else ""
+    def rate(r: dict, key: str) -> str:
+        return f"{r[key]:.1f}" + (f" ({r[key + '_vs_transformers']:.2f}x)" if base is not None else "")
+
+    def lowest_cosine(r: dict) -> str:
+        return f"{min(r['cosine_images_min'], r['cosine_texts_min']):.5f}" if "cosine_images_min" in r else "-"
 
     load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(
-        f"CLIP ViT-B/32, real size, random weights; {args.threads} threads; medians of {args.rounds} "
-        f"interleaved rounds ({args.runs} timed calls each)"
-    )
-    print(
-        f"CPU: {cpu_description()}; "
-        f"{'AVX2 proxy (' + ' '.join(f'{k}={v}' for k, v in AVX2_ONLY.items()) + '); ' if args.isa == 'avx2' else ''}"
-        f"vlm's default for F16 here: {choose_path(on_cpu=True).describe()}"
-    )
-    print(
-        f"{'variant':<34} {'load s':>6} {'img/s b1':>12} {'img/s b32':>12} {'texts/s b32':>12} "
-        f"{'RSS MB':>7} {'cos img/txt':>13}"
-    )
-    for r in rows:
-        cos = f"{r['cosine_images_min']:.5f}/{r['cosine_texts_min']:.5f}" if "cosine_images_min" in r else ""
-        print(
-            f"{r['name']:<34} {r['load_s']:>6.2f} "
-            f"{r['images_per_s_batch1']:>6.1f} {ratio(r, 'images_per_s_batch1')} "
-            f"{r['images_per_s_batch32']:>6.1f} {ratio(r, 'images_per_s_batch32')} "
-            f"{r['texts_per_s_batch32']:>6.1f} {ratio(r, 'texts_per_s_batch32')} "
-            f"{r['peak_rss_mb']:>7.0f} {cos:>13}"
-        )
-    print(
-        f"(x: against transformers; cos: the lowest cosine to transformers' embeddings; texts: 32 prompts "
-        f"'a photo of a <label>.', {rows[0]['text_positions']} positions; "
-        f"load average before {load_before}, after {load_after})"
+    proxy = " ".join(f"{k}={v}" for k, v in AVX2_ONLY.items())
+    print_table(
+        "CLIP ViT-B/32 against transformers" + (", AVX2 proxy" if args.isa == "avx2" else ""),
+        [
+            f"CLIP ViT-B/32, {args.threads} threads",
+            "img/s, batch 32",
+            "img/s, batch 1",
+            "texts/s, batch 32",
+            "cosine to F32",
+            "load",
+            "peak RSS",
+        ],
+        [
+            [
+                r["name"],
+                rate(r, "images_per_s_batch32"),
+                rate(r, "images_per_s_batch1"),
+                rate(r, "texts_per_s_batch32"),
+                lowest_cosine(r),
+                f"{r['load_s']:.1f} s",
+                f"{r['peak_rss_mb']:,.0f} MB",
+            ]
+            for r in rows
+        ],
+        note=(f"held to AVX2 (vlm's i16-avx2 kernels; PyTorch with {proxy}); " if args.isa == "avx2" else "")
+        + f"vlm's default for an F16 file here: {choose_path(on_cpu=True).describe()}; real-size random weights, "
+        f"each variant in a fresh process, medians of {args.rounds} interleaved rounds of {args.runs} timed calls",
+        footer=f"(Nx: against transformers; cosine: the lowest over images and texts, to transformers' "
+        f"embeddings; texts: 32 prompts 'a photo of a <label>.', {rows[0]['text_positions']} positions; "
+        f"load average before {load_before}, after {load_after})",
     )
     OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / f"bench_clip-{time.strftime('%Y%m%d-%H%M%S')}.json"
