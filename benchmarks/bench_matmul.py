@@ -159,6 +159,7 @@ def main() -> int:
         print(json.dumps(sgemm_rates(args.runs, args.sgemm_worker == "torch", args.threads)))
         return 0
     from machine import cpu_description
+    from report import print_table
 
     rows: dict[str, dict[str, float]] = {}
     cosines: dict[str, float] = {}
@@ -202,20 +203,20 @@ def main() -> int:
             print(f"{label} failed in {python}: its row is left out", file=sys.stderr)
 
     flops = vit_b32_flops_per_image()
-    print(
-        f"GFLOPS on CLIP ViT-B/32's matmul shapes, {args.threads} threads, medians of {args.runs}; "
-        f"CPU: {cpu_description()}{'; AVX2 proxy (torch held to AVX2)' if args.isa == 'avx2' else ''}"
-    )
-    print(f"{'kernel':<40}" + "".join(f"{name:>22}" for name in SHAPES) + f"{'cos to F32':>12}{'img/s bound':>13}")
+    table = []
     for label, rates in rows.items():
         vision = [rates[name] for name in list(SHAPES)[:3]]
         # the three vision shapes weighted by their FLOPs in a block (4 : 4 : 4 x 768^2 units)
         bound = 1 / ((1 / 3) / vision[0] + (1 / 3) / vision[1] + (1 / 3) / vision[2]) * 1e9 / flops
-        cos = f"{cosines[label]:.5f}" if label in cosines else ""
-        print(f"{label:<40}" + "".join(f"{rates[name]:>22.1f}" for name in SHAPES) + f"{cos:>12}{bound:>13.1f}")
-    print(
-        f"(ViT-B/32: {flops / 1e9:.2f} GFLOP per image; img/s bound: that FLOP count at the kernel's rate "
-        f"on the vision shapes, every other op free)"
+        cos = f"{cosines[label]:.5f}" if label in cosines else "-"
+        table.append([label, *(f"{rates[name]:.1f}" for name in SHAPES), cos, f"{bound:.1f}"])
+    print_table(
+        "Matmul kernels on ViT-B/32's shapes" + (", AVX2 proxy" if args.isa == "avx2" else ""),
+        ["kernel, GFLOPS", *SHAPES, "cosine to F32", "images/s bound"],
+        table,
+        note=("torch held to AVX2; " if args.isa == "avx2" else "") + f"{args.threads} threads, medians of {args.runs}",
+        footer=f"(ViT-B/32: {flops / 1e9:.2f} GFLOP per image; images/s bound: that FLOP count at the kernel's "
+        f"rate on the vision shapes, every other op free)",
     )
     out = ROOT / "benchmarks" / "out" / f"bench_matmul-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
