@@ -17,6 +17,7 @@ Two questions behind the i16 kernels (engines/_clip_kernels.c) on AVX2-only CPUs
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -172,17 +173,27 @@ def rounding_errors() -> dict[str, float]:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
-    from machine import cpu_description
+    from report import print_table
 
     i16, i8, f32 = tile_peaks()
-    print(f"CPU: {cpu_description()}; one thread, data in L1, medians of 5")
-    print(f"F32 6 x 16 tile (VFMADD231PS, an AVX2 sgemm's):    {f32:6.1f} G multiply-adds/s")
-    print(f"i16 6 x 16 tile (VPMADDWD + VPADDD):               {i16:6.1f} G multiply-adds/s ({i16 / f32:.2f}x F32)")
-    print(f"8-bit 5 x 16 tile (VPMADDUBSW + VPMADDWD + VPADDD): {i8:6.1f} G multiply-adds/s ({i8 / i16:.2f}x i16)")
-    print("relative RMS error of one 768 -> 768 matmul, outlier channels in x:")
-    for name, err in rounding_errors().items():
-        print(f"  {name:<46} {err * 100:.2f}%")
+    print_table(
+        "Matmul tile peaks",
+        ["tile", "G multiply-adds/s per core"],
+        [
+            ["F32 6 x 16 (VFMADD231PS, an AVX2 sgemm's)", f"{f32:.1f}"],
+            ["i16 6 x 16 (VPMADDWD + VPADDD)", f"{i16:.1f} ({i16 / f32:.2f}x F32)"],
+            ["8-bit 5 x 16 (VPMADDUBSW + VPMADDWD + VPADDD; not built)", f"{i8:.1f} ({i8 / i16:.2f}x i16)"],
+        ],
+        note="one thread, data in L1, medians of 5",
+    )
+    print_table(
+        "Rounding error of an 8-bit tile",
+        ["rounding (x, w: bits / values per scale)", "relative RMS error"],
+        [[name, f"{err * 100:.2f}%"] for name, err in rounding_errors().items()],
+        note="one 768 -> 768 matmul of 512 rows, outlier channels in x, against the F32 product",
+    )
     return 0
 
 
