@@ -103,4 +103,4 @@ def in_segments(expansion: Expansion, length: str) -> Expansion:
             out.append(path)
             continue
         out += [MediaInput((path,), part).encode() for part in parts]
-    return Expansion(out, expansion.warnings, expansion.batch_like or len(out) > len(expansion.paths))
+    return Expansion(out, expansion.warnings, expansion.batch_like)  # a named video: PATH<TAB>[times] caption
