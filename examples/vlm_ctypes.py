@@ -70,7 +70,7 @@ def load(lib_dir: str) -> ctypes.CDLL:
     for fname, (restype, argtypes) in sigs.items():
         fn = getattr(lib, fname)
         fn.restype, fn.argtypes = restype, argtypes
-    if lib.vlm_abi_version() != VLM_ABI_VERSION:
+    if lib.vlm_abi_version() < VLM_ABI_VERSION:  # a newer library still reads this script's ABI 2 options
         raise SystemExit(f"this script speaks ABI {VLM_ABI_VERSION}; the library is {lib.vlm_version().decode()}")
     return lib
 

@@ -926,3 +926,64 @@ def test_best_of_through_the_c_options(capi_lib: Path, vlm_model: Path, small_pn
         (answer,) = rec["answers"]
         assert len(answer["candidates"]) == 3
         assert c.stdout == answer["answer"] + "\n"
+
+
+STRUCTURED_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include "vlm.h"
+
+/* vlm_options.json_schema (ABI 3): answers at temperature 1 that follow the schema; a bad schema refused. */
+int main(int argc, char **argv) {
+    if (argc != 5) return 2;
+    vlm_options o = VLM_OPTIONS_INIT;
+    o.json_schema = "{\"type\": \"object\", \"properties\": {\"minimum\": {\"type\": \"integer\", \"minimum\": 1}}}";
+    vlm_handle bad = vlm_open(argv[1], &o);
+    printf("%s\t%s\n", vlm_status_name((int)bad), vlm_last_error(0));
+    o.json_schema = argv[3];
+    o.temperature = 1.0f;
+    o.max_tokens = 40;
+    for (int seed = 0; seed < atoi(argv[4]); seed++) {
+        o.seed = (uint32_t)seed;
+        vlm_handle h = vlm_open(argv[1], &o);
+        if (h < 0) { fprintf(stderr, "%s\n", vlm_last_error(0)); return 1; }
+        vlm_image img = {argv[2], NULL, 0, 0};
+        char out[4096];
+        size_t needed = 0;
+        vlm_status s = vlm_ask(h, &img, "Tag this image as JSON.", out, sizeof out, &needed);
+        if (s != VLM_OK) { fprintf(stderr, "%s\n", vlm_last_error(h)); return 1; }
+        printf("%s\n", out);
+        vlm_close(h);
+    }
+    return 0;
+}
+"""
+
+
+@needs_cc
+def test_json_schema_through_the_c_options(capi_lib: Path, vlm_model: Path, small_png, tmp_path: Path) -> None:
+    """ABI 3's vlm_options.json_schema: every answer follows the schema; a schema vlm cannot enforce is
+    VLM_E_INVALID_ARGUMENT naming the keyword. (ABI 2 programs: examples/vlm_ctypes.py, above.)"""
+    from vlmcli.tasks.structured import from_schema
+
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "scene": {"enum": ["in", "out"]}},
+        "required": ["ok", "scene"],
+    }
+    src = tmp_path / "structured.c"
+    src.write_text(STRUCTURED_C)
+    exe = compile_c(src, tmp_path / "structured", capi_lib)
+    r = subprocess.run(
+        [str(exe), str(vlm_model), str(small_png[0]), json.dumps(schema), "5"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "LD_LIBRARY_PATH": str(capi_lib)},
+    )
+    assert r.returncode == 0, r.stderr
+    refused, *answers = r.stdout.splitlines()
+    assert refused.startswith("VLM_E_INVALID_ARGUMENT\tvlm_options.json_schema: ") and "'minimum'" in refused
+    assert len(answers) == 5
+    for a in answers:
+        assert from_schema(schema).parse(a)[1] is None, a

@@ -58,6 +58,9 @@ class _Exports:
         except UnicodeDecodeError as e:
             raise CapiError(runtime.E_INVALID_ARGUMENT, f"{what} is not valid UTF-8 (byte {e.start})") from None
 
+    def optional_text(self, ptr: Any, field: str) -> str | None:
+        return None if self.is_null(ptr) else self.text(ptr, f"vlm_options.{field}")
+
     def count(self, n: int, what: str) -> int:
         if n == 0 or n > MAX_ITEMS:
             raise CapiError(runtime.E_INVALID_ARGUMENT, f"{what} is {n}; give 1 to {MAX_ITEMS}")
@@ -80,8 +83,10 @@ class _Exports:
     def options(self, ptr: Any) -> runtime.OpenOptions:
         if self.is_null(ptr):
             return runtime.OpenOptions()
-        # An ABI 1 caller's struct ends at max_tiles: the fields after it are not read.
-        since_2 = (ptr.best_of, ptr.select) if ptr.abi_version >= 2 else (0, 0)
+        # An ABI 1 caller's struct ends at max_tiles, an ABI 2 caller's at select: later fields are not read.
+        abi = ptr.abi_version
+        json_schema = self.optional_text(ptr.json_schema, "json_schema") if abi >= 3 else None
+        grammar = self.optional_text(ptr.grammar, "grammar") if abi >= 3 else None
         return runtime.OpenOptions.from_c(
             ptr.abi_version,
             ptr.n_threads,
@@ -93,7 +98,10 @@ class _Exports:
             ptr.top_p,
             ptr.detail,
             ptr.max_tiles,
-            *since_2,
+            best_of=ptr.best_of if abi >= 2 else 0,
+            select=ptr.select if abi >= 2 else 0,
+            json_schema=json_schema,
+            grammar=grammar,
         )
 
     # -- results -------------------------------------------------------------------------------

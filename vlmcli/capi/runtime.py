@@ -8,6 +8,7 @@ CLI's answers. Errors are CapiError(status, message), status being a vlm_status 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from vlmcli.tasks.classify import LabelEmbeddings
     from vlmcli.tasks.models import OpenedModel
     from vlmcli.tasks.resume import Record
+    from vlmcli.tasks.structured import Structure
     from vlmcli.tasks.task import Task
 
 # vlm_status (vlm.h)
@@ -39,8 +41,8 @@ E_BUSY = -8
 E_FAILED = -9
 E_RUNTIME = -10
 
-ABI_VERSION = 2  # VLM_ABI_VERSION in vlm.h (a test checks they agree)
-ABI_VERSIONS = (1, 2)  # the vlm_options layouts this library reads
+ABI_VERSION = 3  # VLM_ABI_VERSION in vlm.h (a test checks they agree)
+ABI_VERSIONS = (1, 2, 3)  # the vlm_options layouts this library reads
 KIND_VLM = 1
 KIND_CLIP = 2
 DETAILS = {0: None, 1: "low", 2: "high"}
@@ -59,6 +61,8 @@ FIELDS = {
     "seed": "vlm_options.seed",
     "best_of": "vlm_options.best_of",
     "select": "vlm_options.select",
+    "json_schema": "vlm_options.json_schema",
+    "grammar": "vlm_options.grammar",
     "model": "model",
     "labels": "labels",
 }
@@ -105,6 +109,7 @@ class OpenOptions:
     max_tiles: int | None = None
     best_of: int = 1
     select: str = "logprob"
+    structure: Structure | None = None  # json_schema / grammar (ABI 3), checked and converted
 
     @classmethod
     def from_c(
@@ -121,6 +126,8 @@ class OpenOptions:
         max_tiles: int = 0,
         best_of: int = 0,
         select: int = 0,
+        json_schema: str | None = None,
+        grammar: str | None = None,
     ) -> OpenOptions:
         if abi_version not in ABI_VERSIONS:
             raise CapiError(
@@ -164,7 +171,23 @@ class OpenOptions:
             max_tiles=max_tiles or None,
             best_of=best_of or 1,
             select=SELECTS[select],
+            structure=_structure(json_schema, grammar),
         )
+
+
+def _structure(json_schema: str | None, grammar: str | None) -> Structure | None:
+    """vlm_options.json_schema / .grammar as the CLI's --json-schema / --grammar (InvalidOption names the field)."""
+    from vlmcli.tasks import structured
+
+    if json_schema is not None and grammar is not None:
+        raise InvalidOption("json_schema", "give json_schema or grammar, not both")
+    if json_schema is not None:
+        try:
+            schema = json.loads(json_schema)
+        except ValueError as e:
+            raise InvalidOption("json_schema", f"not JSON: {e}") from None
+        return structured.from_schema(schema)
+    return structured.from_grammar(grammar) if grammar is not None else None
 
 
 @dataclass
@@ -300,8 +323,8 @@ def _vlm_task(handle: Handle, prompt: str | None) -> AskTask:
     )
     engine, best = handle.engine, (o.best_of, o.select)
     if prompt is not None:
-        return AskTask(engine, [prompt], gen, DEFAULT_MAX_PIXELS, *best)
-    return CaptionTask(engine, gen, n_best=best[0], select=best[1])
+        return AskTask(engine, [prompt], gen, DEFAULT_MAX_PIXELS, *best, structure=o.structure)
+    return CaptionTask(engine, gen, n_best=best[0], select=best[1], structure=o.structure)
 
 
 def _run_one(

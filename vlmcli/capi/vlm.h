@@ -42,7 +42,8 @@ extern "C" {
 /* cdef-begin (the declarations below are also read by the library build; keep them plain C) */
 
 /* The ABI described by this header. vlm_open refuses options whose abi_version differs. */
-#define VLM_ABI_VERSION 2 /* 2 added vlm_options.best_of and .select; ABI 1 programs keep working */
+#define VLM_ABI_VERSION 3 /* 2 added vlm_options.best_of and .select, 3 .json_schema and .grammar;
+                            programs built for ABI 1 or 2 keep working */
 
 /* The largest message vlm_last_error returns, in bytes, including the NUL. */
 #define VLM_ERROR_MAX 1024
@@ -99,6 +100,12 @@ typedef struct vlm_options {
     int32_t best_of;      /* candidates sampled from one image encoding, the best kept (`--best-of`); 0 = 1;
                              with more than 1, temperature 0 means 0.7 (greedy candidates would all be equal) */
     int32_t select;       /* a vlm_select */
+    /* ABI 3: */
+    const char *json_schema; /* answers follow this JSON schema (the schema's JSON text, UTF-8), as
+                                `vlm ask --json-schema`; NULL = free text. Checked by vlm_open: a schema
+                                it cannot enforce is VLM_E_INVALID_ARGUMENT naming the keyword */
+    const char *grammar;     /* answers follow this GBNF grammar (its text), as `--grammar`; NULL = none;
+                                not together with json_schema. vlm_open copies both strings */
 } vlm_options;
 
 /* An input image: a file (any format `vlm` reads), or packed RGB8 pixels when path is NULL:
@@ -117,7 +124,7 @@ typedef int (*vlm_token_callback)(const char *piece, size_t len, void *user_data
 /* cdef-end */
 
 /* All defaults: vlm_options opts = VLM_OPTIONS_INIT; then change what you need. */
-#define VLM_OPTIONS_INIT {VLM_ABI_VERSION, 0, 0, 0, 0u, 0, 0.0f, 0.0f, VLM_DETAIL_AUTO, 0, 0, VLM_SELECT_LOGPROB}
+#define VLM_OPTIONS_INIT {VLM_ABI_VERSION, 0, 0, 0, 0u, 0, 0.0f, 0.0f, VLM_DETAIL_AUTO, 0, 0, VLM_SELECT_LOGPROB, NULL, NULL}
 
 /* ---- version and errors -------------------------------------------------------------------- */
 
