@@ -135,7 +135,7 @@ class IndexDB:
         has_meta = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
         if has_meta:
             row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            version = int(row[0]) if row else 0
+            version = self._meta_int(row, "schema_version")
             if version > SCHEMA_VERSION:
                 raise VlmError(
                     f"the index has schema version {version}; this vlm reads up to {SCHEMA_VERSION} (upgrade vlm)",
@@ -156,8 +156,10 @@ class IndexDB:
     def __enter__(self) -> IndexDB:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, error: object, tb: object) -> None:
         self.close()
+        if isinstance(error, sqlite3.DatabaseError):  # a damaged file found past the open: named, one line
+            raise VlmError(f"the index cannot be used ({error})", self.path) from None
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -179,7 +181,15 @@ class IndexDB:
 
     def generation(self) -> int:
         row = self.conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
-        return int(row[0]) if row else 0
+        return self._meta_int(row, "generation")
+
+    def _meta_int(self, row: tuple | None, key: str) -> int:
+        if row is None:
+            return 0
+        try:
+            return int(row[0])
+        except (TypeError, ValueError):
+            raise VlmError(f"the index is damaged (its {key} is {str(row[0])[:40]!r})", self.path) from None
 
     # ------------------------------------------------------------------------- models
 
