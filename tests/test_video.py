@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 from fixtures.smolvlm2 import IMAGE_TOKEN_ID
 
+from vlmcli.engines.encoding_cache import EncodingCache
+from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
 from vlmcli.errors import ImageError
+from vlmcli.tasks.video import Sampling, load_video, parse_duration, probe, sample_indices, segments
 
-av = pytest.importorskip("av")
-
-from vlmcli.engines.encoding_cache import EncodingCache  # noqa: E402
-from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine  # noqa: E402
-from vlmcli.tasks.video import Sampling, load_video, parse_duration, probe, sample_indices, segments  # noqa: E402
+av = pytest.importorskip("av")  # PyAV writes the test videos (and vlm reads them with it)
 
 WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 6: "six"}  # num2words for the counts used here
 
@@ -196,6 +195,9 @@ def test_folders_give_their_videos_to_ask_and_caption(clip: Path, tmp_path: Path
     shutil.copy(clip, folder / "c.bin")  # a video by its content
     write_video(folder / "d.mkv", frames=2, fps=2)
     (folder / "e.txt").write_text("not media")
-    names = lambda spec: [Path(p).name for p in expand_inputs(spec).paths]  # noqa: E731
+
+    def names(spec: InputSpec) -> list[str]:
+        return [Path(p).name for p in expand_inputs(spec).paths]
+
     assert names(InputSpec([str(folder)], videos=True)) == ["a.jpg", "b.mp4", "c.bin", "d.mkv"]
     assert names(InputSpec([str(folder)])) == ["a.jpg"]  # CLIP's commands: images only

@@ -8,6 +8,7 @@ edited with readline and the prompt goes to stderr; from a pipe the lines are re
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -133,7 +134,7 @@ class Session:
 def _lines(interactive: bool) -> Iterator[str]:
     """The user's lines: with readline's editing and a prompt on a terminal, plain lines from a pipe."""
     if interactive:
-        import readline  # noqa: F401  (input() edits lines and keeps history once it is loaded)
+        importlib.import_module("readline")  # input() edits lines and keeps history once it is loaded
 
         while True:
             try:
