@@ -127,7 +127,7 @@ class IndexDB:
             self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses no commit
             self._migrate()
         except sqlite3.DatabaseError as e:
-            raise VlmError(f"cannot open the index ({e})", self.path) from None
+            raise VlmError(f"cannot open the index ({' '.join(str(e).split())})", self.path) from None
         except OSError as e:
             raise VlmError(f"cannot open the index ({e.strerror or e})", self.path) from None
 
@@ -159,7 +159,7 @@ class IndexDB:
     def __exit__(self, kind: object, error: object, tb: object) -> None:
         self.close()
         if isinstance(error, sqlite3.DatabaseError):  # a damaged file found past the open: named, one line
-            raise VlmError(f"the index cannot be used ({error})", self.path) from None
+            raise VlmError(f"the index cannot be used ({' '.join(str(error).split())})", self.path) from None
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -344,7 +344,10 @@ class IndexDB:
         if not rows:
             return Vectors(files, np.zeros((0, 0), np.float32))
         dim = int(rows[0][4])
-        matrix = np.frombuffer(b"".join(r[5] for r in rows), dtype=VECTOR_DTYPE).reshape(len(rows), dim)
+        data = b"".join(r[5] if isinstance(r[5], bytes) else b"" for r in rows)
+        if dim <= 0 or any(r[4] != dim for r in rows) or len(data) != len(rows) * dim * 4:
+            raise VlmError(f"the index is damaged (vectors of dimension {dim} do not match their data)", self.path)
+        matrix = np.frombuffer(data, dtype=VECTOR_DTYPE).reshape(len(rows), dim)
         return Vectors(files, matrix.astype(np.float32, copy=False))
 
     # ------------------------------------------------------------------------- captions
