@@ -7,9 +7,9 @@ interleaved, in one process and at one thread count. Reports the medians, their 
 per-token cosine between the two encoders' embeddings over every chunk of the photo.
 
 --ask compares whole commands instead, each run a fresh process, rounds interleaved: `vlm ask` at full
-detail (encoding cache off), the same with VLM_VISION_KERNELS=mtmd (llama.cpp's encoder in vlm), and
-llama.cpp's `llama-mtmd-cli` (built by llama_tools.py from the pinned llama-cpp-python), on the same
-GGUFs, photo, prompt, threads and token budget, greedy.
+detail (encoding cache off) and llama.cpp's `llama-mtmd-cli` (built by llama_tools.py from the pinned
+llama-cpp-python), on the same GGUFs, photo, prompt, threads and token budget, greedy; with
+--with-mtmd-encoder also `vlm ask` with VLM_VISION_KERNELS=mtmd (llama.cpp's encoder in vlm).
 
     python benchmarks/bench_vision.py --threads 2 --runs 7
     VLM_VISION_KERNELS=i16-avx2 python benchmarks/bench_vision.py     # a given form of vlm's kernels
@@ -38,7 +38,9 @@ SAMPLE = ROOT / "vlmcli" / "data" / "chelsea.jpg"
 PROMPT = "Describe this image."
 
 
-def ask_commands(model: Path, mmproj: Path, threads: int, tokens: int, home: Path) -> dict[str, tuple[list[str], dict]]:
+def ask_commands(
+    model: Path, mmproj: Path, threads: int, tokens: int, home: Path, mtmd_row: bool
+) -> dict[str, tuple[list[str], dict]]:
     """name -> (command, environment) for --ask."""
     from llama_tools import tool
 
@@ -49,15 +51,15 @@ def ask_commands(model: Path, mmproj: Path, threads: int, tokens: int, home: Pat
     env.pop("VLM_VISION_KERNELS", None)
     cli = [str(tool("llama-mtmd-cli")), "-m", str(model), "--mmproj", str(mmproj), "--image", str(SAMPLE)]
     cli += ["-p", f"<__media__>{PROMPT}", "-n", str(tokens), "-t", str(threads), "--temp", "0", "-c", "8192"]
-    return {
-        "vlm ask": (ask, env),
-        "vlm ask, VLM_VISION_KERNELS=mtmd": (ask, {**env, "VLM_VISION_KERNELS": "mtmd"}),
-        "llama-mtmd-cli": (cli, env),
-    }
+    commands = {"vlm ask": (ask, env), "llama-mtmd-cli": (cli, env)}
+    if mtmd_row:
+        commands["vlm ask, VLM_VISION_KERNELS=mtmd"] = (ask, {**env, "VLM_VISION_KERNELS": "mtmd"})
+    return commands
 
 
 def ask_walls(args: argparse.Namespace, model: Path, mmproj: Path) -> None:
-    commands = ask_commands(model, mmproj, args.threads, args.tokens, Path(args.cache) / "vlm-home")
+    home = Path(args.cache) / "vlm-home"
+    commands = ask_commands(model, mmproj, args.threads, args.tokens, home, args.with_mtmd_encoder)
     walls: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(args.runs):
         for name, (cmd, env) in commands.items():
@@ -81,6 +83,7 @@ def main() -> None:
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlmcli-bench"))
     ap.add_argument("--ask", action="store_true", help="whole commands: vlm ask against llama-mtmd-cli")
     ap.add_argument("--tokens", type=int, default=32, help="with --ask: most tokens generated")
+    ap.add_argument("--with-mtmd-encoder", action="store_true", help="with --ask: also vlm ask on mtmd's encoder")
     args = ap.parse_args()
 
     from bench_vlm import build_model
