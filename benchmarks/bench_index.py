@@ -361,8 +361,12 @@ def main() -> None:
             rows.append(r.row(n))
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
         del data
+    sizes = " and ".join(f"{int(x):,}" for x in args.n.split(","))
+    title = f"Vector search, {sizes} {args.dim}-d vectors, {args.data} data"
+    if "faiss-ivf" in args.methods:  # tables of one size and data differ in their IVF setting
+        title += f", IVF {args.lists:g} sqrt(n) lists"
     print_table(
-        f"Vector search, {args.dim}-d, {args.data} data",
+        title,
         ["vectors", "method", "query p50", "query p95", "build", "memory", "recall@10"],
         rows,
         note=f"{args.queries} single queries after one warm-up; HNSW: M=16, build breadth 128, search breadth "
