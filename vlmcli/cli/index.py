@@ -87,6 +87,8 @@ def index_command(
 
     if not paths and not batch.files_from:
         raise VlmError("give folders or image files to index", exit_code=EXIT_USAGE)
+    if not captions and (caption_model is not None or detail is not None):
+        raise VlmError("--caption-model and --detail go with --captions", exit_code=EXIT_USAGE)
     args = batch.for_inputs(list(paths or []))
     found = _expand(args)
     spec = _spec(model, offline, threads, n_gpu_layers, device)
