@@ -167,8 +167,8 @@ def test_kill_9_during_a_run_loses_nothing_and_the_rerun_finishes_without_duplic
     clip_gguf: Path, tmp_path: Path
 ) -> None:
     root = tmp_path / "many"
-    for i in range(240):
-        write_photo(root / f"{i // 60}" / f"{i:03d}.png", 1000 + i, (32, 32))
+    for i in range(400):
+        write_photo(root / f"{i // 100}" / f"{i:03d}.png", 1000 + i, (32, 32))
     db = tmp_path / "index.sqlite"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLM_HOME": str(tmp_path)}
     cmd = [sys.executable, "-m", "vlmcli", "index", str(root), "--db", str(db), "-m", str(clip_gguf), "-b", "4"]
@@ -193,19 +193,19 @@ def test_kill_9_during_a_run_loses_nothing_and_the_rerun_finishes_without_duplic
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         kept = c.execute("SELECT COUNT(*) FROM files").fetchone()[0]
         assert kept == c.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
-    assert 8 <= kept < 240
+    assert 8 <= kept < 400
     rerun = vlm("index", str(root), "--db", str(db), "-m", str(clip_gguf), home=tmp_path)
-    assert f"{kept} unchanged, 0 moved or renamed, {240 - kept} to embed, 0 removed" in rerun.stderr
+    assert f"{kept} unchanged, 0 moved or renamed, {400 - kept} to embed, 0 removed" in rerun.stderr
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT COUNT(*), COUNT(DISTINCT path), COUNT(DISTINCT sha256) FROM files").fetchone() == (
-            240,
-            240,
-            240,
+            400,
+            400,
+            400,
         )
-        assert c.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] == 240
+        assert c.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] == 400
     # what survived the kill ranks exactly as a fresh embed of the same files
     images, q = _embed(clip_gguf, tmp_path, root)
-    got = _lines(vlm("search", QUERY, "--db", str(db), "-n", "240", "--json", home=tmp_path).stdout)
+    got = _lines(vlm("search", QUERY, "--db", str(db), "-n", "400", "--json", home=tmp_path).stdout)
     _check_ranking(got, _expected_order(images, q))
 
 
