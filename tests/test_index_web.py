@@ -164,6 +164,18 @@ def test_text_and_image_queries_and_duplicates_in_a_real_browser(browser, page) 
     again = _results(driver, wait, f"results for {os.path.basename(shown[3])}")
     assert again[0] == shown[3]
 
+    # The folder filter: only images under it.
+    driver.find_element(By.ID, "in").send_keys(str(photos / "edits"))
+    box = driver.find_element(By.ID, "q")
+    box.clear()
+    box.send_keys("a rocket")
+    _clear_status(driver)
+    driver.find_element(By.CSS_SELECTOR, "#query button.go").click()
+    inside = _results(driver, wait, "results for")
+    assert inside and all(Path(p).parent == photos / "edits" for p in inside)
+    assert len(inside) == len(list((photos / "edits").glob("*.jpg")))
+    driver.find_element(By.ID, "in").clear()
+
     # Duplicates side by side, the keeper marked.
     driver.find_element(By.ID, "tab-dupes").click()
     wait.until(ec.text_to_be_present_in_element((By.ID, "dupes-status"), "groups among"))

@@ -248,6 +248,8 @@ PAGE = """<!doctype html>
   label.file { padding: .5rem .8rem; border: 1px dashed #9aa3ad; border-radius: 8px; cursor: pointer;
                color: var(--muted); }
   label.file input { display: none; }
+  form.filters { color: var(--muted); font-size: .9rem; gap: 1rem; }
+  form.filters input { padding: .3rem .45rem; font: inherit; border: 1px solid #c4c9cf; border-radius: 6px; }
   #status, #dupes-status { color: var(--muted); min-height: 1.4em; margin: .2rem 0 .8rem; }
   #status.error, #dupes-status.error { color: #c0392b; }
   .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: .8rem; }
@@ -280,6 +282,11 @@ PAGE = """<!doctype html>
       <label class="file" title="Search by an image">Image… <input id="image" type="file" accept="image/*"></label>
       <input id="n" type="number" min="1" max="1000" value="60" title="How many results">
       <button class="go" type="submit">Search</button>
+    </form>
+    <form id="filters" class="filters">
+      <label>In folder <input id="in" type="text" placeholder="/photos/2024" size="28"></label>
+      <label>Modified from <input id="since" type="date"></label>
+      <label>until <input id="until" type="date"></label>
     </form>
     <div id="status"></div>
     <div id="results" class="grid"></div>
@@ -315,6 +322,12 @@ function card(item, extra) {
   return el("figure", {}, el("a", {href: "/image/" + item.sha256, target: "_blank"}, img), cap);
 }
 
+function filtered(fields) {
+  const params = new URLSearchParams(fields);
+  for (const name of ["in", "since", "until"]) if ($(name).value) params.set(name, $(name).value);
+  return params;
+}
+
 function status(target, text, error) {
   target.textContent = text;
   target.className = error ? "error" : "";
@@ -332,7 +345,7 @@ async function show(response, label) {
 async function search(event) {
   if (event) event.preventDefault();
   const q = $("q").value.trim();
-  const params = new URLSearchParams({q, n: $("n").value});
+  const params = filtered({q, n: $("n").value});
   status($("status"), "searching…");
   if (upload) {
     const r = await fetch("/api/search?" + params, {method: "POST", body: upload,
@@ -347,7 +360,7 @@ async function similar(item) {
   $("image").value = "";
   pick("search");
   status($("status"), "searching…");
-  const params = new URLSearchParams({sha: item.sha256, n: $("n").value});
+  const params = filtered({sha: item.sha256, n: $("n").value});
   return show(await fetch("/api/similar?" + params), item.name);
 }
 
@@ -386,6 +399,7 @@ function pick(name) {
 }
 
 $("query").addEventListener("submit", search);
+$("filters").addEventListener("submit", search);
 $("dupes-form").addEventListener("submit", dupes);
 $("image").addEventListener("change", () => { upload = $("image").files[0] || null; if (upload) search(); });
 $("tab-search").addEventListener("click", () => pick("search"));
