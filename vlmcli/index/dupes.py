@@ -63,7 +63,7 @@ def similar_pairs(matrix: np.ndarray, threshold: float) -> list[tuple[int, int, 
     for start in range(0, n, _BLOCK):
         block = matrix[start : start + _BLOCK]
         scores = block @ matrix[start:].T  # only j >= start: each pair once
-        rows, cols = np.nonzero(scores >= np.float32(threshold))
+        rows, cols = np.nonzero(scores >= np.float32(threshold - 1e-6))  # float32 rounding: copies at 1
         for r, c in zip(rows.tolist(), cols.tolist()):
             i, j = start + r, start + c
             if i < j:
