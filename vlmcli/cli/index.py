@@ -317,4 +317,5 @@ def dupes(
             sys.stdout.write(f"  {mark}  {best[i]:.4f}  {dims:>11}  {_human_bytes(f.size):>9}  {f.path}\n")
     sys.stdout.flush()
     if not json_out:
-        info(f"vlm: {len(groups)} groups of near-duplicates among {len(vectors)} images (threshold {threshold})")
+        groups_word = "group" if len(groups) == 1 else "groups"
+        info(f"vlm: {len(groups)} {groups_word} of near-duplicates among {len(vectors)} images (threshold {threshold})")
