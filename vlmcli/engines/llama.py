@@ -716,6 +716,7 @@ class VlmEngine(NativeResource):
         n_past = sum(e.size for e in entries[:keep])
         llama.llama_memory_seq_rm(memory, 0, n_past, -1)
         self._kv = entries[:keep]
+        fresh = keep == 0
         passes = [0] * len(plan.media)
         evaluated = [0] * len(plan.media)
         todo = sum(1 for e in entries[keep:] if not isinstance(e.what, int))
@@ -749,7 +750,9 @@ class VlmEngine(NativeResource):
                     on_progress(done, todo)
                 j = i + 1
             self._kv = entries[:j]
-            if kv_key is not None and j == plan.prefix_end and not restored_from_disk and any(passes):
+            # Saved when the encoder ran for a prefix evaluated from its start: a conversation's later turns
+            # (their history kept in memory) would fill the cache with prefixes no other prompt shares.
+            if kv_key is not None and j == plan.prefix_end and not restored_from_disk and any(passes) and fresh:
                 self._save_prefix(kv_key, n_past, plan)
             i = j
         return n_past, plan.encodings(passes, evaluated, restored_from_disk)
