@@ -235,3 +235,27 @@ def test_captions_are_stored_once_per_content_and_searchable_as_full_text(
     for r in got:
         assert r["score"] == pytest.approx(r["clip_score"] + 0.1 * r["text_score"], abs=2e-6)
         assert "caption" in r
+
+
+def test_two_models_share_one_index(clip_gguf: Path, clip_gguf_gelu: Path, tree: Path, tmp_path: Path) -> None:
+    home, db = tmp_path, str(tmp_path / "index.sqlite")
+    vlm("index", str(tree), "--db", db, "-m", str(clip_gguf), "-q", home=home)
+    second = vlm("index", str(tree), "--db", db, "-m", str(clip_gguf_gelu), home=home)
+    assert "0 unchanged, 0 moved or renamed, 9 to embed" in second.stderr  # same files, new model
+    with sqlite3.connect(db) as c:
+        per_model = dict(c.execute("SELECT model, COUNT(*) FROM vectors GROUP BY model").fetchall())
+        assert c.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 9
+    assert per_model == {clip_gguf.stem: 9, clip_gguf_gelu.stem: 9}
+
+    both = vlm("search", "dog", "--db", db, home=home, check=False)
+    assert both.returncode == 1 and "several models" in both.stderr and "--model" in both.stderr
+    for model in (clip_gguf, clip_gguf_gelu):
+        got = _lines(vlm("search", "dog", "--db", db, "-m", str(model), "--json", "-n", "3", home=home).stdout)
+        assert {r["model"] for r in got} == {model.stem}
+        assert vlm("dupes", "--db", db, "-m", str(model), "--json", home=home).returncode == 0
+    # Re-indexing with one model leaves the other's vectors alone.
+    (tree / "p1.jpg").unlink()
+    vlm("index", str(tree), "--db", db, "-m", str(clip_gguf), "-q", home=home)
+    with sqlite3.connect(db) as c:
+        kept = dict(c.execute("SELECT model, COUNT(*) FROM vectors GROUP BY model").fetchall())
+    assert kept == {clip_gguf.stem: 8, clip_gguf_gelu.stem: 8}  # p1's content is gone from both
