@@ -67,7 +67,9 @@ def parse_query(
         if word in ("+", "-"):
             tokens.append(word)
             continue
-        parts = _OPERATOR.split(f" {word} ")  # spaces around: an operator may lead or end the word
+        # Whitespace runs as one space first (CLIP's tokenizer does the same): the operator pattern tries
+        # every position of a long run, quadratic in it (100,000 spaces took minutes).
+        parts = _OPERATOR.split(f" {' '.join(word.split())} ")  # spaces around: an operator may lead or end it
         tokens += [p.strip() if p.strip() in ("+", "-") else p for p in parts if p.strip()]
     terms: list[Term] = []
     sign = 1.0
