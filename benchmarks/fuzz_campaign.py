@@ -13,10 +13,14 @@ processes under RLIMIT_AS, in chunks (mutated model files are written per chunk 
                         the data offset)
     image               mutated PNG / JPEG bytes and extreme shapes, through CLIP and SmolVLM2
     text                hostile texts, through CLIP's tokenizer + text tower and SmolVLM2's prompt
+    index, query, video, multi, schema, grammar
+                        issue 36's input kinds, each through the real command line (tests/fuzz_kinds.py):
+                        the photo index's SQLite file, search queries, videos, several images in one
+                        prompt, JSON schemas and GBNF grammars
 
-Prints and writes the counts per kind (accepted, refused cleanly, bug, crashed) and every problem:
-a crash (signal, abort, hang, out of memory under the limit), a traceback, or a refusal that is not
-one line naming the file.
+Prints and writes the table per kind (mutations, accepted, clean error, traceback, crash, hang, blow-up:
+over 30 s or 1.5 GB for one input) and every problem: a crash (signal, abort, hang, out of memory under
+the limit), a traceback, or a refusal that is not one line naming the file.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+import fuzz_kinds as fk  # noqa: E402
 import fuzzing as fz  # noqa: E402
 
 
@@ -50,6 +55,31 @@ def build_fixtures(work: Path) -> fz.Models:
     image = work / "small.png"
     image.write_bytes(fz.png_bytes(64, 48))
     return fz.Models(str(vlm.model), str(vlm.mmproj), str(clip), str(image))
+
+
+NEW_KINDS = ("index", "query", "video", "multi", "schema", "grammar")
+
+
+class NewKinds:
+    """What issue 36's kinds start from: a real index and its images, small real videos, image seeds."""
+
+    def __init__(self, models: fz.Models, work: Path, image_seeds: list[bytes]):
+        self.models = models
+        self.index, self.images = fk.build_index(models, work / "index")
+        self.videos = fk.video_seeds()
+        self.image_seeds = image_seeds
+
+    def jobs(self, kind: str, n: int, rng: random.Random, out: Path) -> list[fz.Job]:
+        m = self.models
+        if kind == "index":
+            return fk.index_jobs(self.index, self.images, m, rng, n, out)
+        if kind == "query":
+            return fk.query_jobs(self.index, self.images, m, rng, n, out)
+        if kind == "video":
+            return fk.video_jobs(m, self.videos, rng, n, out)
+        if kind == "multi":
+            return fk.multi_jobs(m, self.image_seeds, self.videos["plain"], rng, n, out)
+        return fk.structure_jobs(kind, m, rng, n, out)
 
 
 def stacked_mutation(raw: bytes, kind: str, rng: random.Random) -> fz.Mutation:
@@ -89,13 +119,24 @@ def model_jobs(kind: str, files: dict[str, Path], n: int, rng: random.Random, wo
     return jobs
 
 
+def markdown_table(table: dict[str, dict[str, int]]) -> str:
+    columns = ["mutations", "accepted", "clean error", "traceback", "crash", "hang", "blow-up", "max s", "max MB"]
+    lines = ["| kind | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for kind, row in table.items():
+        lines.append(f"| {kind} | " + " | ".join(f"{row.get(c, 0):,}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-kind", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=100, help="jobs per child process (and per batch of files on disk)")
-    ap.add_argument("--kinds", default="llm,mmproj,clip,tensors,image,text")
+    ap.add_argument("--kinds", default="llm,mmproj,clip,tensors,image,text," + ",".join(NEW_KINDS))
     ap.add_argument("--rlimit-gb", type=float, default=fz.DEFAULT_RLIMIT_AS / 2**30)
+    ap.add_argument(
+        "--job-timeout", type=float, default=45.0, help="seconds without progress before a job counts as a hang"
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the report (JSON) here")
     ap.add_argument(
         "--engines-from",
@@ -111,6 +152,7 @@ def main() -> int:
         "per_kind": args.per_kind,
         "rlimit_bytes": int(args.rlimit_gb * 2**30),
         "counts": {},
+        "table": {},
         "problems": [],
         "max_rss_kb": 0,
         "seconds": {},
@@ -119,11 +161,14 @@ def main() -> int:
         models = build_fixtures(work / "fixtures")
         files = {"llm": Path(models.llm), "mmproj": Path(models.mmproj), "clip": Path(models.clip)}
         seeds = [Path(models.image).read_bytes(), (ROOT / "vlmcli" / "data" / "chelsea.jpg").read_bytes()]
-        for kind in args.kinds.split(","):
+        kinds = args.kinds.split(",")
+        new = NewKinds(models, work / "fixtures", seeds) if set(kinds) & set(NEW_KINDS) else None
+        for kind in kinds:
             rng = random.Random(f"{args.seed}-{kind}")
             t0 = time.time()
             done = 0
             totals: dict[str, dict[str, int]] = {}
+            table: dict[str, int] = {}
             while done < args.per_kind:
                 n = min(args.chunk, args.per_kind - done)
                 chunk_dir = work / f"{kind}-{done}"
@@ -136,26 +181,40 @@ def main() -> int:
                         p = chunk_dir / f"{done + i}.img"
                         p.write_bytes(data)
                         jobs.append(fz.Job("image", desc, str(p)))
+                elif kind in NEW_KINDS:
+                    assert new is not None
+                    jobs = new.jobs(kind, n, rng, chunk_dir)
                 else:
                     jobs = [fz.Job("text", repr(t[:60]), text=t) for t in fz.text_mutations(rng, n)]
                 env = {"PYTHONPATH": str(args.engines_from)} if args.engines_from else None
-                results, stats = fz.run_jobs(jobs, models, rlimit_as=report["rlimit_bytes"], env=env)
+                results, stats = fz.run_jobs(
+                    jobs, models, rlimit_as=report["rlimit_bytes"], job_timeout=args.job_timeout, env=env
+                )
                 report["max_rss_kb"] = max(report["max_rss_kb"], stats["max_rss_kb"])
                 for k, c in fz.counts(results).items():
                     t = totals.setdefault(k, {"accepted": 0, "refused": 0, "bug": 0, "crashed": 0})
                     for o, v in c.items():
                         t[o] += v
+                for row in fz.outcome_table(results).values():
+                    for col, v in row.items():
+                        table[col] = max(table.get(col, 0), v) if col.startswith("max") else table.get(col, 0) + v
                 for p in fz.problems(results):
                     report["problems"].append(p)
                     print("PROBLEM", p[:2000], flush=True)
                 shutil.rmtree(chunk_dir)
                 done += n
+                report["counts"][kind], report["table"][kind] = totals, table
+                report["done"] = {**report.get("done", {}), kind: done}
+                if args.out:  # after every chunk: a campaign stopped early keeps what it ran
+                    args.out.write_text(json.dumps(report, indent=2))
                 print(f"{kind}: {done}/{args.per_kind} {totals}", flush=True)
             report["counts"][kind] = totals
+            report["table"][kind] = table
             report["seconds"][kind] = round(time.time() - t0, 1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({k: v for k, v in report.items() if k != "problems"}, indent=2))
+    print(markdown_table(report["table"]))
     print(f"{len(report['problems'])} problems")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

@@ -30,6 +30,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import zlib
@@ -625,10 +626,12 @@ def text_mutations(rng: random.Random, n: int) -> Iterator[str]:
 
 @dataclass
 class Job:
-    kind: str  # llm | mmproj | clip | image | text
+    kind: str  # llm | mmproj | clip | image | text; index | query | video | multi | schema | grammar (fuzz_kinds.py)
     desc: str
-    path: str = ""  # the file (model or image)
+    path: str = ""  # the file (model, image, index, video, schema, grammar)
     text: str = ""  # for text jobs (may hold lone surrogates: JSON-escaped)
+    args: list[str] = field(default_factory=list)  # a `vlm` command line, run in the child through vlmcli.cli.main
+    lock: float = 0.0  # seconds another connection holds an exclusive SQLite lock on `path` as the command starts
 
 
 @dataclass
@@ -637,6 +640,8 @@ class Result:
     outcome: str  # accepted | refused | bug | crashed
     message: str = ""
     seconds: float = 0.0  # time the job took in the child
+    rss_kb: int = 0  # the child's peak RSS after the job
+    grew: bool = False  # the job raised that peak
 
 
 @dataclass
@@ -739,7 +744,9 @@ def _run_child(
                     if msg["event"] == "start":
                         started = msg["i"]
                     elif msg["event"] == "done":
-                        done[msg["i"]] = Result(jobs[msg["i"]], msg["outcome"], msg["message"], msg["seconds"])
+                        done[msg["i"]] = Result(
+                            jobs[msg["i"]], msg["outcome"], msg["message"], msg["seconds"], msg["rss_kb"], msg["grew"]
+                        )
                         started = None
                     elif msg["event"] == "end":
                         rss = msg["max_rss_kb"]
@@ -756,9 +763,11 @@ def _run_child(
     stderr = err.decode("utf-8", errors="replace")
     crashed_at = started if (proc.returncode != 0 or timed_out or started is not None) else None
     if crashed_at is not None:
-        why = "timed out" if timed_out else f"exit status {proc.returncode}"
+        why = f"exit status {proc.returncode}"
         if proc.returncode is not None and proc.returncode < 0:
             why = f"killed by {signal.Signals(-proc.returncode).name}"
+        if timed_out:  # killed here: a hang, whatever the signal says
+            why = "timed out"
         stderr = f"[{why}] {stderr}"
     return done, crashed_at, rss, stderr
 
@@ -774,11 +783,16 @@ def child_main(fd: int) -> None:
     def send(msg: dict) -> None:
         out.write(json.dumps(msg).encode() + b"\n")
 
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for i, job in enumerate(jobs):
         send({"event": "start", "i": i})
         t0 = time.perf_counter()
         outcome, message = runner.run(job)
-        send({"event": "done", "i": i, "outcome": outcome, "message": message, "seconds": time.perf_counter() - t0})
+        seconds = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        done = {"event": "done", "i": i, "outcome": outcome, "message": message, "seconds": seconds}
+        send({**done, "rss_kb": rss, "grew": rss > peak})
+        peak = rss
     runner.close()
     send({"event": "end", "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})
     out.close()
@@ -800,6 +814,8 @@ class _Runner:
     def run(self, job: Job) -> tuple[str, str]:
         from vlmcli.errors import VlmError
 
+        if job.args:
+            return _run_cli(job)
         try:
             getattr(self, f"_{job.kind}")(job)
             return "accepted", ""
@@ -883,6 +899,58 @@ class _Runner:
         next(self.vlm().ask(image, [job.text], GenerationOptions(max_tokens=1)))
 
 
+def _run_cli(job: Job) -> tuple[str, str]:
+    """The command line in this process, its stdout, stderr and C-level stderr captured; the outcome
+    from its exit status and what it printed (classify_cli)."""
+    import contextlib
+    import io
+    import sqlite3
+    import tempfile
+
+    from vlmcli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    lock = None
+    if job.lock:  # another connection holding the file (SQLite locks it against this process's others too),
+        # as a concurrent writer does for a while
+        lock = sqlite3.connect(job.path, isolation_level=None, check_same_thread=False)
+        lock.execute("PRAGMA locking_mode=EXCLUSIVE")
+        lock.execute("BEGIN EXCLUSIVE")
+        threading.Timer(job.lock, lock.close).start()
+    with tempfile.TemporaryFile() as native:
+        saved = os.dup(2)
+        os.dup2(native.fileno(), 2)
+        code: int
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    main(list(job.args))
+                    code = 0
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                except BaseException:  # noqa: BLE001 - main() lets nothing out but SystemExit
+                    return "bug", traceback.format_exc()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        native.seek(0)
+        printed = err.getvalue() + native.read().decode("utf-8", errors="replace")
+    return classify_cli(code, printed)
+
+
+def classify_cli(code: int, stderr: str) -> tuple[str, str]:
+    """accepted (exit 0), refused (an error the CLI worded), bug (a traceback, or an exception the CLI
+    did not expect: its `(run with --debug for details)` line). The message keeps every stderr line
+    for problems() to check."""
+    if "Traceback (most recent call last)" in stderr or "(run with --debug for details)" in stderr:
+        return "bug", stderr.strip()[-1500:]
+    if code == 0:
+        return "accepted", stderr.strip()[-1500:]
+    if code == 2 and "vlm: error:" not in stderr:  # Typer's usage box: an option the generator made up
+        return "refused", "usage: " + " ".join(stderr.split())[-300:]
+    return "refused", stderr.strip()[-4000:]
+
+
 def _vlm_options(detail: str = "auto"):
     from vlmcli.engines.llama import EngineOptions
 
@@ -903,6 +971,13 @@ def problems(results: list[Result]) -> list[str]:
     for r in results:
         j = r.job
         where = f"{j.kind} {j.desc}"
+        if r.seconds > MAX_JOB_SECONDS:
+            bad.append(f"{where}: took {r.seconds:.0f} s")
+        if r.grew and r.rss_kb * 1024 > MAX_JOB_RSS:
+            bad.append(f"{where}: the child's peak memory rose to {r.rss_kb // 1024} MB")
+        if j.args:
+            bad += _cli_problems(r, where)
+            continue
         if r.outcome in ("bug", "crashed"):
             bad.append(f"{where}: {r.outcome}: {r.message.strip()[-1500:]}")
         elif r.outcome == "refused":
@@ -913,6 +988,68 @@ def problems(results: list[Result]) -> list[str]:
             elif j.kind in ("llm", "mmproj", "clip", "image") and Path(j.path).name not in r.message:
                 bad.append(f"{where}: refusal does not name {Path(j.path).name}: {r.message!r}")
     return bad
+
+
+def _cli_problems(r: Result, where: str) -> list[str]:
+    """A command line's outcome: a bug or crash, or stderr that is more than `vlm:` lines (library
+    output), or a refusal that is not one `vlm: error:` line (naming the file, where it is one)."""
+    if r.outcome in ("bug", "crashed"):
+        return [f"{where}: {r.outcome}: {r.message.strip()[-1500:]}"]
+    if r.message.startswith("usage: "):
+        return []
+    lines = [line for line in r.message.splitlines() if line.strip()]
+    noise = [line for line in lines if not line.startswith("vlm: ")]
+    if noise:
+        return [f"{where}: stderr beyond vlm's own lines: {noise[0][:300]!r}"]
+    if r.outcome != "refused":
+        return []
+    errors = [line for line in lines if line.startswith("vlm: error: ")]
+    if len(errors) != 1:
+        return [f"{where}: {len(errors)} error lines: {r.message[:300]!r}"]
+    if len(errors[0]) > MAX_MESSAGE_CHARS:
+        return [f"{where}: an error line of {len(errors[0]):,} characters: {errors[0][:300]!r}"]
+    if r.job.kind in NAMED_KINDS and Path(r.job.path).name not in errors[0] and "usage" not in errors[0]:
+        return [f"{where}: the error does not name {Path(r.job.path).name}: {errors[0][:300]!r}"]
+    return []
+
+
+# The issue's bounds for any single input on the test models.
+MAX_JOB_SECONDS = 30.0
+MAX_JOB_RSS = int(1.5 * 2**30)
+NAMED_KINDS = {"index", "video"}  # a refusal names the file the mutation is in
+
+
+def outcome_table(results: list[Result]) -> dict[str, dict[str, int]]:
+    """Per kind: mutations, accepted, clean errors, tracebacks, crashes, hangs, blow-ups (over the time or
+    memory bound), problems of any kind, and the slowest job (seconds) and the largest peak (MB)."""
+    out: dict[str, dict[str, int]] = {}
+    for r in results:
+        row = out.setdefault(
+            r.job.kind,
+            {
+                "mutations": 0,
+                "accepted": 0,
+                "clean error": 0,
+                "traceback": 0,
+                "crash": 0,
+                "hang": 0,
+                "blow-up": 0,
+                "problems": 0,
+                "max s": 0,
+                "max MB": 0,
+            },
+        )
+        row["mutations"] += 1
+        hang = r.outcome == "crashed" and "[timed out]" in r.message
+        key = {"accepted": "accepted", "refused": "clean error", "bug": "traceback"}.get(r.outcome)
+        row[key or ("hang" if hang else "crash")] += 1
+        slow = r.seconds > MAX_JOB_SECONDS
+        big = r.grew and r.rss_kb * 1024 > MAX_JOB_RSS
+        row["blow-up"] += int(slow or big)
+        row["problems"] += int(bool(problems([r])))
+        row["max s"] = max(row["max s"], round(r.seconds))
+        row["max MB"] = max(row["max MB"], r.rss_kb // 1024)
+    return out
 
 
 def counts(results: list[Result]) -> dict[str, dict[str, int]]:

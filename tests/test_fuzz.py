@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fuzz_kinds as fk
 import fuzzing as fz
 import pytest
 
@@ -55,6 +56,57 @@ ISSUE_CASES = [
     ("clip", "tokenizer.ggml.bos_token_id", 10**9, "1000000000"),
     ("clip", "clip.vision.attention.layer_norm_epsilon", float("nan"), "nan"),
 ]
+
+
+# Issue 36's kinds, each through the command line: a few seeded mutations, and the cases the first
+# campaign over them found (each a traceback before).
+NEW_KIND_CASES = [
+    ("grammar", "root ::= [z-a]", "matches no character"),
+    ("grammar", "root ::= []", "matches no character"),
+    ("grammar", "root ::= [\\U00110000]", "not a Unicode code point"),
+    ("schema", "[" * 100_000, "not JSON"),
+]
+
+
+@pytest.fixture(scope="module")
+def new_kinds(good: fz.Models, tmp_path_factory) -> list[fz.Job]:
+    d = tmp_path_factory.mktemp("fuzz-new")
+    rng = random.Random(SEED)
+    db, images = fk.build_index(good, d / "fixtures")
+    videos = fk.video_seeds(("plain", "no-frames", "audio-only"))
+    seeds = [Path(good.image).read_bytes()]
+    jobs = []
+    for kind in fk.KINDS:
+        out = d / kind
+        out.mkdir()
+        if kind == "index":
+            jobs += fk.index_jobs(db, images, good, rng, 2, out)
+        elif kind == "query":
+            jobs += fk.query_jobs(db, images, good, rng, 2, out)
+        elif kind == "video":
+            jobs += fk.video_jobs(good, videos, rng, 1, out)
+        elif kind == "multi":
+            jobs += fk.multi_jobs(good, seeds, videos["plain"], rng, 1, out)
+        else:
+            jobs += fk.structure_jobs(kind, good, rng, 1, out, limit=100)  # the suite's sizes: seconds, not minutes
+    image = d / "case.png"
+    image.write_bytes(fz.png_bytes(16, 12))
+    for i, (kind, text, _) in enumerate(NEW_KIND_CASES):
+        path = d / f"case-{i}.txt"
+        path.write_text(text)
+        flag = "--grammar" if kind == "grammar" else "--json-schema"
+        args = ["ask", str(image), "q", "--model", good.llm, "--mmproj", good.mmproj, flag, str(path)]
+        jobs.append(fz.Job(kind, f"case {i}", str(path), args=args))
+    return jobs
+
+
+def test_new_input_kinds_through_the_command_line(new_kinds: list[fz.Job], good: fz.Models) -> None:
+    results, _ = fz.run_jobs(new_kinds, good, rlimit_as=RLIMIT_AS)
+    _check(results)
+    assert {r.job.kind for r in results} == set(fk.KINDS)
+    cases = results[-len(NEW_KIND_CASES) :]
+    for r, (_, _, needle) in zip(cases, NEW_KIND_CASES):
+        assert r.outcome == "refused" and needle in r.message, r.message
 
 
 @pytest.fixture(scope="module")
