@@ -284,8 +284,8 @@ def ask(
     if not questions:
         raise VlmError("give at least one question after the image", exit_code=EXIT_USAGE)
     args = batch.for_inputs(inputs, json=json_out)
-    if together and (args.files_from or args.sidecar):
-        raise VlmError("-i and --no-image make one prompt: no --files-from or --sidecar", exit_code=EXIT_USAGE)
+    if together and (args.files_from or args.sidecar or args.ray):
+        raise VlmError("-i and --no-image make one prompt: no --files-from, --sidecar or --ray", exit_code=EXIT_USAGE)
     expansion = media_cli.together(list(images or [])) if together else batch_cli.expand(args, videos=True)
     if args.sidecar and len(questions) != 1:
         raise VlmError("--sidecar takes one question per image", exit_code=EXIT_USAGE)
