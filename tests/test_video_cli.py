@@ -86,3 +86,16 @@ def test_ask_with_several_files_and_none(model_dir: Path, tmp_path: Path) -> Non
     assert bad.returncode == 1 and bad.stderr.startswith("vlm: error: ") and "missing.mp4" in bad.stderr
     both = vlm("ask", "-i", str(SAMPLE), "--no-image", "?", "--model", str(model_dir))
     assert both.returncode == 2 and "exclude each other" in both.stderr
+
+
+def test_without_pyav_one_line_says_what_to_install(model_dir: Path, tmp_path: Path) -> None:
+    clip = write_video(tmp_path / "clip.mp4", frames=4, fps=2)
+    code = (
+        "import sys; sys.modules['av'] = None; from vlmcli.cli import main; "
+        f"sys.argv = ['vlm', 'ask', {str(clip)!r}, '?', '--model', {str(model_dir)!r}]; main()"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "vlm: error: reading videos needs PyAV: pip install 'vlmcli[video]' (or: pip install av)"
+    ]
