@@ -84,6 +84,8 @@ def test_ask_with_several_files_and_none(model_dir: Path, tmp_path: Path) -> Non
     assert json.loads(text.stdout)["tokens"]["image"] == 0
     bad = vlm("ask", "-i", str(tmp_path / "missing.mp4"), "?", "--model", str(model_dir))
     assert bad.returncode == 1 and bad.stderr.startswith("vlm: error: ") and "missing.mp4" in bad.stderr
+    long = vlm("ask", "-i", str(SAMPLE), "-i", str(SAMPLE), "word " * 600, "--model", str(model_dir), "--ctx", "256")
+    assert long.stderr.startswith(f"vlm: error: {SAMPLE} + {SAMPLE}: the prompt needs ")  # the files, named
     both = vlm("ask", "-i", str(SAMPLE), "--no-image", "?", "--model", str(model_dir))
     assert both.returncode == 2 and "exclude each other" in both.stderr
 

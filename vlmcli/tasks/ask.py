@@ -281,6 +281,8 @@ class AskTask(VlmTask):
                 else:
                     out.append(self.record(self.generate(item)))
             except VlmError as e:
+                if isinstance(item, PreparedMedia) and e.path is None:
+                    e.path = item.input.label()  # not the runner's input string (NUL-joined paths)
                 out.append(e)
         return out
 

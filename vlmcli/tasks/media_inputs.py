@@ -57,6 +57,11 @@ class MediaInput:
             return cls((head,), (start, end))
         return cls((text,))
 
+    def label(self) -> str:
+        """How an error names the input: its path, a segment's path#t=..., the files joined by " + ", or
+        nothing for a text-only prompt."""
+        return " + ".join(self.paths) if len(self.paths) != 1 else self.encode()
+
     def key(self, use_hash: bool) -> FileKey | None:
         """Every file's key in one (None when one cannot be read: its error is reported later)."""
         if self.plain:
