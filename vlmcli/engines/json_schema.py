@@ -49,6 +49,10 @@ REFUSED = {
 }
 TYPES = {"string", "integer", "number", "boolean", "null", "object", "array"}
 # Keywords that hold one subschema, or a map or list of them (walked by `check`).
+# llama.cpp's converter writes a length or count bound out as that many grammar items (minLength 10^9
+# exhausted memory); no answer within a context reaches this many.
+MAX_REPEAT = 4096
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
 _ONE = ("items", "additionalProperties")
 _MAP = ("properties", "$defs", "definitions")
 _LIST = ("anyOf", "prefixItems")
@@ -106,6 +110,10 @@ def _walk(node: Any, where: str, option: str) -> None:
     for t in types if isinstance(types, list) else [types] if types is not None else []:
         if t not in TYPES:
             raise _refuse(option, where, "type", f"unknown type {t!r}")
+    for key in _COUNTS:
+        value = node.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value <= MAX_REPEAT:
+            raise _refuse(option, where, key, f"{value:g} is outside 0..{MAX_REPEAT}, more than an answer holds")
     if ("minLength" in node or "maxLength" in node) and types != "string":
         raise _refuse(option, where, "minLength", 'string lengths need "type": "string" beside them')
     if "enum" in node and not node["enum"]:

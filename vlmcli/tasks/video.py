@@ -104,6 +104,8 @@ class _Opened:
                 seconds = self._seconds()
                 frames = int(round(seconds * fps)) if seconds else 0
             ctx = self.stream.codec_context
+            if ctx is None:  # no decoder for what the (damaged) header names
+                raise ImageError("the video's codec cannot be read", path)
             self.info = VideoInfo(frames, fps, int(ctx.width or 0), int(ctx.height or 0))
             if fps <= 0 or frames <= 0 or self.info.width <= 0 or self.info.height <= 0:
                 raise ImageError("the video has no frames", path)
