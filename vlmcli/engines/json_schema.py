@@ -53,6 +53,9 @@ TYPES = {"string", "integer", "number", "boolean", "null", "object", "array"}
 # exhausted memory); no answer within a context reaches this many.
 MAX_REPEAT = 4096
 _COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
+# The sampler's grammar grows with the alternatives, and each token's check with it (an enum of 100,000
+# values or 10,000 anyOf branches took minutes to answer).
+MAX_ALTERNATIVES = 4096
 _ONE = ("items", "additionalProperties")
 _MAP = ("properties", "$defs", "definitions")
 _LIST = ("anyOf", "prefixItems")
@@ -114,6 +117,9 @@ def _walk(node: Any, where: str, option: str) -> None:
         value = node.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value <= MAX_REPEAT:
             raise _refuse(option, where, key, f"{value:g} is outside 0..{MAX_REPEAT}, more than an answer holds")
+    for key in ("enum", "anyOf"):
+        if isinstance(node.get(key), list) and len(node[key]) > MAX_ALTERNATIVES:
+            raise _refuse(option, where, key, f"{len(node[key]):,} alternatives, more than {MAX_ALTERNATIVES:,}")
     if ("minLength" in node or "maxLength" in node) and types != "string":
         raise _refuse(option, where, "minLength", 'string lengths need "type": "string" beside them')
     if "enum" in node and not node["enum"]:

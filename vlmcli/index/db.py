@@ -158,7 +158,8 @@ class IndexDB:
 
     def __exit__(self, kind: object, error: object, tb: object) -> None:
         self.close()
-        if isinstance(error, sqlite3.DatabaseError):  # a damaged file found past the open: named, one line
+        # A damaged file found past the open (a table gone, text that is not UTF-8): named, one line.
+        if isinstance(error, (sqlite3.DatabaseError, UnicodeDecodeError)):
             raise VlmError(f"the index cannot be used ({' '.join(str(error).split())})", self.path) from None
 
     @contextlib.contextmanager

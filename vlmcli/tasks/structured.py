@@ -154,7 +154,10 @@ def load(json_schema: str | None, grammar: str | None) -> Structure | None:
 def from_schema(schema: Any, option: str = "json_schema") -> Structure:
     from vlmcli.engines.json_schema import constraint_for_schema
 
-    c = constraint_for_schema(schema, option)
+    try:
+        c = constraint_for_schema(schema, option)
+    except RecursionError:  # the checks and llama.cpp's converter recurse per level
+        raise InvalidOption(option, "the schema is nested too deeply to follow") from None
     return Structure("json_schema", c.gbnf, schema)
 
 
