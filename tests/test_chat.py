@@ -28,7 +28,21 @@ def model_dir(smolvlm2_gguf, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def chat(model_dir: Path, lines: list[str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "vlmcli", "chat", *args, "--model", str(model_dir), "-n", "4", "--detail", "low"],
+        # --no-cache: what a turn evaluates depends on this session only, not on encodings other tests left
+        [
+            sys.executable,
+            "-m",
+            "vlmcli",
+            "chat",
+            *args,
+            "--model",
+            str(model_dir),
+            "-n",
+            "4",
+            "--detail",
+            "low",
+            "--no-cache",
+        ],
         input="".join(line + "\n" for line in lines),
         capture_output=True,
         text=True,
