@@ -199,7 +199,9 @@ class IndexDB:
         row = self.conn.execute(
             "SELECT hash FROM models WHERE path=? AND size=? AND mtime_ns=?", (path, size, mtime_ns)
         ).fetchone()
-        return str(row[0]) if row else None
+        digest = str(row[0]) if row else ""
+        # Only a SHA-256 is taken: it names files beside the index (ann.py); a damaged row is hashed again.
+        return digest if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) else None
 
     def put_model(self, model: ModelRef, size: int | None = None, mtime_ns: int | None = None) -> None:
         row = self.conn.execute("SELECT name, path, size, mtime_ns FROM models WHERE hash=?", (model.hash,)).fetchone()
