@@ -23,6 +23,9 @@ Stack = tuple[Position, ...]  # bottom first; every position points at an elemen
 MAX_REPETITION = 2000  # llama.cpp's MAX_REPETITION_THRESHOLD
 _MAX_EXPANSION = 4096  # stacks one step may produce: past it the grammar is too ambiguous to follow here
 _PREFERRED = (ord("a"), ord("0"), ord(" "))  # filler characters, when a class allows them
+# Following a grammar costs each token a check against the alternatives in play: 50,000 of them took
+# minutes per answer (as an enum of 100,000 values did; json_schema.py bounds those likewise).
+MAX_ALTERNATIVES = 4096
 
 
 class GrammarError(ValueError):
@@ -226,6 +229,8 @@ class _Parser:
             self.i += 1
             self.space(True)
             alts.append(self.sequence(name, nested))
+            if len(alts) > MAX_ALTERNATIVES:
+                raise self.error(f"more than {MAX_ALTERNATIVES:,} alternatives in one rule")
         self.g.define(index, alts)
 
     def char(self) -> int:
