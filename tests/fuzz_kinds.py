@@ -359,7 +359,7 @@ def multi_jobs(
 # JSON schemas and GBNF grammars
 
 
-def _nested(depth: int, kind: str) -> str:
+def nested_schema(depth: int, kind: str) -> str:
     """A schema nested `depth` deep, as text (json.dumps itself recurses)."""
     if kind == "object":
         return '{"type": "object", "required": ["a"], "properties": {"a": ' * depth + '{"type": "null"}' + "}}" * depth
@@ -373,7 +373,7 @@ def hostile_schema(rng: random.Random, limit: int = 10**9) -> tuple[str, str]:
     )
     if op == "nest":
         depth = min(limit, rng.choice([10, 100, 1000, 5000]))
-        return f"nested {depth} deep", _nested(depth, rng.choice(["object", "array"]))
+        return f"nested {depth} deep", nested_schema(depth, rng.choice(["object", "array"]))
     elif op == "enum":
         size = min(limit, rng.choice([1, 1000, 100000]))
         schema = {"enum": [f"v{i}" for i in range(size)] + rng.choice([[], [None, 1.5, [], {}]])}

@@ -823,7 +823,7 @@ class _Runner:
             if e.path is None and job.kind == "image":
                 e.path = job.path  # as the tasks do: an image error is about the image
             return "refused", str(e)
-        except Exception:  # noqa: BLE001 - the point: anything else is a bug
+        except Exception:  # the point: anything else is a bug
             return "bug", traceback.format_exc()
 
     # the good models, loaded once
@@ -928,7 +928,7 @@ def _run_cli(job: Job) -> tuple[str, str]:
                     code = 0
                 except SystemExit as e:
                     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-                except BaseException:  # noqa: BLE001 - main() lets nothing out but SystemExit
+                except BaseException:  # main() lets nothing out but SystemExit: anything else is a bug
                     return "bug", traceback.format_exc()
         finally:
             os.dup2(saved, 2)

@@ -65,6 +65,10 @@ NEW_KIND_CASES = [
     ("grammar", "root ::= []", "matches no character"),
     ("grammar", "root ::= [\\U00110000]", "not a Unicode code point"),
     ("schema", "[" * 100_000, "not JSON"),
+    ("schema", '{"type": "string", "minLength": 1000000000}', "outside 0..4096"),
+    ("schema", '{"enum": [' + ", ".join(map(str, range(5000))) + "]}", "5,000 alternatives"),
+    ("schema", fk.nested_schema(100, "object"), "nested too deeply"),
+    ("grammar", "root ::= " + " | ".join(f'"w{i}"' for i in range(5000)), "more than 4,096 alternatives"),
 ]
 
 
