@@ -126,7 +126,7 @@ class IndexDB:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses no commit
             self._migrate()
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # not UTF-8: a text column's bytes damaged
             raise VlmError(f"cannot open the index ({' '.join(str(e).split())})", self.path) from None
         except OSError as e:
             raise VlmError(f"cannot open the index ({e.strerror or e})", self.path) from None
