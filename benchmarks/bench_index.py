@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -178,8 +179,10 @@ def usearch_exact_f16(data: np.ndarray) -> tuple[Searcher, float, int]:
     return search, build, half.nbytes
 
 
-def faiss_ivf(kind: str, nprobe: int, factor: float) -> Callable[[np.ndarray], tuple[Searcher, float, int]]:
-    def build(data: np.ndarray) -> tuple[Searcher, float, int]:
+def faiss_ivf(kind: str, nprobes: list[int], factor: float) -> Callable[[np.ndarray], Any]:
+    """Build once; one searcher per number of lists probed (the index's setting at query time)."""
+
+    def build(data: np.ndarray) -> tuple[list[tuple[str, Searcher]], float, int]:
         import faiss
 
         lists = max(1, int(factor * np.sqrt(len(data))))
@@ -190,18 +193,22 @@ def faiss_ivf(kind: str, nprobe: int, factor: float) -> Callable[[np.ndarray], t
         index.train(data[np.random.default_rng(1).permutation(len(data))[: min(len(data), 64 * lists)]])
         index.add(data)
         built = time.perf_counter() - t0
-        index.nprobe = nprobe
         memory = len(faiss.serialize_index(index))
 
-        def search(q: np.ndarray) -> np.ndarray:
-            return index.search(q[None, :], K)[1][0].astype(np.int64)
+        def probing(nprobe: int) -> Searcher:
+            def search(q: np.ndarray) -> np.ndarray:
+                index.nprobe = nprobe
+                return index.search(q[None, :], K)[1][0].astype(np.int64)
 
-        return search, built, memory
+            return search
+
+        suffix = len(nprobes) > 1
+        return [(f", {p} probed" if suffix else "", probing(p)) for p in nprobes], built, memory
 
     return build
 
 
-def methods(ef: int, nprobe: int, factor: float) -> dict[str, Callable[[np.ndarray], tuple[Searcher, float, int]]]:
+def methods(ef: int, nprobe: list[int], factor: float) -> dict[str, Callable[[np.ndarray], Any]]:
     return {
         "exact-f32": exact_f32,
         "exact-f16": exact_f16,
@@ -214,17 +221,21 @@ def methods(ef: int, nprobe: int, factor: float) -> dict[str, Callable[[np.ndarr
     }
 
 
-def measure(name: str, make: Callable[[np.ndarray], tuple[Searcher, float, int]], data, queries, truth) -> Result:
+def measure(name: str, make: Callable[[np.ndarray], Any], data, queries, truth) -> list[Result]:
     gc.collect()
-    search, built, memory = make(data)
-    search(queries[0])  # warm-up: first-touch pages, thread pools
-    times, hits = [], 0
-    for q, want in zip(queries, truth):
-        t0 = time.perf_counter()
-        got = search(q)
-        times.append(time.perf_counter() - t0)
-        hits += len(set(got.tolist()) & set(want.tolist()))
-    return Result(name, built, memory, times, hits / (K * len(queries)))
+    made, built, memory = make(data)
+    variants = made if isinstance(made, list) else [("", made)]
+    results = []
+    for label, search in variants:
+        search(queries[0])  # warm-up: first-touch pages, thread pools
+        times, hits = [], 0
+        for q, want in zip(queries, truth):
+            t0 = time.perf_counter()
+            got = search(q)
+            times.append(time.perf_counter() - t0)
+            hits += len(set(got.tolist()) & set(want.tolist()))
+        results.append(Result(name + label, built, memory, times, hits / (K * len(queries))))
+    return results
 
 
 # ----------------------------------------------------------------------------- indexing through the CLI
@@ -338,7 +349,7 @@ def main() -> None:
         default="exact-f32,exact-f16,usearch-exact-f16,usearch-f16,usearch-i8,faiss-hnsw-sq8,faiss-ivf-f16,faiss-ivf-sq8",
     )
     ap.add_argument("--ef", type=int, default=64, help="HNSW: the search breadth (expansion).")
-    ap.add_argument("--nprobe", type=int, default=16, help="IVF: lists searched per query.")
+    ap.add_argument("--nprobe", default="16", help="IVF: lists searched per query (a comma list: one row each).")
     ap.add_argument("--lists", type=float, default=4.0, help="IVF: lists per sqrt(n) (vlmcli/index/ann.py: 1).")
     args = ap.parse_args()
     if args.throughput or args.reindex:
@@ -351,20 +362,20 @@ def main() -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return
-    table = methods(args.ef, args.nprobe, args.lists)
+    table = methods(args.ef, [int(p) for p in args.nprobe.split(",")], args.lists)
     rows = []
     for n in [int(x) for x in args.n.split(",")]:
         data, queries = make_data(n, args.dim, args.data, args.queries)
         truth = [exact_top(data, q) for q in queries]
         for name in args.methods.split(","):
-            r = measure(name, table[name], data, queries, truth)
-            rows.append(r.row(n))
-            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+            for r in measure(name, table[name], data, queries, truth):
+                rows.append(r.row(n))
+                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
         del data
     sizes = " and ".join(f"{int(x):,}" for x in args.n.split(","))
     title = f"Vector search, {sizes} {args.dim}-d vectors, {args.data} data"
     if "faiss-ivf" in args.methods:  # tables of one size and data differ in their IVF setting
-        title += f", IVF {args.lists:g} sqrt(n) lists"
+        title += f", IVF {args.lists:g} sqrt(n) lists, {args.nprobe} probed"
     print_table(
         title,
         ["vectors", "method", "query p50", "query p95", "build", "memory", "recall@10"],
