@@ -125,7 +125,7 @@ def _handler(page: SearchPage) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "vlm-search"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        def log_message(self, format: str, *args: Any) -> None:
             return None  # a quiet page; errors reach the browser as JSON
 
         def _local(self) -> bool:
@@ -157,7 +157,7 @@ def _handler(page: SearchPage) -> type[BaseHTTPRequestHandler]:
             except (ValueError, LookupError) as e:
                 self._json(HTTPStatus.BAD_REQUEST, {"error": f"bad request ({e})"})
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             if not self._local():
                 return self._json(HTTPStatus.FORBIDDEN, {"error": "this page answers on 127.0.0.1 only"})
             path, params = self._params()
@@ -181,7 +181,7 @@ def _handler(page: SearchPage) -> type[BaseHTTPRequestHandler]:
                     return self._send(HTTPStatus.OK, data, kind, cache=True)
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no page {path}"})
 
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        def do_POST(self) -> None:
             if not self._local():
                 return self._json(HTTPStatus.FORBIDDEN, {"error": "this page answers on 127.0.0.1 only"})
             path, params = self._params()
