@@ -839,14 +839,18 @@ def test_the_most_recently_idle_worker_takes_the_next_job() -> None:
     def take(name: str, worker) -> None:
         got[name] = pool.take(worker)
 
+    def wait_idle(worker) -> None:
+        deadline = time.monotonic() + 10
+        while worker not in pool._idle:
+            assert time.monotonic() < deadline, "the worker never became idle"
+            time.sleep(0.01)
+
     a = threading.Thread(target=take, args=("first", first))
     a.start()
-    while first not in pool._idle:
-        time.sleep(0.01)
+    wait_idle(first)
     b = threading.Thread(target=take, args=("second", second))
     b.start()
-    while second not in pool._idle:
-        time.sleep(0.01)
+    wait_idle(second)
     job1, job2 = (Job("embed", {}, lambda event: None, 60.0) for _ in range(2))
     pool.submit(job1)
     b.join(5)

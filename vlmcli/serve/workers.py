@@ -411,6 +411,11 @@ class Worker:
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
 
+    @property
+    def exited(self) -> bool:
+        """Its process was started and has ended (a worker whose process is not started yet has not)."""
+        return self.process is not None and not self.process.is_alive()
+
     def _watch(self, process: Any) -> None:
         """Wake the supervisor the moment `process` exits, idle or not: it restarts the worker at once,
         so /health never lists a dead one for long and no job is sent to it."""
@@ -592,7 +597,7 @@ class ModelPool:
         with self._idle_changed:
             self._idle.append(worker)
             try:
-                while not self.closing and worker.alive:
+                while not self.closing and not worker.exited:
                     if self._idle[-1] is worker:
                         try:
                             return self.queue.get_nowait()
