@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlmcli.engines import clip_kernels
+from vlmcli.engines import clip_kernels, vision_path
 from vlmcli.engines.encoding_cache import EncodingCache
 from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
 from vlmcli.engines.llama_native import mtmd
@@ -72,11 +72,14 @@ def test_embeddings_agree_with_mtmd(smolvlm2_gguf, mtmd_engine: VlmEngine, form:
         ours.close()
 
 
-def test_greedy_answers_equal_mtmd(smolvlm2_gguf, mtmd_engine: VlmEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    ours = _engine(smolvlm2_gguf, monkeypatch, "auto")
+@pytest.mark.parametrize("form", list(clip_kernels.FORMS))
+def test_greedy_answers_equal_mtmd(
+    smolvlm2_gguf, mtmd_engine: VlmEngine, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    if not clip_kernels.available(form):
+        pytest.skip(f"this CPU does not run vlm's {form} kernels")
+    ours = _engine(smolvlm2_gguf, monkeypatch, form)
     try:
-        if choose_vision_path(True, ours.mmproj_info).form is None:
-            pytest.skip("vlm's kernels do not run on this CPU")
         assert ours.image_encoder.name == "vlm" and mtmd_engine.image_encoder.name == "mtmd"
         image = load_image(SAMPLE)
         prompts = ["Describe this image.", "What is in the picture?"]
@@ -111,6 +114,9 @@ def test_the_choice(monkeypatch: pytest.MonkeyPatch, smolvlm2_gguf) -> None:
     assert choose_vision_path(True, info).family == "mtmd"
     monkeypatch.setenv(KERNELS_ENV, "auto")
     assert choose_vision_path(False, info).describe() == "mtmd (GPU)"
+    best = vision_path.best_form()
+    if best is not None and clip_kernels.attention_available():  # auto runs only the forms checked against mtmd
+        assert choose_vision_path(True, info).form == (best if best in vision_path.AUTO_FORMS else None)
     info.metadata["clip.projector_type"] = "gemma3"
     other = choose_vision_path(True, info)
     assert other.form is None and ("projector" in other.reason or not clip_kernels.attention_available())

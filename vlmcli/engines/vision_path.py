@@ -23,6 +23,9 @@ from vlmcli.gguf.reader import GgufInfo
 
 KERNELS_ENV = "VLM_VISION_KERNELS"
 CHOICES = ("auto", "mtmd", *BEST_FIRST)
+# The forms auto picks: those whose embeddings and answers have been checked against mtmd's on a CPU
+# that runs them. The others run when asked for by name until they have been checked too.
+AUTO_FORMS = ("i16-avx2",)
 
 
 @dataclass(frozen=True)
@@ -74,5 +77,7 @@ def choose_vision_path(on_cpu: bool, mmproj: GgufInfo | None = None) -> VisionPa
     form = choice if choice != "auto" else best_form()
     if form is None or not clip_kernels.attention_available():
         return VisionPath(None, "no vlm kernels on this CPU")
+    if choice == "auto" and form not in AUTO_FORMS:
+        return VisionPath(None, f"vlm's {form} form not yet checked against mtmd; {KERNELS_ENV}={form} runs it")
     why = siglip.unsupported(mmproj, form) if mmproj is not None else None
     return VisionPath(None, why) if why else VisionPath(form)
