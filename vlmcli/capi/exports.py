@@ -194,6 +194,28 @@ def install(ffi: Any, lib: Any) -> None:
             out[0] = handle.kind_code
         return runtime.OK
 
+    def answer(
+        run: Callable[[Callable[[str], bool | None] | None], str],
+        out: Any,
+        out_size: int,
+        needed: Any,
+        on_token: Any,
+        user_data: Any,
+    ) -> int:
+        """`run(forward)`'s answer written to out, or streamed to on_token (non-zero from it stops)."""
+        if x.is_null(on_token):
+            if x.is_null(out) and out_size:
+                raise CapiError(runtime.E_INVALID_ARGUMENT, "out is NULL but out_size is not 0")
+            return x.write_text(run(None), out, out_size, needed)
+
+        def forward(piece: str) -> bool | None:
+            data = piece.encode("utf-8")
+            keep_going = on_token(ffi.new("char[]", data), len(data), user_data) == 0
+            return None if keep_going else False
+
+        run(forward)
+        return runtime.OK
+
     @export("_vlm_py_ask")
     def ask(
         h: int,
@@ -206,22 +228,17 @@ def install(ffi: Any, lib: Any) -> None:
         on_token: Any,
         user_data: Any,
     ) -> int:
-        streaming = not x.is_null(on_token)
         with handles.use(h, "vlm") as handle:
             img = x.image(image)
             text_prompt = None if caption else x.text(prompt, "prompt")
-            if not streaming:
-                if x.is_null(out) and out_size:
-                    raise CapiError(runtime.E_INVALID_ARGUMENT, "out is NULL but out_size is not 0")
-                return x.write_text(runtime.ask(handle, img, text_prompt, None), out, out_size, needed)
-
-            def forward(piece: str) -> bool | None:
-                data = piece.encode("utf-8")
-                keep_going = on_token(ffi.new("char[]", data), len(data), user_data) == 0
-                return None if keep_going else False
-
-            runtime.ask(handle, img, text_prompt, forward)
-            return runtime.OK
+            return answer(
+                lambda forward: runtime.ask(handle, img, text_prompt, forward),
+                out,
+                out_size,
+                needed,
+                on_token,
+                user_data,
+            )
 
     @export("_vlm_py_ask_media")
     def ask_media(
@@ -235,25 +252,20 @@ def install(ffi: Any, lib: Any) -> None:
         on_token: Any,
         user_data: Any,
     ) -> int:
-        streaming = not x.is_null(on_token)
         with handles.use(h, "vlm") as handle:
             count = x.count(n_media, "n_media") if n_media else 0  # none: a text-only prompt
             if count:
                 x.need(media, "media")
             items = [x.image(media + i, f"media[{i}]") for i in range(count)]
             text_prompt = x.text(prompt, "prompt")
-            if not streaming:
-                if x.is_null(out) and out_size:
-                    raise CapiError(runtime.E_INVALID_ARGUMENT, "out is NULL but out_size is not 0")
-                return x.write_text(runtime.ask_media(handle, items, text_prompt, None), out, out_size, needed)
-
-            def forward(piece: str) -> bool | None:
-                data = piece.encode("utf-8")
-                keep_going = on_token(ffi.new("char[]", data), len(data), user_data) == 0
-                return None if keep_going else False
-
-            runtime.ask_media(handle, items, text_prompt, forward)
-            return runtime.OK
+            return answer(
+                lambda forward: runtime.ask_media(handle, items, text_prompt, forward),
+                out,
+                out_size,
+                needed,
+                on_token,
+                user_data,
+            )
 
     @export("_vlm_py_embedding_size")
     def embedding_size(h: int, dim: Any) -> int:
