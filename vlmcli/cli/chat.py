@@ -24,6 +24,7 @@ from vlmcli.cli.vlm import (
     GrammarOpt,
     JsonSchemaOpt,
     MaxTilesOpt,
+    MaxTokensOpt,
     MmprojOpt,
     ModelOpt,
     SeedOpt,
@@ -31,7 +32,7 @@ from vlmcli.cli.vlm import (
     TopPOpt,
     structure_of,
 )
-from vlmcli.defaults import DEFAULT_MAX_TOKENS, DEFAULT_N_CTX
+from vlmcli.defaults import DEFAULT_N_CTX
 from vlmcli.errors import ContextOverflow, VlmError
 
 if TYPE_CHECKING:
@@ -153,9 +154,7 @@ def chat(
     system: str | None = typer.Option(None, "--system", help="A system message opening the conversation."),
     model: str | None = ModelOpt,
     mmproj: str | None = MmprojOpt,
-    max_tokens: int = typer.Option(
-        DEFAULT_MAX_TOKENS, "--max-tokens", "-n", min=1, help="Most tokens to generate per answer."
-    ),
+    max_tokens: int = MaxTokensOpt,
     temperature: float | None = TemperatureOpt,
     top_p: float = TopPOpt,
     seed: int = SeedOpt,

@@ -53,6 +53,7 @@ TemperatureOpt = typer.Option(
 )
 TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")
 SeedOpt = typer.Option(0, "--seed", "-s", help="Random seed for sampling.")
+MaxTokensOpt = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n", min=1, help="Most tokens to generate per answer.")
 DetailOpt = typer.Option(
     None,
     "--detail",
@@ -245,9 +246,7 @@ def ask(
     max_frames: int | None = media_cli.MaxFramesOpt,
     model: str | None = ModelOpt,
     mmproj: str | None = MmprojOpt,
-    max_tokens: int = typer.Option(
-        DEFAULT_MAX_TOKENS, "--max-tokens", "-n", min=1, help="Most tokens to generate per answer."
-    ),
+    max_tokens: int = MaxTokensOpt,
     temperature: float | None = TemperatureOpt,
     top_p: float = TopPOpt,
     seed: int = SeedOpt,
