@@ -45,40 +45,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CONFIG = ROOT / "tests" / "data" / "configs" / "clip-vit-base-patch32-openai.config.json"
 OUT = ROOT / "benchmarks" / "out"
-LABELS = [
-    "cat",
-    "dog",
-    "car",
-    "tree",
-    "house",
-    "bird",
-    "boat",
-    "flower",
-    "horse",
-    "pizza",
-    "guitar",
-    "bicycle",
-    "mountain",
-    "beach",
-    "city at night",
-    "bowl of soup",
-    "red apple",
-    "laptop",
-    "teddy bear",
-    "clock",
-    "train",
-    "airplane",
-    "cup of coffee",
-    "chair",
-    "book",
-    "sunset over the sea",
-    "snowy forest",
-    "robot",
-    "violin",
-    "pair of shoes",
-    "hot air balloon",
-    "lighthouse",
-]
 BATCH = 32
 
 
@@ -108,6 +74,8 @@ def build_models(work: Path) -> tuple[Path, dict[str, Path]]:
 
 def write_inputs(path: Path) -> None:
     """The same pixels and token ids for every worker (the torch venv need not have vlmcli)."""
+    from labels import LABELS
+
     from vlmcli.engines.clip_tokenizer import default_tokenizer
 
     pixels = np.random.default_rng(0).standard_normal((BATCH, 3, 224, 224)).astype(np.float32)
