@@ -74,6 +74,27 @@ def test_a_newer_schema_a_missing_index_and_not_a_database_are_one_line_errors(t
         IndexDB(junk)
 
 
+def test_a_lock_held_past_the_wait_is_one_named_error_at_the_open_and_in_a_transaction(tmp_path: Path) -> None:
+    """Another connection's exclusive lock (SQLite locks connections of one process against each other
+    as against other processes): past `wait_s` the index says it is locked, from the open or a write."""
+    path = tmp_path / "i.sqlite"
+    IndexDB(path).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA locking_mode=EXCLUSIVE")
+    other.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(VlmError, match=r"locked by another process \(gave up after 0.2 s") as e:
+        IndexDB(path, wait_s=0.2)
+    assert e.value.path == str(path)
+    other.close()
+
+    with pytest.raises(VlmError, match="locked by another process") as e, IndexDB(path, wait_s=0.2) as db:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # a second writer between this one's open and its write
+        db.put_model(MODEL)
+    other.close()
+    assert e.value.path == str(path)
+
+
 def test_a_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
     with IndexDB(tmp_path / "i.sqlite") as db:
         with pytest.raises(RuntimeError), db.transaction() as c:

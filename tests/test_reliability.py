@@ -329,3 +329,68 @@ def test_a_damaged_cache_entry_is_recomputed_and_noted_under_verbose(smolvlm2_gg
     assert notes and all("damaged" in line and "encoded again" in line for line in notes), noted.stderr
     answer = [json.loads(r.stdout)["answers"][0]["answer"] for r in (first, quiet, noted)]
     assert answer[0] == answer[1] == answer[2]
+
+
+# --- a photo index locked for good by another process ------------------------------------------------
+
+# Another process holding the index: an exclusive lock that no reader gets past, until stdin closes
+# (or, given seconds, until they pass).
+_HOLD_LOCK = (
+    "import sqlite3, sys, time\n"
+    "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+    "c.execute('PRAGMA locking_mode=EXCLUSIVE')\n"
+    "c.execute('BEGIN EXCLUSIVE')\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(float(sys.argv[2])) if len(sys.argv) > 2 else sys.stdin.read()\n"
+)
+
+
+def _hold_lock(db: Path, *seconds: str) -> subprocess.Popen[str]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(db), *seconds], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    return holder
+
+
+@pytest.fixture
+def index_file(tmp_path) -> Path:
+    """An index of one image's vector (dupes reads it without loading a model)."""
+    import numpy as np
+
+    from vlmcli.index.db import FileRow, IndexDB, ModelRef
+
+    db = tmp_path / "photos.sqlite"
+    model = ModelRef("clip-test", "ab" * 32)
+    with IndexDB(db) as index:
+        index.put_model(model)
+        with index.transaction() as c:
+            IndexDB.put_vector(c, "cd" * 32, model, np.ones(8, np.float32) / np.sqrt(8))
+            IndexDB.put_files(c, [FileRow(str(tmp_path / "a.jpg"), 1, 1, "cd" * 32)])
+    return db
+
+
+def test_a_locked_index_is_one_named_error_within_seconds(index_file, tmp_path):
+    """SQLite's 60 s busy timeout made a reader wait a minute for a lock that never went away (search
+    and dupes open the index alike; `vlm index` waits WRITE_WAIT_S: tests/test_index_db.py)."""
+    from vlmcli.index.db import READ_WAIT_S
+
+    holder = _hold_lock(index_file)
+    try:
+        t0 = time.monotonic()
+        r = vlm("search", "a photo", "--db", str(index_file), cwd=tmp_path)
+        seconds = time.monotonic() - t0
+    finally:
+        holder.communicate("")
+    line = one_error_line(r)
+    assert str(index_file) in line and "locked by another process" in line, line
+    assert READ_WAIT_S <= seconds < 40, seconds  # SQLite's default made it 60 s; the rest is startup
+
+
+def test_a_short_lock_is_waited_for(index_file, tmp_path):
+    """A lock held for a moment (another `vlm index` committing a batch) is no error."""
+    holder = _hold_lock(index_file, "2.5")
+    r = vlm("dupes", "--db", str(index_file), cwd=tmp_path)
+    holder.wait(timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "0 groups of near-duplicates among 1 images" in r.stderr

@@ -37,10 +37,11 @@ DbOpt = typer.Option(
 
 
 def _db(db: Path | None, create: bool) -> IndexDB:
-    from vlmcli.index.db import IndexDB
+    """`vlm index` (create) writes and may wait longer for another process's lock; search and dupes read."""
+    from vlmcli.index.db import READ_WAIT_S, WRITE_WAIT_S, IndexDB
     from vlmcli.tasks.index import default_db_path
 
-    return IndexDB(db or default_db_path(), create=create)
+    return IndexDB(db or default_db_path(), create=create, wait_s=WRITE_WAIT_S if create else READ_WAIT_S)
 
 
 def _expand(args: batch_cli.BatchArgs) -> list[str]:

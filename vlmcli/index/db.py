@@ -7,6 +7,10 @@ CLIP models can share one index. Every vector carries the model's name and file 
 Durability: WAL journal, and every change an index run makes lands in one transaction per batch
 (`transaction()`), so a run killed at any moment (kill -9 included) leaves whole batches only and a
 rerun carries on from there. Captions live in their own table with an FTS5 index over their text.
+
+Locks: another process holding the file (a concurrent `vlm index` between batches, any program with
+a transaction open) is waited for, as long as the command can afford (READ_WAIT_S, WRITE_WAIT_S), then
+the command stops with one line saying the index is locked.
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ SCHEMA_VERSION = 1
 # Vectors are stored as little-endian float32: the ranking the index gives is the ranking of the
 # exact vectors `vlm embed` writes (float16 halves the file but reorders near-ties).
 VECTOR_DTYPE = "<f4"
+
+# How long one statement waits for another process's lock before the command gives up, by name.
+# Readers (search, dupes, the search page, the server) answer people who are waiting for them;
+# a writer's run is long anyway, and a concurrent `vlm index` holds the file for one batch's commit.
+READ_WAIT_S = 5.0
+WRITE_WAIT_S = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -113,8 +123,9 @@ def folder_bounds(folder: str) -> tuple[str, str]:
 class IndexDB:
     """An open index file. Use as a context manager; `transaction()` groups writes."""
 
-    def __init__(self, path: str | os.PathLike[str], create: bool = True):
+    def __init__(self, path: str | os.PathLike[str], create: bool = True, wait_s: float = READ_WAIT_S):
         self.path = Path(path)
+        self.wait_s = wait_s
         if not create and not self.path.exists():
             raise VlmError("no index here yet (build one with `vlm index PATH`)", self.path)
         if self.path.is_dir():
@@ -122,11 +133,13 @@ class IndexDB:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in transaction().
-            self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=60, check_same_thread=False)
+            self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=wait_s, check_same_thread=False)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses no commit
             self._migrate()
         except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # not UTF-8: a text column's bytes damaged
+            if is_locked(e):
+                raise self.locked_error() from None
             raise VlmError(f"cannot open the index ({' '.join(str(e).split())})", self.path) from None
         except OSError as e:
             raise VlmError(f"cannot open the index ({e.strerror or e})", self.path) from None
@@ -158,9 +171,18 @@ class IndexDB:
 
     def __exit__(self, kind: object, error: object, tb: object) -> None:
         self.close()
+        if isinstance(error, sqlite3.OperationalError) and is_locked(error):
+            raise self.locked_error() from None
         # A damaged file found past the open (a table gone, text that is not UTF-8): named, one line.
         if isinstance(error, (sqlite3.DatabaseError, UnicodeDecodeError)):
             raise VlmError(f"the index cannot be used ({' '.join(str(error).split())})", self.path) from None
+
+    def locked_error(self) -> VlmError:
+        return VlmError(
+            f"the index is locked by another process (gave up after {self.wait_s:g} s; "
+            "run this again once that process is done with it)",
+            self.path,
+        )
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -391,13 +413,22 @@ class IndexDB:
                 "WHERE captions_fts MATCH ?",
                 (match,),
             ).fetchall()
-        except sqlite3.OperationalError:
+        except sqlite3.OperationalError as e:  # a query FTS5 cannot parse matches nothing; a lock is no answer
+            if is_locked(e):
+                raise
             return {}
         best: dict[str, float] = {}
         for sha, score in rows:  # bm25: more negative is better
             best[sha] = min(best.get(sha, 0.0), float(score))
         top = min(best.values(), default=0.0)
         return {sha: (s / top if top < 0 else 0.0) for sha, s in best.items()}
+
+
+def is_locked(error: sqlite3.DatabaseError | UnicodeDecodeError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: the busy timeout ran out (Python 3.10 has no error codes: the text)."""
+    return isinstance(error, sqlite3.OperationalError) and str(error).startswith(
+        ("database is locked", "database table is locked")
+    )
 
 
 def fts_query(text: str) -> str:
