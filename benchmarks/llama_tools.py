@@ -1,6 +1,6 @@
 """llama.cpp's own command-line tools, built once from the pinned llama-cpp-python sdist.
 
-The peers a user would run instead of `vlm` (`llama-mtmd-cli`, `llama-batched-bench`) must be the
+The peers a user would run instead of `vlm` (`llama-mtmd-cli`, `llama-batched-bench`, `llama-server`) must be the
 very llama.cpp that vlm runs on, so this downloads the sdist of the installed llama-cpp-python
 version from the package registry (`pip download --no-binary`), and builds the tools from its
 `vendor/llama.cpp` with cmake, with llama-cpp-python's CPU defaults (native SIMD, OpenMP,
@@ -23,7 +23,7 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-TOOLS = ("llama-mtmd-cli", "llama-batched-bench")
+TOOLS = ("llama-mtmd-cli", "llama-batched-bench", "llama-server")
 CACHE = Path(tempfile.gettempdir()) / "vlmcli-bench" / "llama-tools"
 
 
