@@ -15,12 +15,28 @@ Every request sends the same image, so the store's image-encoding cache is switc
     python benchmarks/bench_serve.py                           # 8 requests per level, 32 tokens
     python benchmarks/bench_serve.py --requests 4 --levels 1,2 --workers 1 --threads 2
 Writes benchmarks/out/bench_serve.json.
+
+--peer llama-server compares `vlm serve` (SmolVLM2 only) with llama.cpp's own `llama-server`, built
+from the pinned llama-cpp-python sdist (llama_tools.py), on the same GGUF and mmproj, through both
+servers' /v1/chat/completions, at concurrency 1, 4 and 8. The work is made equal: llama-server has no
+overview-only mode, so it runs with `--image-max-tokens 64` (mtmd caps the image at one 512 px tile:
+the overview plus one tile, two encoder passes, 128 image tokens) and vlm with `--max-tiles 1` (the
+same mtmd cap, the same two passes); `--vlm-detail low` adds vlm at its own low detail (the overview
+alone, one pass) beside them. Each request carries a distinct image (the sample with a few pixels
+changed), so neither server's prompt or KV cache can skip an encode. The servers run one at a time,
+in rounds that alternate them (--rounds); every figure is the median over the rounds, and each row
+names the prompt and generated tokens the server reported.
+
+    python benchmarks/bench_serve.py --peer llama-server --rounds 2
+    python benchmarks/bench_serve.py --peer llama-server --servers llama-np8,vlm-w1 --levels 1,4
+Writes benchmarks/out/bench_serve_llama_server.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import os
 import socket
@@ -31,7 +47,9 @@ import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -103,56 +121,244 @@ def cli_loop(args: list[str], runs: int) -> dict:
     }
 
 
-def start_server(vlm_dir: Path, clip: Path, workers: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "vlmcli",
-        "serve",
-        "--model",
-        str(vlm_dir),
-        "--model",
-        str(clip),
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--detail",
-        "low",
-        "--queue",
-        "64",
-        "--max-n",
-        "1",
-        "--offline",
-    ]
-    cmd += ["--threads", str(threads)] if threads else []
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    base = f"http://127.0.0.1:{port}"
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(process: subprocess.Popen, base: str, what: str) -> None:
     deadline = time.monotonic() + 300
     while True:
         try:
             urllib.request.urlopen(base + "/health", timeout=5).read()
-            return process, base
+            return
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                raise SystemExit("the server did not start") from None
+                raise SystemExit(f"{what} did not start") from None
             time.sleep(0.5)
+
+
+def vlm_serve_command(models: list[Path], port: int, options: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "vlmcli", "serve"]
+    for model in models:
+        cmd += ["--model", str(model)]
+    return cmd + ["--port", str(port), *options, "--queue", "64", "--max-n", "1", "--offline"]
+
+
+def start_server(vlm_dir: Path, clip: Path, workers: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    options = ["--workers", str(workers), "--detail", "low"] + (["--threads", str(threads)] if threads else [])
+    cmd = vlm_serve_command([vlm_dir, clip], port, options)
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(process, base, "the server")
+    return process, base
+
+
+PEER_LEVELS = "1,4,8"
+SLOT_CTX = 2048  # tokens per llama-server slot with -np 8: the prompt (about 150) and 32 tokens fit many times
+# mtmd's cap on the image: one 512 px tile's tokens (SmolVLM2's 1024 patches after its 4x4 pixel shuffle),
+# under which mtmd makes the overview and one tile; vlm's --max-tiles 1 sets the same cap.
+ONE_TILE_TOKENS = "64"
+
+
+@dataclass(frozen=True)
+class PeerServer:
+    key: str  # what --servers names
+    label: str  # what the table says
+    kind: str  # "llama" (llama-server) or "vlm" (vlm serve)
+    args: tuple[str, ...]  # the server's own flags beyond the model, address and threads
+
+
+PEER_SERVERS = (
+    PeerServer("llama-np8", "llama-server -np 8", "llama", ("-np", "8", "-c", str(8 * SLOT_CTX))),
+    PeerServer("llama-auto", "llama-server (-np, -c defaults)", "llama", ()),
+    PeerServer("vlm-w1", "vlm serve --workers 1 --max-tiles 1", "vlm", ("--workers", "1", "--max-tiles", "1")),
+    PeerServer("vlm-w2", "vlm serve --workers 2 --max-tiles 1", "vlm", ("--workers", "2", "--max-tiles", "1")),
+    PeerServer("vlm-low-w1", "vlm serve --workers 1 --detail low", "vlm", ("--workers", "1", "--detail", "low")),
+    PeerServer("vlm-low-w2", "vlm serve --workers 2 --detail low", "vlm", ("--workers", "2", "--detail", "low")),
+)
+
+
+def distinct_images(count: int) -> list[str]:
+    """The sample as `count` data: URLs that differ in a 4x4 corner block: the same work per request, and
+    no prompt, KV or encoding cache of either server can recognise an image it has seen."""
+    from PIL import Image
+
+    base = Image.open(SAMPLE).convert("RGB")
+    urls = []
+    for i in range(count):
+        image = base.copy()
+        image.paste((i * 37 % 256, i * 91 % 256, i * 53 % 256), (0, 0, 4, 4))
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=95)
+        urls.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
+
+
+def chat_body(model: str, url: str, tokens: int) -> dict:
+    return {
+        "model": model,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}],
+            }
+        ],
+    }
+
+
+def post_chat(url: str, body: dict) -> tuple[float, dict[str, Any]]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as r:
+        answer = json.loads(r.read())
+    return time.perf_counter() - t0, answer
+
+
+def start_peer(server: PeerServer, vlm_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    if server.kind == "llama":
+        from llama_tools import tool
+
+        gguf = next(vlm_dir.glob("SmolVLM2*.gguf"))
+        mmproj = next(vlm_dir.glob("mmproj-*.gguf"))
+        cmd = [str(tool("llama-server")), "-m", str(gguf), "--mmproj", str(mmproj), "--host", "127.0.0.1"]
+        cmd += ["--port", str(port), "-t", str(os.cpu_count() or 1), "--image-max-tokens", ONE_TILE_TOKENS]
+        cmd += list(server.args)
+    else:
+        cmd = vlm_serve_command([vlm_dir], port, list(server.args))
+    with open(log, "w") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV)
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(process, base, server.label)
+    return process, base
+
+
+def peer_load(url: str, bodies: list[dict], concurrency: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        answers = list(pool.map(lambda body: post_chat(url, body), bodies))
+    wall = time.perf_counter() - t0
+    latencies = [latency for latency, _ in answers]
+    usages = [answer["usage"] for _, answer in answers]
+    timings = [answer["timings"] for _, answer in answers if "timings" in answer]  # llama-server's own
+    return {
+        "requests": len(bodies),
+        "concurrency": concurrency,
+        "req_s": len(bodies) / wall,
+        "p50_s": statistics.median(latencies),
+        "p95_s": percentile(latencies, 95),
+        "prompt_tokens": sorted({int(u["prompt_tokens"]) for u in usages}),
+        "completion_tokens": sorted({int(u["completion_tokens"]) for u in usages}),
+        "server_prompt_ms": statistics.median(t["prompt_ms"] for t in timings) if timings else None,
+        "server_decode_ms": statistics.median(t["predicted_ms"] for t in timings) if timings else None,
+        "load_avg": os.getloadavg()[0],
+    }
+
+
+def peer_round(server: PeerServer, vlm_dir: Path, levels: list[int], minimum: int, tokens: int) -> list[dict]:
+    """One server started, warmed by one request, then every level; the images restart at the same one for
+    every server, so both answer the same requests."""
+    counts = [max(minimum, 2 * level) for level in levels]
+    urls = distinct_images(1 + sum(counts))
+    model = vlm_dir.name if server.kind == "vlm" else "smolvlm2"
+    bodies = [chat_body(model, u, tokens) for u in urls]
+    OUT.mkdir(parents=True, exist_ok=True)
+    log = OUT / f"bench_serve_{server.key}.log"
+    process, base = start_peer(server, vlm_dir, log)
+    rows = []
+    try:
+        route = base + "/v1/chat/completions"
+        post_chat(route, bodies[0])  # warm: weights paged in, first graphs built
+        start = 1
+        for level, count in zip(levels, counts, strict=True):
+            rows.append({"server": server.key, **peer_load(route, bodies[start : start + count], level)})
+            start += count
+    finally:
+        process.terminate()
+        process.wait(60)
+    slots = [line.split("load_model:", 1)[1].strip() for line in log.read_text().splitlines() if "n_slots" in line]
+    for row in rows:
+        row["server_setup"] = slots[0] if slots else ""
+    return rows
+
+
+def peer_llama_server(args: argparse.Namespace) -> None:
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    from bench_vlm import build_model as build_vlm
+
+    model, _ = build_vlm("256m", "Q8_0", cache)
+    vlm_dir = model.parent
+    levels = [int(x) for x in (args.levels or PEER_LEVELS).split(",")]
+    chosen = args.servers.split(",")
+    servers = [s for key in chosen for s in PEER_SERVERS if s.key == key]
+    if len(servers) != len(chosen):
+        raise SystemExit(f"--servers: choose from {', '.join(s.key for s in PEER_SERVERS)}")
+    runs: list[dict] = []
+    for r in range(args.rounds):
+        # Alternate the order, so that neither side always runs first in a round on a shared machine.
+        for server in servers if r % 2 == 0 else servers[::-1]:
+            print(f"round {r + 1}: {server.label} (load average {os.getloadavg()[0]:.1f})", file=sys.stderr)
+            runs += [{"round": r + 1, **row} for row in peer_round(server, vlm_dir, levels, args.requests, args.tokens)]
+
+    def median_of(key: str, level: int, field: str) -> float:
+        return statistics.median(x[field] for x in runs if x["server"] == key and x["concurrency"] == level)
+
+    reference = next((s.key for s in servers if s.kind == "llama"), None)
+    table = []
+    for server in servers:
+        for level in levels:
+            mine = [x for x in runs if x["server"] == server.key and x["concurrency"] == level]
+            req_s = median_of(server.key, level, "req_s")
+            ratio = f"{req_s / median_of(reference, level, 'req_s'):.2f}x" if reference else ""
+            table.append(
+                [
+                    server.label,
+                    level,
+                    f"{req_s:.3f}",
+                    ratio,
+                    f"{median_of(server.key, level, 'p50_s'):.1f} s",
+                    f"{median_of(server.key, level, 'p95_s'):.1f} s",
+                    "/".join(str(t) for t in sorted({t for x in mine for t in x["prompt_tokens"]})),
+                    "/".join(str(t) for t in sorted({t for x in mine for t in x["completion_tokens"]})),
+                    f"{min(x['load_avg'] for x in mine):.1f}-{max(x['load_avg'] for x in mine):.1f}",
+                ]
+            )
+    print_table(
+        "`vlm serve` against llama-server",
+        ["server", "concurrency", "requests/s", "vs llama", "p50", "p95", "prompt tok", "gen tok", "load avg"],
+        table,
+        note=f"distinct copies of the small photo as data: URLs, {args.tokens} greedy tokens; medians of "
+        f"{args.rounds} rounds; 'vs llama' is requests/s over {reference}'s",
+    )
+    dest = OUT / "bench_serve_llama_server.json"
+    dest.write_text(json.dumps({"cpu": cpu_description(), "tokens": args.tokens, "runs": runs}, indent=1))
+    print(f"written to {dest}", file=sys.stderr)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=8, help="requests per concurrency level")
-    ap.add_argument("--levels", default="1,2,4")
+    ap.add_argument("--requests", type=int, default=8, help="requests per concurrency level (--peer: at least)")
+    ap.add_argument("--levels", default=None, help="concurrency levels (default 1,2,4; --peer: 1,4,8)")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2, help="worker processes per model")
     ap.add_argument("--threads", type=int, default=None, help="threads per worker (default: shared per request)")
     ap.add_argument("--cli-runs", type=int, default=3)
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlmcli-bench"))
+    ap.add_argument("--peer", choices=["llama-server"], default=None, help="compare with llama.cpp's server")
+    ap.add_argument("--servers", default="llama-np8,llama-auto,vlm-w1,vlm-w2", help="--peer: the servers to run")
+    ap.add_argument("--rounds", type=int, default=2, help="--peer: rounds, each running every server once")
     args = ap.parse_args()
+    if args.peer:
+        peer_llama_server(args)
+        return
+    args.levels = args.levels or "1,2,4"
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
