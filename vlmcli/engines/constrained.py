@@ -42,23 +42,6 @@ class Sampler(Protocol):
     def free(self) -> None: ...
 
 
-class ChainSampler:
-    """llama.cpp's sampling chain alone (no grammar)."""
-
-    closed = False
-
-    def __init__(self, chain: object, ctx: object):
-        self.chain, self.ctx = chain, ctx
-
-    def sample(self, row: int) -> int | None:
-        return int(llama.llama_sampler_sample(self.chain, self.ctx, row))
-
-    def free(self) -> None:
-        if self.chain:
-            llama.llama_sampler_free(self.chain)
-            self.chain = None
-
-
 class Pieces:
     """The vocabulary's pieces as bytes, for writing a completion with as few tokens as it takes."""
 

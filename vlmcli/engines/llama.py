@@ -25,7 +25,7 @@ from PIL import Image
 from vlmcli.defaults import DEFAULT_N_CTX
 from vlmcli.engines import detail as detail_policy
 from vlmcli.engines import media_plan
-from vlmcli.engines.constrained import ChainSampler, ConstrainedSampler, Pieces, Sampler, parse_for_closing
+from vlmcli.engines.constrained import ConstrainedSampler, Pieces, Sampler, parse_for_closing
 from vlmcli.engines.cores import CoreShare
 from vlmcli.engines.encoding_cache import EncodingCache, image_digest
 from vlmcli.engines.gbnf import Grammar
@@ -50,6 +50,7 @@ from vlmcli.engines.prompt import (
     question_layout,
     split_media,
 )
+from vlmcli.engines.sampling import RowSampler, SequenceSampler
 from vlmcli.engines.siglip_chunks import ChunkEncoder, MtmdEncoder, open_chunk_encoder
 from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
 from vlmcli.gguf.reader import GgufInfo
@@ -495,6 +496,9 @@ class VlmEngine(NativeResource):
         params.n_threads = self.n_threads
         params.print_timings = False
         params.warmup = False
+        # mtmd turns flash attention on only in its warmup pass (AUTO): without one, ask for it, as
+        # llama-mtmd-cli runs; a backend that lacks the op runs it on the CPU
+        params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.image_max_tokens = image_max_tokens
         clear_native_errors()
         ctx = mtmd.mtmd_init_from_file(str(self.mmproj_path).encode(), self._model, params)
@@ -1058,10 +1062,10 @@ class VlmEngine(NativeResource):
         )
 
     def _sampler(self, options: GenerationOptions, seed: int, budget: int) -> Sampler:
-        """One sequence's sampler: the sampling chain, under the options' grammar when there is one."""
-        chain = _make_sampler(GenerationOptions(temperature=options.temperature, top_p=options.top_p, seed=seed))
+        """One sequence's sampler: vlm's row sampler, or llama.cpp's chain under the options' grammar."""
         if options.constraint is None:
-            return ChainSampler(chain, self._ctx)
+            return SequenceSampler(self._row_sampler(options, [seed]), self._logits_row)
+        chain = _make_sampler(GenerationOptions(temperature=options.temperature, top_p=options.top_p, seed=seed))
         c = options.constraint
         if c.gbnf not in self._grammars:
             self._grammars[c.gbnf] = parse_for_closing(c)
@@ -1071,6 +1075,19 @@ class VlmEngine(NativeResource):
         return ConstrainedSampler(
             self._vocab, self._ctx, self.n_vocab, chain, c, grammar, self._pieces, self._piece, budget
         )
+
+    def _row_sampler(self, options: GenerationOptions, seeds: list[int]) -> RowSampler:
+        return RowSampler(self.n_vocab, options.temperature, options.top_p, seeds)
+
+    def _logits_row(self, row: int) -> np.ndarray:
+        """Logits row `row` of the last batch (-1: its last), as floats that llama.cpp owns."""
+        return self._logits_rows(True, 1)[0] if row == -1 else self._logits_rows(False, row + 1)[row]
+
+    def _logits_rows(self, last: bool, n: int) -> np.ndarray:
+        """The last batch's logits (n rows, in the batch's order), or its last row (n = 1): (n, n_vocab)
+        floats that llama.cpp owns."""
+        ptr = llama.llama_get_logits_ith(self._ctx, -1) if last else llama.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
 
     def _token_logprob(self, token: int, top: int) -> TokenLogprob:
         """The last logits row's log-probability of `token` and its `top` most likely alternatives."""
@@ -1115,9 +1132,14 @@ class VlmEngine(NativeResource):
         for seq in range(1, n):
             llama.llama_memory_seq_cp(memory, 0, seq, -1, -1)
         budget = min(options.max_tokens, (self.n_ctx - n_past) // n)
+        # Without a grammar every candidate's token comes from one call over the step's logits rows;
+        # a grammar needs each candidate's own sampler.
+        together = (
+            self._row_sampler(options, [options.seed + i for i in range(n)]) if options.constraint is None else None
+        )
         samplers: list[Sampler] = []
         try:
-            for i in range(n):
+            for i in range(n if together is None else 0):
                 samplers.append(self._sampler(options, options.seed + i, budget))
         except VlmError:
             for sampler in samplers:
@@ -1133,16 +1155,23 @@ class VlmEngine(NativeResource):
         t0 = time.perf_counter()
         try:
             for step in range(max(0, budget)):
+                drawn: list[tuple[int | None, float | None]]
+                if together is not None:
+                    rows = [0] * len(active) if step == 0 else [row[seq] for seq in active]
+                    # the prompt's last row, shared by all; then one row per sequence
+                    logits = self._logits_rows(step == 0, max(rows) + 1)
+                    drawn = list(zip(*together.sample(logits, rows, active)))
+                else:
+                    drawn = [(samplers[seq].sample(row[seq]), None) for seq in active]
                 going = []
-                for seq in active:
-                    tok = samplers[seq].sample(row[seq])
+                for seq, (tok, logprob) in zip(active, drawn):
                     if tok is None:
                         continue  # closed: see below
                     if self._is_end(tok, options):
                         stops[seq] = "eos"
                         continue
                     tokens[seq].append(tok)
-                    logprobs[seq].append(self._logprob(row[seq], tok))
+                    logprobs[seq].append(self._logprob(row[seq], tok) if logprob is None else logprob)
                     if (
                         on_token is not None and on_token(seq, tok) is False
                     ):  # streaming: a stop sequence, a client gone
@@ -1160,7 +1189,8 @@ class VlmEngine(NativeResource):
                 rc = llama.llama_decode(self._ctx, b)
                 if rc != 0:
                     raise VlmError(f"llama.cpp failed to decode {len(active)} candidates (code {rc})")
-            stops = ["closed" if s == "length" and sampler.closed else s for s, sampler in zip(stops, samplers)]
+            if samplers:
+                stops = ["closed" if s == "length" and sampler.closed else s for s, sampler in zip(stops, samplers)]
         finally:
             for sampler in samplers:
                 sampler.free()
