@@ -5,12 +5,13 @@ CLIP ViT-B/32 (F16, bench_clip.py): the cost per request is the real models', th
 Starts one `vlm serve` holding both (--workers per model, sharing the cores per request unless
 --threads is given, --detail low), then for each model and concurrency sends --requests requests
 from that many client threads:
-- chat: the 451x300 sample as a data: URL + a question, --tokens generated tokens (greedy);
+- chat: the 451x300 sample as a data: URL + a question, --tokens generated tokens (greedy); a distinct
+  copy per request (a 4x4 corner block recoloured), since a chat worker keeps its last prompt's KV;
 - embeddings: the same image as a data: URL (one CLIP image pass per request).
 The baseline is what a script without a server does: `vlm ask IMAGE Q -n TOKENS --detail low` and
 `vlm embed IMAGE` run in a loop, a fresh process (and model load) per request, with all the cores.
-Every request sends the same image, so the store's image-encoding cache is switched off
-(VLM_CACHE_SIZE=0) for the server and the CLI alike: the figures are those of distinct images.
+The store's image-encoding cache is switched off (VLM_CACHE_SIZE=0) for the server and the CLI
+alike: the figures are those of distinct images.
 
     python benchmarks/bench_serve.py                           # 8 requests per level, 32 tokens
     python benchmarks/bench_serve.py --requests 4 --levels 1,2 --workers 1 --threads 2
@@ -88,11 +89,14 @@ def post(url: str, body: dict) -> float:
     return time.perf_counter() - t0
 
 
-def load(url: str, body: dict, requests: int, concurrency: int) -> dict:
-    post(url, body)  # warm: the first request of a worker touches pages the later ones reuse
+def load(url: str, bodies: list[dict], concurrency: int) -> dict:
+    """bodies[0] warms the server (the first request of a worker touches pages the later ones reuse); the
+    rest are measured."""
+    post(url, bodies[0])
+    requests = len(bodies) - 1
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        latencies = list(pool.map(lambda _: post(url, body), range(requests)))
+        latencies = list(pool.map(lambda body: post(url, body), bodies[1:]))
     wall = time.perf_counter() - t0
     return {
         "requests": requests,
@@ -300,12 +304,15 @@ def peer_llama_server(args: argparse.Namespace) -> None:
     servers = [s for key in chosen for s in PEER_SERVERS if s.key == key]
     if len(servers) != len(chosen):
         raise SystemExit(f"--servers: choose from {', '.join(s.key for s in PEER_SERVERS)}")
-    runs: list[dict] = []
-    for r in range(args.rounds):
+    runs: list[dict] = json.loads(Path(args.previous).read_text())["runs"] if args.previous else []
+    done = max((x["round"] for x in runs), default=0)
+    for r in range(done, done + args.rounds):
         # Alternate the order, so that neither side always runs first in a round on a shared machine.
         for server in servers if r % 2 == 0 else servers[::-1]:
             print(f"round {r + 1}: {server.label} (load average {os.getloadavg()[0]:.1f})", file=sys.stderr)
             runs += [{"round": r + 1, **row} for row in peer_round(server, vlm_dir, levels, args.requests, args.tokens)]
+    ran = {x["server"] for x in runs}
+    servers = [s for s in PEER_SERVERS if s.key in ran]
 
     def median_of(key: str, level: int, field: str) -> float:
         return statistics.median(x[field] for x in runs if x["server"] == key and x["concurrency"] == level)
@@ -321,6 +328,7 @@ def peer_llama_server(args: argparse.Namespace) -> None:
                 [
                     server.label,
                     level,
+                    len(mine),
                     f"{req_s:.3f}",
                     ratio,
                     f"{median_of(server.key, level, 'p50_s'):.1f} s",
@@ -332,10 +340,21 @@ def peer_llama_server(args: argparse.Namespace) -> None:
             )
     print_table(
         "`vlm serve` against llama-server",
-        ["server", "concurrency", "requests/s", "vs llama", "p50", "p95", "prompt tok", "gen tok", "load avg"],
+        [
+            "server",
+            "concurrency",
+            "rounds",
+            "requests/s",
+            "vs llama",
+            "p50",
+            "p95",
+            "prompt tok",
+            "gen tok",
+            "load avg",
+        ],
         table,
-        note=f"distinct copies of the small photo as data: URLs, {args.tokens} greedy tokens; medians of "
-        f"{args.rounds} rounds; 'vs llama' is requests/s over {reference}'s",
+        note=f"distinct copies of the small photo as data: URLs, {args.tokens} greedy tokens; medians over the "
+        f"rounds; 'vs llama' is requests/s over {reference}'s",
     )
     dest = OUT / "bench_serve_llama_server.json"
     dest.write_text(json.dumps({"cpu": cpu_description(), "tokens": args.tokens, "runs": runs}, indent=1))
@@ -354,6 +373,7 @@ def main() -> None:
     ap.add_argument("--peer", choices=["llama-server"], default=None, help="compare with llama.cpp's server")
     ap.add_argument("--servers", default="llama-np8,llama-auto,vlm-w1,vlm-w2", help="--peer: the servers to run")
     ap.add_argument("--rounds", type=int, default=2, help="--peer: rounds, each running every server once")
+    ap.add_argument("--previous", default=None, help="--peer: a JSON file of earlier rounds to add these to")
     args = ap.parse_args()
     if args.peer:
         peer_llama_server(args)
@@ -365,18 +385,13 @@ def main() -> None:
     vlm_dir, clip = build(cache)
     cpu = cpu_description()
     data_url = "data:image/jpeg;base64," + base64.b64encode(SAMPLE.read_bytes()).decode()
-    chat_body = {
-        "model": vlm_dir.name,
-        "max_tokens": args.tokens,
-        "temperature": 0,
-        "messages": [
-            {
-                "role": "user",
-                "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": QUESTION}],
-            }
-        ],
-    }
-    embed_body = {"model": clip.stem, "input": [data_url]}
+    levels = [int(x) for x in args.levels.split(",")]
+    # A chat worker keeps its last prompt's KV cells for the next one (a conversation's history), so a
+    # repeated image would skip its encode: every chat carries a distinct copy of the photo.
+    images = distinct_images(len(levels) * (1 + args.requests))
+    per_level = [images[i * (1 + args.requests) : (i + 1) * (1 + args.requests)] for i in range(len(levels))]
+    chat_bodies = [[chat_body(vlm_dir.name, url, args.tokens) for url in urls] for urls in per_level]
+    embed_bodies = [[{"model": clip.stem, "input": [data_url]}] * (1 + args.requests)] * len(levels)
 
     rows = []
     ask = [
@@ -401,17 +416,17 @@ def main() -> None:
     )
     process, base = start_server(vlm_dir, clip, args.workers, args.threads)
     try:
-        for model, route, body in (
-            ("smolvlm2-256m", "/v1/chat/completions", chat_body),
-            ("clip-b32", "/v1/embeddings", embed_body),
+        for model, route, bodies in (
+            ("smolvlm2-256m", "/v1/chat/completions", chat_bodies),
+            ("clip-b32", "/v1/embeddings", embed_bodies),
         ):
             threads = f"{args.threads} threads" if args.threads else "shared cores"
-            for level in [int(x) for x in args.levels.split(",")]:
+            for level, level_bodies in zip(levels, bodies, strict=True):
                 rows.append(
                     {
                         "model": model,
                         "how": f"serve ({args.workers} workers, {threads})",
-                        **load(base + route, body, args.requests, level),
+                        **load(base + route, level_bodies, level),
                     }
                 )
     finally:
