@@ -369,7 +369,10 @@ def nested_schema(depth: int, kind: str) -> str:
 def hostile_schema(rng: random.Random, limit: int = 10**9) -> tuple[str, str]:
     """(description, the schema's text); `limit` caps the sizes (depths, enum and anyOf lengths)."""
     op = rng.choice(
-        ["nest", "enum", "ref_self", "ref_cycle", "ref_missing", "pattern", "bounds", "anyof", "types", "text", "const"]
+        [
+            *("nest", "enum", "ref_self", "ref_cycle", "ref_missing", "pattern", "bounds", "anyof", "types", "text"),
+            *("const", "wide"),
+        ]
     )
     if op == "nest":
         depth = min(limit, rng.choice([10, 100, 1000, 5000]))
@@ -417,6 +420,12 @@ def hostile_schema(rng: random.Random, limit: int = 10**9) -> tuple[str, str]:
     elif op == "const":
         schema = {"const": "x" * rng.choice([10, 100000])}
         desc = "a long const"
+    elif op == "wide":  # bounds within what is allowed, on many properties: nested optional groups by the thousand
+        n, key = min(limit, rng.choice([1, 20, 200])), rng.choice(["maxLength", "maxItems"])
+        bound = rng.choice([100, 500, 1000, 1001, 4096])
+        item = {"type": "string"} if key == "maxLength" else {"type": "array", "items": {"type": "null"}}
+        schema = {"type": "object", "properties": {f"p{i}": {**item, key: bound} for i in range(n)}}
+        desc = f"{n} properties of {key} {bound}"
     else:
         text = rng.choice(["{", "", "null", "{'a': 1}", "\0", '{"type": "string"' * 1000, "[" * 100000])
         return f"text {text[:20]!r}", text

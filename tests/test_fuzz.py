@@ -69,6 +69,8 @@ NEW_KIND_CASES = [
     ("schema", '{"enum": [' + ", ".join(map(str, range(5000))) + "]}", "5,000 alternatives"),
     ("schema", fk.nested_schema(100, "object"), "nested too deeply"),
     ("grammar", "root ::= " + " | ".join(f'"w{i}"' for i in range(5000)), "more than 4,096 alternatives"),
+    ("schema", '{"const": "' + "x" * 100_000 + '"}', "a string of 100,000 characters"),
+    ("schema", '{"type": "string", "maxLength": 4096}', "4096 optional items nest deeper than llama.cpp"),
 ]
 
 

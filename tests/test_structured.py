@@ -120,6 +120,55 @@ x ::= "x" # a comment
         r.initial()
 
 
+def test_a_maxlength_of_1000_nests_1000_deep_and_is_followed() -> None:
+    """The converter writes maxLength N as N nested optional groups: past about 480 the parser's
+    recursion ended in a RecursionError, with no name (`vlm: error: RecursionError`)."""
+    r = Recognizer(Grammar.parse(constraint_for_schema({"type": "string", "maxLength": 1000}).gbnf))
+    s = r.advance(r.initial(), b'"' + b"a" * 1000)
+    assert s is not None and r.completion(s) == b'"'
+    assert r.advance(s, b"a") is None
+    deep = Recognizer(Grammar.parse("root ::= " + '("a" ' * 5000 + ")" * 5000))  # 5,000 groups, each needed
+    assert deep.completion(deep.initial()) == b"a" * 5000
+
+
+def test_the_shortest_answer_of_many_nested_groups_takes_one_pass() -> None:
+    """200 strings of maxLength 100: 20,000 nested groups, whose shortest strings took a sweep over
+    every rule per level of nesting (seconds of CPU per answer)."""
+    schema = {
+        "type": "object",
+        "properties": {f"p{i}": {"type": "string", "maxLength": 100} for i in range(200)},
+        "required": ["p0"],
+    }
+    r = Recognizer(Grammar.parse(constraint_for_schema(schema).gbnf))
+    assert json.loads(r.completion(r.initial())) == {"p0": ""}
+
+
+@pytest.mark.parametrize(
+    "schema, needle",
+    [
+        ({"const": "x" * 100_000}, "'const' at / is not supported: a string of 100,000 characters, more than 4,096"),
+        ({"enum": ["a", "b" * 5000]}, "'enum' at / is not supported: a string of 5,000 characters"),
+        ({"type": "object", "properties": {"k" * 5000: {"type": "null"}}}, "'properties' at / is not supported"),
+        ({"type": "string", "maxLength": 4096}, "'maxLength' at / is not supported: 4096 optional items nest deeper"),
+        ({"type": "array", "items": {"type": "null"}, "minItems": 10, "maxItems": 1011}, "1001 optional items"),
+        ({"enum": [f"v{i}" + "y" * 1000 for i in range(300)]}, "the schema is 302,"),
+        (
+            {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 1000} for i in range(200)}},
+            "too large to follow: its grammar is 1,626,",
+        ),
+    ],
+)
+def test_schemas_past_what_a_grammar_can_hold_are_refused_by_name(schema: dict, needle: str) -> None:
+    """A 100,000-character const took seconds to set up for each answer (34 s on a busy machine);
+    llama.cpp's own parser refuses more than 1,000 nested optional groups."""
+    with pytest.raises(InvalidOption) as e:
+        constraint_for_schema(schema)
+    assert needle in e.value.message, e.value.message
+    constraint_for_schema({"type": "string", "minLength": 3000, "maxLength": 4000})  # 1,000 optional: fine
+    with pytest.raises(InvalidOption, match="the grammar is 300,011 characters, more than 262,144"):
+        from_grammar('root ::= "' + "a" * 300_000 + '"')
+
+
 @pytest.mark.parametrize("schema", [TAGS, RICH], ids=["tags", "rich"])
 def test_every_prefix_of_an_answer_closes_to_a_valid_answer(schema: dict) -> None:
     """Cut a random valid document anywhere (inside strings, escapes, numbers, keys, UTF-8

@@ -11,8 +11,9 @@ llama-grammar.cpp (the same parse, the same repetition rewrites, the same UTF-8 
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # An element of an alternative: a character class, a rule reference, or any character.
 # ("chars", ((lo, hi), ...), negated) | ("rule", rule index) | ("any",)
@@ -26,6 +27,9 @@ _PREFERRED = (ord("a"), ord("0"), ord(" "))  # filler characters, when a class a
 # Following a grammar costs each token a check against the alternatives in play: 50,000 of them took
 # minutes per answer (as an enum of 100,000 values did; json_schema.py bounds those likewise).
 MAX_ALTERNATIVES = 4096
+# Each answer's setup parses the grammar and searches it for the shortest ways to finish: in time
+# linear in its text, which this bounds (a schema's length bounds on a few hundred properties write megabytes).
+MAX_GRAMMAR_CHARS = 262_144
 
 
 class GrammarError(ValueError):
@@ -58,6 +62,8 @@ class Grammar:
 
     @classmethod
     def parse(cls, text: str, root: str = "root") -> Grammar:
+        if len(text) > MAX_GRAMMAR_CHARS:
+            raise GrammarError(f"the grammar is {len(text):,} characters, more than {MAX_GRAMMAR_CHARS:,}")
         g = cls()
         p = _Parser(text, g)
         p.parse()
@@ -98,16 +104,28 @@ class Grammar:
         building the string always reaches terminals."""
         inf = (float("inf"), 0)
         best = [inf] * len(self.rules)
-        changed = True
-        while changed:
-            changed = False
-            for r, alts in enumerate(self.rules):
-                assert alts is not None
-                for a in alts:
-                    cost = self._alt_cost(a, 0, best)
-                    if cost < best[r]:
-                        best[r] = cost
-                        changed = True
+        users: list[set[int]] = [set() for _ in self.rules]  # rule -> the rules whose alternatives use it
+        for r, alts in enumerate(self.rules):
+            assert alts is not None
+            for a in alts:
+                for el in self.alts[a]:
+                    if el[0] == "rule":
+                        users[el[1]].add(r)
+        # A first-in first-out worklist, not sweeps over every rule until none changes: nested groups (a
+        # schema's maxLength of N is N groups deep) took one sweep per level. First-in first-out: a rule
+        # of thousands of alternatives is evaluated again once per round, not once per alternative.
+        todo = collections.deque(range(len(self.rules)))
+        queued = [True] * len(self.rules)
+        while todo:
+            r = todo.popleft()
+            queued[r] = False
+            cost = min((self._alt_cost(a, 0, best) for a in self.rules[r] or ()), default=inf)
+            if cost < best[r]:
+                best[r] = cost
+                for u in users[r]:
+                    if not queued[u]:
+                        queued[u] = True
+                        todo.append(u)
         self._min = best
         if best[self.root][0] == float("inf"):
             raise GrammarError("the root rule derives no finite string")
@@ -124,11 +142,24 @@ class Grammar:
         return length, height
 
     def shortest_rule(self, r: int) -> str:
-        if r not in self._shortest_rule:
-            alts = self.rules[r]
+        """Built innermost rule first from a list of rules still to build, not by recursion: a grammar
+        may nest thousands of groups. The shortest alternative's rules are lower (its height), so
+        every rule on the list is built once its own are."""
+        todo = [r]
+        while todo:
+            q = todo[-1]
+            if q in self._shortest_rule:
+                todo.pop()
+                continue
+            alts = self.rules[q]
             assert alts is not None
             a = min(alts, key=lambda a: self._alt_cost(a, 0, self._min))
-            self._shortest_rule[r] = self.shortest_suffix((a, 0))
+            needed = [el[1] for el in self.alts[a] if el[0] == "rule" and el[1] not in self._shortest_rule]
+            if needed:
+                todo.extend(needed)
+                continue
+            self._shortest_rule[q] = self.shortest_suffix((a, 0))
+            todo.pop()
         return self._shortest_rule[r]
 
     def shortest_suffix(self, pos: Position) -> str:
@@ -166,6 +197,17 @@ def _matches(el: Element, c: int) -> bool:
         return True
     _, ranges, negated = el
     return any(a <= c <= b for a, b in ranges) != negated
+
+
+@dataclass
+class _Group:
+    """A rule, or a group in parentheses, being read: its alternatives so far and the sequence open."""
+
+    index: int
+    nested: bool  # inside parentheses: newlines are spaces
+    alts: list[list[Element]] = field(default_factory=list)
+    seq: list[Element] = field(default_factory=list)
+    last: int = 0  # where the sequence's last item starts (what a repetition applies to)
 
 
 class _Parser:
@@ -224,14 +266,33 @@ class _Parser:
             self.space(True)
 
     def alternates(self, name: str, index: int, nested: bool) -> None:
-        alts = [self.sequence(name, nested)]
-        while self.peek() == "|":
-            self.i += 1
-            self.space(True)
-            alts.append(self.sequence(name, nested))
-            if len(alts) > MAX_ALTERNATIVES:
+        """A rule's alternatives. A group in parentheses becomes a generated rule; open groups are kept
+        on a list here, not in Python's recursion (a schema's maxLength of 4,096 nests 4,096 deep)."""
+        groups = [_Group(index, nested)]
+        while True:
+            group = groups[-1]
+            if self.sequence(name, group):  # stopped at "(": the group it opens comes first
+                groups.append(_Group(self.g.generated(name), True))
+                continue
+            group.alts.append(group.seq)
+            if len(group.alts) > MAX_ALTERNATIVES:
                 raise self.error(f"more than {MAX_ALTERNATIVES:,} alternatives in one rule")
-        self.g.define(index, alts)
+            group.seq, group.last = [], 0
+            if self.peek() == "|":
+                self.i += 1
+                self.space(True)
+                continue
+            self.g.define(group.index, group.alts)
+            groups.pop()
+            if not groups:
+                return
+            if self.peek() != ")":
+                raise self.error("expecting ')'")
+            self.i += 1
+            outer = groups[-1]
+            outer.last = len(outer.seq)
+            outer.seq.append(("rule", group.index))
+            self.space(outer.nested)
 
     def char(self) -> int:
         c = self.peek()
@@ -256,9 +317,10 @@ class _Parser:
         self.i += 1
         return ord(c)
 
-    def sequence(self, name: str, nested: bool) -> list[Element]:
-        seq: list[Element] = []
-        last = len(seq)
+    def sequence(self, name: str, group: _Group) -> bool:
+        """Reads the group's current sequence on; True when it stops at a "(" (the group it opens is
+        read next, then this sequence goes on), False at its end."""
+        seq, last, nested = group.seq, group.last, group.nested
         while self.i < len(self.s):
             c = self.peek()
             if c == '"':
@@ -300,14 +362,8 @@ class _Parser:
             elif c == "(":
                 self.i += 1
                 self.space(True)
-                sub = self.g.generated(name)
-                self.alternates(name, sub, nested=True)
-                if self.peek() != ")":
-                    raise self.error("expecting ')'")
-                self.i += 1
-                last = len(seq)
-                seq.append(("rule", sub))
-                self.space(nested)
+                group.seq, group.last = seq, last
+                return True
             elif c == ".":
                 self.i += 1
                 last = len(seq)
@@ -343,7 +399,8 @@ class _Parser:
                 seq = self.repeat(name, seq, last, lo, hi)
             else:
                 break
-        return seq
+        group.seq, group.last = seq, last
+        return False
 
     def integer(self) -> int:
         start = self.i

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from vlmcli.engines.gbnf import MAX_GRAMMAR_CHARS
 from vlmcli.errors import InvalidOption
 
 # Keywords the converter would skip (or read differently from JSON Schema): refused, with why.
@@ -56,6 +57,11 @@ _COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
 # The sampler's grammar grows with the alternatives, and each token's check with it (an enum of 100,000
 # values or 10,000 anyOf branches took minutes to answer).
 MAX_ALTERNATIVES = 4096
+# The converter writes the optional part of a bound (maxLength - minLength) as groups nested that deep;
+# llama.cpp's grammar parser refuses deeper nesting than this.
+MAX_OPTIONAL = 1000
+# Every character of the schema's text becomes grammar that each answer's setup parses and searches.
+MAX_SCHEMA_CHARS = 262_144
 _ONE = ("items", "additionalProperties")
 _MAP = ("properties", "$defs", "definitions")
 _LIST = ("anyOf", "prefixItems")
@@ -82,7 +88,13 @@ def check(schema: Any, option: str = "json_schema") -> None:
         raise InvalidOption(option, "a JSON schema is a JSON object")
     from jsonschema import exceptions, validators
 
-    _bounded_lists(schema, option)
+    _bounded_sizes(schema, option)
+    try:
+        size = len(json.dumps(schema, ensure_ascii=False))
+    except (TypeError, ValueError) as e:  # a server's request arrives as objects, not checked text
+        raise InvalidOption(option, f"not JSON: {e}") from None
+    if size > MAX_SCHEMA_CHARS:
+        raise InvalidOption(option, f"the schema is {size:,} characters of JSON, more than {MAX_SCHEMA_CHARS:,}")
     try:
         validators.validator_for(schema).check_schema(schema)
     except exceptions.SchemaError as e:
@@ -91,8 +103,9 @@ def check(schema: Any, option: str = "json_schema") -> None:
     _walk(schema, "", option)
 
 
-def _bounded_lists(schema: dict[str, Any], option: str) -> None:
-    """Long enum and anyOf lists refused before the meta-schema check, which takes a minute over 10,000."""
+def _bounded_sizes(schema: dict[str, Any], option: str) -> None:
+    """Long enum and anyOf lists refused before the meta-schema check, which takes a minute over 10,000;
+    a const, enum value or property name longer than a string's length bound allows, likewise."""
     stack: list[tuple[Any, str]] = [(schema, "")]
     while stack:
         node, where = stack.pop()
@@ -100,7 +113,17 @@ def _bounded_lists(schema: dict[str, Any], option: str) -> None:
         for key, value in items:
             if key in ("enum", "anyOf") and isinstance(value, list) and len(value) > MAX_ALTERNATIVES:
                 raise _refuse(option, where, str(key), f"{len(value):,} alternatives, more than {MAX_ALTERNATIVES:,}")
+            literals = [value] if key == "const" else value if key == "enum" and isinstance(value, list) else []
+            if key == "properties" and isinstance(value, dict):
+                literals = list(value)
+            longest = max((len(v) for v in literals if isinstance(v, str)), default=0)
+            if longest > MAX_REPEAT:
+                raise _refuse(option, where, str(key), f"a string of {longest:,} characters, more than {MAX_REPEAT:,}")
             stack.append((value, f"{where}/{key}"))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _refuse(option: str, where: str, keyword: str, why: str) -> InvalidOption:
@@ -130,6 +153,11 @@ def _walk(node: Any, where: str, option: str) -> None:
         value = node.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value <= MAX_REPEAT:
             raise _refuse(option, where, key, f"{value:g} is outside 0..{MAX_REPEAT}, more than an answer holds")
+    for low, high in (("minLength", "maxLength"), ("minItems", "maxItems")):
+        hi, lo = node.get(high), node.get(low, 0)
+        if _number(hi) and _number(lo) and hi - max(lo, 0) > MAX_OPTIONAL:
+            why = f"{hi - max(lo, 0):g} optional items nest deeper than llama.cpp's grammar goes ({MAX_OPTIONAL:,})"
+            raise _refuse(option, where, high, why)
     for key in ("enum", "anyOf"):
         if isinstance(node.get(key), list) and len(node[key]) > MAX_ALTERNATIVES:
             raise _refuse(option, where, key, f"{len(node[key]):,} alternatives, more than {MAX_ALTERNATIVES:,}")
@@ -175,6 +203,9 @@ def constraint_for_schema(schema: Any, option: str = "json_schema") -> Constrain
         gbnf = to_gbnf(schema)
     except (AssertionError, ValueError, KeyError, TypeError) as e:
         raise InvalidOption(option, f"the schema cannot be converted to a grammar: {e}") from None
+    if len(gbnf) > MAX_GRAMMAR_CHARS:
+        why = f"its grammar is {len(gbnf):,} characters, more than {MAX_GRAMMAR_CHARS:,} (fewer or lower bounds)"
+        raise InvalidOption(option, f"the schema is too large to follow: {why}")
     return Constraint(gbnf, "json_schema")
 
 
