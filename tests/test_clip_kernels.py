@@ -275,6 +275,7 @@ def run_attention(
     causal: bool,
     n_threads: int = 2,
     queries: list[tuple[int, int]] | None = None,
+    int16: bool = False,
 ):
     """qkv (m, 3 d) -> the op's (m, d) (or (len(queries), d)) in a real ggml graph."""
     backend = Backend(n_threads=n_threads)
@@ -282,7 +283,7 @@ def run_attention(
         with Graph(8, 8) as g:
             x = g.input("F32", (qkv.shape[1], qkv.shape[0]))
             asked = None if queries is None else np.array(queries)
-            out = g.output(clip_kernels.attention(g, x, np.array(seqs), n_heads, causal, asked))
+            out = g.output(clip_kernels.attention(g, x, np.array(seqs), n_heads, causal, asked, int16))
             backend.allocate(g)
             backend.set(x, qkv)
             backend.compute(g)
@@ -329,6 +330,29 @@ def test_attention_matches_float64_per_packed_sequence(causal, d, n_heads):
         assert np.array_equal(
             run_attention(changed, seqs, n_heads, causal)[first : first + 20], got[first : first + 20]
         )
+
+
+@needs_attention
+def test_long_sequences_attend_in_the_i16_format():
+    """SigLIP's 1,024 patches: with int16 both products run on the i16 matmul's tiles (13-bit values, a
+    scale per row and per block of 128), so each token's output keeps a cosine near 1 to the float64
+    one; sequences stay independent; short ones keep the F32 path's bits."""
+    rng = np.random.default_rng(7)
+    d, n_heads, seqs = 128, 2, [(0, 600), (600, 531)]  # lengths off the tiles' 6 rows and 16 columns
+    qkv = rng.standard_normal((1131, 3 * d)).astype(np.float32) * 1.5
+    got = run_attention(qkv, seqs, n_heads, False, int16=True)
+    want = reference_attention(qkv, seqs, n_heads, False)
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.9999
+    assert np.sqrt(((got - want) ** 2).mean() / (want**2).mean()) < 2e-3  # about 13 bits, summed
+    f32 = run_attention(qkv, seqs, n_heads, False)
+    assert not np.array_equal(got, f32)  # the other number format did run
+    alone = run_attention(qkv[600:], [(0, 531)], n_heads, False, n_threads=1, int16=True)
+    assert np.array_equal(alone, got[600:])
+    short = qkv[:77]
+    assert np.array_equal(
+        run_attention(short, [(0, 77)], n_heads, False, int16=True), run_attention(short, [(0, 77)], n_heads, False)
+    )
 
 
 @needs_attention

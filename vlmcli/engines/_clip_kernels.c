@@ -62,6 +62,7 @@ struct vlm_attention {
     const int32_t *queries; /* NULL: every token's output (d x m); else n_queries pairs (sequence, token
                                within it), output row i = query i's (d x n_queries) */
     int64_t n_queries;
+    int32_t int16; /* long non-causal sequences: both products on the I16 matmul's tiles (attend_i16) */
 };
 
 #if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 11 : __GNUC__ >= 11)
@@ -721,6 +722,109 @@ TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t q0
     }
 }
 
+/* --- attention on the I16 matmul's tiles -------------------------------------------------------- */
+
+#define I16_ATTEND_MIN 512 /* sequences at least this long (SigLIP's 1024 patches; not CLIP's 50 to 257) */
+
+/* Room attend_i16 needs, in bytes, for a sequence of len tokens and heads of hd floats. */
+static int64_t attend_i16_scratch(int64_t len, int64_t hd) {
+    const int64_t n = (len + NR2 - 1) / NR2 * NR2, bl = (n + KB - 1) / KB, bh = (hd + KB - 1) / KB;
+    return 64 * 8 + (int64_t)sizeof(int16_t) * (2 * n * hd + MR2 * hd + MR2 * n + (n > hd ? n : hd)) +
+           (int64_t)sizeof(float) * (n * bh + hd * bl + hd * n + MR2 * bh + MR2 * n + MR2 * bl + bl);
+}
+
+/* n rows (rows stride floats apart, n_pad - n more of zeros) of k floats, quantized as quantize_row does
+   and packed as pack_i16 packs a weight: [n_pad / 16][k / 2][16][2], scales [n_pad / 16][blocks][16]. */
+TARGET2 static void pack_rows_i16(const float *x, int64_t stride, int64_t n, int64_t n_pad, int64_t k,
+                                  int16_t *packed, float *scales, int16_t *q, float *row_scales) {
+    const int64_t blocks = (k + KB - 1) / KB;
+    for (int64_t c = 0; c < n_pad; c++) {
+        if (c < n) {
+            quantize_row(x + c * stride, k, q, row_scales);
+        } else {
+            memset(q, 0, k * sizeof(int16_t));
+            for (int64_t b = 0; b < blocks; b++) row_scales[b] = 0.0f;
+        }
+        for (int64_t b = 0; b < blocks; b++) scales[((c / NR2) * blocks + b) * NR2 + c % NR2] = row_scales[b];
+        int16_t *column = packed + (c / NR2) * NR2 * k + (c % NR2) * 2;
+        for (int64_t p = 0; p < k / 2; p++) memcpy(column + p * 2 * NR2, q + 2 * p, 2 * sizeof(int16_t));
+    }
+}
+
+/* mr rows (stride floats apart) of k floats quantized for one tile: interleaved by pairs ([k / 2][mr][2]),
+   scales [mr][blocks]. */
+TARGET2 static void quantize_tile_rows(const float *x, int64_t stride, int mr, int64_t k, int16_t *dst,
+                                       float *scales, int16_t *row) {
+    const int64_t blocks = (k + KB - 1) / KB;
+    for (int r = 0; r < mr; r++) {
+        quantize_row(x + r * stride, k, row, scales + r * blocks);
+        for (int64_t p = 0; p < k / 2; p++) memcpy(dst + 2 * (p * mr + r), row + 2 * p, 2 * sizeof(int16_t));
+    }
+}
+
+static inline void *carve(char **at, int64_t bytes) {
+    void *p = *at;
+    *at += (bytes + 63) / 64 * 64;
+    return p;
+}
+
+/* attend's result for a non-causal sequence (every query, hd a multiple of 16) with its two products on
+   the I16 matmul's tiles: the keys are packed as a weight of len outputs over hd, the values transposed
+   as a weight of hd outputs over the keys, and each block of MR2 queries, then its probabilities, are
+   quantized as a matmul's input rows. The softmax between them is attend's, in F32. */
+TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_t d, int64_t hd, float scale,
+                               void *scratch) {
+    const int64_t n = (len + NR2 - 1) / NR2 * NR2, bl = (n + KB - 1) / KB, bh = (hd + KB - 1) / KB;
+    char *at = scratch;
+    int16_t *keys = carve(&at, n * hd * sizeof(int16_t)), *values = carve(&at, n * hd * sizeof(int16_t));
+    int16_t *qa = carve(&at, MR2 * hd * sizeof(int16_t)), *pa = carve(&at, MR2 * n * sizeof(int16_t));
+    int16_t *row = carve(&at, (n > hd ? n : hd) * sizeof(int16_t));
+    float *key_scales = carve(&at, n * bh * sizeof(float)), *value_scales = carve(&at, hd * bl * sizeof(float));
+    float *vt = carve(&at, hd * n * sizeof(float)), *qs = carve(&at, MR2 * bh * sizeof(float));
+    float *scores = carve(&at, MR2 * n * sizeof(float)), *ps = carve(&at, MR2 * bl * sizeof(float));
+    float *row_scales = carve(&at, bl * sizeof(float));
+
+    pack_rows_i16(qkv + d, 3 * d, len, n, hd, keys, key_scales, row, row_scales);
+    for (int64_t c = 0; c < hd; c++) { /* v transposed, zero past len: the padded keys weigh nothing */
+        for (int64_t j = 0; j < len; j++) vt[c * n + j] = qkv[j * 3 * d + 2 * d + c];
+        for (int64_t j = len; j < n; j++) vt[c * n + j] = 0.0f;
+    }
+    pack_rows_i16(vt, n, hd, hd, n, values, value_scales, row, row_scales);
+
+    const __m256 minus_inf = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(scale);
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t i = 0; i < len; i += MR2) {
+        const int mr = len - i < MR2 ? (int)(len - i) : MR2;
+        quantize_tile_rows(qkv + i * 3 * d, 3 * d, mr, hd, qa, qs, row);
+        for (int64_t p = 0; p < n / NR2; p++)
+            tile_i16_rows(mr, 1, qa, qs, keys + p * NR2 * hd, key_scales + p * bh * NR2, hd, scores + p * NR2, n);
+        for (int r = 0; r < mr; r++) {
+            float *sr = scores + r * n;
+            __m256 top = minus_inf;
+            for (int64_t j = 0; j < n; j += 8) {
+                const __m256 live = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)j)),
+                                                  _mm256_set1_ps((float)len), _CMP_LT_OQ);
+                const __m256 sv = _mm256_blendv_ps(minus_inf, _mm256_mul_ps(_mm256_loadu_ps(sr + j), vscale), live);
+                _mm256_storeu_ps(sr + j, sv);
+                top = _mm256_max_ps(top, sv);
+            }
+            const __m256 peak = _mm256_set1_ps(hmax8(top));
+            __m256 total = _mm256_setzero_ps();
+            for (int64_t j = 0; j < n; j += 8) {
+                const __m256 sv = _mm256_loadu_ps(sr + j);
+                const __m256 e = _mm256_and_ps(exp_neg8(_mm256_sub_ps(sv, peak)), _mm256_cmp_ps(sv, minus_inf, _CMP_NEQ_OQ));
+                _mm256_storeu_ps(sr + j, e);
+                total = _mm256_add_ps(total, e);
+            }
+            const __m256 inv = _mm256_set1_ps(1.0f / hsum8(total));
+            for (int64_t j = 0; j < n; j += 8) _mm256_storeu_ps(sr + j, _mm256_mul_ps(_mm256_loadu_ps(sr + j), inv));
+        }
+        quantize_tile_rows(scores, n, mr, n, pa, ps, row);
+        for (int64_t p = 0; p < hd / NR2; p++)
+            tile_i16_rows(mr, 1, pa, ps, values + p * NR2 * n, value_scales + p * bl * NR2, n, out + i * d + p * NR2, d);
+    }
+}
+
 /* --- sharing the work between ggml's threads ------------------------------------------------- */
 
 typedef void (*rows_fn)(const struct vlm_matmul *, const struct io *, int64_t, int64_t, int64_t, int64_t);
@@ -755,8 +859,12 @@ static void share_attention(void *dst, int ith, int nth, const struct vlm_attent
         const int64_t row = it / op->n_heads, h = it % op->n_heads, s = op->queries ? op->queries[2 * row] : row;
         const int64_t first = op->seqs[2 * s], len = op->seqs[2 * s + 1];
         const int64_t q0 = op->queries ? op->queries[2 * row + 1] : 0, q1 = op->queries ? q0 + 1 : len;
-        attend(qkv + first * 3 * op->d + h * hd, out + (op->queries ? row : first) * op->d + h * hd, len, q0, q1,
-               op->d, hd, op->scale, op->causal, thread_room(ROOM_ATTEND, attend_scratch(len, hd) * sizeof(float)));
+        if (op->int16 && !op->causal && !op->queries && len >= I16_ATTEND_MIN && hd % NR2 == 0)
+            attend_i16(qkv + first * 3 * op->d + h * hd, out + first * op->d + h * hd, len, op->d, hd, op->scale,
+                       thread_room(ROOM_ATTEND, attend_i16_scratch(len, hd)));
+        else
+            attend(qkv + first * 3 * op->d + h * hd, out + (op->queries ? row : first) * op->d + h * hd, len, q0, q1,
+                   op->d, hd, op->scale, op->causal, thread_room(ROOM_ATTEND, attend_scratch(len, hd) * sizeof(float)));
     }
 }
 

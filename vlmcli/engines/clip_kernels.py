@@ -93,6 +93,7 @@ class AttentionOp(ctypes.Structure):
         ("causal", ctypes.c_int32),
         ("queries", ctypes.c_void_p),
         ("n_queries", ctypes.c_int64),
+        ("int16", ctypes.c_int32),
     ]
 
 
@@ -325,12 +326,19 @@ def attention_fits(d: int, n_heads: int) -> bool:
 
 
 def attention(
-    g: Graph, qkv: Tensor, seqs: np.ndarray, n_heads: int, causal: bool, queries: np.ndarray | None = None
+    g: Graph,
+    qkv: Tensor,
+    seqs: np.ndarray,
+    n_heads: int,
+    causal: bool,
+    queries: np.ndarray | None = None,
+    int16: bool = False,
 ) -> Tensor:
     """Multi-head attention over sequences packed one after another: qkv [3 d, m] F32 holds each token's
     q, k and v (as one linear layer of 3 d outputs gives them); seqs (n, 2) int32 rows of (first token,
     length) tile the m tokens. Returns [d, m], each token's heads side by side (for the out projection);
-    with queries ((sequence, token within it) rows) only theirs, [d, len(queries)]."""
+    with queries ((sequence, token within it) rows) only theirs, [d, len(queries)]. int16: long
+    non-causal sequences take both products in the i16 matmul's number format (an i16 form's model)."""
     if not attention_available():
         raise RuntimeError("vlm's attention op does not run on this machine (it needs AVX2)")
     fun = _op("vlm_attention_op")
@@ -363,6 +371,7 @@ def attention(
         causal=int(causal),
         queries=queries.ctypes.data if queries is not None else None,
         n_queries=len(queries) if queries is not None else 0,
+        int16=int(int16),
     )
     op.arrays = (seqs, queries)  # the C side holds only their addresses
     return g.custom(shape, [qkv], fun, op)

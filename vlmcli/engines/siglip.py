@@ -249,9 +249,10 @@ class SiglipEncoder(NativeResource):
         x = linear(g, patches_in, patch_w, tensor(t, "v.patch_embd.bias"))  # [D, P, N]
         x = g.add(x, g.reshape(tensor(t, "v.position_embd.weight"), d, cfg.n_patches))
         seqs = np.stack([np.arange(n) * cfg.n_patches, np.full(n, cfg.n_patches)], axis=1)
+        int16 = clip_kernels.FORMS[self.form].packing == "i16"  # the attention in the matmuls' number format
 
         def attend(x: Tensor, b: Block, norm: Norm) -> Tensor:
-            return packed_attention(g, x, b, norm, cfg.heads, seqs, causal=False)
+            return packed_attention(g, x, b, norm, cfg.heads, seqs, causal=False, int16=int16)
 
         every: Attend = attend
         for blk in self.blocks:

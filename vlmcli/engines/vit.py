@@ -146,12 +146,14 @@ def packed_attention(
     seqs: np.ndarray,
     causal: bool,
     queries: np.ndarray | None = None,
+    int16: bool = False,
 ) -> Tensor:
     """The same with vlm's kernels on x [D, M] (or [D, T, N]): q, k, v from one matmul, then one op over
     the sequences seqs ((first token, length) rows) packed into the M tokens; queries ((sequence, token
-    within it) rows): only their outputs, [D, len(queries)]."""
+    within it) rows): only their outputs, [D, len(queries)]; int16 as for clip_kernels.attention."""
     assert p.qkv_w is not None
-    return clip_kernels.attention(g, linear(g, x, p.qkv_w, p.qkv_b, norm=norm), seqs, n_heads, causal, queries)
+    qkv = linear(g, x, p.qkv_w, p.qkv_b, norm=norm)
+    return clip_kernels.attention(g, qkv, seqs, n_heads, causal, queries, int16)
 
 
 Attend = Callable[[Tensor, Block, Norm], Tensor]  # (x, block, norm) -> attention(norm(x)), one of the two above
