@@ -793,6 +793,7 @@ TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_
 
     const __m256 minus_inf = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(scale);
     const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    float inv[MR2];
     for (int64_t i = 0; i < len; i += MR2) {
         const int mr = len - i < MR2 ? (int)(len - i) : MR2;
         quantize_tile_rows(qkv + i * 3 * d, 3 * d, mr, hd, qa, qs, row);
@@ -816,12 +817,16 @@ TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_
                 _mm256_storeu_ps(sr + j, e);
                 total = _mm256_add_ps(total, e);
             }
-            const __m256 inv = _mm256_set1_ps(1.0f / hsum8(total));
-            for (int64_t j = 0; j < n; j += 8) _mm256_storeu_ps(sr + j, _mm256_mul_ps(_mm256_loadu_ps(sr + j), inv));
+            inv[r] = 1.0f / hsum8(total); /* applied to the output: the quantizing scales absorb the rest */
         }
         quantize_tile_rows(scores, n, mr, n, pa, ps, row);
         for (int64_t p = 0; p < hd / NR2; p++)
             tile_i16_rows(mr, 1, pa, ps, values + p * NR2 * n, value_scales + p * bl * NR2, n, out + i * d + p * NR2, d);
+        for (int r = 0; r < mr; r++)
+            for (int64_t c = 0; c < hd; c += 8) {
+                float *o = out + (i + r) * d + c;
+                _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), _mm256_set1_ps(inv[r])));
+            }
     }
 }
 
