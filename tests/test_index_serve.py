@@ -4,9 +4,11 @@ as `vlm search` on the same index."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -46,8 +48,15 @@ def served(clip_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         check=True,
         timeout=600,
     )
+    with _server(clip_gguf, db, home) as url:
+        yield url, db, photos
+
+
+@contextlib.contextmanager
+def _server(clip_gguf: Path, db: Path, home: Path) -> Iterator[str]:
+    """A `vlm serve --index db` with one CLIP worker, until the block ends: its URL."""
     port = _free_port()
-    log = open(home / "server.log", "w+")
+    log = open(home / f"server-{port}.log", "w+")
     cmd = ["serve", "--model", str(clip_gguf), "--port", str(port), "--workers", "1", "--index", str(db)]
     process = subprocess.Popen([sys.executable, "-m", "vlmcli", *cmd], env=_env(home), stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
@@ -63,7 +72,7 @@ def served(clip_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 pytest.fail(f"the server did not start:\n{log.read()}")
             time.sleep(0.2)
     try:
-        yield url, db, photos
+        yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -120,3 +129,37 @@ def test_search_errors_in_the_openai_shape(served) -> None:
     assert status == 400 and body["error"]["param"] == "since"
     status, body = _post(url, {"query": "x", "n": 0})
     assert status == 400
+
+
+_HOLD_LOCK = (
+    "import sqlite3, sys\n"
+    "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+    "c.execute('PRAGMA locking_mode=EXCLUSIVE')\n"
+    "c.execute('BEGIN EXCLUSIVE')\n"
+    "print('locked', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+def test_an_index_locked_by_another_process_is_a_503(served, clip_gguf: Path) -> None:
+    """A server that meets the index held by another process (vlm index writing it, a backup) answers
+    503 with a named error once its wait is over, and serves again when the lock is gone."""
+    _, served_db, _ = served
+    db = served_db.with_name("locked.sqlite")  # a copy: the module's server keeps the first one open
+    with contextlib.closing(sqlite3.connect(served_db)) as src, contextlib.closing(sqlite3.connect(db)) as dst:
+        src.backup(dst)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with _server(clip_gguf, db, db.parent) as url:
+            status, body = _post(url, {"query": "dog", "n": 3})
+            assert status == 503 and body["error"]["code"] == "index_locked", body
+            assert "locked by another process" in body["error"]["message"]
+            holder.communicate("", timeout=30)
+            status, body = _post(url, {"query": "dog", "n": 3})  # the lock gone, the same server answers
+            assert status == 200 and body["data"]
+    finally:
+        if holder.poll() is None:
+            holder.kill()

@@ -86,6 +86,10 @@ END;
 """
 
 
+class IndexLocked(VlmError):
+    """Another process held the index's lock for longer than this command waits (the server: 503)."""
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A CLIP model as the index knows it: its name and the SHA-256 of its file."""
@@ -177,8 +181,8 @@ class IndexDB:
         if isinstance(error, (sqlite3.DatabaseError, UnicodeDecodeError)):
             raise VlmError(f"the index cannot be used ({' '.join(str(error).split())})", self.path) from None
 
-    def locked_error(self) -> VlmError:
-        return VlmError(
+    def locked_error(self) -> IndexLocked:
+        return IndexLocked(
             f"the index is locked by another process (gave up after {self.wait_s:g} s; "
             "run this again once that process is done with it)",
             self.path,

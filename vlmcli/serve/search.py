@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from vlmcli.errors import VlmError
-from vlmcli.index.db import IndexDB, ModelRef
+from vlmcli.index.db import IndexDB, IndexLocked, ModelRef
 from vlmcli.index.search import Filters, Searcher, Term, date_ns, parse_query
 from vlmcli.serve.errors import ApiError, bad
 from vlmcli.serve.image_urls import RemoteImage, fetch_remote, image_source
@@ -153,6 +153,8 @@ async def search(request: SearchRequest, state: State) -> JSONResponse:
 
     try:
         data = await asyncio.to_thread(ranked)
+    except IndexLocked as e:  # another process writes the index now: worth a retry, not the client's fault
+        raise ApiError(503, e.message, "server_error", code="index_locked", headers={"Retry-After": "5"}) from None
     except VlmError as e:
         raise bad(f"{e.path}: {e.message}" if e.path else e.message, "model") from None
     return JSONResponse({"object": "list", "model": name, "data": data})
