@@ -542,6 +542,19 @@ TARGET2 static void weigh_values(int n, const float *v, int64_t stride, const fl
     }
 }
 
+/* scores[0 : n) (n a multiple of 8) = e^(score - peak), -inf ones 0; returns their sum */
+TARGET2 static float exp_scores(float *scores, int64_t n, float top) {
+    const __m256 minus_inf = _mm256_set1_ps(-INFINITY), peak = _mm256_set1_ps(top);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256 sv = _mm256_loadu_ps(scores + j);
+        const __m256 e = _mm256_and_ps(exp_neg8(_mm256_sub_ps(sv, peak)), _mm256_cmp_ps(sv, minus_inf, _CMP_NEQ_OQ));
+        _mm256_storeu_ps(scores + j, e);
+        total = _mm256_add_ps(total, e);
+    }
+    return hsum8(total);
+}
+
 /* scores[0 : 8 n) = scale q . k_j for keys j0 + [0, 8 n), kt pointing at key j0 of the transposed keys
    (row stride width), n a constant after inlining so the sums stay in registers; keys from `live` on
    get -inf. Returns the running maximum. */
@@ -653,15 +666,7 @@ TARGET2 static void attend_block(const float *qkv, float *out, int64_t len, int6
     }
     for (int r = 0; r < QUERY_BLOCK; r++) {
         float *row = scores + r * width;
-        const __m256 peak = _mm256_set1_ps(hmax8(tops[r]));
-        __m256 total = _mm256_setzero_ps();
-        for (int64_t j = 0; j < scored; j += 8) {
-            const __m256 sv = _mm256_loadu_ps(row + j);
-            const __m256 e = _mm256_and_ps(exp_neg8(_mm256_sub_ps(sv, peak)), _mm256_cmp_ps(sv, minus_inf, _CMP_NEQ_OQ));
-            _mm256_storeu_ps(row + j, e);
-            total = _mm256_add_ps(total, e);
-        }
-        const float inv = 1.0f / hsum8(total);
+        const float inv = 1.0f / exp_scores(row, scored, hmax8(tops[r]));
         for (int64_t j = 0; j < len; j++) row[j] *= inv;
     }
     for (int64_t c0 = 0; c0 < hd; c0 += 16) {
@@ -707,15 +712,7 @@ TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t q0
         for (int64_t j0 = 0; j0 < scored; j0 += KEY_BLOCK) /* keys past `keys` (causal, or padding) get -inf */
             top = score_keys(scored - j0 < KEY_BLOCK ? (int)(scored - j0) / 8 : KEY_BLOCK / 8, q, kt + j0, ldk, hd,
                              scale, keys - j0, scores + j0, top);
-        const __m256 peak = _mm256_set1_ps(hmax8(top));
-        __m256 total = _mm256_setzero_ps();
-        for (int64_t j = 0; j < scored; j += 8) {
-            const __m256 sv = _mm256_loadu_ps(scores + j);
-            const __m256 e = _mm256_and_ps(exp_neg8(_mm256_sub_ps(sv, peak)), _mm256_cmp_ps(sv, minus_inf, _CMP_NEQ_OQ));
-            _mm256_storeu_ps(scores + j, e);
-            total = _mm256_add_ps(total, e);
-        }
-        const float inv = 1.0f / hsum8(total);
+        const float inv = 1.0f / exp_scores(scores, scored, hmax8(top));
         for (int64_t v0 = 0; v0 < nv; v0 += 8) /* 64 floats of the head at a time, in registers */
             weigh_values(nv - v0 < 8 ? (int)(nv - v0) : 8, qkv + 2 * d + 8 * v0, 3 * d, scores, inv, keys,
                          out + (i - q0) * d + 8 * v0);
@@ -733,6 +730,16 @@ static int64_t attend_i16_scratch(int64_t len, int64_t hd) {
            (int64_t)sizeof(float) * (n * bh + hd * bl + hd * n + MR2 * bh + MR2 * n + MR2 * bl + bl);
 }
 
+/* Output row c of a weight, quantized (q, row_scales), into the I16 kernel's layout: packed
+   [n / 16][k / 2][16][2] (its values every 2 x 16), scales [n / 16][blocks][16]. */
+static void place_packed_row(int64_t c, int64_t k, const int16_t *q, const float *row_scales, int16_t *packed,
+                             float *scales) {
+    const int64_t blocks = (k + KB - 1) / KB;
+    for (int64_t b = 0; b < blocks; b++) scales[((c / NR2) * blocks + b) * NR2 + c % NR2] = row_scales[b];
+    int16_t *column = packed + (c / NR2) * NR2 * k + (c % NR2) * 2;
+    for (int64_t p = 0; p < k / 2; p++) memcpy(column + p * 2 * NR2, q + 2 * p, 2 * sizeof(int16_t));
+}
+
 /* n rows (rows stride floats apart, n_pad - n more of zeros) of k floats, quantized as quantize_row does
    and packed as pack_i16 packs a weight: [n_pad / 16][k / 2][16][2], scales [n_pad / 16][blocks][16]. */
 TARGET2 static void pack_rows_i16(const float *x, int64_t stride, int64_t n, int64_t n_pad, int64_t k,
@@ -745,9 +752,7 @@ TARGET2 static void pack_rows_i16(const float *x, int64_t stride, int64_t n, int
             memset(q, 0, k * sizeof(int16_t));
             for (int64_t b = 0; b < blocks; b++) row_scales[b] = 0.0f;
         }
-        for (int64_t b = 0; b < blocks; b++) scales[((c / NR2) * blocks + b) * NR2 + c % NR2] = row_scales[b];
-        int16_t *column = packed + (c / NR2) * NR2 * k + (c % NR2) * 2;
-        for (int64_t p = 0; p < k / 2; p++) memcpy(column + p * 2 * NR2, q + 2 * p, 2 * sizeof(int16_t));
+        place_packed_row(c, k, q, row_scales, packed, scales);
     }
 }
 
@@ -809,15 +814,7 @@ TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_
                 _mm256_storeu_ps(sr + j, sv);
                 top = _mm256_max_ps(top, sv);
             }
-            const __m256 peak = _mm256_set1_ps(hmax8(top));
-            __m256 total = _mm256_setzero_ps();
-            for (int64_t j = 0; j < n; j += 8) {
-                const __m256 sv = _mm256_loadu_ps(sr + j);
-                const __m256 e = _mm256_and_ps(exp_neg8(_mm256_sub_ps(sv, peak)), _mm256_cmp_ps(sv, minus_inf, _CMP_NEQ_OQ));
-                _mm256_storeu_ps(sr + j, e);
-                total = _mm256_add_ps(total, e);
-            }
-            inv[r] = 1.0f / hsum8(total); /* applied to the output: the quantizing scales absorb the rest */
+            inv[r] = 1.0f / exp_scores(sr, n, hmax8(top)); /* applied to the output: the quantizing scales absorb the rest */
         }
         quantize_tile_rows(scores, n, mr, n, pa, ps, row);
         for (int64_t p = 0; p < hd / NR2; p++)
@@ -917,9 +914,7 @@ TARGET2 static void pack_i16(const void *w, int f16, int64_t n, int64_t k, int16
             values = row;
         }
         quantize_row(values, k, q, row_scales);
-        for (int64_t b = 0; b < blocks; b++) scales[((c / NR2) * blocks + b) * NR2 + c % NR2] = row_scales[b];
-        int16_t *column = packed + (c / NR2) * NR2 * k + (c % NR2) * 2; /* then every 2 x 16 values */
-        for (int64_t p = 0; p < k / 2; p++) memcpy(column + p * 2 * NR2, q + 2 * p, 2 * sizeof(int16_t));
+        place_packed_row(c, k, q, row_scales, packed, scales);
     }
     free(row);
     free(row_scales);
