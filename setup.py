@@ -38,6 +38,13 @@ setup(
     ext_modules=[
         Extension(LIBRARY, ["vlmcli/engines/_clip_kernels.c"], extra_compile_args=["-O2"], optional=True),
         # -O3 vectorizes the passes over a row; exp is written out, so no -ffast-math is needed
-        Extension(SAMPLING, ["vlmcli/engines/_sampling.c"], extra_compile_args=["-O3"], optional=True),
+        Extension(
+            SAMPLING,
+            ["vlmcli/engines/_sampling.c"],
+            extra_compile_args=["-O3"],
+            libraries=[] if sys.platform == "win32" else ["m"],
+            export_symbols=["vlm_sample_rows"],
+            optional=True,
+        ),
     ],
 )

@@ -79,7 +79,8 @@ def test_c_and_numpy_draw_the_same_tokens() -> None:
     rng = np.random.default_rng(2)
     n_vocab = 49_157  # not a multiple of the SIMD width
     logits = (rng.standard_normal((8, n_vocab)) * 4).astype(np.float32)
-    for temperature, top_p in [(0.7, 0.9), (1.0, 1.0), (1.3, 0.5)]:
+    logits[:, ::97] = np.nan  # skipped alike
+    for temperature, top_p in [(0.7, 0.9), (1.0, 1.0), (1.3, 0.5), (0.7, 0.99999999)]:
         c = sampler("c", n_vocab, temperature, top_p, list(range(8)))
         py = sampler("numpy", n_vocab, temperature, top_p, list(range(8)))
         for _ in range(10):
@@ -90,7 +91,28 @@ def test_c_and_numpy_draw_the_same_tokens() -> None:
 
 
 @pytest.mark.parametrize("way", WAYS)
-def test_a_row_without_a_finite_logit_is_an_error(way: str) -> None:
-    row = np.full((1, 64), np.nan, np.float32)
-    with pytest.raises(SamplingError):
-        sampler(way, 64, 0.7, 0.9, [0]).sample(row, [0], [0])
+def test_nan_logits_are_never_drawn_and_a_row_without_a_finite_peak_is_an_error(way: str) -> None:
+    rng = np.random.default_rng(3)
+    row = rng.standard_normal((1, 200)).astype(np.float32)
+    row[0, ::3] = np.nan
+    s = sampler(way, 200, 1.0, 0.95, [1])
+    assert all(t % 3 for t in (s.sample(row, [0], [0])[0][0] for _ in range(300)))
+    for bad in (np.nan, np.inf):
+        with pytest.raises(SamplingError):
+            sampler(way, 64, 0.7, 0.9, [0]).sample(np.full((1, 64), bad, np.float32), [0], [0])
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_a_temperature_too_small_to_invert_is_greedy(way: str) -> None:
+    row = np.random.default_rng(4).standard_normal((1, 500)).astype(np.float32)
+    tokens, _ = sampler(way, 500, 1e-39, 0.9, [0]).sample(row, [0], [0])
+    assert tokens == [int(np.argmax(row))]
+
+
+def test_rows_outside_the_logits_are_refused_before_any_read() -> None:
+    s = RowSampler(100, 0.7, 0.9, [0])
+    logits = np.zeros((2, 100), np.float32)
+    with pytest.raises(ValueError):
+        s.sample(logits, [2], [0])
+    with pytest.raises(ValueError):
+        s.sample(np.zeros((2, 99), np.float32), [0], [0])

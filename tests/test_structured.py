@@ -120,6 +120,16 @@ x ::= "x" # a comment
         r.initial()
 
 
+def test_a_branch_that_can_never_end_is_not_a_completion() -> None:
+    """y may go on into x, which never ends: the completion takes the branch that does ("c"), and
+    does not follow x forever."""
+    r = Recognizer(Grammar.parse('root ::= "a" y\ny ::= "c" | x\nx ::= "b" x'))
+    s = r.advance(r.initial(), b"a")
+    assert s is not None and r.completion(s) == b"c"
+    inside = r.advance(r.initial(), b"ab")  # only the endless branch is left
+    assert inside is None or r.completion(inside) is None
+
+
 def test_a_maxlength_of_1000_nests_1000_deep_and_is_followed() -> None:
     """The converter writes maxLength N as N nested optional groups: past about 480 the parser's
     recursion ended in a RecursionError, with no name (`vlm: error: RecursionError`)."""

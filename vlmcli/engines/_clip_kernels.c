@@ -726,8 +726,8 @@ TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t q0
 /* Room attend_i16 needs, in bytes, for a sequence of len tokens and heads of hd floats. */
 static int64_t attend_i16_scratch(int64_t len, int64_t hd) {
     const int64_t n = (len + NR2 - 1) / NR2 * NR2, bl = (n + KB - 1) / KB, bh = (hd + KB - 1) / KB;
-    return 64 * 8 + (int64_t)sizeof(int16_t) * (2 * n * hd + MR2 * hd + MR2 * n + (n > hd ? n : hd)) +
-           (int64_t)sizeof(float) * (n * bh + hd * bl + hd * n + MR2 * bh + MR2 * n + MR2 * bl + bl);
+    return 64 * 12 /* each carve's rounding */ + (int64_t)sizeof(int16_t) * (2 * n * hd + MR2 * hd + MR2 * n + (n > hd ? n : hd)) +
+           (int64_t)sizeof(float) * (n * bh + hd * bl + hd * n + MR2 * bh + MR2 * n + MR2 * bl + (bl > bh ? bl : bh));
 }
 
 /* Output row c of a weight, quantized (q, row_scales), into the I16 kernel's layout: packed
@@ -787,7 +787,7 @@ TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_
     float *key_scales = carve(&at, n * bh * sizeof(float)), *value_scales = carve(&at, hd * bl * sizeof(float));
     float *vt = carve(&at, hd * n * sizeof(float)), *qs = carve(&at, MR2 * bh * sizeof(float));
     float *scores = carve(&at, MR2 * n * sizeof(float)), *ps = carve(&at, MR2 * bl * sizeof(float));
-    float *row_scales = carve(&at, bl * sizeof(float));
+    float *row_scales = carve(&at, (bl > bh ? bl : bh) * sizeof(float));
 
     pack_rows_i16(qkv + d, 3 * d, len, n, hd, keys, key_scales, row, row_scales);
     for (int64_t c = 0; c < hd; c++) { /* v transposed, zero past len: the padded keys weigh nothing */

@@ -137,7 +137,8 @@ static float nucleus_cut(const float *l, const float *e, int64_t v, float m, dou
 /* For each of n rows (row r at logits + rows[r] * v floats): token[r] drawn and logprob[r], the log
    softmax of the row at that token. temperature <= 0 takes the first largest logit; otherwise the token
    is drawn from softmax(row / temperature) over the row's nucleus for top_p, with u[r] uniform in
-   [0, 1). scratch: room for 3 v floats. Returns 0, or -1 - r for a row with no finite logit. */
+   [0, 1). NaN logits are never drawn. scratch: room for 3 v floats. Returns 0, or -1 - r for a row whose
+   largest logit is not finite. */
 int vlm_sample_rows(const float *logits, int64_t v, const int32_t *rows, int n, float temperature, float top_p,
                     const double *u, int32_t *token, float *logprob, float *scratch) {
     float *e = scratch, *w = scratch + v;
@@ -147,7 +148,7 @@ int vlm_sample_rows(const float *logits, int64_t v, const int32_t *rows, int n, 
         if (!isfinite(m)) return -1 - r;
         const double z = exps(l, v, m, 1.0f, -INFINITY, e);
         int64_t tok = 0;
-        if (temperature <= 0.0f) {
+        if (!(temperature > 0.0f) || !(1.0f / temperature < INFINITY)) { /* or so small 1 / t overflows */
             while (l[tok] != m) tok++;
         } else {
             const float cut = nucleus_cut(l, e, v, m, z, top_p, (struct scored *)w); /* w's room, and more */

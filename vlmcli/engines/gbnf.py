@@ -141,6 +141,10 @@ class Grammar:
                 length += 1
         return length, height
 
+    def can_finish(self, pos: Position) -> bool:
+        """Whether the rest of an alternative from pos derives a finite string."""
+        return self._alt_cost(pos[0], pos[1], self._min)[0] != float("inf")
+
     def shortest_rule(self, r: int) -> str:
         """Built innermost rule first from a list of rules still to build, not by recursion: a grammar
         may nest thousands of groups. The shortest alternative's rules are lower (its height), so
@@ -153,6 +157,8 @@ class Grammar:
                 continue
             alts = self.rules[q]
             assert alts is not None
+            if self._min[q][0] == float("inf"):  # only reached from a stack _shortest skips; never loop on it
+                raise GrammarError("a rule of the grammar derives no finite string")
             a = min(alts, key=lambda a: self._alt_cost(a, 0, self._min))
             needed = [el[1] for el in self.alts[a] if el[0] == "rule" and el[1] not in self._shortest_rule]
             if needed:
@@ -551,6 +557,9 @@ class Recognizer:
             return ""
         best: str | None = None
         for stack in stacks:
+            # a stack inside a rule that can never end (x ::= "b" x) has no completion: skip it
+            if not all(self.g.can_finish(p) for p in stack):
+                continue
             text = "".join(self.g.shortest_suffix(p) for p in reversed(stack))
             if best is None or len(text) < len(best):
                 best = text

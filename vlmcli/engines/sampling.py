@@ -27,16 +27,16 @@ _DOUBLES = ctypes.POINTER(ctypes.c_double)
 
 
 class SamplingError(ValueError):
-    """A logits row with no finite value (the model's output is broken)."""
+    """A logits row whose largest value is not a finite number (the model's output is broken)."""
 
 
 @cache
 def _library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(Path(__file__).with_name(LIBRARY)))
-    except OSError:
+        fn = lib.vlm_sample_rows
+    except (OSError, AttributeError):  # not built, or a stale file without the function: numpy draws
         return None
-    fn = lib.vlm_sample_rows
     fn.restype = ctypes.c_int
     fn.argtypes = [_FLOATS, ctypes.c_int64, _INTS, ctypes.c_int, ctypes.c_float, ctypes.c_float]
     fn.argtypes += [_DOUBLES, _INTS, _FLOATS, _FLOATS]
@@ -52,7 +52,9 @@ class RowSampler:
     """Draws for a fixed set of sequences, each with its own random stream (seeds[i] for sequence i)."""
 
     def __init__(self, n_vocab: int, temperature: float, top_p: float, seeds: Sequence[int]):
-        self.n_vocab, self.temperature, self.top_p = n_vocab, float(temperature), float(top_p)
+        # float32, as the C library takes them, so that both draw alike at every boundary
+        self.n_vocab = n_vocab
+        self.temperature, self.top_p = float(np.float32(temperature)), float(np.float32(top_p))
         self._rngs = [np.random.Generator(np.random.PCG64(seed & 0xFFFFFFFFFFFFFFFF)) for seed in seeds]
         self._scratch = np.empty(3 * n_vocab, np.float32)
         self.native = native()  # False: numpy draws (where the library was not built)
@@ -63,6 +65,10 @@ class RowSampler:
         n = len(seqs)
         if n == 0:
             return [], []
+        if logits.ndim != 2 or logits.shape[1] != self.n_vocab or len(rows) != n:
+            raise ValueError(f"logits {logits.shape} and {len(rows)} rows for {n} sequences of {self.n_vocab} tokens")
+        if min(rows) < 0 or max(rows) >= logits.shape[0]:
+            raise ValueError(f"rows {list(rows)} outside the {logits.shape[0]} logits rows")
         u = np.array([self._rngs[s].random() for s in seqs], np.float64)
         row_ids = np.ascontiguousarray(rows, np.int32)
         tokens, logprobs = np.empty(n, np.int32), np.empty(n, np.float32)
@@ -81,7 +87,7 @@ class RowSampler:
                 self._scratch.ctypes.data_as(_FLOATS),
             )
             if rc != 0:
-                raise SamplingError(f"the model gave no finite logit for sequence {seqs[-1 - rc]}")
+                raise SamplingError(f"the model's logits are not finite numbers (sequence {seqs[-1 - rc]})")
         else:
             for i, r in enumerate(row_ids):
                 tokens[i], logprobs[i] = _sample_row(logits[r], self.temperature, self.top_p, float(u[i]))
@@ -91,12 +97,13 @@ class RowSampler:
 def _sample_row(row: np.ndarray, temperature: float, top_p: float, u: float) -> tuple[int, float]:
     """One row the C library's way, in numpy (a full sort where it sorts one bin)."""
     row = np.asarray(row, np.float32)
+    row = np.where(np.isnan(row), np.float32(-np.inf), row)  # the C library's comparisons skip NaN
     m = float(row.max())
     if not np.isfinite(m):
-        raise SamplingError("the model gave no finite logit")
+        raise SamplingError("the model's logits are not finite numbers")
     e = np.exp((row - m).astype(np.float64))
     z = float(e.sum())
-    if temperature <= 0:
+    if temperature <= 0 or 1.0 / temperature > float(np.finfo(np.float32).max):  # where C's 1 / t overflows
         tok = int(np.argmax(row))
     else:
         cut = -np.inf

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from vlmcli.errors import VlmError
-from vlmcli.index.db import IndexDB, IndexLocked, ModelRef
+from vlmcli.index.db import IndexDB, IndexLocked, ModelRef, is_locked
 from vlmcli.index.search import Filters, Searcher, Term, date_ns, parse_query
 from vlmcli.serve.errors import ApiError, bad
 from vlmcli.serve.image_urls import RemoteImage, fetch_remote, image_source
@@ -147,9 +148,14 @@ async def search(request: SearchRequest, state: State) -> JSONResponse:
 
     def ranked() -> list[dict[str, Any]]:
         with index.lock:
-            encoder = _Embedded(index.model(pool.spec.model), embedded[: len(texts)], embedded[len(texts) :])
-            searcher = index.searcher(encoder)
-            return [h.record() for h in searcher.with_captions(searcher.search(terms, request.n, filters))]
+            try:
+                encoder = _Embedded(index.model(pool.spec.model), embedded[: len(texts)], embedded[len(texts) :])
+                searcher = index.searcher(encoder)
+                return [h.record() for h in searcher.with_captions(searcher.search(terms, request.n, filters))]
+            except sqlite3.OperationalError as e:  # the open index, locked since by another process
+                if is_locked(e):
+                    raise index.db().locked_error() from None
+                raise
 
     try:
         data = await asyncio.to_thread(ranked)
