@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import base64
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from serving import start_server, stop_server
 
 from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
 from vlmcli.engines.prompt import Turn
@@ -46,31 +42,11 @@ def client(smolvlm2_gguf, media, tmp_path_factory: pytest.TempPathFactory):
     model.mkdir()
     shutil.copy(smolvlm2_gguf.model, model)
     shutil.copy(smolvlm2_gguf.mmproj, model)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = open(tmp_path_factory.mktemp("serve-log") / "server.log", "w+")
-    args = ["--model", str(model), "--port", str(port), "--workers", "1", "--detail", "low", "--timeout", "120"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vlmcli", "serve", *args, "--allow-files", str(media["clip"].parent)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=5).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                process.kill()
-                pytest.fail(f"the server did not start:\n{log.read()}")
-            time.sleep(0.2)
+    args = ["--model", str(model), "--workers", "1", "--detail", "low", "--timeout", "120"]
+    process, url = start_server([*args, "--allow-files", str(media["clip"].parent)], log)
     yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    process.terminate()
-    process.wait(30)
+    stop_server(process)
     log.close()
 
 

@@ -7,11 +7,9 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from photo_fixtures import write_photo
+from serving import start_server, stop_server
 
 pytest.importorskip("fastapi", reason="vlm serve needs the serve extra")
 
@@ -27,12 +26,6 @@ def _env(home: Path) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLM_HOME": str(home)}
     env.pop("VLM_DEBUG", None)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -55,28 +48,13 @@ def served(clip_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 @contextlib.contextmanager
 def _server(clip_gguf: Path, db: Path, home: Path) -> Iterator[str]:
     """A `vlm serve --index db` with one CLIP worker, until the block ends: its URL."""
-    port = _free_port()
-    log = open(home / f"server-{port}.log", "w+")
-    cmd = ["serve", "--model", str(clip_gguf), "--port", str(port), "--workers", "1", "--index", str(db)]
-    process = subprocess.Popen([sys.executable, "-m", "vlmcli", *cmd], env=_env(home), stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
+    with open(home / f"server-{db.stem}.log", "w+") as log:
+        args = ["--model", str(clip_gguf), "--workers", "1", "--index", str(db)]
+        process, url = start_server(args, log, env=_env(home))
         try:
-            urllib.request.urlopen(url + "/health", timeout=5).read()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                log.seek(0)
-                pytest.fail(f"the server did not start:\n{log.read()}")
-            time.sleep(0.2)
-    try:
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+            yield url
+        finally:
+            stop_server(process)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

@@ -9,26 +9,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving import start_server, stop_server
 
 
 class Server:
-    def __init__(self, port: int, model: str):
-        self.url, self.model = f"http://127.0.0.1:{port}", model
+    def __init__(self, url: str, model: str):
+        self.url, self.model = url, model
 
     def health(self) -> dict:
         with urllib.request.urlopen(self.url + "/health", timeout=30) as r:
@@ -47,36 +39,17 @@ class Server:
 
 
 def _serve(clip_gguf: Path, log_dir: Path, workers: int):
-    port = _free_port()
     log = open(log_dir / "server.log", "w+")
-    args = ["serve", "--model", str(clip_gguf), "--port", str(port), "--workers", str(workers), "--timeout", "60"]
-    process = subprocess.Popen([sys.executable, "-m", "vlmcli", *args], stdout=log, stderr=subprocess.STDOUT)
-    server = Server(port, clip_gguf.stem)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            server.health()
-            return process, server, log
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                process.kill()
-                pytest.fail(f"the server did not start:\n{log.read()}")
-            time.sleep(0.2)
+    process, url = start_server(["--model", str(clip_gguf), "--workers", str(workers), "--timeout", "60"], log)
+    return process, Server(url, clip_gguf.stem), log
 
 
 @pytest.fixture(scope="module")
 def server(clip_gguf, tmp_path_factory):
     process, server, log = _serve(Path(clip_gguf), tmp_path_factory.mktemp("serve-log"), workers=2)
     yield server
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
+    stop_server(process)
+    log.close()
 
 
 def _wait_replaced(server: Server, index: int, old_pid: int, seconds: float) -> dict:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from serving import start_server, stop_server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -31,18 +31,12 @@ def vlm(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vlmcli", *args], capture_output=True, text=True, timeout=300)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     allowed: Path  # the --allow-files folder, where the server has one
 
-    def __init__(self, port: int, process: subprocess.Popen, vlm_id: str, clip_id: str):
-        self.port, self.process, self.vlm_id, self.clip_id = port, process, vlm_id, clip_id
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, url: str, process: subprocess.Popen, vlm_id: str, clip_id: str):
+        self.url, self.process, self.vlm_id, self.clip_id = url, process, vlm_id, clip_id
+        self.port = int(url.rsplit(":", 1)[1])
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
     def get(self, path: str) -> tuple[int, str]:
@@ -74,60 +68,19 @@ def model_dir(smolvlm2_gguf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, clip_gguf: Path, tmp_path_factory):
-    port = _free_port()
     allowed = tmp_path_factory.mktemp("allowed")
     shutil.copy(SAMPLE, allowed / "cat.jpg")
     log = open(tmp_path_factory.mktemp("serve-log") / "server.log", "w+")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vlmcli",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--model",
-            str(clip_gguf),
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--queue",
-            "2",
-            "--max-n",
-            "2",
-            "--max-body",
-            "2000000",  # no --threads: shared per request
-            "--allow-files",
-            str(allowed),
-            "--timeout",
-            "60",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    s = Server(port, process, model_dir.name, clip_gguf.stem)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            s.get("/health")
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                process.kill()
-                pytest.fail(f"the server did not start:\n{log.read()}")
-            time.sleep(0.2)
+    args = ["--model", str(model_dir), "--model", str(clip_gguf), "--workers", "1", "--queue", "2", "--max-n", "2"]
+    args += ["--max-body", "2000000"]  # no --threads: shared per request
+    process, url = start_server([*args, "--allow-files", str(allowed), "--timeout", "60"], log)
+    s = Server(url, process, model_dir.name, clip_gguf.stem)
     s.allowed = allowed
     yield s
     pids = [w["pid"] for m in s.health()["models"].values() for w in m["workers"]]
-    process.send_signal(signal.SIGTERM)  # stops accepting, finishes what is in flight, stops the workers
     try:
-        assert process.wait(30) == 0
+        assert stop_server(process) == 0  # stops accepting, finishes what is in flight, stops the workers
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
         log.close()
     time.sleep(0.2)
     for pid in pids:
@@ -555,58 +508,16 @@ def test_a_killed_worker_is_restarted(server: Server, cli_answer: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def keyed_server(model_dir: Path):
+def keyed_server(model_dir: Path, tmp_path_factory):
     """Two workers, a queue of 4, a 4 s timeout, an API key, and an 8192-token context: filling it takes
     the tiny model about 12 s here (4096 took under 4 s on an idle machine), the 504 test's margin."""
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vlmcli",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-            "--queue",
-            "4",
-            "--threads",
-            "1",
-            "--max-n",
-            "1",
-            "--timeout",
-            "4",
-            "--ctx",
-            "8192",
-            "--allow-remote-images",
-            "--max-body",
-            "2000000",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "VLM_API_KEY": "sesame"},
-    )
-    s = Server(port, process, model_dir.name, "")
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            s.get("/health")
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("the server did not start")
-            time.sleep(0.2)
-    yield s
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    log = open(tmp_path_factory.mktemp("keyed-serve-log") / "server.log", "w+")
+    args = ["--model", str(model_dir), "--workers", "2", "--queue", "4", "--threads", "1", "--max-n", "1"]
+    args += ["--timeout", "4", "--ctx", "8192", "--allow-remote-images", "--max-body", "2000000"]
+    process, url = start_server(args, log, env={**os.environ, "VLM_API_KEY": "sesame"})
+    yield Server(url, process, model_dir.name, "")
+    stop_server(process)
+    log.close()
 
 
 def test_api_key_is_required(keyed_server: Server) -> None:

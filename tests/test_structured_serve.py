@@ -8,16 +8,13 @@ import base64
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Literal
 
 import pytest
+from serving import start_server, stop_server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -39,46 +36,18 @@ SCHEMA = {
 MAX_TOKENS = 36  # the shortest answer takes 32 tokens in the test model's vocabulary
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(smolvlm2_gguf, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("structured-serve") / "tiny"
     model_dir.mkdir()
     shutil.copy(smolvlm2_gguf.model, model_dir)
     shutil.copy(smolvlm2_gguf.mmproj, model_dir)
-    port = _free_port()
     log = open(tmp_path_factory.mktemp("structured-serve-log") / "server.log", "w+")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vlmcli", "serve", "--model", str(model_dir), "--port", str(port)]
-        + ["--workers", "1", "--max-n", "50", "--timeout", "300"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url.rsplit("/", 1)[0] + "/health", timeout=5).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                process.kill()
-                pytest.fail(f"the server did not start:\n{log.read()}")
-            time.sleep(0.2)
-    yield url
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    args = ["--model", str(model_dir), "--workers", "1", "--max-n", "50", "--timeout", "300"]
+    process, url = start_server(args, log)
+    yield url + "/v1"
+    stop_server(process)
+    log.close()
 
 
 @pytest.fixture(scope="module")
