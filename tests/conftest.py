@@ -9,9 +9,10 @@ are plugins, so every test sees their fixtures without importing them.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,24 @@ def smolvlm2_gguf(smolvlm2_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
     return convert_smolvlm2(
         smolvlm2_checkpoint, tmp_path_factory.mktemp("smolvlm2-gguf"), quant="Q8_0", mmproj_quant="F16"
     )
+
+
+@pytest.fixture(scope="session")
+def smolvlm2_folder(smolvlm2_gguf, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """folder(name): a folder of that name holding the tiny model and its mmproj, as `--model DIR` and
+    `vlm serve --model DIR` take one (the name is the served model's id). Made once per name."""
+    made: dict[str, Path] = {}
+
+    def folder(name: str) -> Path:
+        if name not in made:
+            d = tmp_path_factory.mktemp("smolvlm2-folder") / name
+            d.mkdir()
+            shutil.copy(smolvlm2_gguf.model, d)
+            shutil.copy(smolvlm2_gguf.mmproj, d)
+            made[name] = d
+        return made[name]
+
+    return folder
 
 
 @pytest.fixture(autouse=True, scope="session")

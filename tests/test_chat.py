@@ -4,7 +4,6 @@ that leave the session going, and the history kept in the KV cache (-v says what
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +18,8 @@ SAMPLE = Path(__file__).resolve().parents[1] / "vlmcli" / "data" / "chelsea.jpg"
 
 
 @pytest.fixture(scope="module")
-def model_dir(smolvlm2_gguf, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("chat-model")
-    shutil.copy(smolvlm2_gguf.model, d)
-    shutil.copy(smolvlm2_gguf.mmproj, d)
-    return d
+def model_dir(smolvlm2_folder) -> Path:
+    return smolvlm2_folder("chat-model")
 
 
 def chat(model_dir: Path, lines: list[str], *args: str) -> subprocess.CompletedProcess[str]:

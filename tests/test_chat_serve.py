@@ -5,7 +5,6 @@ conversation (the worker's KV reuse between requests changes nothing of what is 
 from __future__ import annotations
 
 import base64
-import shutil
 from pathlib import Path
 
 import pytest
@@ -37,11 +36,8 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def client(smolvlm2_gguf, media, tmp_path_factory: pytest.TempPathFactory):
-    model = tmp_path_factory.mktemp("serve-model") / "tiny"
-    model.mkdir()
-    shutil.copy(smolvlm2_gguf.model, model)
-    shutil.copy(smolvlm2_gguf.mmproj, model)
+def client(smolvlm2_folder, media, tmp_path_factory: pytest.TempPathFactory):
+    model = smolvlm2_folder("tiny")
     log = open(tmp_path_factory.mktemp("serve-log") / "server.log", "w+")
     args = ["--model", str(model), "--workers", "1", "--detail", "low", "--timeout", "120"]
     process, url = start_server([*args, "--allow-files", str(media["clip"].parent)], log)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,12 +29,9 @@ def assert_one_line_error(r: subprocess.CompletedProcess[str], *needles: str) ->
 
 
 @pytest.fixture(scope="module")
-def model_dir(smolvlm2_gguf, tmp_path_factory) -> Path:
+def model_dir(smolvlm2_folder) -> Path:
     """A folder holding the model and its mmproj, as `--model DIR` takes it."""
-    d = tmp_path_factory.mktemp("model-dir")
-    shutil.copy(smolvlm2_gguf.model, d)
-    shutil.copy(smolvlm2_gguf.mmproj, d)
-    return d
+    return smolvlm2_folder("model-dir")
 
 
 def test_ask_streams_an_answer(model_dir: Path) -> None:

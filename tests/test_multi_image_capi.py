@@ -65,7 +65,7 @@ int main(int argc, char **argv) {
 
 
 @pytest.mark.skipif(CC is None, reason="no C compiler")
-def test_ask_media_from_c(smolvlm2_gguf, tmp_path: Path) -> None:
+def test_ask_media_from_c(smolvlm2_folder, tmp_path: Path) -> None:
     pytest.importorskip("cffi")
     pytest.importorskip("av")
     from PIL import Image
@@ -85,10 +85,7 @@ def test_ask_media_from_c(smolvlm2_gguf, tmp_path: Path) -> None:
     small.save(png)
     raw.write_bytes(small.tobytes())
     clip = write_video(tmp_path / "clip.mp4", frames=10, fps=5)
-    model = tmp_path / "model"
-    model.mkdir()
-    shutil.copy(smolvlm2_gguf.model, model)
-    shutil.copy(smolvlm2_gguf.mmproj, model)
+    model = smolvlm2_folder("model")
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "HF_HUB_OFFLINE": "1"}
     env.update({k: os.environ[k] for k in ("VLM_CACHE_DIR", "VLM_CORES_DIR") if k in os.environ})
     r = subprocess.run(

@@ -58,12 +58,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def model_dir(smolvlm2_gguf, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("serve-model") / "tiny-smolvlm2"
-    d.mkdir()
-    shutil.copy(smolvlm2_gguf.model, d)
-    shutil.copy(smolvlm2_gguf.mmproj, d)
-    return d
+def model_dir(smolvlm2_folder) -> Path:
+    return smolvlm2_folder("tiny-smolvlm2")
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,8 @@ MAX_TOKENS = 36  # the shortest answer takes 32 tokens in the test model's vocab
 
 
 @pytest.fixture(scope="module")
-def server(smolvlm2_gguf, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("structured-serve") / "tiny"
-    model_dir.mkdir()
-    shutil.copy(smolvlm2_gguf.model, model_dir)
-    shutil.copy(smolvlm2_gguf.mmproj, model_dir)
+def server(smolvlm2_folder, tmp_path_factory):
+    model_dir = smolvlm2_folder("tiny")
     log = open(tmp_path_factory.mktemp("structured-serve-log") / "server.log", "w+")
     args = ["--model", str(model_dir), "--workers", "1", "--max-n", "50", "--timeout", "300"]
     process, url = start_server(args, log)

@@ -17,11 +17,8 @@ SAMPLE = Path(__file__).resolve().parents[1] / "vlmcli" / "data" / "chelsea.jpg"
 
 
 @pytest.fixture(scope="module")
-def model_dir(smolvlm2_gguf, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("video-cli-model")
-    shutil.copy(smolvlm2_gguf.model, d)
-    shutil.copy(smolvlm2_gguf.mmproj, d)
-    return d
+def model_dir(smolvlm2_folder) -> Path:
+    return smolvlm2_folder("video-cli-model")
 
 
 def vlm(*args: str) -> subprocess.CompletedProcess[str]:
