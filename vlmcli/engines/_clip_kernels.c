@@ -188,9 +188,9 @@ TARGET2 static const float *input_row(const struct vlm_matmul *op, const struct 
 enum room {
     ROOM_ROW,      /* one layer-normed row (F32) */
     ROOM_BF16,     /* a block of rows rounded to BF16 */
-    ROOM_Q,        /* a block of rows quantized to I16, interleaved for the tiles */
+    ROOM_Q,        /* a block of rows quantized to I16, laid out for the tiles */
     ROOM_Q_SCALES, /* their scales */
-    ROOM_Q_ROW,    /* one quantized row before it is interleaved */
+    ROOM_Q_ROW,    /* one quantized row before it is interleaved (the 512-bit form) */
     ROOM_ATTEND,   /* the attention's transposed keys and scores */
     ROOMS
 };
@@ -285,10 +285,11 @@ static int64_t l2_rows(int64_t row_bytes, int64_t mr) { /* whole tiles of mr row
 #define KB 128
 #define QMAX 4095.0f
 
-/* One mr x 16 tile over k: a mr rows of quantized x interleaved by pairs ([k / 2][mr][2], so a step's
-   broadcasts read one stream, not mr rows apart), their block scales (stride blocks), panel one packed
-   panel of w ([k / 2][16][2]) with its scales ([blocks][16]). */
-TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr, const int16_t *a,
+/* One mr x 16 tile over k: a mr rows of quantized x (lda values apart), their block scales (stride
+   blocks), panel one packed panel of w ([k / 2][16][2]) with its scales ([blocks][16]). A step's six
+   broadcasts read six rows, each a sequential stream the prefetchers follow, so rows need no
+   interleaving after they are quantized. */
+TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr, const int16_t *a, int64_t lda,
         const float *a_scales, const int16_t *panel, const float *w_scales, int64_t k, float *y, int64_t ldy) {
     const int64_t blocks = (k + KB - 1) / KB;
     for (int64_t b = 0; b < blocks; b++) {
@@ -297,6 +298,7 @@ TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr,
 #pragma GCC unroll 8
         for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
         if (mr == MR2) { /* all 16 registers: written out, or the compiler hoists the broadcasts and spills */
+            const int64_t row_bytes = lda * (int64_t)sizeof(int16_t);
             for (int64_t p = p0; p < p1; p++) {
                 const __m256i w0 = _mm256_loadu_si256((const __m256i *)(panel + p * 2 * NR2));
                 const __m256i w1 = _mm256_loadu_si256((const __m256i *)(panel + p * 2 * NR2 + NR2));
@@ -309,9 +311,9 @@ TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr,
                         : [c00] "+x"(acc[r][0]), [c01] "+x"(acc[r][1]), [c10] "+x"(acc[r + 1][0]),           \
                           [c11] "+x"(acc[r + 1][1]), [c20] "+x"(acc[r + 2][0]), [c21] "+x"(acc[r + 2][1]),   \
                           [x] "=&x"(x), [t] "=&x"(t)                                                         \
-                        : [w0] "x"(w0), [w1] "x"(w1), [a] "r"(rows), [ld] "r"((int64_t)4) : "memory")
-                THREE_ROWS(0, a + 2 * MR2 * p);
-                THREE_ROWS(3, a + 2 * MR2 * p + 6);
+                        : [w0] "x"(w0), [w1] "x"(w1), [a] "r"(rows), [ld] "r"(row_bytes) : "memory")
+                THREE_ROWS(0, a + 2 * p);
+                THREE_ROWS(3, a + 3 * lda + 2 * p);
 #undef THREE_ROWS
 #undef ROW
             }
@@ -320,7 +322,7 @@ TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr,
             const __m256i w1 = _mm256_loadu_si256((const __m256i *)(panel + p * 2 * NR2 + NR2));
 #pragma GCC unroll 8
             for (int i = 0; i < mr; i++) {
-                const __m256i x = _mm256_castps_si256(_mm256_broadcast_ss((const float *)(a + 2 * (p * mr + i))));
+                const __m256i x = _mm256_castps_si256(_mm256_broadcast_ss((const float *)(a + i * lda + 2 * p)));
                 acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(x, w0));
                 acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(x, w1));
             }
@@ -340,15 +342,15 @@ TARGET2 static inline __attribute__((always_inline)) void tile_i16(const int mr,
     }
 }
 
-/* A tile of mr rows by np panels (the AVX2 form: always 1). */
-typedef void (*i16_tile_fn)(int mr, int np, const int16_t *a, const float *a_scales, const int16_t *panel,
-                            const float *w_scales, int64_t k, float *y, int64_t ldy);
+/* A tile of mr rows by np panels (the AVX2 form: always 1); a as the form lays out quantized rows. */
+typedef void (*i16_tile_fn)(int mr, int np, const int16_t *a, int64_t lda, const float *a_scales,
+                            const int16_t *panel, const float *w_scales, int64_t k, float *y, int64_t ldy);
 
-TARGET2 static void tile_i16_rows(int mr, int np, const int16_t *a, const float *a_scales, const int16_t *panel,
-                                  const float *w_scales, int64_t k, float *y, int64_t ldy) {
+TARGET2 static void tile_i16_rows(int mr, int np, const int16_t *a, int64_t lda, const float *a_scales,
+                                  const int16_t *panel, const float *w_scales, int64_t k, float *y, int64_t ldy) {
     (void)np;
     switch (mr) {
-#define CASE(r) case r: tile_i16(r, a, a_scales, panel, w_scales, k, y, ldy); break;
+#define CASE(r) case r: tile_i16(r, a, lda, a_scales, panel, w_scales, k, y, ldy); break;
     CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) CASE(1)
 #undef CASE
     }
@@ -380,18 +382,30 @@ TARGET2 static void quantize_row(const float *x, int64_t k, int16_t *q, float *s
 /* Rows of quantized x that stay in L2 while the panels pass over them, in tiles of mr rows. */
 static int64_t i16_block(int64_t k, int64_t mr) { return l2_rows(2 * k, mr); }
 
-/* A block of rows of x (rows <= i16_block(k, mr)) quantized for tiles of mr rows: each tile's rows
-   interleaved by pairs ([k / 2][mr][2], the last tile at its own count), scales [rows][blocks]. Both
-   live in the calling ggml thread's room, kept for its next op. */
+/* How a form's tiles read quantized rows: mr_max rows by np_max panels, the rows as they are (k apart)
+   or each tile's rows interleaved by pairs ([k / 2][mr][2], the last tile at its own count). */
+struct i16_form {
+    int mr_max, np_max, interleaved;
+    i16_tile_fn tile;
+};
+
+/* A block of rows of x (rows <= i16_block(k, mr)) quantized for the form's tiles, scales [rows][blocks].
+   Both live in the calling ggml thread's room, kept for its next op. */
 TARGET2 static const int16_t *quantize_tiles(const struct vlm_matmul *op, const struct io *io, int64_t row0,
-                                             int64_t rows, int64_t mr_max, const float **scales_out) {
-    const int64_t k = op->k, blocks = (k + KB - 1) / KB, cap_rows = i16_block(k, mr_max);
+                                             int64_t rows, const struct i16_form *form, const float **scales_out) {
+    const int64_t k = op->k, blocks = (k + KB - 1) / KB, mr_max = form->mr_max, cap_rows = i16_block(k, mr_max);
     int16_t *rows_q = thread_room(ROOM_Q, (size_t)cap_rows * k * sizeof(int16_t));
-    int16_t *row = thread_room(ROOM_Q_ROW, k * sizeof(int16_t));
+    int16_t *row = form->interleaved ? thread_room(ROOM_Q_ROW, k * sizeof(int16_t)) : NULL;
     float *rows_scales = thread_room(ROOM_Q_SCALES, (size_t)cap_rows * blocks * sizeof(float));
-    for (int64_t r = 0; r < rows; r++) { /* row r goes to place r % mr_max of its tile's pairs */
+    for (int64_t r = 0; r < rows; r++) {
+        const float *x = input_row(op, io, row0 + r, thread_room(ROOM_ROW, k * sizeof(float)));
+        if (!form->interleaved) {
+            quantize_row(x, k, rows_q + r * k, rows_scales + r * blocks);
+            continue;
+        }
+        /* row r goes to place r % mr_max of its tile's pairs */
         const int64_t tile0 = r / mr_max * mr_max, mr = rows - tile0 < mr_max ? rows - tile0 : mr_max;
-        quantize_row(input_row(op, io, row0 + r, thread_room(ROOM_ROW, k * sizeof(float))), k, row, rows_scales + r * blocks);
+        quantize_row(x, k, row, rows_scales + r * blocks);
         int16_t *dst = rows_q + tile0 * k + 2 * (r - tile0);
         for (int64_t p = 0; p < k / 2; p++) memcpy(dst + 2 * mr * p, row + 2 * p, 2 * sizeof(int16_t));
     }
@@ -402,20 +416,21 @@ TARGET2 static const int16_t *quantize_tiles(const struct vlm_matmul *op, const 
 /* Rows [m0, m1) and panels [p0, p1) of y for either form: each block of rows that stays in L2 is
    quantized once, then every panel (np_max at a time) passes over it in tiles of mr_max rows. */
 static void run_i16_form(const struct vlm_matmul *op, const struct io *io, int64_t m0, int64_t m1, int64_t p0,
-                         int64_t p1, int mr_max, int np_max, i16_tile_fn tile) {
+                         int64_t p1, const struct i16_form *form) {
+    const int mr_max = form->mr_max, np_max = form->np_max;
     const int64_t k = op->k, n = op->n, mb_rows = i16_block(k, mr_max), blocks = (k + KB - 1) / KB;
     const int16_t *w = (const int16_t *)op->w;
     for (int64_t mb = m0; mb < m1; mb += mb_rows) {
         const int64_t rows = m1 - mb < mb_rows ? m1 - mb : mb_rows;
         const float *rows_scales;
-        const int16_t *rows_q = quantize_tiles(op, io, mb, rows, mr_max, &rows_scales);
+        const int16_t *rows_q = quantize_tiles(op, io, mb, rows, form, &rows_scales);
         for (int64_t p = p0; p < p1; p += np_max) {
             const int np = p1 - p < np_max ? (int)(p1 - p) : np_max;
             for (int64_t r = 0; r < rows; r += mr_max) {
                 const int mr = rows - r < mr_max ? (int)(rows - r) : mr_max;
                 float *out = io->y + (mb + r) * n + p * NR2;
-                tile(mr, np, rows_q + r * k, rows_scales + r * blocks, w + p * NR2 * k,
-                     op->w_scales + p * blocks * NR2, k, out, n);
+                form->tile(mr, np, rows_q + r * k, k, rows_scales + r * blocks, w + p * NR2 * k,
+                           op->w_scales + p * blocks * NR2, k, out, n);
                 finish_rows(out, n, mr, np * NR2, tail_at(op, io, mb + r, p * NR2));
             }
         }
@@ -423,7 +438,8 @@ static void run_i16_form(const struct vlm_matmul *op, const struct io *io, int64
 }
 
 static void run_i16(const struct vlm_matmul *op, const struct io *io, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-    run_i16_form(op, io, m0, m1, p0, p1, MR2, 1, tile_i16_rows);
+    static const struct i16_form avx2 = {MR2, 1, 0, tile_i16_rows};
+    run_i16_form(op, io, m0, m1, p0, p1, &avx2);
 }
 
 /* --- AVX512_VNNI: the I16 matmul in 512-bit registers ------------------------------------------ */
@@ -492,8 +508,9 @@ TARGETV static inline __attribute__((always_inline)) void tile_vnni(const int mr
     }
 }
 
-TARGETV static void tile_vnni_rows(int mr, int np, const int16_t *a, const float *a_scales, const int16_t *panel,
-                                   const float *w_scales, int64_t k, float *y, int64_t ldy) {
+TARGETV static void tile_vnni_rows(int mr, int np, const int16_t *a, int64_t lda, const float *a_scales,
+                                   const int16_t *panel, const float *w_scales, int64_t k, float *y, int64_t ldy) {
+    (void)lda; /* interleaved rows */
     switch (mr * 2 + np - 1) {
 #define CASE(r) case 2 * r: tile_vnni(r, 1, a, a_scales, panel, w_scales, k, y, ldy); break; \
                 case 2 * r + 1: tile_vnni(r, 2, a, a_scales, panel, w_scales, k, y, ldy); break;
@@ -503,7 +520,8 @@ TARGETV static void tile_vnni_rows(int mr, int np, const int16_t *a, const float
 }
 
 static void run_vnni(const struct vlm_matmul *op, const struct io *io, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-    run_i16_form(op, io, m0, m1, p0, p1, MR, 2, tile_vnni_rows);
+    static const struct i16_form vnni = {MR, 2, 1, tile_vnni_rows};
+    run_i16_form(op, io, m0, m1, p0, p1, &vnni);
 }
 
 #define KEY_BLOCK 64 /* keys scored at once: up to 8 vectors of 8 scores accumulate in registers */
@@ -726,8 +744,8 @@ TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t q0
 /* Room attend_i16 needs, in bytes, for a sequence of len tokens and heads of hd floats. */
 static int64_t attend_i16_scratch(int64_t len, int64_t hd) {
     const int64_t n = (len + NR2 - 1) / NR2 * NR2, bl = (n + KB - 1) / KB, bh = (hd + KB - 1) / KB;
-    return 64 * 12 /* each carve's rounding */ + (int64_t)sizeof(int16_t) * (2 * n * hd + MR2 * hd + MR2 * n + (n > hd ? n : hd)) +
-           (int64_t)sizeof(float) * (n * bh + hd * bl + hd * n + MR2 * bh + MR2 * n + MR2 * bl + (bl > bh ? bl : bh));
+    return 64 * 11 /* each carve's rounding */ + (int64_t)sizeof(int16_t) * (2 * n * hd + MR2 * hd + MR2 * n + (n > hd ? n : hd)) +
+           (int64_t)sizeof(float) * (n * bh + hd * bl + MR2 * bh + MR2 * n + MR2 * bl + (bl > bh ? bl : bh));
 }
 
 /* Output row c of a weight, quantized (q, row_scales), into the I16 kernel's layout: packed
@@ -756,15 +774,81 @@ TARGET2 static void pack_rows_i16(const float *x, int64_t stride, int64_t n, int
     }
 }
 
-/* mr rows (stride floats apart) of k floats quantized for one tile: interleaved by pairs ([k / 2][mr][2]),
-   scales [mr][blocks]. */
-TARGET2 static void quantize_tile_rows(const float *x, int64_t stride, int mr, int64_t k, int16_t *dst,
-                                       float *scales, int16_t *row) {
-    const int64_t blocks = (k + KB - 1) / KB;
-    for (int r = 0; r < mr; r++) {
-        quantize_row(x + r * stride, k, row, scales + r * blocks);
-        for (int64_t p = 0; p < k / 2; p++) memcpy(dst + 2 * (p * mr + r), row + 2 * p, 2 * sizeof(int16_t));
+/* The values of one head (len rows of hd floats, stride floats apart; hd a multiple of 16) packed as
+   the weight of the product probabilities x values: hd outputs over n >= len keys (a multiple of 16; the
+   keys past len zero), [hd / 16][n / 2][16][2], a scale per output and block of KB keys
+   ([hd / 16][blocks][16]), rounded as quantize_row rounds. Straight from the rows: a block's largest per
+   output is a running max down the rows, and two rows' 16 values interleave into one pair-step. */
+TARGET2 static void pack_values_i16(const float *v, int64_t stride, int64_t len, int64_t n, int64_t hd,
+                                    int16_t *packed, float *scales) {
+    const int64_t blocks = (n + KB - 1) / KB;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), qmax = _mm256_set1_ps(QMAX);
+    for (int64_t c = 0; c < hd; c += NR2) {
+        int16_t *panel = packed + c * n;
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t j0 = b * KB, j1 = n < j0 + KB ? n : j0 + KB, live = len < j1 ? len : j1;
+            __m256 top0 = _mm256_setzero_ps(), top1 = _mm256_setzero_ps();
+            for (int64_t j = j0; j < live; j++) {
+                top0 = _mm256_max_ps(top0, _mm256_and_ps(abs_mask, _mm256_loadu_ps(v + j * stride + c)));
+                top1 = _mm256_max_ps(top1, _mm256_and_ps(abs_mask, _mm256_loadu_ps(v + j * stride + c + 8)));
+            }
+            float *sc = scales + ((c / NR2) * blocks + b) * NR2;
+            _mm256_storeu_ps(sc, _mm256_div_ps(top0, qmax));
+            _mm256_storeu_ps(sc + 8, _mm256_div_ps(top1, qmax));
+            const __m256 zero = _mm256_setzero_ps(); /* QMAX / 0 = inf, masked to 0 as quantize_row's */
+            const __m256 inv0 = _mm256_and_ps(_mm256_div_ps(qmax, top0), _mm256_cmp_ps(top0, zero, _CMP_GT_OQ));
+            const __m256 inv1 = _mm256_and_ps(_mm256_div_ps(qmax, top1), _mm256_cmp_ps(top1, zero, _CMP_GT_OQ));
+            for (int64_t j = j0; j < j1; j += 2) {
+                __m256i pair[2];
+                for (int t = 0; t < 2; t++) { /* packs leaves [0..3 8..11 | 4..7 12..15]; the unpacks undo it */
+                    const float *row = v + (j + t) * stride + c;
+                    const int on = j + t < len;
+                    const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(on ? _mm256_loadu_ps(row) : zero, inv0));
+                    const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(on ? _mm256_loadu_ps(row + 8) : zero, inv1));
+                    pair[t] = _mm256_packs_epi32(lo, hi);
+                }
+                _mm256_storeu_si256((__m256i *)(panel + j * NR2), _mm256_unpacklo_epi16(pair[0], pair[1]));
+                _mm256_storeu_si256((__m256i *)(panel + j * NR2 + NR2), _mm256_unpackhi_epi16(pair[0], pair[1]));
+            }
+        }
     }
+}
+
+/* One query's raw scores s (q . k_j, n of them, keys from len on padding) -> its softmax numerators
+   e_j = e^(scale (s_j - max s)), 0 past len, quantized for the tile as quantize_row rounds (a scale per
+   block of KB keys: the block's largest e / QMAX). One pass finds the maximum, one per block takes the
+   exponentials (kept in s) and their block's largest, one rounds the block. Returns the sum of the e_j. */
+TARGET2 static float softmax_quantize(float *s, int64_t n, int64_t len, float scale, int16_t *q, float *scales) {
+    const int64_t whole = len / 8 * 8;
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < whole; j += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(s + j));
+    float top = hmax8(top8);
+    for (int64_t j = whole; j < len; j++) top = s[j] > top ? s[j] : top;
+    for (int64_t j = len; j < n; j++) s[j] = -INFINITY; /* e^-inf = 0 below */
+    const __m256 peak = _mm256_set1_ps(top), vscale = _mm256_set1_ps(scale);
+    const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t b0 = 0, b = 0; b0 < n; b0 += KB, b++) { /* n a multiple of 16, so each block of 16s */
+        const int64_t end = n - b0 < KB ? n : b0 + KB;
+        __m256 largest = _mm256_setzero_ps();
+        for (int64_t j = b0; j < end; j += 8) {
+            const __m256 sv = _mm256_loadu_ps(s + j); /* s_j - top <= 0 exactly, then scaled */
+            const __m256 e = _mm256_and_ps(exp_neg8(_mm256_mul_ps(_mm256_sub_ps(sv, peak), vscale)),
+                                           _mm256_cmp_ps(sv, minus_inf, _CMP_NEQ_OQ));
+            _mm256_storeu_ps(s + j, e);
+            total = _mm256_add_ps(total, e);
+            largest = _mm256_max_ps(largest, e);
+        }
+        const float most = hmax8(largest);
+        scales[b] = most / QMAX;
+        const __m256 inv = _mm256_set1_ps(most > 0.0f ? QMAX / most : 0.0f);
+        for (int64_t j = b0; j < end; j += 16) {
+            const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
+            const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(s + j + 8), inv));
+            _mm256_storeu_si256((__m256i *)(q + j), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xd8));
+        }
+    }
+    return hsum8(total);
 }
 
 static inline void *carve(char **at, int64_t bytes) {
@@ -774,9 +858,10 @@ static inline void *carve(char **at, int64_t bytes) {
 }
 
 /* attend's result for a non-causal sequence (every query, hd a multiple of 16) with its two products on
-   the I16 matmul's tiles: the keys are packed as a weight of len outputs over hd, the values transposed
-   as a weight of hd outputs over the keys, and each block of MR2 queries, then its probabilities, are
-   quantized as a matmul's input rows. The softmax between them is attend's, in F32. */
+   the I16 matmul's tiles: the keys are packed as a weight of len outputs over hd, the values as a weight
+   of hd outputs over the keys, and each block of MR2 queries, then its probabilities, are quantized as a
+   matmul's input rows. The softmax between them is in F32; its 1 / sum scales the probabilities'
+   quantizing scales, so the output needs no pass of its own. */
 TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_t d, int64_t hd, float scale,
                                void *scratch) {
     const int64_t n = (len + NR2 - 1) / NR2 * NR2, bl = (n + KB - 1) / KB, bh = (hd + KB - 1) / KB;
@@ -785,45 +870,24 @@ TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_
     int16_t *qa = carve(&at, MR2 * hd * sizeof(int16_t)), *pa = carve(&at, MR2 * n * sizeof(int16_t));
     int16_t *row = carve(&at, (n > hd ? n : hd) * sizeof(int16_t));
     float *key_scales = carve(&at, n * bh * sizeof(float)), *value_scales = carve(&at, hd * bl * sizeof(float));
-    float *vt = carve(&at, hd * n * sizeof(float)), *qs = carve(&at, MR2 * bh * sizeof(float));
+    float *qs = carve(&at, MR2 * bh * sizeof(float));
     float *scores = carve(&at, MR2 * n * sizeof(float)), *ps = carve(&at, MR2 * bl * sizeof(float));
     float *row_scales = carve(&at, (bl > bh ? bl : bh) * sizeof(float));
 
     pack_rows_i16(qkv + d, 3 * d, len, n, hd, keys, key_scales, row, row_scales);
-    for (int64_t c = 0; c < hd; c++) { /* v transposed, zero past len: the padded keys weigh nothing */
-        for (int64_t j = 0; j < len; j++) vt[c * n + j] = qkv[j * 3 * d + 2 * d + c];
-        for (int64_t j = len; j < n; j++) vt[c * n + j] = 0.0f;
-    }
-    pack_rows_i16(vt, n, hd, hd, n, values, value_scales, row, row_scales);
+    pack_values_i16(qkv + 2 * d, 3 * d, len, n, hd, values, value_scales); /* zero past len: no weight */
 
-    const __m256 minus_inf = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(scale);
-    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-    float inv[MR2];
     for (int64_t i = 0; i < len; i += MR2) {
         const int mr = len - i < MR2 ? (int)(len - i) : MR2;
-        quantize_tile_rows(qkv + i * 3 * d, 3 * d, mr, hd, qa, qs, row);
+        for (int r = 0; r < mr; r++) quantize_row(qkv + (i + r) * 3 * d, hd, qa + r * hd, qs + r * bh);
         for (int64_t p = 0; p < n / NR2; p++)
-            tile_i16_rows(mr, 1, qa, qs, keys + p * NR2 * hd, key_scales + p * bh * NR2, hd, scores + p * NR2, n);
-        for (int r = 0; r < mr; r++) {
-            float *sr = scores + r * n;
-            __m256 top = minus_inf;
-            for (int64_t j = 0; j < n; j += 8) {
-                const __m256 live = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)j)),
-                                                  _mm256_set1_ps((float)len), _CMP_LT_OQ);
-                const __m256 sv = _mm256_blendv_ps(minus_inf, _mm256_mul_ps(_mm256_loadu_ps(sr + j), vscale), live);
-                _mm256_storeu_ps(sr + j, sv);
-                top = _mm256_max_ps(top, sv);
-            }
-            inv[r] = 1.0f / exp_scores(sr, n, hmax8(top)); /* applied to the output: the quantizing scales absorb the rest */
+            tile_i16_rows(mr, 1, qa, hd, qs, keys + p * NR2 * hd, key_scales + p * bh * NR2, hd, scores + p * NR2, n);
+        for (int r = 0; r < mr; r++) { /* the softmax's 1 / sum goes into the probabilities' scales */
+            const float inv = 1.0f / softmax_quantize(scores + r * n, n, len, scale, pa + r * n, ps + r * bl);
+            for (int64_t b = 0; b < bl; b++) ps[r * bl + b] *= inv;
         }
-        quantize_tile_rows(scores, n, mr, n, pa, ps, row);
         for (int64_t p = 0; p < hd / NR2; p++)
-            tile_i16_rows(mr, 1, pa, ps, values + p * NR2 * n, value_scales + p * bl * NR2, n, out + i * d + p * NR2, d);
-        for (int r = 0; r < mr; r++)
-            for (int64_t c = 0; c < hd; c += 8) {
-                float *o = out + (i + r) * d + c;
-                _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), _mm256_set1_ps(inv[r])));
-            }
+            tile_i16_rows(mr, 1, pa, n, ps, values + p * NR2 * n, value_scales + p * bl * NR2, n, out + i * d + p * NR2, d);
     }
 }
 
