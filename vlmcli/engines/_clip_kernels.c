@@ -107,32 +107,28 @@ TARGET2 static inline float hmax8(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
 
-/* e^x for x <= 0 (the only side quick GELU needs), to about 2 ulp: 2^n * p(r), r = x - n ln 2, the
-   exponent added to the bits */
-TARGET2 static inline __m256 exp_neg8(__m256 x) {
+/* e^x for -87 <= x <= 88 (below: a tiny positive value the callers mask or absorb), to about 3 ulp:
+   2^n * p(r), r = x - n ln 2, p of degree 5 (its coefficients fitted for the least largest relative
+   error on |r| <= ln 2 / 2), the exponent added to the bits */
+TARGET2 static inline __m256 exp8(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 p = _mm256_set1_ps(8.33380777e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.18985612e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66668867e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.99991428e-1f));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale)); /* n >= -126: a normal power of two */
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale)); /* -126 <= n <= 127: a normal power of two */
 }
 
-/* y * sigmoid(-z) from e^(-|z|): 1 / (1 + e) for z <= 0, 1 - that for z > 0 (no overflow) */
+/* y * sigmoid(-z) = y / (1 + e^z), e^z capped where 1 / (1 + e^z) is 0 in F32 anyway */
 TARGET2 static inline __m256 times_sigmoid8(__m256 y, __m256 z) {
-    __m256 pos = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ);
-    __m256 e = exp_neg8(_mm256_blendv_ps(z, _mm256_sub_ps(_mm256_setzero_ps(), z), pos));
-    __m256 one = _mm256_set1_ps(1.0f);
-    const __m256 den = _mm256_add_ps(one, e), r = _mm256_rcp_ps(den); /* 1 / den to 12 bits, then 23 */
-    const __m256 s = _mm256_mul_ps(r, _mm256_fnmadd_ps(den, r, _mm256_set1_ps(2.0f)));
-    return _mm256_mul_ps(y, _mm256_blendv_ps(s, _mm256_sub_ps(one, s), pos));
+    const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_min_ps(z, _mm256_set1_ps(88.0f))));
+    const __m256 r = _mm256_rcp_ps(den); /* 1 / den to 12 bits, then 23 */
+    return _mm256_mul_ps(y, _mm256_mul_ps(r, _mm256_fnmadd_ps(den, r, _mm256_set1_ps(2.0f))));
 }
 
 /* quick GELU (CLIP): y * sigmoid(1.702 y) */
@@ -429,6 +425,13 @@ static void run_i16_form(const struct vlm_matmul *op, const struct io *io, int64
             for (int64_t r = 0; r < rows; r += mr_max) {
                 const int mr = rows - r < mr_max ? (int)(rows - r) : mr_max;
                 float *out = io->y + (mb + r) * n + p * NR2;
+                /* the tile's lines of y and of the residual, each row in a stream the prefetchers lose
+                   among the block's rows: asked for now, they arrive while the tile runs */
+                for (int i = 0; i < mr; i++)
+                    for (int c = 0; c < np * NR2; c += 16) {
+                        _mm_prefetch((const char *)(out + i * n + c), _MM_HINT_T0);
+                        if (io->res) _mm_prefetch((const char *)(io->res + (mb + r + i) * n + p * NR2 + c), _MM_HINT_T0);
+                    }
                 form->tile(mr, np, rows_q + r * k, k, rows_scales + r * blocks, w + p * NR2 * k,
                            op->w_scales + p * blocks * NR2, k, out, n);
                 finish_rows(out, n, mr, np * NR2, tail_at(op, io, mb + r, p * NR2));
@@ -566,7 +569,7 @@ TARGET2 static float exp_scores(float *scores, int64_t n, float top) {
     __m256 total = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; j += 8) {
         const __m256 sv = _mm256_loadu_ps(scores + j);
-        const __m256 e = _mm256_and_ps(exp_neg8(_mm256_sub_ps(sv, peak)), _mm256_cmp_ps(sv, minus_inf, _CMP_NEQ_OQ));
+        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(sv, peak)), _mm256_cmp_ps(sv, minus_inf, _CMP_NEQ_OQ));
         _mm256_storeu_ps(scores + j, e);
         total = _mm256_add_ps(total, e);
     }
@@ -833,7 +836,7 @@ TARGET2 static float softmax_quantize(float *s, int64_t n, int64_t len, float sc
         __m256 largest = _mm256_setzero_ps();
         for (int64_t j = b0; j < end; j += 8) {
             const __m256 sv = _mm256_loadu_ps(s + j); /* s_j - top <= 0 exactly, then scaled */
-            const __m256 e = _mm256_and_ps(exp_neg8(_mm256_mul_ps(_mm256_sub_ps(sv, peak), vscale)),
+            const __m256 e = _mm256_and_ps(exp8(_mm256_mul_ps(_mm256_sub_ps(sv, peak), vscale)),
                                            _mm256_cmp_ps(sv, minus_inf, _CMP_NEQ_OQ));
             _mm256_storeu_ps(s + j, e);
             total = _mm256_add_ps(total, e);
