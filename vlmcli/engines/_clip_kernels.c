@@ -747,33 +747,60 @@ TARGET2 static void attend(const float *qkv, float *out, int64_t len, int64_t q0
 /* Room attend_i16 needs, in bytes, for a sequence of len tokens and heads of hd floats. */
 static int64_t attend_i16_scratch(int64_t len, int64_t hd) {
     const int64_t n = (len + NR2 - 1) / NR2 * NR2, bl = (n + KB - 1) / KB, bh = (hd + KB - 1) / KB;
-    return 64 * 11 /* each carve's rounding */ + (int64_t)sizeof(int16_t) * (2 * n * hd + MR2 * hd + MR2 * n + (n > hd ? n : hd)) +
-           (int64_t)sizeof(float) * (n * bh + hd * bl + MR2 * bh + MR2 * n + MR2 * bl + (bl > bh ? bl : bh));
+    return 64 * 11 /* each carve's rounding */ + (int64_t)sizeof(int16_t) * (2 * n * hd + MR2 * hd + MR2 * n + NR2 * hd) +
+           (int64_t)sizeof(float) * (n * bh + hd * bl + MR2 * bh + MR2 * n + MR2 * bl + NR2 * bh);
 }
 
-/* Output row c of a weight, quantized (q, row_scales), into the I16 kernel's layout: packed
-   [n / 16][k / 2][16][2] (its values every 2 x 16), scales [n / 16][blocks][16]. */
-static void place_packed_row(int64_t c, int64_t k, const int16_t *q, const float *row_scales, int16_t *packed,
-                             float *scales) {
-    const int64_t blocks = (k + KB - 1) / KB;
-    for (int64_t b = 0; b < blocks; b++) scales[((c / NR2) * blocks + b) * NR2 + c % NR2] = row_scales[b];
-    int16_t *column = packed + (c / NR2) * NR2 * k + (c % NR2) * 2;
-    for (int64_t p = 0; p < k / 2; p++) memcpy(column + p * 2 * NR2, q + 2 * p, 2 * sizeof(int16_t));
+/* 16 quantized rows (q, k values each, rows k apart) and their block scales (row_scales, [16][blocks]) as
+   one panel of the I16 kernel's weights: [k / 2][16][2] and scales [blocks][16]. A pair of k is 32 bits,
+   so eight rows' next eight pairs become the panel's next eight pair-steps by one 8 x 8 transpose. */
+TARGET2 static void place_panel(const int16_t *q, int64_t k, const float *row_scales, int16_t *panel,
+                                float *panel_scales) {
+    const int64_t blocks = (k + KB - 1) / KB, pairs = k / 2, whole = pairs / 8 * 8;
+    for (int64_t b = 0; b < blocks; b++)
+        for (int c = 0; c < NR2; c++) panel_scales[b * NR2 + c] = row_scales[c * blocks + b];
+    for (int half = 0; half < NR2; half += 8) {
+        for (int64_t p = 0; p < whole; p += 8) {
+            __m256i r[8], t[8], u[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(q + (half + i) * k + 2 * p));
+            for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+                t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 8; i += 4) {
+                u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+                u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+                u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+                u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+            }
+            for (int i = 0; i < 4; i++) { /* pair-steps p + i and p + i + 4 */
+                _mm256_storeu_si256((__m256i *)(panel + (p + i) * 2 * NR2 + 2 * half), _mm256_permute2x128_si256(u[i], u[i + 4], 0x20));
+                _mm256_storeu_si256((__m256i *)(panel + (p + i + 4) * 2 * NR2 + 2 * half), _mm256_permute2x128_si256(u[i], u[i + 4], 0x31));
+            }
+        }
+        for (int64_t p = whole; p < pairs; p++)
+            for (int i = half; i < half + 8; i++) memcpy(panel + p * 2 * NR2 + 2 * i, q + i * k + 2 * p, 2 * sizeof(int16_t));
+    }
 }
 
-/* n rows (rows stride floats apart, n_pad - n more of zeros) of k floats, quantized as quantize_row does
-   and packed as pack_i16 packs a weight: [n_pad / 16][k / 2][16][2], scales [n_pad / 16][blocks][16]. */
+/* n rows (rows stride floats apart, n_pad - n more of zeros; n_pad a multiple of 16) of k floats, quantized
+   as quantize_row does and packed as pack_i16 packs a weight: [n_pad / 16][k / 2][16][2], scales
+   [n_pad / 16][blocks][16]. q and row_scales: room for 16 rows. */
 TARGET2 static void pack_rows_i16(const float *x, int64_t stride, int64_t n, int64_t n_pad, int64_t k,
                                   int16_t *packed, float *scales, int16_t *q, float *row_scales) {
     const int64_t blocks = (k + KB - 1) / KB;
-    for (int64_t c = 0; c < n_pad; c++) {
-        if (c < n) {
-            quantize_row(x + c * stride, k, q, row_scales);
-        } else {
-            memset(q, 0, k * sizeof(int16_t));
-            for (int64_t b = 0; b < blocks; b++) row_scales[b] = 0.0f;
+    for (int64_t c0 = 0; c0 < n_pad; c0 += NR2) {
+        for (int64_t c = c0; c < c0 + NR2; c++) {
+            int16_t *qc = q + (c - c0) * k;
+            float *sc = row_scales + (c - c0) * blocks;
+            if (c < n) {
+                quantize_row(x + c * stride, k, qc, sc);
+            } else {
+                memset(qc, 0, k * sizeof(int16_t));
+                for (int64_t b = 0; b < blocks; b++) sc[b] = 0.0f;
+            }
         }
-        place_packed_row(c, k, q, row_scales, packed, scales);
+        place_panel(q, k, row_scales, packed + c0 * k, scales + c0 * blocks);
     }
 }
 
@@ -871,13 +898,13 @@ TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_
     char *at = scratch;
     int16_t *keys = carve(&at, n * hd * sizeof(int16_t)), *values = carve(&at, n * hd * sizeof(int16_t));
     int16_t *qa = carve(&at, MR2 * hd * sizeof(int16_t)), *pa = carve(&at, MR2 * n * sizeof(int16_t));
-    int16_t *row = carve(&at, (n > hd ? n : hd) * sizeof(int16_t));
+    int16_t *rows = carve(&at, NR2 * hd * sizeof(int16_t));
     float *key_scales = carve(&at, n * bh * sizeof(float)), *value_scales = carve(&at, hd * bl * sizeof(float));
     float *qs = carve(&at, MR2 * bh * sizeof(float));
     float *scores = carve(&at, MR2 * n * sizeof(float)), *ps = carve(&at, MR2 * bl * sizeof(float));
-    float *row_scales = carve(&at, (bl > bh ? bl : bh) * sizeof(float));
+    float *row_scales = carve(&at, NR2 * bh * sizeof(float));
 
-    pack_rows_i16(qkv + d, 3 * d, len, n, hd, keys, key_scales, row, row_scales);
+    pack_rows_i16(qkv + d, 3 * d, len, n, hd, keys, key_scales, rows, row_scales);
     pack_values_i16(qkv + 2 * d, 3 * d, len, n, hd, values, value_scales); /* zero past len: no weight */
 
     for (int64_t i = 0; i < len; i += MR2) {
@@ -968,20 +995,22 @@ int vlm_clip_kernels_cpu(void) {
    into the packed layout: one pass at load, no F32 copy of a whole F16 weight. */
 TARGET2 static void pack_i16(const void *w, int f16, int64_t n, int64_t k, int16_t *packed, float *scales) {
     const int64_t blocks = (k + KB - 1) / KB;
-    float *row = malloc(k * sizeof(float)), *row_scales = malloc(blocks * sizeof(float));
-    int16_t *q = malloc(k * sizeof(int16_t));
+    float *row = malloc(k * sizeof(float)), *row_scales = malloc(NR2 * blocks * sizeof(float));
+    int16_t *q = malloc(NR2 * k * sizeof(int16_t));
     if (!row || !row_scales || !q) abort();
-    for (int64_t c = 0; c < n; c++) {
-        const float *values = (const float *)w + c * k;
-        if (f16) {
-            const uint16_t *h = (const uint16_t *)w + c * k;
-            int64_t j = 0;
-            for (; j + 8 <= k; j += 8) _mm256_storeu_ps(row + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
-            for (; j < k; j++) row[j] = _cvtsh_ss(h[j]);
-            values = row;
+    for (int64_t c0 = 0; c0 < n; c0 += NR2) {
+        for (int64_t c = c0; c < c0 + NR2; c++) {
+            const float *values = (const float *)w + c * k;
+            if (f16) {
+                const uint16_t *h = (const uint16_t *)w + c * k;
+                int64_t j = 0;
+                for (; j + 8 <= k; j += 8) _mm256_storeu_ps(row + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
+                for (; j < k; j++) row[j] = _cvtsh_ss(h[j]);
+                values = row;
+            }
+            quantize_row(values, k, q + (c - c0) * k, row_scales + (c - c0) * blocks);
         }
-        quantize_row(values, k, q, row_scales);
-        place_packed_row(c, k, q, row_scales, packed, scales);
+        place_panel(q, k, row_scales, packed + c0 * k, scales + c0 * blocks);
     }
     free(row);
     free(row_scales);
