@@ -33,6 +33,47 @@ os.environ.setdefault("VLM_CORES_DIR", tempfile.mkdtemp(prefix="vlm-test-cores-"
 # The folder name becomes the model name inside and on the converted files, as with the real repo.
 SMOLVLM2_NAME = "SmolVLM2-256M-Video-Instruct"
 
+# The files that take longest, in that order. Under xdist (whole files per worker, addopts in
+# pyproject.toml) they start first, so no long file is left for one worker while the other has none.
+# A scheduling hint only: a stale list costs minutes, never a result.
+LONGEST_FILES = (
+    "test_capi.py",
+    "test_index.py",
+    "test_ray.py",
+    "test_structured_serve.py",
+    "test_pull.py",
+    "test_batch_cli_clip.py",
+    "test_serve.py",
+    "test_fuzz.py",
+    "test_encoding_cache.py",
+    "test_structured.py",
+    "test_cli_vlm.py",
+    "test_video_cli.py",
+    "test_reliability.py",
+    "test_index_serve.py",
+    "test_index_ray.py",
+    "test_index_web.py",
+    "test_multi_image_capi.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker: the longest files first, then the rest, those holding more tests first (what
+    xdist's own order does; pyproject.toml turns that off so this order is the one it hands out)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return  # one process: the files in their usual order
+    per_file: dict[str, int] = {}
+    for item in items:
+        per_file[item.path.name] = per_file.get(item.path.name, 0) + 1
+
+    def rank(item: pytest.Item) -> tuple[int, int, str]:
+        name = item.path.name
+        if name in LONGEST_FILES:
+            return (0, LONGEST_FILES.index(name), name)
+        return (1, -per_file[name], name)
+
+    items.sort(key=rank)  # stable: the tests of a file keep their order
+
 
 @pytest.fixture(scope="session")
 def smolvlm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
