@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,33 @@ def smolvlm2_folder(smolvlm2_gguf, tmp_path_factory: pytest.TempPathFactory) -> 
         return made[name]
 
     return folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _an_xdist_worker_is_cpu_work_beside_vlms() -> Iterator[None]:
+    """Under xdist every worker is CPU work running beside the vlm processes it starts: it announces one
+    unit of engines/cores.py's share for the session (from a thread of its own, so no engine call of the
+    worker nests in it). vlm's engines then split the CPUs with the other workers instead of each taking
+    them all and spinning at llama.cpp's barriers while another worker holds a core. Without xdist
+    nothing is announced: vlm takes the CPUs as on a user's machine."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    from vlmcli.engines.cores import CoreShare
+
+    announced, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with CoreShare().running():
+            announced.set()
+            done.wait()
+
+    holder = threading.Thread(target=hold, name="xdist-worker-core-share", daemon=True)
+    holder.start()
+    announced.wait()
+    yield
+    done.set()
+    holder.join()
 
 
 @pytest.fixture(autouse=True, scope="session")
