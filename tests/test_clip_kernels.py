@@ -349,6 +349,8 @@ def test_long_sequences_attend_in_the_i16_format():
     assert not np.array_equal(got, f32)  # the other number format did run
     alone = run_attention(qkv[600:], [(0, 531)], n_heads, False, n_threads=1, int16=True)
     assert np.array_equal(alone, got[600:])
+    for threads in (3, 8):  # 4 (sequence, head) pairs cut into runs of queries so threads get equal shares
+        assert np.array_equal(run_attention(qkv, seqs, n_heads, False, n_threads=threads, int16=True), got)
     short = qkv[:77]
     assert np.array_equal(
         run_attention(short, [(0, 77)], n_heads, False, int16=True), run_attention(short, [(0, 77)], n_heads, False)

@@ -893,7 +893,7 @@ static inline void *carve(char **at, int64_t bytes) {
    matmul's input rows. The softmax between them is in F32; its 1 / sum scales the probabilities'
    quantizing scales, so the output needs no pass of its own. */
 TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_t d, int64_t hd, float scale,
-                               void *scratch) {
+                               int64_t q0, int64_t q1, int pack, void *scratch) {
     const int64_t n = (len + NR2 - 1) / NR2 * NR2, bl = (n + KB - 1) / KB, bh = (hd + KB - 1) / KB;
     char *at = scratch;
     int16_t *keys = carve(&at, n * hd * sizeof(int16_t)), *values = carve(&at, n * hd * sizeof(int16_t));
@@ -904,11 +904,13 @@ TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_
     float *scores = carve(&at, MR2 * n * sizeof(float)), *ps = carve(&at, MR2 * bl * sizeof(float));
     float *row_scales = carve(&at, NR2 * bh * sizeof(float));
 
-    pack_rows_i16(qkv + d, 3 * d, len, n, hd, keys, key_scales, rows, row_scales);
-    pack_values_i16(qkv + 2 * d, 3 * d, len, n, hd, values, value_scales); /* zero past len: no weight */
+    if (pack) {
+        pack_rows_i16(qkv + d, 3 * d, len, n, hd, keys, key_scales, rows, row_scales);
+        pack_values_i16(qkv + 2 * d, 3 * d, len, n, hd, values, value_scales); /* zero past len: no weight */
+    }
 
-    for (int64_t i = 0; i < len; i += MR2) {
-        const int mr = len - i < MR2 ? (int)(len - i) : MR2;
+    for (int64_t i = q0; i < q1; i += MR2) {
+        const int mr = q1 - i < MR2 ? (int)(q1 - i) : MR2;
         for (int r = 0; r < mr; r++) quantize_row(qkv + (i + r) * 3 * d, hd, qa + r * hd, qs + r * bh);
         for (int64_t p = 0; p < n / NR2; p++)
             tile_i16_rows(mr, 1, qa, hd, qs, keys + p * NR2 * hd, key_scales + p * bh * NR2, hd, scores + p * NR2, n);
@@ -945,22 +947,38 @@ static void share_matmul(void *dst, int ith, int nth, const struct vlm_matmul *o
     }
 }
 
+/* Runs of queries each (sequence, head) pair of the i16 attention is cut into: the fewest (at most 4) that
+   give every thread the same number of runs (12 heads on 8 threads: 24 half-heads, 3 each), so no thread
+   waits on another's extra head. Each run repacks its head's keys and values unless its thread packed
+   them for the run before. */
+static int64_t query_runs(int64_t items, int nth) {
+    for (int64_t runs = 1; runs < 4; runs++)
+        if (items * runs % nth == 0) return runs;
+    return 4;
+}
+
 /* Threads share out the (sequence, head) pairs, or (query, head) pairs where the op names its queries;
    each reads only its own sequence, so packing several sequences together changes nothing. */
 static void share_attention(void *dst, int ith, int nth, const struct vlm_attention *op) {
     const float *qkv = op->get_data(op->qkv);
     float *out = op->get_data(dst);
     const int64_t hd = op->d / op->n_heads, items = (op->queries ? op->n_queries : op->n_seqs) * op->n_heads;
-    for (int64_t it = items * ith / nth; it < items * (ith + 1) / nth; it++) {
-        const int64_t row = it / op->n_heads, h = it % op->n_heads, s = op->queries ? op->queries[2 * row] : row;
+    const int64_t runs = op->int16 && !op->causal && !op->queries ? query_runs(items, nth) : 1, total = items * runs;
+    int64_t packed_for = -1; /* the item whose keys and values attend_i16 last packed on this thread */
+    for (int64_t it = total * ith / nth; it < total * (ith + 1) / nth; it++) {
+        const int64_t item = it / runs, run = it % runs;
+        const int64_t row = item / op->n_heads, h = item % op->n_heads, s = op->queries ? op->queries[2 * row] : row;
         const int64_t first = op->seqs[2 * s], len = op->seqs[2 * s + 1];
-        const int64_t q0 = op->queries ? op->queries[2 * row + 1] : 0, q1 = op->queries ? q0 + 1 : len;
-        if (op->int16 && !op->causal && !op->queries && len >= I16_ATTEND_MIN && hd % NR2 == 0)
-            attend_i16(qkv + first * 3 * op->d + h * hd, out + first * op->d + h * hd, len, op->d, hd, op->scale,
-                       thread_room(ROOM_ATTEND, attend_i16_scratch(len, hd)));
-        else
-            attend(qkv + first * 3 * op->d + h * hd, out + (op->queries ? row : first) * op->d + h * hd, len, q0, q1,
-                   op->d, hd, op->scale, op->causal, thread_room(ROOM_ATTEND, attend_scratch(len, hd) * sizeof(float)));
+        int64_t q0 = len * run / runs / MR2 * MR2, q1 = run + 1 == runs ? len : len * (run + 1) / runs / MR2 * MR2;
+        if (op->queries) q0 = op->queries[2 * row + 1], q1 = q0 + 1;
+        if (op->int16 && !op->causal && !op->queries && len >= I16_ATTEND_MIN && hd % NR2 == 0) {
+            attend_i16(qkv + first * 3 * op->d + h * hd, out + first * op->d + h * hd, len, op->d, hd, op->scale, q0,
+                       q1, item != packed_for, thread_room(ROOM_ATTEND, attend_i16_scratch(len, hd)));
+            packed_for = item;
+        } else {
+            attend(qkv + first * 3 * op->d + h * hd, out + (op->queries ? row : first + q0) * op->d + h * hd, len, q0,
+                   q1, op->d, hd, op->scale, op->causal, thread_room(ROOM_ATTEND, attend_scratch(len, hd) * sizeof(float)));
+        }
     }
 }
 
