@@ -58,6 +58,15 @@ LONGEST_FILES = (
 )
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto` (pyproject.toml) for tests of one file only: no workers. The file would run on one of
+    them anyway (whole files per worker), after every worker had started. Otherwise xdist's count."""
+    named = {(config.invocation_params.dir / arg.split("::")[0]).resolve() for arg in config.args}
+    if len(named) == 1 and next(iter(named)).is_file():
+        return 0
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On an xdist worker: the longest files first, then the rest, those holding more tests first (what
     xdist's own order does; pyproject.toml turns that off so this order is the one it hands out)."""
