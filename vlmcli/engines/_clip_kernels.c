@@ -49,6 +49,8 @@ struct vlm_matmul {
     const void *ln_w, *ln_b;               /* ggml tensors, F32, k: each row of x is layer-normed first; or NULL */
     float ln_eps;
     const void *residual;                  /* ggml tensor, F32, n x m: added to y last; or NULL */
+    int64_t next_row;                      /* rows handed out so far in this compute (0 between computes) */
+    int32_t finished;                      /* threads done with this compute: the last one resets both */
 };
 
 /* Mirrored by clip_kernels.AttentionOp (ctypes). */
@@ -928,22 +930,38 @@ TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_
 typedef void (*rows_fn)(const struct vlm_matmul *, const struct io *, int64_t, int64_t, int64_t, int64_t);
 
 /* Thread ith of nth computes its share of y = dst. w passes over the rows one block (`block` rows) at
-   a time, so with a block or more of rows per thread, sharing the rows costs no extra reading of w,
-   and each thread prepares (rounds to BF16) only its own rows. With fewer (a batch of one image),
-   threads share out the panels instead, each reading only its part of w. */
-static void share_matmul(void *dst, int ith, int nth, const struct vlm_matmul *op, int64_t mr, int64_t nr,
+   a time, so with a block or more of rows per thread, sharing the rows costs little extra reading of w,
+   and each thread prepares (quantizes) only its own rows. Rows are handed out as threads ask for them,
+   in runs of a 2 nth-th of what is left (whole tiles, at least 4): a thread that the OS or a busy
+   sibling slowed takes fewer, so the threads reach ggml's barrier together; the shrinking runs keep
+   w's extra passes few. With fewer rows (a batch of one image), threads share out the panels instead,
+   each reading only its part of w. */
+static void share_matmul(void *dst, int ith, int nth, struct vlm_matmul *op, int64_t mr, int64_t nr,
                          int64_t block, rows_fn run_rows) {
 #define DATA(t) ((t) ? (const float *)op->get_data(t) : NULL)
     const struct io io = {DATA(op->x), DATA(op->bias), DATA(op->ln_w), DATA(op->ln_b), DATA(op->residual), op->get_data(dst)};
 #undef DATA
-    const int64_t tiles = (op->m + mr - 1) / mr, panels = op->n / nr;
-    if (op->m < nth * block && panels >= nth) {
+    const int64_t m = op->m, panels = op->n / nr;
+    if (m < nth * block && panels >= nth) {
         int64_t p0 = panels * ith / nth, p1 = panels * (ith + 1) / nth;
-        if (p0 < p1) run_rows(op, &io, 0, op->m, p0, p1);
-    } else {
-        int64_t t0 = tiles * ith / nth, t1 = tiles * (ith + 1) / nth;
-        int64_t m1 = t1 * mr < op->m ? t1 * mr : op->m;
-        if (t0 * mr < m1) run_rows(op, &io, t0 * mr, m1, 0, panels);
+        if (p0 < p1) run_rows(op, &io, 0, m, p0, p1);
+        return;
+    }
+    for (;;) {
+        int64_t start = __atomic_load_n(&op->next_row, __ATOMIC_RELAXED), rows;
+        do {
+            if (start >= m) break;
+            rows = ((m - start + 2 * nth - 1) / (2 * nth) + mr - 1) / mr * mr;
+            rows = rows < 4 * mr ? 4 * mr : rows;
+            rows = start + rows < m ? rows : m - start;
+        } while (!__atomic_compare_exchange_n(&op->next_row, &start, start + rows, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+        if (start >= m) break;
+        run_rows(op, &io, start, start + rows, 0, panels);
+    }
+    /* every thread has stopped asking once the last one is here; ggml's barrier follows before a next compute */
+    if (__atomic_add_fetch(&op->finished, 1, __ATOMIC_ACQ_REL) == nth) {
+        __atomic_store_n(&op->next_row, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&op->finished, 0, __ATOMIC_RELAXED);
     }
 }
 

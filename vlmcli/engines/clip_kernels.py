@@ -76,6 +76,8 @@ class MatmulOp(ctypes.Structure):
         ("ln_b", ctypes.c_void_p),
         ("ln_eps", ctypes.c_float),
         ("residual", ctypes.c_void_p),
+        ("next_row", ctypes.c_int64),  # the C side's, for handing out rows to threads: 0 here
+        ("finished", ctypes.c_int32),
     ]
 
 
