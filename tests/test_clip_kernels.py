@@ -303,7 +303,8 @@ def run_attention(
     queries: list[tuple[int, int]] | None = None,
     int16: bool = False,
 ):
-    """qkv (m, 3 d) -> the op's (m, d) (or (len(queries), d)) in a real ggml graph."""
+    """qkv (m, 3 d) -> the op's (m, d) (or (len(queries), d)) in a real ggml graph, computed twice over
+    a cleared output: threads take the work as they ask, and the hand-out starts over each compute."""
     backend = Backend(n_threads=n_threads)
     try:
         with Graph(8, 8) as g:
@@ -313,7 +314,12 @@ def run_attention(
             backend.allocate(g)
             backend.set(x, qkv)
             backend.compute(g)
-            return backend.get(out, 2)
+            first = backend.get(out, 2)
+            backend.set(out, np.zeros_like(first))
+            backend.compute(g)
+            again = backend.get(out, 2)
+            assert np.array_equal(again, first, equal_nan=True)
+            return again
     finally:
         backend.close()
 

@@ -65,6 +65,8 @@ struct vlm_attention {
                                within it), output row i = query i's (d x n_queries) */
     int64_t n_queries;
     int32_t int16; /* long non-causal sequences: both products on the I16 matmul's tiles (attend_i16) */
+    int64_t next_item;  /* work items handed out so far in this compute (0 between computes) */
+    int32_t finished;   /* threads done with this compute: the last one resets both */
 };
 
 #if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 11 : __GNUC__ >= 11)
@@ -929,6 +931,16 @@ TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_
 
 typedef void (*rows_fn)(const struct vlm_matmul *, const struct io *, int64_t, int64_t, int64_t, int64_t);
 
+/* The end of a thread's part in an op whose work is handed out (next, finished: the op's counters):
+   every thread has stopped asking once the last one is here, and ggml's barrier follows before the
+   op's next compute, so the last one starts the hand-out over. */
+static void hand_out_done(int64_t *next, int32_t *finished, int nth) {
+    if (__atomic_add_fetch(finished, 1, __ATOMIC_ACQ_REL) == nth) {
+        __atomic_store_n(next, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(finished, 0, __ATOMIC_RELAXED);
+    }
+}
+
 /* Thread ith of nth computes its share of y = dst. w passes over the rows one block (`block` rows) at
    a time, so with a block or more of rows per thread, sharing the rows costs little extra reading of w,
    and each thread prepares (quantizes) only its own rows. Rows are handed out as threads ask for them,
@@ -958,32 +970,29 @@ static void share_matmul(void *dst, int ith, int nth, struct vlm_matmul *op, int
         if (start >= m) break;
         run_rows(op, &io, start, start + rows, 0, panels);
     }
-    /* every thread has stopped asking once the last one is here; ggml's barrier follows before a next compute */
-    if (__atomic_add_fetch(&op->finished, 1, __ATOMIC_ACQ_REL) == nth) {
-        __atomic_store_n(&op->next_row, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&op->finished, 0, __ATOMIC_RELAXED);
-    }
+    hand_out_done(&op->next_row, &op->finished, nth);
 }
 
 /* Runs of queries each (sequence, head) pair of the i16 attention is cut into: the fewest (at most 4) that
-   give every thread the same number of runs (12 heads on 8 threads: 24 half-heads, 3 each), so no thread
-   waits on another's extra head. Each run repacks its head's keys and values unless its thread packed
-   them for the run before. */
+   make the runs a multiple of the threads (12 heads on 8 threads: 24 half-heads, 3 each), so no thread
+   is left with an extra head while the others wait. Each run repacks its head's keys and values unless
+   its thread packed them for the run it took before. */
 static int64_t query_runs(int64_t items, int nth) {
     for (int64_t runs = 1; runs < 4; runs++)
         if (items * runs % nth == 0) return runs;
     return 4;
 }
 
-/* Threads share out the (sequence, head) pairs, or (query, head) pairs where the op names its queries;
-   each reads only its own sequence, so packing several sequences together changes nothing. */
-static void share_attention(void *dst, int ith, int nth, const struct vlm_attention *op) {
+/* Threads take the (sequence, head) pairs, or (query, head) pairs where the op names its queries, one at
+   a time as they ask (a thread slowed by the OS takes fewer); each reads only its own sequence, so
+   packing several sequences together changes nothing. */
+static void share_attention(void *dst, int nth, struct vlm_attention *op) {
     const float *qkv = op->get_data(op->qkv);
     float *out = op->get_data(dst);
     const int64_t hd = op->d / op->n_heads, items = (op->queries ? op->n_queries : op->n_seqs) * op->n_heads;
     const int64_t runs = op->int16 && !op->causal && !op->queries ? query_runs(items, nth) : 1, total = items * runs;
     int64_t packed_for = -1; /* the item whose keys and values attend_i16 last packed on this thread */
-    for (int64_t it = total * ith / nth; it < total * (ith + 1) / nth; it++) {
+    for (int64_t it; (it = __atomic_fetch_add(&op->next_item, 1, __ATOMIC_RELAXED)) < total;) {
         const int64_t item = it / runs, run = it % runs;
         const int64_t row = item / op->n_heads, h = item % op->n_heads, s = op->queries ? op->queries[2 * row] : row;
         const int64_t first = op->seqs[2 * s], len = op->seqs[2 * s + 1];
@@ -998,6 +1007,7 @@ static void share_attention(void *dst, int ith, int nth, const struct vlm_attent
                    q1, op->d, hd, op->scale, op->causal, thread_room(ROOM_ATTEND, attend_scratch(len, hd) * sizeof(float)));
         }
     }
+    hand_out_done(&op->next_item, &op->finished, nth);
 }
 
 /* What this CPU runs, as vlm_clip_kernels_cpu() reports it. */
@@ -1106,5 +1116,5 @@ int vlm_i16_pack(const void *w, int32_t f16, int64_t n, int64_t k, int16_t *pack
 OP(vlm_bf16_matmul_op, share_matmul(dst, ith, nth, userdata, MR, NR, MB, run))
 OP(vlm_i16_matmul_op, share_matmul(dst, ith, nth, userdata, MR2, NR2, i16_block(((const struct vlm_matmul *)userdata)->k, MR2), run_i16))
 OP(vlm_i16_vnni_matmul_op, share_matmul(dst, ith, nth, userdata, MR, NR2, i16_block(((const struct vlm_matmul *)userdata)->k, MR), run_vnni))
-OP(vlm_attention_op, share_attention(dst, ith, nth, userdata))
+OP(vlm_attention_op, (void)ith; share_attention(dst, nth, userdata))
 #undef OP

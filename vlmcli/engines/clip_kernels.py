@@ -96,6 +96,8 @@ class AttentionOp(ctypes.Structure):
         ("queries", ctypes.c_void_p),
         ("n_queries", ctypes.c_int64),
         ("int16", ctypes.c_int32),
+        ("next_item", ctypes.c_int64),  # the C side's, for handing out work to threads: 0 here
+        ("finished", ctypes.c_int32),
     ]
 
 
