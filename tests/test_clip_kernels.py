@@ -214,12 +214,12 @@ def test_a_row_does_not_depend_on_its_batch_mates_or_the_threads(form):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_rows_handed_out_to_threads_give_the_same_bits_compute_after_compute(form):
-    """Rows enough for threads to share them (two blocks or more each) are handed out in runs as the
-    threads ask: the bits are one thread's whatever the count, and the same graph computed again gets
-    every row again (the hand-out starts over)."""
+    """Rows that threads share (a block or more each, or fewer panels than threads) are handed out in
+    runs as the threads ask: the bits are one thread's whatever the count, and the same graph computed
+    again gets every row again (the hand-out starts over)."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((1100, 256)).astype(np.float32)
-    w = (rng.standard_normal((64, 256)) / 16).astype(np.float32)
+    w = (rng.standard_normal((32, 256)) / 16).astype(np.float32)  # 2 panels of 16 (1 of 32): rows are shared
     layers = [Linear(w, None, None, threads, form) for threads in (1, 2, 3)]
     try:
         want = layers[0].run(x)
@@ -383,6 +383,10 @@ def test_long_sequences_attend_in_the_i16_format():
     assert np.array_equal(alone, got[600:])
     for threads in (3, 8):  # 4 (sequence, head) pairs cut into runs of queries so threads get equal shares
         assert np.array_equal(run_attention(qkv, seqs, n_heads, False, n_threads=threads, int16=True), got)
+    mixed = [(0, 77), (77, 40), (117, 600)]  # short sequences (F32) cut into runs beside a long one (i16)
+    one = run_attention(qkv[:717], mixed, n_heads, False, n_threads=1, int16=True)
+    for threads in (4, 5, 7):
+        assert np.array_equal(run_attention(qkv[:717], mixed, n_heads, False, n_threads=threads, int16=True), one)
     short = qkv[:77]
     assert np.array_equal(
         run_attention(short, [(0, 77)], n_heads, False, int16=True), run_attention(short, [(0, 77)], n_heads, False)

@@ -128,7 +128,8 @@ TARGET2 static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(scale)); /* -126 <= n <= 127: a normal power of two */
 }
 
-/* y * sigmoid(-z) = y / (1 + e^z), e^z capped where 1 / (1 + e^z) is 0 in F32 anyway */
+/* y * sigmoid(-z) = y / (1 + e^z), e^z capped below F32's overflow: past the cap (and once 1 / (1 + e^z) is
+   subnormal, which the reciprocal flushes) the result is a signed zero where the true one is below 1e-36 */
 TARGET2 static inline __m256 times_sigmoid8(__m256 y, __m256 z) {
     const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_min_ps(z, _mm256_set1_ps(88.0f))));
     const __m256 r = _mm256_rcp_ps(den); /* 1 / den to 12 bits, then 23 */
@@ -432,7 +433,7 @@ static void run_i16_form(const struct vlm_matmul *op, const struct io *io, int64
                 /* the tile's lines of y and of the residual, each row in a stream the prefetchers lose
                    among the block's rows: asked for now, they arrive while the tile runs */
                 for (int i = 0; i < mr; i++)
-                    for (int c = 0; c < np * NR2; c += 16) {
+                    for (int c = 0; c < np * NR2; c += 8) { /* every 32 bytes: ggml aligns rows to 32, not 64 */
                         _mm_prefetch((const char *)(out + i * n + c), _MM_HINT_T0);
                         if (io->res) _mm_prefetch((const char *)(io->res + (mb + r + i) * n + p * NR2 + c), _MM_HINT_T0);
                     }
@@ -945,8 +946,9 @@ static void hand_out_done(int64_t *next, int32_t *finished, int nth) {
    a time, so with a block or more of rows per thread, sharing the rows costs little extra reading of w,
    and each thread prepares (quantizes) only its own rows. Rows are handed out as threads ask for them,
    in runs of a 2 nth-th of what is left (whole tiles, at least 4): a thread that the OS or a busy
-   sibling slowed takes fewer, so the threads reach ggml's barrier together; the shrinking runs keep
-   w's extra passes few. With fewer rows (a batch of one image), threads share out the panels instead,
+   sibling slowed takes fewer, so the threads reach ggml's barrier together. w passes over each run,
+   so that is some ten passes over w where fixed halves made two; on SigLIP's encoder the waits saved
+   outweigh them. With fewer rows (a batch of one image), threads share out the panels instead,
    each reading only its part of w. */
 static void share_matmul(void *dst, int ith, int nth, struct vlm_matmul *op, int64_t mr, int64_t nr,
                          int64_t block, rows_fn run_rows) {
@@ -990,7 +992,10 @@ static void share_attention(void *dst, int nth, struct vlm_attention *op) {
     const float *qkv = op->get_data(op->qkv);
     float *out = op->get_data(dst);
     const int64_t hd = op->d / op->n_heads, items = (op->queries ? op->n_queries : op->n_seqs) * op->n_heads;
-    const int64_t runs = op->int16 && !op->causal && !op->queries ? query_runs(items, nth) : 1, total = items * runs;
+    int long_seq = 0; /* runs only where some sequence takes attend_i16: elsewhere items are many and short */
+    for (int64_t seq = 0; seq < op->n_seqs && op->int16 && !op->causal && !op->queries; seq++)
+        long_seq |= op->seqs[2 * seq + 1] >= I16_ATTEND_MIN;
+    const int64_t runs = long_seq && hd % NR2 == 0 ? query_runs(items, nth) : 1, total = items * runs;
     int64_t packed_for = -1; /* the item whose keys and values attend_i16 last packed on this thread */
     for (int64_t it; (it = __atomic_fetch_add(&op->next_item, 1, __ATOMIC_RELAXED)) < total;) {
         const int64_t item = it / runs, run = it % runs;
@@ -1003,6 +1008,7 @@ static void share_attention(void *dst, int nth, struct vlm_attention *op) {
                        q1, item != packed_for, thread_room(ROOM_ATTEND, attend_i16_scratch(len, hd)));
             packed_for = item;
         } else {
+            packed_for = -1; /* attend's scratch is the same room */
             attend(qkv + first * 3 * op->d + h * hd, out + (op->queries ? row : first + q0) * op->d + h * hd, len, q0,
                    q1, op->d, hd, op->scale, op->causal, thread_room(ROOM_ATTEND, attend_scratch(len, hd) * sizeof(float)));
         }
@@ -1037,8 +1043,9 @@ int vlm_clip_kernels_cpu(void) {
 }
 
 #if HAVE_KERNEL
-/* A weight's n rows of k F32 or F16 values, each quantized as quantize_row does x and written straight
-   into the packed layout: one pass at load, no F32 copy of a whole F16 weight. */
+/* A weight's n rows (n a multiple of 16, as clip_kernels.fits checks) of k F32 or F16 values, each
+   quantized as quantize_row does x and placed 16 rows at a time: one pass at load, no F32 copy of a
+   whole F16 weight. */
 TARGET2 static void pack_i16(const void *w, int f16, int64_t n, int64_t k, int16_t *packed, float *scales) {
     const int64_t blocks = (k + KB - 1) / KB;
     float *row = malloc(k * sizeof(float)), *row_scales = malloc(NR2 * blocks * sizeof(float));
@@ -1107,7 +1114,10 @@ int vlm_i16_pack(const void *w, int32_t f16, int64_t n, int64_t k, int16_t *pack
 #endif
 }
 
-/* The ggml custom ops (ggml_custom_op_t); Python builds one into a graph only where the CPU runs it. */
+/* The ggml custom ops (ggml_custom_op_t); Python builds one into a graph only where the CPU runs it.
+   Built with n_tasks -1 (ggml.Graph.custom): every thread of a compute calls the op with the same nth,
+   which the hand-out of work counts on to start over (hand_out_done); and since the ops keep that
+   count in their userdata, one graph is never computed by two threads at once. */
 #if HAVE_KERNEL
 #define OP(name, body) void name(void *dst, int ith, int nth, void *userdata) { body; }
 #else
