@@ -14,6 +14,10 @@ llama-cpp-python), on the same GGUFs, photo, prompt, threads and token budget, g
     python benchmarks/bench_vision.py --threads 2 --runs 7
     VLM_VISION_KERNELS=i16-avx2 python benchmarks/bench_vision.py     # a given form of vlm's kernels
     python benchmarks/bench_vision.py --ask --threads 2 --runs 3 --tokens 32
+    perf record -g python benchmarks/bench_vision.py --vlm-only --runs 20   # where vlm's pass goes
+
+--vlm-only runs vlm's encoder alone on the tile (no mtmd passes, no cosine), so a profiler sees
+nothing else once the model is loaded; it prints the median wall and CPU time of a pass.
 """
 
 from __future__ import annotations
@@ -74,6 +78,18 @@ def ask_walls(args: argparse.Namespace, model: Path, mmproj: Path) -> None:
         print("   ", " ".join(cmd))
 
 
+def vlm_only(encoder, ctx, tile, width: int, args: argparse.Namespace) -> None:
+    """--vlm-only: args.runs passes of vlm's encoder on one tile; the median wall and CPU seconds."""
+    walls, cpus = [], []
+    for _ in range(args.runs):
+        c0, t0 = time.process_time(), time.perf_counter()
+        encoder.encode(ctx, tile.ptr, tile.n_tokens, width, args.threads)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    median = {"wall": round(statistics.median(walls), 3), "cpu": round(statistics.median(cpus), 3)}
+    print(json.dumps({"threads": args.threads, "runs": args.runs, "median_s": median}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="256m", choices=("256m", "500m"))
@@ -84,6 +100,7 @@ def main() -> None:
     ap.add_argument("--ask", action="store_true", help="whole commands: vlm ask against llama-mtmd-cli")
     ap.add_argument("--tokens", type=int, default=32, help="with --ask: most tokens generated")
     ap.add_argument("--with-mtmd-encoder", action="store_true", help="with --ask: also vlm ask on mtmd's encoder")
+    ap.add_argument("--vlm-only", action="store_true", help="vlm's encoder alone, for a profiler")
     args = ap.parse_args()
 
     from bench_vlm import build_model
@@ -108,6 +125,12 @@ def main() -> None:
     ctx = engine._mtmd_context(-1)
     chunks_ptr, chunks = engine._tokenize_with_image(rgb, "User:" + mtmd.mtmd_default_marker().decode(), -1)
     images = [c for c in chunks if c.kind == "image"]
+    if args.vlm_only:
+        vlm_only(ours, ctx, images[0], width, args)
+        mtmd.mtmd_input_chunks_free(chunks_ptr)
+        ours.close()
+        engine.close()
+        return
 
     lowest = 1.0
     for c in images:
