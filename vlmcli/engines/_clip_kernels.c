@@ -359,6 +359,22 @@ TARGET2 static void tile_i16_rows(int mr, int np, const int16_t *a, int64_t lda,
 
 /* A row of k floats -> 16-bit integers and a scale per block of KB (the block's largest |x| / QMAX),
    rounded to nearest even. */
+/* One block of len values (x, whose largest |x| is peak) -> q rounded to nearest even in units of
+   peak / QMAX, that unit stored in *scale: the rounding every quantized value of the kernels takes. */
+TARGET2 static inline void round_block(const float *x, int64_t len, float peak, int16_t *q, float *scale) {
+    const int64_t vec = len / 16 * 16;
+    const float inv = peak > 0.0f ? QMAX / peak : 0.0f;
+    *scale = peak / QMAX;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int64_t j = 0; j < vec; j += 16) {
+        const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j), vinv));
+        const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8), vinv));
+        _mm256_storeu_si256((__m256i *)(q + j), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xd8));
+    }
+    for (int64_t j = vec; j < len; j++) /* nearest even, as the vectors (no libm) */
+        q[j] = (int16_t)_mm_cvtss_si32(_mm_set_ss(x[j] * inv));
+}
+
 TARGET2 static void quantize_row(const float *x, int64_t k, int16_t *q, float *scales) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t b0 = 0, b = 0; b0 < k; b0 += KB, b++) {
@@ -367,16 +383,7 @@ TARGET2 static void quantize_row(const float *x, int64_t k, int16_t *q, float *s
         for (int64_t j = 0; j < vec; j += 8) top = _mm256_max_ps(top, _mm256_and_ps(abs_mask, _mm256_loadu_ps(x + b0 + j)));
         float peak = hmax8(top);
         for (int64_t j = vec; j < len; j++) peak = fabsf(x[b0 + j]) > peak ? fabsf(x[b0 + j]) : peak;
-        const float inv = peak > 0.0f ? QMAX / peak : 0.0f;
-        scales[b] = peak / QMAX;
-        const __m256 vinv = _mm256_set1_ps(inv);
-        for (int64_t j = 0; j < vec; j += 16) {
-            const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + b0 + j), vinv));
-            const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + b0 + j + 8), vinv));
-            _mm256_storeu_si256((__m256i *)(q + b0 + j), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xd8));
-        }
-        for (int64_t j = vec; j < len; j++) /* nearest even, as the vectors (no libm) */
-            q[b0 + j] = (int16_t)_mm_cvtss_si32(_mm_set_ss(x[b0 + j] * inv));
+        round_block(x + b0, len, peak, q + b0, scales + b);
     }
 }
 
@@ -874,14 +881,7 @@ TARGET2 static float softmax_quantize(float *s, int64_t n, int64_t len, float sc
             total = _mm256_add_ps(total, e);
             largest = _mm256_max_ps(largest, e);
         }
-        const float most = hmax8(largest);
-        scales[b] = most / QMAX;
-        const __m256 inv = _mm256_set1_ps(most > 0.0f ? QMAX / most : 0.0f);
-        for (int64_t j = b0; j < end; j += 16) {
-            const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
-            const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(s + j + 8), inv));
-            _mm256_storeu_si256((__m256i *)(q + j), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xd8));
-        }
+        round_block(s + b0, end - b0, hmax8(largest), q + b0, scales + b);
     }
     return hsum8(total);
 }
