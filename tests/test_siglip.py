@@ -115,8 +115,9 @@ def test_the_choice(monkeypatch: pytest.MonkeyPatch, smolvlm2_gguf) -> None:
     monkeypatch.setenv(KERNELS_ENV, "auto")
     assert choose_vision_path(False, info).describe() == "mtmd (GPU)"
     best = vision_path.best_form()
-    if best is not None and clip_kernels.attention_available():  # auto runs only the forms checked against mtmd
-        assert choose_vision_path(True, info).form == (best if best in vision_path.AUTO_FORMS else None)
+    if best is not None and clip_kernels.attention_available():
+        assert choose_vision_path(True, info).form == best
+        assert best == ("i16-vnni" if clip_kernels.available("i16-vnni") else "i16-avx2")
     info.metadata["clip.projector_type"] = "gemma3"
     other = choose_vision_path(True, info)
     assert other.form is None and ("projector" in other.reason or not clip_kernels.attention_available())

@@ -51,7 +51,7 @@ from vlmcli.engines.prompt import (
     split_media,
 )
 from vlmcli.engines.sampling import RowSampler, SequenceSampler
-from vlmcli.engines.siglip_chunks import ChunkEncoder, MtmdEncoder, open_chunk_encoder
+from vlmcli.engines.siglip_chunks import ChunkEncoder, MtmdEncoder, start_chunk_encoder
 from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
 from vlmcli.gguf.reader import GgufInfo
 from vlmcli.gguf.validate import require_kind
@@ -428,6 +428,7 @@ class VlmEngine(NativeResource):
         return n_ctx
 
     def _load(self) -> None:
+        open_image_encoder = start_chunk_encoder(self.mmproj_path, self.mmproj_info, not self.uses_gpu, self.n_threads)
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = self.options.n_gpu_layers if self.options.n_gpu_layers >= 0 else 999
         mparams.use_extra_bufts = extra_buffers_allowed()
@@ -466,7 +467,7 @@ class VlmEngine(NativeResource):
         # Open the projector now, so a bad mmproj fails at load, not at the first image; with the
         # token cap this engine's detail setting uses most (each cap costs a copy of its weights).
         self._mtmd_context(self._token_cap(self._usual_max_tiles()))
-        self.image_encoder = open_chunk_encoder(self.mmproj_path, self.mmproj_info, not self.uses_gpu, self.n_threads)
+        self.image_encoder = open_image_encoder()
 
     def _usual_max_tiles(self) -> int | None:
         """The tile cap most images get under the configured detail (None = the model's full tiling)."""

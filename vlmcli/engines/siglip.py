@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,61 @@ def _values(data: np.ndarray, st: TensorInfo) -> np.ndarray:
     return ggml.dequantize(raw, st.type).reshape(-1)
 
 
+@dataclass(frozen=True)
+class PackedSiglip:
+    """A projector's weights read off its file and packed for one kernel form, with no native state yet:
+    they can be packed in a thread while llama.cpp loads the language model (siglip_chunks)."""
+
+    config: SiglipConfig
+    form: str
+    matmuls: dict[str, PackedWeight]
+    small: dict[str, np.ndarray]  # F32 tensors for the backend: norms, biases, position embeddings
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], info: GgufInfo, form: str, workers: int = 1) -> PackedSiglip:
+        """The weights packed by `workers` threads (the packer runs in C, outside the GIL)."""
+        cfg = SiglipConfig.from_gguf(info.metadata)
+        d = cfg.width
+        stored = {t.name: t for t in info.tensors}
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+
+        def values(name: str) -> np.ndarray:
+            return _values(data, stored[name])
+
+        def rows(name: str, k: int) -> np.ndarray:  # ggml [k, n] = numpy (n, k): HF's nn.Linear layout
+            return values(name).reshape(-1, k)
+
+        jobs: dict[str, np.ndarray] = {PATCH: rows(PATCH, 3 * cfg.patch_size**2)}
+        small = {x: values(x) for x in ("v.patch_embd.bias", "v.position_embd.weight")}
+        for i in range(cfg.layers):
+            b = f"v.blk.{i}"
+            for x in ("q", "k", "v", "out"):
+                jobs[f"{b}.attn_{x}.weight"] = rows(f"{b}.attn_{x}.weight", d)
+            small[f"{b}.attn_qkv.bias"] = np.concatenate([values(f"{b}.attn_{x}.bias") for x in "qkv"])
+            # fc1 takes the width in, fc2 gives it back; mtmd accepts ffn_up / ffn_down either way round
+            up_rows_in = int(stored[f"{b}.ffn_up.weight"].shape[0])
+            fc1, fc2 = ("ffn_up", "ffn_down") if up_rows_in == d else ("ffn_down", "ffn_up")
+            # vit.block_weights names fc1 "ffn_down" and fc2 "ffn_up" (CLIP's legacy files)
+            jobs[f"{b}.ffn_down.weight"] = rows(f"{b}.{fc1}.weight", d)
+            jobs[f"{b}.ffn_up.weight"] = rows(f"{b}.{fc2}.weight", cfg.ffn)
+            small[f"{b}.ffn_down.bias"] = values(f"{b}.{fc1}.bias")
+            small[f"{b}.ffn_up.bias"] = values(f"{b}.{fc2}.bias")
+            small[f"{b}.attn_out.bias"] = values(f"{b}.attn_out.bias")
+            for part in ("ln1", "ln2"):
+                for x in ("weight", "bias"):
+                    small[f"{b}.{part}.{x}"] = values(f"{b}.{part}.{x}")
+        for x in ("weight", "bias"):
+            small[f"v.post_ln.{x}"] = values(f"v.post_ln.{x}")
+        jobs[PROJECTION] = rows(PROJECTION, d * cfg.scale_factor**2)
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            packed = dict(zip(jobs, pool.map(lambda w: clip_kernels.pack(w, form), jobs.values())))
+        for i in range(cfg.layers):
+            q, k, v = (packed.pop(f"v.blk.{i}.attn_{x}.weight") for x in "qkv")
+            packed[f"v.blk.{i}.attn_qkv.weight"] = q.stacked(k, v)
+        small = {name: np.asarray(a, np.float32) for name, a in small.items()}
+        return cls(cfg, form, packed, small)
+
+
 class SiglipEncoder(NativeResource):
     """An idefics3 mmproj's vision encoder and connector, packed for one form of vlm's kernels (CPU)."""
 
@@ -159,61 +215,28 @@ class SiglipEncoder(NativeResource):
     @classmethod
     def load(cls, path: str | os.PathLike[str], info: GgufInfo, form: str, n_threads: int) -> SiglipEncoder:
         """The projector's weights packed for form (unsupported(info, form) is None: the caller checked)."""
-        p = Path(path)
-        cfg = SiglipConfig.from_gguf(info.metadata)
-        stored = {t.name: t for t in info.tensors}
-        backend = Backend(n_threads=n_threads)
-        weights = Graph(max_tensors=16 * cfg.layers + 16)
-        model = cls(p, cfg, form, backend, weights)
+        return cls.from_packed(path, PackedSiglip.read(path, info, form, n_threads), n_threads)
+
+    @classmethod
+    def from_packed(cls, path: str | os.PathLike[str], packed: PackedSiglip, n_threads: int) -> SiglipEncoder:
+        """The encoder on packed weights: its F32 tensors go to a ggml backend of n_threads."""
+        cfg = packed.config
+        model = cls(Path(path), cfg, packed.form, Backend(n_threads=n_threads), Graph(max_tensors=16 * cfg.layers + 16))
         try:
-            model._load(stored)
+            model._attach(packed)
         except BaseException:
             model.close()
             raise
         return model
 
-    def _load(self, stored: Mapping[str, TensorInfo]) -> None:
-        cfg, d = self.config, self.config.width
-        data = np.memmap(self.path, dtype=np.uint8, mode="r")
-        small: dict[str, np.ndarray] = {}  # F32 tensors on the backend: norms, biases, position embeddings
-
-        def values(name: str) -> np.ndarray:
-            return _values(data, stored[name])
-
-        def rows(name: str, k: int) -> np.ndarray:  # ggml [k, n] = numpy (n, k): HF's nn.Linear layout
-            return values(name).reshape(-1, k)
-
-        t = self._t
-        t[PATCH] = clip_kernels.pack(rows(PATCH, 3 * cfg.patch_size**2), self.form)
-        small["v.patch_embd.bias"] = values("v.patch_embd.bias")
-        small["v.position_embd.weight"] = values("v.position_embd.weight")
-        for i in range(cfg.layers):
-            b = f"v.blk.{i}"
-            q, k, v = (clip_kernels.pack(rows(f"{b}.attn_{x}.weight", d), self.form) for x in "qkv")
-            t[f"{b}.attn_qkv.weight"] = q.stacked(k, v)
-            small[f"{b}.attn_qkv.bias"] = np.concatenate([values(f"{b}.attn_{x}.bias") for x in "qkv"])
-            t[f"{b}.attn_out.weight"] = clip_kernels.pack(rows(f"{b}.attn_out.weight", d), self.form)
-            # fc1 takes the width in, fc2 gives it back; mtmd accepts ffn_up / ffn_down either way round
-            up_rows_in = int(stored[f"{b}.ffn_up.weight"].shape[0])
-            fc1, fc2 = ("ffn_up", "ffn_down") if up_rows_in == d else ("ffn_down", "ffn_up")
-            # vit.block_weights names fc1 "ffn_down" and fc2 "ffn_up" (CLIP's legacy files)
-            t[f"{b}.ffn_down.weight"] = clip_kernels.pack(rows(f"{b}.{fc1}.weight", d), self.form)
-            t[f"{b}.ffn_up.weight"] = clip_kernels.pack(rows(f"{b}.{fc2}.weight", cfg.ffn), self.form)
-            small[f"{b}.ffn_down.bias"] = values(f"{b}.{fc1}.bias")
-            small[f"{b}.ffn_up.bias"] = values(f"{b}.{fc2}.bias")
-            small[f"{b}.attn_out.bias"] = values(f"{b}.attn_out.bias")
-            for part in ("ln1", "ln2"):
-                for x in ("weight", "bias"):
-                    small[f"{b}.{part}.{x}"] = values(f"{b}.{part}.{x}")
-        for x in ("weight", "bias"):
-            small[f"v.post_ln.{x}"] = values(f"v.post_ln.{x}")
-        t[PROJECTION] = clip_kernels.pack(rows(PROJECTION, d * cfg.scale_factor**2), self.form)
-        ggml_tensors = {name: self._weights.new_tensor("F32", (a.size,), name) for name, a in small.items()}
+    def _attach(self, packed: PackedSiglip) -> None:
+        tensors = {name: self._weights.new_tensor("F32", (a.size,), name) for name, a in packed.small.items()}
         self.backend.alloc_tensors(self._weights)
-        for name, a in small.items():
-            self.backend.set(ggml_tensors[name], np.asarray(a, np.float32))
-        t.update(ggml_tensors)
-        self.blocks = [block_weights(t, f"v.blk.{i}") for i in range(cfg.layers)]
+        for name, a in packed.small.items():
+            self.backend.set(tensors[name], a)
+        self._t.update(packed.matmuls)
+        self._t.update(tensors)
+        self.blocks = [block_weights(self._t, f"v.blk.{i}") for i in range(self.config.layers)]
 
     def close(self) -> None:
         if getattr(self, "backend", None) is not None:

@@ -14,13 +14,15 @@ values); a chunk that fails the check is encoded by mtmd's encoder instead.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from vlmcli.engines.llama_native import mtmd
-from vlmcli.engines.siglip import SiglipEncoder
+from vlmcli.engines.siglip import PackedSiglip, SiglipEncoder
 from vlmcli.engines.vision_path import choose_vision_path
 from vlmcli.errors import VlmError
 from vlmcli.gguf.reader import GgufInfo
@@ -107,9 +109,20 @@ class VlmEncoder:
         self.siglip.close()
 
 
-def open_chunk_encoder(mmproj: Path, info: GgufInfo, on_cpu: bool, n_threads: int) -> ChunkEncoder:
-    """The encoder vision_path.choose_vision_path picks for this projector and device."""
+def start_chunk_encoder(mmproj: Path, info: GgufInfo, on_cpu: bool, n_threads: int) -> Callable[[], ChunkEncoder]:
+    """The encoder vision_path.choose_vision_path picks for this projector and device, its weights packed
+    in a background thread from now on, so that the packing overlaps the language model's loading: call
+    the result for the encoder (a packing error is raised there). The thread runs numpy and vlm's C
+    packer only; the call makes the encoder's ggml backend."""
     path = choose_vision_path(on_cpu, info)
-    if path.form is None:
-        return MtmdEncoder()
-    return VlmEncoder.load(mmproj, info, path.form, n_threads)
+    form = path.form
+    if form is None:
+        return MtmdEncoder
+    pool = ThreadPoolExecutor(1, thread_name_prefix="vlm-pack")
+    packing = pool.submit(PackedSiglip.read, mmproj, info, form, n_threads)
+    pool.shutdown(wait=False)
+
+    def finish() -> ChunkEncoder:
+        return VlmEncoder(SiglipEncoder.from_packed(mmproj, packing.result(), n_threads), MtmdEncoder())
+
+    return finish

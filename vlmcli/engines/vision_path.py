@@ -1,8 +1,8 @@
 """What encodes SmolVLM2's images: the one place that decides, beside clip_path.choose_path for CLIP.
 
 - vlm's kernels (engines/siglip.py: the SigLIP encoder and connector on the ViT runner CLIP uses), in
-  the form the CPU runs best (bf16, i16-vnni, i16-avx2), on x86-64 CPUs where they were built and the
-  projector fits them (an idefics3 mmproj with F16, F32, BF16 or Q8_0 weights);
+  the i16 form the CPU runs best (i16-vnni where AVX512_VNNI is, else i16-avx2), on x86-64 CPUs where
+  they were built and the projector fits them (an idefics3 mmproj with F16, F32, BF16 or Q8_0 weights);
 - mtmd's own encoder (llama.cpp's clip.cpp on ggml) everywhere else: GPU devices, other CPUs, other
   projectors.
 
@@ -23,9 +23,11 @@ from vlmcli.gguf.reader import GgufInfo
 
 KERNELS_ENV = "VLM_VISION_KERNELS"
 CHOICES = ("auto", "mtmd", *BEST_FIRST)
-# The forms auto picks: those whose embeddings and answers have been checked against mtmd's on a CPU
-# that runs them. The others run when asked for by name until they have been checked too.
-AUTO_FORMS = ("i16-avx2",)
+# The forms auto picks, best first: the i16 forms, whose embeddings and greedy answers have been
+# checked against mtmd's on CPUs that run them, and whose attention runs on the 16-bit tiles too. bf16
+# rounds about ten times further from mtmd and runs when asked for by name (the CPUs with AVX512_BF16
+# have VNNI as well).
+AUTO_FORMS = ("i16-vnni", "i16-avx2")
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,8 @@ def requested() -> str:
 
 
 def best_form() -> str | None:
-    """The form of vlm's kernels this CPU runs best (VLM_VISION_KERNELS aside), or None."""
-    return next((form for form in BEST_FIRST if clip_kernels.available(form)), None)
+    """The form of vlm's kernels auto runs on this CPU (VLM_VISION_KERNELS aside), or None."""
+    return next((form for form in AUTO_FORMS if clip_kernels.available(form)), None)
 
 
 def choose_vision_path(on_cpu: bool, mmproj: GgufInfo | None = None) -> VisionPath:
@@ -77,7 +79,5 @@ def choose_vision_path(on_cpu: bool, mmproj: GgufInfo | None = None) -> VisionPa
     form = choice if choice != "auto" else best_form()
     if form is None or not clip_kernels.attention_available():
         return VisionPath(None, "no vlm kernels on this CPU")
-    if choice == "auto" and form not in AUTO_FORMS:
-        return VisionPath(None, f"vlm's {form} form not yet checked against mtmd; {KERNELS_ENV}={form} runs it")
     why = siglip.unsupported(mmproj, form) if mmproj is not None else None
     return VisionPath(None, why) if why else VisionPath(form)
