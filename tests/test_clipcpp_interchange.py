@@ -138,7 +138,7 @@ def test_clipcpp_file_has_its_layout(clipcpp_f16: Path) -> None:
 
 def test_vlm_reads_clipcpp_f16(clipcpp_f16: Path, clip_gguf: Path) -> None:
     with ClipModel.load(clipcpp_f16) as m:
-        cfg = m.config
+        cfg, form = m.config, m.kernels.form
         images, texts = m.encode_images(_pixels()), m.encode_texts(_tokens())
     # the fallbacks, each with a note for the front end
     assert cfg.logit_scale == pytest.approx(100.0)
@@ -152,10 +152,12 @@ def test_vlm_reads_clipcpp_f16(clipcpp_f16: Path, clip_gguf: Path) -> None:
     np.testing.assert_array_equal(tok.tokenize(TEXTS)[0], _tokens())
 
     # vlm's own F16 conversion of the same weights (which keeps the token and position embeddings F32)
+    # the F16 embeddings move x a little, and a BF16 kernel (8 significant bits) can round it either way
+    bar, cosine = (2.0**-7, 0.9999) if form == "bf16" else (2e-3, 0.99999)
     ours_images, ours_texts = _embed(clip_gguf)
-    np.testing.assert_allclose(images, ours_images, rtol=0, atol=2e-3 * np.abs(ours_images).max())
-    np.testing.assert_allclose(texts, ours_texts, rtol=0, atol=2e-3 * np.abs(ours_texts).max())
-    assert _cosine(images, ours_images).min() > 0.99999 and _cosine(texts, ours_texts).min() > 0.99999
+    np.testing.assert_allclose(images, ours_images, rtol=0, atol=bar * np.abs(ours_images).max())
+    np.testing.assert_allclose(texts, ours_texts, rtol=0, atol=bar * np.abs(ours_texts).max())
+    assert _cosine(images, ours_images).min() > cosine and _cosine(texts, ours_texts).min() > cosine
 
 
 def test_vlm_reads_clipcpp_f32(clipcpp_f32: Path, reference: tuple[np.ndarray, np.ndarray]) -> None:
