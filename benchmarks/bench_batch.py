@@ -346,14 +346,21 @@ def sample_folder(folder: Path, n: int) -> list[Path]:
 
 
 def mtmd_loop_case(
-    model: Path, mmproj: Path, paths: list[Path], threads: int, max_tokens: int, work: Path, rounds: int
+    model: Path,
+    mmproj: Path,
+    paths: list[Path],
+    threads: int,
+    max_tokens: int,
+    work: Path,
+    rounds: int,
+    llama_build: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """`vlm caption FOLDER --out` against a loop of llama-mtmd-cli processes over the same photos (--perf -lv 4
     only make it print the timings read here for its token counts)."""
     from bench_vlm import mtmd_timings
     from llama_tools import tool
 
-    mtmd = str(tool("llama-mtmd-cli"))
+    mtmd = str(tool("llama-mtmd-cli", llama_build))
     prompt, n, t = "Describe this image in one sentence.", str(max_tokens), str(threads)
     env = {**os.environ, "VLM_CACHE_SIZE": "0"}
     loop_runs: list[dict] = []
@@ -459,6 +466,12 @@ def main() -> None:
     ap.add_argument("--skip-real", action="store_true", help="only the tiny VLM (no real-size models)")
     ap.add_argument("--loop-images", type=int, default=6, help="photos for vlm caption vs the llama-mtmd-cli loop")
     ap.add_argument("--loop-tokens", type=int, default=32, help="-n of both in that comparison")
+    ap.add_argument(
+        "--llama-cmake-arg",
+        action="append",
+        default=[],
+        help="a cmake -D option of the llama-mtmd-cli build (repeat; --llama-cmake-arg=-DGGML_AVX512=OFF)",
+    )
     ap.add_argument("--only", default="caption-tiny,caption-real,embed,classify,multiseq,mtmd-loop")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlmcli-bench"))
     args = ap.parse_args()
@@ -514,7 +527,8 @@ def main() -> None:
         if "mtmd-loop" in only:
             model, mmproj = real_vlm(cache)
             loop_paths = sample_folder(cache / f"sample-photos-{args.loop_images}", args.loop_images)
-            r = mtmd_loop_case(model, mmproj, loop_paths, args.threads, args.loop_tokens, work, args.rounds)
+            build = tuple(args.llama_cmake_arg)
+            r = mtmd_loop_case(model, mmproj, loop_paths, args.threads, args.loop_tokens, work, args.rounds, build)
             print_table(
                 "`vlm caption FOLDER` against a loop of llama-mtmd-cli",
                 ["how", "images/s"],

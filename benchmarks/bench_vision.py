@@ -13,6 +13,7 @@ llama-cpp-python), on the same GGUFs, photo, prompt, threads and token budget, g
 
     python benchmarks/bench_vision.py --threads 2 --runs 7
     VLM_VISION_KERNELS=i16-avx2 python benchmarks/bench_vision.py     # a given form of vlm's kernels
+    python benchmarks/bench_vision.py --forms i16-vnni,i16-avx2,bf16   # several, in one run
     python benchmarks/bench_vision.py --ask --threads 2 --runs 3 --tokens 32
     perf record -g python benchmarks/bench_vision.py --vlm-only --runs 20   # where vlm's pass goes
 
@@ -43,17 +44,16 @@ PROMPT = "Describe this image."
 
 
 def ask_commands(
-    model: Path, mmproj: Path, threads: int, tokens: int, home: Path, mtmd_row: bool
+    model: Path, mmproj: Path, threads: int, tokens: int, home: Path, mtmd_row: bool, llama_build: tuple[str, ...] = ()
 ) -> dict[str, tuple[list[str], dict]]:
-    """name -> (command, environment) for --ask."""
+    """name -> (command, environment) for --ask; llama_build: the cmake arguments of the llama-mtmd-cli build."""
     from llama_tools import tool
 
     vlm = str(Path(sys.executable).with_name("vlm"))
     ask = [vlm, "ask", "-i", str(SAMPLE), PROMPT, "-m", str(model), "--mmproj", str(mmproj), "--detail", "high"]
     ask += ["-t", str(threads), "-n", str(tokens), "--no-cache", "-q"]
-    env = {**os.environ, "VLM_HOME": str(home)}
-    env.pop("VLM_VISION_KERNELS", None)
-    cli = [str(tool("llama-mtmd-cli")), "-m", str(model), "--mmproj", str(mmproj), "--image", str(SAMPLE)]
+    env = {**os.environ, "VLM_HOME": str(home)}  # VLM_VISION_KERNELS, where set, picks vlm's form
+    cli = [str(tool("llama-mtmd-cli", llama_build)), "-m", str(model), "--mmproj", str(mmproj), "--image", str(SAMPLE)]
     cli += ["-p", f"<__media__>{PROMPT}", "-n", str(tokens), "-t", str(threads), "--temp", "0", "-c", "8192"]
     commands = {"vlm ask": (ask, env), "llama-mtmd-cli": (cli, env)}
     if mtmd_row:
@@ -63,7 +63,8 @@ def ask_commands(
 
 def ask_walls(args: argparse.Namespace, model: Path, mmproj: Path) -> None:
     home = Path(args.cache) / "vlm-home"
-    commands = ask_commands(model, mmproj, args.threads, args.tokens, home, args.with_mtmd_encoder)
+    build = tuple(args.llama_cmake_arg)
+    commands = ask_commands(model, mmproj, args.threads, args.tokens, home, args.with_mtmd_encoder, build)
     walls: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(args.runs):
         for name, (cmd, env) in commands.items():
@@ -101,11 +102,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="with --ask: most tokens generated")
     ap.add_argument("--with-mtmd-encoder", action="store_true", help="with --ask: also vlm ask on mtmd's encoder")
     ap.add_argument("--vlm-only", action="store_true", help="vlm's encoder alone, for a profiler")
+    ap.add_argument(
+        "--llama-cmake-arg",
+        action="append",
+        default=[],
+        help="with --ask: a cmake -D option of the llama-mtmd-cli build (repeat; --llama-cmake-arg=-DGGML_AVX512=OFF)",
+    )
     ap.add_argument("--forms", help="kernel forms to time, comma-separated (default: the one vlm picks here)")
     args = ap.parse_args()
 
     from bench_vlm import build_model
 
+    from vlmcli.engines import clip_kernels, siglip
     from vlmcli.engines.llama import EngineOptions, VlmEngine
     from vlmcli.engines.llama_native import mtmd
     from vlmcli.engines.siglip_chunks import MtmdEncoder, VlmEncoder
@@ -120,6 +128,12 @@ def main() -> None:
     forms = args.forms.split(",") if args.forms else [path.form]
     if forms == [None]:
         sys.exit(f"vlm's kernels do not run this projector here: {path.reason}")
+    for form in forms:
+        if form not in clip_kernels.FORMS or not clip_kernels.available(form):
+            sys.exit(f"--forms: this CPU does not run vlm's {form!r} form")
+        why = siglip.unsupported(engine.mmproj_info, form)
+        if why:
+            sys.exit(f"--forms: the {form} form does not run this projector: {why}")
     encoders = {form: VlmEncoder.load(mmproj, engine.mmproj_info, form, args.threads) for form in forms}
     ours = encoders[forms[0]]
     theirs = MtmdEncoder()
@@ -131,7 +145,8 @@ def main() -> None:
     if args.vlm_only:
         vlm_only(ours, ctx, images[0], width, args)
         mtmd.mtmd_input_chunks_free(chunks_ptr)
-        ours.close()
+        for enc in encoders.values():
+            enc.close()
         engine.close()
         return
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from threading import Event
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ from vlmcli.engines import clip_kernels, vision_path
 from vlmcli.engines.encoding_cache import EncodingCache
 from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
 from vlmcli.engines.llama_native import mtmd
-from vlmcli.engines.siglip_chunks import MtmdEncoder, VlmEncoder, chunk_tiles
+from vlmcli.engines.siglip import PackedSiglip
+from vlmcli.engines.siglip_chunks import MtmdEncoder, VlmEncoder, chunk_tiles, start_chunk_encoder
 from vlmcli.engines.vision_path import KERNELS_ENV, choose_vision_path
 from vlmcli.errors import VlmError
 from vlmcli.gguf.reader import inspect_gguf
@@ -89,6 +91,29 @@ def test_greedy_answers_equal_mtmd(
         assert got == want
     finally:
         ours.close()
+
+
+def test_packing_in_the_background(smolvlm2_gguf) -> None:
+    """The engine packs the projector while llama.cpp loads the model: the encoder it finishes is the one
+    loaded in the foreground, and a failed load stops the packing (the weights left are skipped)."""
+    info = inspect_gguf(smolvlm2_gguf.mmproj)
+    form = choose_vision_path(True, info).form
+    if form is None:
+        pytest.skip("vlm's kernels do not run here")
+    pending = start_chunk_encoder(smolvlm2_gguf.mmproj, info, True, 2)
+    ours, again = pending.finish(), VlmEncoder.load(smolvlm2_gguf.mmproj, info, form, 2)
+    try:
+        assert isinstance(ours, VlmEncoder)
+        tiles = np.random.default_rng(0).standard_normal((1, *[ours.siglip.config.image_size] * 2, 3), np.float32)
+        np.testing.assert_array_equal(ours.siglip.encode(tiles), again.siglip.encode(tiles))
+    finally:
+        ours.close()
+        again.close()
+    stop = Event()
+    stop.set()
+    with pytest.raises(VlmError, match="stopped"):
+        PackedSiglip.read(smolvlm2_gguf.mmproj, info, form, 2, stop)
+    assert isinstance(start_chunk_encoder(smolvlm2_gguf.mmproj, info, False, 2).finish(), MtmdEncoder)  # a GPU
 
 
 def test_embeddings_land_in_the_encoding_cache(smolvlm2_gguf, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

@@ -428,7 +428,15 @@ class VlmEngine(NativeResource):
         return n_ctx
 
     def _load(self) -> None:
-        open_image_encoder = start_chunk_encoder(self.mmproj_path, self.mmproj_info, not self.uses_gpu, self.n_threads)
+        image_encoder = start_chunk_encoder(self.mmproj_path, self.mmproj_info, not self.uses_gpu, self.n_threads)
+        try:
+            self._load_model()
+        except BaseException:
+            image_encoder.cancel()
+            raise
+        self.image_encoder = image_encoder.finish()
+
+    def _load_model(self) -> None:
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = self.options.n_gpu_layers if self.options.n_gpu_layers >= 0 else 999
         mparams.use_extra_bufts = extra_buffers_allowed()
@@ -467,7 +475,6 @@ class VlmEngine(NativeResource):
         # Open the projector now, so a bad mmproj fails at load, not at the first image; with the
         # token cap this engine's detail setting uses most (each cap costs a copy of its weights).
         self._mtmd_context(self._token_cap(self._usual_max_tiles()))
-        self.image_encoder = open_image_encoder()
 
     def _usual_max_tiles(self) -> int | None:
         """The tile cap most images get under the configured detail (None = the model's full tiling)."""

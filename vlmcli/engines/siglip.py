@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from threading import Event
 
 import numpy as np
 
@@ -156,8 +157,12 @@ class PackedSiglip:
     small: dict[str, np.ndarray]  # F32 tensors for the backend: norms, biases, position embeddings
 
     @classmethod
-    def read(cls, path: str | os.PathLike[str], info: GgufInfo, form: str, workers: int = 1) -> PackedSiglip:
-        """The weights packed by `workers` threads (the packer runs in C, outside the GIL)."""
+    def read(
+        cls, path: str | os.PathLike[str], info: GgufInfo, form: str, workers: int = 1, stop: Event | None = None
+    ) -> PackedSiglip:
+        """The weights packed by `workers` threads (the packer runs in C, outside the GIL), each weight read
+        (dequantized, for Q8_0 and BF16 files) just before it is packed. Once `stop` is set the weights
+        not yet packed are skipped and VlmError is raised."""
         cfg = SiglipConfig.from_gguf(info.metadata)
         d = cfg.width
         stored = {t.name: t for t in info.tensors}
@@ -169,19 +174,19 @@ class PackedSiglip:
         def rows(name: str, k: int) -> np.ndarray:  # ggml [k, n] = numpy (n, k): HF's nn.Linear layout
             return values(name).reshape(-1, k)
 
-        jobs: dict[str, np.ndarray] = {PATCH: rows(PATCH, 3 * cfg.patch_size**2)}
+        jobs: dict[str, tuple[str, int]] = {PATCH: (PATCH, 3 * cfg.patch_size**2)}  # packed name -> (stored, k)
         small = {x: values(x) for x in ("v.patch_embd.bias", "v.position_embd.weight")}
         for i in range(cfg.layers):
             b = f"v.blk.{i}"
             for x in ("q", "k", "v", "out"):
-                jobs[f"{b}.attn_{x}.weight"] = rows(f"{b}.attn_{x}.weight", d)
+                jobs[f"{b}.attn_{x}.weight"] = (f"{b}.attn_{x}.weight", d)
             small[f"{b}.attn_qkv.bias"] = np.concatenate([values(f"{b}.attn_{x}.bias") for x in "qkv"])
             # fc1 takes the width in, fc2 gives it back; mtmd accepts ffn_up / ffn_down either way round
             up_rows_in = int(stored[f"{b}.ffn_up.weight"].shape[0])
             fc1, fc2 = ("ffn_up", "ffn_down") if up_rows_in == d else ("ffn_down", "ffn_up")
             # vit.block_weights names fc1 "ffn_down" and fc2 "ffn_up" (CLIP's legacy files)
-            jobs[f"{b}.ffn_down.weight"] = rows(f"{b}.{fc1}.weight", d)
-            jobs[f"{b}.ffn_up.weight"] = rows(f"{b}.{fc2}.weight", cfg.ffn)
+            jobs[f"{b}.ffn_down.weight"] = (f"{b}.{fc1}.weight", d)
+            jobs[f"{b}.ffn_up.weight"] = (f"{b}.{fc2}.weight", cfg.ffn)
             small[f"{b}.ffn_down.bias"] = values(f"{b}.{fc1}.bias")
             small[f"{b}.ffn_up.bias"] = values(f"{b}.{fc2}.bias")
             small[f"{b}.attn_out.bias"] = values(f"{b}.attn_out.bias")
@@ -190,13 +195,20 @@ class PackedSiglip:
                     small[f"{b}.{part}.{x}"] = values(f"{b}.{part}.{x}")
         for x in ("weight", "bias"):
             small[f"v.post_ln.{x}"] = values(f"v.post_ln.{x}")
-        jobs[PROJECTION] = rows(PROJECTION, d * cfg.scale_factor**2)
+        jobs[PROJECTION] = (PROJECTION, d * cfg.scale_factor**2)
+
+        def pack(job: tuple[str, int]) -> PackedWeight | None:
+            return None if stop is not None and stop.is_set() else clip_kernels.pack(rows(*job), form)
+
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            packed = dict(zip(jobs, pool.map(lambda w: clip_kernels.pack(w, form), jobs.values())))
+            done = dict(zip(jobs, pool.map(pack, jobs.values())))
+        packed = {name: w for name, w in done.items() if w is not None}
+        if len(packed) < len(done):
+            raise VlmError("the vision encoder's packing was stopped", path)
         for i in range(cfg.layers):
             q, k, v = (packed.pop(f"v.blk.{i}.attn_{x}.weight") for x in "qkv")
             packed[f"v.blk.{i}.attn_qkv.weight"] = q.stacked(k, v)
-        small = {name: np.asarray(a, np.float32) for name, a in small.items()}
+        small = {name: np.array(a, np.float32) for name, a in small.items()}  # copies: the file can close
         return cls(cfg, form, packed, small)
 
 

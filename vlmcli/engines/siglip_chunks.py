@@ -14,9 +14,9 @@ values); a chunk that fails the check is encoded by mtmd's encoder instead.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from threading import Event
 from typing import Protocol
 
 import numpy as np
@@ -109,20 +109,32 @@ class VlmEncoder:
         self.siglip.close()
 
 
-def start_chunk_encoder(mmproj: Path, info: GgufInfo, on_cpu: bool, n_threads: int) -> Callable[[], ChunkEncoder]:
+class PendingEncoder:
+    """An encoder being made: for vlm's kernels its weights are packed in a background thread meanwhile
+    (numpy and vlm's C packer only; the ggml backend is made by finish, on the caller's thread)."""
+
+    def __init__(self, mmproj: Path, info: GgufInfo, form: str | None, n_threads: int):
+        self._mmproj, self._n_threads = mmproj, n_threads
+        self._stop = Event()
+        self._packing: Future[PackedSiglip] | None = None
+        if form is not None:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="vlm-pack")
+            self._packing = pool.submit(PackedSiglip.read, mmproj, info, form, n_threads, self._stop)
+            pool.shutdown(wait=False)
+
+    def finish(self) -> ChunkEncoder:
+        """The encoder, once its weights are packed (a packing error is raised here)."""
+        if self._packing is None:
+            return MtmdEncoder()
+        siglip = SiglipEncoder.from_packed(self._mmproj, self._packing.result(), self._n_threads)
+        return VlmEncoder(siglip, MtmdEncoder())
+
+    def cancel(self) -> None:
+        """Stop packing (the weights in hand are finished): the load it overlapped has failed."""
+        self._stop.set()
+
+
+def start_chunk_encoder(mmproj: Path, info: GgufInfo, on_cpu: bool, n_threads: int) -> PendingEncoder:
     """The encoder vision_path.choose_vision_path picks for this projector and device, its weights packed
-    in a background thread from now on, so that the packing overlaps the language model's loading: call
-    the result for the encoder (a packing error is raised there). The thread runs numpy and vlm's C
-    packer only; the call makes the encoder's ggml backend."""
-    path = choose_vision_path(on_cpu, info)
-    form = path.form
-    if form is None:
-        return MtmdEncoder
-    pool = ThreadPoolExecutor(1, thread_name_prefix="vlm-pack")
-    packing = pool.submit(PackedSiglip.read, mmproj, info, form, n_threads)
-    pool.shutdown(wait=False)
-
-    def finish() -> ChunkEncoder:
-        return VlmEncoder(SiglipEncoder.from_packed(mmproj, packing.result(), n_threads), MtmdEncoder())
-
-    return finish
+    from now on while the caller loads the language model: PendingEncoder.finish gives it."""
+    return PendingEncoder(mmproj, info, choose_vision_path(on_cpu, info).form, n_threads)
