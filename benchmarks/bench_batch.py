@@ -454,6 +454,8 @@ def mtmd_loop_case(
 
 
 def main() -> None:
+    from llama_tools import add_build_option
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument(
@@ -466,12 +468,7 @@ def main() -> None:
     ap.add_argument("--skip-real", action="store_true", help="only the tiny VLM (no real-size models)")
     ap.add_argument("--loop-images", type=int, default=6, help="photos for vlm caption vs the llama-mtmd-cli loop")
     ap.add_argument("--loop-tokens", type=int, default=32, help="-n of both in that comparison")
-    ap.add_argument(
-        "--llama-cmake-arg",
-        action="append",
-        default=[],
-        help="a cmake -D option of the llama-mtmd-cli build (repeat; --llama-cmake-arg=-DGGML_AVX512=OFF)",
-    )
+    add_build_option(ap)  # the llama-mtmd-cli loop's build
     ap.add_argument("--only", default="caption-tiny,caption-real,embed,classify,multiseq,mtmd-loop")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlmcli-bench"))
     args = ap.parse_args()

@@ -92,6 +92,8 @@ def vlm_only(encoder, ctx, tile, width: int, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from llama_tools import add_build_option
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="256m", choices=("256m", "500m"))
     ap.add_argument("--quant", default="Q8_0")
@@ -102,12 +104,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="with --ask: most tokens generated")
     ap.add_argument("--with-mtmd-encoder", action="store_true", help="with --ask: also vlm ask on mtmd's encoder")
     ap.add_argument("--vlm-only", action="store_true", help="vlm's encoder alone, for a profiler")
-    ap.add_argument(
-        "--llama-cmake-arg",
-        action="append",
-        default=[],
-        help="with --ask: a cmake -D option of the llama-mtmd-cli build (repeat; --llama-cmake-arg=-DGGML_AVX512=OFF)",
-    )
+    add_build_option(ap)  # with --ask: llama-mtmd-cli's build
     ap.add_argument("--forms", help="kernel forms to time, comma-separated (default: the one vlm picks here)")
     args = ap.parse_args()
 

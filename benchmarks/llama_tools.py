@@ -94,6 +94,16 @@ def tool(name: str, cmake_args: tuple[str, ...] = ()) -> Path:
     return build(cmake_args) / name
 
 
+def add_build_option(ap: argparse.ArgumentParser) -> None:
+    """--llama-cmake-arg (repeatable): run the peers of a variant build (an AVX2 proxy, say)."""
+    ap.add_argument(
+        "--llama-cmake-arg",
+        action="append",
+        default=[],
+        help="a cmake -D option of the llama.cpp tools' build (repeat; --llama-cmake-arg=-DGGML_AVX512=OFF)",
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cmake-arg", action="append", default=[], help="an extra cmake -D option (repeat)")
