@@ -110,11 +110,11 @@ def main() -> None:
 
     from bench_vlm import build_model
 
-    from vlmcli.engines import clip_kernels, siglip
+    from vlmcli.engines import clip_kernels
     from vlmcli.engines.llama import EngineOptions, VlmEngine
     from vlmcli.engines.llama_native import mtmd
     from vlmcli.engines.siglip_chunks import MtmdEncoder, VlmEncoder
-    from vlmcli.engines.vision_path import choose_vision_path
+    from vlmcli.engines.vision_path import choose_vision_path, kernels_path
     from vlmcli.images import load_image
 
     model, mmproj = build_model(args.size, args.quant, Path(args.cache))
@@ -128,9 +128,9 @@ def main() -> None:
     for form in forms:
         if form not in clip_kernels.FORMS or not clip_kernels.available(form):
             sys.exit(f"--forms: this CPU does not run vlm's {form!r} form")
-        why = siglip.unsupported(engine.mmproj_info, form)
-        if why:
-            sys.exit(f"--forms: the {form} form does not run this projector: {why}")
+        runs = kernels_path(form, engine.mmproj_info)
+        if runs.form is None:
+            sys.exit(f"--forms: the {form} form does not run here: {runs.reason}")
     encoders = {form: VlmEncoder.load(mmproj, engine.mmproj_info, form, args.threads) for form in forms}
     ours = encoders[forms[0]]
     theirs = MtmdEncoder()

@@ -77,7 +77,13 @@ def choose_vision_path(on_cpu: bool, mmproj: GgufInfo | None = None) -> VisionPa
             f"with {clip_kernels.FORMS[choice].isa}, and a C compiler when vlm was installed)"
         )
     form = choice if choice != "auto" else best_form()
-    if form is None or not clip_kernels.attention_available():
+    return VisionPath(None, "no vlm kernels on this CPU") if form is None else kernels_path(form, mmproj)
+
+
+def kernels_path(form: str, mmproj: GgufInfo | None = None) -> VisionPath:
+    """vlm's kernels in `form`, one this CPU runs, for a projector (None: any they take), or mtmd's encoder
+    and why where they cannot run it."""
+    if not clip_kernels.attention_available():
         return VisionPath(None, "no vlm kernels on this CPU")
     why = siglip.unsupported(mmproj, form) if mmproj is not None else None
     return VisionPath(None, why) if why else VisionPath(form)
