@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
+from vlmcli.engines.llama_native import llama
 from vlmcli.engines.prompt import ChatPrompt, render_user_turn
+from vlmcli.engines.prompt_rows import PromptRows
 from vlmcli.errors import VlmError
 from vlmcli.gguf.reader import inspect_gguf
 from vlmcli.images import load_image
@@ -112,6 +115,26 @@ def test_several_prompts_reuse_the_image_and_match_single_runs(engines) -> None:
     assert both[1].prompt_tokens == alone.prompt_tokens
     # The image was encoded once: the second answer spent no time in the vision encoder.
     assert both[0].timings.image_encode_ms > 0 and both[1].timings.image_encode_ms == 0
+
+
+def test_text_rows_decode_as_their_token_ids(engines) -> None:
+    """The prompt goes to llama.cpp as embedding rows (prompt_rows.py): a text token's row gives the very
+    logits its id gives, as llama.cpp's get_rows would look it up (Q8_0 rows dequantized by ggml)."""
+    engine = engines()
+    tokens = engine.tokenize("<|im_start|>User: What is in the picture? Describe it in detail.<end_of_utterance>")
+    memory = llama.llama_get_memory(engine._ctx)
+    try:
+        llama.llama_memory_clear(memory, True)
+        engine._decode_tokens(tokens, 0, logits_last=True)
+        by_id = engine._logits_row(-1).copy()
+        llama.llama_memory_clear(memory, True)
+        rows = PromptRows(engine._ctx, engine._embd_batch(), len(tokens) + 1, engine._token_rows(), 0)
+        rows.add_tokens(tokens)
+        assert rows.flush(logits_last=True) == len(tokens)
+        np.testing.assert_array_equal(engine._logits_row(-1), by_id)
+    finally:
+        llama.llama_memory_clear(memory, True)
+        engine._kv = []
 
 
 def test_sampling_with_seed_is_reproducible(engines) -> None:

@@ -3,7 +3,8 @@
 The engine owns every llama.cpp and mtmd object. mtmd preprocesses the image (resize, tiling) and
 expands it into the model's image tokens; the engine walks mtmd's chunks itself so that it can
 time image encoding separately from prefill, keep an encoded image in the KV cache for several
-questions, and offer lower detail levels (see `detail.py`).
+questions, offer lower detail levels (see `detail.py`), encode the chunks on vlm's kernels
+(`siglip_chunks.py`) and decode the prompt in whole batches (`prompt_rows.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from vlmcli.engines.encoding_cache import EncodingCache, image_digest
 from vlmcli.engines.gbnf import Grammar
 from vlmcli.engines.json_schema import Constraint
 from vlmcli.engines.llama_native import (
+    batch_positions,
     build_id,
     clear_native_errors,
     extra_buffers_allowed,
@@ -50,6 +52,7 @@ from vlmcli.engines.prompt import (
     question_layout,
     split_media,
 )
+from vlmcli.engines.prompt_rows import PromptRows, TokenRows
 from vlmcli.engines.sampling import RowSampler, SequenceSampler
 from vlmcli.engines.siglip_chunks import ChunkEncoder, MtmdEncoder, start_chunk_encoder
 from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
@@ -382,6 +385,8 @@ class VlmEngine(NativeResource):
         self._grammars: dict[str, Grammar | None] = {}  # constraints' grammars as gbnf.py follows them
         self._pieces: Pieces | None = None  # the vocabulary's pieces, read at the first constrained answer
         self._batch: llama.llama_batch | None = None
+        self._prompt_batch: llama.llama_batch | None = None  # the prompt's rows, as embeddings (prompt_rows.py)
+        self._prompt_tokens: TokenRows | None = None
         self._kv: list[media_plan.Entry] = []  # what sequence 0 of the KV cache holds (reused by the next prompt)
         t0 = time.perf_counter()
         if not self.options.native_logs:
@@ -465,6 +470,8 @@ class VlmEngine(NativeResource):
         self._ctx = ctx
         self.n_ctx = llama.llama_n_ctx(ctx)
         self._batch = llama.llama_batch_init(self.options.n_batch, 0, 1)
+        self._prompt_tokens = TokenRows(self.model_info)
+        self._prompt_batch = llama.llama_batch_init(self.options.n_batch, self._prompt_tokens.width, 1)
         self.chat_template = _model_meta(model, "tokenizer.chat_template")
         # Rendered once, used for every image; a template that cannot render is a fault of the file.
         try:
@@ -474,7 +481,10 @@ class VlmEngine(NativeResource):
         self.eos_ids = self._special_ids()
         # Open the projector now, so a bad mmproj fails at load, not at the first image; with the
         # token cap this engine's detail setting uses most (each cap costs a copy of its weights).
-        self._mtmd_context(self._token_cap(self._usual_max_tiles()))
+        ctx = self._mtmd_context(self._token_cap(self._usual_max_tiles()))
+        if mtmd.mtmd_decode_use_non_causal(ctx, None) or mtmd.mtmd_decode_use_mrope(ctx):
+            # prompt_rows.py decodes image rows as text rows: causal, one position each
+            raise ModelError("this projector's image tokens need non-causal or M-RoPE decoding", self.mmproj_path)
 
     def _usual_max_tiles(self) -> int | None:
         """The tile cap most images get under the configured detail (None = the model's full tiling)."""
@@ -549,9 +559,10 @@ class VlmEngine(NativeResource):
         for ctx in self._mtmd.values():
             mtmd.mtmd_free(ctx)
         self._mtmd.clear()
-        if self._batch is not None:
-            llama.llama_batch_free(self._batch)
-            self._batch = None
+        for batch in (self._batch, self._prompt_batch):
+            if batch is not None:
+                llama.llama_batch_free(batch)
+        self._batch = self._prompt_batch = self._prompt_tokens = None
         if self._ctx:
             llama.llama_free(self._ctx)
             self._ctx = None
@@ -592,11 +603,19 @@ class VlmEngine(NativeResource):
         assert self._batch is not None, "the engine is closed"
         return self._batch
 
+    def _embd_batch(self) -> llama.llama_batch:
+        assert self._prompt_batch is not None, "the engine is closed"
+        return self._prompt_batch
+
+    def _token_rows(self) -> TokenRows:
+        assert self._prompt_tokens is not None, "the engine is closed"
+        return self._prompt_tokens
+
     # -- prompt evaluation ---------------------------------------------------------------------
 
     def _decode_tokens(self, tokens: list[int], n_past: int, logits_last: bool) -> int:
         b = self._token_batch()
-        pos = _positions(b)
+        pos = batch_positions(b)
         step = self.options.n_batch
         for start in range(0, len(tokens), step):
             part = tokens[start : start + step]
@@ -727,7 +746,7 @@ class VlmEngine(NativeResource):
             keep, restored_from_disk = plan.prefix_end, True
         n_past = sum(e.size for e in entries[:keep])
         llama.llama_memory_seq_rm(memory, 0, n_past, -1)
-        self._kv = entries[:keep]
+        self._kv = entries[:keep]  # grows as rows are decoded; cells past it are removed by the next prompt
         fresh = keep == 0
         passes = [0] * len(plan.media)
         evaluated = [0] * len(plan.media)
@@ -735,6 +754,7 @@ class VlmEngine(NativeResource):
         done = 0
         if on_progress is not None and todo:
             on_progress(0, todo)
+        rows = PromptRows(self._ctx, self._embd_batch(), self.options.n_batch, self._token_rows(), n_past)
         i = keep
         while i < len(entries):
             action = plan.actions[i] if i < len(plan.actions) else None
@@ -742,10 +762,7 @@ class VlmEngine(NativeResource):
                 j = i
                 while j < len(entries) and (j >= len(plan.actions) or plan.actions[j][0] == _TEXT):
                     j += 1
-                t0 = time.perf_counter()
-                tokens = [cast(int, e.what) for e in entries[i:j]]
-                n_past = self._decode_tokens(tokens, n_past, logits_last=j == len(entries))
-                timings.prefill_ms += (time.perf_counter() - t0) * 1000
+                rows.add_tokens([cast(int, e.what) for e in entries[i:j]])
                 timings.prefill_tokens += j - i
             else:
                 _, v, c, ordinal = action
@@ -753,20 +770,24 @@ class VlmEngine(NativeResource):
                 chunk = self._tokenize_view(pv)[c]
                 embd = self._embd_key(pv)
                 key = {**embd, "chunk": ordinal} if embd is not None else None
-                n_past, encoded = self._eval_image_chunk(chunk, n_past, timings, pv.cap, key)
-                item = pv.view.item
-                passes[item] += encoded
-                evaluated[item] += 1
+                rows.add_embeddings(self._image_chunk_rows(chunk, timings, pv.cap, passes, pv.view.item, key))
+                timings.prefill_tokens += chunk.n_tokens
+                evaluated[pv.view.item] += 1
                 done += 1
                 if on_progress is not None:
                     on_progress(done, todo)
                 j = i + 1
-            self._kv = entries[:j]
+            # The media prefix is decoded apart from the text after it, so that its KV cells are the same
+            # whatever question follows (and the same as those the encoding cache keeps).
+            if j == plan.prefix_end or j == len(entries):
+                n_past = rows.flush(logits_last=j == len(entries))
+                self._kv = entries[:j]
             # Saved when the encoder ran for a prefix evaluated from its start: a conversation's later turns
             # (their history kept in memory) would fill the cache with prefixes no other prompt shares.
             if kv_key is not None and j == plan.prefix_end and not restored_from_disk and any(passes) and fresh:
                 self._save_prefix(kv_key, n_past, plan)
             i = j
+        timings.prefill_ms += rows.decode_s * 1000
         return n_past, plan.encodings(passes, evaluated, restored_from_disk)
 
     # -- the encoding cache ----------------------------------------------------------------------
@@ -839,47 +860,26 @@ class VlmEngine(NativeResource):
         if written:
             self.options.cache.put(key, {"n_past": n_past}, bytes(buf)[:written])
 
-    def _eval_image_chunk(
-        self, chunk: _Chunk, n_past: int, timings: Timings, cap: int, key: dict[str, Any] | None
-    ) -> tuple[int, int]:
-        """Encode one image chunk (or take its embeddings from the cache) and decode it into the
-        KV cache. Returns (n_past, encoder passes run: 0 or 1)."""
-        ctx = self._mtmd_context(cap)
+    def _image_chunk_rows(
+        self, chunk: _Chunk, timings: Timings, cap: int, passes: list[int], item: int, key: dict[str, Any] | None
+    ) -> np.ndarray:
+        """One image chunk's embeddings, [n_tokens, width]: from the encoding cache, or encoded (and then
+        counted in `passes[item]` and put in the cache)."""
         t0 = time.perf_counter()
-        width = int(self.model_info.metadata.get(f"{self.model_info.arch}.embedding_length") or 0)
+        width = self._token_rows().width
         size = chunk.n_tokens * width * 4
-        hit = self.options.cache.get(key) if key is not None and self.options.cache is not None else None
+        cache = self.options.cache
+        hit = cache.get(key) if key is not None and cache is not None else None
         if hit is not None and len(hit.payload) == size:
-            cached = (ctypes.c_float * (size // 4)).from_buffer_copy(hit.payload)
-            embd = ctypes.cast(cached, ctypes.POINTER(ctypes.c_float))
-            passes = 0
+            embd = np.frombuffer(hit.payload, np.float32).reshape(chunk.n_tokens, width)
         else:
-            encoded = self.image_encoder.encode(ctx, chunk.ptr, chunk.n_tokens, width, self.n_threads)
-            embd = encoded.ctypes.data_as(ctypes.POINTER(ctypes.c_float))  # alive until decoded below
-            passes = 1
-            if key is not None and self.options.cache is not None and size:
-                self.options.cache.put(key, {"tokens": chunk.n_tokens, "width": width}, encoded.tobytes())
-        t1 = time.perf_counter()
-        new_n_past = llama.llama_pos(n_past)
-        rc = mtmd.mtmd_helper_decode_image_chunk(
-            ctx,
-            self._ctx,
-            chunk.ptr,
-            embd,
-            n_past,
-            0,
-            self.options.n_batch,
-            ctypes.byref(new_n_past),
-            _NO_CALLBACK,
-            None,
-        )
-        if rc != 0:
-            raise VlmError(f"llama.cpp failed to decode the image tokens (code {rc})")
-        t2 = time.perf_counter()
-        timings.image_encode_ms += (t1 - t0) * 1000
-        timings.prefill_ms += (t2 - t1) * 1000
-        timings.prefill_tokens += chunk.n_tokens
-        return int(new_n_past.value), passes
+            ctx = self._mtmd_context(cap)
+            embd = self.image_encoder.encode(ctx, chunk.ptr, chunk.n_tokens, width, self.n_threads)
+            passes[item] += 1
+            if key is not None and cache is not None and size:
+                cache.put(key, {"tokens": chunk.n_tokens, "width": width}, embd.tobytes())
+        timings.image_encode_ms += (time.perf_counter() - t0) * 1000
+        return embd.reshape(chunk.n_tokens, width)
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -1159,7 +1159,7 @@ class VlmEngine(NativeResource):
         row = [-1] * n  # each sequence's logits row in the last batch (-1: the prompt's last token)
         active = list(range(n))
         b = self._token_batch()
-        pos = _positions(b)
+        pos = batch_positions(b)
         t0 = time.perf_counter()
         try:
             for step in range(max(0, budget)):
@@ -1215,9 +1215,9 @@ class VlmEngine(NativeResource):
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
 
-    def score(self, image: Image.Image, prompt: str, tokens: list[int]) -> list[float]:
-        """Teacher forcing: the model's log-probability of each of `tokens` as the answer to `prompt`
-        about `image` (the prompt evaluated as `ask` does, the answer in one batch)."""
+    def answer_logits(self, image: Image.Image, prompt: str, tokens: list[int]) -> np.ndarray:
+        """Teacher forcing: the logits the model gives before each of `tokens`, as the answer to `prompt`
+        about `image` (the prompt evaluated as `ask` does, the answer in one batch): [len(tokens), n_vocab]."""
         chat = self.chat
         if not self.options.reuse_kv:
             self._kv = []
@@ -1226,9 +1226,11 @@ class VlmEngine(NativeResource):
             n_past, _ = self._prefill(plan, chat.after_image(prompt), Timings())
         finally:
             plan.free()
-        out = [self._logprob(-1, tokens[0])] if tokens else []
+        out = np.empty((len(tokens), self.n_vocab), np.float32)
+        if tokens:
+            out[0] = self._logits_row(-1)
         b = self._token_batch()
-        pos = _positions(b)
+        pos = batch_positions(b)
         for start in range(0, len(tokens) - 1, self.options.n_batch):
             part = tokens[start : min(start + self.options.n_batch, len(tokens) - 1)]
             b.n_tokens = len(part)
@@ -1237,8 +1239,15 @@ class VlmEngine(NativeResource):
                 b.seq_id[i][0] = 0
             if llama.llama_decode(self._ctx, b) != 0:
                 raise VlmError("llama.cpp failed to decode the answer being scored")
-            out += [self._logprob(i, tokens[start + i + 1]) for i in range(len(part))]
+            out[start + 1 : start + 1 + len(part)] = self._logits_rows(False, len(part))
         return out
+
+    def score(self, image: Image.Image, prompt: str, tokens: list[int]) -> list[float]:
+        """The model's log-probability of each of `tokens` as the answer to `prompt` about `image`."""
+        logits = self.answer_logits(image, prompt, tokens).astype(np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        return [float(logits[i, t] - norm[i]) for i, t in enumerate(tokens)]
 
 
 class _CandidateStream:
@@ -1259,14 +1268,8 @@ class _CandidateStream:
                 self.on_text(seq, tail)
 
 
-_NO_CALLBACK = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
 # Part of the KV cache entries' key: llama.cpp's per-sequence state layout may change between builds.
 _LLAMA_CPP_VERSION = build_id()
-
-
-def _positions(batch: llama.llama_batch) -> ctypes.Array[ctypes.c_int32]:
-    """The batch's token positions, one llama_pos each (llama-cpp-python annotates them one level too deep)."""
-    return cast("ctypes.Array[ctypes.c_int32]", batch.pos)
 
 
 def _with_native_reason(message: str) -> str:

@@ -6,6 +6,7 @@ import collections
 import ctypes
 import os
 import re
+from typing import cast
 
 from llama_cpp import llama_cpp as llama  # also imported from here by the engine
 from llama_cpp import mtmd_cpp as mtmd
@@ -32,6 +33,11 @@ def _drop_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
             else:
                 _errors.append(line)
     return None
+
+
+def batch_positions(batch: llama.llama_batch) -> ctypes.Array[ctypes.c_int32]:
+    """The batch's token positions, one llama_pos each (llama-cpp-python annotates them one level too deep)."""
+    return cast("ctypes.Array[ctypes.c_int32]", batch.pos)
 
 
 def clear_native_errors() -> None:
