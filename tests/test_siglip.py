@@ -86,9 +86,9 @@ def smolvlm2_f16(smolvlm2_checkpoint, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.mark.parametrize("form", list(clip_kernels.FORMS))
 def test_greedy_answers_equal_mtmd(smolvlm2_f16, monkeypatch: pytest.MonkeyPatch, form: str) -> None:
-    """mtmd's greedy answers, teacher-forced through vlm's encoder: the same token wherever mtmd's model
-    prefers its token by more than the encoders' logits differ, and they differ far less than mtmd's own
-    Q8_0 projector makes them.
+    """mtmd's greedy answers, teacher-forced through vlm's encoder: the logits move less than a quarter as
+    far as mtmd's own Q8_0 projector moves them, little enough that vlm's encoder picks mtmd's token at
+    most steps by construction (wherever mtmd's top two tokens are further apart than twice that move).
 
     The language model is F16: a random model's logits are chaotic under Q8_0's 8-bit activations (a
     change of one rounding anywhere moves them by ~2% of their scale, as much as llama.cpp's own choice
@@ -100,7 +100,7 @@ def test_greedy_answers_equal_mtmd(smolvlm2_f16, monkeypatch: pytest.MonkeyPatch
 
     def engine(kernels: str, projector: Path) -> VlmEngine:
         monkeypatch.setenv(KERNELS_ENV, kernels)
-        return VlmEngine(model, projector, EngineOptions(detail="high", n_ctx=2048))
+        return VlmEngine(model, projector, EngineOptions(detail="high", n_ctx=2048, reuse_kv=True))
 
     engines = [engine("mtmd", mmproj), engine(form, mmproj), engine("mtmd", mmproj_q8)]
     try:
@@ -109,17 +109,17 @@ def test_greedy_answers_equal_mtmd(smolvlm2_f16, monkeypatch: pytest.MonkeyPatch
         image = load_image(SAMPLE)
         for prompt in ["Describe this image.", "What is in the picture?"]:
             tokens: list[int] = []
-            for _ in range(24):  # mtmd's greedy answer (the prompt's cells kept from one step to the next)
+            for _ in range(24):  # mtmd's greedy answer (reuse_kv: the image's cells kept from one step to the next)
                 tokens.append(int(mtmd_f16.answer_logits(image, prompt, [*tokens, 0])[-1].argmax()))
             want = mtmd_f16.answer_logits(image, prompt, tokens)
             got = ours.answer_logits(image, prompt, tokens)
             moved = float(np.abs(got - want).max())
             moved_q8 = float(np.abs(mtmd_q8.answer_logits(image, prompt, tokens) - want).max())
             assert moved < moved_q8 / 4, (moved, moved_q8)
+            # No logit moved more than `moved`, so wherever mtmd's top two are further apart than twice
+            # that, vlm's encoder picks mtmd's token: most steps, here.
             top2 = np.sort(want, axis=1)[:, -2:]
-            decided = top2[:, 1] - top2[:, 0] > 2 * moved
-            assert decided.sum() >= len(tokens) // 2, "too few steps decided for the check to mean anything"
-            np.testing.assert_array_equal(got.argmax(1)[decided], want.argmax(1)[decided])
+            assert (top2[:, 1] - top2[:, 0] > 2 * moved).sum() >= len(tokens) // 2, moved
     finally:
         for e in engines:
             e.close()

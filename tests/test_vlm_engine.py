@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
-from vlmcli.engines.llama_native import llama
+from vlmcli.engines.llama_native import llama, mtmd
 from vlmcli.engines.prompt import ChatPrompt, render_user_turn
 from vlmcli.engines.prompt_rows import PromptRows
 from vlmcli.errors import VlmError
@@ -128,13 +129,77 @@ def test_text_rows_decode_as_their_token_ids(engines) -> None:
         engine._decode_tokens(tokens, 0, logits_last=True)
         by_id = engine._logits_row(-1).copy()
         llama.llama_memory_clear(memory, True)
-        rows = PromptRows(engine._ctx, engine._embd_batch(), len(tokens) + 1, engine._token_rows(), 0)
+        rows = PromptRows(engine._ctx, engine._embd_batch(), engine.options.n_batch, engine._token_rows(), 0)
         rows.add_tokens(tokens)
         assert rows.flush(logits_last=True) == len(tokens)
         np.testing.assert_array_equal(engine._logits_row(-1), by_id)
     finally:
         llama.llama_memory_clear(memory, True)
         engine._kv = []
+
+
+def test_image_rows_decode_as_mtmds_helper_does(engines) -> None:
+    """Cut where mtmd's helper cuts (a batch per image chunk and per run of text), the prompt's rows give
+    the helper's logits to the bit: the same positions, sequence and causal decoding for image rows."""
+    engine = engines()
+    rgb = np.ascontiguousarray(np.asarray(load_image(SAMPLE).convert("RGB"), dtype=np.uint8))
+    prompt = "User:" + mtmd.mtmd_default_marker().decode() + "What is this?<end_of_utterance>\nAssistant:"
+    chunks_ptr, chunks = engine._tokenize_with_image(rgb, prompt, engine._token_cap(None))
+    projector, width = engine._mtmd_context(engine._token_cap(None)), engine._token_rows().width
+    memory = llama.llama_get_memory(engine._ctx)
+    try:
+        assert chunks[-1].kind == "text" and sum(c.kind == "image" for c in chunks) > 1
+        embds = [
+            engine.image_encoder.encode(projector, c.ptr, c.n_tokens, width, engine.n_threads)
+            if c.kind == "image"
+            else None
+            for c in chunks
+        ]
+        llama.llama_memory_clear(memory, True)
+        n_past = 0
+        for c, embd in zip(chunks, embds):
+            if embd is None:
+                n_past = engine._decode_tokens(c.tokens, n_past, logits_last=c is chunks[-1])
+                continue
+            new_n_past = llama.llama_pos(n_past)
+            rc = mtmd.mtmd_helper_decode_image_chunk(
+                projector,
+                engine._ctx,
+                c.ptr,
+                embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                n_past,
+                0,
+                engine.options.n_batch,
+                ctypes.byref(new_n_past),
+                mtmd.mtmd_helper_post_decode_callback(),  # none
+                None,
+            )
+            assert rc == 0
+            n_past = new_n_past.value
+        helpers = engine._logits_row(-1).copy()
+        llama.llama_memory_clear(memory, True)
+        rows = PromptRows(engine._ctx, engine._embd_batch(), engine.options.n_batch, engine._token_rows(), 0)
+        for c, embd in zip(chunks, embds):
+            rows.add_tokens(c.tokens) if embd is None else rows.add_embeddings(embd)
+            rows.flush(logits_last=c is chunks[-1])
+        assert rows.n_past == n_past
+        np.testing.assert_array_equal(engine._logits_row(-1), helpers)
+    finally:
+        mtmd.mtmd_input_chunks_free(chunks_ptr)
+        llama.llama_memory_clear(memory, True)
+        engine._kv = []
+
+
+@pytest.mark.parametrize("n_batch", [1, 7])
+def test_small_batches_answer(smolvlm2_gguf, n_batch: int) -> None:
+    """Batches smaller than an image chunk, and a prompt that ends on a whole batch (every prompt, at 1):
+    the last batch still keeps the row generation starts from."""
+    options = EngineOptions(detail="high", n_batch=n_batch, n_ctx=2048)
+    with VlmEngine(smolvlm2_gguf.model, smolvlm2_gguf.mmproj, options) as engine:
+        answers = list(
+            engine.ask(load_image(SAMPLE), ["What is this?", "Is it a cat?"], GenerationOptions(max_tokens=4))
+        )
+    assert [a.generated_tokens for a in answers] == [4, 4]
 
 
 def test_sampling_with_seed_is_reproducible(engines) -> None:

@@ -52,7 +52,7 @@ from vlmcli.engines.prompt import (
     question_layout,
     split_media,
 )
-from vlmcli.engines.prompt_rows import PromptRows, TokenRows
+from vlmcli.engines.prompt_rows import TOKEN_EMBD, PromptRows, RowBatch, TokenRows
 from vlmcli.engines.sampling import RowSampler, SequenceSampler
 from vlmcli.engines.siglip_chunks import ChunkEncoder, MtmdEncoder, start_chunk_encoder
 from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
@@ -385,7 +385,7 @@ class VlmEngine(NativeResource):
         self._grammars: dict[str, Grammar | None] = {}  # constraints' grammars as gbnf.py follows them
         self._pieces: Pieces | None = None  # the vocabulary's pieces, read at the first constrained answer
         self._batch: llama.llama_batch | None = None
-        self._prompt_batch: llama.llama_batch | None = None  # the prompt's rows, as embeddings (prompt_rows.py)
+        self._prompt_batch: RowBatch | None = None  # the prompt's rows, as embeddings (prompt_rows.py)
         self._prompt_tokens: TokenRows | None = None
         self._kv: list[media_plan.Entry] = []  # what sequence 0 of the KV cache holds (reused by the next prompt)
         t0 = time.perf_counter()
@@ -471,7 +471,8 @@ class VlmEngine(NativeResource):
         self.n_ctx = llama.llama_n_ctx(ctx)
         self._batch = llama.llama_batch_init(self.options.n_batch, 0, 1)
         self._prompt_tokens = TokenRows(self.model_info)
-        self._prompt_batch = llama.llama_batch_init(self.options.n_batch, self._prompt_tokens.width, 1)
+        self._check_prompt_rows(model, self._prompt_tokens.width)
+        self._prompt_batch = RowBatch.new(self.options.n_batch, self._prompt_tokens.width)
         self.chat_template = _model_meta(model, "tokenizer.chat_template")
         # Rendered once, used for every image; a template that cannot render is a fault of the file.
         try:
@@ -481,10 +482,21 @@ class VlmEngine(NativeResource):
         self.eos_ids = self._special_ids()
         # Open the projector now, so a bad mmproj fails at load, not at the first image; with the
         # token cap this engine's detail setting uses most (each cap costs a copy of its weights).
-        ctx = self._mtmd_context(self._token_cap(self._usual_max_tiles()))
-        if mtmd.mtmd_decode_use_non_causal(ctx, None) or mtmd.mtmd_decode_use_mrope(ctx):
+        projector = self._mtmd_context(self._token_cap(self._usual_max_tiles()))
+        if mtmd.mtmd_decode_use_non_causal(projector, None) or mtmd.mtmd_decode_use_mrope(projector):
             # prompt_rows.py decodes image rows as text rows: causal, one position each
             raise ModelError("this projector's image tokens need non-causal or M-RoPE decoding", self.mmproj_path)
+
+    def _check_prompt_rows(self, model: object, width: int) -> None:
+        """prompt_rows.py feeds text as token_embd rows: what a llama-architecture model (SmolVLM2's)
+        reads for token ids, as wide as its input (others scale one input and not the other)."""
+        if self.model_info.arch != "llama":
+            raise ModelError(
+                f"a {self.model_info.arch!r} language model: vlm runs SmolVLM2's, of the llama architecture",
+                self.model_path,
+            )
+        if llama.llama_model_n_embd_inp(model) != width:
+            raise ModelError(f"the model's input is not as wide as its {TOKEN_EMBD} rows ({width})", self.model_path)
 
     def _usual_max_tiles(self) -> int | None:
         """The tile cap most images get under the configured detail (None = the model's full tiling)."""
@@ -559,10 +571,11 @@ class VlmEngine(NativeResource):
         for ctx in self._mtmd.values():
             mtmd.mtmd_free(ctx)
         self._mtmd.clear()
-        for batch in (self._batch, self._prompt_batch):
-            if batch is not None:
-                llama.llama_batch_free(batch)
-        self._batch = self._prompt_batch = self._prompt_tokens = None
+        if self._batch is not None:
+            llama.llama_batch_free(self._batch)
+        if self._prompt_batch is not None:
+            self._prompt_batch.free()
+        self._batch, self._prompt_batch, self._prompt_tokens = None, None, None
         if self._ctx:
             llama.llama_free(self._ctx)
             self._ctx = None
@@ -603,7 +616,7 @@ class VlmEngine(NativeResource):
         assert self._batch is not None, "the engine is closed"
         return self._batch
 
-    def _embd_batch(self) -> llama.llama_batch:
+    def _embd_batch(self) -> RowBatch:
         assert self._prompt_batch is not None, "the engine is closed"
         return self._prompt_batch
 
@@ -746,7 +759,7 @@ class VlmEngine(NativeResource):
             keep, restored_from_disk = plan.prefix_end, True
         n_past = sum(e.size for e in entries[:keep])
         llama.llama_memory_seq_rm(memory, 0, n_past, -1)
-        self._kv = entries[:keep]  # grows as rows are decoded; cells past it are removed by the next prompt
+        self._kv = entries[:keep]  # set again at each flush below; cells past it are removed by the next prompt
         fresh = keep == 0
         passes = [0] * len(plan.media)
         evaluated = [0] * len(plan.media)
@@ -818,7 +831,7 @@ class VlmEngine(NativeResource):
         try:
             views = [{"image": pv.digest, "level": pv.level, "cap": pv.cap} for pv in plan.views]
             return {
-                "v": 2,
+                "v": 3,  # 3: the prompt decoded in batches of n_batch rows (prompt_rows.py)
                 "kind": "kv",
                 "mmproj": cache.file_sha256(self.mmproj_path),
                 "model": cache.file_sha256(self.model_path),
@@ -826,6 +839,7 @@ class VlmEngine(NativeResource):
                 "texts": [pv.view.before for pv in plan.views],
                 "llama_cpp": _LLAMA_CPP_VERSION,
                 "gpu": self.uses_gpu,
+                "n_batch": self.options.n_batch,  # where the prefix's batches end moves its sums' rounding
             }
         except OSError:
             return None
@@ -1217,7 +1231,8 @@ class VlmEngine(NativeResource):
 
     def answer_logits(self, image: Image.Image, prompt: str, tokens: list[int]) -> np.ndarray:
         """Teacher forcing: the logits the model gives before each of `tokens`, as the answer to `prompt`
-        about `image` (the prompt evaluated as `ask` does, the answer in one batch): [len(tokens), n_vocab]."""
+        about `image` (the prompt evaluated as `ask` does, the answer in batches of n_batch):
+        [len(tokens), n_vocab]."""
         chat = self.chat
         if not self.options.reuse_kv:
             self._kv = []

@@ -3,14 +3,16 @@
 mtmd's helper decodes each image chunk (64 rows for SmolVLM2) and each run of text between chunks as
 a call of its own, so a full-detail photo is some 40 small decode calls. Here every row goes in as an
 embedding, and the rows fill batches of n_batch whatever their kind. A text token's row is its
-token_embd row, turned to float32 by ggml's own to_float, the function llama.cpp's get_rows runs for
-token ids: the model reads the same numbers either way.
+token_embd row, turned to float32 by ggml's own to_float: the function llama.cpp's CPU get_rows runs
+for token ids, so a llama-architecture model (which scales neither input) reads the same numbers.
+The engine checks the architecture and the input width at load.
 """
 
 from __future__ import annotations
 
 import ctypes
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,24 +34,48 @@ class TokenRows:
             raise ModelError(f"has no two-dimensional {TOKEN_EMBD}", info.path)
         self.width, self.n_vocab = int(tensor.shape[0]), int(tensor.shape[1])
         self.type = tensor.type
-        self._row_bytes = tensor.n_bytes // self.n_vocab
-        self._data = np.memmap(Path(info.path), dtype=np.uint8, mode="r", offset=tensor.offset, shape=(tensor.n_bytes,))
+        data = np.memmap(Path(info.path), dtype=np.uint8, mode="r", offset=tensor.offset, shape=(tensor.n_bytes,))
+        self._table = data.reshape(self.n_vocab, tensor.n_bytes // self.n_vocab)
+        try:
+            self.rows([0])  # a type ggml cannot turn into floats fails at load, not at the first prompt
+        except VlmError as e:
+            raise ModelError(f"{TOKEN_EMBD} cannot be read: {e}", info.path) from None
 
     def rows(self, tokens: list[int]) -> np.ndarray:
         """[len(tokens), width] float32 (the ids are the engine's, checked against the vocabulary)."""
-        out = np.empty((len(tokens), self.width), np.float32)
-        for i, t in enumerate(tokens):
-            start = t * self._row_bytes
-            out[i] = ggml.dequantize(self._data[start : start + self._row_bytes], self.type)
-        return out
+        raw = self._table[np.asarray(tokens, np.int64)]
+        if self.type == "F32":  # stored as the model reads it (ggml has no to_float for F32)
+            return raw.view(np.float32).reshape(len(tokens), self.width)
+        return ggml.dequantize(raw, self.type).reshape(len(tokens), self.width)
+
+
+@dataclass
+class RowBatch:
+    """A llama_batch of embeddings: capacity rows of width floats (freed by free())."""
+
+    batch: llama.llama_batch
+    capacity: int
+    width: int
+
+    @classmethod
+    def new(cls, capacity: int, width: int) -> RowBatch:
+        return cls(llama.llama_batch_init(capacity, width, 1), capacity, width)
+
+    def free(self) -> None:
+        llama.llama_batch_free(self.batch)
 
 
 class PromptRows:
-    """Rows gathered from n_past on and decoded into sequence 0 a batch of n_batch at a time. `flush`
-    decodes what is left; its last row can keep its logits (the row generation starts from)."""
+    """Rows gathered from n_past on and decoded into sequence 0 in batches of n_batch. `flush` decodes
+    what is left (never nothing, when rows came since the last flush); its last row can keep its logits
+    (the row generation starts from). decode_s: the time spent reading token rows and decoding."""
 
-    def __init__(self, ctx: object, batch: llama.llama_batch, n_batch: int, tokens: TokenRows, n_past: int):
-        self._ctx, self._batch, self._n_batch, self._tokens = ctx, batch, n_batch, tokens
+    def __init__(self, ctx: object, batch: RowBatch, n_batch: int, tokens: TokenRows, n_past: int):
+        if not 0 < n_batch <= batch.capacity or batch.width != tokens.width:
+            raise ValueError(
+                f"batches of {n_batch} rows of {tokens.width} in a batch of {batch.capacity}x{batch.width}"
+            )
+        self._ctx, self._batch, self._n_batch, self._tokens = ctx, batch.batch, n_batch, tokens
         self.n_past = n_past
         self.decode_s = 0.0
         self._pending: list[np.ndarray] = []
@@ -57,14 +83,17 @@ class PromptRows:
 
     def add_tokens(self, tokens: list[int]) -> None:
         if tokens:
-            self.add_embeddings(self._tokens.rows(tokens))
+            t0 = time.perf_counter()
+            rows = self._tokens.rows(tokens)
+            self.decode_s += time.perf_counter() - t0
+            self.add_embeddings(rows)
 
     def add_embeddings(self, rows: np.ndarray) -> None:
         if rows.ndim != 2 or rows.shape[1] != self._tokens.width:
             raise VlmError(f"embeddings of shape {rows.shape} for a model {self._tokens.width} wide")
         self._pending.append(rows)
         self._n_pending += len(rows)
-        while self._n_pending >= self._n_batch:
+        while self._n_pending > self._n_batch:  # more than a batch: flush is left at least one row
             self._decode(self._n_batch, logits_last=False)
 
     def flush(self, logits_last: bool = False) -> int:
@@ -74,11 +103,10 @@ class PromptRows:
         return self.n_past
 
     def _decode(self, n: int, logits_last: bool) -> None:
-        rows = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        t0 = time.perf_counter()
+        rows = np.ascontiguousarray(np.concatenate(self._pending), dtype=np.float32)
         rest = rows[n:]
         self._pending, self._n_pending = ([rest] if len(rest) else []), len(rest)
-        t0 = time.perf_counter()
         b = self._batch
         ctypes.memmove(b.embd, rows.ctypes.data, n * rows.shape[1] * 4)
         pos = batch_positions(b)
