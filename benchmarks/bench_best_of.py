@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vlm import SAMPLE, build_model  # noqa: E402
+from llama_tools import add_build_option  # noqa: E402
 from machine import cpu_description  # noqa: E402
 from report import print_table  # noqa: E402
 
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlmcli-bench"))
     ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp's llama-batched-bench")
+    add_build_option(ap)  # llama-batched-bench's build
     args = ap.parse_args()
     ns = [int(n) for n in args.ns.split(",")]
 
@@ -60,7 +62,10 @@ def main() -> None:
             decode_tps[n].append(g.timings.decode_tokens / (g.timings.decode_ms / 1000))
     prompt_tokens = g.prompt_tokens
     engine.close()
-    peer = {} if args.no_peer else llama_batched_bench(model, prompt_tokens, args.tokens, ns, args.threads, args.runs)
+    build = tuple(args.llama_cmake_arg)
+    peer = {}
+    if not args.no_peer:
+        peer = llama_batched_bench(model, prompt_tokens, args.tokens, ns, args.threads, args.runs, build)
     base = statistics.median(wall[ns[0]])
     rows = []
     cells = []
@@ -98,13 +103,13 @@ def main() -> None:
 
 
 def llama_batched_bench(
-    model: Path, prompt_tokens: int, tokens: int, ns: list[int], threads: int, runs: int
+    model: Path, prompt_tokens: int, tokens: int, ns: list[int], threads: int, runs: int, build: tuple[str, ...] = ()
 ) -> dict[int, float]:
     """llama.cpp's own batched decoding on the same GGUF: N -> decode tokens/s (median of runs)."""
     from llama_tools import tool
 
     cmd = [
-        str(tool("llama-batched-bench")),
+        str(tool("llama-batched-bench", build)),
         "-m",
         str(model),
         "-c",

@@ -48,7 +48,7 @@ import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from llama_tools import add_build_option  # noqa: E402
 from machine import cpu_description  # noqa: E402
 from report import print_table  # noqa: E402
 
@@ -174,6 +175,7 @@ class PeerServer:
     label: str  # what the table says
     kind: str  # "llama" (llama-server) or "vlm" (vlm serve)
     args: tuple[str, ...]  # the server's own flags beyond the model, address and threads
+    build: tuple[str, ...] = ()  # llama-server: the cmake options of its build (--llama-cmake-arg)
 
 
 PEER_SERVERS = (
@@ -231,7 +233,7 @@ def start_peer(server: PeerServer, vlm_dir: Path, log: Path) -> tuple[subprocess
 
         gguf = next(vlm_dir.glob("SmolVLM2*.gguf"))
         mmproj = next(vlm_dir.glob("mmproj-*.gguf"))
-        cmd = [str(tool("llama-server")), "-m", str(gguf), "--mmproj", str(mmproj), "--host", "127.0.0.1"]
+        cmd = [str(tool("llama-server", server.build)), "-m", str(gguf), "--mmproj", str(mmproj), "--host", "127.0.0.1"]
         cmd += ["--port", str(port), "-t", str(os.cpu_count() or 1), "--image-max-tokens", ONE_TILE_TOKENS]
         cmd += list(server.args)
     else:
@@ -301,7 +303,8 @@ def peer_llama_server(args: argparse.Namespace) -> None:
     vlm_dir = model.parent
     levels = [int(x) for x in (args.levels or PEER_LEVELS).split(",")]
     chosen = args.servers.split(",")
-    servers = [s for key in chosen for s in PEER_SERVERS if s.key == key]
+    build = tuple(args.llama_cmake_arg)
+    servers = [replace(s, build=build) for key in chosen for s in PEER_SERVERS if s.key == key]
     if len(servers) != len(chosen):
         raise SystemExit(f"--servers: choose from {', '.join(s.key for s in PEER_SERVERS)}")
     runs: list[dict] = json.loads(Path(args.previous).read_text())["runs"] if args.previous else []
@@ -374,6 +377,7 @@ def main() -> None:
     ap.add_argument("--servers", default="llama-np8,llama-auto,vlm-w1,vlm-w2", help="--peer: the servers to run")
     ap.add_argument("--rounds", type=int, default=2, help="--peer: rounds, each running every server once")
     ap.add_argument("--previous", default=None, help="--peer: a JSON file of earlier rounds to add these to")
+    add_build_option(ap)  # --peer: llama-server's build
     args = ap.parse_args()
     if args.peer:
         peer_llama_server(args)
