@@ -85,7 +85,7 @@ def smolvlm2_f16(smolvlm2_checkpoint, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.mark.parametrize("form", list(clip_kernels.FORMS))
-def test_greedy_answers_equal_mtmd(smolvlm2_f16, monkeypatch: pytest.MonkeyPatch, form: str) -> None:
+def test_greedy_answers_follow_mtmd(smolvlm2_f16, monkeypatch: pytest.MonkeyPatch, form: str) -> None:
     """mtmd's greedy answers, teacher-forced through vlm's encoder: the logits move less than a quarter as
     far as mtmd's own Q8_0 projector moves them, little enough that vlm's encoder picks mtmd's token at
     most steps by construction (wherever mtmd's top two tokens are further apart than twice that move).
