@@ -13,7 +13,6 @@ from PIL import Image
 from vlmcli.engines.llama import EngineOptions, GenerationOptions, VlmEngine
 from vlmcli.engines.llama_native import llama, mtmd
 from vlmcli.engines.prompt import ChatPrompt, render_user_turn
-from vlmcli.engines.prompt_rows import PromptRows
 from vlmcli.errors import VlmError
 from vlmcli.gguf.reader import inspect_gguf
 from vlmcli.images import load_image
@@ -126,10 +125,10 @@ def test_text_rows_decode_as_their_token_ids(engines) -> None:
     memory = llama.llama_get_memory(engine._ctx)
     try:
         llama.llama_memory_clear(memory, True)
-        engine._decode_tokens(tokens, 0, logits_last=True)
+        engine._decode_tokens(tokens, 0, "last")
         by_id = engine._logits_row(-1).copy()
         llama.llama_memory_clear(memory, True)
-        rows = PromptRows(engine._ctx, engine._embd_batch(), engine.options.n_batch, engine._token_rows(), 0)
+        rows = engine._prompt_input().rows(engine._ctx, 0)
         rows.add_tokens(tokens)
         assert rows.flush(logits_last=True) == len(tokens)
         np.testing.assert_array_equal(engine._logits_row(-1), by_id)
@@ -145,7 +144,7 @@ def test_image_rows_decode_as_mtmds_helper_does(engines) -> None:
     rgb = np.ascontiguousarray(np.asarray(load_image(SAMPLE).convert("RGB"), dtype=np.uint8))
     prompt = "User:" + mtmd.mtmd_default_marker().decode() + "What is this?<end_of_utterance>\nAssistant:"
     chunks_ptr, chunks = engine._tokenize_with_image(rgb, prompt, engine._token_cap(None))
-    projector, width = engine._mtmd_context(engine._token_cap(None)), engine._token_rows().width
+    projector, width = engine._mtmd_context(engine._token_cap(None)), engine._prompt_input().width
     memory = llama.llama_get_memory(engine._ctx)
     try:
         assert chunks[-1].kind == "text" and sum(c.kind == "image" for c in chunks) > 1
@@ -159,7 +158,7 @@ def test_image_rows_decode_as_mtmds_helper_does(engines) -> None:
         n_past = 0
         for c, embd in zip(chunks, embds):
             if embd is None:
-                n_past = engine._decode_tokens(c.tokens, n_past, logits_last=c is chunks[-1])
+                n_past = engine._decode_tokens(c.tokens, n_past, "last" if c is chunks[-1] else "none")
                 continue
             new_n_past = llama.llama_pos(n_past)
             rc = mtmd.mtmd_helper_decode_image_chunk(
@@ -178,7 +177,7 @@ def test_image_rows_decode_as_mtmds_helper_does(engines) -> None:
             n_past = new_n_past.value
         helpers = engine._logits_row(-1).copy()
         llama.llama_memory_clear(memory, True)
-        rows = PromptRows(engine._ctx, engine._embd_batch(), engine.options.n_batch, engine._token_rows(), 0)
+        rows = engine._prompt_input().rows(engine._ctx, 0)
         for c, embd in zip(chunks, embds):
             rows.add_tokens(c.tokens) if embd is None else rows.add_embeddings(embd)
             rows.flush(logits_last=c is chunks[-1])

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 from PIL import Image
@@ -36,6 +36,7 @@ from vlmcli.engines.llama_native import (
     build_id,
     clear_native_errors,
     extra_buffers_allowed,
+    fill_rows,
     llama,
     mtmd,
     native_error,
@@ -52,7 +53,7 @@ from vlmcli.engines.prompt import (
     question_layout,
     split_media,
 )
-from vlmcli.engines.prompt_rows import TOKEN_EMBD, PromptRows, RowBatch, TokenRows
+from vlmcli.engines.prompt_rows import TOKEN_EMBD, PromptInput
 from vlmcli.engines.sampling import RowSampler, SequenceSampler
 from vlmcli.engines.siglip_chunks import ChunkEncoder, MtmdEncoder, start_chunk_encoder
 from vlmcli.errors import ContextOverflow, ImageError, InvalidOption, ModelError, VlmError
@@ -385,8 +386,7 @@ class VlmEngine(NativeResource):
         self._grammars: dict[str, Grammar | None] = {}  # constraints' grammars as gbnf.py follows them
         self._pieces: Pieces | None = None  # the vocabulary's pieces, read at the first constrained answer
         self._batch: llama.llama_batch | None = None
-        self._prompt_batch: RowBatch | None = None  # the prompt's rows, as embeddings (prompt_rows.py)
-        self._prompt_tokens: TokenRows | None = None
+        self._prompt: PromptInput | None = None  # the prompt's rows, as embeddings (prompt_rows.py)
         self._kv: list[media_plan.Entry] = []  # what sequence 0 of the KV cache holds (reused by the next prompt)
         t0 = time.perf_counter()
         if not self.options.native_logs:
@@ -470,9 +470,8 @@ class VlmEngine(NativeResource):
         self._ctx = ctx
         self.n_ctx = llama.llama_n_ctx(ctx)
         self._batch = llama.llama_batch_init(self.options.n_batch, 0, 1)
-        self._prompt_tokens = TokenRows(self.model_info)
-        self._check_prompt_rows(model, self._prompt_tokens.width)
-        self._prompt_batch = RowBatch.new(self.options.n_batch, self._prompt_tokens.width)
+        self._prompt = PromptInput(self.model_info, self.options.n_batch)
+        self._check_prompt_rows(model, self._prompt.width)
         self.chat_template = _model_meta(model, "tokenizer.chat_template")
         # Rendered once, used for every image; a template that cannot render is a fault of the file.
         try:
@@ -573,9 +572,9 @@ class VlmEngine(NativeResource):
         self._mtmd.clear()
         if self._batch is not None:
             llama.llama_batch_free(self._batch)
-        if self._prompt_batch is not None:
-            self._prompt_batch.free()
-        self._batch, self._prompt_batch, self._prompt_tokens = None, None, None
+        if self._prompt is not None:
+            self._prompt.free()
+        self._batch, self._prompt = None, None
         if self._ctx:
             llama.llama_free(self._ctx)
             self._ctx = None
@@ -616,31 +615,22 @@ class VlmEngine(NativeResource):
         assert self._batch is not None, "the engine is closed"
         return self._batch
 
-    def _embd_batch(self) -> RowBatch:
-        assert self._prompt_batch is not None, "the engine is closed"
-        return self._prompt_batch
-
-    def _token_rows(self) -> TokenRows:
-        assert self._prompt_tokens is not None, "the engine is closed"
-        return self._prompt_tokens
+    def _prompt_input(self) -> PromptInput:
+        assert self._prompt is not None, "the engine is closed"
+        return self._prompt
 
     # -- prompt evaluation ---------------------------------------------------------------------
 
-    def _decode_tokens(self, tokens: list[int], n_past: int, logits_last: bool) -> int:
+    def _decode_tokens(self, tokens: list[int], n_past: int, logits: Literal["none", "last", "all"]) -> int:
+        """tokens into sequence 0 from n_past on, in batches of n_batch; logits for none of them, the last,
+        or all (every row of the last batch: callers wanting them all pass at most n_batch tokens)."""
         b = self._token_batch()
-        pos = batch_positions(b)
         step = self.options.n_batch
         for start in range(0, len(tokens), step):
             part = tokens[start : start + step]
-            b.n_tokens = len(part)
             for i, tok in enumerate(part):
                 b.token[i] = tok
-                pos[i] = n_past + start + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
-                b.logits[i] = False
-            if logits_last and start + len(part) == len(tokens):
-                b.logits[len(part) - 1] = True
+            fill_rows(b, len(part), n_past + start, logits if start + len(part) == len(tokens) else "none")
             rc = llama.llama_decode(self._ctx, b)
             if rc != 0:
                 raise VlmError(
@@ -767,7 +757,7 @@ class VlmEngine(NativeResource):
         done = 0
         if on_progress is not None and todo:
             on_progress(0, todo)
-        rows = PromptRows(self._ctx, self._embd_batch(), self.options.n_batch, self._token_rows(), n_past)
+        rows = self._prompt_input().rows(self._ctx, n_past)
         i = keep
         while i < len(entries):
             action = plan.actions[i] if i < len(plan.actions) else None
@@ -783,7 +773,9 @@ class VlmEngine(NativeResource):
                 chunk = self._tokenize_view(pv)[c]
                 embd = self._embd_key(pv)
                 key = {**embd, "chunk": ordinal} if embd is not None else None
-                rows.add_embeddings(self._image_chunk_rows(chunk, timings, pv.cap, passes, pv.view.item, key))
+                image_rows, encoded = self._image_chunk_rows(chunk, timings, pv.cap, key)
+                rows.add_embeddings(image_rows)
+                passes[pv.view.item] += encoded
                 timings.prefill_tokens += chunk.n_tokens
                 evaluated[pv.view.item] += 1
                 done += 1
@@ -875,25 +867,25 @@ class VlmEngine(NativeResource):
             self.options.cache.put(key, {"n_past": n_past}, bytes(buf)[:written])
 
     def _image_chunk_rows(
-        self, chunk: _Chunk, timings: Timings, cap: int, passes: list[int], item: int, key: dict[str, Any] | None
-    ) -> np.ndarray:
-        """One image chunk's embeddings, [n_tokens, width]: from the encoding cache, or encoded (and then
-        counted in `passes[item]` and put in the cache)."""
+        self, chunk: _Chunk, timings: Timings, cap: int, key: dict[str, Any] | None
+    ) -> tuple[np.ndarray, int]:
+        """One image chunk's embeddings, [n_tokens, width], and the encoder passes run for them: 0 (from the
+        encoding cache) or 1 (encoded, and put in the cache)."""
         t0 = time.perf_counter()
-        width = self._token_rows().width
+        width = self._prompt_input().width
         size = chunk.n_tokens * width * 4
         cache = self.options.cache
         hit = cache.get(key) if key is not None and cache is not None else None
         if hit is not None and len(hit.payload) == size:
-            embd = np.frombuffer(hit.payload, np.float32).reshape(chunk.n_tokens, width)
+            embd, encoded = np.frombuffer(hit.payload, np.float32), 0
         else:
             ctx = self._mtmd_context(cap)
             embd = self.image_encoder.encode(ctx, chunk.ptr, chunk.n_tokens, width, self.n_threads)
-            passes[item] += 1
+            encoded = 1
             if key is not None and cache is not None and size:
                 cache.put(key, {"tokens": chunk.n_tokens, "width": width}, embd.tobytes())
         timings.image_encode_ms += (time.perf_counter() - t0) * 1000
-        return embd.reshape(chunk.n_tokens, width)
+        return embd.reshape(chunk.n_tokens, width), encoded
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -1060,7 +1052,7 @@ class VlmEngine(NativeResource):
                         break
                 if generated >= budget:
                     break
-                n_past = self._decode_tokens([tok], n_past, logits_last=True)
+                n_past = self._decode_tokens([tok], n_past, "last")
             if stop == "length" and sampler.closed:
                 stop = "closed"
         finally:
@@ -1244,16 +1236,9 @@ class VlmEngine(NativeResource):
         out = np.empty((len(tokens), self.n_vocab), np.float32)
         if tokens:
             out[0] = self._logits_row(-1)
-        b = self._token_batch()
-        pos = batch_positions(b)
         for start in range(0, len(tokens) - 1, self.options.n_batch):
             part = tokens[start : min(start + self.options.n_batch, len(tokens) - 1)]
-            b.n_tokens = len(part)
-            for i, tok in enumerate(part):
-                b.token[i], pos[i], b.n_seq_id[i], b.logits[i] = tok, n_past + start + i, 1, True
-                b.seq_id[i][0] = 0
-            if llama.llama_decode(self._ctx, b) != 0:
-                raise VlmError("llama.cpp failed to decode the answer being scored")
+            n_past = self._decode_tokens(part, n_past, "all")
             out[start + 1 : start + 1 + len(part)] = self._logits_rows(False, len(part))
         return out
 

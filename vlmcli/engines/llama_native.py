@@ -6,7 +6,7 @@ import collections
 import ctypes
 import os
 import re
-from typing import cast
+from typing import Literal, cast
 
 from llama_cpp import llama_cpp as llama  # also imported from here by the engine
 from llama_cpp import mtmd_cpp as mtmd
@@ -38,6 +38,20 @@ def _drop_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 def batch_positions(batch: llama.llama_batch) -> ctypes.Array[ctypes.c_int32]:
     """The batch's token positions, one llama_pos each (llama-cpp-python annotates them one level too deep)."""
     return cast("ctypes.Array[ctypes.c_int32]", batch.pos)
+
+
+def fill_rows(batch: llama.llama_batch, n: int, first_pos: int, logits: Literal["none", "last", "all"]) -> None:
+    """The first n rows of a batch (their tokens or embeddings set apart) as one run of sequence 0 from
+    first_pos on, with logits for none of them, the last or all."""
+    pos = batch_positions(batch)
+    batch.n_tokens = n
+    for i in range(n):
+        pos[i] = first_pos + i
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = logits == "all"
+    if n and logits == "last":
+        batch.logits[n - 1] = True
 
 
 def clear_native_errors() -> None:

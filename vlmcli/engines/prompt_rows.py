@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vlmcli.engines import ggml
-from vlmcli.engines.llama_native import batch_positions, llama
+from vlmcli.engines.llama_native import fill_rows, llama
 from vlmcli.errors import ModelError, VlmError
 from vlmcli.gguf.reader import GgufInfo
 
@@ -49,33 +48,33 @@ class TokenRows:
         return ggml.dequantize(raw, self.type).reshape(len(tokens), self.width)
 
 
-@dataclass
-class RowBatch:
-    """A llama_batch of embeddings: capacity rows of width floats (freed by free())."""
+class PromptInput:
+    """What an engine keeps for its prompts: the token_embd table and one batch of n_batch embedding rows."""
 
-    batch: llama.llama_batch
-    capacity: int
-    width: int
+    def __init__(self, info: GgufInfo, n_batch: int):
+        self.tokens = TokenRows(info)
+        self.width, self.n_batch = self.tokens.width, n_batch
+        self._batch: llama.llama_batch | None = llama.llama_batch_init(n_batch, self.width, 1)
 
-    @classmethod
-    def new(cls, capacity: int, width: int) -> RowBatch:
-        return cls(llama.llama_batch_init(capacity, width, 1), capacity, width)
+    def rows(self, ctx: object, n_past: int) -> PromptRows:
+        """A prompt's rows from n_past on, decoded into ctx through this batch."""
+        assert self._batch is not None, "freed"
+        return PromptRows(ctx, self._batch, self.n_batch, self.tokens, n_past)
 
     def free(self) -> None:
-        llama.llama_batch_free(self.batch)
+        if self._batch is not None:
+            llama.llama_batch_free(self._batch)
+            self._batch = None
 
 
 class PromptRows:
-    """Rows gathered from n_past on and decoded into sequence 0 in batches of n_batch. `flush` decodes
-    what is left (never nothing, when rows came since the last flush); its last row can keep its logits
-    (the row generation starts from). decode_s: the time spent reading token rows and decoding."""
+    """Rows gathered from n_past on and decoded into sequence 0 in batches of n_batch (the batch's size).
+    `flush` decodes what is left (never nothing, when rows came since the last flush); its last row can
+    keep its logits (the row generation starts from). decode_s: the time spent reading token rows and
+    decoding."""
 
-    def __init__(self, ctx: object, batch: RowBatch, n_batch: int, tokens: TokenRows, n_past: int):
-        if not 0 < n_batch <= batch.capacity or batch.width != tokens.width:
-            raise ValueError(
-                f"batches of {n_batch} rows of {tokens.width} in a batch of {batch.capacity}x{batch.width}"
-            )
-        self._ctx, self._batch, self._n_batch, self._tokens = ctx, batch.batch, n_batch, tokens
+    def __init__(self, ctx: object, batch: llama.llama_batch, n_batch: int, tokens: TokenRows, n_past: int):
+        self._ctx, self._batch, self._n_batch, self._tokens = ctx, batch, n_batch, tokens
         self.n_past = n_past
         self.decode_s = 0.0
         self._pending: list[np.ndarray] = []
@@ -107,17 +106,9 @@ class PromptRows:
         rows = np.ascontiguousarray(np.concatenate(self._pending), dtype=np.float32)
         rest = rows[n:]
         self._pending, self._n_pending = ([rest] if len(rest) else []), len(rest)
-        b = self._batch
-        ctypes.memmove(b.embd, rows.ctypes.data, n * rows.shape[1] * 4)
-        pos = batch_positions(b)
-        b.n_tokens = n
-        for i in range(n):
-            pos[i] = self.n_past + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = False
-        b.logits[n - 1] = logits_last
-        rc = llama.llama_decode(self._ctx, b)
+        ctypes.memmove(self._batch.embd, rows.ctypes.data, n * rows.shape[1] * 4)
+        fill_rows(self._batch, n, self.n_past, "last" if logits_last else "none")
+        rc = llama.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise VlmError(f"llama.cpp failed to decode the prompt (code {rc}, at position {self.n_past})")
         self.n_past += n
