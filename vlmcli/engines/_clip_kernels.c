@@ -806,6 +806,8 @@ TARGET2 static void pack_rows_i16(const float *x, int64_t stride, int64_t n, int
             int16_t *qc = q + (c - c0) * k;
             float *sc = row_scales + (c - c0) * blocks;
             if (c < n) {
+                if (c + 8 < n) /* rows stride floats apart: asked for ahead, as attend_i16's queries */
+                    for (int64_t j = 0; j < k; j += 16) _mm_prefetch((const char *)(x + (c + 8) * stride + j), _MM_HINT_T0);
                 quantize_row(x + c * stride, k, qc, sc);
             } else {
                 memset(qc, 0, k * sizeof(int16_t));
@@ -856,32 +858,69 @@ TARGET2 static void pack_values_i16(const float *v, int64_t stride, int64_t len,
     }
 }
 
-/* One query's raw scores s (q . k_j, n of them, keys from len on padding) -> its softmax numerators
-   e_j = e^(scale (s_j - max s)), 0 past len, quantized for the tile as quantize_row rounds (a scale per
-   block of KB keys: the block's largest e / QMAX). One pass finds the maximum, one per block takes the
-   exponentials (kept in s) and their block's largest, one rounds the block. Returns the sum of the e_j. */
-TARGET2 static float softmax_quantize(float *s, int64_t n, int64_t len, float scale, int16_t *q, float *scales) {
-    const int64_t whole = len / 8 * 8;
-    __m256 top8 = _mm256_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < whole; j += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(s + j));
-    float top = hmax8(top8);
-    for (int64_t j = whole; j < len; j++) top = s[j] > top ? s[j] : top;
-    for (int64_t j = len; j < n; j++) s[j] = -INFINITY; /* e^-inf = 0 below */
-    const __m256 peak = _mm256_set1_ps(top), vscale = _mm256_set1_ps(scale);
-    const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+/* 2^y for y <= 0 (the softmax's scaled differences; below -126 the result is 2^-126, which rounds to
+   0 against any block whose largest is above 2^-113), to about 2.4e-7: 2^n p(y - n), n = round(y), p of
+   degree 5 fitted for the least largest relative error on |r| <= 1/2, n added to the exponent bits */
+TARGET2 static inline __m256 exp2_8(__m256 y) {
+    y = _mm256_max_ps(y, _mm256_set1_ps(-126.0f));
+    const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_sub_ps(y, n); /* exact */
+    __m256 p = _mm256_set1_ps(1.32764713e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.67554096e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.55071309e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.40221202e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.93146944e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.00000012f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* One query's raw scores s (q . k_j, n of them, a multiple of 16; keys from len on are padding) -> its
+   softmax numerators e_j = 2^(c s_j - c max s), c = scale log2 e, 0 past len, quantized for the tile as
+   quantize_row rounds (a scale per block of KB keys: the block's largest e / QMAX). The numerators rise
+   with the scores, so a block's largest is its largest score's: one pass finds every block's largest
+   score, one takes the exponentials and rounds them as they come, never storing them. (An exponential
+   a rounding above its block's largest rounds to QMAX all the same.) Returns the sum of the e_j. */
+TARGET2 static float softmax_quantize(const float *s, int64_t n, int64_t len, float scale, int16_t *q, float *scales) {
+    const int64_t blocks = (n + KB - 1) / KB;
+    float top = -INFINITY;
+    for (int64_t b = 0; b < blocks; b++) { /* each block's largest score (in scales until its scale) */
+        const int64_t j0 = b * KB, end = n - j0 < KB ? n : j0 + KB, live = len < end ? len : end;
+        const int64_t whole = live > j0 ? j0 + (live - j0) / 8 * 8 : j0;
+        __m256 top8 = _mm256_set1_ps(-INFINITY);
+        for (int64_t j = j0; j < whole; j += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(s + j));
+        float block_top = hmax8(top8);
+        for (int64_t j = whole; j < live; j++) block_top = s[j] > block_top ? s[j] : block_top;
+        scales[b] = block_top;
+        top = block_top > top ? block_top : top;
+    }
+    const float c = scale * 1.44269504f;
+    const __m256 vc = _mm256_set1_ps(c), shift = _mm256_set1_ps(-top * c);
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256 total = _mm256_setzero_ps();
-    for (int64_t b0 = 0, b = 0; b0 < n; b0 += KB, b++) { /* n a multiple of 16, so each block of 16s */
-        const int64_t end = n - b0 < KB ? n : b0 + KB;
-        __m256 largest = _mm256_setzero_ps();
-        for (int64_t j = b0; j < end; j += 8) {
-            const __m256 sv = _mm256_loadu_ps(s + j); /* s_j - top <= 0 exactly, then scaled */
-            const __m256 e = _mm256_and_ps(exp8(_mm256_mul_ps(_mm256_sub_ps(sv, peak), vscale)),
-                                           _mm256_cmp_ps(sv, minus_inf, _CMP_NEQ_OQ));
-            _mm256_storeu_ps(s + j, e);
-            total = _mm256_add_ps(total, e);
-            largest = _mm256_max_ps(largest, e);
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t j0 = b * KB, end = n - j0 < KB ? n : j0 + KB;
+        if (j0 >= len) { /* all padding */
+            memset(q + j0, 0, (end - j0) * sizeof(int16_t));
+            scales[b] = 0.0f;
+            continue;
         }
-        round_block(s + b0, end - b0, hmax8(largest), q + b0, scales + b);
+        /* as its largest score's numerator is taken below, so that one rounds to QMAX exactly */
+        const float peak = _mm256_cvtss_f32(exp2_8(_mm256_fmadd_ps(_mm256_set1_ps(scales[b]), vc, shift)));
+        const __m256 inv = _mm256_set1_ps(QMAX / peak); /* peak >= 2^-126 > 0 */
+        scales[b] = peak / QMAX;
+        for (int64_t j = j0; j < end; j += 16) {
+            __m256 lo = exp2_8(_mm256_fmadd_ps(_mm256_loadu_ps(s + j), vc, shift));
+            __m256 hi = exp2_8(_mm256_fmadd_ps(_mm256_loadu_ps(s + j + 8), vc, shift));
+            if (j + 16 > len) { /* the padding starts in these 16: its numerators are 0 */
+                const __m256i at = _mm256_add_epi32(lanes, _mm256_set1_epi32((int32_t)(j - len)));
+                lo = _mm256_and_ps(lo, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_setzero_si256(), at)));
+                hi = _mm256_and_ps(hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(-8), at)));
+            }
+            total = _mm256_add_ps(_mm256_add_ps(total, lo), hi);
+            const __m256i qlo = _mm256_cvtps_epi32(_mm256_mul_ps(lo, inv)), qhi = _mm256_cvtps_epi32(_mm256_mul_ps(hi, inv));
+            _mm256_storeu_si256((__m256i *)(q + j), _mm256_permute4x64_epi64(_mm256_packs_epi32(qlo, qhi), 0xd8));
+        }
     }
     return hsum8(total);
 }
@@ -917,6 +956,9 @@ TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_
     for (int64_t i = q0; i < q1; i += MR2) {
         const int mr = q1 - i < MR2 ? (int)(q1 - i) : MR2;
         for (int r = 0; r < mr; r++) quantize_row(qkv + (i + r) * 3 * d, hd, qa + r * hd, qs + r * bh);
+        for (int64_t r = i + MR2; r < i + 2 * MR2 && r < q1; r++) /* the next block's queries: qkv's rows are
+            3 d apart, a stride the prefetchers do not follow, so they come from L3 while these run */
+            for (int64_t c = 0; c < hd; c += 16) _mm_prefetch((const char *)(qkv + r * 3 * d + c), _MM_HINT_T0);
         for (int64_t p = 0; p < n / NR2; p++)
             tile_i16_rows(mr, 1, qa, hd, qs, keys + p * NR2 * hd, key_scales + p * bh * NR2, hd, scores + p * NR2, n);
         for (int r = 0; r < mr; r++) { /* the softmax's 1 / sum goes into the probabilities' scales */
