@@ -795,6 +795,13 @@ TARGET2 static void place_panel(const int16_t *q, int64_t k, const float *row_sc
     }
 }
 
+/* Every cache line of a row of n floats, asked for ahead of its use: the attention reads its heads' rows
+   of qkv 3 d floats apart, a stride the hardware prefetchers do not follow, so without this each row
+   comes from L3 while the tiles wait. */
+static inline void prefetch_row(const float *row, int64_t n) {
+    for (uintptr_t at = (uintptr_t)row & ~(uintptr_t)63; at < (uintptr_t)(row + n); at += 64) _mm_prefetch((const char *)at, _MM_HINT_T0);
+}
+
 /* n rows (rows stride floats apart, n_pad - n more of zeros; n_pad a multiple of 16) of k floats, quantized
    as quantize_row does and packed as pack_i16 packs a weight: [n_pad / 16][k / 2][16][2], scales
    [n_pad / 16][blocks][16]. q and row_scales: room for 16 rows. */
@@ -806,8 +813,7 @@ TARGET2 static void pack_rows_i16(const float *x, int64_t stride, int64_t n, int
             int16_t *qc = q + (c - c0) * k;
             float *sc = row_scales + (c - c0) * blocks;
             if (c < n) {
-                if (c + 8 < n) /* rows stride floats apart: asked for ahead, as attend_i16's queries */
-                    for (int64_t j = 0; j < k; j += 16) _mm_prefetch((const char *)(x + (c + 8) * stride + j), _MM_HINT_T0);
+                if (c + 8 < n) prefetch_row(x + (c + 8) * stride, k); /* rows stride floats apart */
                 quantize_row(x + c * stride, k, qc, sc);
             } else {
                 memset(qc, 0, k * sizeof(int16_t));
@@ -859,7 +865,7 @@ TARGET2 static void pack_values_i16(const float *v, int64_t stride, int64_t len,
 }
 
 /* 2^y for y <= 0 (the softmax's scaled differences; below -126 the result is 2^-126, which rounds to
-   0 against any block whose largest is above 2^-113), to about 2.4e-7: 2^n p(y - n), n = round(y), p of
+   0 against any block whose largest is at least 2^-100), to about 2.4e-7: 2^n p(y - n), n = round(y), p of
    degree 5 fitted for the least largest relative error on |r| <= 1/2, n added to the exponent bits */
 TARGET2 static inline __m256 exp2_8(__m256 y) {
     y = _mm256_max_ps(y, _mm256_set1_ps(-126.0f));
@@ -876,11 +882,13 @@ TARGET2 static inline __m256 exp2_8(__m256 y) {
 }
 
 /* One query's raw scores s (q . k_j, n of them, a multiple of 16; keys from len on are padding) -> its
-   softmax numerators e_j = 2^(c s_j - c max s), c = scale log2 e, 0 past len, quantized for the tile as
-   quantize_row rounds (a scale per block of KB keys: the block's largest e / QMAX). The numerators rise
-   with the scores, so a block's largest is its largest score's: one pass finds every block's largest
-   score, one takes the exponentials and rounds them as they come, never storing them. (An exponential
-   a rounding above its block's largest rounds to QMAX all the same.) Returns the sum of the e_j. */
+   softmax numerators e_j = 2^(c (s_j - max s)), c = scale log2 e (scale > 0), 0 past len, quantized for
+   the tile as quantize_row rounds (a scale per block of KB keys: the block's largest e / QMAX). The
+   numerators rise with the scores, so a block's largest is its largest score's: one pass finds every
+   block's largest score, one takes the exponentials and rounds them as they come, never storing them.
+   (An exponential a rounding above its block's largest rounds to QMAX all the same.) A block whose
+   largest is below 2^-100 is all zeros: beside the top's 1 its sum is lost in F32 anyway, and its
+   1 / largest would overflow. Returns the sum of the e_j. */
 TARGET2 static float softmax_quantize(const float *s, int64_t n, int64_t len, float scale, int16_t *q, float *scales) {
     const int64_t blocks = (n + KB - 1) / KB;
     float top = -INFINITY;
@@ -895,23 +903,24 @@ TARGET2 static float softmax_quantize(const float *s, int64_t n, int64_t len, fl
         top = block_top > top ? block_top : top;
     }
     const float c = scale * 1.44269504f;
-    const __m256 vc = _mm256_set1_ps(c), shift = _mm256_set1_ps(-top * c);
+    const __m256 vc = _mm256_set1_ps(c), vtop = _mm256_set1_ps(top);
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256 total = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t j0 = b * KB, end = n - j0 < KB ? n : j0 + KB;
-        if (j0 >= len) { /* all padding */
+        const float y_top = (scales[b] - top) * c; /* s_j - top <= 0 exactly, then scaled */
+        if (j0 >= len || y_top < -100.0f) { /* all padding, or nothing F32 keeps beside the top */
             memset(q + j0, 0, (end - j0) * sizeof(int16_t));
             scales[b] = 0.0f;
             continue;
         }
         /* as its largest score's numerator is taken below, so that one rounds to QMAX exactly */
-        const float peak = _mm256_cvtss_f32(exp2_8(_mm256_fmadd_ps(_mm256_set1_ps(scales[b]), vc, shift)));
-        const __m256 inv = _mm256_set1_ps(QMAX / peak); /* peak >= 2^-126 > 0 */
+        const float peak = _mm256_cvtss_f32(exp2_8(_mm256_set1_ps(y_top)));
+        const __m256 inv = _mm256_set1_ps(QMAX / peak);
         scales[b] = peak / QMAX;
         for (int64_t j = j0; j < end; j += 16) {
-            __m256 lo = exp2_8(_mm256_fmadd_ps(_mm256_loadu_ps(s + j), vc, shift));
-            __m256 hi = exp2_8(_mm256_fmadd_ps(_mm256_loadu_ps(s + j + 8), vc, shift));
+            __m256 lo = exp2_8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), vtop), vc));
+            __m256 hi = exp2_8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j + 8), vtop), vc));
             if (j + 16 > len) { /* the padding starts in these 16: its numerators are 0 */
                 const __m256i at = _mm256_add_epi32(lanes, _mm256_set1_epi32((int32_t)(j - len)));
                 lo = _mm256_and_ps(lo, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_setzero_si256(), at)));
@@ -956,9 +965,7 @@ TARGET2 static void attend_i16(const float *qkv, float *out, int64_t len, int64_
     for (int64_t i = q0; i < q1; i += MR2) {
         const int mr = q1 - i < MR2 ? (int)(q1 - i) : MR2;
         for (int r = 0; r < mr; r++) quantize_row(qkv + (i + r) * 3 * d, hd, qa + r * hd, qs + r * bh);
-        for (int64_t r = i + MR2; r < i + 2 * MR2 && r < q1; r++) /* the next block's queries: qkv's rows are
-            3 d apart, a stride the prefetchers do not follow, so they come from L3 while these run */
-            for (int64_t c = 0; c < hd; c += 16) _mm_prefetch((const char *)(qkv + r * 3 * d + c), _MM_HINT_T0);
+        for (int64_t r = i + MR2; r < i + 2 * MR2 && r < q1; r++) prefetch_row(qkv + r * 3 * d, hd); /* the next block's queries */
         for (int64_t p = 0; p < n / NR2; p++)
             tile_i16_rows(mr, 1, qa, hd, qs, keys + p * NR2 * hd, key_scales + p * bh * NR2, hd, scores + p * NR2, n);
         for (int r = 0; r < mr; r++) { /* the softmax's 1 / sum goes into the probabilities' scales */
