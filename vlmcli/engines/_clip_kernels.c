@@ -357,8 +357,12 @@ TARGET2 static void tile_i16_rows(int mr, int np, const int16_t *a, int64_t lda,
     }
 }
 
-/* A row of k floats -> 16-bit integers and a scale per block of KB (the block's largest |x| / QMAX),
-   rounded to nearest even. */
+/* 16 values (lo, hi) times inv, rounded to nearest even, stored as 16-bit integers at q. */
+TARGET2 static inline void store_rounded16(int16_t *q, __m256 lo, __m256 hi, __m256 inv) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(lo, inv)), b = _mm256_cvtps_epi32(_mm256_mul_ps(hi, inv));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8));
+}
+
 /* One block of len values (x, whose largest |x| is peak) -> q rounded to nearest even in units of
    peak / QMAX, that unit stored in *scale: the rounding every quantized value of the kernels takes. */
 TARGET2 static inline void round_block(const float *x, int64_t len, float peak, int16_t *q, float *scale) {
@@ -366,15 +370,13 @@ TARGET2 static inline void round_block(const float *x, int64_t len, float peak, 
     const float inv = peak > 0.0f ? QMAX / peak : 0.0f;
     *scale = peak / QMAX;
     const __m256 vinv = _mm256_set1_ps(inv);
-    for (int64_t j = 0; j < vec; j += 16) {
-        const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j), vinv));
-        const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8), vinv));
-        _mm256_storeu_si256((__m256i *)(q + j), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xd8));
-    }
+    for (int64_t j = 0; j < vec; j += 16) store_rounded16(q + j, _mm256_loadu_ps(x + j), _mm256_loadu_ps(x + j + 8), vinv);
     for (int64_t j = vec; j < len; j++) /* nearest even, as the vectors (no libm) */
         q[j] = (int16_t)_mm_cvtss_si32(_mm_set_ss(x[j] * inv));
 }
 
+/* A row of k floats -> 16-bit integers and a scale per block of KB (the block's largest |x| / QMAX),
+   rounded to nearest even. */
 TARGET2 static void quantize_row(const float *x, int64_t k, int16_t *q, float *scales) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t b0 = 0, b = 0; b0 < k; b0 += KB, b++) {
@@ -927,8 +929,7 @@ TARGET2 static float softmax_quantize(const float *s, int64_t n, int64_t len, fl
                 hi = _mm256_and_ps(hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(-8), at)));
             }
             total = _mm256_add_ps(_mm256_add_ps(total, lo), hi);
-            const __m256i qlo = _mm256_cvtps_epi32(_mm256_mul_ps(lo, inv)), qhi = _mm256_cvtps_epi32(_mm256_mul_ps(hi, inv));
-            _mm256_storeu_si256((__m256i *)(q + j), _mm256_permute4x64_epi64(_mm256_packs_epi32(qlo, qhi), 0xd8));
+            store_rounded16(q + j, lo, hi, inv);
         }
     }
     return hsum8(total);

@@ -1106,8 +1106,7 @@ class VlmEngine(NativeResource):
     def _token_logprob(self, token: int, top: int) -> TokenLogprob:
         """The last logits row's log-probability of `token` and its `top` most likely alternatives."""
         logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
-        peak = float(logits.max())
-        norm = peak + math.log(float(np.exp(logits - peak).sum()))
+        norm = float(_log_normalizer(logits))
         best = np.argpartition(-logits, top)[:top] if top else np.zeros(0, dtype=np.int64)
         best = best[np.argsort(-logits[best], kind="stable")]
         return TokenLogprob(
@@ -1122,8 +1121,7 @@ class VlmEngine(NativeResource):
     def _logprob(self, row: int, token: int) -> float:
         """log softmax of logits row `row` (-1 = the last) at `token`."""
         logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
-        top = float(logits.max())
-        return float(logits[token]) - top - math.log(float(np.exp(logits - top).sum()))
+        return float(logits[token]) - float(_log_normalizer(logits))
 
     def _generate_candidates(
         self,
@@ -1245,8 +1243,7 @@ class VlmEngine(NativeResource):
     def score(self, image: Image.Image, prompt: str, tokens: list[int]) -> list[float]:
         """The model's log-probability of each of `tokens` as the answer to `prompt` about `image`."""
         logits = self.answer_logits(image, prompt, tokens).astype(np.float64)
-        top = logits.max(axis=1, keepdims=True)
-        norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        norm = _log_normalizer(logits)
         return [float(logits[i, t] - norm[i]) for i, t in enumerate(tokens)]
 
 
@@ -1270,6 +1267,14 @@ class _CandidateStream:
 
 # Part of the KV cache entries' key: llama.cpp's per-sequence state layout may change between builds.
 _LLAMA_CPP_VERSION = build_id()
+
+
+def _log_normalizer(logits: np.ndarray) -> np.ndarray:
+    """log sum exp over a vocabulary's logits (the last axis): each token's log-probability is its logit
+    less this. The exponentials are summed in the logits' own type, the log taken in float64."""
+    peak = logits.max(axis=-1, keepdims=True)
+    sums = np.exp(logits - peak).sum(axis=-1)
+    return peak[..., 0].astype(np.float64) + np.log(sums.astype(np.float64))
 
 
 def _with_native_reason(message: str) -> str:
